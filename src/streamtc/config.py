@@ -1,0 +1,155 @@
+"""Validated configuration objects.
+
+Every setting streamtc uses lives in one of these dataclasses; invalid values raise `ConfigError` at
+construction, and `from_dict` rejects unknown keys so a misspelt option never silently falls back to
+a default. `STCConfig` bundles the per-component configs and is what sessions, the CLI, the
+benchmark and the evaluation write next to their results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Self
+
+from .errors import ConfigError
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class CacherConfig:
+    """STC-Cacher settings (SPEC §2).
+
+    cache_interval: N; chunk c of a stream is a refresh chunk when c % N == 0.
+    update_ratio: r, the share of tokens recomputed in every layer of a non-refresh chunk
+        (the paper's R_Cacher is the reused share 1 - r); k = max(1, floor(T * r)).
+    selection: "per_layer" (paper: each layer picks its own tokens from its own keys) or
+        "shared" (pick once from the first layer's keys, reuse the index set in every layer).
+    refresh: "fixed" (paper: only the cache_interval cadence) or "adaptive" (also refresh a chunk
+        whose first-layer mean key cosine to the reference is below refresh_threshold, e.g. a cut).
+    refresh_threshold: similarity under which an adaptive cacher refreshes.
+    static_shapes: run non-refresh layers through preallocated per-stream buffers with in-place
+        writes, so the selective pass allocates nothing per layer and can be captured by
+        torch.compile / CUDA graphs.
+    """
+
+    cache_interval: int = 2
+    update_ratio: float = 0.25
+    selection: Literal["per_layer", "shared"] = "per_layer"
+    refresh: Literal["fixed", "adaptive"] = "fixed"
+    refresh_threshold: float = 0.9
+    static_shapes: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache_interval, bool) or not isinstance(self.cache_interval, int):
+            raise ConfigError(f"cache_interval must be an int >= 1, got {self.cache_interval!r}")
+        if self.cache_interval < 1:
+            raise ConfigError(f"cache_interval must be >= 1 (1 refreshes every chunk), got {self.cache_interval}")
+        if not isinstance(self.update_ratio, (int, float)) or not 0.0 < float(self.update_ratio) <= 1.0:
+            raise ConfigError(f"update_ratio must lie in (0, 1], got {self.update_ratio!r}")
+        _check_choice("selection", self.selection, ("per_layer", "shared"))
+        _check_choice("refresh", self.refresh, ("fixed", "adaptive"))
+        if not isinstance(self.refresh_threshold, (int, float)) or not -1.0 <= self.refresh_threshold <= 1.0:
+            raise ConfigError(f"refresh_threshold is a cosine similarity in [-1, 1], got {self.refresh_threshold!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    """STC-Pruner settings (SPEC §3).
+
+    scoring: "gaussian" (the released code, which produced the published numbers) or
+        "dual_anchor" (the paper's Eq. 8).
+    tokens_per_frame / keep_ratio: the per-frame budget, as a count or as a share of the frame's
+        tokens; give exactly one (keep_ratio defaults to 0.3, the paper's combined setting).
+    alpha: weight of the temporal anchor in dual_anchor scoring.
+    history: W, how many previous frames the dual_anchor temporal anchor averages (None = all).
+    """
+
+    scoring: Literal["gaussian", "dual_anchor"] = "gaussian"
+    tokens_per_frame: int | None = None
+    keep_ratio: float | None = None
+    alpha: float = 0.5
+    history: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("scoring", self.scoring, ("gaussian", "dual_anchor"))
+        if self.tokens_per_frame is not None and self.keep_ratio is not None:
+            raise ConfigError("give either tokens_per_frame or keep_ratio, not both")
+        if self.tokens_per_frame is None and self.keep_ratio is None:
+            object.__setattr__(self, "keep_ratio", 0.3)
+        if self.tokens_per_frame is not None and (
+            isinstance(self.tokens_per_frame, bool) or not isinstance(self.tokens_per_frame, int) or self.tokens_per_frame < 1
+        ):
+            raise ConfigError(f"tokens_per_frame must be an int >= 1, got {self.tokens_per_frame!r}")
+        if self.keep_ratio is not None and (
+            not isinstance(self.keep_ratio, (int, float)) or not 0.0 < float(self.keep_ratio) <= 1.0
+        ):
+            raise ConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
+        if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+        if self.history is not None and (isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1):
+            raise ConfigError(f"history must be None (unbounded) or an int >= 1, got {self.history!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class STCConfig:
+    """Both STC levels with the paper's combined defaults: Cacher N = 2, r = 0.25; Pruner 30%.
+
+    Set a component to None to switch it off (its model code is then left untouched).
+    """
+
+    cacher: CacherConfig | None = field(default_factory=CacherConfig)
+    pruner: PrunerConfig | None = field(default_factory=lambda: PrunerConfig(keep_ratio=0.3))
+
+    def __post_init__(self) -> None:
+        if self.cacher is not None and not isinstance(self.cacher, CacherConfig):
+            raise ConfigError(f"cacher must be a CacherConfig or None, got {type(self.cacher).__name__}")
+        if self.pruner is not None and not isinstance(self.pruner, PrunerConfig):
+            raise ConfigError(f"pruner must be a PrunerConfig or None, got {type(self.pruner).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        unknown = sorted(set(data) - {"cacher", "pruner"})
+        if unknown:
+            raise ConfigError(f"unknown STCConfig keys {unknown}; valid keys are ['cacher', 'pruner']")
+        cacher = data.get("cacher", CacherConfig().to_dict())
+        pruner = data.get("pruner", PrunerConfig(keep_ratio=0.3).to_dict())
+        return cls(
+            cacher=None if cacher is None else CacherConfig.from_dict(cacher),
+            pruner=None if pruner is None else PrunerConfig.from_dict(pruner),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cacher": None if self.cacher is None else self.cacher.to_dict(),
+            "pruner": None if self.pruner is None else self.pruner.to_dict(),
+        }
+
+
+__all__ = ["CacherConfig", "PrunerConfig", "STCConfig"]
