@@ -114,8 +114,9 @@ def _tiny_clip(num_layers: int | None) -> CLIPVisionConfig:
 
 
 def _qwen2_0_5b() -> Qwen2Config:
+    # llava-hf pads Qwen2-0.5B's 151,936-token vocabulary (+<image>, <video>) to a multiple of 64.
     return Qwen2Config(
-        vocab_size=151936,
+        vocab_size=152000,
         hidden_size=896,
         intermediate_size=4864,
         num_hidden_layers=24,

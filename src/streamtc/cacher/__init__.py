@@ -1,0 +1,12 @@
+"""STC-Cacher: reuse a reference frame's ViT features, recompute only the tokens that changed.
+
+- `functional`: how tokens are chosen and recomputed (pure tensor functions);
+- `state`: per-stream references and counters;
+- `patch_vit`: the refresh and selective forwards of pre-LN q/k/v ViT layers (SigLIP, CLIP, ...);
+- `cacher`: `STCCacher`, which attaches those forwards to a model and plans each chunk.
+"""
+
+from .cacher import STCCacher, find_vision_tower
+from .state import CacherState, CacherStats
+
+__all__ = ["STCCacher", "CacherState", "CacherStats", "find_vision_tower"]

@@ -1,0 +1,266 @@
+"""`STCCacher`: attach STC-Cacher to a transformers vision tower, reversibly, with per-stream state.
+
+    cacher = STCCacher(CacherConfig(cache_interval=2, update_ratio=0.25)).attach(model)
+    out = model(pixel_values=chunk)        # one tower forward = one chunk of one stream's frames
+    with cacher.stream(other_state): ...   # serve another stream with the same model
+    cacher.reset(); cacher.detach()
+
+Mechanics. `attach` finds the vision tower by class (a registry, not attribute paths), rebinds
+`forward` on each encoder layer instance (the class forward is untouched, so `detach` restores the
+original exactly) and puts a pre- and post-hook on the encoder. The pre-hook plans the chunk once
+on the host: refresh or selective, how many tokens to recompute, and for the beyond-paper options
+the first layer's similarity to the reference. The layers then only execute the plan: no host
+syncs, logging or counters inside them. The post-hook advances the stream's chunk counter.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Self
+
+import torch
+from torch import nn
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
+from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionTransformer
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionModel
+from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer, Siglip2VisionModel
+
+from ..config import CacherConfig
+from ..errors import InputError, StreamStateError, UnsupportedModelError
+from . import functional as F
+from . import patch_vit
+from .state import CacherState, CacherStats
+
+# Vision tower classes the cacher attaches to; each keeps its layers in `.encoder.layers`.
+SUPPORTED_TOWERS: tuple[type[nn.Module], ...] = (
+    SiglipVisionModel,
+    Siglip2VisionModel,
+    CLIPVisionModel,
+    Idefics3VisionTransformer,
+)
+
+# Encoder layer class -> the module implementing its refresh and selective forwards.
+LAYER_PATCHES: dict[type[nn.Module], Any] = {
+    SiglipEncoderLayer: patch_vit,
+    Siglip2EncoderLayer: patch_vit,
+    CLIPEncoderLayer: patch_vit,
+    Idefics3EncoderLayer: patch_vit,
+}
+
+
+@dataclass
+class ChunkPlan:
+    """What every layer does for the chunk being encoded; built once per tower forward."""
+
+    state: CacherState
+    refresh: bool
+    num_recomputed: int
+    adaptive_refresh: bool = False
+    shared_index: torch.Tensor | None = None  # [F, k] for selection="shared"
+    first_layer_keys: torch.Tensor | None = None  # [F, T, C] when the planner already computed them
+
+
+def find_vision_tower(model: nn.Module) -> nn.Module:
+    """The single supported vision tower inside `model` (or `model` itself)."""
+    towers = [m for m in model.modules() if isinstance(m, SUPPORTED_TOWERS)]
+    if not towers:
+        supported = ", ".join(cls.__name__ for cls in SUPPORTED_TOWERS)
+        raise UnsupportedModelError(
+            f"no supported vision tower found in {type(model).__name__}; STC-Cacher supports {supported} "
+            "and models that contain one (e.g. LlavaOnevisionForConditionalGeneration, Idefics3/SmolVLM)"
+        )
+    if len(towers) > 1:
+        names = ", ".join(type(t).__name__ for t in towers)
+        raise UnsupportedModelError(f"{type(model).__name__} has several vision towers ({names}); attach to one of them")
+    return towers[0]
+
+
+class STCCacher:
+    """STC-Cacher for one model: patches its vision tower and holds the active stream's state."""
+
+    def __init__(self, config: CacherConfig | None = None) -> None:
+        self.config = config if config is not None else CacherConfig()
+        self._default_state = CacherState()
+        self._state = self._default_state
+        self._plan: ChunkPlan | None = None
+        self._tower: nn.Module | None = None
+        self._layers: list[nn.Module] = []
+        self._saved_forwards: list[Any] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    # -- attaching ---------------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return self._tower is not None
+
+    def attach(self, model: nn.Module) -> Self:
+        """Patch the vision tower of `model` in place; returns self."""
+        if self.attached:
+            raise StreamStateError("this STCCacher is already attached to a model; call detach() first")
+        tower = find_vision_tower(model)
+        if getattr(tower, "_streamtc_cacher", None) is not None:
+            raise StreamStateError(f"{type(tower).__name__} already has an STCCacher attached; detach that one first")
+        layers = list(tower.encoder.layers)
+        for layer in layers:
+            if type(layer) not in LAYER_PATCHES:
+                supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
+                raise UnsupportedModelError(f"encoder layer {type(layer).__name__} is not supported; supported: {supported}")
+            if hasattr(layer, "_hf_hook"):
+                raise UnsupportedModelError(
+                    "the vision tower is dispatched with accelerate hooks (device_map); load it on one device to use STC-Cacher"
+                )
+
+        self._tower, self._layers = tower, layers
+        for index, layer in enumerate(layers):
+            self._saved_forwards.append(layer.__dict__.get("forward"))
+            layer.forward = functools.partial(
+                self._layer_forward, index, layer, LAYER_PATCHES[type(layer)], patch_vit.eager_attention_for(layer)
+            )
+        encoder = tower.encoder
+        self._hooks = [
+            encoder.register_forward_pre_hook(self._begin_chunk, with_kwargs=True),
+            encoder.register_forward_hook(self._end_chunk, with_kwargs=True),
+        ]
+        tower._streamtc_cacher = self
+        return self
+
+    def detach(self) -> None:
+        """Restore the original forwards exactly; the cacher can then attach to another model."""
+        if not self.attached:
+            return
+        for layer, saved in zip(self._layers, self._saved_forwards):
+            if saved is None:
+                del layer.forward
+            else:
+                layer.forward = saved
+        for hook in self._hooks:
+            hook.remove()
+        del self._tower._streamtc_cacher
+        self._tower, self._layers, self._saved_forwards, self._hooks, self._plan = None, [], [], [], None
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def new_state(self) -> CacherState:
+        """A fresh per-stream state, to be used with `stream(state)`."""
+        return CacherState()
+
+    @contextmanager
+    def stream(self, state: CacherState) -> Iterator[CacherState]:
+        """Make `state` the active stream for tower forwards inside the block."""
+        if not isinstance(state, CacherState):
+            raise InputError(f"stream() takes a CacherState (from new_state()), got {type(state).__name__}")
+        previous, self._state = self._state, state
+        try:
+            yield state
+        finally:
+            self._state = previous
+
+    @property
+    def state(self) -> CacherState:
+        """The active stream's state."""
+        return self._state
+
+    def reset(self) -> None:
+        """Start a new stream on the active state: drop the reference, counter back to 0."""
+        self._state.reset()
+
+    @property
+    def stats(self) -> CacherStats:
+        """Counters of the active stream: chunks, refresh chunks, tokens recomputed per layer."""
+        return self._state.stats
+
+    # -- per chunk (host side) ---------------------------------------------------------------
+
+    def _begin_chunk(self, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
+        if hidden_states.dim() != 3:
+            raise InputError(f"the encoder expects hidden states [frames, tokens, width], got shape {tuple(hidden_states.shape)}")
+        state, config = self._state, self.config
+        state.check_compatible(hidden_states)
+        _, num_tokens, width = hidden_states.shape
+        reference_shape = state.reference_shape
+        refresh = (
+            not state.has_reference
+            or state.chunk_index % config.cache_interval == 0
+            or reference_shape != (len(self._layers), num_tokens, width)
+        )
+        plan = ChunkPlan(state, refresh, F.num_recomputed_tokens(num_tokens, config.update_ratio))
+        if not refresh and (config.selection == "shared" or config.refresh == "adaptive"):
+            self._plan_from_first_layer(plan, hidden_states)
+        if plan.refresh:
+            state.prepare_refresh(len(self._layers), num_tokens, width, hidden_states)
+        self._plan = plan
+
+    def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor) -> None:
+        """Beyond-paper options: one look at the first layer's keys decides the chunk.
+
+        adaptive: refresh when any frame's mean key cosine to the reference is below the threshold
+        (one host sync per chunk, here, outside the layers). shared: the first layer's k least
+        similar tokens become the index set of every layer.
+        """
+        first = self._layers[0]
+        keys = first.self_attn.k_proj(first.layer_norm1(hidden_states))
+        similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys)
+        if self.config.refresh == "adaptive" and float(similarity.mean(dim=-1).min()) < self.config.refresh_threshold:
+            plan.refresh, plan.adaptive_refresh = True, True
+            return
+        plan.first_layer_keys = keys
+        if self.config.selection == "shared":
+            plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed)
+
+    def _end_chunk(self, encoder: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return
+        state, stats = plan.state, plan.state.stats
+        hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
+        frames, num_tokens, _ = hidden_states.shape
+        recomputed = frames * (num_tokens if plan.refresh else plan.num_recomputed)
+        if len(stats.recomputed_tokens_per_layer) != len(self._layers):
+            stats.recomputed_tokens_per_layer = [0] * len(self._layers)
+        stats.recomputed_tokens_per_layer = [n + recomputed for n in stats.recomputed_tokens_per_layer]
+        stats.total_tokens_per_layer += frames * num_tokens
+        stats.chunks += 1
+        stats.frames += frames
+        stats.tokens_per_frame = num_tokens
+        stats.refresh_chunks += int(plan.refresh)
+        stats.adaptive_refreshes += int(plan.adaptive_refresh)
+        state.chunk_index += 1
+        if plan.refresh:
+            state.has_reference = True
+
+    # -- per layer (device side) -------------------------------------------------------------
+
+    def _layer_forward(
+        self,
+        index: int,
+        layer: nn.Module,
+        patch: Any,
+        eager_fallback: Any,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        plan = self._plan
+        if plan is None:  # called outside a tower forward: behave exactly like the original layer
+            return type(layer).forward(layer, hidden_states, attention_mask, **kwargs)
+        reference = plan.state.layer(index)
+        if plan.refresh:
+            return patch.refresh_forward(layer, hidden_states, attention_mask, reference, eager_fallback)
+        return patch.selective_forward(
+            layer,
+            hidden_states,
+            attention_mask,
+            reference,
+            plan.num_recomputed,
+            eager_fallback,
+            index=plan.shared_index,
+            keys=plan.first_layer_keys if index == 0 else None,
+        )
+
+
+__all__ = ["STCCacher", "ChunkPlan", "find_vision_tower", "SUPPORTED_TOWERS", "LAYER_PATCHES"]

@@ -1,0 +1,118 @@
+"""How STC-Cacher chooses and recomputes tokens: pure tensor functions, no model, no state.
+
+A non-refresh layer (SPEC §2) compares every token's key with the same position's key in the
+reference frame, recomputes the k least similar tokens, and takes the reference's attention and
+MLP outputs for the rest. The functions below are those steps on plain tensors, shared by the
+module-based layer patch and the static (compilable) path, and unit-tested on their own.
+
+Shapes: F frames of a chunk, T tokens per frame, C channels, k recomputed tokens per frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InputError
+
+
+def num_recomputed_tokens(num_tokens: int, update_ratio: float) -> int:
+    """k = max(1, min(T, floor(T * r))): how many tokens a non-refresh layer recomputes."""
+    if num_tokens < 1:
+        raise InputError(f"a frame must have at least one token, got {num_tokens}")
+    return max(1, min(num_tokens, math.floor(num_tokens * update_ratio)))
+
+
+def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of x scaled to unit L2 norm (zero rows stay zero)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+
+
+def key_similarity(keys: torch.Tensor, reference_unit_keys: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Cosine similarity of each token's key to the reference key at the same position.
+
+    keys [F, T, C], reference_unit_keys [T, C] (already unit-norm, computed once per refresh)
+    -> [F, T]. Avoids materialising normalised [F, T, C] keys.
+    """
+    dots = torch.linalg.vecdot(keys, reference_unit_keys)
+    return dots / torch.linalg.vector_norm(keys, dim=-1).clamp_min(eps)
+
+
+def select_dynamic_tokens(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [F, k] of the k least similar tokens of each frame (unordered)."""
+    return torch.topk(similarity, k, dim=-1, largest=False, sorted=False).indices
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [F, T, C], index [F, k] -> the selected rows [F, k, C]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Write rows [F, k, C] into base [F, T, C] at index [F, k], in place; returns base."""
+    return base.scatter_(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), rows)
+
+
+def mix_with_reference(reference: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The reference [T, C] repeated for each frame, with rows [F, k, C] replacing positions index.
+
+    This is SPEC §2's V̄ (values) construction; a new tensor, the reference is not modified.
+    """
+    frames = index.shape[0]
+    mixed = reference.unsqueeze(0).expand(frames, -1, -1).clone()
+    return scatter_tokens(mixed, index, rows)
+
+
+def add_residual_with_reference(
+    x: torch.Tensor, reference_delta: torch.Tensor, index: torch.Tensor, recomputed_delta: torch.Tensor
+) -> torch.Tensor:
+    """x + Δ̄ where Δ̄ is reference_delta [T, C] with rows index replaced by recomputed_delta [F, k, C].
+
+    Computed as (x + reference_delta) with the selected rows overwritten by x[I] + recomputed_delta,
+    so Δ̄ itself is never materialised and every row equals the exact sum it stands for.
+    """
+    out = x + reference_delta
+    return scatter_tokens(out, index, gather_tokens(x, index) + recomputed_delta)
+
+
+def layer_flops(num_tokens: int, width: int, mlp_width: int, recomputed: int | None = None) -> float:
+    """Multiply-accumulate count of one pre-LN ViT layer on one frame (matmuls only).
+
+    recomputed=None is the full layer; otherwise the non-refresh layer of SPEC §2: K projection on
+    all T tokens; Q, V, out_proj, attention rows and MLP on `recomputed` tokens.
+    """
+    t, c = num_tokens, width
+    if recomputed is None:
+        return 4 * t * c * c + 2 * t * t * c + 2 * t * c * mlp_width
+    k = recomputed
+    return t * c * c + 3 * k * c * c + 2 * k * t * c + 2 * k * c * mlp_width
+
+
+def flop_ratio(
+    num_tokens: int, width: int, mlp_width: int, update_ratio: float, cache_interval: int | float
+) -> float:
+    """Average cost of a frame under the cacher relative to a full frame, by the FLOP model.
+
+    One refresh chunk (full cost) every `cache_interval` chunks, the rest non-refresh; pass
+    math.inf for a cacher that never refreshes after the first chunk.
+    """
+    full = layer_flops(num_tokens, width, mlp_width)
+    selective = layer_flops(num_tokens, width, mlp_width, num_recomputed_tokens(num_tokens, update_ratio))
+    if math.isinf(cache_interval):
+        return selective / full
+    return (full + (cache_interval - 1) * selective) / (cache_interval * full)
+
+
+__all__ = [
+    "num_recomputed_tokens",
+    "unit_rows",
+    "key_similarity",
+    "select_dynamic_tokens",
+    "gather_tokens",
+    "scatter_tokens",
+    "mix_with_reference",
+    "add_residual_with_reference",
+    "layer_flops",
+    "flop_ratio",
+]

@@ -1,0 +1,134 @@
+"""How STC-Cacher runs a pre-LN ViT layer with separate q/k/v projections.
+
+Covers transformers 5.x `SiglipEncoderLayer`, `Siglip2EncoderLayer`, `CLIPEncoderLayer` and
+`Idefics3EncoderLayer`: all compute `X + A(LN1 X)` then `X + MLP(LN2 X)` with `self_attn.{q,k,v,out}_proj`,
+`layer_norm1`, `layer_norm2` and `mlp`. Two paths, named after Eventful Transformers' first and
+incremental forwards:
+
+- `refresh_forward`: the layer computed exactly, which also writes this layer's reference
+  (K, V, attention output, MLP output of the chunk's last frame) into the stream's buffers.
+- `selective_forward`: the non-refresh layer of SPEC §2; recomputes the k tokens whose keys moved
+  most, takes the reference's attention and MLP outputs for the rest.
+
+Modifications relative to `SiglipEncoderLayer.forward` / `SiglipAttention.forward` (transformers 5.x):
+- the attention block is inlined so K and V can be stored (refresh) or K computed alone (selective);
+- attention still runs through `ALL_ATTENTION_FUNCTIONS` with the layer's configured backend, the
+  selected queries against all current keys (query length k, key length T);
+- the layer still takes `(hidden_states, attention_mask, **kwargs)` and returns a tensor, so hidden
+  state capture (`output_hidden_states=True`) and gradient checkpointing see the cacher's outputs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import functional as F
+from .state import LayerReference
+
+
+def eager_attention_for(layer: nn.Module) -> Callable:
+    """The `eager_attention_forward` of the module that defines the layer's attention class."""
+    module = sys.modules[type(layer.self_attn).__module__]
+    return module.eager_attention_forward
+
+
+def _attention(
+    attn: nn.Module,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    eager_fallback: Callable,
+) -> torch.Tensor:
+    """Multi-head attention of queries [F, Q, C] over keys/values [F, T, C] -> [F, Q, C], before out_proj."""
+    frames, num_queries, _ = queries.shape
+    head_dim = attn.head_dim
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(frames, x.shape[1], -1, head_dim).transpose(1, 2)
+
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_fallback)
+    output, _ = interface(
+        attn,
+        heads(queries),
+        heads(keys),
+        heads(values),
+        attention_mask,
+        scaling=attn.scale,
+        dropout=0.0 if not attn.training else attn.dropout,
+    )
+    return output.reshape(frames, num_queries, -1)
+
+
+def _mask_rows(attention_mask: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """Keep the query rows `index` [F, k] of a [F, 1, T, T] mask (broadcast masks pass through)."""
+    if attention_mask is None or attention_mask.shape[-2] == 1:
+        return attention_mask
+    rows = index[:, None, :, None].expand(-1, attention_mask.shape[1], -1, attention_mask.shape[-1])
+    return torch.gather(attention_mask, 2, rows)
+
+
+def refresh_forward(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    reference: LayerReference,
+    eager_fallback: Callable,
+) -> torch.Tensor:
+    """The exact layer on [F, T, C]; writes the last frame's K, V, A, M into `reference` in place."""
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)
+    queries, keys, values = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
+    attn_out = attn.out_proj(_attention(attn, queries, keys, values, attention_mask, eager_fallback))
+    hidden_states = hidden_states + attn_out
+
+    mlp_out = layer.mlp(layer.layer_norm2(hidden_states))
+    hidden_states = hidden_states + mlp_out
+
+    reference.unit_keys.copy_(F.unit_rows(keys[-1]))
+    reference.values.copy_(values[-1])
+    reference.attn_out.copy_(attn_out[-1])
+    reference.mlp_out.copy_(mlp_out[-1])
+    return hidden_states
+
+
+def selective_forward(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    reference: LayerReference,
+    num_recomputed: int,
+    eager_fallback: Callable,
+    index: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The non-refresh layer of SPEC §2 on [F, T, C].
+
+    index: [F, k] tokens to recompute; when None, chosen here from this layer's key cosine.
+    keys: this layer's keys if the caller already computed them (the shared/adaptive planner does
+        for the first layer), else computed here.
+    """
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)  # [F, T, C]
+    if keys is None:
+        keys = attn.k_proj(normed)  # all tokens: every selected query attends to every key
+    if index is None:
+        index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed)
+
+    normed_selected = F.gather_tokens(normed, index)  # [F, k, C]
+    queries = attn.q_proj(normed_selected)
+    values = F.mix_with_reference(reference.values, index, attn.v_proj(normed_selected))  # V̄ [F, T, C]
+    context = _attention(attn, queries, keys, values, _mask_rows(attention_mask, index), eager_fallback)
+    hidden_states = F.add_residual_with_reference(hidden_states, reference.attn_out, index, attn.out_proj(context))
+
+    # LayerNorm is per token, so LN2 on the selected rows equals LN2 on all rows, then selecting.
+    mlp_selected = layer.mlp(layer.layer_norm2(F.gather_tokens(hidden_states, index)))
+    return F.add_residual_with_reference(hidden_states, reference.mlp_out, index, mlp_selected)
+
+
+__all__ = ["eager_attention_for", "refresh_forward", "selective_forward"]

@@ -1,0 +1,107 @@
+"""Per-stream STC-Cacher state: the reference frame's per-layer tensors, the chunk counter, counters.
+
+One `CacherState` belongs to one stream. It is created by `STCCacher.new_state()` (or the cacher's
+own default state), made active with `with cacher.stream(state): ...`, and never shared: two
+streams never read each other's reference. `reset()` returns it to the start of a stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from ..errors import StreamStateError
+
+
+class LayerReference(NamedTuple):
+    """Views of one layer's slices of the reference buffers, each [T, C].
+
+    They alias the state's buffers: refresh chunks write into them in place.
+    """
+
+    unit_keys: torch.Tensor  # K_ref / ||K_ref||, for the key cosine
+    values: torch.Tensor  # V_ref, post-projection, before the head split
+    attn_out: torch.Tensor  # A_ref: attention block output after out_proj, before the residual
+    mlp_out: torch.Tensor  # M_ref: MLP output before the residual
+
+
+@dataclass
+class CacherStats:
+    """Counters of one stream, updated once per chunk on the host (never inside a layer)."""
+
+    chunks: int = 0
+    frames: int = 0
+    refresh_chunks: int = 0
+    adaptive_refreshes: int = 0
+    tokens_per_frame: int = 0
+    recomputed_tokens_per_layer: list[int] = field(default_factory=list)
+    total_tokens_per_layer: int = 0
+
+    @property
+    def recomputed_share(self) -> float:
+        """Share of token-layer computations actually performed (1.0 without caching)."""
+        if not self.total_tokens_per_layer or not self.recomputed_tokens_per_layer:
+            return 1.0
+        done = sum(self.recomputed_tokens_per_layer) / len(self.recomputed_tokens_per_layer)
+        return done / self.total_tokens_per_layer
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "recomputed_share": self.recomputed_share}
+
+
+class CacherState:
+    """References and counters of one stream.
+
+    Buffers are [L, T, C] per kind, allocated on the first refresh and rewritten in place by every
+    later refresh, so their addresses stay fixed for the life of the stream (what graph capture
+    needs). They are reallocated only when the frame's token count or width changes.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the reference and restart the chunk counter: the next chunk refreshes."""
+        self.chunk_index = 0
+        self.has_reference = False
+        self.unit_keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.attn_out: torch.Tensor | None = None
+        self.mlp_out: torch.Tensor | None = None
+        self.stats = CacherStats()
+
+    @property
+    def reference_shape(self) -> tuple[int, int, int] | None:
+        """(layers, tokens, width) of the allocated reference, or None before the first refresh."""
+        return None if self.values is None else tuple(self.values.shape)
+
+    def check_compatible(self, hidden_states: torch.Tensor) -> None:
+        """Raise if a chunk's dtype or device differs from the reference's (e.g. the model moved)."""
+        if self.values is None:
+            return
+        if hidden_states.dtype != self.values.dtype or hidden_states.device != self.values.device:
+            raise StreamStateError(
+                f"this stream's cacher reference is {self.values.dtype} on {self.values.device}, but the chunk is "
+                f"{hidden_states.dtype} on {hidden_states.device}; call reset() on the stream (or the cacher) after "
+                "moving or casting the model"
+            )
+
+    def prepare_refresh(self, num_layers: int, num_tokens: int, width: int, like: torch.Tensor) -> None:
+        """Make sure buffers of the right shape exist, and mark the reference invalid until written."""
+        if self.reference_shape != (num_layers, num_tokens, width):
+            shape = (num_layers, num_tokens, width)
+            self.unit_keys, self.values, self.attn_out, self.mlp_out = (
+                torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(4)
+            )
+        self.has_reference = False
+
+    def layer(self, index: int) -> LayerReference:
+        """The reference slices of encoder layer `index` (views into the state's buffers)."""
+        if self.values is None:
+            raise StreamStateError("this stream has no cacher reference yet; a refresh chunk must run first")
+        return LayerReference(self.unit_keys[index], self.values[index], self.attn_out[index], self.mlp_out[index])
+
+
+__all__ = ["CacherState", "CacherStats", "LayerReference"]
