@@ -1,0 +1,435 @@
+"""STC-Cacher against the unpatched tower and against a plainly written implementation of SPEC §2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    Idefics3VisionConfig,
+    Qwen2Config,
+    Qwen2Model,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+)
+from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
+
+from streamtc import CacherConfig, ConfigError, InputError, StreamStateError, UnsupportedModelError
+from streamtc.cacher import STCCacher
+from streamtc.cacher import functional as F
+from streamtc.presets import build_model
+
+TOL = 1e-5
+
+
+def frames(count: int, seed: int = 0, size: int = 56) -> torch.Tensor:
+    """Frames of a slowly changing synthetic scene: a base image plus small per-frame motion."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, 3, size, size, generator=g)
+    drift = 0.15 * torch.randn(count, 3, size, size, generator=g)
+    return base + drift.cumsum(0)
+
+
+def encode_chunks(model, chunks: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(pixel_values=c).last_hidden_state for c in chunks])
+
+
+def split(x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    return list(x.split(chunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent implementation of SPEC §2, written for clarity: one frame at a time, plain
+# matrix algebra on the layer's weights, explicit softmax. It shares no code with streamtc.
+
+
+def plain_layer(layer, x, ref=None, ratio=None):
+    """One pre-LN layer on x [T, C]. Without ref: exact, returns (out, new_ref). With ref: selective."""
+    attn = layer.self_attn
+    heads, hd = attn.num_heads, attn.head_dim
+
+    def lin(m, h):
+        return h @ m.weight.T + m.bias
+
+    def ln(m, h):
+        return torch.nn.functional.layer_norm(h, (h.shape[-1],), m.weight, m.bias, m.eps)
+
+    def mha(q, k, v):  # q [Q, C], k/v [T, C]
+        q = q.view(q.shape[0], heads, hd).transpose(0, 1)
+        k = k.view(k.shape[0], heads, hd).transpose(0, 1)
+        v = v.view(v.shape[0], heads, hd).transpose(0, 1)
+        w = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+        return (w @ v).transpose(0, 1).reshape(q.shape[1], -1)
+
+    def mlp(h):
+        return layer.mlp(h)
+
+    t = x.shape[0]
+    h1 = ln(layer.layer_norm1, x)
+    K = lin(attn.k_proj, h1)
+    if ref is None:
+        Q, V = lin(attn.q_proj, h1), lin(attn.v_proj, h1)
+        A = lin(attn.out_proj, mha(Q, K, V))
+        x = x + A
+        M = mlp(ln(layer.layer_norm2, x))
+        return x + M, {"K": K, "V": V, "A": A, "M": M}
+
+    k = max(1, min(t, math.floor(t * ratio)))
+    s = torch.stack([torch.dot(K[i], ref["K"][i]) / (K[i].norm() * ref["K"][i].norm()) for i in range(t)])
+    I = torch.argsort(s)[:k]
+    V_bar = ref["V"].clone()
+    V_bar[I] = lin(attn.v_proj, h1[I])
+    A_bar = ref["A"].clone()
+    A_bar[I] = lin(attn.out_proj, mha(lin(attn.q_proj, h1[I]), K, V_bar))
+    x = x + A_bar
+    M_bar = ref["M"].clone()
+    M_bar[I] = mlp(ln(layer.layer_norm2, x)[I])
+    return x + M_bar, None
+
+
+def plain_stc_stream(tower, chunks: list[torch.Tensor], interval: int, ratio: float) -> torch.Tensor:
+    """SPEC §2 over a stream of chunks; returns the post-layernorm outputs of every frame."""
+    layers = list(tower.encoder.layers)
+    refs = None
+    outputs = []
+    with torch.no_grad():
+        for c, chunk in enumerate(chunks):
+            embedded = tower.embeddings(chunk)
+            refresh = refs is None or c % interval == 0
+            new_refs = [None] * len(layers)
+            for f in range(embedded.shape[0]):
+                x = embedded[f]
+                for i, layer in enumerate(layers):
+                    if refresh:
+                        x, new_refs[i] = plain_layer(layer, x)
+                    else:
+                        x, _ = plain_layer(layer, x, refs[i], ratio)
+                outputs.append(tower.post_layernorm(x))
+            if refresh:
+                refs = new_refs  # the loop leaves the last frame's references
+    return torch.stack(outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def siglip():
+    return build_model("tiny-siglip", attn_implementation="eager")
+
+
+@pytest.mark.parametrize("preset", ["tiny-siglip", "tiny-clip"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("config", [CacherConfig(cache_interval=1), CacherConfig(cache_interval=3, update_ratio=1.0)])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_full_refresh_or_full_ratio_reproduces_unpatched_tower(preset, attn, config, chunk):
+    model = build_model(preset, attn_implementation=attn)
+    x = frames(6)
+    expected = encode_chunks(model, [x])
+    cacher = STCCacher(config).attach(model)
+    got = encode_chunks(model, split(x, chunk))
+    assert (got - expected).abs().max() <= TOL
+    assert cacher.stats.frames == 6
+
+
+def test_detach_restores_original_forward_bit_identically(siglip):
+    x = frames(4)
+    before = encode_chunks(siglip, [x])
+    cacher = STCCacher(CacherConfig(cache_interval=4, update_ratio=0.25)).attach(siglip)
+    patched = encode_chunks(siglip, split(x, 1))
+    assert not torch.allclose(patched, before, atol=1e-3), "the cacher must actually change non-refresh frames"
+    cacher.detach()
+    assert all("forward" not in layer.__dict__ for layer in siglip.encoder.layers)
+    assert not siglip.encoder._forward_pre_hooks and not siglip.encoder._forward_hooks
+    assert torch.equal(encode_chunks(siglip, [x]), before)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("interval", [2, 3])
+def test_matches_plain_implementation_of_spec(siglip, chunk, interval):
+    x = frames(9, seed=1)
+    chunks = split(x, chunk)
+    expected = plain_stc_stream(siglip, chunks, interval, 0.25)
+    cacher = STCCacher(CacherConfig(cache_interval=interval, update_ratio=0.25)).attach(siglip)
+    try:
+        got = encode_chunks(siglip, chunks)
+    finally:
+        cacher.detach()
+    assert (got - expected).abs().max() <= TOL
+    assert cacher.stats.chunks == len(chunks)
+    assert cacher.stats.refresh_chunks == len(range(0, len(chunks), interval))
+
+
+def test_plain_implementation_is_not_trivially_equal_to_full_forward(siglip):
+    """Guards the test above: at r = 0.25 the selective path must differ from the exact one."""
+    x = frames(4, seed=1)
+    full = encode_chunks(siglip, [x])
+    stc = plain_stc_stream(siglip, split(x, 1), 4, 0.25)
+    assert torch.allclose(stc[0], full[0], atol=TOL)
+    assert (stc[1:] - full[1:]).abs().max() > 1e-3
+
+
+def test_chunk_counter_is_monotonic_over_the_stream(siglip):
+    cacher = STCCacher(CacherConfig(cache_interval=2)).attach(siglip)
+    try:
+        for chunk in [frames(3), frames(1), frames(2), frames(1), frames(1)]:
+            encode_chunks(siglip, [chunk])
+    finally:
+        cacher.detach()
+    assert cacher.state.chunk_index == 5
+    assert cacher.stats.refresh_chunks == 3  # chunks 0, 2, 4
+    assert cacher.stats.frames == 8
+    k = F.num_recomputed_tokens(49, 0.25)
+    assert cacher.stats.recomputed_tokens_per_layer == [49 * (3 + 2 + 1) + k * (1 + 1)] * 2
+
+
+def test_reset_restores_first_frame_behaviour(siglip):
+    x = frames(5)
+    cacher = STCCacher(CacherConfig(cache_interval=8)).attach(siglip)
+    try:
+        first = encode_chunks(siglip, split(x, 1))
+        cacher.reset()
+        assert cacher.state.chunk_index == 0 and cacher.stats.chunks == 0
+        again = encode_chunks(siglip, split(x, 1))
+    finally:
+        cacher.detach()
+    assert torch.equal(first, again)
+
+
+def test_two_streams_on_two_cachers_do_not_interfere():
+    a_model = build_model("tiny-siglip", seed=0)
+    b_model = build_model("tiny-siglip", seed=1)
+    a_frames, b_frames = frames(6, seed=2), frames(6, seed=3)
+    config = CacherConfig(cache_interval=3)
+
+    def alone(model, x):
+        cacher = STCCacher(config).attach(model)
+        out = encode_chunks(model, split(x, 1))
+        cacher.detach()
+        return out
+
+    a_alone, b_alone = alone(a_model, a_frames), alone(b_model, b_frames)
+    a_cacher, b_cacher = STCCacher(config).attach(a_model), STCCacher(config).attach(b_model)
+    a_out, b_out = [], []
+    for i in range(6):
+        a_out.append(encode_chunks(a_model, [a_frames[i : i + 1]]))
+        b_out.append(encode_chunks(b_model, [b_frames[i : i + 1]]))
+    a_cacher.detach(), b_cacher.detach()
+    assert torch.equal(torch.cat(a_out), a_alone)
+    assert torch.equal(torch.cat(b_out), b_alone)
+
+
+def test_one_model_serves_interleaved_streams_through_states(siglip):
+    config = CacherConfig(cache_interval=3)
+    streams = [frames(6, seed=s) for s in (4, 5)]
+    cacher = STCCacher(config).attach(siglip)
+    try:
+        alone = []
+        for x in streams:
+            cacher.reset()
+            alone.append(encode_chunks(siglip, split(x, 1)))
+        states = [cacher.new_state(), cacher.new_state()]
+        outs = [[], []]
+        for i in range(6):
+            for s, x in enumerate(streams):
+                with cacher.stream(states[s]):
+                    outs[s].append(encode_chunks(siglip, [x[i : i + 1]]))
+    finally:
+        cacher.detach()
+    for s in range(2):
+        assert torch.equal(torch.cat(outs[s]), alone[s])
+    assert states[0].stats.chunks == states[1].stats.chunks == 6
+
+
+def test_captured_hidden_states_are_the_cachers_outputs(siglip):
+    x = frames(2)
+    cacher = STCCacher(CacherConfig(cache_interval=2)).attach(siglip)
+    try:
+        with torch.no_grad():
+            siglip(pixel_values=x[:1])
+            out = siglip(pixel_values=x[1:], output_hidden_states=True)
+    finally:
+        cacher.detach()
+    with torch.no_grad():
+        full = siglip(pixel_values=x[1:], output_hidden_states=True)
+    assert torch.allclose(out.hidden_states[0], full.hidden_states[0])  # embeddings are not cached
+    assert not torch.allclose(out.hidden_states[-1], full.hidden_states[-1], atol=1e-3)
+    assert torch.allclose(siglip.post_layernorm(out.hidden_states[-1]), out.last_hidden_state, atol=TOL)
+
+
+def test_llava_onevision_video_features_go_through_the_cacher():
+    model = build_model("tiny-llava-ov")
+    video = frames(4).unsqueeze(0)  # [1, F, 3, H, W]
+
+    def features():
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    model.model.get_video_features(
+                        pixel_values_videos=video[:, i : i + 1], vision_feature_layer=-1, vision_feature_select_strategy="full"
+                    ).pooler_output
+                    for i in range(4)
+                ]
+            )
+
+    expected = features()
+    cacher = STCCacher(CacherConfig(cache_interval=1)).attach(model)
+    assert torch.allclose(features(), expected, atol=TOL)
+    cacher.detach()
+    cacher = STCCacher(CacherConfig(cache_interval=2)).attach(model)
+    got = features()
+    cacher.detach()
+    assert cacher.stats.chunks == 4 and cacher.stats.refresh_chunks == 2
+    assert torch.allclose(got[0], expected[0], atol=TOL)
+    assert not torch.allclose(got[1], expected[1], atol=1e-4)
+
+
+def test_shared_selection_equals_per_layer_selection_on_a_one_layer_tower():
+    model = build_model("tiny-siglip", num_layers=1)
+    x = frames(4)
+    outputs = []
+    for selection in ("per_layer", "shared"):
+        cacher = STCCacher(CacherConfig(cache_interval=4, selection=selection)).attach(model)
+        outputs.append(encode_chunks(model, split(x, 1)))
+        cacher.detach()
+    assert torch.allclose(outputs[0], outputs[1], atol=TOL)
+
+
+def test_shared_selection_differs_from_per_layer_on_deeper_towers(siglip):
+    x = frames(4)
+    outputs = []
+    for selection in ("per_layer", "shared"):
+        cacher = STCCacher(CacherConfig(cache_interval=4, selection=selection)).attach(siglip)
+        outputs.append(encode_chunks(siglip, split(x, 1)))
+        cacher.detach()
+    assert not torch.allclose(outputs[0][1:], outputs[1][1:], atol=1e-5)
+
+
+def test_adaptive_refresh_triggers_on_a_cut_and_not_on_a_still_scene(siglip):
+    still = frames(1).repeat(4, 1, 1, 1)
+    cut = frames(1, seed=9)
+    cacher = STCCacher(CacherConfig(cache_interval=100, refresh="adaptive", refresh_threshold=0.9)).attach(siglip)
+    try:
+        out = encode_chunks(siglip, split(still, 1))
+        assert cacher.stats.refresh_chunks == 1 and cacher.stats.adaptive_refreshes == 0
+        cut_out = encode_chunks(siglip, [cut])
+        assert cacher.stats.refresh_chunks == 2 and cacher.stats.adaptive_refreshes == 1
+    finally:
+        cacher.detach()
+    full = encode_chunks(siglip, [torch.cat([still, cut])])
+    assert torch.allclose(out, full[:4], atol=TOL)  # identical frames: reuse is exact
+    assert torch.allclose(cut_out, full[4:], atol=TOL)  # the cut was computed exactly
+
+
+def test_resolution_change_refreshes():
+    model = build_model("tiny-siglip")
+    cacher = STCCacher(CacherConfig(cache_interval=10)).attach(model)
+    try:
+        with torch.no_grad():
+            model(pixel_values=frames(1))
+            small = model(pixel_values=frames(1, size=40), interpolate_pos_encoding=True).last_hidden_state
+    finally:
+        cacher.detach()
+    assert cacher.stats.refresh_chunks == 2
+    with torch.no_grad():
+        expected = model(pixel_values=frames(1, size=40), interpolate_pos_encoding=True).last_hidden_state
+    assert torch.allclose(small, expected, atol=TOL)
+
+
+def test_dtype_change_after_attach_is_a_clear_error():
+    model = build_model("tiny-siglip")
+    cacher = STCCacher(CacherConfig(cache_interval=10)).attach(model)
+    encode_chunks(model, [frames(1)])
+    model.double()
+    with pytest.raises(StreamStateError, match="reset"):
+        encode_chunks(model, [frames(1).double()])
+    cacher.reset()
+    assert encode_chunks(model, [frames(1).double()]).dtype == torch.float64
+    cacher.detach()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"update_ratio": 0.0}, "update_ratio"),
+        ({"update_ratio": 1.5}, "update_ratio"),
+        ({"cache_interval": 0}, "cache_interval"),
+        ({"cache_interval": 2.5}, "cache_interval"),
+        ({"selection": "random"}, "selection"),
+        ({"refresh": "sometimes"}, "refresh"),
+    ],
+)
+def test_invalid_config_values_raise(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        CacherConfig(**kwargs)
+
+
+def test_unknown_config_keys_raise():
+    with pytest.raises(ConfigError, match="cache_intervall"):
+        CacherConfig.from_dict({"cache_intervall": 2})
+
+
+def test_unsupported_model_names_what_is_supported():
+    text_model = Qwen2Model(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="SiglipVisionModel.*CLIPVisionModel"):
+        STCCacher().attach(text_model)
+
+
+def test_attaching_twice_is_refused(siglip):
+    cacher = STCCacher().attach(siglip)
+    try:
+        with pytest.raises(StreamStateError, match="already attached"):
+            cacher.attach(siglip)
+        with pytest.raises(StreamStateError, match="already has an STCCacher"):
+            STCCacher().attach(siglip)
+    finally:
+        cacher.detach()
+
+
+def test_stream_requires_a_cacher_state(siglip):
+    with pytest.raises(InputError, match="CacherState"):
+        with STCCacher().stream(object()):
+            pass
+
+
+def test_siglip2_with_padding_mask():
+    config = Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 patch_size=8, num_patches=16, vision_use_head=False)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Siglip2VisionModel(config).eval()
+    patches = torch.randn(3, 16, 3 * 8 * 8)
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[:, 12:] = 0  # the last 4 patches are padding
+    shapes = torch.tensor([[3, 4]] * 3)
+
+    def run():
+        with torch.no_grad():
+            return torch.cat([model(pixel_values=patches[i : i + 1] + 0.05 * i, pixel_attention_mask=mask[i : i + 1],
+                                    spatial_shapes=shapes[i : i + 1]).last_hidden_state for i in range(3)])
+
+    expected = run()
+    cacher = STCCacher(CacherConfig(cache_interval=1)).attach(model)
+    assert torch.allclose(run(), expected, atol=TOL)
+    cacher.detach()
+    cacher = STCCacher(CacherConfig(cache_interval=3, update_ratio=0.5)).attach(model)
+    got = run()
+    cacher.detach()
+    assert torch.isfinite(got).all() and cacher.stats.refresh_chunks == 1
+
+
+def test_idefics3_tower():
+    config = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = Idefics3VisionTransformer(config).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    cacher = STCCacher(CacherConfig(update_ratio=1.0)).attach(model)
+    got = encode_chunks(model, split(x, 1))
+    cacher.detach()
+    assert (got - expected).abs().max() <= TOL
