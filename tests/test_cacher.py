@@ -433,3 +433,31 @@ def test_idefics3_tower():
     got = encode_chunks(model, split(x, 1))
     cacher.detach()
     assert (got - expected).abs().max() <= TOL
+
+
+def test_compiled_static_path_captures_full_graphs_and_matches_eager(monkeypatch):
+    """compile_mode wraps both layer paths in torch.compile(fullgraph=True): any graph break fails.
+
+    Inductor code generation takes minutes on this CPU, so the test traces with dynamo's eager
+    backend; the benchmark runs the real compiler.
+    """
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+    real_compile = torch.compile
+
+    def trace_only(fn, mode=None, **kwargs):
+        assert mode == "default" and kwargs["fullgraph"] and kwargs["dynamic"] is False
+        return real_compile(fn, backend=counter, **kwargs)
+
+    model = build_model("tiny-siglip", num_layers=3)
+    x = frames(5)
+    cacher = STCCacher(CacherConfig(cache_interval=2)).attach(model)
+    expected = encode_chunks(model, split(x, 1))
+    cacher.detach()
+    monkeypatch.setattr(torch, "compile", trace_only)
+    cacher = STCCacher(CacherConfig(cache_interval=2, compile_mode="default")).attach(model)
+    got = encode_chunks(model, split(x, 1))
+    cacher.detach()
+    assert (got - expected).abs().max() <= TOL
+    assert counter.frame_count == 2  # one graph for refresh, one for selective, shared by all 3 layers

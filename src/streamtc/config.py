@@ -40,9 +40,11 @@ class CacherConfig:
     refresh: "fixed" (paper: only the cache_interval cadence) or "adaptive" (also refresh a chunk
         whose first-layer mean key cosine to the reference is below refresh_threshold, e.g. a cut).
     refresh_threshold: similarity under which an adaptive cacher refreshes.
-    static_shapes: run non-refresh layers through preallocated per-stream buffers with in-place
-        writes, so the selective pass allocates nothing per layer and can be captured by
-        torch.compile / CUDA graphs.
+    compile_mode: None (eager) or a `torch.compile` mode ("default", "reduce-overhead",
+        "max-autotune", "max-autotune-no-cudagraphs") for the static-shape path: the refresh and
+        selective layer functions have fixed k, write references into preallocated buffers in
+        place and contain no host syncs or data-dependent branches, so one full graph is compiled
+        per chunk shape and reused by every layer; "reduce-overhead" adds CUDA graphs on a GPU.
     """
 
     cache_interval: int = 2
@@ -50,7 +52,7 @@ class CacherConfig:
     selection: Literal["per_layer", "shared"] = "per_layer"
     refresh: Literal["fixed", "adaptive"] = "fixed"
     refresh_threshold: float = 0.9
-    static_shapes: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_interval, bool) or not isinstance(self.cache_interval, int):
@@ -61,6 +63,10 @@ class CacherConfig:
             raise ConfigError(f"update_ratio must lie in (0, 1], got {self.update_ratio!r}")
         _check_choice("selection", self.selection, ("per_layer", "shared"))
         _check_choice("refresh", self.refresh, ("fixed", "adaptive"))
+        _check_choice(
+            "compile_mode", self.compile_mode,
+            (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        )
         if not isinstance(self.refresh_threshold, (int, float)) or not -1.0 <= self.refresh_threshold <= 1.0:
             raise ConfigError(f"refresh_threshold is a cosine similarity in [-1, 1], got {self.refresh_threshold!r}")
 

@@ -37,10 +37,16 @@ from transformers import (
 )
 
 from .errors import ConfigError, UnsupportedModelError
+from .tokenizer import BPE_VOCAB_SIZE
 
 # Qwen2 token ids of LLaVA-OneVision's <image> and <video> placeholders (llava-hf configs).
 LLAVA_OV_IMAGE_TOKEN_ID = 151646
 LLAVA_OV_VIDEO_TOKEN_ID = 151647
+
+# The tiny preset fits the built-in tokenizer unpadded (`streamtc.tokenizer`): 1024 BPE tokens, then
+# <|endoftext|> <|im_start|> <|im_end|> <image> <video> at 1024..1028, so 1029 vocabulary rows.
+TINY_IMAGE_TOKEN_ID = BPE_VOCAB_SIZE + 3
+TINY_VIDEO_TOKEN_ID = BPE_VOCAB_SIZE + 4
 
 
 def _siglip_so400m_384(num_layers: int | None) -> SiglipVisionConfig:
@@ -148,7 +154,7 @@ def _qwen2_7b() -> Qwen2Config:
 
 def _tiny_qwen2() -> Qwen2Config:
     return Qwen2Config(
-        vocab_size=LLAVA_OV_VIDEO_TOKEN_ID + 1,
+        vocab_size=TINY_VIDEO_TOKEN_ID + 1,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -162,12 +168,17 @@ def _tiny_qwen2() -> Qwen2Config:
     )
 
 
-def _llava_onevision(vision: SiglipVisionConfig, text: Qwen2Config) -> LlavaOnevisionConfig:
+def _llava_onevision(
+    vision: SiglipVisionConfig,
+    text: Qwen2Config,
+    image_token_id: int = LLAVA_OV_IMAGE_TOKEN_ID,
+    video_token_id: int = LLAVA_OV_VIDEO_TOKEN_ID,
+) -> LlavaOnevisionConfig:
     return LlavaOnevisionConfig(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
-        image_token_id=LLAVA_OV_IMAGE_TOKEN_ID,
-        video_token_id=LLAVA_OV_VIDEO_TOKEN_ID,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
         projector_hidden_act="gelu",
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
@@ -205,7 +216,8 @@ PRESETS: dict[str, Preset] = {
                lambda n: _llava_onevision(_siglip_so400m_384(n), _qwen2_7b())),
         Preset("tiny-llava-ov", "tiny LLaVA-OneVision: tiny SigLIP + 2-layer Qwen2 (tests, demo)",
                LlavaOnevisionForConditionalGeneration,
-               lambda n: _llava_onevision(_tiny_siglip(n), _tiny_qwen2()), tiny=True),
+               lambda n: _llava_onevision(_tiny_siglip(n), _tiny_qwen2(), TINY_IMAGE_TOKEN_ID, TINY_VIDEO_TOKEN_ID),
+               tiny=True),
     ]
 }
 

@@ -16,10 +16,10 @@ syncs, logging or counters inside them. The post-hook advances the stream's chun
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import torch
 from torch import nn
@@ -63,6 +63,13 @@ class ChunkPlan:
     first_layer_keys: torch.Tensor | None = None  # [F, T, C] when the planner already computed them
 
 
+class LayerPaths(NamedTuple):
+    """The two forwards of a patched layer: exact-with-reference-write, and selective."""
+
+    refresh: Callable[..., torch.Tensor]
+    selective: Callable[..., torch.Tensor]
+
+
 def find_vision_tower(model: nn.Module) -> nn.Module:
     """The single supported vision tower inside `model` (or `model` itself)."""
     towers = [m for m in model.modules() if isinstance(m, SUPPORTED_TOWERS)]
@@ -90,6 +97,7 @@ class STCCacher:
         self._layers: list[nn.Module] = []
         self._saved_forwards: list[Any] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._paths: dict[Any, LayerPaths] = {}
 
     # -- attaching ---------------------------------------------------------------------------
 
@@ -118,7 +126,8 @@ class STCCacher:
         for index, layer in enumerate(layers):
             self._saved_forwards.append(layer.__dict__.get("forward"))
             layer.forward = functools.partial(
-                self._layer_forward, index, layer, LAYER_PATCHES[type(layer)], patch_vit.eager_attention_for(layer)
+                self._layer_forward, index, layer, self._paths_for(LAYER_PATCHES[type(layer)]),
+                patch_vit.eager_attention_for(layer),
             )
         encoder = tower.encoder
         self._hooks = [
@@ -127,6 +136,21 @@ class STCCacher:
         ]
         tower._streamtc_cacher = self
         return self
+
+    def _paths_for(self, patch: Any) -> LayerPaths:
+        """The patch's refresh and selective forwards, compiled once per cacher when configured.
+
+        Compiled functions take the layer module as an argument; dynamo lifts its parameters as
+        graph inputs, so all layers of a tower share one graph per chunk shape.
+        """
+        if patch not in self._paths:
+            paths = LayerPaths(patch.refresh_forward, patch.selective_forward)
+            if self.config.compile_mode is not None:
+                paths = LayerPaths(*(
+                    torch.compile(fn, mode=self.config.compile_mode, dynamic=False, fullgraph=True) for fn in paths
+                ))
+            self._paths[patch] = paths
+        return self._paths[patch]
 
     def detach(self) -> None:
         """Restore the original forwards exactly; the cacher can then attach to another model."""
@@ -239,7 +263,7 @@ class STCCacher:
         self,
         index: int,
         layer: nn.Module,
-        patch: Any,
+        paths: LayerPaths,
         eager_fallback: Any,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
@@ -250,8 +274,8 @@ class STCCacher:
             return type(layer).forward(layer, hidden_states, attention_mask, **kwargs)
         reference = plan.state.layer(index)
         if plan.refresh:
-            return patch.refresh_forward(layer, hidden_states, attention_mask, reference, eager_fallback)
-        return patch.selective_forward(
+            return paths.refresh(layer, hidden_states, attention_mask, reference, eager_fallback)
+        return paths.selective(
             layer,
             hidden_states,
             attention_mask,

@@ -44,14 +44,29 @@ def select_dynamic_tokens(similarity: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(similarity, k, dim=-1, largest=False, sorted=False).indices
 
 
+def flat_token_index(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Per-frame token indices [F, k] -> row indices [F * k] into the frames flattened to [F * T, C]."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
+    return (index + offsets).flatten()
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [F, T, C], index [F, k] -> the selected rows [F, k, C]."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x [F, T, C], index [F, k] -> the selected rows [F, k, C].
+
+    Row copies with index_select: on CPU several times faster than torch.gather with an index
+    expanded over channels, which indexes every element.
+    """
+    frames, num_tokens, width = x.shape
+    rows = x.reshape(frames * num_tokens, width).index_select(0, flat_token_index(index, num_tokens))
+    return rows.view(frames, index.shape[1], width)
 
 
 def scatter_tokens(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Write rows [F, k, C] into base [F, T, C] at index [F, k], in place; returns base."""
-    return base.scatter_(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), rows)
+    """Write rows [F, k, C] into the contiguous base [F, T, C] at index [F, k], in place; returns base."""
+    frames, num_tokens, width = base.shape
+    flat = base.view(frames * num_tokens, width)
+    flat.index_copy_(0, flat_token_index(index, num_tokens), rows.reshape(-1, width))
+    return base
 
 
 def mix_with_reference(reference: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -59,9 +74,7 @@ def mix_with_reference(reference: torch.Tensor, index: torch.Tensor, rows: torch
 
     This is SPEC §2's V̄ (values) construction; a new tensor, the reference is not modified.
     """
-    frames = index.shape[0]
-    mixed = reference.unsqueeze(0).expand(frames, -1, -1).clone()
-    return scatter_tokens(mixed, index, rows)
+    return scatter_tokens(reference.repeat(index.shape[0], 1, 1), index, rows)
 
 
 def add_residual_with_reference(
@@ -72,7 +85,7 @@ def add_residual_with_reference(
     Computed as (x + reference_delta) with the selected rows overwritten by x[I] + recomputed_delta,
     so Δ̄ itself is never materialised and every row equals the exact sum it stands for.
     """
-    out = x + reference_delta
+    out = torch.add(x, reference_delta, out=torch.empty_like(x, memory_format=torch.contiguous_format))
     return scatter_tokens(out, index, gather_tokens(x, index) + recomputed_delta)
 
 
@@ -109,6 +122,7 @@ __all__ = [
     "unit_rows",
     "key_similarity",
     "select_dynamic_tokens",
+    "flat_token_index",
     "gather_tokens",
     "scatter_tokens",
     "mix_with_reference",

@@ -1,0 +1,23 @@
+"""Comparison baselines for STC-Pruner (SPEC §5 table rows).
+
+Token selectors share STC-Pruner's interface, `prune(features [F, P, D]) -> KeptTokens` and
+`reset()`: UniformPruner, RandomPruner, VidCom2Pruner, and VisionZipPruner (which also takes the
+ViT attention each token receives: `prune(features, attention)`). ToMe works inside the ViT
+instead: `ToMe(...).apply(vision_tower)` / `.remove()`.
+"""
+
+from .simple import RandomPruner, UniformPruner
+from .tome import ToMe, tome_schedule
+from .vidcom2 import VidCom2Pruner
+from .visionzip import VisionZipPruner, attention_received, pool_scores
+
+__all__ = [
+    "UniformPruner",
+    "RandomPruner",
+    "VisionZipPruner",
+    "attention_received",
+    "pool_scores",
+    "VidCom2Pruner",
+    "ToMe",
+    "tome_schedule",
+]

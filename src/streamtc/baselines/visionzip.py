@@ -1,0 +1,125 @@
+"""VisionZip-style selection: dominant tokens by ViT attention received, plus merged context tokens.
+
+Follows VisionZip (Yang et al., CVPR 2025): keep the tokens that receive the most attention in a
+late ViT layer ("dominant"), then merge the rest into a few "contextual" tokens: evenly spaced
+remaining tokens act as targets and every other remaining token joins its most similar target.
+
+How it gets the attention: `prune(features, attention)` takes one attention-received score per
+token, [F, P], in the same token order as features. Two helpers build it from a tower run with
+eager attention and `output_attentions=True` (SDPA does not return weights):
+`attention_received(attentions[layer])` reduces [F, heads, T, T] weights to [F, T] (mean over
+heads and queries for SigLIP, the class token's row for CLIP, as VisionZip does), and
+`pool_scores(scores, size)` applies LLaVA-OneVision's bilinear pooling (27x27 -> 14x14) so
+scores line up with the pooled tokens the pruner sees. VisionZip reads the penultimate layer.
+
+Simplifications: selection runs on the projector outputs the other pruners see (VisionZip works
+on ViT tokens); target/token similarity uses those features instead of the layer's keys; a
+contextual token is the mean of its group, target included (VisionZip adds the target to the
+mean of the others). A contextual token's index is its target's position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError, InputError
+from ..pruner import Budget, KeptTokens
+from ..pruner.functional import check_features, gather_tokens
+
+# VisionZip's default split: 54 dominant + 10 contextual tokens of 64.
+DEFAULT_CONTEXTUAL_SHARE = 10 / 64
+
+
+def attention_received(attentions: Tensor, class_token: bool = False) -> Tensor:
+    """Per-token attention received, [F, heads, T, T] -> [F, T'].
+
+    class_token=False (SigLIP): mean over heads and queries, all T tokens. class_token=True
+    (CLIP): the class token's attention to each patch, mean over heads; the class token itself is
+    dropped (T' = T - 1) to match features taken with the "default" strategy.
+    """
+    if attentions.dim() != 4:
+        raise InputError(f"attentions must be [frames, heads, T, T], got shape {tuple(attentions.shape)}")
+    if class_token:
+        return attentions[:, :, 0, 1:].mean(dim=1)
+    return attentions.mean(dim=(1, 2))
+
+
+def pool_scores(scores: Tensor, size: int) -> Tensor:
+    """Bilinear-pool per-token scores [F, s * s] to [F, size * size], as LLaVA-OneVision pools tokens."""
+    side = math.isqrt(scores.shape[-1])
+    if side * side != scores.shape[-1]:
+        raise InputError(f"scores of {scores.shape[-1]} tokens do not form a square grid")
+    grid = scores.view(-1, 1, side, side)
+    return F.interpolate(grid, size=(size, size), mode="bilinear").flatten(1)
+
+
+def visionzip_select(features: Tensor, attention: Tensor, dominant: int, contextual: int) -> KeptTokens:
+    """Keep `dominant` top-attention tokens and `contextual` merged tokens per frame, in original order."""
+    num_frames, num_tokens, dim = features.shape
+    order = attention.argsort(dim=-1, descending=True)
+    dominant_idx = order[:, :dominant]
+    rest = order[:, dominant:].sort(dim=-1).values  # [F, R] remaining positions, ascending
+    indices, tokens = [dominant_idx], [gather_tokens(features, dominant_idx)]
+    if contextual > 0:
+        num_rest = rest.shape[1]
+        step = max(1, num_rest // contextual)
+        slot = torch.arange(num_rest, device=features.device)
+        is_target = (slot % step == 0) & (slot < step * contextual)
+        targets, others = rest[:, is_target], rest[:, ~is_target]  # [F, c], [F, R - c]
+        target_feats, other_feats = gather_tokens(features, targets), gather_tokens(features, others)
+        similarity = F.normalize(other_feats, dim=-1) @ F.normalize(target_feats, dim=-1).transpose(1, 2)
+        assign = similarity.argmax(dim=-1, keepdim=True)  # [F, R - c, 1]
+        sums = target_feats.clone().scatter_add_(1, assign.expand(-1, -1, dim), other_feats)
+        counts = torch.ones(num_frames, contextual, 1, dtype=features.dtype, device=features.device)
+        counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=features.dtype))
+        indices.append(targets)
+        tokens.append(sums / counts)
+    indices_cat, tokens_cat = torch.cat(indices, dim=1), torch.cat(tokens, dim=1)
+    order_back = indices_cat.argsort(dim=-1)
+    return KeptTokens(gather_tokens(tokens_cat, order_back), torch.gather(indices_cat, 1, order_back))
+
+
+class VisionZipPruner:
+    """VisionZip-style baseline (see module docstring): `prune(features, attention)`, `reset()`.
+
+    contextual_share: share of the k kept tokens that are merged contextual tokens (default
+    10/64, VisionZip's split); at least one dominant token is kept.
+    """
+
+    def __init__(
+        self,
+        tokens_per_frame: int | None = None,
+        keep_ratio: float | None = None,
+        contextual_share: float = DEFAULT_CONTEXTUAL_SHARE,
+    ) -> None:
+        if isinstance(contextual_share, bool) or not isinstance(contextual_share, (int, float)) or not 0.0 <= contextual_share < 1.0:
+            raise ConfigError(f"contextual_share must lie in [0, 1), got {contextual_share!r}")
+        self.budget = Budget(tokens_per_frame, keep_ratio)
+        self.contextual_share = float(contextual_share)
+
+    def prune(self, features: Tensor, attention: Tensor | None = None) -> KeptTokens:
+        """Keep k tokens of each frame of features [F, P, D] given attention received [F, P]."""
+        check_features(features)
+        if attention is None:
+            raise InputError(
+                "VisionZip needs the ViT attention each token receives: pass attention [F, P] "
+                "(see attention_received and pool_scores)"
+            )
+        if attention.shape != features.shape[:2]:
+            raise InputError(
+                f"attention must be [frames, tokens] = {tuple(features.shape[:2])}, got {tuple(attention.shape)}"
+            )
+        num_tokens = features.shape[1]
+        k = self.budget.resolve(num_tokens)
+        contextual = min(round(k * self.contextual_share), k - 1, num_tokens - k)
+        return visionzip_select(features, attention.to(features.device), k - contextual, max(contextual, 0))
+
+    def reset(self) -> None:
+        """Stateless: nothing to forget."""
+
+
+__all__ = ["DEFAULT_CONTEXTUAL_SHARE", "attention_received", "pool_scores", "visionzip_select", "VisionZipPruner"]

@@ -1,0 +1,192 @@
+"""ViT encode benchmark: STC-Cacher variants against the unpatched tower, side by side in one run.
+
+    python -m streamtc.bench.vit --preset siglip-so400m-384 --num-layers 4 --frames 16
+
+Frames of real footage are streamed one per chunk through the same model; variants run
+interleaved (full, variant 1, variant 2, ..., full, ...) so machine drift cancels, and each number
+is the median over repeats after a warm-up. Beside every time ratio the benchmark prints the FLOP
+model's ratio (the limit to approach) and the fidelity: per-frame cosine of the final hidden states
+to the full forward (mean over tokens of the token cosine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cacher import STCCacher
+from ..cacher import functional as F
+from ..config import CacherConfig
+from ..presets import build_model
+from .timing import machine_info, timed
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named cacher setting; config None is the unpatched tower."""
+
+    name: str
+    config: CacherConfig | None
+
+
+DEFAULT_VARIANTS: tuple[Variant, ...] = (
+    Variant("full", None),
+    Variant("stc N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25)),
+    Variant("stc N=4 r=0.25", CacherConfig(cache_interval=4, update_ratio=0.25)),
+    Variant("shared N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, selection="shared")),
+    Variant("compiled N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, compile_mode="default")),
+    Variant("adaptive N=4 r=0.25", CacherConfig(cache_interval=4, update_ratio=0.25, refresh="adaptive",
+                                                refresh_threshold=0.9)),
+)
+
+
+@dataclass
+class VariantResult:
+    name: str
+    config: dict[str, Any] | None
+    total_ms: list[float] = field(default_factory=list)  # one entry per timed repeat
+    frame_ms: list[list[float]] = field(default_factory=list)  # [repeat][frame]
+    refresh_frames: list[bool] = field(default_factory=list)
+    token_cosine: list[float] = field(default_factory=list)  # per frame, mean over tokens
+    flat_cosine: list[float] = field(default_factory=list)  # per frame, whole frame as one vector
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the cosine between matching tokens; a, b [F, T, C] -> [F]."""
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(dim=-1)
+
+
+def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine between whole frames flattened to vectors; a, b [F, T, C] -> [F]."""
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
+
+
+def run_vit_benchmark(
+    pixel_values: torch.Tensor,
+    preset: str = "siglip-so400m-384",
+    num_layers: int | None = 4,
+    variants: tuple[Variant, ...] = DEFAULT_VARIANTS,
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Stream `pixel_values` [F, 3, H, W] frame by frame through each variant; return the report dict."""
+    if variants[0].config is not None:
+        raise ValueError("the first variant must be the unpatched baseline (config None)")
+    model = build_model(preset, num_layers=num_layers, dtype=dtype).to(device)
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
+    results = {v.name: VariantResult(v.name, None if v.config is None else v.config.to_dict()) for v in variants}
+    with torch.inference_mode():
+        reference = torch.cat([model(pixel_values=f[None]).last_hidden_state for f in pixel_values])
+        for repeat in range(warmup + repeats):
+            for variant in variants:
+                cacher = STCCacher(variant.config).attach(model) if variant.config is not None else None
+                frame_ms, outputs, refreshed = [], [], []
+                for frame in pixel_values:
+                    before = cacher.stats.refresh_chunks if cacher else 0
+                    out, ms = timed(lambda: model(pixel_values=frame[None]).last_hidden_state, device)
+                    frame_ms.append(ms)
+                    outputs.append(out)
+                    refreshed.append(cacher is None or cacher.stats.refresh_chunks > before)
+                if cacher is not None:
+                    cacher.detach()
+                if repeat < warmup:
+                    continue
+                result = results[variant.name]
+                result.frame_ms.append(frame_ms)
+                result.total_ms.append(sum(frame_ms))
+                result.refresh_frames = refreshed
+                got = torch.cat(outputs)
+                result.token_cosine = token_cosine(got, reference).tolist()
+                result.flat_cosine = flat_cosine(got, reference).tolist()
+    config = model.config
+    tokens = reference.shape[1]
+    return {
+        "benchmark": "vit",
+        "preset": preset,
+        "num_layers": config.num_hidden_layers,
+        "frames": int(pixel_values.shape[0]),
+        "image_size": int(pixel_values.shape[-1]),
+        "tokens_per_frame": tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "dtype": str(dtype).removeprefix("torch."),
+        "machine": machine_info(device),
+        "variants": [summarise(results[v.name], results["full"], tokens, config) for v in variants],
+    }
+
+
+def summarise(result: VariantResult, full: VariantResult, tokens: int, config: Any) -> dict[str, Any]:
+    """Medians and ratios against the unpatched run, plus the FLOP model and fidelity."""
+    full_frame = statistics.median(ms for run in full.frame_ms for ms in run)
+    per_frame = [statistics.median(run[i] for run in result.frame_ms) for i in range(len(result.refresh_frames))]
+    refresh = [ms for ms, r in zip(per_frame, result.refresh_frames) if r]
+    selective = [ms for ms, r in zip(per_frame, result.refresh_frames) if not r]
+    width, mlp = config.hidden_size, config.intermediate_size
+    n_refresh = sum(result.refresh_frames)
+    if result.config is None:
+        flop = 1.0
+    else:
+        k = F.num_recomputed_tokens(tokens, result.config["update_ratio"])
+        frame_flops = F.layer_flops(tokens, width, mlp)
+        selective_flops = F.layer_flops(tokens, width, mlp, k)
+        n = len(result.refresh_frames)
+        flop = (n_refresh * frame_flops + (n - n_refresh) * selective_flops) / (n * frame_flops)
+    return {
+        "name": result.name,
+        "config": result.config,
+        "total_ms": statistics.median(result.total_ms),
+        "time_ratio": statistics.median(result.total_ms) / statistics.median(full.total_ms),
+        "flop_ratio": flop,
+        "refresh_frames": n_refresh,
+        "refresh_frame_ratio": statistics.median(refresh) / full_frame if refresh else math.nan,
+        "selective_frame_ratio": statistics.median(selective) / full_frame if selective else math.nan,
+        "token_cosine_mean": statistics.fmean(result.token_cosine),
+        "token_cosine_min": min(result.token_cosine),
+        "flat_cosine_mean": statistics.fmean(result.flat_cosine),
+        "flat_cosine_min": min(result.flat_cosine),
+        "per_frame_ms": per_frame,
+        "per_frame_token_cosine": result.token_cosine,
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=(
+        f"ViT encode, {report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
+        f"{report['frames']} frames, one per chunk, median of {report['repeats']}"
+    ))
+    for column in ("variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame",
+                   "cos mean", "cos min"):
+        table.add_column(column, justify="right" if column != "variant" else "left")
+    for v in report["variants"]:
+        table.add_row(
+            v["name"], f"{v['total_ms']:.0f}", f"{v['time_ratio']:.3f}", f"{v['flop_ratio']:.3f}",
+            f"{v['refresh_frame_ratio']:.3f}", f"{v['selective_frame_ratio']:.3f}",
+            f"{v['token_cosine_mean']:.4f}", f"{v['token_cosine_min']:.4f}",
+        )
+    console = Console()
+    console.print(table)
+    m = report["machine"]
+    console.print(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']} · transformers "
+                  f"{m['transformers']} · {m['date']}; frame ratios are medians relative to a full frame")
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+__all__ = ["Variant", "DEFAULT_VARIANTS", "run_vit_benchmark", "print_report", "write_report", "token_cosine",
+           "flat_cosine"]

@@ -1,0 +1,241 @@
+"""A small real tokenizer and LLaVA-OneVision processor for the random-weight presets, built offline.
+
+Real checkpoints bring their own tokenizer and chat template (`AutoTokenizer` / `AutoProcessor`
+from the same path). The presets have random weights and nothing can be downloaded, so this module
+builds a stand-in that behaves like Qwen2's: a byte-level BPE (Qwen2's pre-tokenizer regex, NFC,
+byte-level decoding) trained with the `tokenizers` library on a short English text written for
+it, followed by the Qwen2 special tokens in Qwen2's order and LLaVA-OneVision's placeholders:
+
+    <|endoftext|>  <|im_start|>  <|im_end|>  <image>  <video>      (five consecutive ids)
+
+Ids. The BPE has exactly `BPE_VOCAB_SIZE` entries, so by default the special tokens take ids
+1024..1028 (`<image>` = 1027, `<video>` = 1028): the tiny preset's config uses those ids and a
+vocabulary of 1029 rows. The real-size presets keep the public ids (`<image>` = 151646,
+`<video>` = 151647); for them `build_tokenizer(image_token_id=151646)` pads the BPE vocabulary with
+reserved entries (`<|reserved_N|>`) that no merge can produce, so the special tokens land on the
+public ids while the text is still tokenised by the small BPE. Padding rather than rewriting the
+config keeps a preset's config identical to the checkpoint it mirrors.
+
+The chat template is LLaVA-OneVision's (llava-hf processors): `<|im_start|>{role} ` then the
+`<image>`/`<video>` placeholders, then `\\n{text}` for each text item, then `<|im_end|>`; the
+generation prompt is `<|im_start|>assistant\\n`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import LlavaOnevisionConfig, PreTrainedTokenizerFast
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+
+from .errors import ConfigError
+
+# Size of the trained byte-level BPE (256 byte symbols + 768 merges); special tokens follow it.
+BPE_VOCAB_SIZE = 1024
+
+# Qwen2's special tokens, in Qwen2's id order, then LLaVA-OneVision's image/video placeholders.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+IMAGE_TOKEN_OFFSET = SPECIAL_TOKENS.index("<image>")  # <image> id = first special id + 3
+
+# Qwen2's pre-tokenizer split (tokenizer.json of Qwen/Qwen2-0.5B).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The chat template of the llava-hf LLaVA-OneVision processors (Qwen2 roles, placeholders first).
+LLAVA_OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Training text for the BPE: plain English about scenes, video and questions, written for streamtc.
+_CORPUS = """\
+You are a helpful assistant. The user shows you a video and asks a question about it. Watch the
+frames carefully and answer the question. If the question gives options, answer with the option's
+letter from the given choices directly. Options are written as A. first choice, B. second choice,
+C. third choice and D. fourth choice. The answer is A. The answer is B. The answer is C. The answer
+is D. Answer: A. Answer: B. Answer: C. Answer: D. (A) (B) (C) (D) Yes. No. I am not sure.
+
+A man walks down a busy street in the morning. He is holding a cup of coffee in his right hand and
+a phone in his left hand. Cars pass by, a red bus stops at the corner, and a woman with a blue
+umbrella waits for the light to change. The camera follows the man as he crosses the road. A dog
+runs after a ball in the park, and two children laugh while they play on the grass. Later the
+weather changes: dark clouds cover the sky, the wind moves the trees, and it starts to rain.
+
+In the kitchen, a woman cuts vegetables on a wooden board. She puts the onions and the carrots into
+a pot, adds water and salt, and turns on the stove. Then she opens the fridge, takes out a bottle of
+milk and pours it into a glass. The clock on the wall shows half past seven. Someone knocks on the
+door, and she walks to the hall to open it. A friend comes in with a bag of apples and a loaf of
+bread. They sit at the table, talk about the day and drink tea together.
+
+What is the man holding? What color is the car? How many people are in the room? Where is the cat
+sitting? What happens after the door opens? Why does the woman turn around? Which object appears
+first in the video? What did the person do before leaving the room? Is the light on or off? Count
+the number of birds on the wire. Describe the scene in one sentence. What is written on the sign?
+When does the train arrive? Who is speaking at the beginning of the clip? What will happen next?
+
+The video shows a football match in a large stadium. The players in white shirts attack from the
+left side, and the goalkeeper in green jumps to catch the ball. The crowd stands up and cheers when
+the striker scores a goal in the second half. The referee blows the whistle, shows a yellow card
+and points to the centre of the field. At the end of the game the team celebrates, and the coach
+shakes hands with the other coach. The score on the board reads two to one.
+
+A car drives along a mountain road at sunset. The sun is low and orange, the sky turns pink and
+purple, and the shadows of the hills grow longer. The driver stops at a small village, buys fruit
+from a market stall and talks with an old man who sells fresh fish. A cyclist passes the car, rings
+a bell and waves. Further on, the road follows a river; a bridge of grey stone crosses the water,
+and a boat with a white sail moves slowly toward the lake.
+
+In the office, several people sit in front of computers. One of them writes notes in a book, another
+reads a letter, and a third draws a chart on the whiteboard with a black marker. The chart shows the
+numbers for each month of the year: January, February, March, April, May, June, July, August,
+September, October, November and December. A printer on the desk prints three pages, and a woman
+picks them up and puts them in a folder. The meeting starts at nine and ends at ten.
+
+At the beach, waves roll onto the sand. A girl builds a castle with a yellow bucket and a small
+shovel, and her brother looks for shells near the water. Their parents rest under a large striped
+umbrella and read books. A seagull lands next to the towel, takes a piece of bread and flies away.
+Later, the family packs the bag, shakes the sand off the towels and walks back to the car park.
+
+The camera is mounted on a helmet. The person rides a bicycle through a forest, turns right at a
+wooden sign, and climbs a steep hill. At the top there is a view of the valley, with fields,
+houses, a church tower and a long road. The rider takes a photo, drinks some water and checks a map
+on the phone before riding down the other side of the hill, faster and faster, until the road is
+flat again.
+
+In a workshop, a man repairs an old chair. He removes the broken leg, measures a new piece of wood,
+cuts it with a saw and smooths it with paper. He glues the new leg in place, waits for the glue to
+dry, and paints the whole chair dark brown. On the shelf behind him there are tools: a hammer, a
+screwdriver, pliers, a tape measure and a box of nails. The radio plays music the whole time.
+
+A cooking show: the chef explains each step to the camera. First, heat the oil in a pan. Second, add
+the garlic and stir for one minute. Third, add the tomatoes, the pepper and the herbs. Fourth, let
+the sauce cook for twenty minutes, then pour it over the pasta. The chef tastes the sauce, smiles,
+and says that it needs a little more salt. The audience claps at the end of the show.
+
+Numbers and time: one, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, twenty,
+thirty, forty, fifty, one hundred. 0 1 2 3 4 5 6 7 8 9 10 12 15 20 30 45 60 90 100 2024 2025.
+Seconds, minutes, hours, days, weeks. At 00:05 the door opens; at 00:12 a man enters; at 01:30 the
+lights go out. Left, right, up, down, front, back, inside, outside, above, below, near, far.
+Colors: red, orange, yellow, green, blue, purple, pink, brown, black, white, grey, gold and silver.
+"""
+
+
+def _train_bpe() -> Tokenizer:
+    """Train the byte-level BPE on `_CORPUS`; deterministic, offline, a few milliseconds."""
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    bpe.train_from_iterator([_CORPUS], trainer)
+    if bpe.get_vocab_size() != BPE_VOCAB_SIZE:
+        raise ConfigError(f"the built-in BPE reached {bpe.get_vocab_size()} tokens, expected {BPE_VOCAB_SIZE}")
+    return bpe
+
+
+def _pad_vocab(bpe: Tokenizer, size: int) -> Tokenizer:
+    """Return `bpe` with reserved entries appended up to `size` ids; no merge produces them."""
+    data = json.loads(bpe.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    vocab.update({f"<|reserved_{i}|>": i for i in range(len(vocab), size)})
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def build_tokenizer(image_token_id: int | None = None) -> PreTrainedTokenizerFast:
+    """A Qwen2-style fast tokenizer with LLaVA-OneVision's chat template.
+
+    image_token_id: where `<image>` must sit (`<video>` follows it). None puts the special tokens
+    right after the BPE (`<image>` = BPE_VOCAB_SIZE + 3); a larger id pads the vocabulary first.
+    """
+    first_special = BPE_VOCAB_SIZE if image_token_id is None else image_token_id - IMAGE_TOKEN_OFFSET
+    if first_special < BPE_VOCAB_SIZE:
+        raise ConfigError(
+            f"image_token_id must be >= {BPE_VOCAB_SIZE + IMAGE_TOKEN_OFFSET} (the built-in BPE has "
+            f"{BPE_VOCAB_SIZE} tokens before the special ones), got {image_token_id}"
+        )
+    bpe = _train_bpe()
+    if first_special > BPE_VOCAB_SIZE:
+        bpe = _pad_vocab(bpe, first_special)
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = LLAVA_OV_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tokenizer_for_config(config: LlavaOnevisionConfig) -> PreTrainedTokenizerFast:
+    """`build_tokenizer` placed on the config's `<image>`/`<video>` ids, checked against its vocabulary."""
+    if config.video_token_id != config.image_token_id + 1:
+        raise ConfigError(
+            f"the built-in tokenizer puts <video> right after <image>; config has image_token_id="
+            f"{config.image_token_id}, video_token_id={config.video_token_id}"
+        )
+    tokenizer = build_tokenizer(config.image_token_id)
+    vocab_size = config.get_text_config().vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}")
+    return tokenizer
+
+
+def build_image_processor(config: LlavaOnevisionConfig) -> LlavaOnevisionImageProcessorPil:
+    """LLaVA-OneVision's PIL image processor at the tower's resolution, with the llava-hf
+    checkpoints' SigLIP normalisation (mean = std = 0.5) and anyres grid in multiples of it."""
+    size = config.vision_config.image_size
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        image_grid_pinpoints=[[size * i, size * j] for i in range(1, 7) for j in range(1, 7)],
+    )
+
+
+def save_processor(config: LlavaOnevisionConfig, directory: str | Path) -> None:
+    """Write the processor files of a llava-hf checkpoint for a preset config into `directory`:
+    tokenizer (with `chat_template.jinja`) and `preprocessor_config.json`.
+
+    A full `LlavaOnevisionProcessor` cannot be built here: it requires a video processor, and
+    transformers' video processors need torchvision. `AutoTokenizer` / `AutoImageProcessor` load
+    what this writes, which is all `StreamingSession.from_pretrained` reads.
+    """
+    tokenizer_for_config(config).save_pretrained(directory)
+    build_image_processor(config).save_pretrained(directory)
+
+
+__all__ = [
+    "BPE_VOCAB_SIZE",
+    "SPECIAL_TOKENS",
+    "LLAVA_OV_CHAT_TEMPLATE",
+    "build_tokenizer",
+    "tokenizer_for_config",
+    "build_image_processor",
+    "save_processor",
+]
