@@ -202,12 +202,12 @@ def test_cache_policy_sees_every_block(frames: np.ndarray) -> None:
     blocks: list[CacheBlock] = []
 
     class Recording(FullCache):
-        def on_append(self, cache, block: CacheBlock) -> None:
-            assert cache.get_seq_length() == block.start + block.length
-            blocks.append(block)
+        def on_append(self, cache, new_blocks: list[CacheBlock]) -> None:
+            assert cache.get_seq_length() == new_blocks[-1].start + new_blocks[-1].length
+            blocks.extend(new_blocks)
 
-    session = StreamingSession.from_preset(PRESET, stc=STCConfig(cacher=None), cache_policy=Recording)
-    push_in_chunks(session, frames[:3], [2, 1])
+    session = StreamingSession.from_preset(PRESET, stc=STCConfig(cacher=None), cache_policy=Recording, chunk_frames=2)
+    push_in_chunks(session, frames[:3], [3])
     session.ask(QUESTION, max_new_tokens=2)
     assert [b.kind for b in blocks] == ["prompt", "frame", "frame", "frame"]
     assert [b.frame for b in blocks[1:]] == [0, 1, 2] and [b.timestamp for b in blocks[1:]] == [0.0, 1.0, 2.0]

@@ -85,6 +85,7 @@ class CacheBlock:
     """A run of tokens appended to the cache in one pre-fill.
 
     kind: "prompt" (the chat prompt before the video) or "frame" (one frame's kept tokens).
+    Frame blocks of one chunk are pre-filled together, in one forward.
     start: index of its first token in the cache when appended; length: its token count.
     position: RoPE position of its first token. frame/timestamp: which frame, for frame blocks.
     """
@@ -107,8 +108,9 @@ class CachePolicy(ABC):
     def new_cache(self, config: PretrainedConfig) -> Cache:
         """A fresh cache for a new stream (and forget the previous stream's bookkeeping)."""
 
-    def on_append(self, cache: Cache, block: CacheBlock) -> None:
-        """Called after each block is pre-filled into `cache`; bounded policies evict here."""
+    def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> None:
+        """Called after `blocks` (the chat prefix, or one chunk's frames) were pre-filled into
+        `cache`, in one forward; bounded policies evict here."""
 
     @abstractmethod
     def question(self, cache: Cache) -> AbstractContextManager[Cache]:
@@ -143,7 +145,8 @@ class Answer:
     text: the decoded answer (special tokens removed). letter: the parsed option letter when the
     question had options (None if the text names none). token_ids: generated ids, stop token
     excluded. prefill_ms: pre-fill of the newline and question; ttft_ms: from the start of `ask`
-    to the first token; decode_ms_per_token: each further token (0 with one token).
+    (question tokenisation included) to the first token; decode_ms_per_token: each further token
+    (0 with one token).
     """
 
     question: str
@@ -400,7 +403,7 @@ class StreamingSession:
         self._stats = SessionStats(memory_kind="cuda" if self._device.type == "cuda" else "rss")
         with torch.inference_mode():
             ids = torch.tensor([self._prefix_ids], device=self._device)
-            self._append(self._embed(ids), CacheBlock("prompt", 0, len(self._prefix_ids), 0))
+            self._append(self._embed(ids), [CacheBlock("prompt", 0, len(self._prefix_ids), 0)])
         self._stats.prompt_tokens = len(self._prefix_ids)
 
     def push(self, frames: FrameInput, timestamps: Sequence[float] | None = None) -> int:
@@ -425,25 +428,26 @@ class StreamingSession:
         start = self._clock()
         features = self._encode(pixel_values)  # [F, P, D]
         stats.vit_ms += self._clock() - start
-        frames = features.shape[0]
-        stats.visual_tokens_encoded += features.shape[0] * features.shape[1]
+        frames, per_frame, width = features.shape
+        stats.visual_tokens_encoded += frames * per_frame
         if self._pruner is not None:
             start = self._clock()
             with self._pruner.stream(self._pruner_state):
-                kept = self._pruner.prune(features)  # tokens [F, k, D]
+                kept = self._pruner.prune(features)  # tokens [F, k, D], original order
             stats.prune_ms += self._clock() - start
+            tokens = kept.flat_tokens()  # [sum(counts), D]
             counts = [kept.tokens.shape[1]] * frames if kept.lengths is None else kept.lengths.tolist()
-            features = kept.tokens
         else:
-            counts = [features.shape[1]] * frames
-        start = self._clock()
+            tokens, counts = features.reshape(-1, width), [per_frame] * frames
+        blocks: list[CacheBlock] = []
+        start_index, position = self._cache.get_seq_length(), self._next_position
         for i, count in enumerate(counts):
-            block = CacheBlock(
-                "frame", self._cache.get_seq_length(), count, self._next_position,
-                frame=self._frames, timestamp=None if timestamps is None else float(timestamps[i]),
-            )
-            self._append(features[i : i + 1, :count], block)
-            self._frames += 1
+            stamp = None if timestamps is None else float(timestamps[i])
+            blocks.append(CacheBlock("frame", start_index, count, position, frame=self._frames + i, timestamp=stamp))
+            start_index, position = start_index + count, position + count
+        start = self._clock()
+        self._append(tokens[None], blocks)
+        self._frames += frames
         stats.prefill_ms += self._clock() - start
         stats.frames = self._frames
         stats.chunks += 1
@@ -474,10 +478,11 @@ class StreamingSession:
         self._next_position += length
         return output.last_hidden_state[:, -1]
 
-    def _append(self, embeds: torch.Tensor, block: CacheBlock) -> None:
-        """Pre-fill one block of the stream into the video cache and tell the cache policy."""
+    def _append(self, embeds: torch.Tensor, blocks: Sequence[CacheBlock]) -> None:
+        """Pre-fill blocks of the stream (embeds [1, n, D], one forward) into the video cache and
+        tell the cache policy."""
         self._forward(embeds, self._cache)
-        self._policy.on_append(self._cache, block)
+        self._policy.on_append(self._cache, blocks)
 
     # -- questions ------------------------------------------------------------------------
 
@@ -494,11 +499,12 @@ class StreamingSession:
         prompt and the parsed letter. The cache is restored to the video-only state afterwards."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        start = self._clock()
         ids = self._question_ids(question, options)
         generated: list[int] = []
         decode_steps = 0
         with torch.inference_mode(), self._question_scope() as cache:
-            start = self._clock()
+            prefill_start = self._clock()
             hidden = self._prefill_question(ids, cache)
             prefill_done = self._clock()
             token = int(self.model.lm_head(hidden)[0].argmax())
@@ -520,7 +526,7 @@ class StreamingSession:
             prompt_tokens=len(ids) + 1,
             frames=self._frames,
             timestamp=self._last_timestamp,
-            prefill_ms=prefill_done - start,
+            prefill_ms=prefill_done - prefill_start,
             ttft_ms=first_token - start,
             decode_ms_per_token=(end - first_token) / decode_steps if decode_steps else 0.0,
             total_ms=end - start,

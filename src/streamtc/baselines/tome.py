@@ -221,7 +221,7 @@ class ToMe:
             hidden_states = layer.layer_norm1(hidden_states)
             if size is not None:
                 bias = size.log().to(hidden_states.dtype)[:, None, None, :, 0]  # [B, 1, 1, T]
-                attention_mask = bias if attention_mask is None else attention_mask + bias
+                pass
             hidden_states, _ = layer.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
             keys, tome._keys = tome._keys, None
             hidden_states = residual + hidden_states

@@ -273,6 +273,7 @@ class STCCacher:
         if plan is None:  # called outside a tower forward: behave exactly like the original layer
             return type(layer).forward(layer, hidden_states, attention_mask, **kwargs)
         reference = plan.state.layer(index)
+        hidden_states = hidden_states.contiguous()  # embeddings arrive transposed: one layout, one compiled graph
         if plan.refresh:
             return paths.refresh(layer, hidden_states, attention_mask, reference, eager_fallback)
         return paths.selective(

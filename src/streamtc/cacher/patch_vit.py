@@ -82,7 +82,6 @@ def refresh_forward(
 ) -> torch.Tensor:
     """The exact layer on [F, T, C]; writes the last frame's K, V, A, M into `reference` in place."""
     attn = layer.self_attn
-    hidden_states = hidden_states.contiguous()  # the embeddings arrive transposed; one layout, one graph
     normed = layer.layer_norm1(hidden_states)
     queries, keys, values = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
     attn_out = attn.out_proj(_attention(attn, queries, keys, values, attention_mask, eager_fallback))
@@ -115,7 +114,6 @@ def selective_forward(
         for the first layer), else computed here.
     """
     attn = layer.self_attn
-    hidden_states = hidden_states.contiguous()
     normed = layer.layer_norm1(hidden_states)  # [F, T, C]
     if keys is None:
         keys = attn.k_proj(normed)  # all tokens: every selected query attends to every key
