@@ -461,3 +461,25 @@ def test_compiled_static_path_captures_full_graphs_and_matches_eager(monkeypatch
     cacher.detach()
     assert (got - expected).abs().max() <= TOL
     assert counter.frame_count == 2  # one graph for refresh, one for selective, shared by all 3 layers
+
+
+def test_adaptive_cadence_counts_from_the_last_refresh(siglip):
+    """After an adaptive refresh the next scheduled one is N chunks later, not at the next c % N."""
+    still = frames(1).repeat(6, 1, 1, 1)
+    sequence = torch.cat([still[:2], frames(1, seed=9).repeat(5, 1, 1, 1)])  # cut at chunk 2
+    cacher = STCCacher(CacherConfig(cache_interval=4, refresh="adaptive")).attach(siglip)
+    refreshed = []
+    try:
+        for frame in sequence:
+            before = cacher.stats.refresh_chunks
+            encode_chunks(siglip, [frame[None]])
+            refreshed.append(cacher.stats.refresh_chunks > before)
+    finally:
+        cacher.detach()
+    assert refreshed == [True, False, True, False, False, False, True]
+
+
+def test_reused_similarity_ignores_the_recomputed_tokens():
+    similarity = torch.tensor([[1.0, 1.0, 1.0, -1.0], [0.5, 0.5, 0.5, 0.5]])
+    assert torch.allclose(F.reused_similarity(similarity, 1), torch.tensor([1.0, 0.5]))
+    assert torch.allclose(F.reused_similarity(similarity, 4), torch.tensor([1.0, 1.0]))

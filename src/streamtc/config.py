@@ -37,8 +37,10 @@ class CacherConfig:
         (the paper's R_Cacher is the reused share 1 - r); k = max(1, floor(T * r)).
     selection: "per_layer" (paper: each layer picks its own tokens from its own keys) or
         "shared" (pick once from the first layer's keys, reuse the index set in every layer).
-    refresh: "fixed" (paper: only the cache_interval cadence) or "adaptive" (also refresh a chunk
-        whose first-layer mean key cosine to the reference is below refresh_threshold, e.g. a cut).
+    refresh: "fixed" (paper: chunk c refreshes when c % N == 0) or "adaptive": refresh when the
+        reference is N chunks old, or earlier when, in the first layer, the mean key cosine of the
+        tokens that would be reused (all but the k least similar) falls below refresh_threshold
+        (scene cuts, fast motion).
     refresh_threshold: similarity under which an adaptive cacher refreshes.
     compile_mode: None (eager) or a `torch.compile` mode ("default", "reduce-overhead",
         "max-autotune", "max-autotune-no-cudagraphs") for the static-shape path: the refresh and
@@ -51,7 +53,7 @@ class CacherConfig:
     update_ratio: float = 0.25
     selection: Literal["per_layer", "shared"] = "per_layer"
     refresh: Literal["fixed", "adaptive"] = "fixed"
-    refresh_threshold: float = 0.9
+    refresh_threshold: float = 0.8
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
 
     def __post_init__(self) -> None:

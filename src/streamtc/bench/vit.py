@@ -41,8 +41,8 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("stc N=4 r=0.25", CacherConfig(cache_interval=4, update_ratio=0.25)),
     Variant("shared N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, selection="shared")),
     Variant("compiled N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, compile_mode="default")),
-    Variant("adaptive N=4 r=0.25", CacherConfig(cache_interval=4, update_ratio=0.25, refresh="adaptive",
-                                                refresh_threshold=0.9)),
+    Variant("adaptive N=8 r=0.25", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
+                                                refresh_threshold=0.8)),
 )
 
 

@@ -206,11 +206,14 @@ class STCCacher:
         state, config = self._state, self.config
         state.check_compatible(hidden_states)
         _, num_tokens, width = hidden_states.shape
-        reference_shape = state.reference_shape
+        if config.refresh == "adaptive":
+            on_schedule = state.chunk_index - state.last_refresh_chunk >= config.cache_interval
+        else:
+            on_schedule = state.chunk_index % config.cache_interval == 0
         refresh = (
             not state.has_reference
-            or state.chunk_index % config.cache_interval == 0
-            or reference_shape != (len(self._layers), num_tokens, width)
+            or on_schedule
+            or state.reference_shape != (len(self._layers), num_tokens, width)
         )
         plan = ChunkPlan(state, refresh, F.num_recomputed_tokens(num_tokens, config.update_ratio))
         if not refresh and (config.selection == "shared" or config.refresh == "adaptive"):
@@ -222,14 +225,15 @@ class STCCacher:
     def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor) -> None:
         """Beyond-paper options: one look at the first layer's keys decides the chunk.
 
-        adaptive: refresh when any frame's mean key cosine to the reference is below the threshold
-        (one host sync per chunk, here, outside the layers). shared: the first layer's k least
+        adaptive: refresh when, for any frame, the tokens that would be reused have a mean key cosine
+        to the reference below the threshold (one host sync per chunk, here, outside the layers). shared: the first layer's k least
         similar tokens become the index set of every layer.
         """
         first = self._layers[0]
         keys = first.self_attn.k_proj(first.layer_norm1(hidden_states))
         similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys)
-        if self.config.refresh == "adaptive" and float(similarity.mean(dim=-1).min()) < self.config.refresh_threshold:
+        reused = F.reused_similarity(similarity, plan.num_recomputed)
+        if self.config.refresh == "adaptive" and float(reused.min()) < self.config.refresh_threshold:
             plan.refresh, plan.adaptive_refresh = True, True
             return
         plan.first_layer_keys = keys
@@ -253,9 +257,10 @@ class STCCacher:
         stats.tokens_per_frame = num_tokens
         stats.refresh_chunks += int(plan.refresh)
         stats.adaptive_refreshes += int(plan.adaptive_refresh)
-        state.chunk_index += 1
         if plan.refresh:
             state.has_reference = True
+            state.last_refresh_chunk = state.chunk_index
+        state.chunk_index += 1
 
     # -- per layer (device side) -------------------------------------------------------------
 

@@ -50,6 +50,18 @@ def flat_token_index(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return (index + offsets).flatten()
 
 
+def reused_similarity(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean similarity of the tokens a selective pass would reuse (all but the k least similar).
+
+    similarity [F, T] -> [F]. This predicts the fidelity of reuse better than the mean over all
+    tokens, which the k recomputed tokens drag down without harm. With k = T nothing is reused: 1.
+    """
+    num_reused = similarity.shape[-1] - k
+    if num_reused == 0:
+        return similarity.new_ones(similarity.shape[0])
+    return torch.topk(similarity, num_reused, dim=-1, largest=True, sorted=False).values.mean(dim=-1)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [F, T, C], index [F, k] -> the selected rows [F, k, C].
 
@@ -122,6 +134,7 @@ __all__ = [
     "unit_rows",
     "key_similarity",
     "select_dynamic_tokens",
+    "reused_similarity",
     "flat_token_index",
     "gather_tokens",
     "scatter_tokens",

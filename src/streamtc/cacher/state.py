@@ -65,6 +65,7 @@ class CacherState:
     def reset(self) -> None:
         """Forget the reference and restart the chunk counter: the next chunk refreshes."""
         self.chunk_index = 0
+        self.last_refresh_chunk = -1
         self.has_reference = False
         self.unit_keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
