@@ -78,7 +78,8 @@ def test_llava_video_round_trip_keeps_every_row_newline() -> None:
     assert features.shape == (2, 169, 4)
     assert features[1, 5 * 13 + 7].tolist() == [1, 5, 7, 1]  # row-major grid numbering
 
-    kept = STCPruner(PrunerConfig(scoring="gaussian", tokens_per_frame=40)).prune(features + 0.1 * torch.randn(2, 169, 4))
+    noisy = features + 0.1 * torch.randn(2, 169, 4, generator=torch.Generator().manual_seed(0))
+    kept = STCPruner(PrunerConfig(scoring="gaussian", tokens_per_frame=40)).prune(noisy)
     positions = layout.kept_positions(kept.indices)
     assert torch.all(positions[1:] > positions[:-1])
     selected = sequence[positions]

@@ -69,12 +69,13 @@ def test_dual_anchor_scores_match_eq8_on_basis_vectors() -> None:
     assert s.item() == pytest.approx(0.5 * 2.0)
 
 
-def test_multi_scale_gaussian_values() -> None:
-    x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    g = PF.multi_scale_gaussian(x, torch.zeros(2))
-    assert g[0].item() == pytest.approx(5.0)  # distance 0: five kernels of 1
+def test_gaussian_kernel_and_squared_distances() -> None:
+    assert PF.gaussian_kernel(torch.tensor(0.0)).item() == pytest.approx(5.0)  # five kernels of 1
     expected = sum(torch.exp(torch.tensor(-1.0 / (2 * s))) for s in (0.125, 0.25, 0.5, 1.0, 2.0))
-    assert g[1].item() == pytest.approx(expected.item())
+    assert PF.gaussian_kernel(torch.tensor(1.0)).item() == pytest.approx(expected.item())
+    x = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])
+    anchors = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]])
+    assert PF.squared_distances(x, anchors).tolist() == [[[0.0, 9.0], [25.0, 16.0]]]
 
 
 def test_low_variance_channels_drop_noisy_channels() -> None:

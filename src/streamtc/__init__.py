@@ -1,5 +1,6 @@
 """streamtc: Streaming Token Compression (STC) for Hugging Face transformers VideoLLMs."""
 
+from .cacher import CacherState, STCCacher
 from .config import CacherConfig, PrunerConfig, STCConfig
 from .errors import (
     ConfigError,
@@ -9,10 +10,16 @@ from .errors import (
     UnsupportedModelError,
     VideoSourceError,
 )
+from .pruner import KeptTokens, PrunerState, STCPruner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "STCCacher",
+    "CacherState",
+    "STCPruner",
+    "PrunerState",
+    "KeptTokens",
     "CacherConfig",
     "PrunerConfig",
     "STCConfig",

@@ -87,9 +87,11 @@ class PrunerConfig:
     scoring: "gaussian" (the released code, which produced the published numbers) or
         "dual_anchor" (the paper's Eq. 8).
     tokens_per_frame / keep_ratio: the per-frame budget, as a count or as a share of the frame's
-        tokens; give exactly one (keep_ratio defaults to 0.3, the paper's combined setting).
+        tokens (k = round(keep_ratio * P), at least 1); give at most one (keep_ratio defaults to
+        0.3, the paper's combined setting). A budget of P or more keeps every token.
     alpha: weight of the temporal anchor in dual_anchor scoring.
-    history: W, how many previous frames the dual_anchor temporal anchor averages (None = all).
+    history: W, how many previous frames the dual_anchor temporal anchor averages (None = all);
+        a stream's first frame, with no previous frame, is scored on its spatial anchor alone.
     """
 
     scoring: Literal["gaussian", "dual_anchor"] = "gaussian"

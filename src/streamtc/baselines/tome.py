@@ -94,7 +94,8 @@ def tome_schedule(num_tokens: int, num_layers: int, keep_tokens: int, class_toke
     Uses the smallest constant r that reaches the target under ToMe's per-layer cap
     ((T - protected) // 2), trimming the last merging layer; ConfigError if no schedule can.
     """
-    if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or not 1 + class_token <= keep_tokens <= num_tokens:
+    valid = not isinstance(keep_tokens, bool) and isinstance(keep_tokens, int)
+    if not valid or not 1 + class_token <= keep_tokens <= num_tokens:
         raise ConfigError(f"keep_tokens must be an int in [{1 + class_token}, {num_tokens}], got {keep_tokens!r}")
     to_merge = num_tokens - keep_tokens
     for r in range(math.ceil(to_merge / num_layers), num_tokens // 2 + 1):
@@ -185,7 +186,9 @@ class ToMe:
                 raise ConfigError(f"r lists {len(schedule)} values but the model has {len(layers)} layers")
         for layer in layers:
             if _is_patched(layer):
-                raise StreamStateError(f"a {type(layer).__name__} forward is already patched (by ToMe or another patch)")
+                raise StreamStateError(
+                    f"a {type(layer).__name__} forward is already patched (by ToMe or another patch); remove that first"
+                )
         self.schedule, self._class_token = schedule, class_token
         for index, layer in enumerate(layers):
             attr = _forward_attr(layer)
@@ -221,7 +224,7 @@ class ToMe:
             hidden_states = layer.layer_norm1(hidden_states)
             if size is not None:
                 bias = size.log().to(hidden_states.dtype)[:, None, None, :, 0]  # [B, 1, 1, T]
-                pass
+                attention_mask = bias if attention_mask is None else attention_mask + bias
             hidden_states, _ = layer.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
             keys, tome._keys = tome._keys, None
             hidden_states = residual + hidden_states

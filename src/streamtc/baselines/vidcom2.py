@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..pruner import Budget, KeptTokens
-from ..pruner.functional import check_features, gather_tokens, low_variance_channels, multi_scale_gaussian
+from ..pruner.functional import check_features, gather_tokens, gaussian_kernel, low_variance_channels, squared_distances
 
 DEFAULT_TEMPERATURE = 0.01  # released softmax temperature over frame uniqueness
 
@@ -55,9 +55,10 @@ def vidcom2_scores(features: Tensor) -> tuple[Tensor, Tensor]:
     num_frames, num_tokens, dim = features.shape
     channels = low_variance_channels(features.reshape(-1, dim))
     x = F.normalize(features[..., channels], dim=-1)
-    video_similarity = multi_scale_gaussian(x, x.mean(dim=(0, 1), keepdim=True))
-    frame_similarity = multi_scale_gaussian(x, x.mean(dim=1, keepdim=True))
-    return video_similarity + frame_similarity, -video_similarity.mean(dim=-1)
+    video_anchor = x.mean(dim=(0, 1)).expand(num_frames, -1)
+    anchors = torch.stack([video_anchor, x.mean(dim=1)], dim=1)  # [F, 2, C]
+    similarity = gaussian_kernel(squared_distances(x, anchors))  # [F, P, 2]: to video, to frame
+    return similarity.sum(dim=-1), -similarity[..., 0].mean(dim=-1)
 
 
 class VidCom2Pruner:

@@ -96,7 +96,8 @@ class VisionZipPruner:
         keep_ratio: float | None = None,
         contextual_share: float = DEFAULT_CONTEXTUAL_SHARE,
     ) -> None:
-        if isinstance(contextual_share, bool) or not isinstance(contextual_share, (int, float)) or not 0.0 <= contextual_share < 1.0:
+        valid = not isinstance(contextual_share, bool) and isinstance(contextual_share, (int, float))
+        if not valid or not 0.0 <= contextual_share < 1.0:
             raise ConfigError(f"contextual_share must lie in [0, 1), got {contextual_share!r}")
         self.budget = Budget(tokens_per_frame, keep_ratio)
         self.contextual_share = float(contextual_share)

@@ -15,7 +15,8 @@ Decisions:
 - gaussian is per call, as released: the channel selection, the call's mean token pushed into
   the memory, and hence the kept set depend on how frames are grouped into calls.
 - dual_anchor is chunking-invariant: 16 frames in one call keep the same tokens as 16 calls of
-  one frame. The first frame of a stream has no temporal anchor yet and uses its own spatial
+  one frame (bit-exact on CPU, tested; on GPU, batched matmuls may round differently, which can
+  only matter for exact score ties). The first frame of a stream has no temporal anchor yet and uses its own spatial
   anchor in its place, i.e. it is scored on spatial novelty alone.
 - Scores are computed in float32 whatever the feature dtype; kept tokens keep the input dtype.
 """
@@ -54,10 +55,9 @@ class Budget:
             raise ConfigError("give either tokens_per_frame or keep_ratio, not both")
         if self.tokens_per_frame is None and self.keep_ratio is None:
             object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
-        if self.tokens_per_frame is not None and (
-            isinstance(self.tokens_per_frame, bool) or not isinstance(self.tokens_per_frame, int) or self.tokens_per_frame < 1
-        ):
-            raise ConfigError(f"token budget must be an int >= 1 per frame, got tokens_per_frame={self.tokens_per_frame!r}")
+        count = self.tokens_per_frame
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ConfigError(f"token budget must be an int >= 1 per frame, got tokens_per_frame={count!r}")
         if self.keep_ratio is not None and (
             isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float))
             or not 0.0 < float(self.keep_ratio) <= 1.0
@@ -184,10 +184,11 @@ class STCPruner:
         state, window = self._state, self.config.history
         spatial = PF.spatial_anchors(features)
         if window is None:
-            previous_sum = spatial.new_zeros(spatial.shape[-1]) if state.anchor_sum is None else state.anchor_sum.to(spatial)
+            previous_sum = spatial.new_zeros(spatial.shape[-1]) if state.anchor_sum is None else state.anchor_sum
+            previous_sum = previous_sum.to(spatial)  # the state follows the stream across devices
             temporal, state.anchor_sum = PF.cumulative_temporal_anchors(previous_sum, state.frames, spatial)
         else:
-            previous = spatial[:0] if state.anchor_window is None else state.anchor_window.to(spatial)
+            previous = (spatial[:0] if state.anchor_window is None else state.anchor_window).to(spatial)
             temporal = PF.windowed_temporal_anchors(previous, spatial, window)
             state.anchor_window = torch.cat([previous, spatial])[-window:]
         return PF.dual_anchor_scores(features, spatial, temporal, self.config.alpha), True
