@@ -12,8 +12,9 @@ import torch
 from streamtc import CacherConfig, PrunerConfig, STCConfig
 from streamtc.errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
 from streamtc.presets import build_model
-from streamtc.prompts import multiple_choice_question, split_video_prompt
+from streamtc.prompts import multiple_choice_question, parse_option_letter, split_video_prompt
 from streamtc.session import CacheBlock, FullCache, StreamingSession
+from streamtc.tokenizer import save_processor
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,6 @@ def test_chunking_of_frames_does_not_change_the_result(frames: np.ndarray) -> No
 def test_from_pretrained_loads_a_saved_checkpoint(tmp_path, baseline: StreamingSession, frames: np.ndarray) -> None:
     """A directory laid out like a llava-hf checkpoint (weights, tokenizer, chat template,
     preprocessor config) loads offline and gives the preset's results."""
-    from streamtc.tokenizer import save_processor
-
     baseline.model.save_pretrained(tmp_path)
     save_processor(baseline.model.config, tmp_path)
     loaded = StreamingSession.from_pretrained(tmp_path, stc=None)
@@ -154,8 +153,6 @@ def test_multiple_choice_prompt_and_letter(baseline: StreamingSession, frames: n
     spelled_out = baseline.next_token_logits(multiple_choice_question(QUESTION, OPTIONS))
     assert torch.equal(with_options, spelled_out)
     answer = baseline.ask(QUESTION, options=OPTIONS, max_new_tokens=4)
-    from streamtc.prompts import parse_option_letter
-
     assert answer.letter == parse_option_letter(answer.text, OPTIONS)
 
 
@@ -225,7 +222,8 @@ def _script(session: StreamingSession, frames: np.ndarray, step: int) -> list[to
         return [session.next_token_logits(QUESTION)]
     if step == 1:
         session.push(frames[2:3])
-        return [session.next_token_logits("What happens next?"), torch.tensor(session.ask(QUESTION, max_new_tokens=3).token_ids)]
+        answer = session.ask(QUESTION, max_new_tokens=3)
+        return [session.next_token_logits("What happens next?"), torch.tensor(answer.token_ids)]
     session.push(frames[3:5])
     return [session.next_token_logits(QUESTION, options=OPTIONS)]
 

@@ -36,7 +36,8 @@ STC. The Cacher patches the model's vision tower once (`STCCacher.attach`); the 
 object. Both keep per-stream state in state objects the session owns, made active around each use
 with their `stream(state)` context managers, so several sessions can share one model and one
 cacher (`session.spawn()`) and still never see each other's references or anchors. Each vision
-tower forward is one Cacher chunk and one Pruner call: `chunk_frames` frames (default 1).
+tower forward is one Cacher chunk, one Pruner call and one pre-fill forward: `chunk_frames` frames
+(default 1).
 
 Questions are independent: each one sees the system prompt and the video so far, not the earlier
 questions and answers.
@@ -53,7 +54,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -190,7 +191,7 @@ class SessionStats:
     last_decode_ms_per_token: float | None = None
     peak_memory_bytes: int = 0
     memory_kind: Literal["rss", "cuda"] = "rss"
-    cacher: dict[str, Any] | None = field(default=None)
+    cacher: dict[str, Any] | None = None
 
     @property
     def cache_tokens(self) -> int:
@@ -218,7 +219,7 @@ class SessionStats:
 
 
 def _load_chat_template(path_or_id: str | Path) -> str | None:
-    """A processor's chat template saved beside the tokenizer (chat_template.jinja/.json), if any."""
+    """The processor's chat template saved with a checkpoint (chat_template.jinja/.json), if any."""
     for name in ("chat_template.jinja", "chat_template.json"):
         resolved = cached_file(
             str(path_or_id), name, _raise_exceptions_for_missing_entries=False,
@@ -309,8 +310,9 @@ class StreamingSession:
     ) -> Self:
         """Real weights and their tokenizer/chat template from one path or hub id (or `preset=`).
 
-        The chat template is the tokenizer's, or the processor's chat_template.jinja/.json saved
-        in the same place; frames are preprocessed as the checkpoint's preprocessor_config.json says.
+        The chat template is the processor's (chat_template.jinja/.json beside the weights; the
+        tokenizer's own template only when there is none): a text-only LLM template would not place
+        the video. Frames are preprocessed as the checkpoint's preprocessor_config.json says.
         """
         if (path_or_id is None) == (preset is None):
             raise ConfigError("give exactly one of path_or_id and preset")
@@ -319,8 +321,7 @@ class StreamingSession:
                                    attn_implementation=attn_implementation, **session_kwargs)
         model = load_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        if not tokenizer.chat_template:
-            tokenizer.chat_template = _load_chat_template(path_or_id)
+        tokenizer.chat_template = _load_chat_template(path_or_id) or tokenizer.chat_template
         session_kwargs.setdefault("preprocessor", FramePreprocessor.from_pretrained(path_or_id))
         return cls(model, tokenizer, stc, **session_kwargs)
 

@@ -1,7 +1,6 @@
-"""A small real tokenizer and LLaVA-OneVision processor for the random-weight presets, built offline.
+"""A small real tokenizer and LLaVA-OneVision processor files for the random-weight presets, offline.
 
-Real checkpoints bring their own tokenizer and chat template (`AutoTokenizer` / `AutoProcessor`
-from the same path). The presets have random weights and nothing can be downloaded, so this module
+Real checkpoints bring their own tokenizer and chat template (`AutoTokenizer` from the same path). The presets have random weights and nothing can be downloaded, so this module
 builds a stand-in that behaves like Qwen2's: a byte-level BPE (Qwen2's pre-tokenizer regex, NFC,
 byte-level decoding) trained with the `tokenizers` library on a short English text written for
 it, followed by the Qwen2 special tokens in Qwen2's order and LLaVA-OneVision's placeholders:
@@ -18,7 +17,9 @@ config keeps a preset's config identical to the checkpoint it mirrors.
 
 The chat template is LLaVA-OneVision's (llava-hf processors): `<|im_start|>{role} ` then the
 `<image>`/`<video>` placeholders, then `\\n{text}` for each text item, then `<|im_end|>`; the
-generation prompt is `<|im_start|>assistant\\n`.
+generation prompt is `<|im_start|>assistant\\n`. `save_processor` writes a preset's tokenizer and
+image-processor files in a llava-hf checkpoint's layout (no `LlavaOnevisionProcessor` object: it
+requires a video processor, and transformers' video processors need torchvision).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 
 from .errors import ConfigError
+from .preprocess import LLAVA_OV_MEAN, LLAVA_OV_STD
 
 # Size of the trained byte-level BPE (256 byte symbols + 768 merges); special tokens follow it.
 BPE_VOCAB_SIZE = 1024
@@ -212,8 +214,8 @@ def build_image_processor(config: LlavaOnevisionConfig) -> LlavaOnevisionImagePr
     size = config.vision_config.image_size
     return LlavaOnevisionImageProcessorPil(
         size={"height": size, "width": size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        image_mean=list(LLAVA_OV_MEAN),
+        image_std=list(LLAVA_OV_STD),
         image_grid_pinpoints=[[size * i, size * j] for i in range(1, 7) for j in range(1, 7)],
     )
 
@@ -222,9 +224,8 @@ def save_processor(config: LlavaOnevisionConfig, directory: str | Path) -> None:
     """Write the processor files of a llava-hf checkpoint for a preset config into `directory`:
     tokenizer (with `chat_template.jinja`) and `preprocessor_config.json`.
 
-    A full `LlavaOnevisionProcessor` cannot be built here: it requires a video processor, and
-    transformers' video processors need torchvision. `AutoTokenizer` / `AutoImageProcessor` load
-    what this writes, which is all `StreamingSession.from_pretrained` reads.
+    `AutoTokenizer` / `AutoImageProcessor` load what this writes, which is all
+    `StreamingSession.from_pretrained` reads besides the weights.
     """
     tokenizer_for_config(config).save_pretrained(directory)
     build_image_processor(config).save_pretrained(directory)

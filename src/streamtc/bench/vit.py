@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..cacher import STCCacher
 from ..cacher import functional as F
 from ..config import CacherConfig
+from ..errors import InputError
+from ..preprocess import FramePreprocessor
 from ..presets import build_model
+from ..sources import PyAVSource, open_source
 from .timing import machine_info, timed
 
 
@@ -65,6 +69,15 @@ def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine between whole frames flattened to vectors; a, b [F, T, C] -> [F]."""
     return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
+
+
+def load_benchmark_frames(video: str, count: int, image_size: int) -> torch.Tensor:
+    """`count` frames spread evenly over a video file ('demo': the built-in street clip) as pixel values."""
+    source = open_source(video, fps=1.0)
+    if not isinstance(source, PyAVSource) or source.duration is None:
+        raise InputError(f"{video}: the ViT benchmark needs a video file of known duration")
+    frames = [f.image for f in open_source(video, fps=count / source.duration, max_frames=count)]
+    return FramePreprocessor(size=image_size)(np.stack(frames))
 
 
 def run_vit_benchmark(
@@ -188,5 +201,5 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["Variant", "DEFAULT_VARIANTS", "run_vit_benchmark", "print_report", "write_report", "token_cosine",
+__all__ = ["Variant", "DEFAULT_VARIANTS", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_report", "token_cosine",
            "flat_cosine"]

@@ -1,0 +1,217 @@
+"""`streamtc` command line: watch a video with a VideoLLM (`run`) and measure STC (`bench ...`).
+
+Every flag builds or selects one validated object (an `STCConfig`, a preset, a source); nothing is
+read from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import STCConfig
+from .errors import StreamTCError
+
+app = typer.Typer(help="Streaming Token Compression for Hugging Face VideoLLMs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side by side.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+DEMO_QUESTIONS = ["3:What is happening in the street?", "8:How many people are riding bikes?"]
+
+
+@dataclass(frozen=True)
+class TimedQuestion:
+    """A question to ask when the stream reaches `seconds`."""
+
+    seconds: float
+    text: str
+
+    @classmethod
+    def parse(cls, spec: str) -> TimedQuestion:
+        seconds, sep, text = spec.partition(":")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if not sep or value < 0 or not text.strip():
+            raise typer.BadParameter(f"--ask takes 'SECONDS:QUESTION' (e.g. '12:What is he holding?'), got {spec!r}")
+        return cls(value, text.strip())
+
+
+def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str):
+    from .session import StreamingSession
+
+    if model is not None:
+        return StreamingSession.from_pretrained(model, stc=stc, device=device)
+    return StreamingSession.from_preset(preset, stc=stc, num_layers=num_layers, device=device)
+
+
+def _summary_row(stats: dict[str, Any], answers: list[Any]) -> list[str]:
+    latency = [a.total_ms for a in answers]
+    return [
+        str(stats["frames"]),
+        f"{stats['visual_tokens']} / {stats['visual_tokens_encoded']}",
+        f"{stats['vit_ms_per_frame']:.1f}",
+        f"{stats['prefill_ms_per_frame']:.1f}",
+        f"{sum(latency) / len(latency):.0f}" if latency else "-",
+    ]
+
+
+@app.command()
+def run(
+    video: Annotated[str, typer.Argument(help="Video file, stream URL (rtsp/tcp/udp/http), webcam index, or 'demo' "
+                                              "for the built-in street clip")] = "demo",
+    model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id "
+                                                   "(LLaVA-OneVision). Overrides --preset.")] = None,
+    preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (see `streamtc presets`)")]
+    = "tiny-llava-ov",
+    ask: Annotated[list[str] | None, typer.Option(help="'SECONDS:QUESTION', asked when the stream reaches SECONDS; "
+                                                      "repeatable")] = None,
+    no_stc: Annotated[bool, typer.Option("--no-stc", help="Run the uncompressed model only")] = False,
+    compare: Annotated[bool, typer.Option(help="Run the uncompressed model and STC on the same frames")] = False,
+    fps: Annotated[float, typer.Option(help="Frames sampled per second of video")] = 1.0,
+    max_seconds: Annotated[float | None, typer.Option(help="Stop after this much video time")] = None,
+    num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit")] = 32,
+    config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
+                                                     "{...}})")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    output: Annotated[Path | None, typer.Option(help="Write answers, stats and the config as JSON here")] = None,
+) -> None:
+    """Stream a video through a VideoLLM with STC and answer questions at their timestamps."""
+    from .sources import open_source
+
+    if compare and no_stc:
+        raise typer.BadParameter("--compare already runs the uncompressed model; drop --no-stc")
+    questions = sorted((TimedQuestion.parse(q) for q in (ask if ask else (DEMO_QUESTIONS if video == "demo" else []))),
+                       key=lambda q: q.seconds)
+    stc = STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig()
+    variants = {"no STC": None, "STC": stc} if compare else ({"no STC": None} if no_stc else {"STC": stc})
+    if model is None:
+        console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless. "
+                      "Use --model PATH_OR_ID for real weights.[/]")
+    sessions = {name: _session(model, preset, cfg, num_layers, device) for name, cfg in variants.items()}
+    answers: dict[str, list[Any]] = {name: [] for name in sessions}
+    source = open_source(video, fps=fps, max_seconds=max_seconds)
+    pending = list(questions)
+
+    def ask_due(until: float) -> None:
+        while pending and pending[0].seconds <= until:
+            question = pending.pop(0)
+            for name, session in sessions.items():
+                answer = session.ask(question.text, max_new_tokens=max_new_tokens)
+                answers[name].append(answer)
+                console.print(f"[bold]{question.seconds:>7.1f}s[/] [{name}] Q: {question.text}\n"
+                              f"          A: {answer.text!r} ({answer.total_ms:.0f} ms)")
+
+    started = time.perf_counter()
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(f"streaming {video}", total=source.expected_frames, clock="0.0 s")
+        last_time = 0.0
+        for frame in source:
+            ask_due(frame.timestamp - 1e-9)
+            for session in sessions.values():
+                session.push(frame.image[None], [frame.timestamp])
+            last_time = frame.timestamp
+            progress.update(task, advance=1, clock=f"{frame.timestamp:.1f} s")
+    if source.ended_early:
+        console.print(f"[yellow]the stream ended early: {source.error}; answering with what was received[/]")
+    ask_due(float("inf"))
+    elapsed = time.perf_counter() - started
+
+    table = Table(title=f"{video}: {last_time:.1f} s of video in {elapsed:.1f} s")
+    for column in ("variant", "frames", "visual tokens kept / encoded", "ViT ms/frame", "pre-fill ms/frame",
+                   "answer ms"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    stats = {name: s.stats.to_dict() for name, s in sessions.items()}
+    for name in sessions:
+        table.add_row(name, *_summary_row(stats[name], answers[name]))
+    if compare:
+        base, fast = stats["no STC"], stats["STC"]
+
+        def ratio(key: str) -> str:
+            return f"{fast[key] / base[key]:.2f}×" if base[key] else "-"
+
+        table.add_row("STC / no STC", "", ratio("visual_tokens"), ratio("vit_ms_per_frame"),
+                      ratio("prefill_ms_per_frame"), "")
+    console.print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({
+            "video": video, "model": model or preset, "fps": fps,
+            "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()},
+            "stats": stats, "answers": {name: [a.to_dict() for a in a_list] for name, a_list in answers.items()},
+        }, indent=2))
+        console.print(f"wrote {output}")
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in architecture presets."""
+    from .presets import PRESETS
+
+    table = Table(title="presets (random weights, real architectures)")
+    table.add_column("name")
+    table.add_column("description")
+    for preset in PRESETS.values():
+        table.add_row(preset.name, preset.description)
+    console.print(table)
+
+
+@bench_app.command("vit")
+def bench_vit(
+    preset: Annotated[str, typer.Option(help="Vision tower preset")] = "siglip-so400m-384",
+    num_layers: Annotated[int | None, typer.Option(help="Tower depth override (stated in the output)")] = 4,
+    frames: Annotated[int, typer.Option(help="Frames sampled evenly over the clip, one per chunk")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median reported)")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up repeats")] = 1,
+    video: Annotated[str, typer.Option(help="Video file ('demo': the built-in street clip)")] = "demo",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
+) -> None:
+    """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
+    from .bench.vit import load_benchmark_frames, print_report, run_vit_benchmark, write_report
+    from .presets import build_config
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    image_size = build_config(preset).image_size
+    pixel_values = load_benchmark_frames(video, frames, image_size)
+    report = run_vit_benchmark(pixel_values, preset=preset, num_layers=num_layers, repeats=repeats, warmup=warmup,
+                               device=device)
+    report["video"] = video
+    print_report(report)
+    if output is not None:
+        console.print(f"wrote {write_report(report, output)}")
+
+
+def main() -> None:
+    """Entry point: typed errors become one readable line and exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except StreamTCError as error:
+        console.print(f"[red]error:[/] {error}")
+        raise SystemExit(2) from None
+
+
+__all__ = ["app", "main"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""`streamtc run` end to end on a real clip with the tiny preset, and its error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from streamtc.cli import app
+from streamtc.sources import builtin_clip_path
+
+runner = CliRunner()
+
+
+def test_run_compare_on_a_real_clip_writes_answers_and_stats(tmp_path):
+    out = tmp_path / "run.json"
+    result = runner.invoke(app, ["run", str(builtin_clip_path()), "--compare", "--fps", "1", "--max-seconds", "4",
+                                 "--ask", "2:What is happening?", "--max-new-tokens", "4", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "STC / no STC" in result.output and "random weights" in result.output
+    report = json.loads(out.read_text())
+    base, stc = report["stats"]["no STC"], report["stats"]["STC"]
+    assert base["frames"] == stc["frames"] == 5
+    assert stc["visual_tokens"] < base["visual_tokens"] == base["visual_tokens_encoded"]
+    assert stc["cacher"]["refresh_chunks"] == 3  # N = 2 over 5 one-frame chunks
+    assert [a["question"] for a in report["answers"]["STC"]] == ["What is happening?"]
+    assert report["stc"]["STC"]["cacher"]["cache_interval"] == 2
+
+
+def test_missing_video_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "streamtc.cli", "run", str(tmp_path / "nope.mp4")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "nope.mp4" in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_bad_ask_spec_is_rejected():
+    result = runner.invoke(app, ["run", "demo", "--ask", "soon:what?"])
+    assert result.exit_code != 0
+    assert "SECONDS:QUESTION" in result.output
