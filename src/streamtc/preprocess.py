@@ -1,104 +1,183 @@
-"""Frames -> `pixel_values`, as LLaVA-OneVision's processor prepares video frames.
+"""Frame preprocessing: RGB uint8 frames to the `pixel_values` a LLaVA-OneVision vision tower takes.
 
-transformers' video processors need torchvision, which cannot be installed here, so this module
-does the same steps with PIL and torch: convert to RGB, resize each frame to the tower's square
-size with PIL (bicubic, as in the checkpoints' preprocessor_config.json), rescale by 1/255 and
-normalise with the checkpoint's mean and std. Every step is transformers' own primitive applied in
-the same order, so the output equals `transformers.image_transforms` resize -> rescale -> normalize.
+transformers' video processors (`LlavaOnevisionVideoProcessor`) need torchvision, which streamtc
+must not depend on (SPEC §7), so this module does what they do for video frames with PIL and numpy:
+resize every frame straight to the model's square input size (no aspect-preserving pad, no any-res
+tiling), rescale by `rescale_factor`, normalise with `image_mean` / `image_std`, channels first.
+
+    pre = FramePreprocessor.from_pretrained("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+    pixel_values = pre(frames)            # uint8 [F, H, W, 3] -> float32 [F, 3, 384, 384]
+
+Exactness: the result is bit-identical (tolerance 0) to transformers' torchvision-free
+`LlavaOnevisionImageProcessorPil` (its `resize` -> `rescale` -> `normalize`, i.e. the base view of its
+`preprocess`). The resize is the same PIL call on the same uint8 image; rescale + normalise go
+through a 256-entry table per channel built with that processor's own float64 -> float32 arithmetic.
+The torchvision video processor resizes with torchvision instead, which differs from PIL by
+interpolation rounding; that is not imitated here.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self, TypeAlias
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import PretrainedConfig
 from transformers.utils import cached_file
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
-FrameInput = np.ndarray | torch.Tensor | Sequence[Image.Image]
-
-# llava-hf/llava-onevision-* preprocessor_config.json: SigLIP's mean/std of 0.5 (the transformers
-# class defaults are OpenAI-CLIP's; only the checkpoint file sets 0.5), bicubic, 1/255.
+# Normalisation of the llava-hf LLaVA-OneVision checkpoints (SigLIP): mean = std = 0.5 per channel.
 LLAVA_OV_MEAN = (0.5, 0.5, 0.5)
 LLAVA_OV_STD = (0.5, 0.5, 0.5)
-PIL_BICUBIC = 3
+# Input size of SigLIP-so400m/14 in llava-hf/llava-onevision-qwen2-0.5b-ov-hf.
+LLAVA_OV_SIZE = 384
+
+FrameInput: TypeAlias = np.ndarray | torch.Tensor | Sequence[np.ndarray | Image.Image]
+"""uint8 RGB frames: an array/tensor [F, H, W, 3], or a sequence of PIL images or [H, W, 3] arrays."""
 
 
 def frames_to_uint8(frames: FrameInput) -> list[np.ndarray]:
-    """Validate frames and return them as a list of HxWx3 uint8 RGB arrays."""
-    if isinstance(frames, Image.Image):
-        raise InputError("pass a list of PIL images (or an [F, H, W, 3] array), not a single image")
+    """Validate frames and return them as a list of RGB uint8 [H, W, 3] arrays (views, not copies,
+    of an array input). Frame sizes may differ. Raises `InputError` for anything else."""
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu().numpy()
     if isinstance(frames, np.ndarray):
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise InputError(f"frames must be uint8 [F, H, W, 3] (RGB), got shape {frames.shape}")
-        if frames.dtype != np.uint8:
-            raise InputError(f"frames must be uint8 RGB, got dtype {frames.dtype}")
-        return list(frames)
-    images = list(frames)
-    if not images:
+        if frames.ndim != 4:
+            hint = " (one frame? add a frame axis: frame[None])" if frames.ndim == 3 else ""
+            raise InputError(f"frames must be uint8 [F, H, W, 3], got shape {frames.shape}{hint}")
+        frames = list(frames)
+    if len(frames) == 0:
         raise InputError("no frames given")
-    out = []
-    for image in images:
-        if not isinstance(image, Image.Image):
-            raise InputError(f"frames must be PIL images or a uint8 [F, H, W, 3] array, got {type(image).__name__}")
-        out.append(np.asarray(image.convert("RGB")))
-    return out
+    images = []
+    for i, frame in enumerate(frames):
+        if isinstance(frame, Image.Image):
+            frame = np.asarray(frame.convert("RGB"))
+        elif not isinstance(frame, np.ndarray):
+            raise InputError(f"frame {i} must be a PIL image or a uint8 [H, W, 3] array, got {type(frame).__name__}")
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+            raise InputError(f"frame {i} must be RGB uint8 [H, W, 3], got dtype {frame.dtype}, shape {frame.shape}")
+        images.append(frame)
+    return images
+
+
+def _read(source: Any, name: str, default: Any = None) -> Any:
+    """Read `name` from a processor object (attribute) or a config mapping (key)."""
+    value = source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
+    return default if value is None else value
 
 
 @dataclass(frozen=True)
 class FramePreprocessor:
-    """Resize, rescale and normalise frames for a square-input vision tower."""
+    """Resize, rescale and normalise RGB uint8 frames into float32 `pixel_values` [F, 3, H, W].
 
-    size: int = 384
-    image_mean: tuple[float, float, float] = LLAVA_OV_MEAN
-    image_std: tuple[float, float, float] = LLAVA_OV_STD
+    size: output side (square) or (height, width); LLaVA-OneVision's SigLIP tower takes 384.
+    image_mean, image_std: per-channel normalisation applied after rescaling.
+    resample: a PIL resampling filter (`PIL.Image.Resampling`; BICUBIC = 3, as the checkpoints).
+    rescale_factor: multiplies the uint8 values before normalisation (1/255).
+
+    Prefer `from_pretrained` / `from_processor` so the numbers come from the checkpoint.
+    """
+
+    size: int | tuple[int, int] = LLAVA_OV_SIZE
+    image_mean: Sequence[float] = LLAVA_OV_MEAN
+    image_std: Sequence[float] = LLAVA_OV_STD
+    resample: int = Image.Resampling.BICUBIC
     rescale_factor: float = 1 / 255
-    resample: int = PIL_BICUBIC
+
+    def __post_init__(self) -> None:
+        size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise ConfigError(f"size must be a positive int or (height, width) pair of ints, got {self.size!r}")
+        object.__setattr__(self, "size", size)
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            value = (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+            if len(value) != 3:
+                raise ConfigError(f"{name} must have 3 values (one per RGB channel), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        if 0.0 in self.image_std:
+            raise ConfigError(f"image_std must be non-zero, got {self.image_std!r}")
+        try:
+            object.__setattr__(self, "resample", Image.Resampling(int(self.resample)))
+        except ValueError as error:
+            raise ConfigError(f"resample must be a PIL resampling filter (0-5), got {self.resample!r}") from error
+        if not self.rescale_factor > 0:
+            raise ConfigError(f"rescale_factor must be > 0, got {self.rescale_factor!r}")
 
     @classmethod
-    def from_model_config(cls, config: PretrainedConfig) -> FramePreprocessor:
-        """Defaults of the LLaVA-OneVision checkpoints at the config's vision tower size."""
+    def from_processor(cls, processor: Any) -> Self:
+        """Settings of an image processor (or a processor holding one as `.image_processor`) or of a
+        `preprocessor_config.json` dict; fields it lacks keep this class's defaults.
+
+        Settings the video path cannot reproduce (resize, rescale or normalise off, centre crop, a
+        size that is not height x width) raise `ConfigError` instead of being ignored.
+        """
+        if not isinstance(processor, Mapping) and hasattr(processor, "image_processor"):
+            processor = processor.image_processor
+        for flag in ("do_resize", "do_rescale", "do_normalize"):
+            if _read(processor, flag, True) is False:
+                raise ConfigError(f"{flag}=False is not supported: video frames are resized, rescaled and normalised")
+        if _read(processor, "do_center_crop", False):
+            raise ConfigError("do_center_crop=True is not supported: LLaVA-OneVision video frames are not cropped")
+        size = _read(processor, "size")
+        if size is not None:
+            size = (_read(size, "height"), _read(size, "width"))
+            if None in size:
+                raise ConfigError(f"size must give height and width, got {_read(processor, 'size')!r}")
+        defaults = cls()
+        return cls(
+            size=size or defaults.size,
+            image_mean=_read(processor, "image_mean", defaults.image_mean),
+            image_std=_read(processor, "image_std", defaults.image_std),
+            resample=_read(processor, "resample", defaults.resample),
+            rescale_factor=_read(processor, "rescale_factor", defaults.rescale_factor),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path) -> Self:
+        """Read `preprocessor_config.json` from a checkpoint directory or hub id (cache)."""
+        try:  # None: a directory without the file; OSError: no such directory, or a hub id not reachable
+            path = cached_file(str(path_or_id), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        except OSError as error:
+            raise ConfigError(f"{path_or_id}: cannot read preprocessor_config.json ({error})") from error
+        if path is None:
+            raise ConfigError(f"{path_or_id}: no preprocessor_config.json (frame size and normalisation)")
+        return cls.from_processor(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> Self:
+        """Defaults of the llava-hf checkpoints at the vision tower's input size
+        (`config.vision_config.image_size`); for models built without processor files."""
         vision = getattr(config, "vision_config", config)
         return cls(size=int(vision.image_size))
 
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | Path) -> FramePreprocessor:
-        """Read the checkpoint's video (or image) preprocessor_config.json."""
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            resolved = cached_file(str(path_or_id), name, _raise_exceptions_for_missing_entries=False,
-                                   _raise_exceptions_for_connection_errors=False)
-            if resolved:
-                data = json.loads(Path(resolved).read_text())
-                size = data.get("size", {})
-                side = size.get("height") or size.get("shortest_edge") or 384
-                return cls(
-                    size=int(side),
-                    image_mean=tuple(data.get("image_mean", LLAVA_OV_MEAN)),
-                    image_std=tuple(data.get("image_std", LLAVA_OV_STD)),
-                    rescale_factor=float(data.get("rescale_factor", 1 / 255)),
-                    resample=int(data.get("resample", PIL_BICUBIC)),
-                )
-        raise InputError(f"{path_or_id}: no preprocessor_config.json found")
+    def lookup_table(self) -> np.ndarray:
+        """The [3, 256] float32 table mapping each uint8 value of each channel to its output.
+
+        Same operations, order and dtypes as transformers' `rescale` (float64 multiply, cast to
+        float32) and `normalize` (float32 subtract, float32 divide): hence bit-identical results.
+        """
+        rescaled = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        return (rescaled[None, :] - mean) / std
 
     def __call__(self, frames: FrameInput) -> torch.Tensor:
-        """uint8 RGB frames -> float32 pixel values [F, 3, size, size]."""
-        resized = np.stack([
-            np.asarray(Image.fromarray(frame).resize((self.size, self.size), resample=self.resample))
-            for frame in frames_to_uint8(frames)
-        ])
-        pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).to(torch.float32) * self.rescale_factor
-        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        """Preprocess frames (see `FrameInput`) into float32 CPU `pixel_values` [F, 3, H, W]."""
+        images = frames_to_uint8(frames)
+        height, width = self.size
+        lut = self.lookup_table()
+        out = np.empty((len(images), 3, height, width), dtype=np.float32)
+        for i, image in enumerate(images):
+            resized = np.asarray(Image.fromarray(image).resize((width, height), resample=self.resample))  # [H, W, 3]
+            for c in range(3):
+                np.take(lut[c], resized[..., c], out=out[i, c])
+        return torch.from_numpy(out)
 
 
-__all__ = ["FrameInput", "FramePreprocessor", "frames_to_uint8"]
+__all__ = ["LLAVA_OV_MEAN", "LLAVA_OV_STD", "LLAVA_OV_SIZE", "FrameInput", "FramePreprocessor", "frames_to_uint8"]

