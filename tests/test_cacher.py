@@ -286,25 +286,25 @@ def test_llava_onevision_video_features_go_through_the_cacher():
     assert not torch.allclose(got[1], expected[1], atol=1e-4)
 
 
-def test_shared_selection_equals_per_layer_selection_on_a_one_layer_tower():
-    model = build_model("tiny-siglip", num_layers=1)
+def per_layer_and_shared_outputs(model) -> list[torch.Tensor]:
+    """The same 4-frame stream (one refresh, then selective chunks) under both selection modes."""
     x = frames(4)
     outputs = []
     for selection in ("per_layer", "shared"):
         cacher = STCCacher(CacherConfig(cache_interval=4, selection=selection)).attach(model)
         outputs.append(encode_chunks(model, split(x, 1)))
         cacher.detach()
-    assert torch.allclose(outputs[0], outputs[1], atol=TOL)
+    return outputs
+
+
+def test_shared_selection_equals_per_layer_selection_on_a_one_layer_tower():
+    per_layer, shared = per_layer_and_shared_outputs(build_model("tiny-siglip", num_layers=1))
+    assert torch.allclose(per_layer, shared, atol=TOL)
 
 
 def test_shared_selection_differs_from_per_layer_on_deeper_towers(siglip):
-    x = frames(4)
-    outputs = []
-    for selection in ("per_layer", "shared"):
-        cacher = STCCacher(CacherConfig(cache_interval=4, selection=selection)).attach(siglip)
-        outputs.append(encode_chunks(siglip, split(x, 1)))
-        cacher.detach()
-    assert not torch.allclose(outputs[0][1:], outputs[1][1:], atol=1e-5)
+    per_layer, shared = per_layer_and_shared_outputs(siglip)
+    assert not torch.allclose(per_layer[1:], shared[1:], atol=1e-5)
 
 
 def test_adaptive_refresh_triggers_on_a_cut_and_not_on_a_still_scene(siglip):

@@ -64,7 +64,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import cached_file
 
 from .bench.timing import synchronize
-from .cacher import STCCacher, find_vision_tower
+from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
 from .preprocess import FrameInput, FramePreprocessor
@@ -281,7 +281,7 @@ class StreamingSession:
         self._prefix_ids = tokenizer(prompt.prefix, add_special_tokens=False)["input_ids"]
         self._stop_ids = self._stop_token_ids()
 
-        if _shared_stc is None and getattr(find_vision_tower(model), "_streamtc_cacher", None) is not None:
+        if _shared_stc is None and attached_cacher(model) is not None:
             raise StreamStateError(
                 "this model's vision tower already has an STCCacher attached (another session?); "
                 "share it with that session's spawn(), or close() that session first"

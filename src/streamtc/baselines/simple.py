@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..pruner import Budget, KeptTokens
-from ..pruner.functional import check_features, gather_tokens
+from ..pruner.functional import check_features
+from ..tokens import gather_tokens
 
 
 def uniform_indices(num_tokens: int, k: int, device: torch.device | str | None = None) -> Tensor:

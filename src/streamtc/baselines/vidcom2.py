@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..pruner import Budget, KeptTokens
-from ..pruner.functional import check_features, gather_tokens, gaussian_kernel, low_variance_channels, squared_distances
+from ..pruner.functional import check_features, gaussian_kernel, low_variance_channels, squared_distances
+from ..tokens import gather_tokens
 
 DEFAULT_TEMPERATURE = 0.01  # released softmax temperature over frame uniqueness
 

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from ..pruner import Budget, KeptTokens
-from ..pruner.functional import check_features, gather_tokens
+from ..pruner.functional import check_features
+from ..tokens import gather_tokens
 
 # VisionZip's default split: 54 dominant + 10 contextual tokens of 64.
 DEFAULT_CONTEXTUAL_SHARE = 10 / 64

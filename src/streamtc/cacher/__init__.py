@@ -6,7 +6,7 @@
 - `cacher`: `STCCacher`, which attaches those forwards to a model and plans each chunk.
 """
 
-from .cacher import STCCacher, find_vision_tower
+from .cacher import STCCacher, attached_cacher, find_vision_tower
 from .state import CacherState, CacherStats
 
-__all__ = ["STCCacher", "CacherState", "CacherStats", "find_vision_tower"]
+__all__ = ["STCCacher", "CacherState", "CacherStats", "attached_cacher", "find_vision_tower"]

@@ -85,6 +85,11 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
     return towers[0]
 
 
+def attached_cacher(model: nn.Module) -> STCCacher | None:
+    """The STCCacher currently attached to the vision tower of `model`, if any."""
+    return getattr(find_vision_tower(model), "_streamtc_cacher", None)
+
+
 class STCCacher:
     """STC-Cacher for one model: patches its vision tower and holds the active stream's state."""
 
@@ -110,7 +115,7 @@ class STCCacher:
         if self.attached:
             raise StreamStateError("this STCCacher is already attached to a model; call detach() first")
         tower = find_vision_tower(model)
-        if getattr(tower, "_streamtc_cacher", None) is not None:
+        if attached_cacher(tower) is not None:
             raise StreamStateError(f"{type(tower).__name__} already has an STCCacher attached; detach that one first")
         layers = list(tower.encoder.layers)
         for layer in layers:
@@ -293,4 +298,4 @@ class STCCacher:
         )
 
 
-__all__ = ["STCCacher", "ChunkPlan", "find_vision_tower", "SUPPORTED_TOWERS", "LAYER_PATCHES"]
+__all__ = ["STCCacher", "ChunkPlan", "attached_cacher", "find_vision_tower", "SUPPORTED_TOWERS", "LAYER_PATCHES"]

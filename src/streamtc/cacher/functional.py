@@ -15,6 +15,7 @@ import math
 import torch
 
 from ..errors import InputError
+from ..tokens import gather_tokens, scatter_tokens
 
 
 def num_recomputed_tokens(num_tokens: int, update_ratio: float) -> int:
@@ -44,12 +45,6 @@ def select_dynamic_tokens(similarity: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(similarity, k, dim=-1, largest=False, sorted=False).indices
 
 
-def flat_token_index(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Per-frame token indices [F, k] -> row indices [F * k] into the frames flattened to [F * T, C]."""
-    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
-    return (index + offsets).flatten()
-
-
 def reused_similarity(similarity: torch.Tensor, k: int) -> torch.Tensor:
     """Mean similarity of the tokens a selective pass would reuse (all but the k least similar).
 
@@ -62,25 +57,6 @@ def reused_similarity(similarity: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(similarity, num_reused, dim=-1, largest=True, sorted=False).values.mean(dim=-1)
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [F, T, C], index [F, k] -> the selected rows [F, k, C].
-
-    Row copies with index_select: on CPU several times faster than torch.gather with an index
-    expanded over channels, which indexes every element.
-    """
-    frames, num_tokens, width = x.shape
-    rows = x.reshape(frames * num_tokens, width).index_select(0, flat_token_index(index, num_tokens))
-    return rows.view(frames, index.shape[1], width)
-
-
-def scatter_tokens(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Write rows [F, k, C] into the contiguous base [F, T, C] at index [F, k], in place; returns base."""
-    frames, num_tokens, width = base.shape
-    flat = base.view(frames * num_tokens, width)
-    flat.index_copy_(0, flat_token_index(index, num_tokens), rows.reshape(-1, width))
-    return base
-
-
 def mix_with_reference(reference: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The reference [T, C] repeated for each frame, with rows [F, k, C] replacing positions index.
 
@@ -90,15 +66,22 @@ def mix_with_reference(reference: torch.Tensor, index: torch.Tensor, rows: torch
 
 
 def add_residual_with_reference(
-    x: torch.Tensor, reference_delta: torch.Tensor, index: torch.Tensor, recomputed_delta: torch.Tensor
+    x: torch.Tensor,
+    reference_delta: torch.Tensor,
+    index: torch.Tensor,
+    recomputed_delta: torch.Tensor,
+    x_selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x + Δ̄ where Δ̄ is reference_delta [T, C] with rows index replaced by recomputed_delta [F, k, C].
 
     Computed as (x + reference_delta) with the selected rows overwritten by x[I] + recomputed_delta,
-    so Δ̄ itself is never materialised and every row equals the exact sum it stands for.
+    so Δ̄ itself is never materialised and every row equals the exact sum it stands for. Pass
+    x_selected (= x[I]) when the caller already gathered it.
     """
+    if x_selected is None:
+        x_selected = gather_tokens(x, index)
     out = torch.add(x, reference_delta, out=torch.empty_like(x, memory_format=torch.contiguous_format))
-    return scatter_tokens(out, index, gather_tokens(x, index) + recomputed_delta)
+    return scatter_tokens(out, index, x_selected + recomputed_delta)
 
 
 def layer_flops(num_tokens: int, width: int, mlp_width: int, recomputed: int | None = None) -> float:
@@ -135,9 +118,6 @@ __all__ = [
     "key_similarity",
     "select_dynamic_tokens",
     "reused_similarity",
-    "flat_token_index",
-    "gather_tokens",
-    "scatter_tokens",
     "mix_with_reference",
     "add_residual_with_reference",
     "layer_flops",

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..tokens import gather_tokens
 from . import functional as F
 from .state import LayerReference
 
@@ -120,15 +121,16 @@ def selective_forward(
     if index is None:
         index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed)
 
-    normed_selected = F.gather_tokens(normed, index)  # [F, k, C]
+    normed_selected = gather_tokens(normed, index)  # [F, k, C]
     queries = attn.q_proj(normed_selected)
     values = F.mix_with_reference(reference.values, index, attn.v_proj(normed_selected))  # V̄ [F, T, C]
     context = _attention(attn, queries, keys, values, _mask_rows(attention_mask, index), eager_fallback)
     hidden_states = F.add_residual_with_reference(hidden_states, reference.attn_out, index, attn.out_proj(context))
 
     # LayerNorm is per token, so LN2 on the selected rows equals LN2 on all rows, then selecting.
-    mlp_selected = layer.mlp(layer.layer_norm2(F.gather_tokens(hidden_states, index)))
-    return F.add_residual_with_reference(hidden_states, reference.mlp_out, index, mlp_selected)
+    selected = gather_tokens(hidden_states, index)
+    mlp_selected = layer.mlp(layer.layer_norm2(selected))
+    return F.add_residual_with_reference(hidden_states, reference.mlp_out, index, mlp_selected, selected)
 
 
 __all__ = ["eager_attention_for", "refresh_forward", "selective_forward"]

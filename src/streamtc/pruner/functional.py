@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
+from ..tokens import gather_tokens
 
 # Released code: Gaussian kernel bandwidths 2**k for k in -3..1.
 GAUSSIAN_BANDWIDTHS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -74,18 +75,6 @@ def check_features(features: Tensor) -> None:
         raise InputError(f"features must be floating point, got dtype {features.dtype}")
     if not bool(torch.isfinite(torch.stack(torch.aminmax(features))).all()):
         raise InputError("features contain NaN or inf values; the vision tower or projector produced non-finite output")
-
-
-def gather_tokens(features: Tensor, indices: Tensor) -> Tensor:
-    """features [F, P, D] at indices [F, k] -> [F, k, D].
-
-    One index_select on the flattened frames: copies whole rows, several times faster on CPU than
-    a gather with an index expanded over D.
-    """
-    num_frames, num_tokens, dim = features.shape
-    offsets = torch.arange(num_frames, device=indices.device).unsqueeze(1) * num_tokens
-    rows = features.reshape(num_frames * num_tokens, dim).index_select(0, (indices + offsets).flatten())
-    return rows.view(num_frames, indices.shape[1], dim)
 
 
 def keep_top_k(features: Tensor, scores: Tensor, k: int, largest: bool) -> KeptTokens:
@@ -196,7 +185,6 @@ __all__ = [
     "GAUSSIAN_BANDWIDTHS",
     "KeptTokens",
     "check_features",
-    "gather_tokens",
     "keep_top_k",
     "low_variance_channels",
     "gaussian_kernel",
