@@ -53,7 +53,7 @@ class CacherConfig:
     update_ratio: float = 0.25
     selection: Literal["per_layer", "shared"] = "per_layer"
     refresh: Literal["fixed", "adaptive"] = "fixed"
-    refresh_threshold: float = 0.8
+    refresh_threshold: float = 0.85
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
 
     def __post_init__(self) -> None:

@@ -46,7 +46,7 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("shared N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, selection="shared")),
     Variant("compiled N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, compile_mode="default")),
     Variant("adaptive N=8 r=0.25", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
-                                                refresh_threshold=0.8)),
+                                                refresh_threshold=0.85)),
 )
 
 
