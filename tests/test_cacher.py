@@ -359,6 +359,11 @@ def test_dtype_change_after_attach_is_a_clear_error():
         ({"cache_interval": 2.5}, "cache_interval"),
         ({"selection": "random"}, "selection"),
         ({"refresh": "sometimes"}, "refresh"),
+        ({"refresh": "adaptive", "refresh_budget": 0}, "refresh_budget"),
+        ({"refresh": "adaptive", "refresh_budget": 1.5}, "refresh_budget"),
+        ({"refresh": "adaptive", "refresh_budget": True}, "refresh_budget"),
+        ({"refresh_budget": 2}, "refresh_budget only applies"),
+        ({"refresh": "adaptive", "cache_interval": 4, "refresh_budget": 8}, "must not exceed cache_interval"),
     ],
 )
 def test_invalid_config_values_raise(kwargs, message):
@@ -483,3 +488,66 @@ def test_reused_similarity_ignores_the_recomputed_tokens():
     similarity = torch.tensor([[1.0, 1.0, 1.0, -1.0], [0.5, 0.5, 0.5, 0.5]])
     assert torch.allclose(F.reused_similarity(similarity, 1), torch.tensor([1.0, 0.5]))
     assert torch.allclose(F.reused_similarity(similarity, 4), torch.tensor([1.0, 1.0]))
+
+
+def test_reused_similarity_is_the_median_so_a_tail_of_flipped_keys_does_not_trigger():
+    # One recomputed token (k = 1) and four reused: three unchanged, one whose key flipped.
+    similarity = torch.tensor([[-1.0, -1.0, 0.95, 0.95, 0.95]])
+    assert torch.allclose(F.reused_similarity(similarity, 1), torch.tensor([0.95]))
+    # Most reused tokens moved (a cut): the median drops with them.
+    assert torch.allclose(F.reused_similarity(torch.tensor([[-1.0, 0.1, 0.2, 0.3, 0.95]]), 1), torch.tensor([0.2]))
+
+
+def test_reused_similarity_matches_the_median_of_the_top_tokens():
+    similarity = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for k in (1, 12, 25, 49):
+        expected = similarity.topk(50 - k, dim=-1).values.median(dim=-1).values
+        assert torch.equal(F.reused_similarity(similarity, k), expected)
+
+
+def test_refresh_budget_follows_the_fixed_schedules_count_on_every_prefix():
+    # Spending every credit as soon as it exists reproduces the fixed schedule c % N == 0.
+    for interval in (1, 2, 3, 5):
+        refreshes = 0
+        for chunk in range(40):
+            if F.within_refresh_budget(chunk, refreshes, interval):
+                refreshes += 1
+                assert chunk % interval == 0
+            assert refreshes == chunk // interval + 1
+
+
+def adaptive_refresh_pattern(model, config, sequence):
+    cacher = STCCacher(config).attach(model)
+    refreshed = []
+    try:
+        for frame in sequence:
+            before = cacher.stats.refresh_chunks
+            encode_chunks(model, [frame[None]])
+            refreshed.append(cacher.stats.refresh_chunks > before)
+    finally:
+        cacher.detach()
+    return refreshed
+
+
+def test_refresh_budget_caps_a_stream_of_cuts_at_the_fixed_count(siglip):
+    cuts = torch.cat([frames(1, seed=s) for s in range(9)])  # every chunk a new scene
+    config = dict(cache_interval=8, refresh="adaptive", refresh_threshold=0.99)
+    assert adaptive_refresh_pattern(siglip, CacherConfig(**config), cuts) == [True] * 9  # uncapped: all refresh
+    capped = adaptive_refresh_pattern(siglip, CacherConfig(**config, refresh_budget=2), cuts)
+    assert capped == [c % 2 == 0 for c in range(9)]
+
+
+def test_refresh_budget_banks_credit_on_a_still_scene_for_later_cuts(siglip):
+    still = frames(1).repeat(4, 1, 1, 1)
+    cuts = torch.cat([frames(1, seed=s) for s in range(1, 5)])
+    config = CacherConfig(cache_interval=8, refresh="adaptive", refresh_threshold=0.99, refresh_budget=2)
+    refreshed = adaptive_refresh_pattern(siglip, config, torch.cat([still, cuts]))
+    # Chunks 1-3 bank one refresh; the cuts at 4, 5, 6 spend it and the new credit; 7 has none left.
+    assert refreshed == [True, False, False, False, True, True, True, False]
+
+
+def test_default_adaptive_threshold_ignores_small_motion_and_catches_a_cut(siglip):
+    drift = frames(4)  # a base scene with small per-frame changes
+    sequence = torch.cat([drift, frames(1, seed=9)])
+    refreshed = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=100, refresh="adaptive"), sequence)
+    assert refreshed == [True, False, False, False, True]

@@ -14,7 +14,7 @@ from streamtc.errors import ConfigError, InputError, StreamStateError, Unsupport
 from streamtc.presets import build_model
 from streamtc.prompts import multiple_choice_question, parse_option_letter, split_video_prompt
 from streamtc.session import CacheBlock, FullCache, StreamingSession
-from streamtc.tokenizer import save_processor
+from streamtc.tokenizer import save_processor, tokenizer_for_config
 
 logger = logging.getLogger(__name__)
 
@@ -320,3 +320,96 @@ def test_close_restores_the_untouched_model(frames: np.ndarray) -> None:
     plain = StreamingSession(session.model, session.tokenizer, stc=None)
     plain.push(frames[:2])
     assert (plain.next_token_logits(QUESTION) - one_shot_logits(plain, frames[:2], QUESTION)).abs().max() <= TOLERANCE
+
+
+# -- pre-fill batching, baselines in the session, depth overrides ----------------------------------
+
+
+def test_batched_prefill_equals_frame_by_frame_and_ask_flushes(frames):
+    per_chunk = StreamingSession.from_preset(PRESET, stc=None, prefill_min_tokens=1)
+    batched = StreamingSession(per_chunk.model, per_chunk.tokenizer, None, prefill_min_tokens=10_000)
+    for session in (per_chunk, batched):
+        push_in_chunks(session, frames[:5], [1, 2, 2])
+    assert per_chunk.stats.pending_tokens == 0 and per_chunk.stats.visual_tokens == 5 * 16
+    assert batched.stats.pending_tokens == 5 * 16 and batched.stats.visual_tokens == 0
+    expected = per_chunk.next_token_logits(QUESTION)
+    assert (batched.next_token_logits(QUESTION) - expected).abs().max() < TOLERANCE
+    assert batched.stats.pending_tokens == 0 and batched.stats.visual_tokens == 5 * 16
+    # the cache holds exactly prefix + visual tokens: keys and values of every layer
+    text = per_chunk.model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 4
+    assert batched.stats.kv_cache_bytes == per_token * batched.stats.cache_tokens
+
+
+def test_default_batching_prefills_once_an_uncompressed_frame_is_pending(frames):
+    session = StreamingSession.from_preset(PRESET, stc=STCConfig(cacher=None, pruner=PrunerConfig(tokens_per_frame=5)))
+    assert session.prefill_min_tokens == 16  # one pooled 4x4 frame of the tiny preset
+    seen = []
+    for index in range(5):
+        assert session.push(frames[index : index + 1]) == 5
+        seen.append((session.stats.visual_tokens, session.stats.pending_tokens))
+    assert seen == [(0, 5), (0, 10), (0, 15), (20, 0), (20, 5)]  # the 4th frame brings 20 >= 16: one pre-fill
+    session.close()
+
+
+@pytest.mark.parametrize("name", ["uniform", "random", "vidcom2", "visionzip"])
+def test_baseline_selectors_replace_the_pruner(frames, name):
+    from streamtc.baselines import RandomPruner, UniformPruner, VidCom2Pruner, VisionZipPruner
+
+    model = build_model(PRESET)
+    factory = {"uniform": UniformPruner, "random": RandomPruner, "vidcom2": VidCom2Pruner,
+               "visionzip": VisionZipPruner}[name]
+    selector = factory(tokens_per_frame=4)
+    if name == "visionzip":
+        selector.attach(model, pooled_size=4)
+    session = StreamingSession(model, tokenizer_for_config(model.config), None, selector=selector, prefill_min_tokens=1)
+    session.push(frames[:3])
+    assert session.stats.visual_tokens == 3 * 4 and session.stats.visual_tokens_encoded == 3 * 16
+    first = session.ask(QUESTION, max_new_tokens=3).token_ids
+    session.reset()  # a new stream: the selector starts over, so the same frames give the same answer
+    session.push(frames[:3])
+    assert session.ask(QUESTION, max_new_tokens=3).token_ids == first
+    with pytest.raises(StreamStateError, match="one session per stream"):
+        session.spawn()
+    if name == "visionzip":
+        selector.detach()
+        with pytest.raises(InputError, match="attention"):
+            selector.prune(torch.zeros(1, 16, 8))
+
+
+def test_tome_encoder_feeds_merged_tokens_unpooled(frames):
+    from streamtc.baselines import ToMe, tome_video_features
+
+    model = build_model(PRESET)
+    tome = ToMe(keep_tokens=13).apply(model.model.vision_tower)  # 49 -> 25 -> 13 in the tiny tower's 2 layers
+    try:
+        session = StreamingSession(model, tokenizer_for_config(model.config), None, encoder=tome_video_features)
+        session.push(frames[:2])
+        session.flush()
+        assert session.stats.visual_tokens == 2 * 13
+        assert session.ask(QUESTION, max_new_tokens=2).frames == 2
+    finally:
+        tome.remove()
+
+
+def test_invalid_combinations_are_refused():
+    from streamtc.baselines import UniformPruner, tome_video_features
+
+    model = build_model(PRESET)
+    tokenizer = tokenizer_for_config(model.config)
+    with pytest.raises(ConfigError, match="either stc.pruner or selector"):
+        StreamingSession(model, tokenizer, STCConfig(), selector=UniformPruner(keep_ratio=0.25))
+    with pytest.raises(ConfigError, match="cacher"):
+        StreamingSession(model, tokenizer, STCConfig(pruner=None), encoder=tome_video_features)
+    with pytest.raises(ConfigError, match="selector needs"):
+        StreamingSession(model, tokenizer, None, selector=object())
+    with pytest.raises(ConfigError, match="prefill_min_tokens"):
+        StreamingSession(model, tokenizer, None, prefill_min_tokens=0)
+
+
+def test_text_depth_override():
+    model = build_model(PRESET, num_layers=1, text_layers=1)
+    assert len(model.model.language_model.layers) == 1 and len(model.model.vision_tower.encoder.layers) == 1
+    with pytest.raises(ConfigError, match="no language model"):
+        build_model("tiny-siglip", text_layers=1)

@@ -26,6 +26,8 @@ app = typer.Typer(help="Streaming Token Compression for Hugging Face VideoLLMs."
                   pretty_exceptions_enable=False)
 bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side by side.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+from .eval.cli import eval_app  # noqa: E402
+app.add_typer(eval_app, name="eval")
 console = Console()
 
 DEMO_QUESTIONS = ["3:What is happening in the street?", "8:How many people are riding bikes?"]
@@ -131,6 +133,8 @@ def run(
     if source.ended_early:
         console.print(f"[yellow]the stream ended early: {source.error}; answering with what was received[/]")
     ask_due(float("inf"))
+    for session in sessions.values():
+        session.flush()  # the stream ended: pre-fill what is pending, so the summary counts every frame
     elapsed = time.perf_counter() - started
 
     table = Table(title=f"{video}: {last_time:.1f} s of video in {elapsed:.1f} s")
@@ -198,6 +202,75 @@ def bench_vit(
     print_report(report)
     if output is not None:
         console.print(f"wrote {write_report(report, output)}")
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    preset: Annotated[str, typer.Option(help="LLaVA-OneVision preset (random weights)")] = "tiny-llava-ov",
+    vit_layers: Annotated[int | None, typer.Option(help="Vision tower depth override (stated in the output)")] = None,
+    text_layers: Annotated[int | None, typer.Option(help="Language model depth override (stated in the output)")]
+    = None,
+    frames: Annotated[str, typer.Option(help="Checkpoints, comma-separated: frame counts measured in one stream")]
+    = "16,32,64",
+    variants: Annotated[str, typer.Option(help="Comma-separated variant names, or 'all' (see --list)")] = "all",
+    list_variants: Annotated[bool, typer.Option("--list", help="List the variants and exit")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per variant, interleaved (median reported)")] = 2,
+    warmup_frames: Annotated[int, typer.Option(help="Frames of the untimed warm-up stream per variant")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length per question")] = 8,
+    prefill_min_tokens: Annotated[int | None, typer.Option(
+        help="Pre-fill kept tokens once this many are pending (default: one uncompressed frame's tokens)")] = None,
+    video: Annotated[str, typer.Option(help="Video file ('demo': the built-in street clip)")] = "demo",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    output: Annotated[Path, typer.Option(help="Directory for report.json, report.csv and the PNG plots")]
+    = Path("bench-results"),
+) -> None:
+    """Every stage of every variant (no compression, Cacher, Pruner, STC, baselines), interleaved,
+    with fidelity beside speed."""
+    from .bench.pipeline import (
+        DEFAULT_PIPELINE_VARIANTS, VARIANTS_BY_NAME, PipelineSettings, print_report, run_pipeline_benchmark,
+        write_outputs,
+    )
+
+    if list_variants:
+        for variant in DEFAULT_PIPELINE_VARIANTS:
+            console.print(f"{variant.name:24} {json.dumps(variant.to_dict()['stc'] or variant.baseline)}")
+        return
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    try:
+        counts = tuple(int(n) for n in frames.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--frames takes comma-separated integers, got {frames!r}") from None
+    if variants == "all":
+        chosen = list(DEFAULT_PIPELINE_VARIANTS)
+    else:
+        names = [n.strip() for n in variants.split(",") if n.strip()]
+        unknown = [n for n in names if n not in VARIANTS_BY_NAME]
+        if unknown:
+            raise typer.BadParameter(f"unknown variants {unknown}; see `streamtc bench pipeline --list`")
+        chosen = [VARIANTS_BY_NAME["none"]] + [VARIANTS_BY_NAME[n] for n in names if n != "none"]
+    if threads is not None:
+        torch.set_num_threads(threads)
+    settings = PipelineSettings(
+        preset=preset, vit_layers=vit_layers, text_layers=text_layers, frames=counts, repeats=repeats,
+        warmup_frames=warmup_frames, max_new_tokens=max_new_tokens, prefill_min_tokens=prefill_min_tokens,
+        video=video, device=device, dtype=dtype,
+    )
+    steps = len(chosen) * (repeats + (1 if warmup_frames else 0))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("loading", total=steps)
+        started = iter(range(steps + 1))
+
+        def step(description: str) -> None:  # called as each stream starts
+            progress.update(task, description=description, completed=next(started))
+
+        report = run_pipeline_benchmark(settings, chosen, progress=step)
+    print_report(report, console)
+    for path in write_outputs(report, output):
+        console.print(f"wrote {path}")
 
 
 def main() -> None:

@@ -38,10 +38,16 @@ class CacherConfig:
     selection: "per_layer" (paper: each layer picks its own tokens from its own keys) or
         "shared" (pick once from the first layer's keys, reuse the index set in every layer).
     refresh: "fixed" (paper: chunk c refreshes when c % N == 0) or "adaptive": refresh when the
-        reference is N chunks old, or earlier when, in the first layer, the mean key cosine of the
-        tokens that would be reused (all but the k least similar) falls below refresh_threshold
-        (scene cuts, fast motion).
+        reference is N chunks old, or earlier when, in the first layer, the median key cosine of
+        the tokens that would be reused (all but the k least similar) falls below
+        refresh_threshold in any frame of the chunk (scene cuts, fast motion).
     refresh_threshold: similarity under which an adaptive cacher refreshes.
+    refresh_budget: adaptive only; None (no cap) or an interval B: the stream never refreshes
+        more chunks than the fixed schedule with N = B would have by the same chunk
+        (c // B + 1 by chunk c). A credit of 1/B per chunk, unused credit carried over: still
+        scenes bank refreshes that cuts and fast motion spend. The budget wins over the trigger
+        and the max-age refresh; a chunk without a reference (stream start, new resolution)
+        always refreshes. Must not exceed cache_interval.
     compile_mode: None (eager) or a `torch.compile` mode ("default", "reduce-overhead",
         "max-autotune", "max-autotune-no-cudagraphs") for the static-shape path: the refresh and
         selective layer functions have fixed k, write references into preallocated buffers in
@@ -53,7 +59,8 @@ class CacherConfig:
     update_ratio: float = 0.25
     selection: Literal["per_layer", "shared"] = "per_layer"
     refresh: Literal["fixed", "adaptive"] = "fixed"
-    refresh_threshold: float = 0.85
+    refresh_threshold: float = 0.92
+    refresh_budget: int | None = None
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
 
     def __post_init__(self) -> None:
@@ -71,6 +78,16 @@ class CacherConfig:
         )
         if not isinstance(self.refresh_threshold, (int, float)) or not -1.0 <= self.refresh_threshold <= 1.0:
             raise ConfigError(f"refresh_threshold is a cosine similarity in [-1, 1], got {self.refresh_threshold!r}")
+        if self.refresh_budget is not None:
+            if isinstance(self.refresh_budget, bool) or not isinstance(self.refresh_budget, int) or self.refresh_budget < 1:
+                raise ConfigError(f"refresh_budget must be None or an int >= 1, got {self.refresh_budget!r}")
+            if self.refresh != "adaptive":
+                raise ConfigError("refresh_budget only applies to refresh='adaptive' (a fixed schedule is its own budget)")
+            if self.refresh_budget > self.cache_interval:
+                raise ConfigError(
+                    f"refresh_budget ({self.refresh_budget}) must not exceed cache_interval ({self.cache_interval}), "
+                    "the longest an adaptive cacher keeps a reference"
+                )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:

@@ -230,11 +230,25 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}") from None
 
 
-def build_config(name: str, num_layers: int | None = None) -> PretrainedConfig:
-    """The preset's transformers config; `num_layers` overrides the vision tower's depth."""
-    if num_layers is not None and (not isinstance(num_layers, int) or num_layers < 1):
-        raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
-    return get_preset(name).build_config(num_layers)
+def _check_depth(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def build_config(name: str, num_layers: int | None = None, text_layers: int | None = None) -> PretrainedConfig:
+    """The preset's transformers config; `num_layers` overrides the vision tower's depth and
+    `text_layers` the language model's (VLM presets only)."""
+    _check_depth("num_layers", num_layers)
+    _check_depth("text_layers", text_layers)
+    config = get_preset(name).build_config(num_layers)
+    if text_layers is not None:
+        text = getattr(config, "text_config", None)
+        if text is None:
+            raise ConfigError(f"preset {name!r} has no language model; text_layers applies to VLM presets")
+        text.num_hidden_layers = text_layers
+        if getattr(text, "layer_types", None) is not None:
+            text.layer_types = text.layer_types[:text_layers]
+    return config
 
 
 def build_model(
@@ -243,13 +257,14 @@ def build_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    text_layers: int | None = None,
 ) -> PreTrainedModel:
     """Instantiate a preset with random weights drawn from a fixed seed, in eval mode.
 
-    The same (name, num_layers, seed) always gives the same weights, on any machine.
+    The same (name, num_layers, text_layers, seed) always gives the same weights, on any machine.
     """
     preset = get_preset(name)
-    config = build_config(name, num_layers)
+    config = build_config(name, num_layers, text_layers)
     config._attn_implementation = attn_implementation
     for sub in ("vision_config", "text_config"):
         if hasattr(config, sub):

@@ -32,6 +32,20 @@ window with sink tokens, ReKV-style retrieval of frame blocks) evicts in `on_app
 question a reduced view, without changes to the session. The session counts positions itself, so
 positions stay correct when a policy evicts.
 
+Pre-fill batching. The LLM pre-fills more efficiently in larger blocks: its weights are read
+once per forward, and small matrix products run below the machine's peak. So kept tokens wait in
+a pending buffer until at least `prefill_min_tokens` of them are there (default: one uncompressed
+frame's tokens, so the uncompressed baseline still pre-fills every frame as it arrives, and
+STC's 59-token frames go in blocks of four); a question, or `flush()`, pre-fills what is pending
+first. The cache after a flush equals frame-by-frame pre-fill (causal attention; tested), and a
+question waits for at most `prefill_min_tokens` of pending pre-fill. `prefill_min_tokens=1`
+pre-fills every chunk at once.
+
+Baselines. `selector=` replaces the STC-Pruner by another token selector with the same
+interface (`streamtc.baselines`: uniform, random, VidCom2-style, VisionZip-style), and
+`encoder=` replaces the model's video path (ToMe merges tokens inside the ViT, so its tokens
+skip the grid pooling: `streamtc.baselines.tome_video_features`).
+
 STC. The Cacher patches the model's vision tower once (`STCCacher.attach`); the Pruner is a plain
 object. Both keep per-stream state in state objects the session owns, made active around each use
 with their `stream(state)` context managers, so several sessions can share one model and one
@@ -69,13 +83,16 @@ from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
 from .preprocess import FrameInput, FramePreprocessor
 from .presets import build_model, get_preset, load_pretrained
-from .pruner import LlavaOnevisionVideoLayout, PrunerState, STCPruner
+from .pruner import KeptTokens, LlavaOnevisionVideoLayout, PrunerState, STCPruner, TokenSelector
 from .prompts import multiple_choice_question, parse_option_letter, split_video_prompt
 from .tokenizer import tokenizer_for_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# (model, pixel_values [F, 3, S, S]) -> visual tokens [F, P, D]: a replacement for the video path.
+VideoEncoder = Callable[[LlavaOnevisionForConditionalGeneration, torch.Tensor], torch.Tensor]
 
 
 # -- cache policies ---------------------------------------------------------------------------
@@ -86,7 +103,7 @@ class CacheBlock:
     """A run of tokens appended to the cache in one pre-fill.
 
     kind: "prompt" (the chat prompt before the video) or "frame" (one frame's kept tokens).
-    Frame blocks of one chunk are pre-filled together, in one forward.
+    Frame blocks pending together (see "Pre-fill batching") are pre-filled in one forward.
     start: index of its first token in the cache when appended; length: its token count.
     position: RoPE position of its first token. frame/timestamp: which frame, for frame blocks.
     """
@@ -110,7 +127,7 @@ class CachePolicy(ABC):
         """A fresh cache for a new stream (and forget the previous stream's bookkeeping)."""
 
     def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> None:
-        """Called after `blocks` (the chat prefix, or one chunk's frames) were pre-filled into
+        """Called after `blocks` (the chat prefix, or pending frames) were pre-filled into
         `cache`, in one forward; bounded policies evict here."""
 
     @abstractmethod
@@ -171,8 +188,10 @@ class SessionStats:
     """Counters of the current stream (since the last reset).
 
     vit_ms: vision encoding (ViT + projector + pooling, with the Cacher when enabled);
-    prune_ms: the Pruner; prefill_ms: pre-fill of the visual tokens. visual_tokens: tokens in the
-    cache; visual_tokens_encoded: tokens the encoder produced (before pruning). The last_* fields
+    prune_ms: the Pruner (or the selector replacing it); prefill_ms: pre-fill of the visual
+    tokens. visual_tokens: visual tokens in the cache; pending_tokens: kept tokens waiting for
+    their pre-fill; visual_tokens_encoded: tokens the encoder produced (before pruning).
+    kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU (since the
     session started), the process's peak RSS on CPU; memory_kind says which.
     """
@@ -180,6 +199,7 @@ class SessionStats:
     frames: int = 0
     chunks: int = 0
     visual_tokens: int = 0
+    pending_tokens: int = 0
     visual_tokens_encoded: int = 0
     prompt_tokens: int = 0
     vit_ms: float = 0.0
@@ -190,6 +210,7 @@ class SessionStats:
     last_ttft_ms: float | None = None
     last_decode_ms_per_token: float | None = None
     peak_memory_bytes: int = 0
+    kv_cache_bytes: int = 0
     memory_kind: Literal["rss", "cuda"] = "rss"
     cacher: dict[str, Any] | None = None
 
@@ -240,7 +261,13 @@ class StreamingSession:
     preprocessor: frames -> pixel values; default: from the model config (`FramePreprocessor`).
     system_prompt: system turn pre-filled at every reset (None: no system turn).
     chunk_frames: frames per vision-tower forward, i.e. per Cacher chunk and Pruner call.
+    prefill_min_tokens: pre-fill kept tokens once at least this many are pending (None: one
+        uncompressed frame's tokens; 1: every chunk at once). See "Pre-fill batching".
     cache_policy: factory of the per-session `CachePolicy` (default `FullCache`).
+    selector: a token selector in place of the STC-Pruner (a baseline; `prune(features)`,
+        `reset()`); not with `stc.pruner`. It serves this session's stream only (no `spawn`).
+    encoder: (model, pixel_values [F, 3, S, S]) -> visual tokens [F, P, D] in place of the
+        model's video path (a baseline such as ToMe); not with `stc.cacher`.
     """
 
     def __init__(
@@ -252,7 +279,10 @@ class StreamingSession:
         preprocessor: FramePreprocessor | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         chunk_frames: int = 1,
+        prefill_min_tokens: int | None = None,
         cache_policy: Callable[[], CachePolicy] = FullCache,
+        selector: TokenSelector | None = None,
+        encoder: VideoEncoder | None = None,
         _shared_stc: tuple[STCCacher | None, STCPruner | None] | None = None,
     ) -> None:
         if not isinstance(model, LlavaOnevisionForConditionalGeneration):
@@ -263,6 +293,16 @@ class StreamingSession:
             raise ConfigError(f"stc must be an STCConfig or None, got {type(stc).__name__}")
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ConfigError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
+        if prefill_min_tokens is not None and (
+            isinstance(prefill_min_tokens, bool) or not isinstance(prefill_min_tokens, int) or prefill_min_tokens < 1
+        ):
+            raise ConfigError(f"prefill_min_tokens must be None or an int >= 1, got {prefill_min_tokens!r}")
+        if selector is not None and not isinstance(selector, TokenSelector):
+            raise ConfigError(f"selector needs prune(features) and reset(), got {type(selector).__name__}")
+        if selector is not None and stc is not None and stc.pruner is not None:
+            raise ConfigError("give either stc.pruner or selector, not both (set STCConfig(pruner=None))")
+        if encoder is not None and stc is not None and stc.cacher is not None:
+            raise ConfigError("a custom encoder replaces the vision path the Cacher patches; set STCConfig(cacher=None)")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.stc = stc
@@ -275,6 +315,9 @@ class StreamingSession:
         self._embed = model.get_input_embeddings()
         grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
         self._layout = LlavaOnevisionVideoLayout(tokens_per_frame=math.ceil(grid / 2) ** 2)  # apply_pooling's grid
+        self.prefill_min_tokens = prefill_min_tokens or self._layout.tokens_per_frame
+        self.selector = selector
+        self.encoder = encoder
 
         prompt = split_video_prompt(tokenizer, "?", system_prompt)
         self._prefix_text = prompt.prefix
@@ -332,6 +375,7 @@ class StreamingSession:
         stc: STCConfig | None = STCConfig(),
         *,
         num_layers: int | None = None,
+        text_layers: int | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -339,21 +383,25 @@ class StreamingSession:
         **session_kwargs: Any,
     ) -> Self:
         """A built-in LLaVA-OneVision preset with random weights (answers are meaningless) and the
-        built-in tokenizer (`streamtc.tokenizer`)."""
+        built-in tokenizer (`streamtc.tokenizer`). num_layers / text_layers override the vision
+        tower's / language model's depth."""
         if get_preset(name).model_class is not LlavaOnevisionForConditionalGeneration:
             raise ConfigError(f"preset {name!r} is not a LLaVA-OneVision model")
         model = build_model(name, num_layers=num_layers, seed=seed, dtype=dtype,
-                            attn_implementation=attn_implementation).to(device)
+                            attn_implementation=attn_implementation, text_layers=text_layers).to(device)
         return cls(model, tokenizer_for_config(model.config), stc, **session_kwargs)
 
     def spawn(self) -> StreamingSession:
         """Another session on the same model, tokenizer, Cacher and Pruner, with its own stream
         state (cache, references, anchors, counters). The first session keeps ownership of the
-        attached Cacher."""
+        attached Cacher. Not with a `selector`: baseline selectors keep one stream's state."""
+        if self.selector is not None:
+            raise StreamStateError("a session with a custom selector cannot spawn; make one session per stream")
         return StreamingSession(
             self.model, self.tokenizer, self.stc, preprocessor=self.preprocessor,
             system_prompt=self.system_prompt, chunk_frames=self.chunk_frames,
-            cache_policy=self._cache_policy_factory, _shared_stc=(self._cacher, self._pruner),
+            prefill_min_tokens=self.prefill_min_tokens, cache_policy=self._cache_policy_factory,
+            selector=self.selector, encoder=self.encoder, _shared_stc=(self._cacher, self._pruner),
         )
 
     def _build_stc(self, stc: STCConfig | None) -> tuple[STCCacher | None, STCPruner | None]:
@@ -397,10 +445,13 @@ class StreamingSession:
         self._next_position = 0
         self._frames = 0
         self._last_timestamp: float | None = None
+        self._pending: list[tuple[torch.Tensor, CacheBlock]] = []  # kept tokens [n, D] of one frame each
         if self._cacher_state is not None:
             self._cacher_state.reset()
         if self._pruner_state is not None:
             self._pruner_state.reset()
+        if self.selector is not None:
+            self.selector.reset()
         self._stats = SessionStats(memory_kind="cuda" if self._device.type == "cuda" else "rss")
         with torch.inference_mode():
             ids = torch.tensor([self._prefix_ids], device=self._device)
@@ -408,9 +459,10 @@ class StreamingSession:
         self._stats.prompt_tokens = len(self._prefix_ids)
 
     def push(self, frames: FrameInput, timestamps: Sequence[float] | None = None) -> int:
-        """Encode `frames` and append their (kept) visual tokens to the cache; returns the tokens
-        added. frames: uint8 [F, H, W, 3] numpy/torch or a list of PIL images; timestamps:
-        seconds, one per frame (optional)."""
+        """Encode `frames` and append their (kept) visual tokens to the stream; returns the tokens
+        kept. They are pre-filled into the cache once enough are pending (`prefill_min_tokens`).
+        frames: uint8 [F, H, W, 3] numpy/torch or a list of PIL images; timestamps: seconds, one
+        per frame (optional)."""
         pixel_values = self.preprocessor(frames)  # [F, 3, S, S]
         count = pixel_values.shape[0]
         if timestamps is not None and len(timestamps) != count:
@@ -424,42 +476,64 @@ class StreamingSession:
         return added
 
     def _push_chunk(self, pixel_values: torch.Tensor, timestamps: list[float] | None) -> int:
-        """ViT (+Cacher) -> projector -> pooling -> Pruner -> pre-fill, for one chunk."""
+        """ViT (+Cacher) -> projector -> pooling -> Pruner for one chunk; its kept tokens join the
+        pending buffer, pre-filled once it holds `prefill_min_tokens`."""
         stats = self._stats
         start = self._clock()
         features = self._encode(pixel_values)  # [F, P, D]
         stats.vit_ms += self._clock() - start
         frames, per_frame, width = features.shape
         stats.visual_tokens_encoded += frames * per_frame
-        if self._pruner is not None:
-            start = self._clock()
-            with self._pruner.stream(self._pruner_state):
-                kept = self._pruner.prune(features)  # tokens [F, k, D], original order
-            stats.prune_ms += self._clock() - start
-            tokens = kept.flat_tokens()  # [sum(counts), D]
-            counts = [kept.tokens.shape[1]] * frames if kept.lengths is None else kept.lengths.tolist()
-        else:
-            tokens, counts = features.reshape(-1, width), [per_frame] * frames
-        blocks: list[CacheBlock] = []
-        start_index, position = self._cache.get_seq_length(), self._next_position
-        for i, count in enumerate(counts):
-            stamp = None if timestamps is None else float(timestamps[i])
-            blocks.append(CacheBlock("frame", start_index, count, position, frame=self._frames + i, timestamp=stamp))
-            start_index, position = start_index + count, position + count
         start = self._clock()
-        self._append(tokens[None], blocks)
+        kept = self._select(features)
+        stats.prune_ms += self._clock() - start
+        counts = [per_frame] * frames if kept is None else kept.mask().sum(dim=1).tolist()
+        for i, count in enumerate(counts):
+            tokens = features[i] if kept is None else kept.tokens[i, :count]  # real tokens come first
+            stamp = None if timestamps is None else float(timestamps[i])
+            self._pending.append((tokens, CacheBlock("frame", 0, count, 0, frame=self._frames + i, timestamp=stamp)))
         self._frames += frames
-        stats.prefill_ms += self._clock() - start
         stats.frames = self._frames
         stats.chunks += 1
-        stats.visual_tokens += sum(counts)
         self._last_timestamp = float(timestamps[-1]) if timestamps else None
+        if sum(block.length for _, block in self._pending) >= self.prefill_min_tokens:
+            self.flush()
         return sum(counts)
+
+    def _select(self, features: torch.Tensor) -> KeptTokens | None:
+        """The Pruner's (or the replacing selector's) kept tokens of features [F, P, D]; None: keep all."""
+        if self._pruner is not None:
+            with self._pruner.stream(self._pruner_state):
+                return self._pruner.prune(features)
+        if self.selector is not None:
+            return self.selector.prune(features)
+        return None
+
+    def flush(self) -> int:
+        """Pre-fill the pending kept tokens now (one forward); returns how many. `ask` calls it."""
+        if not self._pending:
+            return 0
+        start = self._clock()
+        index, position = self._cache.get_seq_length(), self._next_position
+        blocks = []
+        for _, block in self._pending:
+            blocks.append(dataclasses.replace(block, start=index, position=position))
+            index, position = index + block.length, position + block.length
+        with torch.inference_mode():
+            self._append(torch.cat([tokens for tokens, _ in self._pending])[None], blocks)
+        self._pending = []
+        count = index - blocks[0].start
+        self._stats.prefill_ms += self._clock() - start
+        self._stats.visual_tokens += count
+        return count
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The model's own video path (tower at vision_feature_layer, select strategy, projector,
-        bilinear pooling) on one chunk [F, 3, S, S], newline left out: [F, P, D]."""
+        bilinear pooling) on one chunk [F, 3, S, S], newline left out: [F, P, D]; or the custom
+        encoder's tokens."""
         pixel_values = pixel_values.to(self._device, self.model.model.vision_tower.dtype)
+        if self.encoder is not None:
+            return self.encoder(self.model, pixel_values)
         context = self._cacher.stream(self._cacher_state) if self._cacher is not None else nullcontext()
         with context:
             output = self.model.model.get_video_features(pixel_values_videos=pixel_values[None], return_dict=True)
@@ -491,17 +565,20 @@ class StreamingSession:
         """Logits [vocab] (float32, CPU) of the first answer token for `question`; the cache is
         left as before. The prompt is exactly what `ask` pre-fills."""
         ids = self._question_ids(question, options)
+        self.flush()
         with torch.inference_mode(), self._question_scope() as cache:
             hidden = self._prefill_question(ids, cache)
             return self.model.lm_head(hidden)[0].float().cpu()
 
     def ask(self, question: str, options: Sequence[str] | None = None, max_new_tokens: int = 64) -> Answer:
         """Answer `question` about the video so far, greedily; with options, a multiple-choice
-        prompt and the parsed letter. The cache is restored to the video-only state afterwards."""
+        prompt and the parsed letter. The cache is restored to the video-only state afterwards.
+        Pending visual tokens are pre-filled first (`flush`); that time counts in ttft_ms."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         start = self._clock()
         ids = self._question_ids(question, options)
+        self.flush()
         generated: list[int] = []
         decode_steps = 0
         with torch.inference_mode(), self._question_scope() as cache:
@@ -591,6 +668,11 @@ class StreamingSession:
             stats.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self._cacher_state is not None:
             stats.cacher = self._cacher_state.stats.to_dict()
+        stats.pending_tokens = sum(block.length for _, block in self._pending)
+        stats.kv_cache_bytes = sum(
+            layer.keys.nbytes + layer.values.nbytes
+            for layer in self._cache.layers if getattr(layer, "keys", None) is not None
+        )
         return stats
 
 

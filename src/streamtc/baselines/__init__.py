@@ -2,12 +2,13 @@
 
 Token selectors share STC-Pruner's interface, `prune(features [F, P, D]) -> KeptTokens` and
 `reset()`: UniformPruner, RandomPruner, VidCom2Pruner, and VisionZipPruner (which also takes the
-ViT attention each token receives: `prune(features, attention)`). ToMe works inside the ViT
-instead: `ToMe(...).apply(vision_tower)` / `.remove()`.
+ViT attention each token receives: `prune(features, attention)`, or `attach(model)` to record it).
+ToMe works inside the ViT instead: `ToMe(...).apply(vision_tower)` / `.remove()`, and
+`tome_video_features` is the LLaVA-OneVision video path for its unpooled tokens.
 """
 
 from .simple import RandomPruner, UniformPruner
-from .tome import ToMe, tome_schedule
+from .tome import ToMe, tome_schedule, tome_video_features
 from .vidcom2 import VidCom2Pruner
 from .visionzip import VisionZipPruner, attention_received, pool_scores
 
@@ -20,4 +21,5 @@ __all__ = [
     "VidCom2Pruner",
     "ToMe",
     "tome_schedule",
+    "tome_video_features",
 ]

@@ -88,6 +88,13 @@ def merge_weighted(merge: Merge, x: Tensor, size: Tensor) -> tuple[Tensor, Tenso
     return x / size, size
 
 
+def min_keep_tokens(num_tokens: int, num_layers: int, class_token: bool = False) -> int:
+    """The fewest tokens ToMe can leave after num_layers layers (each merges at most half)."""
+    for _ in range(num_layers):
+        num_tokens -= (num_tokens - class_token) // 2
+    return num_tokens
+
+
 def tome_schedule(num_tokens: int, num_layers: int, keep_tokens: int, class_token: bool = False) -> list[int]:
     """Tokens to merge per layer so that exactly keep_tokens remain after num_layers layers.
 
@@ -244,4 +251,16 @@ class ToMe:
         return forward
 
 
-__all__ = ["CLASS_TOKEN_BY_LAYER", "bipartite_merge", "merge_weighted", "tome_schedule", "ToMe"]
+def tome_video_features(model: nn.Module, pixel_values: Tensor) -> Tensor:
+    """LLaVA-OneVision's video path for a tower with ToMe applied: the tower's (merged) tokens at
+    vision_feature_layer -> projector, unpooled (merged tokens have no grid). [F, 3, S, S] ->
+    [F, k, D]; k is the ToMe schedule's output count. Pass it as a session's `encoder`."""
+    inner = model.model
+    layer, strategy = inner.config.vision_feature_layer, inner.config.vision_feature_select_strategy
+    if not isinstance(layer, int):
+        raise UnsupportedModelError(f"ToMe tokens come from one layer; this model concatenates layers {layer}")
+    hidden = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states[layer]
+    return inner.multi_modal_projector(hidden[:, 1:] if strategy == "default" else hidden)
+
+
+__all__ = ["CLASS_TOKEN_BY_LAYER", "bipartite_merge", "merge_weighted", "min_keep_tokens", "tome_schedule", "tome_video_features", "ToMe"]

@@ -5,8 +5,11 @@ late ViT layer ("dominant"), then merge the rest into a few "contextual" tokens:
 remaining tokens act as targets and every other remaining token joins its most similar target.
 
 How it gets the attention: `prune(features, attention)` takes one attention-received score per
-token, [F, P], in the same token order as features. Two helpers build it from a tower run with
-eager attention and `output_attentions=True` (SDPA does not return weights):
+token, [F, P], in the same token order as features. In a host, `attach(model, pooled_size=14)`
+records it on every tower forward from the penultimate layer's queries and keys (any attention
+backend), pools it as the host pools tokens, and `prune(features)` uses the latest record.
+By hand, two helpers build it from a tower run with eager attention and
+`output_attentions=True` (SDPA does not return weights):
 `attention_received(attentions[layer])` reduces [F, heads, T, T] weights to [F, T] (mean over
 heads and queries for SigLIP, the class token's row for CLIP, as VisionZip does), and
 `pool_scores(scores, size)` applies LLaVA-OneVision's bilinear pooling (27x27 -> 14x14) so
@@ -24,9 +27,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import CLIPVisionConfig
 
-from ..errors import ConfigError, InputError
+from ..cacher import find_vision_tower
+from ..errors import ConfigError, InputError, StreamStateError
 from ..pruner import Budget, KeptTokens
 from ..pruner.functional import check_features
 from ..tokens import gather_tokens
@@ -102,14 +107,60 @@ class VisionZipPruner:
             raise ConfigError(f"contextual_share must lie in [0, 1), got {contextual_share!r}")
         self.budget = Budget(tokens_per_frame, keep_ratio)
         self.contextual_share = float(contextual_share)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._queries: Tensor | None = None
+        self._recorded: Tensor | None = None  # [F, P] attention received in the latest tower forward
+
+    def attach(self, model: nn.Module, layer: int | None = None, pooled_size: int | None = None) -> VisionZipPruner:
+        """Record the attention each token receives in `layer` of the vision tower inside `model`
+        (default: the penultimate, as VisionZip; the only one of a 1-layer tower) on every forward,
+        pooled to pooled_size x pooled_size when the host pools its grid, as LLaVA-OneVision does
+        to 14 x 14. Returns self; `detach()` removes the hooks."""
+        if self._hooks:
+            raise StreamStateError("this VisionZipPruner is already attached; detach() first")
+        tower = find_vision_tower(model)
+        layers = tower.encoder.layers
+        if layer is None:
+            layer = -2 if len(layers) > 1 else -1
+        if not -len(layers) <= layer < len(layers):
+            raise ConfigError(f"layer {layer} does not exist in a {len(layers)}-layer tower")
+        attention = layers[layer].self_attn
+        class_token = isinstance(tower.config, CLIPVisionConfig)
+
+        def keep_queries(module: nn.Module, args: tuple, output: Tensor) -> None:
+            self._queries = output
+
+        def record(module: nn.Module, args: tuple, keys: Tensor) -> None:
+            frames, tokens, _ = keys.shape
+            heads = attention.num_heads
+            q = self._queries.view(frames, tokens, heads, -1).transpose(1, 2)
+            k = keys.view(frames, tokens, heads, -1).transpose(1, 2)
+            probs = (q @ k.transpose(-1, -2) * attention.scale).float().softmax(dim=-1)
+            scores = attention_received(probs, class_token)
+            self._recorded = pool_scores(scores, pooled_size) if pooled_size else scores
+            self._queries = None
+
+        self._hooks = [
+            attention.q_proj.register_forward_hook(keep_queries),
+            attention.k_proj.register_forward_hook(record),
+        ]
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks `attach` placed."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._queries, self._recorded = [], None, None
 
     def prune(self, features: Tensor, attention: Tensor | None = None) -> KeptTokens:
-        """Keep k tokens of each frame of features [F, P, D] given attention received [F, P]."""
+        """Keep k tokens of each frame of features [F, P, D] given attention received [F, P]
+        (default: the record of the latest tower forward, when attached)."""
         check_features(features)
+        attention = self._recorded if attention is None else attention
         if attention is None:
             raise InputError(
                 "VisionZip needs the ViT attention each token receives: pass attention [F, P] "
-                "(see attention_received and pool_scores)"
+                "(see attention_received and pool_scores) or attach() it to the model"
             )
         if attention.shape != features.shape[:2]:
             raise InputError(

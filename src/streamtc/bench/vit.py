@@ -27,7 +27,7 @@ from ..config import CacherConfig
 from ..errors import InputError
 from ..preprocess import FramePreprocessor
 from ..presets import build_model
-from ..sources import PyAVSource, open_source
+from ..sources import Frame, PyAVSource, open_source
 from .timing import machine_info, timed
 
 
@@ -45,8 +45,8 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("stc N=4 r=0.25", CacherConfig(cache_interval=4, update_ratio=0.25)),
     Variant("shared N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, selection="shared")),
     Variant("compiled N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, compile_mode="default")),
-    Variant("adaptive N=8 r=0.25", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
-                                                refresh_threshold=0.85)),
+    Variant("adaptive N=8 budget 2 r=0.25", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
+                                                         refresh_threshold=0.92, refresh_budget=2)),
 )
 
 
@@ -71,13 +71,17 @@ def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
 
 
-def load_benchmark_frames(video: str, count: int, image_size: int) -> torch.Tensor:
-    """`count` frames spread evenly over a video file ('demo': the built-in street clip) as pixel values."""
+def sample_clip(video: str, count: int) -> list[Frame]:
+    """`count` frames spread evenly over a video file ('demo': the built-in street clip)."""
     source = open_source(video, fps=1.0)
     if not isinstance(source, PyAVSource) or source.duration is None:
-        raise InputError(f"{video}: the ViT benchmark needs a video file of known duration")
-    frames = [f.image for f in open_source(video, fps=count / source.duration, max_frames=count)]
-    return FramePreprocessor(size=image_size)(np.stack(frames))
+        raise InputError(f"{video}: the benchmarks need a video file of known duration")
+    return list(open_source(video, fps=count / source.duration, max_frames=count))
+
+
+def load_benchmark_frames(video: str, count: int, image_size: int) -> torch.Tensor:
+    """`count` frames spread evenly over a video file ('demo': the built-in street clip) as pixel values."""
+    return FramePreprocessor(size=image_size)(np.stack([f.image for f in sample_clip(video, count)]))
 
 
 def run_vit_benchmark(

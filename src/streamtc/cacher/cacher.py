@@ -211,36 +211,42 @@ class STCCacher:
         state, config = self._state, self.config
         state.check_compatible(hidden_states)
         _, num_tokens, width = hidden_states.shape
-        if config.refresh == "adaptive":
-            on_schedule = state.chunk_index - state.last_refresh_chunk >= config.cache_interval
+        adaptive = config.refresh == "adaptive"
+        if adaptive:
+            affordable = config.refresh_budget is None or F.within_refresh_budget(
+                state.chunk_index, state.stats.refresh_chunks, config.refresh_budget
+            )
+            on_schedule = affordable and state.chunk_index - state.last_refresh_chunk >= config.cache_interval
         else:
-            on_schedule = state.chunk_index % config.cache_interval == 0
+            affordable, on_schedule = False, state.chunk_index % config.cache_interval == 0
         refresh = (
             not state.has_reference
             or on_schedule
             or state.reference_shape != (len(self._layers), num_tokens, width)
         )
         plan = ChunkPlan(state, refresh, F.num_recomputed_tokens(num_tokens, config.update_ratio))
-        if not refresh and (config.selection == "shared" or config.refresh == "adaptive"):
-            self._plan_from_first_layer(plan, hidden_states)
+        if not refresh and (config.selection == "shared" or affordable):
+            self._plan_from_first_layer(plan, hidden_states, trigger=affordable)
         if plan.refresh:
             state.prepare_refresh(len(self._layers), num_tokens, width, hidden_states)
         self._plan = plan
 
-    def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor) -> None:
+    def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor, trigger: bool) -> None:
         """Beyond-paper options: one look at the first layer's keys decides the chunk.
 
-        adaptive: refresh when, for any frame, the tokens that would be reused have a mean key cosine
-        to the reference below the threshold (one host sync per chunk, here, outside the layers). shared: the first layer's k least
-        similar tokens become the index set of every layer.
+        trigger (adaptive, within the refresh budget): refresh when, for any frame, the tokens that
+        would be reused have a median key cosine to the reference below the threshold (one host
+        sync per chunk, here, outside the layers). shared: the first layer's k least similar
+        tokens become the index set of every layer.
         """
         first = self._layers[0]
         keys = first.self_attn.k_proj(first.layer_norm1(hidden_states))
         similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys)
-        reused = F.reused_similarity(similarity, plan.num_recomputed)
-        if self.config.refresh == "adaptive" and float(reused.min()) < self.config.refresh_threshold:
-            plan.refresh, plan.adaptive_refresh = True, True
-            return
+        if trigger:
+            reused = F.reused_similarity(similarity, plan.num_recomputed)
+            if float(reused.min()) < self.config.refresh_threshold:
+                plan.refresh, plan.adaptive_refresh = True, True
+                return
         plan.first_layer_keys = keys
         if self.config.selection == "shared":
             plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed)

@@ -33,7 +33,7 @@ class CacherStats:
 
     chunks: int = 0
     frames: int = 0
-    refresh_chunks: int = 0
+    refresh_chunks: int = 0  # also what an adaptive refresh_budget has spent
     adaptive_refreshes: int = 0
     tokens_per_frame: int = 0
     recomputed_tokens_per_layer: list[int] = field(default_factory=list)

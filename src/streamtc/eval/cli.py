@@ -1,0 +1,149 @@
+"""`streamtc eval`: run a benchmark with a VideoLLM (with or without STC), report and compare runs.
+
+    streamtc eval run ovobench ovo_bench_new.json --videos data/ovo --output runs/ovo_stc.jsonl
+    streamtc eval run ovobench ovo_bench_new.json --videos data/ovo --output runs/ovo_base.jsonl --no-stc --ray
+    streamtc eval report runs/ovo_base.jsonl runs/ovo_stc.jsonl
+    streamtc eval benchmarks
+
+`--ray` takes an optional address: bare `--ray` starts a local cluster on 127.0.0.1, `--ray auto` /
+`--ray HOST:PORT` joins one (write `--ray=ADDRESS`, or put `--ray` after the positional
+arguments, so that a positional argument is not read as its address).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from typer.core import TyperCommand
+
+from ..config import STCConfig
+from .datasets import BENCHMARKS, PAPER_OFFLINE_AVERAGE, limit_videos, load_benchmark
+from .protocol import EvalSettings
+from .report import load_run, render_comparison, render_run, render_timing
+from .runner import DTYPES, EvalRun, ModelSpec
+
+console = Console()
+eval_app = typer.Typer(help="Benchmark accuracy: OVO-Bench, StreamingBench, MLVU, EgoSchema, Video-MME.",
+                       no_args_is_help=True)
+
+
+class _OptionalRayAddress(TyperCommand):
+    """Lets `--ray` stand alone (meaning a local cluster) or take an address."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        args = [("--ray=local" if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a)
+                for i, a in enumerate(args)]
+        return super().parse_args(ctx, args)
+
+
+@eval_app.command("run", cls=_OptionalRayAddress)
+def run(
+    benchmark: Annotated[str, typer.Argument(help=f"{', '.join(BENCHMARKS)}, or 'auto' (detect from the file)")],
+    annotations: Annotated[Path, typer.Argument(help="Annotation file (or directory) in the benchmark's published "
+                                                     "format; see docs/evaluation.md")],
+    videos: Annotated[Path, typer.Option(help="Directory holding the benchmark's videos")],
+    output: Annotated[Path, typer.Option(help="Results file (JSON lines); an existing one is resumed")],
+    model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision). "
+                                                   "Overrides --preset.")] = None,
+    preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (answers are meaningless)")]
+    = "tiny-llava-ov",
+    num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
+    seed: Annotated[int, typer.Option(help="Weight seed for presets")] = 0,
+    no_stc: Annotated[bool, typer.Option("--no-stc", help="Evaluate the uncompressed model")] = False,
+    config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
+                                                     "{...}}); default: the paper's combined setting")] = None,
+    fps: Annotated[float | None, typer.Option(help="Frames sampled per second of video (default: 1 for the online "
+                                                   "benchmarks, 0.5 for the offline ones)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (greedy decoding)")] = 16,
+    max_videos: Annotated[int | None, typer.Option(help="Only the first N videos (smoke runs)")] = None,
+    option_logprobs: Annotated[bool, typer.Option("--option-logprobs", help="Also record each option letter's "
+                                                  "log-probability (one extra pre-fill per question)")] = False,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="On resume, ask again the questions whose "
+                                               "video was missing or unreadable")] = False,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help="Shard videos over Ray actors; bare "
+                                            "--ray starts a local cluster on 127.0.0.1, or give 'auto' / "
+                                            "HOST:PORT")] = None,
+    actors: Annotated[int | None, typer.Option(help="Ray actors (default: one per GPU; on CPUs, one per 4 CPUs)")]
+    = None,
+    device: Annotated[str, typer.Option(help="torch device (single process; Ray actors use a GPU when the "
+                                              "cluster has them)")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=f"Model dtype: {', '.join(DTYPES)}")] = "float32",
+) -> None:
+    """Stream every video of a benchmark through the model, asking each question when the stream
+    reaches it; append one JSON line per answer to --output; print the benchmark's scores."""
+    if no_stc and config is not None:
+        raise typer.BadParameter("--config sets up STC; drop --no-stc")
+    stc = None if no_stc else (STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig())
+    loaded = limit_videos(load_benchmark(benchmark, annotations, videos), max_videos)
+    settings = EvalSettings(fps=fps if fps is not None else loaded.info.default_fps, max_new_tokens=max_new_tokens,
+                            option_logprobs=option_logprobs)
+    spec = ModelSpec(model=model, preset=preset, num_layers=num_layers, seed=seed,
+                     stc=None if stc is None else stc.to_dict(), dtype=dtype)
+    if model is None:
+        console.print(f"[yellow]preset {preset!r} has random weights: its answers are meaningless. "
+                      "Use --model PATH_OR_ID for real weights.[/]")
+    evaluation = EvalRun(loaded, spec, output, settings, device=device, retry_errors=retry_errors)
+    if evaluation.resumed:
+        done = loaded.questions - evaluation.pending_questions
+        console.print(f"resuming {output}: {done} of {loaded.questions} questions already answered")
+    console.print(f"{loaded.info.title}: {len(evaluation.jobs)} video(s), {evaluation.pending_questions} question(s) "
+                  f"to ask at {settings.fps:g} fps" + (f" on Ray ({ray})" if ray else ""))
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[video]}"), TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task("answering", total=evaluation.pending_questions, video="")
+
+        def advance(record: dict[str, Any]) -> None:
+            if record["type"] == "answer":
+                progress.update(bar, advance=1, video=record["video"])
+
+        summary = evaluation.run(ray_address=ray, actors=actors, on_record=advance)
+    report = load_run(output)
+    render_run(console, report)
+    render_timing(console, [report])
+    if "submission" in summary:
+        console.print(f"EgoSchema submission: {', '.join(summary['submission'])}")
+    console.print(f"results: {output}")
+
+
+@eval_app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Results files; the first is the reference for retention")],
+    json_output: Annotated[Path | None, typer.Option("--json", help="Also write the scores and timings here")] = None,
+) -> None:
+    """Print each run's score tables, then compare the runs side by side: accuracy, retention
+    against the first run, and the cost of each."""
+    reports = [load_run(path) for path in runs]
+    for item in reports:
+        render_run(console, item)
+    if len(reports) > 1:
+        render_comparison(console, reports)
+    else:
+        render_timing(console, reports)
+    if json_output is not None:
+        json_output.parent.mkdir(parents=True, exist_ok=True)
+        json_output.write_text(json.dumps([item.to_dict() for item in reports], indent=2))
+        console.print(f"wrote {json_output}")
+
+
+@eval_app.command()
+def benchmarks() -> None:
+    """List the supported benchmarks, their protocol and the paper's numbers."""
+    table = Table(title="benchmarks")
+    for column in ("name", "benchmark", "protocol", "default fps", "headline score", "paper: uncompressed / STC"):
+        table.add_column(column)
+    for info in BENCHMARKS.values():
+        paper = info.paper or (PAPER_OFFLINE_AVERAGE if not info.online else None)
+        numbers = "-" if paper is None else f"{paper['uncompressed']} / {paper['stc']}" + (
+            "" if info.paper else " (offline avg)")
+        table.add_row(info.name, info.title, "online: asked at its time" if info.online else "offline: after the video",
+                      f"{info.default_fps:g}", info.headline, numbers)
+    console.print(table)
+
+
+__all__ = ["eval_app"]

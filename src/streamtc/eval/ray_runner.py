@@ -1,0 +1,187 @@
+"""Scale-out: videos sharded over Ray actors, one model (one `StreamingSession`) per actor.
+
+    for record in run_on_ray(jobs, spec, settings, address="local", actors=2):
+        writer.write(record)
+
+Each actor builds the model once and runs `protocol.run_video` on one video at a time; the driver
+hands the next video to whichever actor is free (a shared queue, so long and short videos balance)
+and receives each answer record as soon as the actor yields it (Ray streaming generators), so the
+driver writes answers as they are answered, as in a single-process run. A video always runs whole
+on one actor, and every video starts from `session.reset()`, so the records equal the
+single-process run's (timings aside; on CPUs, actors run their own number of torch threads, so
+logits can differ in the last bits).
+
+Placement: where the cluster has GPUs, each actor takes one (`num_gpus=1`) and runs on "cuda";
+otherwise each actor takes `cpus_per_actor` CPUs and as many torch threads.
+
+address: "local" starts a private local cluster bound to 127.0.0.1 (no dashboard; shut down at the
+end); "auto" or "host:port" / "ray://host:port" joins an existing cluster (left running). When Ray
+is already initialised in this process (a library caller), that connection is used and kept.
+Ray is an optional dependency: `pip install 'streamtc[ray]'`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import ConfigError, StreamTCError
+from .datasets import VideoTask
+from .protocol import EvalSettings, run_video
+from .results import Key
+from .runner import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+LOCAL = "local"
+# Ray resolves 127.0.0.1 to the machine's reachable address (so other nodes could join) unless its
+# single-machine mode is on; this switch (named after the platforms where that mode is the
+# default) is the one that keeps every Ray process listening on the loopback interface only.
+_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class RayUnavailableError(StreamTCError, ImportError):
+    """Ray is not installed."""
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as error:
+        raise RayUnavailableError("--ray needs Ray: pip install 'streamtc[ray]' (ray>=2.9)") from error
+    return ray
+
+
+class EvalActor:
+    """Holds one session (one model) and answers whole videos with it (made a Ray actor class by
+    `run_on_ray`)."""
+
+    def __init__(self, spec: ModelSpec, device: str, threads: int | None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.session = spec.build(device)
+
+    def run_video(self, task: VideoTask, pending: set[Key], settings: EvalSettings) -> Iterator[dict[str, Any]]:
+        yield from run_video(self.session, task, settings, pending)
+
+
+@contextmanager
+def _connect(address: str, cpus: int) -> Iterator[Any]:
+    """Ray connected to `address` (see the module docstring); disconnects what it connected."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    if address == LOCAL:
+        saved = os.environ.get(_LOOPBACK_SWITCH)
+        os.environ[_LOOPBACK_SWITCH] = "0"
+        from ray._private import ray_constants
+
+        cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by Ray's address lookup
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                     configure_logging=False)
+            yield ray
+        finally:
+            ray.shutdown()
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+            if saved is None:
+                os.environ.pop(_LOOPBACK_SWITCH, None)
+            else:
+                os.environ[_LOOPBACK_SWITCH] = saved
+        return
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def run_on_ray(
+    jobs: list[tuple[VideoTask, set[Key]]],
+    spec: ModelSpec,
+    settings: EvalSettings,
+    *,
+    address: str = LOCAL,
+    actors: int | None = None,
+    cpus_per_actor: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the records of `jobs` (video, keys to answer) computed on Ray actors, as they arrive.
+
+    actors: number of actors (default: one per GPU; without GPUs, one per `cpus_per_actor` CPUs,
+    at least one). cpus_per_actor: CPUs (and torch threads) per CPU actor (default: the cluster's
+    CPUs divided by the actors, at least 1).
+    """
+    if actors is not None and actors < 1:
+        raise ConfigError(f"actors must be >= 1, got {actors}")
+    local_cpus = max(os.cpu_count() or 1, actors or 1)
+    with _connect(address, local_cpus) as ray:
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        if gpus:
+            count = actors or gpus
+            options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+            device, threads = "cuda", None
+        else:
+            per_actor = cpus_per_actor or max(1, cpus // actors if actors else min(4, cpus))
+            count = actors or max(1, cpus // per_actor)
+            options, device, threads = {"num_cpus": per_actor}, "cpu", per_actor
+        count = min(count, len(jobs))
+        if gpus and count > gpus:
+            logger.warning("%d actors for %d GPUs: the extra actors wait for a free GPU", count, gpus)
+        logger.info("Ray: %d actor(s) on %s (%s)", count, device, options)
+        actor_class = ray.remote(**options)(EvalActor)
+        handles = [actor_class.remote(spec, device, threads) for _ in range(count)]
+        work: queue.Queue[tuple[VideoTask, set[Key]]] = queue.Queue()
+        for job in jobs:
+            work.put(job)
+        out: queue.Queue[tuple[str, Any]] = queue.Queue()
+        stop = threading.Event()
+
+        def drive(handle: Any) -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        task, pending = work.get_nowait()
+                    except queue.Empty:
+                        break
+                    stream = handle.run_video.options(num_returns="streaming").remote(task, pending, settings)
+                    for ref in stream:
+                        out.put(("record", ray.get(ref)))
+                        if stop.is_set():
+                            break
+            except BaseException as error:  # handed to the driver thread, which re-raises it
+                out.put(("error", error))
+            finally:
+                out.put(("done", None))
+
+        threads_ = [threading.Thread(target=drive, args=(h,), daemon=True) for h in handles]
+        for thread in threads_:
+            thread.start()
+        running = len(threads_)
+        try:
+            while running:
+                kind, value = out.get()
+                if kind == "done":
+                    running -= 1
+                elif kind == "error":
+                    raise value
+                else:
+                    yield value
+        finally:
+            stop.set()
+            for handle in handles:
+                ray.kill(handle)
+            for thread in threads_:
+                thread.join(timeout=10)
+
+
+__all__ = ["EvalActor", "LOCAL", "RayUnavailableError", "run_on_ray"]

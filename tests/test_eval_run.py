@@ -1,0 +1,302 @@
+"""Evaluation end to end on the tiny preset: the streaming protocol (questions at the right frame,
+no prefix encoded twice), missing and unreadable videos, resume after a crash, header refusal, a
+2-actor Ray run equal to the single-process run, and the `streamtc eval` commands.
+
+Clips are encoded here with PyAV (64x48, 4 fps, a drifting noisy scene); annotations are written in
+OVO-Bench's and Video-MME's published formats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from streamtc import STCConfig
+from streamtc.cli import app
+from streamtc.errors import VideoSourceError
+from streamtc.eval.datasets import load_benchmark
+from streamtc.eval.protocol import EvalSettings, run_video
+from streamtc.eval.results import ResultsMismatchError, read_results
+from streamtc.eval.runner import EvalRun, ModelSpec
+from streamtc.session import StreamingSession
+from streamtc.sources import PyAVSource
+
+runner = CliRunner()
+TIMINGS = {"ttft_ms", "total_ms", "prefill_ms"}
+SETTINGS = EvalSettings(fps=1.0, max_new_tokens=4, option_logprobs=True)
+SPEC = ModelSpec(preset="tiny-llava-ov", stc=STCConfig().to_dict())
+OPTIONS = ["a red cup", "a phone", "a blue umbrella", "nothing"]
+
+
+def write_clip(path: Path, seconds: float, seed: int, rate: int = 4, size: tuple[int, int] = (48, 64)) -> Path:
+    rng = np.random.default_rng(seed)
+    count = int(seconds * rate)
+    scene = rng.integers(0, 256, (size[0], size[1] + 2 * count, 3)).astype(np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv420p"
+        for i in range(count):
+            image = np.clip(scene[:, 2 * i : 2 * i + size[1]] + rng.integers(-10, 11, (*size, 3)), 0, 255)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image.astype(np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ovo(tmp_path_factory) -> Path:
+    """An OVO-Bench fixture: two clips, one missing video, one file that is not a video."""
+    root = tmp_path_factory.mktemp("ovo")
+    write_clip(root / "videos" / "COIN" / "a.mp4", 6, seed=1)
+    write_clip(root / "videos" / "Ego" / "b.mp4", 5, seed=2)
+    (root / "videos" / "broken").mkdir()
+    (root / "videos" / "broken" / "d.mp4").write_text("not a video\n")
+    items = [
+        {"id": 0, "task": "EPM", "video": "COIN/a.mp4", "realtime": 2, "question": "What was taken?",
+         "options": OPTIONS, "gt": 1},
+        {"id": 1, "task": "OCR", "video": "COIN/a.mp4", "realtime": 4.5, "question": "What does it say?",
+         "options": OPTIONS[:3], "gt": 0},
+        {"id": 2, "task": "REC", "video": "Ego/b.mp4", "activity": "jump",
+         "test_info": [{"realtime": 3, "count": 1}, {"realtime": 1, "count": 0}]},
+        {"id": 3, "task": "SSR", "video": "COIN/a.mp4",
+         "test_info": [{"realtime": 5, "step": "open the box", "type": 1}, {"realtime": 0, "step": "cut", "type": 0}]},
+        {"id": 4, "task": "CRR", "video": "Ego/b.mp4", "question": "What is in the box?",
+         "test_info": [{"realtime": 4, "type": 0}]},
+        {"id": 5, "task": "ASI", "video": "gone/c.mp4", "realtime": 1, "question": "Next step?", "options": OPTIONS, "gt": 3},
+        {"id": 6, "task": "STU", "video": "COIN/a.mp4", "realtime": 30, "question": "Where?", "options": OPTIONS, "gt": 2},
+        {"id": 7, "task": "HLD", "video": "broken/d.mp4", "realtime": 2, "question": "Odd?", "options": OPTIONS, "gt": 0},
+    ]
+    (root / "ovo_bench_new.json").write_text(json.dumps(items))
+    return root
+
+
+def comparable(results_path: Path) -> dict:
+    """Answer records by key, without timings (which differ from run to run)."""
+    return {key: {k: v for k, v in record.items() if k not in TIMINGS}
+            for key, record in read_results(results_path).answers.items()}
+
+
+def assert_same_answers(got: dict, expected: dict, tolerance: float = 0.0) -> None:
+    assert got.keys() == expected.keys()
+    for key, record in expected.items():
+        other = dict(got[key])
+        logprobs, expected_logprobs = other.pop("option_logprobs"), record.get("option_logprobs")
+        assert other == {k: v for k, v in record.items() if k != "option_logprobs"}, key
+        if expected_logprobs is None:
+            assert logprobs is None
+        else:
+            assert logprobs.keys() == expected_logprobs.keys()
+            assert all(abs(logprobs[k] - expected_logprobs[k]) <= tolerance for k in logprobs), key
+
+
+@pytest.fixture(scope="module")
+def reference(ovo: Path, tmp_path_factory) -> tuple[Path, int]:
+    """An uninterrupted single-process run; returns (results file, frames pushed in total)."""
+    pushed = []
+    original = StreamingSession.push
+
+    def counting_push(self, frames, timestamps=None):
+        pushed.append(len(frames))
+        return original(self, frames, timestamps)
+
+    output = tmp_path_factory.mktemp("runs") / "reference.jsonl"
+    benchmark = load_benchmark("ovobench", ovo / "ovo_bench_new.json", ovo / "videos")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StreamingSession, "push", counting_push)
+        summary = EvalRun(benchmark, SPEC, output, SETTINGS).run()
+    assert summary["complete"] and summary["answers"] == 10
+    return output, sum(pushed)
+
+
+def test_questions_are_asked_when_the_stream_reaches_them(reference: tuple[Path, int]) -> None:
+    path, pushed = reference
+    results = read_results(path)
+    answers = results.answers
+    clip_frames = {"COIN/a.mp4": 6, "Ego/b.mp4": 5}  # 6 s and 5 s at 1 fps
+    for (video, qid, trigger), record in answers.items():
+        if record["error"] is not None:
+            continue
+        expected = min(math.floor(record["question_time"] + 1e-9) + 1, clip_frames[video])
+        assert record["frames"] == expected, (video, qid, trigger)
+        assert record["stream_time"] == expected - 1  # the last frame seen is the one at or before the time
+        assert record["response"] is not None and record["token_ids"] is not None
+    # OVO-Bench's forward-active items: one answer per trigger point, each at its own time
+    assert [answers[("Ego/b.mp4", "2", t)]["frames"] for t in (0, 1)] == [4, 2]
+    assert answers[("COIN/a.mp4", "6", None)]["frames"] == 6  # timed after the end: asked at the end
+    assert set(answers[("COIN/a.mp4", "0", None)]["option_logprobs"]) == {"A", "B", "C", "D"}
+    assert answers[("Ego/b.mp4", "4", 0)]["option_logprobs"] is None  # Yes/No prompt: no options
+    # each clip is decoded and encoded once, up to its last question: 6 + 5 frames in total, where
+    # re-encoding every question's prefix would have cost 1 + 3 + 5 + 6 + 6 + 2 + 4 + 5 = 32
+    assert pushed == 11
+    assert sorted((v["video"], v["frames"]) for v in results.videos) == [
+        ("COIN/a.mp4", 6), ("Ego/b.mp4", 5), ("broken/d.mp4", 0), ("gone/c.mp4", 0)]
+
+
+def test_missing_and_unreadable_videos_are_recorded_not_fatal(reference: tuple[Path, int]) -> None:
+    results = read_results(reference[0])
+    gone, broken = results.answers[("gone/c.mp4", "5", None)], results.answers[("broken/d.mp4", "7", None)]
+    assert "no such video file" in gone["error"] and gone["correct"] is False and gone["prediction"] is None
+    assert "d.mp4" in broken["error"]
+    summary = results.summaries[-1]
+    assert summary["score"]["errors"] == 2 and set(summary["score"]["missing_videos"]) == {"gone/c.mp4", "broken/d.mp4"}
+    assert summary["timing"]["frames"] == 11 and summary["timing"]["vit_ms_per_frame"] > 0
+    assert summary["timing"]["tokens_kept"] < 1.0  # STC's Pruner keeps 30%
+
+
+def test_chunked_pushes_keep_question_times(ovo: Path) -> None:
+    """With 2-frame chunks, a chunk is cut short when a question falls due."""
+    benchmark = load_benchmark("ovobench", ovo / "ovo_bench_new.json", ovo / "videos")
+    session = StreamingSession.from_preset("tiny-llava-ov", stc=None, chunk_frames=2)
+    records = list(run_video(session, benchmark.tasks[0], EvalSettings(fps=1.0, max_new_tokens=1)))
+    assert [(r["question_time"], r["frames"]) for r in records if r["type"] == "answer"] == [
+        (0.0, 1), (2.0, 3), (4.5, 5), (5.0, 6), (30.0, 6)]
+    assert records[-1]["type"] == "video" and records[-1]["frames"] == 6
+
+
+def test_a_video_failing_mid_stream_keeps_the_answers_it_can_give(ovo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding fails after 3.5 s: the questions at 0 s and 2 s were answered; the rest get errors."""
+    import streamtc.eval.protocol as protocol
+
+    class CutSource(PyAVSource):
+        def _timeline(self):
+            for timestamp, image in super()._timeline():
+                if timestamp > 3.5:
+                    raise VideoSourceError(f"{self.name}: decoding failed (simulated)")
+                yield timestamp, image
+
+    monkeypatch.setattr(protocol, "PyAVSource", CutSource)
+    benchmark = load_benchmark("ovobench", ovo / "ovo_bench_new.json", ovo / "videos")
+    session = StreamingSession.from_preset("tiny-llava-ov", stc=None)
+    records = list(run_video(session, benchmark.tasks[0], EvalSettings(fps=1.0, max_new_tokens=1)))
+    answers = [(r["question_time"], r["frames"], r["error"] is None) for r in records if r["type"] == "answer"]
+    assert answers == [(0.0, 1, True), (2.0, 3, True), (4.5, None, False), (5.0, None, False), (30.0, None, False)]
+    assert records[-1]["error"].endswith("decoding failed (simulated)") and records[-1]["frames"] == 4
+
+
+def test_resume_after_a_crash_answers_the_rest_once(ovo: Path, reference: tuple[Path, int], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    output = tmp_path / "crashed.jsonl"
+    benchmark = load_benchmark("ovobench", ovo / "ovo_bench_new.json", ovo / "videos")
+    asked = []
+    original = StreamingSession.ask
+
+    def crash_after_three(self, *args, **kwargs):
+        if len(asked) == 3:
+            raise RuntimeError("simulated crash")
+        asked.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingSession, "ask", crash_after_three)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        EvalRun(benchmark, SPEC, output, SETTINGS).run()
+    assert len(read_results(output).answers) == 3
+    with output.open("a") as handle:
+        handle.write('{"type": "answer", "video": "COIN/a.mp4", "qid": "1", "trig')  # killed mid-write
+
+    monkeypatch.setattr(StreamingSession, "ask", lambda self, *a, **k: asked.append(a[0]) or original(self, *a, **k))
+    resumed = EvalRun(benchmark, SPEC, output, SETTINGS)
+    assert resumed.resumed and resumed.pending_questions == 7
+    summary = resumed.run()
+    assert len(asked) == 3 + 5  # the 5 remaining readable questions, nothing asked twice
+    results = read_results(output)
+    assert results.superseded == 0 and not results.truncated_tail and summary["complete"]
+    assert_same_answers(comparable(output), comparable(reference[0]))
+    lines = output.read_text().splitlines()
+    assert sum(json.loads(line)["type"] == "answer" for line in lines) == 10  # no duplicates, nothing lost
+    assert EvalRun(benchmark, SPEC, output, SETTINGS).pending_questions == 0
+
+
+def test_a_run_refuses_results_written_with_another_config(ovo: Path, reference: tuple[Path, int],
+                                                           tmp_path: Path) -> None:
+    output = tmp_path / "copy.jsonl"
+    shutil.copy(reference[0], output)
+    benchmark = load_benchmark("ovobench", ovo / "ovo_bench_new.json", ovo / "videos")
+    with pytest.raises(ResultsMismatchError, match=r"\(fps\)"):
+        EvalRun(benchmark, SPEC, output, EvalSettings(fps=0.5, max_new_tokens=4, option_logprobs=True))
+    with pytest.raises(ResultsMismatchError, match="stc"):
+        EvalRun(benchmark, ModelSpec(stc=None), output, SETTINGS)
+    assert output.read_bytes() == reference[0].read_bytes()
+
+
+def test_ray_two_actor_run_equals_the_single_process_run(ovo: Path, reference: tuple[Path, int],
+                                                         tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    output = tmp_path / "ray.jsonl"
+    result = runner.invoke(app, ["eval", "run", "ovobench", str(ovo / "ovo_bench_new.json"), "--videos",
+                                 str(ovo / "videos"), "--output", str(output), "--max-new-tokens", "4",
+                                 "--option-logprobs", "--ray", "--actors", "2"])
+    assert result.exit_code == 0, result.output
+    assert "on Ray (local)" in result.output and "could not be read" in result.output
+    # actors use 1 torch thread each, this process 2: log-probabilities agree to rounding
+    assert_same_answers(comparable(output), comparable(reference[0]), tolerance=1e-4)
+    assert read_results(output).header["config"] == read_results(reference[0]).header["config"]
+
+
+@pytest.fixture(scope="module")
+def videomme(tmp_path_factory) -> Path:
+    """A Video-MME fixture in the official row format: one short clip, one missing video."""
+    root = tmp_path_factory.mktemp("videomme")
+    write_clip(root / "data" / "vid001.mp4", 4, seed=3)
+    rows = [{"video_id": "001", "duration": "short", "domain": "Life", "sub_category": "Pets", "videoID": "vid001",
+             "question_id": f"001-{k}", "task_type": "Object Recognition", "question": f"Question {k}?",
+             "options": ["A. cat", "B. dog", "C. bird", "D. fish"], "answer": "ABCD"[k]} for k in range(3)]
+    rows.append({**rows[0], "videoID": "vid404", "question_id": "404-1", "duration": "long"})
+    (root / "videomme.json").write_text(json.dumps(rows))
+    return root
+
+
+def test_eval_cli_offline_run_and_report_comparison(videomme: Path, tmp_path: Path) -> None:
+    base, stc = tmp_path / "base.jsonl", tmp_path / "stc.jsonl"
+    common = ["eval", "run", "auto", str(videomme / "videomme.json"), "--videos", str(videomme / "data"),
+              "--max-new-tokens", "2"]
+    result = runner.invoke(app, [*common, "--output", str(base), "--no-stc"])
+    assert result.exit_code == 0, result.output
+    assert "Video-MME" in result.output and "random weights" in result.output and "vid404" in result.output
+    result = runner.invoke(app, [*common, "--output", str(stc)])
+    assert result.exit_code == 0, result.output
+    answers = read_results(stc).answers
+    assert {r["frames"] for r in answers.values() if r["error"] is None} == {2}  # 4 s at 0.5 fps, asked at the end
+    assert answers[("vid001", "001-0", None)]["category"] == "short"
+
+    summary = tmp_path / "report.json"
+    result = runner.invoke(app, ["eval", "report", str(base), str(stc), "--json", str(summary)])
+    assert result.exit_code == 0, result.output
+    for text in ("retention", "duration: short", "no STC", "STC: Cacher N=2", "ViT", "TTFT", "paper"):
+        assert text in result.output, text
+    report = json.loads(summary.read_text())
+    assert [r["config"]["stc"] is None for r in report] == [True, False]
+    assert report[0]["score"]["questions"] == 4 and report[0]["score"]["errors"] == 1
+
+    # an existing file with another setting is refused before any model is built
+    result = runner.invoke(app, [*common, "--output", str(base)])
+    assert result.exit_code != 0 and isinstance(result.exception, ResultsMismatchError)
+    result = runner.invoke(app, ["eval", "report", str(base), str(tmp_path / "nope.jsonl")])
+    assert result.exit_code != 0
+    result = runner.invoke(app, ["eval", "benchmarks"])
+    assert result.exit_code == 0 and "ovobench" in result.output and "52.6" in result.output
+
+
+def test_egoschema_full_set_writes_a_submission(tmp_path: Path) -> None:
+    write_clip(tmp_path / "videos" / "uid0.mp4", 3, seed=4)
+    questions = [{"q_uid": f"uid{i}", "question": "What did C do?", **{f"option {k}": f"thing {k}" for k in range(5)}}
+                 for i in range(2)]
+    (tmp_path / "questions.json").write_text(json.dumps(questions))
+    (tmp_path / "subset_answers.json").write_text(json.dumps({"uid0": 2}))
+    output = tmp_path / "ego_full.jsonl"
+    result = runner.invoke(app, ["eval", "run", "egoschema-full", str(tmp_path / "questions.json"), "--videos",
+                                 str(tmp_path / "videos"), "--output", str(output), "--max-new-tokens", "1"])
+    assert result.exit_code == 0, result.output
+    submission = json.loads((tmp_path / "ego_full.submission.json").read_text())
+    assert submission.keys() == {"uid0", "uid1"} and submission["uid1"] == -1  # uid1's video is missing
+    assert (tmp_path / "ego_full.submission.csv").read_text().startswith("q_uid,answer")
+    score = read_results(output).summaries[-1]["score"]
+    assert (score["questions"], score["unlabelled"]) == (1, 1)  # only uid0 is labelled
