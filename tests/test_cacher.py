@@ -472,15 +472,7 @@ def test_adaptive_cadence_counts_from_the_last_refresh(siglip):
     """After an adaptive refresh the next scheduled one is N chunks later, not at the next c % N."""
     still = frames(1).repeat(6, 1, 1, 1)
     sequence = torch.cat([still[:2], frames(1, seed=9).repeat(5, 1, 1, 1)])  # cut at chunk 2
-    cacher = STCCacher(CacherConfig(cache_interval=4, refresh="adaptive")).attach(siglip)
-    refreshed = []
-    try:
-        for frame in sequence:
-            before = cacher.stats.refresh_chunks
-            encode_chunks(siglip, [frame[None]])
-            refreshed.append(cacher.stats.refresh_chunks > before)
-    finally:
-        cacher.detach()
+    refreshed = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=4, refresh="adaptive"), sequence)
     assert refreshed == [True, False, True, False, False, False, True]
 
 
