@@ -40,3 +40,15 @@ def test_bad_ask_spec_is_rejected():
     result = runner.invoke(app, ["run", "demo", "--ask", "soon:what?"])
     assert result.exit_code != 0
     assert "SECONDS:QUESTION" in result.output
+
+
+def test_run_with_a_bounded_window_keeps_the_cache_small(tmp_path):
+    out = tmp_path / "run.json"
+    result = runner.invoke(app, ["run", "demo", "--no-stc", "--fps", "1", "--max-seconds", "4", "--ask", "3:What?",
+                                 "--max-new-tokens", "2", "--window-tokens", "32", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    stats = report["stats"]["no STC"]
+    assert report["window_tokens"] == 32 and stats["visual_tokens"] == 5 * 16  # 5 frames pre-filled ...
+    per_token = 2 * 2 * 2 * 16 * 4  # keys and values x 2 layers x 2 KV heads x 16 dims x fp32 (tiny Qwen2)
+    assert stats["kv_cache_bytes"] == per_token * (stats["prompt_tokens"] + 2 * 16)  # ... the cache: prefix + 2 frames

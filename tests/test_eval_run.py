@@ -8,6 +8,7 @@ OVO-Bench's and Video-MME's published formats.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -224,6 +225,8 @@ def test_a_run_refuses_results_written_with_another_config(ovo: Path, reference:
         EvalRun(benchmark, SPEC, output, EvalSettings(fps=0.5, max_new_tokens=4, option_logprobs=True))
     with pytest.raises(ResultsMismatchError, match="stc"):
         EvalRun(benchmark, ModelSpec(stc=None), output, SETTINGS)
+    with pytest.raises(ResultsMismatchError, match="window_tokens"):
+        EvalRun(benchmark, dataclasses.replace(SPEC, window_tokens=64), output, SETTINGS)
     assert output.read_bytes() == reference[0].read_bytes()
 
 

@@ -413,3 +413,37 @@ def test_text_depth_override():
     assert len(model.model.language_model.layers) == 1 and len(model.model.vision_tower.encoder.layers) == 1
     with pytest.raises(ConfigError, match="no language model"):
         build_model("tiny-siglip", text_layers=1)
+
+
+def test_sliding_window_keeps_the_prefix_and_the_newest_frames(frames):
+    from streamtc.session import SlidingWindowCache
+
+    full = StreamingSession.from_preset(PRESET, stc=None, prefill_min_tokens=1)
+    window = StreamingSession(full.model, full.tokenizer, None, prefill_min_tokens=1,
+                              cache_policy=lambda: SlidingWindowCache(3 * 16))
+    for session in (full, window):
+        push_in_chunks(session, frames[:6], [1, 1, 2, 1, 1])
+    prefix = full.stats.prompt_tokens
+    full_keys, window_keys = full._cache.layers[0].keys, window._cache.layers[0].keys
+    assert window._cache.get_seq_length() == prefix + 3 * 16
+    # Layer 0 keys depend only on each token and its position: the window holds exactly the
+    # full cache's prefix and last three frames (positions kept, nothing re-encoded).
+    kept = torch.cat([full_keys[..., :prefix, :], full_keys[..., prefix + 3 * 16 :, :]], dim=-2)
+    assert torch.allclose(window_keys, kept, atol=1e-6)
+    before = window._cache.get_seq_length()
+    window.ask(QUESTION, max_new_tokens=2)
+    assert window._cache.get_seq_length() == before  # the question left the window as it was
+    window.reset()
+    assert window._cache.get_seq_length() == prefix and window._policy.visual_tokens == 0
+
+
+def test_a_window_larger_than_the_stream_equals_the_full_cache(frames):
+    from streamtc.session import SlidingWindowCache
+
+    full = StreamingSession.from_preset(PRESET, stc=None)
+    window = StreamingSession(full.model, full.tokenizer, None, cache_policy=lambda: SlidingWindowCache(10_000))
+    for session in (full, window):
+        session.push(frames[:4])
+    assert torch.equal(full.next_token_logits(QUESTION), window.next_token_logits(QUESTION))
+    with pytest.raises(ConfigError, match="max_visual_tokens"):
+        SlidingWindowCache(0)

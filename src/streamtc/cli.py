@@ -52,12 +52,14 @@ class TimedQuestion:
         return cls(value, text.strip())
 
 
-def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str):
-    from .session import StreamingSession
+def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str,
+             window_tokens: int | None):
+    from .session import SlidingWindowCache, StreamingSession
 
+    policy = {} if window_tokens is None else {"cache_policy": lambda: SlidingWindowCache(window_tokens)}
     if model is not None:
-        return StreamingSession.from_pretrained(model, stc=stc, device=device)
-    return StreamingSession.from_preset(preset, stc=stc, num_layers=num_layers, device=device)
+        return StreamingSession.from_pretrained(model, stc=stc, device=device, **policy)
+    return StreamingSession.from_preset(preset, stc=stc, num_layers=num_layers, device=device, **policy)
 
 
 def _summary_row(stats: dict[str, Any], answers: list[Any]) -> list[str]:
@@ -90,6 +92,8 @@ def run(
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
                                                      "{...}})")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    window_tokens: Annotated[int | None, typer.Option(
+        help="Bound memory: keep at most this many visual tokens (newest frames) per stream")] = None,
     output: Annotated[Path | None, typer.Option(help="Write answers, stats and the config as JSON here")] = None,
 ) -> None:
     """Stream a video through a VideoLLM with STC and answer questions at their timestamps."""
@@ -104,7 +108,9 @@ def run(
     if model is None:
         console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless. "
                       "Use --model PATH_OR_ID for real weights.[/]")
-    sessions = {name: _session(model, preset, cfg, num_layers, device) for name, cfg in variants.items()}
+    if window_tokens is not None and window_tokens < 1:
+        raise typer.BadParameter(f"--window-tokens must be >= 1, got {window_tokens}")
+    sessions = {name: _session(model, preset, cfg, num_layers, device, window_tokens) for name, cfg in variants.items()}
     answers: dict[str, list[Any]] = {name: [] for name in sessions}
     source = open_source(video, fps=fps, max_seconds=max_seconds)
     pending = list(questions)
@@ -156,7 +162,7 @@ def run(
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({
-            "video": video, "model": model or preset, "fps": fps,
+            "video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
             "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()},
             "stats": stats, "answers": {name: [a.to_dict() for a in a_list] for name, a_list in answers.items()},
         }, indent=2))

@@ -66,6 +66,7 @@ import math
 import resource
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -153,6 +154,50 @@ class FullCache(CachePolicy):
                 cache.crop(-extra)
 
 
+class SlidingWindowCache(FullCache):
+    """Bound a stream's memory: keep the chat prefix and the newest frames, at most
+    `max_visual_tokens` visual tokens (whole frames evicted oldest first; the newest frame is kept
+    even when it alone is larger).
+
+    The prefix stays as the attention sink (StreamingLLM); kept keys keep the positions they were
+    pre-filled at (they are stored rotated), and the session's position counter runs on, so
+    nothing is re-encoded. Frames pre-filled after an eviction attend only to the window, as in
+    ReKV's local window. ReKV additionally retrieves evicted frame blocks per question; that
+    retrieval is not built here. Use: `StreamingSession(..., cache_policy=lambda: SlidingWindowCache(15_000))`.
+    """
+
+    def __init__(self, max_visual_tokens: int) -> None:
+        if isinstance(max_visual_tokens, bool) or not isinstance(max_visual_tokens, int) or max_visual_tokens < 1:
+            raise ConfigError(f"max_visual_tokens must be an int >= 1, got {max_visual_tokens!r}")
+        self.max_visual_tokens = max_visual_tokens
+        self._prefix_tokens = 0
+        self._frame_tokens: deque[int] = deque()  # token count of each frame in the cache, oldest first
+
+    def new_cache(self, config: PretrainedConfig) -> Cache:
+        self._prefix_tokens, self._frame_tokens = 0, deque()
+        return super().new_cache(config)
+
+    def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> None:
+        for block in blocks:
+            if block.kind == "prompt":
+                self._prefix_tokens += block.length
+            else:
+                self._frame_tokens.append(block.length)
+        evicted = 0
+        while len(self._frame_tokens) > 1 and sum(self._frame_tokens) > self.max_visual_tokens:
+            evicted += self._frame_tokens.popleft()
+        if evicted:
+            start, stop = self._prefix_tokens, self._prefix_tokens + evicted
+            for layer in cache.layers:
+                layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., stop:, :]], dim=-2)
+                layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., stop:, :]], dim=-2)
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens in the cache now."""
+        return sum(self._frame_tokens)
+
+
 # -- results ----------------------------------------------------------------------------------
 
 
@@ -189,7 +234,8 @@ class SessionStats:
 
     vit_ms: vision encoding (ViT + projector + pooling, with the Cacher when enabled);
     prune_ms: the Pruner (or the selector replacing it); prefill_ms: pre-fill of the visual
-    tokens. visual_tokens: visual tokens in the cache; pending_tokens: kept tokens waiting for
+    tokens. visual_tokens: visual tokens pre-filled (a bounded cache policy may have evicted some
+    since; kv_cache_bytes is what is held); pending_tokens: kept tokens waiting for
     their pre-fill; visual_tokens_encoded: tokens the encoder produced (before pruning).
     kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU (since the
@@ -216,7 +262,7 @@ class SessionStats:
 
     @property
     def cache_tokens(self) -> int:
-        """Tokens in the video-only cache: the chat prompt prefix plus the visual tokens."""
+        """Tokens pre-filled into the video-only cache: the chat prompt prefix plus the visual tokens."""
         return self.prompt_tokens + self.visual_tokens
 
     @property
@@ -676,4 +722,4 @@ class StreamingSession:
         return stats
 
 
-__all__ = ["Answer", "CacheBlock", "CachePolicy", "FullCache", "SessionStats", "StreamingSession"]
+__all__ = ["Answer", "CacheBlock", "CachePolicy", "FullCache", "SessionStats", "SlidingWindowCache", "StreamingSession"]

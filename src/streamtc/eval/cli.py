@@ -54,6 +54,9 @@ def run(
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (answers are meaningless)")]
     = "tiny-llava-ov",
     num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
+    window_tokens: Annotated[int | None, typer.Option(
+        help="Keep at most this many visual tokens per stream (newest frames; the chat prefix stays), "
+             "e.g. 15000 as ReKV's window; default: keep all")] = None,
     seed: Annotated[int, typer.Option(help="Weight seed for presets")] = 0,
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Evaluate the uncompressed model")] = False,
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
@@ -84,7 +87,7 @@ def run(
     settings = EvalSettings(fps=fps if fps is not None else loaded.info.default_fps, max_new_tokens=max_new_tokens,
                             option_logprobs=option_logprobs)
     spec = ModelSpec(model=model, preset=preset, num_layers=num_layers, seed=seed,
-                     stc=None if stc is None else stc.to_dict(), dtype=dtype)
+                     stc=None if stc is None else stc.to_dict(), dtype=dtype, window_tokens=window_tokens)
     if model is None:
         console.print(f"[yellow]preset {preset!r} has random weights: its answers are meaningless. "
                       "Use --model PATH_OR_ID for real weights.[/]")

@@ -15,6 +15,7 @@ through the same writer, in the order answers arrive; records of one video stay 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import platform
 from collections.abc import Callable, Iterator
@@ -43,7 +44,8 @@ class ModelSpec:
     model: real weights (a directory or hub id; LLaVA-OneVision); None uses `preset` (random
     weights, built from `seed`; `num_layers` overrides the vision tower depth). stc: an
     `STCConfig.to_dict()`, or None for the uncompressed model. dtype: "float32", "bfloat16" or
-    "float16".
+    "float16". window_tokens: bound each stream's cache to the chat prefix and the newest frames
+    holding at most this many visual tokens (`SlidingWindowCache`); None keeps every token.
     """
 
     model: str | None = None
@@ -52,10 +54,14 @@ class ModelSpec:
     seed: int = 0
     stc: dict[str, Any] | None = None
     dtype: str = "float32"
+    window_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        window = self.window_tokens
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ConfigError(f"window_tokens must be None or an int >= 1, got {window!r}")
         if self.stc is not None:
             STCConfig.from_dict(self.stc)  # validates
 
@@ -67,19 +73,22 @@ class ModelSpec:
     def identity(self) -> dict[str, Any]:
         """What determines the model's answers (goes into the results header's config)."""
         if self.model is not None:
-            return {"id": self.model, "dtype": self.dtype}
-        return {"id": self.model_id, "num_layers": self.num_layers, "seed": self.seed, "dtype": self.dtype}
+            return {"id": self.model, "dtype": self.dtype, "window_tokens": self.window_tokens}
+        return {"id": self.model_id, "num_layers": self.num_layers, "seed": self.seed, "dtype": self.dtype,
+                "window_tokens": self.window_tokens}
 
     def build(self, device: str | torch.device = "cpu") -> Any:
         """A `StreamingSession` on `device`."""
-        from ..session import StreamingSession
+        from ..session import SlidingWindowCache, StreamingSession
 
         stc = None if self.stc is None else STCConfig.from_dict(self.stc)
         dtype = DTYPES[self.dtype]
+        policy = {} if self.window_tokens is None else {
+            "cache_policy": functools.partial(SlidingWindowCache, self.window_tokens)}
         if self.model is not None:
-            return StreamingSession.from_pretrained(self.model, stc=stc, device=device, dtype=dtype)
+            return StreamingSession.from_pretrained(self.model, stc=stc, device=device, dtype=dtype, **policy)
         return StreamingSession.from_preset(self.preset, stc=stc, num_layers=self.num_layers, seed=self.seed,
-                                            device=device, dtype=dtype)
+                                            device=device, dtype=dtype, **policy)
 
 
 def versions() -> dict[str, str]:
