@@ -92,6 +92,8 @@ def test_settings_and_variants_are_validated():
         PipelineSettings(frames=(0,))
     with pytest.raises(ConfigError, match="baseline"):
         PipelineVariant("x", baseline="magic")
+    with pytest.raises(ConfigError, match="GPU only"):
+        PipelineSettings(preset="llava-ov-7b", device="cpu")
 
 
 def test_cli_runs_and_writes_the_report(tmp_path):

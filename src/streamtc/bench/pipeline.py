@@ -56,6 +56,7 @@ from .timing import machine_info, synchronize
 
 Baseline = Literal["uniform", "random", "vidcom2", "visionzip", "tome"]
 BASELINES: tuple[str, ...] = ("uniform", "random", "vidcom2", "visionzip", "tome")
+GPU_ONLY_PRESETS = ("llava-ov-7b",)  # a 7B fp32 model streaming 64 frames is days of CPU time
 PROXY_NOTE = ("random-weight presets: KL, answer agreement and ViT cosine are proxies for accuracy, "
               "not accuracy; run the evaluation with real weights for that")
 
@@ -154,6 +155,9 @@ class PipelineSettings:
             raise ConfigError(f"frames must be frame counts >= 1, got {self.frames!r}")
         if self.repeats < 1 or self.warmup_frames < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
+        if self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
+            raise ConfigError(f"preset {self.preset!r} is benchmarked on a GPU only (--device cuda); on a CPU use "
+                              "llava-ov-0.5b with depth overrides")
 
 
 # -- one stream ----------------------------------------------------------------------------------
