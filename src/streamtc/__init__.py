@@ -11,12 +11,13 @@ from .errors import (
     VideoSourceError,
 )
 from .pruner import KeptTokens, PrunerState, STCPruner
-from .session import Answer, StreamingSession
+from .session import Answer, SlidingWindowCache, StreamingSession
 
 __version__ = "0.1.0"
 
 __all__ = [
     "StreamingSession",
+    "SlidingWindowCache",
     "Answer",
     "STCCacher",
     "CacherState",
