@@ -103,5 +103,8 @@ def test_cli_runs_and_writes_the_report(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [v["name"] for v in report["variants"]] == ["none", "stc", "uniform 25%"]
     assert "2 frames" in result.output and "proxies" in result.output
+    listing = CliRunner().invoke(app, ["bench", "pipeline", "--list"])
+    assert listing.exit_code == 0 and "tome 25%" in listing.output
+    assert VARIANTS_BY_NAME["stc"].describe() == "Cacher N=2 r=0.25 (per_layer, fixed refresh); Pruner gaussian 30%"
     bad = CliRunner().invoke(app, ["bench", "pipeline", "--variants", "warp drive"])
     assert bad.exit_code != 0 and "unknown variants" in bad.output

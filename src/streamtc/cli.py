@@ -240,8 +240,12 @@ def bench_pipeline(
     )
 
     if list_variants:
+        table = Table(title="pipeline variants (--variants takes the names, comma-separated)")
+        table.add_column("name")
+        table.add_column("runs")
         for variant in DEFAULT_PIPELINE_VARIANTS:
-            console.print(f"{variant.name:24} {json.dumps(variant.to_dict()['stc'] or variant.baseline)}")
+            table.add_row(variant.name, variant.describe())
+        console.print(table)
         return
     if dtype not in ("float32", "bfloat16", "float16"):
         raise typer.BadParameter(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")

@@ -89,8 +89,28 @@ class PipelineVariant:
     def uncompressed(self) -> bool:
         return self.stc is None and self.baseline is None
 
+    def describe(self) -> str:
+        """One line: what the variant runs."""
+        if self.baseline is not None:
+            return f"{self.baseline}, keeping {self.keep_ratio:.0%} of the pooled tokens"
+        if self.stc is None:
+            return "no compression" + (f", {self.delay_ms:g} ms sleep per vision forward" if self.delay_ms else "")
+        parts = []
+        if (c := self.stc.cacher) is not None:
+            options = [c.selection, f"{c.refresh} refresh"]
+            if c.refresh == "adaptive":
+                options.append(f"threshold {c.refresh_threshold}, budget {c.refresh_budget}")
+            if c.compile_mode:
+                options.append(f"compiled ({c.compile_mode})")
+            parts.append(f"Cacher N={c.cache_interval} r={c.update_ratio} ({', '.join(options)})")
+        if (pr := self.stc.pruner) is not None:
+            budget = f"{pr.tokens_per_frame} tokens" if pr.tokens_per_frame else f"{pr.keep_ratio:.0%}"
+            parts.append(f"Pruner {pr.scoring} {budget}")
+        return "; ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "stc": None if self.stc is None else self.stc.to_dict(),
+        return {"name": self.name, "description": self.describe(),
+                "stc": None if self.stc is None else self.stc.to_dict(),
                 "baseline": self.baseline, "keep_ratio": self.keep_ratio if self.baseline else None,
                 "delay_ms": self.delay_ms}
 
