@@ -39,6 +39,9 @@ from transformers import (
 from .errors import ConfigError, UnsupportedModelError
 from .tokenizer import BPE_VOCAB_SIZE
 
+# Model dtypes by the names the CLIs and saved configs use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # Qwen2 token ids of LLaVA-OneVision's <image> and <video> placeholders (llava-hf configs).
 LLAVA_OV_IMAGE_TOKEN_ID = 151646
 LLAVA_OV_VIDEO_TOKEN_ID = 151647
@@ -304,4 +307,4 @@ def load_pretrained(
     return model.eval()
 
 
-__all__ = ["Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained"]
+__all__ = ["DTYPES", "Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained"]

@@ -62,8 +62,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import resource
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -78,7 +76,7 @@ from transformers import AutoTokenizer, DynamicCache, LlavaOnevisionForCondition
 from transformers.cache_utils import Cache
 from transformers.utils import cached_file
 
-from .bench.timing import synchronize
+from .bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
@@ -172,9 +170,10 @@ class SlidingWindowCache(FullCache):
         self.max_visual_tokens = max_visual_tokens
         self._prefix_tokens = 0
         self._frame_tokens: deque[int] = deque()  # token count of each frame in the cache, oldest first
+        self.visual_tokens = 0  # visual tokens in the cache now
 
     def new_cache(self, config: PretrainedConfig) -> Cache:
-        self._prefix_tokens, self._frame_tokens = 0, deque()
+        self._prefix_tokens, self._frame_tokens, self.visual_tokens = 0, deque(), 0
         return super().new_cache(config)
 
     def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> None:
@@ -183,19 +182,17 @@ class SlidingWindowCache(FullCache):
                 self._prefix_tokens += block.length
             else:
                 self._frame_tokens.append(block.length)
+                self.visual_tokens += block.length
         evicted = 0
-        while len(self._frame_tokens) > 1 and sum(self._frame_tokens) > self.max_visual_tokens:
-            evicted += self._frame_tokens.popleft()
+        while len(self._frame_tokens) > 1 and self.visual_tokens > self.max_visual_tokens:
+            oldest = self._frame_tokens.popleft()
+            evicted += oldest
+            self.visual_tokens -= oldest
         if evicted:
             start, stop = self._prefix_tokens, self._prefix_tokens + evicted
             for layer in cache.layers:
                 layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., stop:, :]], dim=-2)
                 layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., stop:, :]], dim=-2)
-
-    @property
-    def visual_tokens(self) -> int:
-        """Visual tokens in the cache now."""
-        return sum(self._frame_tokens)
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -238,8 +235,9 @@ class SessionStats:
     since; kv_cache_bytes is what is held); pending_tokens: kept tokens waiting for
     their pre-fill; visual_tokens_encoded: tokens the encoder produced (before pruning).
     kv_cache_bytes: keys and values held by the cache now. The last_* fields
-    are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU (since the
-    session started), the process's peak RSS on CPU; memory_kind says which.
+    are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU, the
+    process's peak RSS on CPU (memory_kind says which), since the session started (process-wide:
+    another session's start resets it too; see `bench.timing.reset_peak_memory`).
     """
 
     frames: int = 0
@@ -359,8 +357,7 @@ class StreamingSession:
         self._device = next(model.parameters()).device
         self._language_model = model.model.language_model
         self._embed = model.get_input_embeddings()
-        grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        self._layout = LlavaOnevisionVideoLayout(tokens_per_frame=math.ceil(grid / 2) ** 2)  # apply_pooling's grid
+        self._layout = LlavaOnevisionVideoLayout.for_config(model.config)
         self.prefill_min_tokens = prefill_min_tokens or self._layout.tokens_per_frame
         self.selector = selector
         self.encoder = encoder
@@ -379,8 +376,7 @@ class StreamingSession:
         self._owns_cacher = _shared_stc is None and self._cacher is not None
         self._cacher_state = self._cacher.new_state() if self._cacher is not None else None
         self._pruner_state = PrunerState() if self._pruner is not None else None
-        if self._device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self._device)
+        reset_peak_memory(self._device)
         self.reset()
 
     # -- construction ---------------------------------------------------------------------
@@ -447,7 +443,7 @@ class StreamingSession:
             self.model, self.tokenizer, self.stc, preprocessor=self.preprocessor,
             system_prompt=self.system_prompt, chunk_frames=self.chunk_frames,
             prefill_min_tokens=self.prefill_min_tokens, cache_policy=self._cache_policy_factory,
-            selector=self.selector, encoder=self.encoder, _shared_stc=(self._cacher, self._pruner),
+            encoder=self.encoder, _shared_stc=(self._cacher, self._pruner),
         )
 
     def _build_stc(self, stc: STCConfig | None) -> tuple[STCCacher | None, STCPruner | None]:
@@ -533,7 +529,7 @@ class StreamingSession:
         start = self._clock()
         kept = self._select(features)
         stats.prune_ms += self._clock() - start
-        counts = [per_frame] * frames if kept is None else kept.mask().sum(dim=1).tolist()
+        counts = [per_frame] * frames if kept is None else kept.frame_counts()
         for i, count in enumerate(counts):
             tokens = features[i] if kept is None else kept.tokens[i, :count]  # real tokens come first
             stamp = None if timestamps is None else float(timestamps[i])
@@ -542,7 +538,7 @@ class StreamingSession:
         stats.frames = self._frames
         stats.chunks += 1
         self._last_timestamp = float(timestamps[-1]) if timestamps else None
-        if sum(block.length for _, block in self._pending) >= self.prefill_min_tokens:
+        if self._pending_tokens >= self.prefill_min_tokens:
             self.flush()
         return sum(counts)
 
@@ -554,6 +550,10 @@ class StreamingSession:
         if self.selector is not None:
             return self.selector.prune(features)
         return None
+
+    @property
+    def _pending_tokens(self) -> int:
+        return sum(block.length for _, block in self._pending)
 
     def flush(self) -> int:
         """Pre-fill the pending kept tokens now (one forward); returns how many. `ask` calls it."""
@@ -708,13 +708,10 @@ class StreamingSession:
     def stats(self) -> SessionStats:
         """A snapshot of the stream's counters, with the peak memory read now."""
         stats = dataclasses.replace(self._stats)
-        if self._device.type == "cuda":
-            stats.peak_memory_bytes = torch.cuda.max_memory_allocated(self._device)
-        else:
-            stats.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        stats.peak_memory_bytes = peak_memory_bytes(self._device)
         if self._cacher_state is not None:
             stats.cacher = self._cacher_state.stats.to_dict()
-        stats.pending_tokens = sum(block.length for _, block in self._pending)
+        stats.pending_tokens = self._pending_tokens
         stats.kv_cache_bytes = sum(
             layer.keys.nbytes + layer.values.nbytes
             for layer in self._cache.layers if getattr(layer, "keys", None) is not None

@@ -27,10 +27,7 @@ says so.
 from __future__ import annotations
 
 import csv
-import ctypes
-import gc
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,11 +45,11 @@ from ..baselines.tome import min_keep_tokens
 from ..cacher import STCCacher
 from ..config import CacherConfig, PrunerConfig, STCConfig
 from ..errors import ConfigError
-from ..presets import build_model
-from ..pruner import STCPruner
+from ..presets import DTYPES, build_model
+from ..pruner import LlavaOnevisionVideoLayout, STCPruner
 from ..session import StreamingSession
 from ..tokenizer import tokenizer_for_config
-from .timing import machine_info, synchronize
+from .timing import machine_info, peak_memory_bytes, reset_peak_memory, synchronize
 
 Baseline = Literal["uniform", "random", "vidcom2", "visionzip", "tome"]
 BASELINES: tuple[str, ...] = ("uniform", "random", "vidcom2", "visionzip", "tome")
@@ -175,6 +172,8 @@ class PipelineSettings:
             raise ConfigError(f"frames must be frame counts >= 1, got {self.frames!r}")
         if self.repeats < 1 or self.warmup_frames < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
             raise ConfigError(f"preset {self.preset!r} is benchmarked on a GPU only (--device cuda); on a CPU use "
                               "llava-ov-0.5b with depth overrides")
@@ -244,40 +243,6 @@ class _TowerTimer:
             hook.remove()
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (VmHWM) to the current RSS so that it covers one stream, after
-    handing freed heap back to the OS (glibc) so earlier variants' garbage does not count; False
-    where Linux refuses (the peak is then the process's)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _pooled_side(model: torch.nn.Module) -> int:
-    """Side of LLaVA-OneVision's pooled grid: bilinear pooling halves the ViT grid, rounding up."""
-    return math.ceil(model.config.vision_config.image_size / model.config.vision_config.patch_size / 2)
-
-
 class VariantRunner:
     """Builds one variant's sessions on a shared model; its STC objects persist across streams
     (a compiled Cacher compiles once), patches are applied per stream and removed after it."""
@@ -288,7 +253,8 @@ class VariantRunner:
         stc = variant.stc
         self.cacher = STCCacher(stc.cacher) if stc is not None and stc.cacher is not None else None
         self.pruner = STCPruner(stc.pruner) if stc is not None and stc.pruner is not None else None
-        self.keep_tokens = max(1, round(variant.keep_ratio * _pooled_side(model) ** 2))
+        self.pooled_side = LlavaOnevisionVideoLayout.pooled_side(model.config)
+        self.keep_tokens = max(1, round(variant.keep_ratio * self.pooled_side**2))
 
     @contextmanager
     def session(self) -> Iterator[StreamingSession]:
@@ -304,7 +270,7 @@ class VariantRunner:
             encoder = tome_video_features
         elif variant.baseline == "visionzip":
             selector = VisionZipPruner(keep_ratio=variant.keep_ratio).attach(
-                model, pooled_size=_pooled_side(model))
+                model, pooled_size=self.pooled_side)
             undo.append(selector.detach)
         elif variant.baseline is not None:
             selector = {"uniform": UniformPruner, "random": RandomPruner, "vidcom2": VidCom2Pruner}[variant.baseline](
@@ -334,11 +300,7 @@ class VariantRunner:
         with self.session() as session:
             timer = _TowerTimer(self.model, device, keep_outputs)
             try:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                else:
-                    _reset_peak_rss()
+                reset_peak_memory(device)
                 results: list[Checkpoint] = []
                 push_ms = 0.0
                 for index in range(len(frames)):
@@ -375,7 +337,7 @@ class VariantRunner:
             ttft.append(answer.ttft_ms)
             decode.append(answer.decode_ms_per_token)
         point.ttft_ms, point.decode_ms_per_token = statistics.mean(ttft), statistics.mean(decode)
-        point.peak_memory_bytes = _peak_memory(next(self.model.parameters()).device)
+        point.peak_memory_bytes = peak_memory_bytes(next(self.model.parameters()).device)
         return point
 
 
@@ -463,9 +425,8 @@ def run_pipeline_benchmark(
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names must be unique, got {names}")
-    dtype = getattr(torch, settings.dtype)
     model = build_model(settings.preset, num_layers=settings.vit_layers, text_layers=settings.text_layers,
-                        seed=settings.seed, dtype=dtype).to(settings.device)
+                        seed=settings.seed, dtype=DTYPES[settings.dtype]).to(settings.device)
     tokenizer = tokenizer_for_config(model.config)
     checkpoints = sorted(set(settings.frames))
     images, stamps = frames if frames is not None else load_video_frames(settings.video, checkpoints[-1])

@@ -1,13 +1,18 @@
-"""Clock and machine description shared by the benchmarks.
+"""Clock, peak memory and machine description shared by the session and the benchmarks.
 
 Every clock read is preceded by a device synchronisation, so GPU work queued by the timed code is
-inside the measurement; every benchmark writes `machine_info()` next to its numbers.
+inside the measurement; every benchmark writes `machine_info()` next to its numbers. Peak memory is
+CUDA's max allocated on a GPU and the process's peak RSS (VmHWM) on a CPU; both are process-wide
+and can be reset, so a measurement covers what ran since the reset.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import gc
 import os
+import resource
 import platform
 import subprocess
 import time
@@ -32,6 +37,38 @@ def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tu
     result = fn()
     synchronize(device)
     return result, (time.perf_counter() - start) * 1e3
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak: CUDA's peak statistics, or the process's peak RSS (after handing freed heap
+    back to the OS, so that earlier garbage does not count; where Linux allows the reset)."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # the peak stays the process's
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak memory since the last `reset_peak_memory`: CUDA max allocated, or peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _cpu_model() -> str:
@@ -76,4 +113,4 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     return info
 
 
-__all__ = ["synchronize", "timed", "machine_info"]
+__all__ = ["synchronize", "timed", "reset_peak_memory", "peak_memory_bytes", "machine_info"]

@@ -26,7 +26,8 @@ from ..config import STCConfig
 from .datasets import BENCHMARKS, PAPER_OFFLINE_AVERAGE, limit_videos, load_benchmark
 from .protocol import EvalSettings
 from .report import load_run, render_comparison, render_run, render_timing
-from .runner import DTYPES, EvalRun, ModelSpec
+from ..presets import DTYPES
+from .runner import EvalRun, ModelSpec
 
 console = Console()
 eval_app = typer.Typer(help="Benchmark accuracy: OVO-Bench, StreamingBench, MLVU, EgoSchema, Video-MME.",

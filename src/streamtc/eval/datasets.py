@@ -43,7 +43,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -319,6 +319,19 @@ def _video_reference(item: dict[str, Any], where: str) -> tuple[str, str]:
     return str(video_id), str(reference or video_id)
 
 
+def _rekv_conversations(
+    records: list[dict[str, Any]], file_name: str, videos: Path, paths: dict[str, Path],
+) -> Iterator[tuple[dict[str, Any], str, str, int, dict[str, Any], str]]:
+    """Every conversation of ReKV-style records as (item, video id, file reference, index,
+    conversation, where-for-errors); each video's path is registered in `paths` on the way."""
+    for n, item in enumerate(records):
+        where = f"{file_name} item {n}"
+        video, reference = _video_reference(item, where)
+        paths.setdefault(video, resolve_video(videos, reference))
+        for k, conversation in enumerate(item["conversations"]):
+            yield item, video, reference, k, conversation, f"{where} question {k}"
+
+
 def _task_from(*sources: dict[str, Any]) -> str | None:
     for source in sources:
         for key in ("question_type", "task_type", "task", "type"):
@@ -470,16 +483,11 @@ def load_mlvu(annotations: Path, videos: Path) -> list[VideoTask]:
     for file in files:
         data = _read_json_records(file)
         if (records := _conversation_records(data)) is not None:
-            for n, item in enumerate(records):
-                where = f"{file.name} item {n}"
-                video, reference = _video_reference(item, where)
-                paths.setdefault(video, resolve_video(videos, reference))
-                parent = Path(reference).parent.name
-                from_dir = m.group(1) if (m := _MLVU_TASK_DIR.match(parent)) else None
-                for k, conversation in enumerate(item["conversations"]):
-                    task = _task_from(conversation, item) or from_dir or "all"
-                    qid = str(conversation.get("question_id", k))
-                    questions.append(_conversation_question(video, qid, conversation, task, f"{where} question {k}"))
+            for item, video, reference, k, conversation, where in _rekv_conversations(records, file.name, videos, paths):
+                from_dir = m.group(1) if (m := _MLVU_TASK_DIR.match(Path(reference).parent.name)) else None
+                task = _task_from(conversation, item) or from_dir or "all"
+                qid = str(conversation.get("question_id", k))
+                questions.append(_conversation_question(video, qid, conversation, task, where))
             continue
         if not isinstance(data, list):
             raise AnnotationError(f"{file}: not MLVU annotations (a JSON list)")
@@ -514,17 +522,12 @@ def _load_egoschema(annotations: Path, videos: Path, *, full: bool) -> list[Vide
     questions: list[Question] = []
     paths: dict[str, Path] = {}
     if (records := _conversation_records(data)) is not None:
-        for n, item in enumerate(records):
-            where = f"{file.name} item {n}"
-            video, reference = _video_reference(item, where)
-            paths.setdefault(video, resolve_video(videos, reference))
-            for k, conversation in enumerate(item["conversations"]):
-                q_uid = str(conversation.get("q_uid") or item.get("q_uid") or video)
-                qid = q_uid if len(item["conversations"]) == 1 else f"{q_uid}/{k}"
-                questions.append(_conversation_question(
-                    video, qid, conversation, "egoschema", f"{where} question {k}", labelled=False,
-                    extra={"q_uid": q_uid},
-                ))
+        for item, video, _, k, conversation, where in _rekv_conversations(records, file.name, videos, paths):
+            q_uid = str(conversation.get("q_uid") or item.get("q_uid") or video)
+            qid = q_uid if len(item["conversations"]) == 1 else f"{q_uid}/{k}"
+            questions.append(_conversation_question(
+                video, qid, conversation, "egoschema", where, labelled=False, extra={"q_uid": q_uid},
+            ))
     else:
         if not isinstance(data, list):
             raise AnnotationError(f"{file}: EgoSchema questions.json is a list of {{q_uid, question, option 0..4}}")
@@ -586,16 +589,12 @@ def load_videomme(annotations: Path, videos: Path) -> list[VideoTask]:
     questions: list[Question] = []
     paths: dict[str, Path] = {}
     if (records := _conversation_records(data)) is not None:
-        for n, item in enumerate(records):
-            where = f"{annotations.name} item {n}"
-            video, reference = _video_reference(item, where)
-            paths.setdefault(video, resolve_video(videos, reference))
+        for item, video, _, k, conversation, where in _rekv_conversations(records, annotations.name, videos, paths):
             duration = videomme_duration(item.get("duration_category") or item.get("duration"))
-            for k, conversation in enumerate(item["conversations"]):
-                qid = str(conversation.get("question_id", k))
-                task = _task_from(conversation, item) or "all"
-                questions.append(_conversation_question(video, qid, conversation, task, f"{where} question {k}",
-                                                        category=duration or "unknown"))
+            qid = str(conversation.get("question_id", k))
+            task = _task_from(conversation, item) or "all"
+            questions.append(_conversation_question(video, qid, conversation, task, where,
+                                                    category=duration or "unknown"))
         return _group(questions, paths)
     if not isinstance(data, list):
         raise AnnotationError(f"{annotations}: Video-MME annotations are a JSON list")

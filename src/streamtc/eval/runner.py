@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..config import STCConfig
+from ..presets import DTYPES
 from ..errors import ConfigError
 from .datasets import Benchmark, VideoTask
 from .protocol import PROTOCOL, EvalSettings, run_video
@@ -34,7 +35,6 @@ from .scoring import score, timing_summary, write_egoschema_submission
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,10 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        window = self.window_tokens
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ConfigError(f"window_tokens must be None or an int >= 1, got {window!r}")
+        if self.window_tokens is not None:
+            from ..session import SlidingWindowCache
+
+            SlidingWindowCache(self.window_tokens)  # validates
         if self.stc is not None:
             STCConfig.from_dict(self.stc)  # validates
 
@@ -222,4 +223,4 @@ def summarize(path: str | Path, complete_keys: set[Key] | None = None) -> dict[s
     return summary
 
 
-__all__ = ["DTYPES", "EvalRun", "ModelSpec", "run_config", "summarize", "versions"]
+__all__ = ["EvalRun", "ModelSpec", "run_config", "summarize", "versions"]

@@ -48,6 +48,12 @@ class KeptTokens:
             return self.tokens.reshape(-1, self.tokens.shape[-1])
         return self.tokens[self.mask()]
 
+    def frame_counts(self) -> list[int]:
+        """Real tokens kept in each frame."""
+        if self.lengths is None:
+            return [self.indices.shape[1]] * self.indices.shape[0]
+        return self.lengths.tolist()
+
     @property
     def num_kept(self) -> int:
         """Total real tokens kept over all frames."""

@@ -22,7 +22,9 @@ Layouts:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -106,6 +108,16 @@ class LlavaOnevisionVideoLayout:
     def __post_init__(self) -> None:
         _check_size("tokens_per_frame", self.tokens_per_frame)
 
+    @classmethod
+    def for_config(cls, config: Any) -> LlavaOnevisionVideoLayout:
+        """The layout of a LlavaOnevisionConfig: `apply_pooling` halves the ViT grid, rounding up."""
+        return cls(tokens_per_frame=cls.pooled_side(config) ** 2)
+
+    @staticmethod
+    def pooled_side(config: Any) -> int:
+        """Side of the pooled grid of a LlavaOnevisionConfig (14 for SigLIP-so400m at 384 px)."""
+        vision = config.vision_config
+        return math.ceil(vision.image_size // vision.patch_size / 2)
 
     def frame_tokens(self, sequence: Tensor) -> Tensor:
         """[F * P + 1, D] -> [F, P, D] (the trailing newline is not prunable)."""
