@@ -198,6 +198,45 @@ def test_reset_restores_first_frame_behaviour(siglip):
     assert torch.equal(first, again)
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_non_refresh_chunks_leave_the_reference_bit_identical(siglip, chunk):
+    """One-frame chunks build V̄ inside the reference and swap V_ref back: nothing may remain."""
+    x = frames(1 + 2 * chunk, seed=3)
+    cacher = STCCacher(CacherConfig(cache_interval=8)).attach(siglip)
+    try:
+        encode_chunks(siglip, [x[:1]])
+        state = cacher.state
+        before = [t.clone() for t in (state.unit_keys, state.values, state.residual_delta)]
+        encode_chunks(siglip, split(x[1:], chunk))
+    finally:
+        cacher.detach()
+    assert cacher.stats.refresh_chunks == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, (state.unit_keys, state.values, state.residual_delta)))
+
+
+def test_a_layer_that_raises_leaves_the_stream_to_refresh(siglip):
+    """An error inside a non-refresh layer (after V̄ was swapped in) must not poison later chunks."""
+    x = frames(3, seed=4)
+    full = encode_chunks(siglip, [x])
+
+    def fail(*_):
+        raise RuntimeError("injected")
+
+    cacher = STCCacher(CacherConfig(cache_interval=8)).attach(siglip)
+    try:
+        encode_chunks(siglip, [x[:1]])
+        handle = siglip.encoder.layers[1].self_attn.out_proj.register_forward_hook(fail)
+        with pytest.raises(RuntimeError, match="injected"):
+            encode_chunks(siglip, [x[1:2]])
+        handle.remove()
+        assert not cacher.state.has_reference
+        after = encode_chunks(siglip, [x[2:3]])
+    finally:
+        cacher.detach()
+    assert cacher.stats.refresh_chunks == 2  # the failed chunk is not counted; the next one refreshed
+    assert torch.allclose(after, full[2:3], atol=TOL)
+
+
 def test_two_streams_on_two_cachers_do_not_interfere():
     a_model = build_model("tiny-siglip", seed=0)
     b_model = build_model("tiny-siglip", seed=1)

@@ -241,13 +241,13 @@ class STCCacher:
         """
         first = self._layers[0]
         keys = first.self_attn.k_proj(first.layer_norm1(hidden_states))
+        plan.first_layer_keys = keys  # the first layer uses them, refresh or not
         similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys)
         if trigger:
             reused = F.reused_similarity(similarity, plan.num_recomputed)
             if float(reused.min()) < self.config.refresh_threshold:
                 plan.refresh, plan.adaptive_refresh = True, True
                 return
-        plan.first_layer_keys = keys
         if self.config.selection == "shared":
             plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed)
 
@@ -290,18 +290,25 @@ class STCCacher:
             return type(layer).forward(layer, hidden_states, attention_mask, **kwargs)
         reference = plan.state.layer(index)
         hidden_states = hidden_states.contiguous()  # embeddings arrive transposed: one layout, one compiled graph
-        if plan.refresh:
-            return paths.refresh(layer, hidden_states, attention_mask, reference, eager_fallback)
-        return paths.selective(
-            layer,
-            hidden_states,
-            attention_mask,
-            reference,
-            plan.num_recomputed,
-            eager_fallback,
-            index=plan.shared_index,
-            keys=plan.first_layer_keys if index == 0 else None,
-        )
+        keys = plan.first_layer_keys if index == 0 else None
+        try:
+            if plan.refresh:
+                return paths.refresh(layer, hidden_states, attention_mask, reference, eager_fallback, keys=keys)
+            return paths.selective(
+                layer,
+                hidden_states,
+                attention_mask,
+                reference,
+                plan.num_recomputed,
+                eager_fallback,
+                index=plan.shared_index,
+                keys=keys,
+            )
+        except BaseException:
+            # The layer may have left its reference half-written (refresh) or holding the
+            # chunk's values (selective, one frame): the stream's next chunk refreshes.
+            plan.state.has_reference = False
+            raise
 
 
 __all__ = ["STCCacher", "ChunkPlan", "attached_cacher", "find_vision_tower", "SUPPORTED_TOWERS", "LAYER_PATCHES"]

@@ -82,23 +82,29 @@ def mix_with_reference(reference: torch.Tensor, index: torch.Tensor, rows: torch
     return scatter_tokens(reference.repeat(index.shape[0], 1, 1), index, rows)
 
 
-def add_residual_with_reference(
-    x: torch.Tensor,
-    reference_delta: torch.Tensor,
-    index: torch.Tensor,
-    recomputed_delta: torch.Tensor,
-    x_selected: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x + Δ̄ where Δ̄ is reference_delta [T, C] with rows index replaced by recomputed_delta [F, k, C].
+def swap_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Write rows [k, C] into x [T, C] at index [k], in place; returns the rows they replaced.
 
-    Computed as (x + reference_delta) with the selected rows overwritten by x[I] + recomputed_delta,
-    so Δ̄ itself is never materialised and every row equals the exact sum it stands for. Pass
-    x_selected (= x[I]) when the caller already gathered it.
+    Swapping the returned rows back restores x bit-exactly: one frame's V̄ is built in the
+    reference's own V buffer for the attention and undone after it, instead of copying [T, C].
     """
-    if x_selected is None:
-        x_selected = gather_tokens(x, index)
+    replaced = x.index_select(0, index)
+    x.index_copy_(0, index, rows)
+    return replaced
+
+
+def add_reference_delta(
+    x: torch.Tensor, reference_delta: torch.Tensor, index: torch.Tensor, recomputed_rows: torch.Tensor
+) -> torch.Tensor:
+    """A non-refresh layer's output: x + reference_delta [T, C] for reused tokens, recomputed_rows at index.
+
+    x [F, T, C] is the layer input; recomputed_rows [F, k, C] are the selected tokens' exact outputs.
+    A reused token takes the reference's output in both residual branches (SPEC §2 steps 5 and 6),
+    so its two residual adds collapse into one add of A_ref + M_ref, stored at refresh: one pass
+    over [F, T, C] per layer instead of two, and no Ā or M̄ materialised.
+    """
     out = torch.add(x, reference_delta, out=torch.empty_like(x, memory_format=torch.contiguous_format))
-    return scatter_tokens(out, index, x_selected + recomputed_delta)
+    return scatter_tokens(out, index, recomputed_rows)
 
 
 def layer_flops(num_tokens: int, width: int, mlp_width: int, recomputed: int | None = None) -> float:
@@ -137,7 +143,8 @@ __all__ = [
     "reused_similarity",
     "within_refresh_budget",
     "mix_with_reference",
-    "add_residual_with_reference",
+    "swap_rows",
+    "add_reference_delta",
     "layer_flops",
     "flop_ratio",
 ]

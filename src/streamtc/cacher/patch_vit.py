@@ -6,7 +6,7 @@ Covers transformers 5.x `SiglipEncoderLayer`, `Siglip2EncoderLayer`, `CLIPEncode
 incremental forwards:
 
 - `refresh_forward`: the layer computed exactly, which also writes this layer's reference
-  (K, V, attention output, MLP output of the chunk's last frame) into the stream's buffers.
+  (unit-norm K, V, and attention plus MLP output of the chunk's last frame) into the stream's buffers.
 - `selective_forward`: the non-refresh layer of SPEC §2; recomputes the k tokens whose keys moved
   most, takes the reference's attention and MLP outputs for the rest.
 
@@ -80,11 +80,18 @@ def refresh_forward(
     attention_mask: torch.Tensor | None,
     reference: LayerReference,
     eager_fallback: Callable,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The exact layer on [F, T, C]; writes the last frame's K, V, A, M into `reference` in place."""
+    """The exact layer on [F, T, C]; writes the last frame's K, V and A + M into `reference` in place.
+
+    keys: this layer's keys if the caller already computed them (the adaptive planner does for the
+        first layer before deciding to refresh), else computed here.
+    """
     attn = layer.self_attn
     normed = layer.layer_norm1(hidden_states)
-    queries, keys, values = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
+    if keys is None:
+        keys = attn.k_proj(normed)
+    queries, values = attn.q_proj(normed), attn.v_proj(normed)
     attn_out = attn.out_proj(_attention(attn, queries, keys, values, attention_mask, eager_fallback))
     hidden_states = hidden_states + attn_out
 
@@ -93,8 +100,7 @@ def refresh_forward(
 
     reference.unit_keys.copy_(F.unit_rows(keys[-1]))
     reference.values.copy_(values[-1])
-    reference.attn_out.copy_(attn_out[-1])
-    reference.mlp_out.copy_(mlp_out[-1])
+    torch.add(attn_out[-1], mlp_out[-1], out=reference.residual_delta)
     return hidden_states
 
 
@@ -123,14 +129,24 @@ def selective_forward(
 
     normed_selected = gather_tokens(normed, index)  # [F, k, C]
     queries = attn.q_proj(normed_selected)
-    values = F.mix_with_reference(reference.values, index, attn.v_proj(normed_selected))  # V̄ [F, T, C]
-    context = _attention(attn, queries, keys, values, _mask_rows(attention_mask, index), eager_fallback)
-    hidden_states = F.add_residual_with_reference(hidden_states, reference.attn_out, index, attn.out_proj(context))
+    selected_values = attn.v_proj(normed_selected)
+    mask = _mask_rows(attention_mask, index)
+    if hidden_states.shape[0] == 1:
+        # One frame: V̄ is V_ref with V_I swapped in, in place, and swapped back after attending
+        # (bit-exact; saves a [T, C] copy per layer). A layer that raises in between leaves the
+        # stream without a reference: STCCacher._layer_forward marks it for a refresh.
+        replaced = F.swap_rows(reference.values, index[0], selected_values[0])
+        context = _attention(attn, queries, keys, reference.values.unsqueeze(0), mask, eager_fallback)
+        F.swap_rows(reference.values, index[0], replaced)
+    else:
+        values = F.mix_with_reference(reference.values, index, selected_values)  # V̄ [F, T, C]
+        context = _attention(attn, queries, keys, values, mask, eager_fallback)
 
-    # LayerNorm is per token, so LN2 on the selected rows equals LN2 on all rows, then selecting.
-    selected = gather_tokens(hidden_states, index)
-    mlp_selected = layer.mlp(layer.layer_norm2(selected))
-    return F.add_residual_with_reference(hidden_states, reference.mlp_out, index, mlp_selected, selected)
+    # Both residual steps for the selected rows; LayerNorm is per token, so LN2 of the selected
+    # rows equals LN2 of all rows, then selecting.
+    selected = gather_tokens(hidden_states, index) + attn.out_proj(context)  # X[I] + A_I
+    selected = selected + layer.mlp(layer.layer_norm2(selected))  # + M_I
+    return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected)
 
 
 __all__ = ["eager_attention_for", "refresh_forward", "selective_forward"]

@@ -23,8 +23,7 @@ class LayerReference(NamedTuple):
 
     unit_keys: torch.Tensor  # K_ref / ||K_ref||, for the key cosine
     values: torch.Tensor  # V_ref, post-projection, before the head split
-    attn_out: torch.Tensor  # A_ref: attention block output after out_proj, before the residual
-    mlp_out: torch.Tensor  # M_ref: MLP output before the residual
+    residual_delta: torch.Tensor  # A_ref + M_ref: attention-block output (after out_proj) plus MLP output
 
 
 @dataclass
@@ -69,8 +68,7 @@ class CacherState:
         self.has_reference = False
         self.unit_keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.attn_out: torch.Tensor | None = None
-        self.mlp_out: torch.Tensor | None = None
+        self.residual_delta: torch.Tensor | None = None
         self.stats = CacherStats()
 
     @property
@@ -93,8 +91,8 @@ class CacherState:
         """Make sure buffers of the right shape exist, and mark the reference invalid until written."""
         if self.reference_shape != (num_layers, num_tokens, width):
             shape = (num_layers, num_tokens, width)
-            self.unit_keys, self.values, self.attn_out, self.mlp_out = (
-                torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(4)
+            self.unit_keys, self.values, self.residual_delta = (
+                torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(3)
             )
         self.has_reference = False
 
@@ -102,7 +100,7 @@ class CacherState:
         """The reference slices of encoder layer `index` (views into the state's buffers)."""
         if self.values is None:
             raise StreamStateError("this stream has no cacher reference yet; a refresh chunk must run first")
-        return LayerReference(self.unit_keys[index], self.values[index], self.attn_out[index], self.mlp_out[index])
+        return LayerReference(self.unit_keys[index], self.values[index], self.residual_delta[index])
 
 
 __all__ = ["CacherState", "CacherStats", "LayerReference"]
