@@ -582,3 +582,61 @@ def test_default_adaptive_threshold_ignores_small_motion_and_catches_a_cut(sigli
     sequence = torch.cat([drift, frames(1, seed=9)])
     refreshed = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=100, refresh="adaptive"), sequence)
     assert refreshed == [True, False, False, False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernels: oneDNN products where PyTorch would call MKL, PyTorch's own path everywhere else.
+
+
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile() as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+def test_onednn_linear_matches_torch_and_is_what_runs():
+    from streamtc.cacher import kernels
+
+    assert kernels.onednn_available()
+    layer = torch.nn.Linear(24, 40)
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        expected = layer(x)
+        got = kernels.linear(layer, x, onednn=True)
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: kernels.linear(layer, x, onednn=True))
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: kernels.linear(layer, x, onednn=False))
+    assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("case", ["grad", "float64", "hook", "not_plain_linear"])
+def test_onednn_linear_keeps_torchs_path_where_the_swap_could_change_more_than_the_kernel(case):
+    from streamtc.cacher import kernels
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    layer = (Wrapped if case == "not_plain_linear" else torch.nn.Linear)(8, 8)
+    x = torch.randn(3, 8)
+    if case == "float64":
+        layer, x = layer.double(), x.double()
+    calls = []
+    if case == "hook":
+        layer.register_forward_hook(lambda *_: calls.append(1))
+    with torch.set_grad_enabled(case == "grad"):
+        ops = _ops_run(lambda: kernels.linear(layer, x, onednn=True))
+    assert "mkldnn::_linear_pointwise" not in ops
+    assert calls == ([1] if case == "hook" else [])
+
+
+@pytest.mark.parametrize("cpu_kernels", ["onednn", "torch"])
+def test_both_cpu_kernel_choices_match_the_plain_implementation(siglip, cpu_kernels):
+    x = frames(5, seed=1)
+    expected = plain_stc_stream(siglip, split(x, 1), 2, 0.25)
+    cacher = STCCacher(CacherConfig(cache_interval=2, cpu_kernels=cpu_kernels)).attach(siglip)
+    outputs = []
+    try:
+        ops = _ops_run(lambda: outputs.append(encode_chunks(siglip, split(x, 1))))
+    finally:
+        cacher.detach()
+    assert ("mkldnn::_linear_pointwise" in ops) == (cpu_kernels == "onednn")
+    assert (outputs[0] - expected).abs().max() <= TOL

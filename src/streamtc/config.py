@@ -53,6 +53,10 @@ class CacherConfig:
         selective layer functions have fixed k, write references into preallocated buffers in
         place and contain no host syncs or data-dependent branches, so one full graph is compiled
         per chunk shape and reused by every layer; "reduce-overhead" adds CUDA graphs on a GPU.
+    cpu_kernels: "onednn" (matrix products of the patched layers through oneDNN on CPU, float32
+        and bfloat16, where PyTorch would call MKL: faster at both a full frame's and a
+        non-refresh layer's row counts, see streamtc/cacher/kernels.py) or "torch" (PyTorch's
+        own kernels, as the unpatched model). GPUs and the compiled path always use the latter.
     """
 
     cache_interval: int = 2
@@ -62,6 +66,7 @@ class CacherConfig:
     refresh_threshold: float = 0.92
     refresh_budget: int | None = None
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    cpu_kernels: Literal["onednn", "torch"] = "onednn"
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_interval, bool) or not isinstance(self.cache_interval, int):
@@ -76,6 +81,7 @@ class CacherConfig:
             "compile_mode", self.compile_mode,
             (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         )
+        _check_choice("cpu_kernels", self.cpu_kernels, ("onednn", "torch"))
         if not isinstance(self.refresh_threshold, (int, float)) or not -1.0 <= self.refresh_threshold <= 1.0:
             raise ConfigError(f"refresh_threshold is a cosine similarity in [-1, 1], got {self.refresh_threshold!r}")
         if self.refresh_budget is not None:

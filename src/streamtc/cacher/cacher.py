@@ -31,7 +31,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer, Si
 from ..config import CacherConfig
 from ..errors import InputError, StreamStateError, UnsupportedModelError
 from . import functional as F
-from . import patch_vit
+from . import kernels, patch_vit
 from .state import CacherState, CacherStats
 
 # Vision tower classes the cacher attaches to; each keeps its layers in `.encoder.layers`.
@@ -103,6 +103,10 @@ class STCCacher:
         self._saved_forwards: list[Any] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._paths: dict[Any, LayerPaths] = {}
+        # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
+        self._onednn = (
+            self.config.cpu_kernels == "onednn" and self.config.compile_mode is None and kernels.onednn_available()
+        )
 
     # -- attaching ---------------------------------------------------------------------------
 
@@ -240,7 +244,7 @@ class STCCacher:
         tokens become the index set of every layer.
         """
         first = self._layers[0]
-        keys = first.self_attn.k_proj(first.layer_norm1(hidden_states))
+        keys = kernels.linear(first.self_attn.k_proj, first.layer_norm1(hidden_states), self._onednn)
         plan.first_layer_keys = keys  # the first layer uses them, refresh or not
         similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys)
         if trigger:
@@ -293,7 +297,9 @@ class STCCacher:
         keys = plan.first_layer_keys if index == 0 else None
         try:
             if plan.refresh:
-                return paths.refresh(layer, hidden_states, attention_mask, reference, eager_fallback, keys=keys)
+                return paths.refresh(
+                    layer, hidden_states, attention_mask, reference, eager_fallback, keys=keys, onednn=self._onednn
+                )
             return paths.selective(
                 layer,
                 hidden_states,
@@ -303,6 +309,7 @@ class STCCacher:
                 eager_fallback,
                 index=plan.shared_index,
                 keys=keys,
+                onednn=self._onednn,
             )
         except BaseException:
             # The layer may have left its reference half-written (refresh) or holding the

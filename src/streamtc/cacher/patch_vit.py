@@ -29,6 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..tokens import gather_tokens
 from . import functional as F
+from .kernels import feed_forward, linear
 from .state import LayerReference
 
 
@@ -81,21 +82,24 @@ def refresh_forward(
     reference: LayerReference,
     eager_fallback: Callable,
     keys: torch.Tensor | None = None,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """The exact layer on [F, T, C]; writes the last frame's K, V and A + M into `reference` in place.
 
     keys: this layer's keys if the caller already computed them (the adaptive planner does for the
         first layer before deciding to refresh), else computed here.
+    onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
     """
     attn = layer.self_attn
     normed = layer.layer_norm1(hidden_states)
     if keys is None:
-        keys = attn.k_proj(normed)
-    queries, values = attn.q_proj(normed), attn.v_proj(normed)
-    attn_out = attn.out_proj(_attention(attn, queries, keys, values, attention_mask, eager_fallback))
+        keys = linear(attn.k_proj, normed, onednn)
+    queries, values = linear(attn.q_proj, normed, onednn), linear(attn.v_proj, normed, onednn)
+    context = _attention(attn, queries, keys, values, attention_mask, eager_fallback)
+    attn_out = linear(attn.out_proj, context, onednn)
     hidden_states = hidden_states + attn_out
 
-    mlp_out = layer.mlp(layer.layer_norm2(hidden_states))
+    mlp_out = feed_forward(layer.mlp, layer.layer_norm2(hidden_states), onednn)
     hidden_states = hidden_states + mlp_out
 
     reference.unit_keys.copy_(F.unit_rows(keys[-1]))
@@ -113,23 +117,25 @@ def selective_forward(
     eager_fallback: Callable,
     index: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """The non-refresh layer of SPEC §2 on [F, T, C].
 
     index: [F, k] tokens to recompute; when None, chosen here from this layer's key cosine.
     keys: this layer's keys if the caller already computed them (the shared/adaptive planner does
         for the first layer), else computed here.
+    onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
     """
     attn = layer.self_attn
     normed = layer.layer_norm1(hidden_states)  # [F, T, C]
     if keys is None:
-        keys = attn.k_proj(normed)  # all tokens: every selected query attends to every key
+        keys = linear(attn.k_proj, normed, onednn)  # all tokens: every selected query attends to every key
     if index is None:
         index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed)
 
     normed_selected = gather_tokens(normed, index)  # [F, k, C]
-    queries = attn.q_proj(normed_selected)
-    selected_values = attn.v_proj(normed_selected)
+    queries = linear(attn.q_proj, normed_selected, onednn)
+    selected_values = linear(attn.v_proj, normed_selected, onednn)
     mask = _mask_rows(attention_mask, index)
     if hidden_states.shape[0] == 1:
         # One frame: V̄ is V_ref with V_I swapped in, in place, and swapped back after attending
@@ -144,8 +150,8 @@ def selective_forward(
 
     # Both residual steps for the selected rows; LayerNorm is per token, so LN2 of the selected
     # rows equals LN2 of all rows, then selecting.
-    selected = gather_tokens(hidden_states, index) + attn.out_proj(context)  # X[I] + A_I
-    selected = selected + layer.mlp(layer.layer_norm2(selected))  # + M_I
+    selected = gather_tokens(hidden_states, index) + linear(attn.out_proj, context, onednn)  # X[I] + A_I
+    selected = selected + feed_forward(layer.mlp, layer.layer_norm2(selected), onednn)  # + M_I
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected)
 
 

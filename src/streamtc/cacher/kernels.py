@@ -1,0 +1,56 @@
+"""CPU matrix products of the patched layers: oneDNN's kernels where PyTorch would call MKL.
+
+PyTorch runs a float32 `nn.Linear` on CPU through MKL's sgemm. On the AMD EPYC machine of
+docs/benchmarks.md, oneDNN's JIT kernels (the ones inductor emits for CPU) compute the same
+products about 10% faster at a full frame's 729 rows and about 20-25% faster at the 182 rows of a
+non-refresh layer, which is where STC-Cacher's saved FLOPs were being lost. The patched layers
+route their projections and MLPs through `linear` and `feed_forward` below.
+
+PyTorch's own path (`module(x)`) is kept wherever the swap could change more than the kernel:
+tensors off the CPU or in another dtype, autograd recording, projections that are not plain
+`nn.Linear` (quantised or adapter-wrapped layers) or carry hooks, and whenever the caller passes
+onednn=False (`CacherConfig(cpu_kernels="torch")`, and the compiled path, where inductor picks
+kernels itself). Results agree with MKL's to float rounding (summation order), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN and its linear op."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in ONEDNN_DTYPES
+        and weight.dtype == x.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def linear(module: nn.Module, x: torch.Tensor, onednn: bool) -> torch.Tensor:
+    """module(x) for a projection of a patched layer, through oneDNN when `onednn` and it applies."""
+    if onednn and type(module) is nn.Linear and not _has_hooks(module) and _onednn_applies(x, module.weight):
+        return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [], "")
+    return module(x)
+
+
+def feed_forward(mlp: nn.Module, x: torch.Tensor, onednn: bool) -> torch.Tensor:
+    """mlp(x) for the fc1 -> activation_fn -> fc2 MLP every supported tower uses, products via `linear`."""
+    if onednn and not _has_hooks(mlp):
+        return linear(mlp.fc2, mlp.activation_fn(linear(mlp.fc1, x, onednn)), onednn)
+    return mlp(x)
+
+
+__all__ = ["ONEDNN_DTYPES", "onednn_available", "linear", "feed_forward"]
