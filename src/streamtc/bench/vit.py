@@ -62,7 +62,6 @@ class VariantResult:
     name: str
     config: dict[str, Any] | None
     frame_ms: list[list[float]] = field(default_factory=list)  # [repeat][frame]
-    frame_ratio: list[list[float]] = field(default_factory=list)  # [repeat][frame], over the paired full frame
     refresh_frames: list[bool] = field(default_factory=list)
     token_cosine: list[float] = field(default_factory=list)  # per frame, mean over tokens
     flat_cosine: list[float] = field(default_factory=list)  # per frame, whole frame as one vector
@@ -142,7 +141,6 @@ def run_vit_benchmark(
             for variant in variants:
                 result = results[variant.name]
                 result.frame_ms.append(ms[variant.name])
-                result.frame_ratio.append([a / b for a, b in zip(ms[variant.name], ms[baseline])])
                 result.refresh_frames = refreshed[variant.name]
                 got = torch.cat(outputs[variant.name])
                 result.token_cosine = token_cosine(got, reference).tolist()
@@ -168,8 +166,13 @@ def summarise(result: VariantResult, full: VariantResult, tokens: int, config: A
     """Paired ratios against the unpatched run (medians over repeats and frames), the FLOP model, fidelity."""
     totals = [sum(run) for run in result.frame_ms]
     time_ratios = [sum(run) / sum(base) for run, base in zip(result.frame_ms, full.frame_ms)]
-    refresh = [r for run in result.frame_ratio for r, is_refresh in zip(run, result.refresh_frames) if is_refresh]
-    selective = [r for run in result.frame_ratio for r, is_refresh in zip(run, result.refresh_frames) if not is_refresh]
+    paired = [
+        (ms / base_ms, is_refresh)
+        for run, base in zip(result.frame_ms, full.frame_ms)
+        for ms, base_ms, is_refresh in zip(run, base, result.refresh_frames)
+    ]
+    refresh = [ratio for ratio, is_refresh in paired if is_refresh]
+    selective = [ratio for ratio, is_refresh in paired if not is_refresh]
     width, mlp = config.hidden_size, config.intermediate_size
     n_refresh = sum(result.refresh_frames)
     if result.config is None:

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..errors import InputError
-from ..tokens import gather_tokens, scatter_tokens
+from ..tokens import scatter_tokens
 
 
 def num_recomputed_tokens(num_tokens: int, update_ratio: float) -> int:
