@@ -164,7 +164,7 @@ def parse_timestamp(value: Any) -> float:
             parts = [float(p) for p in str(value).strip().split(":")]
         except ValueError:
             raise AnnotationError(f"cannot read {value!r} as a time stamp (HH:MM:SS or seconds)") from None
-    if not 1 <= len(parts) <= 3 or any(not math.isfinite(p) or p < 0 for p in parts):
+    if not 1 <= len(parts) <= 3 or any(not math.isfinite(p) or math.copysign(1.0, p) < 0 for p in parts):
         raise AnnotationError(f"time stamp {value!r} is not a finite, non-negative time (HH:MM:SS or seconds)")
     seconds = 0.0
     for part in parts:

@@ -33,7 +33,7 @@ from .benchmarks import protocol_of
 from .benchmarks.base import Protocol
 from .datasets import Benchmark, VideoTask
 from .results import FORMAT, Key, ResultsWriter, read_results
-from .scoring import score, timing_summary
+from .scoring import judge_record, score, timing_summary
 from .streaming import STREAM_VERSION, EvalSettings, problem_record, run_video
 
 logger = logging.getLogger(__name__)
@@ -226,8 +226,9 @@ class EvalRun:
         finally:
             self.writer.close()
         if self.benchmark.spec.finish is not None:
-            results = read_results(self.output)
-            paths = self.benchmark.spec.finish(results.answers.values(), self.output, self.protocol.name)
+            judged = [{**record, "prediction": judge_record(self.protocol, record)[0]}
+                      for record in read_results(self.output).answers.values()]
+            paths = self.benchmark.spec.finish(judged, self.output, self.protocol.name)
             summary["submission"] = [str(p) for p in paths]
         return summary
 
