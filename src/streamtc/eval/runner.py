@@ -156,7 +156,7 @@ class EvalRun:
             "config": run_config(benchmark, spec, settings, protocol),
             "questions": benchmark.questions,
             "model_id": spec.model_id,
-            "benchmark_title": benchmark.info.title,
+            "benchmark_title": benchmark.spec.title,
             "annotations": str(benchmark.annotations),
             "videos": str(benchmark.videos),
             "versions": versions(),

@@ -35,7 +35,7 @@ class Score:
 
     overall: the headline number (percent) as `headline` says. tables: named tables of rows.
     questions: answer records that count; errors / unparsed: among them, those that failed (video
-    or record unreadable) / whose reply named nothing; excluded: labelled answers the official
+    or record unreadable, or a clip without frames) / whose reply named nothing; excluded: labelled answers the official
     rule leaves out of the accuracy (Video-MME's unanswered replies); unlabelled: answers without
     a label; missing_videos: failed videos with their first error.
     """
@@ -68,12 +68,13 @@ def score(benchmark: str, protocol: str, records: Iterable[Record]) -> Score:
     for record in records:
         prediction, correct = judge_record(rules, record)
         judged.append({**record, "prediction": prediction, "correct": correct})
-    labelled = [r for r in judged if r.get("answer") is not None]
+    # an unreadable annotation record has no label but counts: it is wrong, as an unasked question is
+    labelled = [r for r in judged if r.get("answer") is not None or r.get("error_kind") == "annotation"]
     counted = [r for r in labelled if r["correct"] is not None]
     overall, tables, extra = rules.aggregate(counted)
     missing: dict[str, str] = {}
     for record in judged:
-        if record.get("error") is not None:
+        if record.get("error") is not None and record.get("error_kind", "video") == "video":
             missing.setdefault(record["video"], record["error"])
     return Score(
         benchmark=benchmark, protocol=protocol, overall=overall, headline=rules.headline, rule=rules.rule,

@@ -16,7 +16,7 @@ twice: a video costs one pass over its frames, not a sum over its questions' cli
 
 Frames are pushed in chunks of `session.chunk_frames` (one Cacher chunk per push, as in
 `streamtc run`); a chunk is cut short when a question falls due. When every question is timed,
-decoding stops at the last question's cut.
+decoding stops at the last question's cut, and no frame at or after it is encoded.
 
 A video that is missing, not a video, undecodable or truncated (`VideoSourceError`) does not stop
 the run: the questions whose frames were all decoded before the failure are still answered, and
@@ -109,9 +109,10 @@ def question_record(question: Question, protocol: Protocol) -> dict[str, Any]:
     }
 
 
-def error_record(question: Question, protocol: Protocol, error: str) -> dict[str, Any]:
-    """The answer record of a question that could not be asked."""
-    record = {**question_record(question, protocol), **_NOT_ASKED, "error": error}
+def error_record(question: Question, protocol: Protocol, error: str, kind: str = "video") -> dict[str, Any]:
+    """The answer record of a question that could not be asked; kind: "video" (the video failed)
+    or "empty_clip" (its clip holds no frame)."""
+    record = {**question_record(question, protocol), **_NOT_ASKED, "error": error, "error_kind": kind}
     record["correct"] = judge_record(protocol, record)[1]
     return record
 
@@ -121,7 +122,7 @@ def problem_record(problem: Problem) -> dict[str, Any]:
     return {"type": "answer", "video": problem.video, "qid": problem.qid, "trigger": problem.trigger,
             "task": problem.task, "category": None, "kind": None, "question_time": None, "question": None,
             "options": None, "answer": None, "extra": {}, **_NOT_ASKED, "correct": False,
-            "error": f"unreadable annotation: {problem.message}"}
+            "error": f"unreadable annotation: {problem.message}", "error_kind": "annotation"}
 
 
 def ask(session: StreamingSession, question: Question, protocol: Protocol, settings: EvalSettings) -> dict[str, Any]:
@@ -138,6 +139,7 @@ def ask(session: StreamingSession, question: Question, protocol: Protocol, setti
         **question_record(question, protocol),
         "response": answer.text,
         "error": None,
+        "error_kind": None,
         "frames": answer.frames,
         "stream_time": answer.timestamp,
         "ttft_ms": answer.ttft_ms,
@@ -171,6 +173,7 @@ def run_video(
     due = deque((protocol.cut(q.time), q) for q in timed)  # (cut, question), in time order
     at_end = [q for q in questions if q.time is None or protocol.cut is None]
     answered = 0
+    decoded = 0
     buffer: list[Frame] = []
     last_time: float | None = None  # timestamp of the last frame pushed
     error: str | None = None
@@ -190,7 +193,7 @@ def run_video(
             answered += 1
             if session.frames == 0:
                 yield error_record(question, protocol, f"asked at {question.time:g} s: the clip [0, {cut:g}) "
-                                   "holds no sampled frame")
+                                   "holds no sampled frame", kind="empty_clip")
             else:
                 yield ask(session, question, protocol, settings)
 
@@ -198,14 +201,17 @@ def run_video(
         # decode no further than the last question needs
         with PyAVSource(task.path, fps=settings.fps, max_seconds=None if at_end else due[-1][0]) as source:
             for frame in source:
+                decoded += 1
                 if due and due[0][0] <= frame.timestamp + _EPS:
                     flush()
                     yield from ask_due(frame.timestamp)
+                    if not due and not at_end:
+                        break  # no question needs this frame or any later one
                 buffer.append(frame)
                 if len(buffer) == session.chunk_frames:
                     flush()
         flush()
-        if session.frames == 0:
+        if decoded == 0:
             raise VideoSourceError(f"{task.path}: no frame was sampled")
     except VideoSourceError as failure:
         error = str(failure)
