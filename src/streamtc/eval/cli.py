@@ -111,9 +111,9 @@ def run(
         console.print(f"resuming {output}: {done} of {loaded.questions} questions already answered, none asked again"
                       + (f" except {evaluation.retried} recorded with an error (--retry-errors)"
                          if evaluation.retried else ""))
-    console.print(f"{loaded.spec.title} ({protocol} protocol): {len(evaluation.jobs)} video(s), "
-                  f"{evaluation.pending_questions} question(s) to ask at {settings.fps:g} fps"
-                  + (f" on Ray ({ray})" if ray else ""))
+    console.print(f"{loaded.spec.title}, {protocol} protocol")
+    console.print(f"{len(evaluation.jobs)} video(s), {evaluation.pending_questions} question(s) to ask at "
+                  f"{settings.fps:g} fps" + (f" on Ray ({ray})" if ray else ""))
     answered = 0
     try:
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
