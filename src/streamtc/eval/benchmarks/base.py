@@ -100,7 +100,6 @@ class BenchmarkSpec:
     aliases: tuple[str, ...] = ()
     companions: tuple[str, ...] = ()
     finish: Callable[[Iterable[Record], Path, str], list[Path]] | None = None
-    formats: str = ""
 
 
 def mean(values: Iterable[float | None]) -> float | None:

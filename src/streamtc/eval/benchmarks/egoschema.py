@@ -203,11 +203,11 @@ SPEC = BenchmarkSpec(
     name="egoschema", title="EgoSchema (labelled 500-question subset)", online=False, default_fps=0.5, load=load,
     detect=detect, protocols={"official": OFFICIAL, "paper": PAPER}, aliases=("egoschema-subset",),
     companions=("subset_answers.json",),
-    formats="questions.json with subset_answers.json beside it; the paper's ReKV-layout JSON",
 )
 FULL_SPEC = replace(
     SPEC, name="egoschema-full", title="EgoSchema (full set, submission file)", load=load_full, aliases=(),
-    detect=lambda path, data: False, finish=write_submission,
+    detect=lambda path, data: False,  # the subset is detected; the full set is asked for by name
+    finish=write_submission,
 )
 
 __all__ = [

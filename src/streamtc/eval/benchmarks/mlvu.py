@@ -134,19 +134,23 @@ def last_match_label(question: Question) -> str | None:
     return option_letter(index) if index >= 0 else NO_MATCH
 
 
-def check_ans(pred: str, label: str) -> bool:
-    """MLVU's `check_ans`, transcribed (gt is "(<label>) <answer>")."""
+def choice_of(pred: str) -> str:
+    """`check_ans`'s reading of a reply: the character before the first ")", else the whole reply."""
     if ")" in pred:
         index = pred.index(")")
-        pred = pred[index - 1:index]
-    return pred == label
+        return pred[index - 1:index]
+    return pred
+
+
+def check_ans(pred: str, label: str) -> bool:
+    """MLVU's `check_ans` (gt is "(<label>) <answer>", so its option is the label)."""
+    return choice_of(pred) == label
 
 
 def judge(record: Record) -> Verdict:
-    reply = record.get("response") or ""
-    pred = reply[reply.index(")") - 1:reply.index(")")] if ")" in reply else reply
+    choice = choice_of(record.get("response") or "")
     valid = {option_letter(i) for i in range(len(record.get("options") or ()))}
-    return (pred if pred in valid else None), check_ans(reply, record["answer"])
+    return (choice if choice in valid else None), check_ans(choice, record["answer"])
 
 
 def aggregate(records: Sequence[Record]) -> Aggregate:
@@ -172,7 +176,6 @@ PAPER = Protocol(
 SPEC = BenchmarkSpec(
     name="mlvu", title="MLVU-dev multiple choice", online=False, default_fps=0.5, load=load, detect=detect,
     protocols={"official": OFFICIAL, "paper": PAPER}, aliases=("mlvu-dev",),
-    formats="MLVU's data/ (or json/) directory or one task file; the paper's ReKV-layout JSON",
 )
 
 __all__ = [
@@ -185,6 +188,7 @@ __all__ = [
     "aggregate",
     "aggregate_pooled",
     "check_ans",
+    "choice_of",
     "judge",
     "last_match_label",
     "load",

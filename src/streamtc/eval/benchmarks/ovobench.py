@@ -243,7 +243,7 @@ PAPER = Protocol(
 SPEC = BenchmarkSpec(
     name="ovobench", title="OVO-Bench", online=True, default_fps=1.0, load=load, detect=detect,
     protocols={"official": OFFICIAL, "paper": PAPER}, paper={"uncompressed": 52.6, "stc": 52.0},
-    aliases=("ovo-bench", "ovo"), formats="ovo_bench_new.json (OVO-Bench GitHub)",
+    aliases=("ovo-bench", "ovo"),
 )
 
 __all__ = [

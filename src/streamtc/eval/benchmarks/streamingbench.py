@@ -188,7 +188,6 @@ SPEC = BenchmarkSpec(
     name="streamingbench", title="StreamingBench real-time visual understanding", online=True, default_fps=1.0,
     load=load, detect=detect, protocols={"official": OFFICIAL, "paper": PAPER},
     paper={"uncompressed": 69.1, "stc": 65.2}, aliases=("streamingbench-rt",),
-    formats="Real_Time_Visual_Understanding.csv (HF mjuicem/StreamingBench) or src/data/questions_real.json",
 )
 
 __all__ = ["ANSWER_CUE", "OFFICIAL", "PAPER", "PROMPT_TEMPLATE", "SPEC", "aggregate", "cut", "judge", "load", "prompt"]

@@ -220,7 +220,6 @@ PAPER = Protocol(
 SPEC = BenchmarkSpec(
     name="videomme", title="Video-MME (short/medium/long)", online=False, default_fps=0.5, load=load, detect=detect,
     protocols={"official": OFFICIAL, "paper": PAPER}, aliases=("video-mme",),
-    formats="the HF parquet (or its rows as JSON / JSON lines), Video-MME's JSON, the paper's ReKV-layout JSON",
 )
 
 __all__ = [
