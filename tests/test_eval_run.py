@@ -411,3 +411,23 @@ def test_ctrl_c_says_how_to_resume_and_resuming_asks_nothing_twice(videomme: Pat
     result = runner.invoke(app, [*command, "--max-videos", "1"])
     assert result.exit_code == 0, result.output
     assert read_results(output).planned == 3
+
+
+def test_a_question_the_session_refuses_is_an_error_line(ovo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamtc.errors import InputError
+
+    original = StreamingSession.ask
+
+    def refuse_one(self, question, *args, **kwargs):
+        if "What does it say?" in question:
+            raise InputError("the prompt is too long (simulated)")
+        return original(self, question, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingSession, "ask", refuse_one)
+    benchmark = load_benchmark("ovobench", ovo / "ovo_bench_new.json", ovo / "videos")
+    session = StreamingSession.from_preset("tiny-llava-ov", stc=None)
+    records = [r for r in run_video(session, benchmark.tasks[0], OVO_OFFICIAL, EvalSettings(fps=1.0, max_new_tokens=1))
+               if r["type"] == "answer"]
+    refused = [r for r in records if r["error_kind"] == "question"]
+    assert [r["qid"] for r in refused] == ["1"] and "too long (simulated)" in refused[0]["error"]
+    assert [r["qid"] for r in records if r["error"] is None] == ["0", "3", "6"]  # the others are answered

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, VideoSourceError
+from ..errors import ConfigError, InputError, VideoSourceError
 from ..session import StreamingSession
 from ..sources import Frame, PyAVSource
 from .benchmarks.base import Protocol
@@ -110,8 +110,8 @@ def question_record(question: Question, protocol: Protocol) -> dict[str, Any]:
 
 
 def error_record(question: Question, protocol: Protocol, error: str, kind: str = "video") -> dict[str, Any]:
-    """The answer record of a question that could not be asked; kind: "video" (the video failed)
-    or "empty_clip" (its clip holds no frame)."""
+    """The answer record of a question that could not be asked; kind: "video" (the video failed),
+    "empty_clip" (its clip holds no frame) or "question" (the session refused the prompt)."""
     record = {**question_record(question, protocol), **_NOT_ASKED, "error": error, "error_kind": kind}
     record["correct"] = judge_record(protocol, record)[1]
     return record
@@ -126,9 +126,13 @@ def problem_record(problem: Problem) -> dict[str, Any]:
 
 
 def ask(session: StreamingSession, question: Question, protocol: Protocol, settings: EvalSettings) -> dict[str, Any]:
-    """Ask one question on the stream so far with its protocol's prompt; its answer record."""
+    """Ask one question on the stream so far with its protocol's prompt; its answer record. A
+    question the session refuses (`InputError`) gets an error record instead of stopping the run."""
     prompt = protocol.prompt(question)
-    answer = session.ask(prompt.text, max_new_tokens=settings.max_new_tokens, answer_prefix=prompt.answer_prefix)
+    try:
+        answer = session.ask(prompt.text, max_new_tokens=settings.max_new_tokens, answer_prefix=prompt.answer_prefix)
+    except InputError as refused:
+        return error_record(question, protocol, f"question refused: {refused}", kind="question")
     logprobs = None
     if settings.option_logprobs and question.options:
         logits = session.next_token_logits(prompt.text, answer_prefix=prompt.answer_prefix)
