@@ -431,3 +431,36 @@ def test_a_question_the_session_refuses_is_an_error_line(ovo: Path, monkeypatch:
     refused = [r for r in records if r["error_kind"] == "question"]
     assert [r["qid"] for r in refused] == ["1"] and "too long (simulated)" in refused[0]["error"]
     assert [r["qid"] for r in records if r["error"] is None] == ["0", "3", "6"]  # the others are answered
+
+
+def test_mlvu_as_published_runs_to_the_end_with_its_own_prompt(tmp_path: Path) -> None:
+    """MLVU-dev's quirks (an answer that is no candidate, one that appears twice, an empty question)
+    load and run; the official system turn and answer prefix reach the model."""
+    from test_eval import mlvu_published  # the published-format fixture (tests/ is on the path)
+
+    folder = mlvu_published(tmp_path / "MLVU" / "data")
+    write_clip(tmp_path / "MLVU" / "video" / "2_needle" / "needle_4.mp4", 4, seed=5)
+    write_clip(tmp_path / "MLVU" / "video" / "7_topic_reasoning" / "movie101_89.mp4", 4, seed=6)
+    output = tmp_path / "mlvu.jsonl"
+    result = runner.invoke(app, ["eval", "run", "mlvu", str(folder), "--videos", str(tmp_path / "MLVU" / "video"),
+                                 "--max-new-tokens", "2", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    results = read_results(output)
+    assert results.complete and len(results.answers) == 4
+    assert results.header["config"]["model"]["system_prompt"].startswith("Carefully watch this video")
+    needle = results.answers[("2_needle/needle_4.mp4", "2_needle/0", None)]
+    assert needle["answer"] == "@" and needle["correct"] is False and needle["error"] is None  # kept, always wrong
+    empty = results.answers[("7_topic_reasoning/movie101_89.mp4", "7_topic_reasoning/0", None)]
+    assert empty["error"] is None and empty["answer"] == "D" and empty["response"] is not None
+    assert "M-Avg" in result.output
+
+
+def test_the_answer_prefix_is_prefilled_before_the_reply() -> None:
+    session = StreamingSession.from_preset("tiny-llava-ov", stc=None)
+    session.push(np.zeros((2, 48, 64, 3), dtype=np.uint8))
+    prompt = "Question: Who?\nOptions:\n(A) x\n(B) y\nOnly give the best option."
+    plain, prefixed = session.next_token_logits(prompt), session.next_token_logits(prompt, answer_prefix="Best option: (")
+    assert not np.allclose(plain.numpy(), prefixed.numpy())  # the prefix is part of the pre-fill
+    answer = session.ask(prompt, max_new_tokens=1, answer_prefix="Best option: (")
+    assert answer.token_ids == [int(prefixed.argmax())] or (answer.token_ids == [] and int(prefixed.argmax()) in
+                                                           session._stop_ids)
