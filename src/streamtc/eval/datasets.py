@@ -49,8 +49,9 @@ class Question:
     its protocol); options: the options as published (None for free-form kinds). answer: the label
     as the annotation gives it (an option letter, "Yes"/"No", a count, or for MLVU the option's
     text, which each protocol resolves its own way); None when the benchmark withholds labels.
-    task / category: the groups the benchmark scores by. extra: fields a prompt or a submission
-    needs (OVO-Bench's activity or step, EgoSchema's q_uid, Video-MME's domain).
+    task / category: the groups the benchmark scores by. extra: fields a submission needs or the
+    benchmark attaches (EgoSchema's q_uid, Video-MME's domain). For OVO-Bench's forward-active
+    items, `text` is what its prompt template takes (REC's activity, SSR's step, CRR's question).
     """
 
     video: str
