@@ -10,7 +10,8 @@ given as `Authorization: Bearer TOKEN` or, for browsers' <img>/WebSocket/EventSo
     GET    /v1/streams/{id}               inspect (state, counters, stats); DELETE closes it
     POST   /v1/streams/{id}/frames        push one frame: JPEG/PNG body, or raw RGB with ?width=&height=
     WS     /v1/streams/{id}/push          push frames: binary JPEG/PNG (or a JSON header, then raw RGB)
-    POST   /v1/streams/{id}/ask           {"question", "options"?, "max_new_tokens"?, "sync"?} -> answer
+    POST   /v1/streams/{id}/ask           {"question", "options"?, "max_new_tokens"?, "sync"?,
+                                          "top_logprobs"?} -> the answer, with timings
     GET    /v1/streams/{id}/frame.jpg     the latest processed frame
     WS     /v1/streams/{id}/events        live events (JSON); GET on the same path: server-sent events
     GET    /v1/models                     the streams, as OpenAI "models"
@@ -44,7 +45,7 @@ from .engine import LimitExceeded, ServeError, ServeLimits, StreamSpec
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-EVENT_WAIT_S = 10.0  # a subscriber's wait for new events before a keep-alive
+EVENT_WAIT_S = 2.0  # a subscriber's wait for new events before a keep-alive (also how soon it sees a shutdown)
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -76,6 +77,7 @@ class AskRequest(BaseModel):
     options: list[str] | None = None
     max_new_tokens: int = 32
     sync: bool = False
+    top_logprobs: int | None = None
 
 
 class ChatMessage(BaseModel):
@@ -257,7 +259,7 @@ def build_app(open_backend: Callable[[], Awaitable[Any]], *, token: str | None =
     @app.post("/v1/streams/{stream_id}/ask")
     async def ask(stream_id: str, body: AskRequest) -> dict[str, Any]:
         return await backend().ask(stream_id, body.question, body.options, max_new_tokens=body.max_new_tokens,
-                                   sync=body.sync)
+                                   sync=body.sync, top_logprobs=body.top_logprobs)
 
     @app.get("/v1/streams/{stream_id}/frame.jpg")
     async def latest_frame(stream_id: str) -> Response:
@@ -301,6 +303,8 @@ def build_app(open_backend: Callable[[], Awaitable[Any]], *, token: str | None =
                 for event in events:
                     last = event["seq"]
                     await websocket.send_json(event)
+                if not events:
+                    await websocket.send_json({"type": "keepalive"})
         except (WebSocketDisconnect, RuntimeError):
             return  # the subscriber went away
 

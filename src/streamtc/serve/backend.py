@@ -57,8 +57,9 @@ class LocalBackend:
         return self.engine.push_frame(stream_id, image, timestamp)
 
     async def ask(self, stream_id: str, question: str, options: list[str] | None = None, *, max_new_tokens: int = 32,
-                  sync: bool = False) -> dict[str, Any]:
-        future = self.engine.ask(stream_id, question, options, max_new_tokens=max_new_tokens, sync=sync)
+                  sync: bool = False, top_logprobs: int | None = None) -> dict[str, Any]:
+        future = self.engine.ask(stream_id, question, options, max_new_tokens=max_new_tokens, sync=sync,
+                                 top_logprobs=top_logprobs)
         return await asyncio.wrap_future(future)  # cancelled with the request: the engine skips it
 
     async def list(self) -> list[dict[str, Any]]:

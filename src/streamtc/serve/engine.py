@@ -262,6 +262,7 @@ class _Question:
     max_new_tokens: int
     after: int  # frames queued on the stream before the question (sync questions wait for them)
     sync: bool
+    top_logprobs: int | None
     future: Future
     queued: float = field(default_factory=time.perf_counter)
 
@@ -394,9 +395,11 @@ class Engine:
             return {"accepted": True, "frame": stream.queued - 1, "timestamp": timestamp, "queued": len(stream.frames)}
 
     def ask(self, stream_id: str, question: str, options: Sequence[str] | None = None, *, max_new_tokens: int = 32,
-            sync: bool = False) -> Future:
+            sync: bool = False, top_logprobs: int | None = None) -> Future:
         """Queue a question; the future resolves to the answer's dict (timings in ms, queue_ms
-        included). sync: answer after the frames queued before it (else on the video so far)."""
+        included). sync: answer after the frames queued before it (else on the video so far).
+        top_logprobs: also return the k most likely first answer tokens with their log-probabilities
+        (one more question pre-fill)."""
         if not isinstance(question, str) or not question.strip():
             raise InputError("question must be a non-empty string")
         if len(question) > self.limits.max_question_chars:
@@ -410,13 +413,16 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not (
                 1 <= max_new_tokens <= self.limits.max_new_tokens):
             raise InputError(f"max_new_tokens must be an int in [1, {self.limits.max_new_tokens}], got {max_new_tokens!r}")
+        if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
+                                         or not 1 <= top_logprobs <= 20):
+            raise InputError(f"top_logprobs must be None or an int in [1, 20], got {top_logprobs!r}")
         with self._lock:
             stream = self._get(stream_id)
             if stream.state == "closed":
                 raise StreamClosed(f"stream {stream_id} is closed")
             future: Future = Future()
             stream.questions.append(_Question(question, list(options) if options else None, max_new_tokens,
-                                              stream.queued, sync, future))
+                                              stream.queued, sync, top_logprobs, future))
             self._lock.notify_all()
         return future
 
@@ -649,13 +655,18 @@ class Engine:
         queue_ms = (time.perf_counter() - question.queued) * 1e3
         try:
             answer = stream.session.ask(question.text, question.options, max_new_tokens=question.max_new_tokens)
+            top = None
+            if question.top_logprobs:
+                logprobs = stream.session.next_token_logits(question.text, question.options).log_softmax(-1)
+                values, ids = logprobs.topk(question.top_logprobs)
+                top = [{"token_id": i, "logprob": v} for i, v in zip(ids.tolist(), values.tolist())]
         except Exception as error:
             question.future.set_exception(error)
             with self._lock:
                 self._emit(stream, {"type": "error", "question": question.text, "error": str(error)})
             return
         result = {**answer.to_dict(), "queue_ms": queue_ms, "latency_ms": queue_ms + answer.total_ms,
-                  "options": question.options, "stream": stream.id}
+                  "options": question.options, "stream": stream.id, "top_logprobs": top}
         with self._lock:
             stream.stats = stream.session.stats.to_dict()
             self._emit(stream, {"type": "answer", **result})

@@ -87,14 +87,17 @@ def deploy(settings: Any) -> list[Any]:
 class RayBackend:
     """The front's view of the replicas: the `LocalBackend` interface, routed by stream id."""
 
-    def __init__(self, handles: list[Any], model_name: str) -> None:
-        self.handles, self.model_name = handles, model_name
+    def __init__(self, handles: list[Any], model_name: str, owns_ray: bool = False) -> None:
+        self.handles, self.model_name, self.owns_ray = handles, model_name, owns_ray
         self._next = itertools.cycle(range(len(handles)))
 
     @classmethod
     async def start(cls, settings: Any, model_name: str) -> RayBackend:
+        import ray
+
+        owns_ray = not ray.is_initialized()
         handles = await asyncio.to_thread(deploy, settings)
-        backend = cls(handles, model_name)
+        backend = cls(handles, model_name, owns_ray)
         await asyncio.gather(*(backend._call(i, "info") for i in range(len(handles))))  # load the models now
         return backend
 
@@ -157,8 +160,12 @@ class RayBackend:
         """Close every replica's streams, then remove the deployments."""
         from ray import serve
 
+        import ray
+
         await asyncio.gather(*(h.close.remote() for h in self.handles), return_exceptions=True)
         await asyncio.to_thread(serve.shutdown)
+        if self.owns_ray:
+            await asyncio.to_thread(ray.shutdown)
 
 
 __all__ = ["RayBackend", "ReplicaUnavailable", "StreamReplica", "deploy"]
