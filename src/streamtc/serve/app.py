@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamStateError, StreamTCError, VideoSourceError
-from .engine import LimitExceeded, ServeError, ServeLimits, StreamSpec
+from .engine import DEFAULT_NEW_TOKENS, LimitExceeded, ServeError, ServeLimits, StreamSpec
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: str
     options: list[str] | None = None
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None
     sync: bool = False
     top_logprobs: int | None = None
 
@@ -354,10 +354,11 @@ def build_app(open_backend: Callable[[], Awaitable[Any]], *, token: str | None =
         if not stream_id:
             raise InputError("name the stream: the model field (its id) or the X-Stream-Id header")
         question = _chat_question(body.messages)
-        answer = await backend().ask(stream_id, question,
-                                     max_new_tokens=body.max_completion_tokens or body.max_tokens or 64)
+        requested = body.max_completion_tokens or body.max_tokens
+        answer = await backend().ask(stream_id, question, max_new_tokens=requested)
         completion_id, created = f"chatcmpl-{stream_id}-{int(time.time() * 1000)}", int(time.time())
-        finish = "length" if len(answer["token_ids"]) >= (body.max_completion_tokens or body.max_tokens or 64) else "stop"
+        # an answer that used every token it was allowed was cut short (length), else it ended (stop)
+        finish = "length" if len(answer["token_ids"]) >= (requested or DEFAULT_NEW_TOKENS) else "stop"
         if body.stream:
             async def chunks() -> AsyncIterator[str]:
                 for delta, reason in (({"role": "assistant", "content": answer["text"]}, None), ({}, finish)):

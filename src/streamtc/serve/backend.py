@@ -56,7 +56,7 @@ class LocalBackend:
         image = await asyncio.to_thread(decode_frame, data, self.engine.limits, width=width, height=height)
         return self.engine.push_frame(stream_id, image, timestamp)
 
-    async def ask(self, stream_id: str, question: str, options: list[str] | None = None, *, max_new_tokens: int = 32,
+    async def ask(self, stream_id: str, question: str, options: list[str] | None = None, *, max_new_tokens: int | None = None,
                   sync: bool = False, top_logprobs: int | None = None) -> dict[str, Any]:
         future = self.engine.ask(stream_id, question, options, max_new_tokens=max_new_tokens, sync=sync,
                                  top_logprobs=top_logprobs)

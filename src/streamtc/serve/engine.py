@@ -66,6 +66,7 @@ from ..sources import BUILTIN_CLIPS, FrameSampler, builtin_clip_path, open_sourc
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_NEW_TOKENS = 32  # answer length when a question does not say
 EVENTS_KEPT = 512  # recent events kept per stream for subscribers that join or fall behind
 
 
@@ -285,6 +286,7 @@ class _Stream:
     last_frame: np.ndarray | None = None
     last_timestamp: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    source_end: tuple[str, str | None] | None = None  # (state, error) once a reader is done
     sampler: FrameSampler | None = None
     push_clock: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -328,6 +330,11 @@ class Engine:
         self.on_close = on_close
         self.id_prefix = id_prefix
         self._roots: dict[tuple[STCConfig | None, int | None], StreamingSession] = {(None, None): base}
+        text = base.model.config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # keys and values of one token in every layer: turns the cache's bytes into tokens held
+        self._kv_bytes_per_token = (2 * text.num_hidden_layers * text.num_key_value_heads * head_dim
+                                    * base.model.dtype.itemsize)
         self._streams: dict[str, _Stream] = {}
         self._turn = 0  # round-robin position over the stream order
         self._control: deque[Callable[[], None]] = deque()
@@ -394,12 +401,14 @@ class Engine:
             self._enqueue_locked(stream, image, timestamp)
             return {"accepted": True, "frame": stream.queued - 1, "timestamp": timestamp, "queued": len(stream.frames)}
 
-    def ask(self, stream_id: str, question: str, options: Sequence[str] | None = None, *, max_new_tokens: int = 32,
-            sync: bool = False, top_logprobs: int | None = None) -> Future:
+    def ask(self, stream_id: str, question: str, options: Sequence[str] | None = None, *,
+            max_new_tokens: int | None = None, sync: bool = False, top_logprobs: int | None = None) -> Future:
         """Queue a question; the future resolves to the answer's dict (timings in ms, queue_ms
         included). sync: answer after the frames queued before it (else on the video so far).
         top_logprobs: also return the k most likely first answer tokens with their log-probabilities
-        (one more question pre-fill)."""
+        (one more question pre-fill). max_new_tokens: None is 32, or the limit if lower."""
+        if max_new_tokens is None:
+            max_new_tokens = min(DEFAULT_NEW_TOKENS, self.limits.max_new_tokens)
         if not isinstance(question, str) or not question.strip():
             raise InputError("question must be a non-empty string")
         if len(question) > self.limits.max_question_chars:
@@ -551,7 +560,7 @@ class Engine:
         order = [s for s in self._streams.values() if s.session is not None]
         for step in range(len(order)):
             stream = order[(self._turn + step) % len(order)]
-            question = next((q for q in stream.questions if not q.sync or stream.done >= q.after), None)
+            question = next((q for q in stream.questions if self._ready(stream, q)), None)
             if question is not None:
                 stream.questions.remove(question)
                 self._turn = (self._turn + step + 1) % len(order)
@@ -562,6 +571,14 @@ class Engine:
                 self._lock.notify_all()  # a reader waiting for queue space
                 return lambda: self._process(stream, *frame)
         return None
+
+    @staticmethod
+    def _ready(stream: _Stream, question: _Question) -> bool:
+        """Whether a question can be answered now: a sync question once the frames queued before
+        it are processed; any other once the stream has a frame (or none is coming yet)."""
+        if question.sync:
+            return stream.done >= question.after
+        return stream.done > 0 or not stream.frames
 
     def _start(self, stream: _Stream, key: tuple[STCConfig | None, int | None], location: str | Path | None) -> None:
         """Worker: spawn the stream's session (making its model view first if needed)."""
@@ -613,7 +630,7 @@ class Engine:
                 stream.done = number + 1
                 self._emit(stream, {"type": "error", "frame": number, "timestamp": timestamp, "error": str(error)})
             return
-        event = self._frame_event(session, before, after, number, timestamp)
+        event = self._frame_event(session, before, after, number, timestamp, self._kv_bytes_per_token)
         with self._lock:
             stream.done = number + 1
             stream.last_frame, stream.stats = image, after.to_dict()
@@ -621,10 +638,13 @@ class Engine:
                 stream.last_timestamp = timestamp
             if stream.state != "closed":
                 self._emit(stream, event)
+                self._end_if_drained(stream)
 
     @staticmethod
-    def _frame_event(session: StreamingSession, before: Any, after: Any, number: int, timestamp: float) -> dict:
-        """Per-frame event: timings, the Cacher's recomputation and the Pruner's kept positions."""
+    def _frame_event(session: StreamingSession, before: Any, after: Any, number: int, timestamp: float,
+                     kv_bytes_per_token: int) -> dict:
+        """Per-frame event: timings, the Cacher's recomputation, the Pruner's kept positions, and
+        the tokens the stream holds (in the KV cache, plus kept tokens waiting for their pre-fill)."""
         encoded = after.visual_tokens_encoded - before.visual_tokens_encoded
         cacher = None
         if after.cacher is not None:
@@ -644,7 +664,8 @@ class Engine:
             "pruner": None if kept is None else {"kept": kept[0], "tokens": encoded, "grid": _grid_side(encoded)},
             "cacher": cacher,
             "tokens_encoded": encoded, "tokens_kept": encoded if kept is None else len(kept[0]),
-            "cache_tokens": after.cache_tokens + after.pending_tokens, "visual_tokens": after.visual_tokens,
+            "cache_tokens": after.kv_cache_bytes // kv_bytes_per_token + after.pending_tokens,
+            "visual_tokens": after.visual_tokens,
             "pending_tokens": after.pending_tokens, "kv_cache_bytes": after.kv_cache_bytes,
         }
 
@@ -698,10 +719,15 @@ class Engine:
         except StreamTCError as error:  # cannot open / decode: this stream only
             reason = str(error)
         with self._lock:
-            if stream.state == "closed":
-                return
-            stream.state, stream.error = ("error", reason) if reason else ("ended", None)
-            self._emit(stream, {"type": "state", "state": stream.state, "error": reason})
+            stream.source_end = ("error", reason) if reason else ("ended", None)
+            self._end_if_drained(stream)
+
+    def _end_if_drained(self, stream: _Stream) -> None:
+        """(Lock held.) Once the reader is done and its frames are processed, the stream ends."""
+        if stream.source_end is None or stream.frames or stream.done < stream.queued or stream.state != "playing":
+            return
+        stream.state, stream.error = stream.source_end
+        self._emit(stream, {"type": "state", "state": stream.state, "error": stream.error})
 
     def _enqueue_blocking(self, stream: _Stream, image: np.ndarray, timestamp: float) -> bool:
         """Queue a frame read by the server, waiting while the queue is full; False once stopped."""
