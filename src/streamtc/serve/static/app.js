@@ -124,7 +124,7 @@ async function createStreams(event) {
   if ($("compare").checked && $("stc").value !== "off") variants.push({ ...base, stc: null });
   try {
     for (const body of variants) {
-      body.name = `${source || "push"}`;
+      body.name = source.split("/").pop() || "push";
       const info = await api("POST", "v1/streams", body);
       track(info);
       if (body === variants[0]) select(info.id);
