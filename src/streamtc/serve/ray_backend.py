@@ -5,9 +5,10 @@ A stream's state (KV cache, STC references) lives in one replica's memory, so ev
 stream must reach that replica. Ray Serve routes a deployment's requests to any of its replicas and
 offers no way to address one, so each replica is its own one-replica deployment
 (`streamtc-replica-0` ... `-{N-1}`), all from the same `StreamReplica` class; the front pins a
-stream to its replica by the replica number in the stream id (`r1-...`) and spreads new streams
-round robin. A replica that fails makes requests for its streams answer 503 naming the replica;
-the other replicas' streams carry on (Ray Serve restarts the replica, empty).
+stream to its replica by the replica number in the stream id (`r1-3fa2-...`) and spreads new
+streams round robin. A replica that fails makes requests for its streams answer 503 naming the
+replica: while it is down, and after Ray Serve restarted it empty (the id's incarnation tag no
+longer matches); the other replicas' streams carry on.
 
 Replica methods return envelopes, ("ok", value) or ("error", status, message), so the front
 reports a replica's typed errors with their own status and message, not as a Ray traceback.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 from typing import Any
 
 from ..errors import StreamTCError
@@ -36,6 +38,9 @@ class StreamReplica:
 
     def __init__(self, settings: Any, index: int) -> None:
         self.settings, self.index = settings, index
+        # stream ids carry the replica number (routing) and this incarnation (a restarted replica
+        # tells a lost stream from an unknown one)
+        self.prefix = f"r{index}-{secrets.token_hex(2)}-"
         self._backend: LocalBackend | None = None
         self._starting = asyncio.Lock()
 
@@ -44,10 +49,14 @@ class StreamReplica:
             if self._backend is None:
                 from .server import open_local_backend
 
-                self._backend = await open_local_backend(self.settings, id_prefix=f"r{self.index}-")
+                self._backend = await open_local_backend(self.settings, id_prefix=self.prefix)
         return self._backend
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> tuple:
+        stream_id = args[0] if args and method not in ("create", "info", "list") else None
+        if stream_id is not None and not stream_id.startswith(self.prefix):
+            return ("error", 503, f"replica {self.index} failed and was restarted; stream {stream_id} was lost with "
+                                  "it (other replicas' streams are unaffected)")
         try:
             backend = await self._local()
             return ("ok", await getattr(backend, method)(*args, **kwargs))
