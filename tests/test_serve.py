@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from streamtc import STCConfig, StreamingSession
@@ -395,3 +395,22 @@ def test_binding_beyond_loopback_needs_a_token() -> None:
     result = subprocess.run([sys.executable, "-m", "streamtc.cli", "serve", "--host", "192.168.1.5"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--token" in result.stdout
+
+
+def test_server_shutdown_closes_open_streams_and_their_subscribers() -> None:
+    running = ServerThread(ServerSettings(preset=PRESET, port=0)).start()
+    closed: list[tuple[str, int]] = []
+    app = running.server.config.app
+    app.state.backend.engine.on_close = lambda info, session: closed.append((info["id"], session.frames))
+    with httpx.Client(base_url=running.url, timeout=60) as http:
+        ids = [http.post("/v1/streams", json={}).json()["id"] for _ in range(2)]
+        push_raw(http, ids[0], clip_frames("bikes", 1)[0], 0.0)
+        http.post(f"/v1/streams/{ids[0]}/ask", json={"question": "?", "sync": True, "max_new_tokens": 1})
+    with connect(ws_url(running, f"/v1/streams/{ids[1]}/events")) as subscriber:
+        started = time.monotonic()
+        running.stop()
+        assert time.monotonic() - started < 30
+        with pytest.raises(ConnectionClosed):  # the subscriber's connection is closed, not left hanging
+            while True:
+                subscriber.recv(timeout=10)
+    assert sorted(closed) == sorted([(ids[0], 1), (ids[1], 0)])
