@@ -21,10 +21,8 @@ given as `Authorization: Bearer TOKEN` or, for browsers' <img>/WebSocket/EventSo
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,7 +40,6 @@ from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamStateError, StreamTCError, VideoSourceError
 from .engine import DEFAULT_NEW_TOKENS, LimitExceeded, ServeError, ServeLimits, StreamSpec
 
-logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 EVENT_WAIT_S = 2.0  # a subscriber's wait for new events before a keep-alive (also how soon it sees a shutdown)
