@@ -5,6 +5,7 @@ affects only its own request or stream."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -414,3 +415,21 @@ def test_server_shutdown_closes_open_streams_and_their_subscribers() -> None:
             while True:
                 subscriber.recv(timeout=10)
     assert sorted(closed) == sorted([(ids[0], 1), (ids[1], 0)])
+
+
+def test_the_command_serves_and_the_load_tool_measures_it() -> None:
+    from streamtc.serve.load import SpawnedServer, run_load
+
+    server = SpawnedServer(["--no-stc", "--max-streams", "3"])
+    try:
+        server.wait_ready()
+        info = httpx.get(server.url + "/v1/info").json()
+        assert info["default_stc"] is None and info["limits"]["max_streams"] == 3
+        result = asyncio.run(run_load(server.url, streams=2, duration=4, question_every=2, source="carphone", fps=2,
+                                      realtime=False, stc="off", max_new_tokens=2))
+    finally:
+        server.stop()
+    assert "shut down: closed 0 open streams" in server.process.stderr.read()  # SIGTERM: a graceful shutdown
+    assert result["errors"] == [] and result["questions"] >= 2
+    assert result["frames_per_s_per_stream"]["min"] > 0 and result["rss_mb"][-1][1] > 100
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"]

@@ -4,6 +4,7 @@ imported only when the server starts (the `serve` extra)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +53,7 @@ def serve(
     """Serve live streams on one loaded model: HTTP/websocket API, a web page at /, OpenAI-style chat."""
     from .server import run
 
+    logging.getLogger("streamtc.serve").setLevel(logging.INFO)  # start-up and shutdown lines
     default_stc = None if no_stc else (STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig())
     settings = ServerSettings(
         model=model, preset=preset, num_layers=num_layers, device=device, default_stc=default_stc,

@@ -475,6 +475,7 @@ class Engine:
         self._worker.join(timeout=60)
         for root in self._roots.values():
             root.close()
+        logger.info("shut down: closed %d open streams", len(streams))
 
     # -- internals (lock held where noted) -------------------------------------------------------
 
