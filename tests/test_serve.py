@@ -379,6 +379,10 @@ def test_a_token_guards_every_endpoint_and_websocket() -> None:
         auth = {"Authorization": f"Bearer {TOKEN}"}
         stream = httpx.post(running.url + "/v1/streams", json={}, headers=auth).json()["id"]
         assert httpx.get(running.url + f"/v1/info?token={TOKEN}").status_code == 200
+        with httpx.Client(base_url=running.url) as browser:  # the page opened as /?token=...: a cookie
+            assert browser.get(f"/?token={TOKEN}").status_code == 200
+            assert browser.get("/static/app.js").status_code == 200
+        assert httpx.get(running.url + "/static/app.js", cookies={"streamtc_token": "wrong-token"}).status_code == 401
         for path in (f"/v1/streams/{stream}/events", f"/v1/streams/{stream}/push"):
             with pytest.raises(InvalidStatus):
                 connect(ws_url(running, path))

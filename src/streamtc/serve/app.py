@@ -2,7 +2,7 @@
 `RayBackend` over Ray Serve replicas), with bearer auth, size limits and the web page.
 
 Endpoints (JSON unless noted; every one, websockets included, needs the token when one is set,
-given as `Authorization: Bearer TOKEN` or, for browsers' <img>/WebSocket/EventSource, `?token=`):
+given as `Authorization: Bearer TOKEN`, or for browsers `?token=` (which also sets a cookie)):
 
     GET    /                              the web page (static HTML/JS, no build step)
     GET    /v1/info                       model, default STC settings, limits, resident memory
@@ -42,6 +42,7 @@ from .engine import DEFAULT_NEW_TOKENS, LimitExceeded, ServeError, ServeLimits, 
 
 
 STATIC_DIR = Path(__file__).parent / "static"
+COOKIE = "streamtc_token"
 EVENT_WAIT_S = 2.0  # a subscriber's wait for new events before a keep-alive (also how soon it sees a shutdown)
 
 
@@ -112,26 +113,37 @@ def _chat_question(messages: list[ChatMessage]) -> str:
 
 class Guard:
     """ASGI middleware: bearer token on every HTTP request and websocket (when a token is set), and
-    request bodies capped at `max_body` bytes (413), whether or not they declare their length."""
+    request bodies capped at `max_body` bytes (413), whether or not they declare their length.
+
+    The token is taken from `Authorization: Bearer`, a `?token=` query parameter or the
+    `streamtc_token` cookie. A request authorised by the query parameter gets that cookie
+    (HttpOnly, SameSite=Strict), so the page opened as `/?token=...` can load its scripts and
+    images, which a browser fetches without headers."""
 
     def __init__(self, app: Any, token: str | None, max_body: int) -> None:
         self.app, self.token, self.max_body = app, token, max_body
 
-    def _authorised(self, scope: dict[str, Any]) -> bool:
+    def _credentials(self, scope: dict[str, Any]) -> tuple[bool, bool]:
+        """(authorised, authorised by the query parameter)."""
         if self.token is None:
-            return True
+            return True, False
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        offered = []
         scheme, _, value = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            offered.append(value.strip())
-        offered += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
-        return any(hmac.compare_digest(o.encode(), self.token.encode()) for o in offered)
+        cookies = dict(part.strip().partition("=")[::2] for part in headers.get("cookie", "").split(";") if "=" in part)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
+
+        def matches(offered: list[str]) -> bool:
+            return any(hmac.compare_digest(o.encode(), self.token.encode()) for o in offered)
+
+        by_query = matches(query)
+        return by_query or matches([value.strip()] if scheme.lower() == "bearer" else []) or matches(
+            [cookies.get(COOKIE, "")]), by_query
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        if not self._authorised(scope):
+        authorised, by_query = self._credentials(scope)
+        if not authorised:
             if scope["type"] == "websocket":
                 await receive()  # websocket.connect
                 await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong bearer token"})
@@ -146,7 +158,19 @@ class Guard:
                                                   f"{self.max_body} bytes (--max-upload-bytes)"}, status_code=413)
                 return await response(scope, receive, send)
             receive = self._capped(receive)
+            if by_query:
+                send = self._with_cookie(send)
         return await self.app(scope, receive, send)
+
+    def _with_cookie(self, send: Callable) -> Callable:
+        cookie = f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict".encode("latin-1")
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie)]}
+            await send(message)
+
+        return sending
 
     def _capped(self, receive: Callable) -> Callable:
         seen = 0
