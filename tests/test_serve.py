@@ -135,12 +135,13 @@ def test_shutdown_closes_every_stream_through_the_persistence_hook() -> None:
     closed: list[str] = []
     engine = Engine(StreamingSession.from_preset(PRESET, stc=None), STCConfig(),
                     on_close=lambda info, session: closed.append((info["id"], session.frames)))
-    ids = [engine.create_stream(StreamSpec()).result()["id"] for _ in range(2)]
+    ids = [engine.create_stream(StreamSpec()).result()["id"] for _ in range(3)]
     engine.push_frame(ids[0], clip_frames("bikes", 1)[0], 0.0)
     engine.ask(ids[0], "Anything?", max_new_tokens=1, sync=True).result(timeout=60)
     views = [root.model for root in engine._roots.values()]
+    engine.delete(ids[2])
     engine.close()
-    assert sorted(closed) == sorted([(ids[0], 1), (ids[1], 0)])
+    assert sorted(closed) == sorted([(ids[0], 1), (ids[1], 0), (ids[2], 0)])
     assert all(attached_cacher(model) is None for model in views)
 
 

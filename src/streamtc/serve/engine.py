@@ -390,13 +390,13 @@ class Engine:
                 raise InputError(f"timestamp must be a finite number of seconds >= 0, got {timestamp!r}")
             if stream.last_timestamp is not None and timestamp < stream.last_timestamp:
                 raise InputError(f"timestamps must not go back: {timestamp} after {stream.last_timestamp}")
+            if len(stream.frames) >= self.limits.max_queue_frames:
+                raise LimitExceeded(f"stream {stream_id} has {len(stream.frames)} frames waiting (the limit, "
+                                    "--max-queue-frames); send frames more slowly or at a lower fps")
             if not stream.sampler.take(timestamp):
                 stream.dropped += 1
                 return {"accepted": False, "reason": f"between the stream's {stream.spec.fps} fps instants",
                         "timestamp": timestamp}
-            if len(stream.frames) >= self.limits.max_queue_frames:
-                raise LimitExceeded(f"stream {stream_id} has {len(stream.frames)} frames waiting (the limit, "
-                                    "--max-queue-frames); send frames more slowly or at a lower fps")
             stream.last_timestamp = timestamp
             self._enqueue_locked(stream, image, timestamp)
             return {"accepted": True, "frame": stream.queued - 1, "timestamp": timestamp, "queued": len(stream.frames)}
@@ -441,6 +441,9 @@ class Engine:
             stream = self._streams.pop(self._get(stream_id).id)
             self._lock.notify_all()
         self._finish(stream)
+        with self._lock:  # the hook runs on the worker, after the stream's last unit of work
+            self._control.append(lambda: self._closed(stream))
+            self._lock.notify_all()
 
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -472,7 +475,9 @@ class Engine:
             self._lock.notify_all()
         for stream in streams:
             self._finish(stream)
-        self._worker.join(timeout=60)
+        self._worker.join(timeout=60)  # its current unit of work, then it stops
+        for stream in streams:
+            self._closed(stream)
         for root in self._roots.values():
             root.close()
         logger.info("shut down: closed %d open streams", len(streams))
@@ -519,7 +524,7 @@ class Engine:
         self._lock.notify_all()
 
     def _finish(self, stream: _Stream) -> None:
-        """Close a stream removed from the registry: stop its reader, fail its questions, hook."""
+        """Close a stream removed from the registry: stop its reader, drop its frames, fail its questions."""
         stream.stop.set()
         with self._lock:
             stream.state = "closed"
@@ -533,8 +538,13 @@ class Engine:
                 question.future.set_exception(StreamClosed(f"stream {stream.id} was closed before the answer"))
         if not stream.ready.done() and stream.ready.set_running_or_notify_cancel():
             stream.ready.set_exception(StreamClosed(f"stream {stream.id} was closed while starting"))
+
+    def _closed(self, stream: _Stream) -> None:
+        """The persistence hook for a finished stream (no model work on it runs any more)."""
         if self.on_close is not None and stream.session is not None:
-            self.on_close(self._describe(stream), stream.session)
+            with self._lock:
+                info = self._describe(stream)
+            self.on_close(info, stream.session)
 
     # -- worker ------------------------------------------------------------------------------
 
