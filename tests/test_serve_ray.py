@@ -4,6 +4,8 @@ replica's failure is reported for its streams only."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -52,6 +54,12 @@ def test_two_replicas_answer_as_one_process_and_fail_alone() -> None:
                                    [t["logprob"] for t in b["top_logprobs"]], atol=1e-5)
         listed = httpx.get(cluster.url + "/v1/streams").json()["streams"]
         assert sorted(s["id"] for s in listed) == sorted(r["id"] for r in got)
+        for stream in got:  # events and frames come through the replica that holds the stream
+            with httpx.stream("GET", cluster.url + f"/v1/streams/{stream['id']}/events", timeout=60) as sse:
+                first = next(line for line in sse.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["stream"] == stream["id"]
+            image = httpx.get(cluster.url + f"/v1/streams/{stream['id']}/frame.jpg", timeout=60)
+            assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
 
         # replica 1 dies: its stream answers 503, replica 0's stream carries on
         lost = next(r["id"] for r in got if r["replica"] == 1)
