@@ -28,6 +28,8 @@ bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side
 app.add_typer(bench_app, name="bench")
 from .eval.cli import eval_app  # noqa: E402
 app.add_typer(eval_app, name="eval")
+from .serve.cli import serve as serve_command  # noqa: E402
+app.command("serve")(serve_command)
 console = Console()
 
 DEMO_QUESTIONS = ["3:What is happening in the street?", "8:How many people are riding bikes?"]

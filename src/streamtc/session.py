@@ -487,6 +487,7 @@ class StreamingSession:
         self._next_position = 0
         self._frames = 0
         self._last_timestamp: float | None = None
+        self._last_kept: list[list[int]] | None = None
         self._pending: list[tuple[torch.Tensor, CacheBlock]] = []  # kept tokens [n, D] of one frame each
         if self._cacher_state is not None:
             self._cacher_state.reset()
@@ -530,6 +531,7 @@ class StreamingSession:
         kept = self._select(features)
         stats.prune_ms += self._clock() - start
         counts = [per_frame] * frames if kept is None else kept.frame_counts()
+        self._last_kept = None if kept is None else [kept.indices[i, :n].tolist() for i, n in enumerate(counts)]
         for i, count in enumerate(counts):
             tokens = features[i] if kept is None else kept.tokens[i, :count]  # real tokens come first
             stamp = None if timestamps is None else float(timestamps[i])
@@ -708,6 +710,12 @@ class StreamingSession:
     def frames(self) -> int:
         """Frames pushed since the last reset."""
         return self._frames
+
+    @property
+    def last_kept_indices(self) -> list[list[int]] | None:
+        """Per frame of the latest pushed chunk, the positions (ascending, in the frame's pooled token
+        grid) the Pruner or selector kept; None when every token is kept (no pruning) or before a push."""
+        return self._last_kept
 
     @property
     def stats(self) -> SessionStats:
