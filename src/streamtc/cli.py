@@ -27,8 +27,12 @@ import logging
 import math
 import os
 import random
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -311,8 +315,10 @@ def _summary_row(stats: dict[str, Any], answers: list[dict[str, Any]]) -> list[s
 
 
 def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: float) -> None:
-    if not record.stats:  # stopped before any model was built: the note says why
-        console.print(f"[yellow]{escape(record.notes[-1])}[/]")
+    if not record.stats:  # stopped before the models were built: an error was printed, or the note says why
+        if record.status != "error":
+            console.print(f"[yellow]{escape(record.notes[-1])}[/]")
+        console.print(f"status: {record.status} (exit code {EXIT_CODES[record.status]})")
         return
     table = Table(title=f"{video}: {last_time:.1f} s of video in {elapsed:.1f} s")
     for column in ("variant", "frames", "visual tokens kept / encoded", "ViT ms/frame", "pre-fill ms/frame",
@@ -398,10 +404,6 @@ def run(
                 "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()}},
         path=output, answers={name: [] for name in variants},
     )
-    record.write()
-    if model is None:
-        console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
-                      "Use --model PATH_OR_ID for real weights.[/]")
     with source:
         status = _stream(source, video, variants, questions, record, model=model, preset=preset,
                          num_layers=num_layers, device=device, window_tokens=window_tokens,
@@ -423,6 +425,7 @@ def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | Non
     def ask_question(question: TimedQuestion, note: str | None = None) -> None:
         nonlocal explained_empty
         for name, session in sessions.items():
+            ctrl_c.check()
             answer = session.ask(question.text, options=question.options or None, max_new_tokens=max_new_tokens)
             entry = {"seconds": question.seconds, **answer.to_dict(),
                      "option_logprobs": _option_logprobs(session, question), "note": note}
@@ -446,7 +449,13 @@ def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | Non
             ask_question(pending.pop(0))
 
     status, failure = "completed", None
+    ctrl_c = _CtrlC()
     try:
+        ctrl_c.install()
+        record.write()
+        if model is None:
+            console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
+                          "Use --model PATH_OR_ID for real weights.[/]")
         sessions.update({name: _session(model, preset, cfg, num_layers, device, window_tokens)
                          for name, cfg in variants.items()})
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
@@ -462,6 +471,7 @@ def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | Non
                 except VideoSourceError as error:
                     status, failure = "source_failed", str(error)
                     break
+                ctrl_c.check()
                 ask_due(frame.timestamp - 1e-9)
                 names = list(sessions) if frames_read % 2 == 0 else list(reversed(sessions))  # alternate order
                 for name in names:
@@ -487,6 +497,7 @@ def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | Non
             ask_question(question, note)
         for session in sessions.values():
             session.flush()  # the stream ended: pre-fill what is pending, so the summary counts every frame
+        ctrl_c.check()
     except KeyboardInterrupt:
         status = "interrupted"
         record.notes.append(f"interrupted (Ctrl-C) after {frames_read} frames ({last_time:.1f} s)")
@@ -499,6 +510,45 @@ def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | Non
         record.unanswered = [{**q.to_dict(), "reason": "the run crashed"} for q in pending]
         record.write()
         raise
+    finally:
+        ctrl_c.uninstall()
+    with _sigint_deferred():  # a Ctrl-C now would only lose the summary: finish it first
+        _finish(record, status, pending, sessions, costs, source, frames_read, last_time, failure)
+        _print_summary(video, record, last_time, time.perf_counter() - started)
+    return status
+
+
+class _CtrlC:
+    """Ctrl-C (SIGINT) that cannot be lost: it raises KeyboardInterrupt where it lands, as usual,
+    and is also remembered, so that `check()` raises again if library code swallowed it (some
+    optional imports catch everything). Main thread only; elsewhere a no-op."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+
+def _finish(record: RunRecord, status: str, pending: list[TimedQuestion], sessions: dict[str, StreamingSession],
+            costs: dict[str, dict[str, list[float]]], source: VideoSource, frames_read: int, last_time: float,
+            failure: str | None) -> None:
+    """Final status, unasked questions, statistics and (with --compare) ratios, written to --output."""
     record.status = status
     record.unanswered = [{**q.to_dict(), "reason": record.notes[-1] if record.notes else status} for q in pending]
     record.stream = {"frames": frames_read, "last_time": last_time, "duration": source.duration,
@@ -510,8 +560,19 @@ def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | Non
                          "prefill_ms": paired_ratio(base["prefill_ms"], fast["prefill_ms"]),
                          "visual_tokens": _token_ratio(record.stats)}
     record.write()
-    _print_summary(video, record, last_time, time.perf_counter() - started)
-    return status
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Run the block to its end even if Ctrl-C comes meanwhile (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _video_end(source: VideoSource, last_time: float, status: str) -> float:
