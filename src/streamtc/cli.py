@@ -278,6 +278,8 @@ def _empty_answer_reason(session: StreamingSession, answer: Answer) -> str:
 def paired_ratio(base: list[float], fast: list[float], resamples: int = 400) -> dict[str, Any]:
     """Ratio sum(fast) / sum(base) over frames timed in pairs, with a 90% bootstrap interval over
     the frames; `noise` is True when the interval contains 1 (no difference shown by this run)."""
+    if len(base) != len(fast):
+        raise ValueError(f"paired timings need as many frames on both sides, got {len(base)} and {len(fast)}")
     if not base or sum(base) <= 0:
         return {"ratio": None, "low": None, "high": None, "noise": True, "frames": len(base)}
     ratio = sum(fast) / sum(base)
@@ -556,9 +558,9 @@ def _finish(record: RunRecord, status: str, pending: list[TimedQuestion], sessio
     record.stats = {name: s.stats.to_dict() for name, s in sessions.items()}
     if len(sessions) == 2 and frames_read:
         base, fast = costs["no STC"], costs["STC"]
-        record.ratios = {"vit_ms": paired_ratio(base["vit_ms"], fast["vit_ms"]),
-                         "prefill_ms": paired_ratio(base["prefill_ms"], fast["prefill_ms"]),
-                         "visual_tokens": _token_ratio(record.stats)}
+        paired = min(len(side[key]) for side in (base, fast) for key in side)  # Ctrl-C may split a frame
+        record.ratios = {key: paired_ratio(base[key][:paired], fast[key][:paired]) for key in ("vit_ms", "prefill_ms")}
+        record.ratios["visual_tokens"] = _token_ratio(record.stats)
     record.write()
 
 
@@ -717,6 +719,9 @@ def main() -> None:
     except StreamTCError as error:
         console.print(f"[red]error:[/] {escape(str(error))}")
         raise SystemExit(2) from None
+    except SystemExit:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the outcome is decided (and written): keep its exit code
+        raise
 
 
 __all__ = ["EXIT_CODES", "RunRecord", "app", "main", "paired_ratio"]
