@@ -618,10 +618,11 @@ def bench_vit(
     video: Annotated[str, typer.Option(help="Video file ('demo': the built-in street clip)")] = "demo",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
-    output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here, and two PNG plots beside it")]
+    = None,
 ) -> None:
     """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
-    from .bench.vit import load_benchmark_frames, print_report, run_vit_benchmark, write_report
+    from .bench.vit import load_benchmark_frames, print_report, run_vit_benchmark, write_plots, write_report
     from .presets import build_config
 
     if threads is not None:
@@ -630,12 +631,22 @@ def bench_vit(
         torch.set_num_threads(threads)
     image_size = build_config(preset).image_size
     pixel_values = load_benchmark_frames(video, frames, image_size)
-    report = run_vit_benchmark(pixel_values, preset=preset, num_layers=num_layers, repeats=repeats, warmup=warmup,
-                               device=device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("building the tower", total=(warmup + repeats) * frames)
+        started = iter(range((warmup + repeats) * frames + 1))
+
+        def step(description: str) -> None:  # called as each frame starts through every variant
+            progress.update(task, description=description, completed=next(started))
+
+        report = run_vit_benchmark(pixel_values, preset=preset, num_layers=num_layers, repeats=repeats,
+                                   warmup=warmup, device=device, progress=step)
     report["video"] = video
     print_report(report)
     if output is not None:
         console.print(f"wrote {write_report(report, output)}")
+        for path in write_plots(report, output):
+            console.print(f"wrote {path}")
 
 
 @bench_app.command("pipeline")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,12 @@ def run_vit_benchmark(
     warmup: int = 1,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Stream `pixel_values` [F, 3, H, W] frame by frame through every variant at once; the report dict.
+
+    progress: called before each frame of each pass with a description ("repeat 2/3 · frame 5/16"),
+    (warmup + repeats) * frames times in all.
 
     Interleaved per frame: frame i of the stream goes through the unpatched tower and each
     variant's cacher (each with its own stream state, attached in turn to the one model) before
@@ -124,6 +129,9 @@ def run_vit_benchmark(
             outputs = {v.name: [] for v in variants}
             refreshed = {v.name: [] for v in variants}
             for i, frame in enumerate(pixel_values):
+                if progress is not None:
+                    label = f"warm-up {repeat + 1}/{warmup}" if repeat < warmup else f"repeat {repeat - warmup + 1}/{repeats}"
+                    progress(f"{label} · frame {i + 1}/{len(pixel_values)}")
                 shift = i % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
                     cacher = cachers.get(variant.name)
@@ -199,11 +207,20 @@ def summarise(result: VariantResult, full: VariantResult, tokens: int, config: A
         "flat_cosine_min": min(result.flat_cosine),
         "per_frame_ms": [statistics.median(run[i] for run in result.frame_ms) for i in range(len(result.refresh_frames))],
         "per_frame_token_cosine": result.token_cosine,
+        "per_frame_refresh": list(result.refresh_frames),
     }
 
 
+def _cell(value: float, digits: int) -> str:
+    """A number for the table; "-" where the variant has no such frames (NaN)."""
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
 def print_report(report: dict[str, Any]) -> None:
+    """The report as one table, as wide as it needs: variant names are never cut (a console
+    narrower than the table, such as a pipe's 80 columns, is widened)."""
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     table = Table(title=(
@@ -212,14 +229,17 @@ def print_report(report: dict[str, Any]) -> None:
     ))
     for column in ("variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame",
                    "cos mean", "cos min"):
-        table.add_column(column, justify="right" if column != "variant" else "left")
+        table.add_column(column, justify="right" if column != "variant" else "left", no_wrap=column == "variant")
     for v in report["variants"]:
         table.add_row(
-            v["name"], f"{v['total_ms']:.0f}", f"{v['time_ratio']:.3f}", f"{v['flop_ratio']:.3f}",
-            f"{v['refresh_frame_ratio']:.3f}", f"{v['selective_frame_ratio']:.3f}",
-            f"{v['token_cosine_mean']:.4f}", f"{v['token_cosine_min']:.4f}",
+            v["name"], f"{v['total_ms']:.0f}", _cell(v["time_ratio"], 3), _cell(v["flop_ratio"], 3),
+            _cell(v["refresh_frame_ratio"], 3), _cell(v["selective_frame_ratio"], 3),
+            _cell(v["token_cosine_mean"], 4), _cell(v["token_cosine_min"], 4),
         )
     console = Console()
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    if needed > console.width:
+        console = Console(width=needed)
     console.print(table)
     m = report["machine"]
     console.print(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']} · transformers "
@@ -235,5 +255,50 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
+    """Two PNG plots beside the JSON report `path` (same stem): per-frame encode time of every
+    variant, refresh frames marked; and the time ratio against fidelity, one point per variant.
+    Needs matplotlib (the `plots` extra); without it, none (the JSON carries every number)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    title = (f"{report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
+             f"{report['frames']} frames, median of {report['repeats']}; {report['machine']['cpu']}")
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    for variant in report["variants"]:
+        frames = range(1, len(variant["per_frame_ms"]) + 1)
+        line, = axis.plot(frames, variant["per_frame_ms"], marker=".", label=variant["name"])
+        if variant["config"] is not None:  # hollow markers: the frames this variant refreshed
+            refreshed = [i for i, r in zip(frames, variant["per_frame_refresh"]) if r]
+            axis.scatter(refreshed, [variant["per_frame_ms"][i - 1] for i in refreshed], facecolors="none",
+                         edgecolors=line.get_color(), s=60)
+    axis.set(xlabel="frame", ylabel="encode ms", title="ViT encode time per frame (circles: refresh frames)")
+    axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=8)
+    per_frame = path.with_name(f"{path.stem}_per_frame.png")
+    figure.tight_layout()
+    figure.savefig(per_frame, dpi=120)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for variant in report["variants"]:
+        axis.scatter(variant["time_ratio"], variant["token_cosine_mean"])
+        axis.annotate(variant["name"], (variant["time_ratio"], variant["token_cosine_mean"]), fontsize=7)
+    axis.set(xlabel="time ratio to the unpatched tower (paired, median)", ylabel="token cosine to full (mean)",
+             title="fidelity vs time")
+    figure.suptitle(title, fontsize=7)
+    fidelity = path.with_name(f"{path.stem}_fidelity.png")
+    figure.tight_layout()
+    figure.savefig(fidelity, dpi=120)
+    plt.close(figure)
+    return [per_frame, fidelity]
+
+
+
 __all__ = ["Variant", "DEFAULT_VARIANTS", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_report", "token_cosine",
-           "flat_cosine"]
+           "flat_cosine", "write_plots"]
