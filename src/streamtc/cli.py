@@ -389,13 +389,17 @@ def run(
         stc = _read_config(config) if config is not None else STCConfig()
         if model is not None:
             _check_model(model)
-        else:
-            _check_preset(preset)
         from .sources import NETWORK_SCHEMES, open_source
 
         network = urlsplit(video).scheme.lower() in NETWORK_SCHEMES
         timeouts = {"open_timeout": timeout, "read_timeout": timeout} if network else {}
         source = open_source(video, fps=fps, max_seconds=max_seconds, **timeouts)
+        if model is None:
+            try:
+                _check_preset(preset)  # last: the preset table imports transformers' model classes
+            except BaseException:
+                source.close()
+                raise
     except KeyboardInterrupt:
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
