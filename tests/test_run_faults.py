@@ -189,17 +189,29 @@ def test_a_stalled_live_stream_ends_early_and_keeps_its_answers(tmp_path: Path) 
     import numpy as np
 
     frames = [np.full((68, 160, 3), 8 * i % 256, np.uint8) for i in range(100)]
-    sender = MpegTsSender(frames, stop_after=60, stall_s=8.0)  # 2.4 s of video, then silence
+    sender = MpegTsSender(frames, stop_after=60, stall_s=30.0)  # 2.4 s of video, then silence
     sender.start()
     out = tmp_path / "run.json"
     result = streamtc("run", sender.url, "--timeout", "1", "--ask", "1:one?", "--ask", "3:three?",
                       "--max-new-tokens", "1", "--output", str(out))
-    sender.join(timeout=15)
     record = check_record(out, result.stdout, 4)
     assert record["status"] == "ended_early" and "no data for 1.0 s" in record["stream"]["error"]
     first, second = record["answers"]["STC"]
     assert first["note"] is None and first["frames"] == 2
     assert "the stream stopped before 3 s" in second["note"]
+
+
+def test_a_live_stream_is_opened_once_the_model_is_built_and_its_failure_is_recorded(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed again at once: nothing listens there
+    out = tmp_path / "run.json"
+    result = runner.invoke(app, ["run", f"tcp://127.0.0.1:{port}", "--timeout", "1", "--ask", "1:one?",
+                                 "--output", str(out)])
+    assert result.exit_code == 2 and f"tcp://127.0.0.1:{port}: cannot open" in " ".join(result.output.split())
+    record = json.loads(out.read_text())
+    assert record["status"] == "error" and [q["seconds"] for q in record["unanswered"]] == [1.0]
 
 
 def _interrupt(args: list[str], out: Path, delay: float, after_answers: int = 0) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -393,12 +393,19 @@ def run(
 
         network = urlsplit(video).scheme.lower() in NETWORK_SCHEMES
         timeouts = {"open_timeout": timeout, "read_timeout": timeout} if network else {}
-        source = open_source(video, fps=fps, max_seconds=max_seconds, **timeouts)
+
+        def open_video() -> VideoSource:
+            return open_source(video, fps=fps, max_seconds=max_seconds, **timeouts)
+
+        # A file is opened now, so that a bad one is refused at once; a live stream or camera once
+        # the models are built, so that its frames do not pile up meanwhile.
+        source = None if network or video.isdigit() else open_video()
         if model is None:
             try:
                 _check_preset(preset)  # last: the preset table imports transformers' model classes
             except BaseException:
-                source.close()
+                if source is not None:
+                    source.close()
                 raise
     except KeyboardInterrupt:
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
@@ -410,18 +417,18 @@ def run(
                 "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()}},
         path=output, answers={name: [] for name in variants},
     )
-    with source:
-        status = _stream(source, video, variants, questions, record, model=model, preset=preset,
-                         num_layers=num_layers, device=device, window_tokens=window_tokens,
-                         max_new_tokens=max_new_tokens)
+    status = _stream(source or open_video, video, variants, questions, record, model=model, preset=preset,
+                     num_layers=num_layers, device=device, window_tokens=window_tokens, max_new_tokens=max_new_tokens)
     raise typer.Exit(EXIT_CODES[status])
 
 
-def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | None], questions: list[TimedQuestion],
-            record: RunRecord, *, model: str | None, preset: str, num_layers: int | None, device: str,
-            window_tokens: int | None, max_new_tokens: int) -> str:
+def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, variants: dict[str, STCConfig | None],
+            questions: list[TimedQuestion], record: RunRecord, *, model: str | None, preset: str,
+            num_layers: int | None, device: str, window_tokens: int | None, max_new_tokens: int) -> str:
     """Build the sessions, stream the frames, ask the questions; returns the final status. Every
-    way out (end, source failure, stall, Ctrl-C, error) prints the summary and writes the record."""
+    way out (end, source failure, stall, Ctrl-C, error) prints the summary and writes the record.
+    video_source: the open source, or how to open it once the models are built (live streams)."""
+    source = None if callable(video_source) else video_source
     started = time.perf_counter()
     pending = list(questions)
     sessions: dict[str, StreamingSession] = {}
@@ -464,6 +471,7 @@ def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | Non
                           "Use --model PATH_OR_ID for real weights.[/]")
         sessions.update({name: _session(model, preset, cfg, num_layers, device, window_tokens)
                          for name, cfg in variants.items()})
+        source = source or video_source()
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                       TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
@@ -518,6 +526,8 @@ def _stream(source: VideoSource, video: str, variants: dict[str, STCConfig | Non
         raise
     finally:
         ctrl_c.uninstall()
+        if source is not None:
+            source.close()
     with _sigint_deferred():  # a Ctrl-C now would only lose the summary: finish it first
         _finish(record, status, pending, sessions, costs, source, frames_read, last_time, failure)
         _print_summary(video, record, last_time, time.perf_counter() - started)
@@ -552,12 +562,12 @@ class _CtrlC:
 
 
 def _finish(record: RunRecord, status: str, pending: list[TimedQuestion], sessions: dict[str, StreamingSession],
-            costs: dict[str, dict[str, list[float]]], source: VideoSource, frames_read: int, last_time: float,
+            costs: dict[str, dict[str, list[float]]], source: VideoSource | None, frames_read: int, last_time: float,
             failure: str | None) -> None:
     """Final status, unasked questions, statistics and (with --compare) ratios, written to --output."""
     record.status = status
     record.unanswered = [{**q.to_dict(), "reason": record.notes[-1] if record.notes else status} for q in pending]
-    record.stream = {"frames": frames_read, "last_time": last_time, "duration": source.duration,
+    record.stream = {"frames": frames_read, "last_time": last_time, "duration": source and source.duration,
                      "ended_early": status in ("ended_early", "source_failed"), "error": failure}
     record.stats = {name: s.stats.to_dict() for name, s in sessions.items()}
     if len(sessions) == 2 and frames_read:
