@@ -61,6 +61,27 @@ def test_the_first_variant_must_be_the_baseline():
                           variants=(Variant("stc", CacherConfig()),))
 
 
+def test_the_table_keeps_whole_names_and_shows_no_nan(report, capsys):
+    from streamtc.bench.vit import print_report
+
+    print_report(report)
+    out = capsys.readouterr().out
+    for variant in report["variants"]:
+        assert variant["name"] in out
+    assert "nan" not in out.lower()
+    full = next(line for line in out.splitlines() if line.startswith("│ full "))
+    assert "│ - │" in " ".join(full.split())  # the unpatched tower has no non-refresh frame
+
+
+def test_plots_are_written_beside_the_report(report, tmp_path):
+    from streamtc.bench.vit import write_plots
+
+    paths = write_plots(report, tmp_path / "vit.json")
+    assert [p.name for p in paths] == ["vit_per_frame.png", "vit_fidelity.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert report["variants"][2]["per_frame_refresh"] == [True, False, True, False]
+
+
 # ---------------------------------------------------------------------------------------------
 # Real-weights mode on a tiny DINOv2 with a random saliency head: baselines at matched cost and
 # saliency fidelity (the published weights run in `streamtc bench vit --weights dinov2-s`).

@@ -52,3 +52,4 @@ def test_run_with_a_bounded_window_keeps_the_cache_small(tmp_path):
     assert report["window_tokens"] == 32 and stats["visual_tokens"] == 5 * 16  # 5 frames pre-filled ...
     per_token = 2 * 2 * 2 * 16 * 4  # keys and values x 2 layers x 2 KV heads x 16 dims x fp32 (tiny Qwen2)
     assert stats["kv_cache_bytes"] == per_token * (stats["prompt_tokens"] + 2 * 16)  # ... the cache: prefix + 2 frames
+    assert stats["cache_tokens"] == stats["prompt_tokens"] + 2 * 16

@@ -386,3 +386,38 @@ def test_frame_sampler_keeps_the_first_frame_at_or_after_each_instant() -> None:
     sampler = FrameSampler(2.0)
     times = [0.0, 0.3, 0.49999999, 0.6, 2.2, 2.4, 2.5, 2.51]
     assert [t for t in times if sampler.take(t)] == [0.0, 0.49999999, 2.2, 2.5]
+
+
+# -- what the user gave is not a video file ----------------------------------------------------
+
+
+def test_directories_and_unsupported_url_schemes_get_their_own_errors(tmp_path: Path) -> None:
+    with pytest.raises(VideoSourceError, match="is a directory"):
+        open_source(str(tmp_path))
+    for url in ("ftp://example.org/clip.mp4", "foo://clip"):
+        scheme = url.split(":")[0]
+        with pytest.raises(VideoSourceError, match=f"{scheme}:// is not a supported stream; streams are read over"):
+            open_source(url)
+
+
+def remux_to_transport_stream(path: Path) -> Path:
+    """The bikes clip remuxed into an MPEG transport stream (.ts), which declares no duration."""
+    with av.open(str(builtin_clip_path())) as src, av.open(str(path), "w", format="mpegts") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return path
+
+
+def test_a_cut_transport_stream_raises_after_the_frames_it_holds(tmp_path: Path) -> None:
+    whole = remux_to_transport_stream(tmp_path / "whole.ts")
+    assert len(list(open_source(str(whole)))) == 10
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(data[: len(data) // 2 + 100])  # mid-packet, as a copy that stopped would leave it
+    received = []
+    with pytest.raises(VideoSourceError, match=r"cut.ts: truncated, the file ends inside a transport-stream packet"):
+        received.extend(open_source(str(cut)))
+    assert [f.timestamp for f in received] == [0.0, 1.0, 2.0, 3.0, 4.0]

@@ -1,6 +1,13 @@
-"""streamtc: Streaming Token Compression (STC) for Hugging Face transformers VideoLLMs."""
+"""streamtc: Streaming Token Compression (STC) for Hugging Face transformers VideoLLMs.
 
-from .cacher import CacherState, STCCacher
+The configs and errors are imported with the package; the Cacher, Pruner and session (which import
+torch and transformers, seconds of start-up) on first use, so `streamtc --help` and argument errors
+answer at once.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .config import CacherConfig, PrunerConfig, STCConfig
 from .errors import (
     ConfigError,
@@ -11,10 +18,34 @@ from .errors import (
     VideoSourceError,
     WeightsError,
 )
-from .pruner import KeptTokens, PrunerState, STCPruner
-from .session import Answer, SlidingWindowCache, StreamingSession
+
+if TYPE_CHECKING:
+    from .cacher import CacherState, STCCacher
+    from .pruner import KeptTokens, PrunerState, STCPruner
+    from .session import Answer, SlidingWindowCache, StreamingSession
 
 __version__ = "0.1.0"
+
+# name -> submodule it is imported from when first used
+_LAZY = {
+    "StreamingSession": "session",
+    "SlidingWindowCache": "session",
+    "Answer": "session",
+    "STCCacher": "cacher",
+    "CacherState": "cacher",
+    "STCPruner": "pruner",
+    "PrunerState": "pruner",
+    "KeptTokens": "pruner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "StreamingSession",

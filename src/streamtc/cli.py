@@ -1,78 +1,352 @@
 """`streamtc` command line: watch a video with a VideoLLM (`run`) and measure STC (`bench ...`).
 
 Every flag builds or selects one validated object (an `STCConfig`, a preset, a source); nothing is
-read from the environment.
+read from the environment. Start-up is kept short: torch, transformers and the models are imported
+only by the command that needs them, and `run` checks every argument (times, sizes, the preset,
+the `--model` directory, the `--config` file, the video) before it builds a model.
+
+`run` exit codes (also written as `status` / `exit_code` in the `--output` JSON):
+
+    0    completed: every question was asked
+    1    crashed: an unexpected error (traceback printed; the answers so far are in --output)
+    2    bad arguments or input (nothing was streamed), or a streamtc error mid-stream
+    3    source_failed: the video failed mid-way (decoding error, cut file); questions up to the
+         failure were asked at their times, later ones at the last frame received, with a note
+    4    ended_early: a live source stopped early (no data within --timeout, connection error);
+         the remaining questions were asked on what was received, with a note
+    130  interrupted: Ctrl-C (SIGINT); questions not yet asked are listed as unanswered
+
+Every answer is written to `--output` as soon as it is given (the file is replaced atomically, so it
+is valid JSON at any moment), and once more with the final status and statistics.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import random
+import signal
+import socket
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
 
-import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .config import STCConfig
-from .errors import StreamTCError
+from .errors import ConfigError, StreamTCError, VideoSourceError
 
-app = typer.Typer(help="Streaming Token Compression for Hugging Face VideoLLMs.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side by side.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-from .eval.cli import eval_app  # noqa: E402
-app.add_typer(eval_app, name="eval")
-from .serve.cli import serve as serve_command  # noqa: E402
-app.command("serve")(serve_command)
+if TYPE_CHECKING:
+    from .session import Answer, StreamingSession
+    from .sources import VideoSource
+
 console = Console()
 
-DEMO_QUESTIONS = ["3:What is happening in the street?", "8:How many people are riding bikes?"]
+# Exit codes of `run`, by the status written to --output (see the module docstring).
+EXIT_CODES = {"completed": 0, "crashed": 1, "error": 2, "source_failed": 3, "ended_early": 4, "interrupted": 130}
+
+DEMO_QUESTIONS = ["3:What is happening in the street?",
+                  "8:How many people are riding bikes?|none|one|two|three or more"]
+
+
+class _LazyGroup(TyperGroup):
+    """A command (group) imported when it is run, not when `streamtc --help` lists it (`eval` and
+    `serve` import torch, transformers and their own stacks)."""
+
+    def __init__(self, name: str, target: str, help: str) -> None:  # noqa: A002 (click's name)
+        super().__init__(name=name, help=help)
+        self._target = target  # "module:attribute" of the Typer app
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        module, _, attribute = self._target.partition(":")
+        group = typer.main.get_command(getattr(import_module(module, __package__), attribute))
+        return group.make_context(info_name, args, parent=parent, **extra)
+
+
+class _StreamtcGroup(TyperGroup):
+    """The top-level group, with `eval` and `serve` loaded on first use."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_command(_LazyGroup("eval", ".eval.cli:eval_app", help="Benchmark accuracy on streaming and "
+                                    "offline video QA benchmarks (see `streamtc eval --help`)."))
+        self.add_command(_LazyGroup("serve", ".serve.cli:serve_app", help="Serve live streams to browsers and "
+                                    "clients over HTTP/websockets (see `streamtc serve --help`)."))
+
+
+app = typer.Typer(help="Streaming Token Compression for Hugging Face VideoLLMs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, cls=_StreamtcGroup)
+bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side by side.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+# -- arguments ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TimedQuestion:
-    """A question to ask when the stream reaches `seconds`."""
+    """A question to ask when the stream reaches `seconds`; `options` make it multiple choice."""
 
     seconds: float
     text: str
+    options: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, spec: str) -> TimedQuestion:
-        seconds, sep, text = spec.partition(":")
+        """'SECONDS:QUESTION' or 'SECONDS:QUESTION|OPTION|OPTION...'."""
+        seconds, sep, rest = spec.partition(":")
+        text, *options = (part.strip() for part in rest.split("|"))
         try:
             value = float(seconds)
         except ValueError:
-            value = -1.0
-        if not sep or value < 0 or not text.strip():
-            raise typer.BadParameter(f"--ask takes 'SECONDS:QUESTION' (e.g. '12:What is he holding?'), got {spec!r}")
-        return cls(value, text.strip())
+            value = None
+        if not sep or value is None or not text or not all(options):
+            raise typer.BadParameter(f"--ask takes 'SECONDS:QUESTION' or 'SECONDS:QUESTION|OPTION|OPTION...' "
+                                     f"(e.g. '12:What is he holding?'), got {spec!r}")
+        if not math.isfinite(value) or value < 0:
+            raise typer.BadParameter(f"the time of --ask {spec!r} must be a finite number of seconds >= 0, "
+                                     f"got {seconds.strip()!r}")
+        if len(options) == 1:
+            raise typer.BadParameter(f"--ask {spec!r}: a multiple-choice question needs two options or more")
+        return cls(value, text, tuple(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "question": self.text, "options": list(self.options) or None}
+
+
+def _parse_questions(specs: list[str] | None) -> list[TimedQuestion] | None:
+    return None if specs is None else [TimedQuestion.parse(spec) for spec in specs]
+
+
+def _positive_seconds(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _seconds(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def _check_preset(name: str) -> None:
+    """Refuse a preset `run` cannot stream, listing the ones it can (those with a language model)."""
+    from .presets import PRESETS, build_config
+
+    runnable = [n for n in PRESETS if getattr(build_config(n), "text_config", None) is not None]
+    if name not in runnable:
+        kind = "is a vision tower only (for `bench vit`)" if name in PRESETS else "is not a preset"
+        raise ConfigError(f"--preset {name!r} {kind}; `run` takes: {', '.join(runnable)}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds."""
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_model(model: str) -> None:
+    """A --model directory must hold a saved model; a hub id must be downloadable or cached.
+
+    Without a network, transformers retries the hub for half a minute before it fails; here a
+    missing hub fails at once with what to do, and a cached copy is used offline."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"--model {model}: is a file; give the directory written by save_pretrained")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {model}: no config.json in this directory; give a directory written by "
+                              "save_pretrained (config.json, weights, tokenizer and processor files) or a hub id")
+        return
+    parts = model.split("/")
+    if model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
+        raise ConfigError(f"--model {model}: no such directory (and not a hub id such as ORG/NAME)")
+    if _hub_reachable():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        constants.HF_HUB_OFFLINE = True  # the hub is unreachable: read the cached copy without retrying
+        console.print(f"[yellow]the Hugging Face hub cannot be reached: using the cached copy of {model}[/]")
+        return
+    raise ConfigError(f"--model {model}: not a local directory, and the Hugging Face hub ({constants.ENDPOINT}) "
+                      "cannot be reached to download it. Download it where there is a network (`hf download "
+                      f"{model} --local-dir DIR`) and pass --model DIR, or run a built-in --preset")
+
+
+def _read_config(path: Path) -> STCConfig:
+    """The STCConfig of a --config JSON file, with the file and the problem named on failure."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot be read ({error.strerror or error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path}: not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: must hold a JSON object like {{\"cacher\": {{...}}, \"pruner\": {{...}}}}")
+    try:
+        return STCConfig.from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"--config {path}: {error}") from None
 
 
 def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str,
-             window_tokens: int | None):
+             window_tokens: int | None) -> StreamingSession:
     from .session import SlidingWindowCache, StreamingSession
 
     policy = {} if window_tokens is None else {"cache_policy": lambda: SlidingWindowCache(window_tokens)}
-    if model is not None:
+    if model is None:
+        return StreamingSession.from_preset(preset, stc=stc, num_layers=num_layers, device=device, **policy)
+    try:
         return StreamingSession.from_pretrained(model, stc=stc, device=device, **policy)
-    return StreamingSession.from_preset(preset, stc=stc, num_layers=num_layers, device=device, **policy)
+    except StreamTCError:
+        raise
+    except (OSError, ValueError) as error:  # transformers' loading errors: name the model, keep it to one line
+        raise ConfigError(f"--model {model}: cannot be loaded ({str(error).splitlines()[0]})") from None
 
 
-def _summary_row(stats: dict[str, Any], answers: list[Any]) -> list[str]:
-    latency = [a.total_ms for a in answers]
+# -- the run: its record, its summary -----------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """What `run` has done so far; written to --output after every answer and at the end."""
+
+    header: dict[str, Any]
+    path: Path | None
+    answers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    unanswered: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stream: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    ratios: dict[str, Any] = field(default_factory=dict)
+    status: str = "running"
+
+    def write(self) -> None:
+        """Replace the --output file atomically (a reader never sees half a file)."""
+        if self.path is None:
+            return
+        record = {"status": self.status, "exit_code": EXIT_CODES.get(self.status), **self.header,
+                  "stream": self.stream, "notes": self.notes, "answers": self.answers,
+                  "unanswered": self.unanswered, "stats": self.stats, "ratios": self.ratios}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        partial.write_text(json.dumps(record, indent=2))
+        os.replace(partial, self.path)
+
+
+def _option_logprobs(session: StreamingSession, question: TimedQuestion) -> dict[str, float] | None:
+    """Log-probabilities of the option letters as the first answer token (multiple choice only)."""
+    if not question.options:
+        return None
+    import torch
+
+    from .prompts import option_letter_token_ids
+
+    log_softmax = torch.log_softmax(session.next_token_logits(question.text, question.options), dim=-1)
+    return {letter: round(float(log_softmax[i]), 4)
+            for letter, i in option_letter_token_ids(session.tokenizer, len(question.options)).items()}
+
+
+def _empty_answer_reason(session: StreamingSession, answer: Answer) -> str:
+    """Why an answer's text is empty: a stop token first, or tokens that print as nothing."""
+    if not answer.token_ids:
+        return "the model's first token was its stop token"
+    if session.tokenizer.decode(answer.token_ids, skip_special_tokens=True):
+        return f"its {len(answer.token_ids)} tokens decode to whitespace only"
+    return f"its {len(answer.token_ids)} tokens are special tokens, which are not printed"
+
+
+def paired_ratio(base: list[float], fast: list[float], resamples: int = 400) -> dict[str, Any]:
+    """Ratio sum(fast) / sum(base) over frames timed in pairs, with a 90% bootstrap interval over
+    the frames; `noise` is True when the interval contains 1 (no difference shown by this run)."""
+    if len(base) != len(fast):
+        raise ValueError(f"paired timings need as many frames on both sides, got {len(base)} and {len(fast)}")
+    if not base or sum(base) <= 0:
+        return {"ratio": None, "low": None, "high": None, "noise": True, "frames": len(base)}
+    ratio = sum(fast) / sum(base)
+    rng = random.Random(0)
+    count = len(base)
+    draws = []
+    for _ in range(resamples):
+        picks = [rng.randrange(count) for _ in range(count)]
+        denominator = sum(base[i] for i in picks)
+        if denominator > 0:
+            draws.append(sum(fast[i] for i in picks) / denominator)
+    draws.sort()
+    low, high = draws[int(0.05 * len(draws))], draws[int(0.95 * len(draws)) - 1]
+    return {"ratio": ratio, "low": low, "high": high, "noise": count < 3 or low <= 1.0 <= high, "frames": count}
+
+
+def _ratio_cell(ratio: dict[str, Any]) -> str:
+    if ratio["ratio"] is None:
+        return "-"
+    if ratio["low"] == ratio["high"]:
+        return f"{ratio['ratio']:.2f}×"
+    text = f"{ratio['ratio']:.2f}× ({ratio['low']:.2f}–{ratio['high']:.2f})"
+    return f"[dim]{text} within noise[/]" if ratio["noise"] else text
+
+
+def _summary_row(stats: dict[str, Any], answers: list[dict[str, Any]]) -> list[str]:
+    latency = [a["total_ms"] for a in answers]
     return [
         str(stats["frames"]),
-        f"{stats['visual_tokens']} / {stats['visual_tokens_encoded']}",
+        f"{stats['visual_tokens'] + stats['pending_tokens']} / {stats['visual_tokens_encoded']}",
         f"{stats['vit_ms_per_frame']:.1f}",
         f"{stats['prefill_ms_per_frame']:.1f}",
         f"{sum(latency) / len(latency):.0f}" if latency else "-",
     ]
+
+
+def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: float) -> None:
+    if not record.stats:  # stopped before the models were built: an error was printed, or the note says why
+        if record.status != "error":
+            console.print(f"[yellow]{escape(record.notes[-1])}[/]")
+        console.print(f"status: {record.status} (exit code {EXIT_CODES[record.status]})")
+        return
+    table = Table(title=f"{video}: {last_time:.1f} s of video in {elapsed:.1f} s")
+    for column in ("variant", "frames", "visual tokens kept / encoded", "ViT ms/frame", "pre-fill ms/frame",
+                   "answer ms"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, stats in record.stats.items():
+        table.add_row(name, *_summary_row(stats, record.answers[name]))
+    if record.ratios:
+        table.add_row("STC / no STC", "", _ratio_cell(record.ratios["visual_tokens"]),
+                      _ratio_cell(record.ratios["vit_ms"]), _ratio_cell(record.ratios["prefill_ms"]), "")
+    console.print(table)
+    if record.ratios:
+        console.print("[dim]time ratios: frames timed in pairs (variants alternate per frame), 90% interval over "
+                      "frames in brackets; 'within noise' when it contains 1×[/]")
+    for note in record.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    for item in record.unanswered:
+        console.print(f"[yellow]not asked:[/] {item['seconds']:.1f}s {escape(item['question'])} ({item['reason']})")
+    style = "green" if record.status == "completed" else "yellow"
+    where = f"; answers in {record.path}" if record.path is not None else ""
+    console.print(f"[{style}]status: {record.status} (exit code {EXIT_CODES[record.status]})[/]{where}")
+
+
+# -- run ----------------------------------------------------------------------------------------
 
 
 @app.command()
@@ -83,90 +357,258 @@ def run(
                                                    "(LLaVA-OneVision). Overrides --preset.")] = None,
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (see `streamtc presets`)")]
     = "tiny-llava-ov",
-    ask: Annotated[list[str] | None, typer.Option(help="'SECONDS:QUESTION', asked when the stream reaches SECONDS; "
-                                                      "repeatable")] = None,
+    ask: Annotated[list[str] | None, typer.Option(
+        help="'SECONDS:QUESTION' (or 'SECONDS:QUESTION|OPTION|OPTION...' for multiple choice), asked when the "
+             "stream reaches SECONDS; repeatable", callback=_parse_questions)] = None,
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Run the uncompressed model only")] = False,
     compare: Annotated[bool, typer.Option(help="Run the uncompressed model and STC on the same frames")] = False,
-    fps: Annotated[float, typer.Option(help="Frames sampled per second of video")] = 1.0,
-    max_seconds: Annotated[float | None, typer.Option(help="Stop after this much video time")] = None,
-    num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit")] = 32,
+    fps: Annotated[float, typer.Option(help="Frames sampled per second of video", callback=_positive_seconds)] = 1.0,
+    max_seconds: Annotated[float | None, typer.Option(help="Stop after this much video time", callback=_seconds)]
+    = None,
+    num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets", min=1)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit", min=1)] = 32,
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
                                                      "{...}})")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
     window_tokens: Annotated[int | None, typer.Option(
-        help="Bound memory: keep at most this many visual tokens (newest frames) per stream")] = None,
-    output: Annotated[Path | None, typer.Option(help="Write answers, stats and the config as JSON here")] = None,
+        help="Bound memory: keep at most this many visual tokens (newest frames) per stream", min=1)] = None,
+    timeout: Annotated[float, typer.Option(help="Network streams: seconds to wait for the stream to open and "
+                                                "for each read before it counts as stalled",
+                                           callback=_positive_seconds)] = 10.0,
+    output: Annotated[Path | None, typer.Option(help="Write answers, stats and the config as JSON here (after "
+                                                     "every answer, and at the end with the exit status)")] = None,
 ) -> None:
-    """Stream a video through a VideoLLM with STC and answer questions at their timestamps."""
-    from .sources import open_source
+    """Stream a video through a VideoLLM with STC and answer questions at their timestamps.
 
+    Exit codes: 0 completed, 1 crashed, 2 bad input or error, 3 the video failed mid-way,
+    4 a live stream ended early, 130 interrupted (Ctrl-C); answers given so far are kept in
+    --output in every case."""
     if compare and no_stc:
         raise typer.BadParameter("--compare already runs the uncompressed model; drop --no-stc")
-    questions = sorted((TimedQuestion.parse(q) for q in (ask if ask else (DEMO_QUESTIONS if video == "demo" else []))),
-                       key=lambda q: q.seconds)
-    stc = STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig()
+    questions = ask if ask is not None else (_parse_questions(DEMO_QUESTIONS) if video == "demo" else [])
+    questions = sorted(questions, key=lambda q: q.seconds)
+    try:
+        stc = _read_config(config) if config is not None else STCConfig()
+        if model is not None:
+            _check_model(model)
+        from .sources import NETWORK_SCHEMES, open_source
+
+        network = urlsplit(video).scheme.lower() in NETWORK_SCHEMES
+        timeouts = {"open_timeout": timeout, "read_timeout": timeout} if network else {}
+
+        def open_video() -> VideoSource:
+            return open_source(video, fps=fps, max_seconds=max_seconds, **timeouts)
+
+        # A file is opened now, so that a bad one is refused at once; a live stream or camera once
+        # the models are built, so that its frames do not pile up meanwhile.
+        source = None if network or video.isdigit() else open_video()
+        if model is None:
+            try:
+                _check_preset(preset)  # last: the preset table imports transformers' model classes
+            except BaseException:
+                if source is not None:
+                    source.close()
+                raise
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
+        raise typer.Exit(EXIT_CODES["interrupted"]) from None
     variants = {"no STC": None, "STC": stc} if compare else ({"no STC": None} if no_stc else {"STC": stc})
-    if model is None:
-        console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless. "
-                      "Use --model PATH_OR_ID for real weights.[/]")
-    sessions = {name: _session(model, preset, cfg, num_layers, device, window_tokens) for name, cfg in variants.items()}
-    answers: dict[str, list[Any]] = {name: [] for name in sessions}
-    source = open_source(video, fps=fps, max_seconds=max_seconds)
+    record = RunRecord(
+        header={"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
+                "questions": [q.to_dict() for q in questions],
+                "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()}},
+        path=output, answers={name: [] for name in variants},
+    )
+    status = _stream(source or open_video, video, variants, questions, record, model=model, preset=preset,
+                     num_layers=num_layers, device=device, window_tokens=window_tokens, max_new_tokens=max_new_tokens)
+    raise typer.Exit(EXIT_CODES[status])
+
+
+def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, variants: dict[str, STCConfig | None],
+            questions: list[TimedQuestion], record: RunRecord, *, model: str | None, preset: str,
+            num_layers: int | None, device: str, window_tokens: int | None, max_new_tokens: int) -> str:
+    """Build the sessions, stream the frames, ask the questions; returns the final status. Every
+    way out (end, source failure, stall, Ctrl-C, error) prints the summary and writes the record.
+    video_source: the open source, or how to open it once the models are built (live streams)."""
+    source = None if callable(video_source) else video_source
+    started = time.perf_counter()
     pending = list(questions)
+    sessions: dict[str, StreamingSession] = {}
+    costs: dict[str, dict[str, list[float]]] = {name: {"vit_ms": [], "prefill_ms": []} for name in variants}
+    last_time, frames_read, explained_empty = 0.0, 0, False
+
+    def ask_question(question: TimedQuestion, note: str | None = None) -> None:
+        nonlocal explained_empty
+        for name, session in sessions.items():
+            ctrl_c.check()
+            answer = session.ask(question.text, options=question.options or None, max_new_tokens=max_new_tokens)
+            entry = {"seconds": question.seconds, **answer.to_dict(),
+                     "option_logprobs": _option_logprobs(session, question), "note": note}
+            record.answers[name].append(entry)
+            console.print(f"[bold]{question.seconds:>7.1f}s[/] {escape(f'[{name}]')} Q: {escape(question.text)}\n"
+                          f"          A: {answer.text!r} ({answer.total_ms:.0f} ms)")
+            if entry["option_logprobs"]:
+                console.print("          option log-probabilities: " + ", ".join(
+                    f"{letter} {value:.3f}" for letter, value in entry["option_logprobs"].items()))
+            if note:
+                console.print(f"          [yellow]{escape(note)}[/]")
+            if model is None and not answer.text and not explained_empty:
+                explained_empty = True
+                console.print(f"          [dim](empty: {_empty_answer_reason(session, answer)}; a random-weight model "
+                              "rarely says anything readable. Multiple-choice questions also record the option "
+                              "log-probabilities, which show how STC changes the model's output.)[/]")
+            record.write()
 
     def ask_due(until: float) -> None:
         while pending and pending[0].seconds <= until:
+            ask_question(pending.pop(0))
+
+    status, failure = "completed", None
+    ctrl_c = _CtrlC()
+    try:
+        ctrl_c.install()
+        record.write()
+        if model is None:
+            console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
+                          "Use --model PATH_OR_ID for real weights.[/]")
+        sessions.update({name: _session(model, preset, cfg, num_layers, device, window_tokens)
+                         for name, cfg in variants.items()})
+        source = source or video_source()
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                      TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task(f"streaming {video}", total=source.expected_frames, clock="0.0 s")
+            frames = iter(source)
+            while True:
+                try:
+                    frame = next(frames)
+                except StopIteration:
+                    break
+                except VideoSourceError as error:
+                    status, failure = "source_failed", str(error)
+                    break
+                ctrl_c.check()
+                ask_due(frame.timestamp - 1e-9)
+                names = list(sessions) if frames_read % 2 == 0 else list(reversed(sessions))  # alternate order
+                for name in names:
+                    before = sessions[name].stats
+                    sessions[name].push(frame.image[None], [frame.timestamp])
+                    after = sessions[name].stats
+                    costs[name]["vit_ms"].append(after.vit_ms - before.vit_ms)
+                    costs[name]["prefill_ms"].append(after.prefill_ms - before.prefill_ms)
+                last_time, frames_read = frame.timestamp, frames_read + 1
+                progress.update(task, advance=1, clock=f"{frame.timestamp:.1f} s")
+        if status == "completed" and source.ended_early:
+            status, failure = "ended_early", source.error
+        if failure is not None:
+            record.notes.append(f"the video ended early after {frames_read} frames ({last_time:.1f} s): {failure}")
+            console.print(f"[yellow]the video ended early: {escape(failure)}; answering with what was received[/]")
+        ask_due(last_time)  # questions whose frames were all received, at their own moment
+        end = _video_end(source, last_time, status)
+        while pending:
             question = pending.pop(0)
-            for name, session in sessions.items():
-                answer = session.ask(question.text, max_new_tokens=max_new_tokens)
-                answers[name].append(answer)
-                console.print(f"[bold]{question.seconds:>7.1f}s[/] [{name}] Q: {question.text}\n"
-                              f"          A: {answer.text!r} ({answer.total_ms:.0f} ms)")
+            why = "the stream stopped" if failure is not None else "the video ends"
+            note = None if question.seconds <= end + 1e-6 else (
+                f"asked at {last_time:.1f} s, the last frame received: {why} before {question.seconds:g} s")
+            ask_question(question, note)
+        for session in sessions.values():
+            session.flush()  # the stream ended: pre-fill what is pending, so the summary counts every frame
+        ctrl_c.check()
+    except KeyboardInterrupt:
+        status = "interrupted"
+        record.notes.append(f"interrupted (Ctrl-C) after {frames_read} frames ({last_time:.1f} s)")
+    except StreamTCError as error:
+        status = "error"
+        record.notes.append(f"stopped by an error after {frames_read} frames ({last_time:.1f} s): {error}")
+        console.print(f"[red]error:[/] {escape(str(error))}")
+    except BaseException:
+        record.status = "crashed"
+        record.unanswered = [{**q.to_dict(), "reason": "the run crashed"} for q in pending]
+        record.write()
+        raise
+    finally:
+        ctrl_c.uninstall()
+        if source is not None:
+            source.close()
+    with _sigint_deferred():  # a Ctrl-C now would only lose the summary: finish it first
+        _finish(record, status, pending, sessions, costs, source, frames_read, last_time, failure)
+        _print_summary(video, record, last_time, time.perf_counter() - started)
+    return status
 
-    started = time.perf_counter()
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task(f"streaming {video}", total=source.expected_frames, clock="0.0 s")
-        last_time = 0.0
-        for frame in source:
-            ask_due(frame.timestamp - 1e-9)
-            for session in sessions.values():
-                session.push(frame.image[None], [frame.timestamp])
-            last_time = frame.timestamp
-            progress.update(task, advance=1, clock=f"{frame.timestamp:.1f} s")
-    if source.ended_early:
-        console.print(f"[yellow]the stream ended early: {source.error}; answering with what was received[/]")
-    ask_due(float("inf"))
-    for session in sessions.values():
-        session.flush()  # the stream ended: pre-fill what is pending, so the summary counts every frame
-    elapsed = time.perf_counter() - started
 
-    table = Table(title=f"{video}: {last_time:.1f} s of video in {elapsed:.1f} s")
-    for column in ("variant", "frames", "visual tokens kept / encoded", "ViT ms/frame", "pre-fill ms/frame",
-                   "answer ms"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
-    stats = {name: s.stats.to_dict() for name, s in sessions.items()}
-    for name in sessions:
-        table.add_row(name, *_summary_row(stats[name], answers[name]))
-    if compare:
-        base, fast = stats["no STC"], stats["STC"]
+class _CtrlC:
+    """Ctrl-C (SIGINT) that cannot be lost: it raises KeyboardInterrupt where it lands, as usual,
+    and is also remembered, so that `check()` raises again if library code swallowed it (some
+    optional imports catch everything). Main thread only; elsewhere a no-op."""
 
-        def ratio(key: str) -> str:
-            return f"{fast[key] / base[key]:.2f}×" if base[key] else "-"
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
 
-        table.add_row("STC / no STC", "", ratio("visual_tokens"), ratio("vit_ms_per_frame"),
-                      ratio("prefill_ms_per_frame"), "")
-    console.print(table)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({
-            "video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
-            "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()},
-            "stats": stats, "answers": {name: [a.to_dict() for a in a_list] for name, a_list in answers.items()},
-        }, indent=2))
-        console.print(f"wrote {output}")
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+
+def _finish(record: RunRecord, status: str, pending: list[TimedQuestion], sessions: dict[str, StreamingSession],
+            costs: dict[str, dict[str, list[float]]], source: VideoSource | None, frames_read: int, last_time: float,
+            failure: str | None) -> None:
+    """Final status, unasked questions, statistics and (with --compare) ratios, written to --output."""
+    record.status = status
+    record.unanswered = [{**q.to_dict(), "reason": record.notes[-1] if record.notes else status} for q in pending]
+    record.stream = {"frames": frames_read, "last_time": last_time, "duration": source and source.duration,
+                     "ended_early": status in ("ended_early", "source_failed"), "error": failure}
+    record.stats = {name: s.stats.to_dict() for name, s in sessions.items()}
+    if len(sessions) == 2 and frames_read:
+        base, fast = costs["no STC"], costs["STC"]
+        paired = min(len(side[key]) for side in (base, fast) for key in side)  # Ctrl-C may split a frame
+        record.ratios = {key: paired_ratio(base[key][:paired], fast[key][:paired]) for key in ("vit_ms", "prefill_ms")}
+        record.ratios["visual_tokens"] = _token_ratio(record.stats)
+    record.write()
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Run the block to its end even if Ctrl-C comes meanwhile (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _video_end(source: VideoSource, last_time: float, status: str) -> float:
+    """Seconds up to which a question is still "in" the video: its declared end (or --max-seconds)
+    when it played to the end, the last frame received when it stopped early."""
+    if status != "completed":
+        return last_time
+    bounds = [t for t in (source.duration, source.max_seconds) if t is not None]
+    return max(last_time, min(bounds)) if bounds else last_time
+
+
+def _token_ratio(stats: dict[str, Any]) -> dict[str, Any]:
+    """Kept visual tokens, STC over no STC (counted, not timed: no noise)."""
+    def kept(name: str) -> int:
+        return stats[name]["visual_tokens"] + stats[name]["pending_tokens"]
+
+    ratio = kept("STC") / kept("no STC") if kept("no STC") else None
+    return {"ratio": ratio, "low": ratio, "high": ratio, "noise": False, "frames": stats["STC"]["frames"]}
 
 
 @app.command()
@@ -204,13 +646,14 @@ def bench_vit(
                                             "name (bikes, carphone, bigbuckbunny)")] = "demo",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
-    output: Annotated[Path | None, typer.Option(help="Write the JSON report here (and, with --weights, a PNG "
-                                                     "plot of fidelity against FLOPs beside it)")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here, and PNG plots beside it")] = None,
 ) -> None:
     """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
+    import torch
+
     from .bench.vit import (
         load_benchmark_frames, load_frames_at_rate, plot_fidelity, print_report, real_weights_variants,
-        refresh_signal_study, run_vit_benchmark, write_report,
+        refresh_signal_study, run_vit_benchmark, write_plots, write_report,
     )
     from .preprocess import FramePreprocessor
     from .presets import build_config
@@ -226,9 +669,9 @@ def bench_vit(
     except ValueError:
         raise typer.BadParameter(f"--fps takes comma-separated numbers, got {fps!r}") from None
     if threads is not None:
-        torch.set_num_threads(threads)
+        import torch
 
-    from rich.progress import Progress
+        torch.set_num_threads(threads)
 
     from .bench.vit import DEFAULT_VARIANTS, mlp_width
     from .cacher.cacher import prefix_tokens
@@ -258,10 +701,12 @@ def bench_vit(
             variants = real_weights_variants(tokens, tower.config.hidden_size, mlp_width(tower.config), prefix_tokens(tower))
         else:
             variants = DEFAULT_VARIANTS
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"{label}: {len(variants)} variants", total=(warmup + repeats) * len(pixel_values))
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(f"{label}: {len(variants)} variants", total=(warmup + repeats) * len(pixel_values))
             report = run_vit_benchmark(pixel_values, preset=name, model=tower, head=head, variants=variants,
-                                       repeats=repeats, warmup=warmup, device=device, progress=lambda: bar.advance(task))
+                                       repeats=repeats, warmup=warmup, device=device,
+                                       progress=lambda description: progress.update(task, description=f"{label}: {description}", advance=1))
         report.update(video=video, fps=rate, title=f"{description}, {label}, {len(pixel_values)} frames")
         if suite == "fidelity":
             report["refresh_signal_study"] = refresh_signal_study(tower, pixel_values)
@@ -269,8 +714,9 @@ def bench_vit(
         reports.append(report)
     if output is not None:
         console.print(f"wrote {write_report(reports[0] if len(reports) == 1 else {'benchmark': 'vit', 'runs': reports}, output)}")
-        if suite == "fidelity":
-            console.print(f"wrote {plot_fidelity(reports, Path(output).with_suffix('.png'))}")
+        plots = [plot_fidelity(reports, Path(output).with_suffix(".fidelity.png"))] if suite == "fidelity" else []
+        for path in plots + [p for report in reports for p in write_plots(report, output)]:
+            console.print(f"wrote {path}")
 
 
 @bench_app.command("pipeline")
@@ -323,6 +769,8 @@ def bench_pipeline(
             raise typer.BadParameter(f"unknown variants {unknown}; see `streamtc bench pipeline --list`")
         chosen = [VARIANTS_BY_NAME["none"]] + [VARIANTS_BY_NAME[n] for n in names if n != "none"]
     if threads is not None:
+        import torch
+
         torch.set_num_threads(threads)
     settings = PipelineSettings(
         preset=preset, vit_layers=vit_layers, text_layers=text_layers, frames=counts, repeats=repeats,
@@ -350,11 +798,14 @@ def main() -> None:
     try:
         app()
     except StreamTCError as error:
-        console.print(f"[red]error:[/] {error}")
+        console.print(f"[red]error:[/] {escape(str(error))}")
         raise SystemExit(2) from None
+    except SystemExit:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the outcome is decided (and written): keep its exit code
+        raise
 
 
-__all__ = ["app", "main"]
+__all__ = ["EXIT_CODES", "RunRecord", "app", "main", "paired_ratio"]
 
 
 if __name__ == "__main__":

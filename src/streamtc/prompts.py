@@ -161,6 +161,18 @@ def parse_option_letter(text: str, options: Sequence[str] | int) -> str | None:
     return None
 
 
+def option_letter_token_ids(tokenizer: Any, count: int) -> dict[str, int]:
+    """Token ids of the option letters A.. as a single first answer token (a letter the tokenizer
+    splits into several tokens is left out): where to read each option's probability in the
+    logits of the first answer token."""
+    ids = {}
+    for letter in OPTION_LETTERS[:count]:
+        encoded = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids[letter] = encoded[0]
+    return ids
+
+
 __all__ = [
     "MC_INSTRUCTION",
     "OPTION_LETTERS",
@@ -170,4 +182,5 @@ __all__ = [
     "format_options",
     "multiple_choice_question",
     "parse_option_letter",
+    "option_letter_token_ids",
 ]

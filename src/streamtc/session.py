@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -232,9 +233,10 @@ class SessionStats:
     vit_ms: vision encoding (ViT + projector + pooling, with the Cacher when enabled);
     prune_ms: the Pruner (or the selector replacing it); prefill_ms: pre-fill of the visual
     tokens. visual_tokens: visual tokens pre-filled (a bounded cache policy may have evicted some
-    since; kv_cache_bytes is what is held); pending_tokens: kept tokens waiting for
+    since; cache_tokens and kv_cache_bytes are what is held); pending_tokens: kept tokens waiting for
     their pre-fill; visual_tokens_encoded: tokens the encoder produced (before pruning).
-    kv_cache_bytes: keys and values held by the cache now. The last_* fields
+    cache_tokens: tokens in the video-only cache now (the chat prefix and the visual tokens the
+    cache policy holds). kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU, the
     process's peak RSS on CPU (memory_kind says which), since the session started (process-wide:
     another session's start resets it too; see `bench.timing.reset_peak_memory`).
@@ -255,13 +257,9 @@ class SessionStats:
     last_decode_ms_per_token: float | None = None
     peak_memory_bytes: int = 0
     kv_cache_bytes: int = 0
+    cache_tokens: int = 0
     memory_kind: Literal["rss", "cuda"] = "rss"
     cacher: dict[str, Any] | None = None
-
-    @property
-    def cache_tokens(self) -> int:
-        """Tokens pre-filled into the video-only cache: the chat prompt prefix plus the visual tokens."""
-        return self.prompt_tokens + self.visual_tokens
 
     @property
     def vit_ms_per_frame(self) -> float:
@@ -274,7 +272,6 @@ class SessionStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             **asdict(self),
-            "cache_tokens": self.cache_tokens,
             "vit_ms_per_frame": self.vit_ms_per_frame,
             "prefill_ms_per_frame": self.prefill_ms_per_frame,
         }
@@ -370,10 +367,13 @@ class StreamingSession:
         if _shared_stc is None and attached_cacher(model) is not None:
             raise StreamStateError(
                 "this model's vision tower already has an STCCacher attached (another session?); "
-                "share it with that session's spawn(), or close() that session first"
+                "share it with that session's spawn(), or close() that session (and those spawned from it) first"
             )
         self._cacher, self._pruner = _shared_stc if _shared_stc is not None else self._build_stc(stc)
-        self._owns_cacher = _shared_stc is None and self._cacher is not None
+        # Sessions using the attached Cacher (the owner and those spawned from it), shared among
+        # them: the last one to close detaches it.
+        self._cacher_users = [1]
+        self._closed = False
         self._cacher_state = self._cacher.new_state() if self._cacher is not None else None
         self._pruner_state = PrunerState() if self._pruner is not None else None
         reset_peak_memory(self._device)
@@ -439,12 +439,16 @@ class StreamingSession:
         attached Cacher. Not with a `selector`: baseline selectors keep one stream's state."""
         if self.selector is not None:
             raise StreamStateError("a session with a custom selector cannot spawn; make one session per stream")
-        return StreamingSession(
+        self._check_open()
+        spawned = StreamingSession(
             self.model, self.tokenizer, self.stc, preprocessor=self.preprocessor,
             system_prompt=self.system_prompt, chunk_frames=self.chunk_frames,
             prefill_min_tokens=self.prefill_min_tokens, cache_policy=self._cache_policy_factory,
             encoder=self.encoder, _shared_stc=(self._cacher, self._pruner),
         )
+        spawned._cacher_users = self._cacher_users
+        self._cacher_users[0] += 1
+        return spawned
 
     def _build_stc(self, stc: STCConfig | None) -> tuple[STCCacher | None, STCPruner | None]:
         """Attach an STCCacher to the model and build an STCPruner, as `stc` enables them."""
@@ -467,10 +471,19 @@ class StreamingSession:
         return ids
 
     def close(self) -> None:
-        """Detach the Cacher this session attached (the model's forwards are then untouched)."""
-        if self._owns_cacher and self._cacher is not None:
+        """End this session (push and ask then raise). The Cacher is detached, leaving the model's
+        forwards untouched, when the last of the sessions sharing it (the one that attached it and
+        those spawned from it) closes. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cacher_users[0] -= 1
+        if self._cacher is not None and self._cacher_users[0] == 0:
             self._cacher.detach()
-            self._owns_cacher = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamStateError("this session is closed; make a new session (or spawn() one before closing)")
 
     def __enter__(self) -> Self:
         return self
@@ -505,11 +518,18 @@ class StreamingSession:
         """Encode `frames` and append their (kept) visual tokens to the stream; returns the tokens
         kept. They are pre-filled into the cache once enough are pending (`prefill_min_tokens`).
         frames: uint8 [F, H, W, 3] numpy/torch or a list of PIL images; timestamps: seconds, one
-        per frame (optional)."""
+        per frame (optional; finite and increasing, also across pushes)."""
+        self._check_open()
         pixel_values = self.preprocessor(frames)  # [F, 3, S, S]
         count = pixel_values.shape[0]
         if timestamps is not None and len(timestamps) != count:
             raise InputError(f"got {count} frames but {len(timestamps)} timestamps")
+        previous = self._last_timestamp
+        for stamp in timestamps if timestamps is not None else ():
+            if not math.isfinite(stamp) or (previous is not None and stamp <= previous):
+                after = "" if previous is None else f" after {previous}"
+                raise InputError(f"timestamps must be finite and increasing; got {stamp}{after}")
+            previous = stamp
         added = 0
         with torch.inference_mode():
             for start in range(0, count, self.chunk_frames):
@@ -613,6 +633,7 @@ class StreamingSession:
                           answer_prefix: str = "") -> torch.Tensor:
         """Logits [vocab] (float32, CPU) of the first answer token for `question`; the cache is
         left as before. The prompt is exactly what `ask` pre-fills."""
+        self._check_open()
         ids = self._question_ids(question, options, answer_prefix)
         self.flush()
         with torch.inference_mode(), self._question_scope() as cache:
@@ -626,6 +647,7 @@ class StreamingSession:
         not part of `text`; e.g. a benchmark's "Best option: ("). The cache is restored to the
         video-only state afterwards. Pending visual tokens are pre-filled first (`flush`); that
         time counts in ttft_ms."""
+        self._check_open()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         start = self._clock()
@@ -725,6 +747,7 @@ class StreamingSession:
         if self._cacher_state is not None:
             stats.cacher = self._cacher_state.stats.to_dict()
         stats.pending_tokens = self._pending_tokens
+        stats.cache_tokens = self._cache.get_seq_length()
         stats.kv_cache_bytes = sum(
             layer.keys.nbytes + layer.values.nbytes
             for layer in self._cache.layers if getattr(layer, "keys", None) is not None

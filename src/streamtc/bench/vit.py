@@ -171,13 +171,14 @@ def run_vit_benchmark(
     dtype: torch.dtype = torch.float32,
     model: torch.nn.Module | None = None,
     head: torch.nn.Module | None = None,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Stream `pixel_values` [F, 3, H, W] frame by frame through every variant at once; the report dict.
 
     model: a loaded tower (real weights) instead of the preset; head: a saliency head whose maps
-    from each variant's features are compared with the full forward's. progress: called once per
-    frame and repeat.
+    from each variant's features are compared with the full forward's. progress: called before
+    each frame of each pass with a description ("repeat 2/3 · frame 5/16"), (warmup + repeats) *
+    frames times in all.
 
     Interleaved per frame: frame i of the stream goes through the unpatched tower and each
     variant's cacher (each with its own stream state, attached in turn to the one model) before
@@ -214,6 +215,9 @@ def run_vit_benchmark(
             outputs = {v.name: [] for v in variants}
             refreshed = {v.name: [] for v in variants}
             for i, frame in enumerate(pixel_values):
+                if progress is not None:
+                    label = f"warm-up {repeat + 1}/{warmup}" if repeat < warmup else f"repeat {repeat - warmup + 1}/{repeats}"
+                    progress(f"{label} · frame {i + 1}/{len(pixel_values)}")
                 shift = i % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
                     cacher, encoder = cachers.get(variant.name), encoders.get(variant.name)
@@ -230,8 +234,6 @@ def run_vit_benchmark(
                     ms[variant.name].append(elapsed)
                     outputs[variant.name].append(out)
                     refreshed[variant.name].append(cacher.stats.refresh_chunks > before if cacher else computes)
-                if progress is not None:
-                    progress()
             if repeat < warmup:
                 continue
             for variant in variants:
@@ -316,6 +318,7 @@ def summarise(result: VariantResult, full: VariantResult, tokens: int, config: A
         "per_frame_token_cosine": result.token_cosine,
         "per_frame_saliency_corr": result.saliency_corr,
         "refresh_pattern": "".join("R" if r else "." for r in result.refresh_frames),
+        "per_frame_refresh": list(result.refresh_frames),
     }
 
 
@@ -364,32 +367,42 @@ def refresh_signal_study(tower: torch.nn.Module, pixel_values: torch.Tensor, max
     }
 
 
-def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _cell(value: float | None, digits: int) -> str:
+    """A number for the table; "-" where the variant has no such frames (NaN) or no such measure (None)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
-    def cell(value: float | None, digits: int = 3) -> str:
-        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+def print_report(report: dict[str, Any]) -> None:
+    """The report as one table, as wide as it needs: variant names are never cut (a console
+    narrower than the table, such as a pipe's 80 columns, is widened)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
 
     title = report.get("title") or (
         f"ViT encode, {report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
         f"{report['frames']} frames, one per chunk, interleaved per frame, median of {report['repeats']}"
     )
     table = Table(title=title)
-    columns = ["variant", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame", "cos mean", "cos min"]
+    columns = ["variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame", "cos mean",
+               "cos min"]
     real = report["variants"][0]["saliency_corr_mean"] is not None
     if real:
         columns += ["CLS cos", "saliency r mean", "saliency r min", "saliency KL mean"]
     for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=column == "variant")
     for v in report["variants"]:
-        row = [v["name"], cell(v["time_ratio"]), cell(v["flop_ratio"]), cell(v["refresh_frame_ratio"]),
-               cell(v["selective_frame_ratio"]), cell(v["token_cosine_mean"], 4), cell(v["token_cosine_min"], 4)]
+        row = [v["name"], f"{v['total_ms']:.0f}", _cell(v["time_ratio"], 3), _cell(v["flop_ratio"], 3),
+               _cell(v["refresh_frame_ratio"], 3), _cell(v["selective_frame_ratio"], 3),
+               _cell(v["token_cosine_mean"], 4), _cell(v["token_cosine_min"], 4)]
         if real:
-            row += [cell(v["cls_cosine_mean"], 4), cell(v["saliency_corr_mean"]), cell(v["saliency_corr_min"]),
-                    cell(v["saliency_kl_mean"], 4)]
+            row += [_cell(v["cls_cosine_mean"], 4), _cell(v["saliency_corr_mean"], 3), _cell(v["saliency_corr_min"], 3),
+                    _cell(v["saliency_kl_mean"], 4)]
         table.add_row(*row)
-    console = Console(width=max(160, Console().width))
+    console = Console()
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    if needed > console.width:
+        console = Console(width=needed)
     console.print(table)
     m = report["machine"]
     study = report.get("refresh_signal_study")
@@ -446,6 +459,51 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
+    """Two PNG plots beside the JSON report `path` (same stem): per-frame encode time of every
+    variant, refresh frames marked; and the time ratio against fidelity, one point per variant.
+    Needs matplotlib (the `plots` extra); without it, none (the JSON carries every number)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    title = (f"{report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
+             f"{report['frames']} frames, median of {report['repeats']}; {report['machine']['cpu']}")
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    for variant in report["variants"]:
+        frames = range(1, len(variant["per_frame_ms"]) + 1)
+        line, = axis.plot(frames, variant["per_frame_ms"], marker=".", label=variant["name"])
+        if variant["config"] is not None:  # hollow markers: the frames this variant refreshed
+            refreshed = [i for i, r in zip(frames, variant["per_frame_refresh"]) if r]
+            axis.scatter(refreshed, [variant["per_frame_ms"][i - 1] for i in refreshed], facecolors="none",
+                         edgecolors=line.get_color(), s=60)
+    axis.set(xlabel="frame", ylabel="encode ms", title="ViT encode time per frame (circles: refresh frames)")
+    axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=8)
+    per_frame = path.with_name(f"{path.stem}_per_frame.png")
+    figure.tight_layout()
+    figure.savefig(per_frame, dpi=120)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for variant in report["variants"]:
+        axis.scatter(variant["time_ratio"], variant["token_cosine_mean"])
+        axis.annotate(variant["name"], (variant["time_ratio"], variant["token_cosine_mean"]), fontsize=7)
+    axis.set(xlabel="time ratio to the unpatched tower (paired, median)", ylabel="token cosine to full (mean)",
+             title="fidelity vs time")
+    figure.suptitle(title, fontsize=7)
+    fidelity = path.with_name(f"{path.stem}_fidelity.png")
+    figure.tight_layout()
+    figure.savefig(fidelity, dpi=120)
+    plt.close(figure)
+    return [per_frame, fidelity]
+
+
+
 __all__ = ["Variant", "DEFAULT_VARIANTS", "real_weights_variants", "load_frames_at_rate", "plot_fidelity",
-           "saliency_agreement", "refresh_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_report", "token_cosine",
-           "flat_cosine"]
+           "saliency_agreement", "refresh_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report",
+           "write_plots", "write_report", "token_cosine", "flat_cosine"]

@@ -74,4 +74,10 @@ def serve(
     run(settings)
 
 
-__all__ = ["serve"]
+
+
+# The command as its own app, so `streamtc serve` can be imported on first use (streamtc.cli).
+serve_app = typer.Typer(add_completion=False)
+serve_app.command()(serve)
+
+__all__ = ["serve", "serve_app"]
