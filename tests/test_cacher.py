@@ -751,3 +751,79 @@ def test_both_cpu_kernel_choices_match_the_plain_implementation(siglip, cpu_kern
         cacher.detach()
     assert ("mkldnn::_linear_pointwise" in ops) == (cpu_kernels == "onednn")
     assert (outputs[0] - expected).abs().max() <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# over_budget="subsample": a cut the refresh budget cannot pay for is encoded exactly on a token subset.
+
+
+def over_budget_config(**kwargs):
+    return CacherConfig(cache_interval=8, refresh="adaptive", refresh_budget=4, over_budget="subsample", **kwargs)
+
+
+def plain_subsampled_frame(tower, frame, ratio):
+    """The tower's layers on an evenly strided subset of the patch grid, dropped tokens filled by the nearest kept one."""
+    with torch.no_grad():
+        x = tower.embeddings(frame[None])
+        registers = getattr(tower.embeddings, "register_tokens", None)
+        prefix = int(getattr(tower.embeddings, "cls_token", None) is not None) + (0 if registers is None else registers.shape[1])
+        side = int(round((x.shape[1] - prefix) ** 0.5))
+        keep_side = max(1, min(side, round(side * math.sqrt(ratio))))
+        kept_1d = [round(i * (side - 1) / max(1, keep_side - 1)) for i in range(keep_side)] if keep_side > 1 else [0]
+        kept = [r * side + c for r in kept_1d for c in kept_1d]
+        rows = list(range(prefix)) + [k + prefix for k in kept]
+        h = x[:, rows]
+        for layer in (tower.encoder.layers if hasattr(tower.encoder, "layers") else tower.encoder.layer):
+            h = type(layer).forward(layer, h, None)
+        fill = []
+        for cell in range(side * side):
+            r, c = divmod(cell, side)
+            distances = [((r - k // side) ** 2 + (c - k % side) ** 2, j) for j, k in enumerate(kept)]
+            fill.append(prefix + min(distances)[1])
+        out = torch.cat([h[:, :prefix], h[:, fill]], dim=1)
+        final = tower.post_layernorm if hasattr(tower, "post_layernorm") else tower.layernorm
+        return final(out)[0]
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_over_budget_cut_is_the_plain_subsampled_forward_and_leaves_the_reference(registers):
+    model = tiny_dinov2(registers)
+    cuts = torch.cat([frames(1, seed=s) for s in range(3)])  # every chunk a cut; budget 4 pays for chunk 0 only
+    cacher = STCCacher(over_budget_config()).attach(model)
+    got = encode_chunks(model, [cuts[0:1]])
+    reference = cacher.state.values.clone(), cacher.state.residual_delta.clone()
+    got = torch.cat([got, encode_chunks(model, [cuts[1:2]]), encode_chunks(model, [cuts[2:3]])])
+    cacher.detach()
+    assert cacher.stats.refresh_chunks == 1 and cacher.stats.subsampled_chunks == 2
+    assert torch.equal(cacher.state.values, reference[0]) and torch.equal(cacher.state.residual_delta, reference[1])
+    for i in (1, 2):
+        assert (got[i] - plain_subsampled_frame(model, cuts[i], 0.32)).abs().max() <= TOL
+
+
+def test_over_budget_subsample_of_the_whole_grid_is_the_unpatched_tower():
+    model = tiny_dinov2(4)
+    cuts = torch.cat([frames(1, seed=s) for s in range(3)])
+    expected = encode_chunks(model, [cuts])
+    cacher = STCCacher(over_budget_config(subsample_ratio=1.0)).attach(model)
+    got = encode_chunks(model, split(cuts, 1))
+    cacher.detach()
+    assert cacher.stats.subsampled_chunks == 2
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_over_budget_subsample_counts_its_flops_and_only_fires_past_the_budget(siglip):
+    still, cut = frames(3), frames(1, seed=9)
+    cacher = STCCacher(over_budget_config()).attach(siglip)
+    encode_chunks(siglip, split(torch.cat([still, cut, frames(1, seed=10)]), 1))
+    cacher.detach()
+    # chunk 0 refreshes; 1-2 reuse; the cut at 3 finds no credit (budget 4: one refresh by chunk 3) and is
+    # subsampled; the cut at 4 has earned one and refreshes.
+    assert cacher.stats.refresh_chunks == 2 and cacher.stats.subsampled_chunks == 1
+    assert 0.3 < cacher.stats.flop_ratio < 0.7
+
+
+def test_over_budget_subsample_needs_the_pixel_signal():
+    with pytest.raises(ConfigError, match="over_budget"):
+        CacherConfig(refresh="adaptive", refresh_signal="keys", over_budget="subsample")
+    with pytest.raises(ConfigError, match="subsample_ratio"):
+        CacherConfig(subsample_ratio=0.0)

@@ -653,7 +653,8 @@ def bench_vit(
 
     from .bench.vit import (
         load_benchmark_frames, load_frames_at_rate, plot_fidelity, print_report, real_weights_variants,
-        refresh_signal_study, run_vit_benchmark, write_plots, write_report,
+        print_signal_study, refresh_signal_study, run_vit_benchmark, summarise_signal_study, write_plots,
+        write_report,
     )
     from .preprocess import FramePreprocessor
     from .presets import build_config
@@ -714,6 +715,12 @@ def bench_vit(
         reports.append(report)
     if output is not None:
         console.print(f"wrote {write_report(reports[0] if len(reports) == 1 else {'benchmark': 'vit', 'runs': reports}, output)}")
+    studies = [r["refresh_signal_study"]["values"] for r in reports if "refresh_signal_study" in r]
+    if len(studies) > 1:
+        pooled = summarise_signal_study({key: sum((v[key] for v in studies), []) for key in studies[0]}, 3)
+        console.print("pooled over every rate:")
+        print_signal_study(pooled, console)
+    if output is not None:
         plots = [plot_fidelity(reports, Path(output).with_suffix(".fidelity.png"))] if suite == "fidelity" else []
         for path in plots + [p for report in reports for p in write_plots(report, output)]:
             console.print(f"wrote {path}")

@@ -52,6 +52,15 @@ class CacherConfig:
         similar); refresh when it falls below refresh_threshold.
     refresh_threshold: the trigger level; None picks the signal's default (pixels: a change of
         0.35; keys: a cosine of 0.92).
+    over_budget: adaptive "pixels" only: what a chunk does when the signal asks for a refresh that
+        refresh_budget cannot pay for. "reuse" (the selective path against the old reference, what a
+        fixed schedule does) or "subsample": encode the frame exactly but on an evenly strided
+        subset of its patch tokens (class and register tokens kept; subsample_ratio of the grid),
+        each dropped token taking the output of the nearest kept one, and leave the reference as
+        it is. After a cut the old reference is worth little and the frame's own tokens are
+        worth more (measured on real weights: docs/benchmarks.md).
+    subsample_ratio: the share of the patch grid an over-budget "subsample" chunk encodes; the
+        default 0.32 costs about what a non-refresh chunk does at update_ratio 0.25.
     refresh_budget: adaptive only; None (no cap) or an interval B: the stream never refreshes
         more chunks than the fixed schedule with N = B would have by the same chunk
         (c // B + 1 by chunk c). A credit of 1/B per chunk, unused credit carried over: still
@@ -76,6 +85,8 @@ class CacherConfig:
     refresh_signal: Literal["pixels", "keys"] = "pixels"
     refresh_threshold: float | None = None
     refresh_budget: int | None = None
+    over_budget: Literal["reuse", "subsample"] = "reuse"
+    subsample_ratio: float = 0.32
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     cpu_kernels: Literal["onednn", "torch"] = "onednn"
 
@@ -104,6 +115,11 @@ class CacherConfig:
             not isinstance(self.refresh_threshold, (int, float)) or self.refresh_threshold < 0.0
         ):
             raise ConfigError(f"refresh_threshold is a relative pixel change >= 0 for refresh_signal='pixels', got {self.refresh_threshold!r}")
+        _check_choice("over_budget", self.over_budget, ("reuse", "subsample"))
+        if not isinstance(self.subsample_ratio, (int, float)) or not 0.0 < float(self.subsample_ratio) <= 1.0:
+            raise ConfigError(f"subsample_ratio must lie in (0, 1], got {self.subsample_ratio!r}")
+        if self.over_budget == "subsample" and (self.refresh != "adaptive" or self.refresh_signal != "pixels"):
+            raise ConfigError("over_budget='subsample' needs refresh='adaptive' with refresh_signal='pixels'")
         if self.refresh_budget is not None:
             if isinstance(self.refresh_budget, bool) or not isinstance(self.refresh_budget, int) or self.refresh_budget < 1:
                 raise ConfigError(f"refresh_budget must be None or an int >= 1, got {self.refresh_budget!r}")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..cacher.cacher import encoder_layers, prefix_tokens
-from ..cacher.functional import layer_flops
+from ..cacher.functional import layer_flops, nearest_kept, strided_grid_index
 from ..errors import ConfigError
 
 
@@ -59,20 +59,6 @@ def _final_norm(tower: nn.Module) -> nn.Module:
         if isinstance(getattr(tower, name, None), nn.Module):
             return getattr(tower, name)
     return nn.Identity()
-
-
-def strided_grid_index(side: int, keep_ratio: float) -> torch.Tensor:
-    """Indices of an evenly strided subset of a side x side grid holding about keep_ratio of its cells."""
-    keep_side = max(1, min(side, round(side * math.sqrt(keep_ratio))))
-    rows = torch.linspace(0, side - 1, keep_side).round().long()
-    return (rows[:, None] * side + rows[None, :]).flatten()
-
-
-def nearest_kept(side: int, kept: torch.Tensor) -> torch.Tensor:
-    """For every grid cell, the position (in `kept`) of the nearest kept cell."""
-    cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).view(-1, 2).float()
-    kept_cells = cells[kept]
-    return torch.cdist(cells, kept_cells).argmin(dim=1)
 
 
 class UniformTokenDropping:
@@ -117,4 +103,4 @@ def keep_ratio_for_flops(target: float, num_tokens: int, prefix: int, width: int
     return (best / side) ** 2
 
 
-__all__ = ["FrameSkipping", "UniformTokenDropping", "keep_ratio_for_flops", "strided_grid_index", "nearest_kept"]
+__all__ = ["FrameSkipping", "UniformTokenDropping", "keep_ratio_for_flops"]

@@ -92,6 +92,10 @@ def real_weights_variants(tokens: int, width: int, mlp_width: int, prefix: int) 
                                                              refresh_budget=2)),
         Variant("adaptive pixels N=8 budget 4", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
                                                              refresh_budget=4)),
+        Variant("adaptive pixels budget 2, subsample over budget", CacherConfig(
+            cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_budget=2, over_budget="subsample")),
+        Variant("adaptive pixels budget 4, subsample over budget", CacherConfig(
+            cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_budget=4, over_budget="subsample")),
         Variant(f"skip frames, rate {cost2:.3f} (= N=2)", None, functools.partial(FrameSkipping, cost2)),
         Variant("skip frames, every 2nd", None, functools.partial(FrameSkipping, 0.5)),
         Variant(f"skip frames, rate {cost4:.3f} (= N=4)", None, functools.partial(FrameSkipping, cost4)),
@@ -112,7 +116,8 @@ class VariantResult:
     cls_cosine: list[float] = field(default_factory=list)  # per frame, class token (towers that have one)
     saliency_corr: list[float] = field(default_factory=list)  # per frame, with a saliency head
     saliency_kl: list[float] = field(default_factory=list)
-    flop_ratio: float | None = None  # baselines report their own cost
+    frame_kinds: str = ""  # per frame: R refresh (or a full frame), S subsampled, . reused
+    flop_ratio: float | None = None  # cachers and baselines report their own cost
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -223,7 +228,7 @@ def run_vit_benchmark(
                     cacher, encoder = cachers.get(variant.name), encoders.get(variant.name)
                     if cacher is not None:
                         cacher.attach(model)
-                    before = cacher.stats.refresh_chunks if cacher else 0
+                    before = (cacher.stats.refresh_chunks, cacher.stats.subsampled_chunks) if cacher else (0, 0)
                     computes = not isinstance(encoder, FrameSkipping) or encoder.encodes_next()
                     if encoder is not None:
                         out, elapsed = timed(lambda: encoder(model, frame[None]), device)
@@ -233,13 +238,18 @@ def run_vit_benchmark(
                         cacher.detach()
                     ms[variant.name].append(elapsed)
                     outputs[variant.name].append(out)
-                    refreshed[variant.name].append(cacher.stats.refresh_chunks > before if cacher else computes)
+                    if cacher is not None:  # R: refresh, S: over-budget subsample, .: non-refresh
+                        refreshed[variant.name].append("R" if cacher.stats.refresh_chunks > before[0] else
+                                                       "S" if cacher.stats.subsampled_chunks > before[1] else ".")
+                    else:
+                        refreshed[variant.name].append("R" if computes else ".")
             if repeat < warmup:
                 continue
             for variant in variants:
                 result = results[variant.name]
                 result.frame_ms.append(ms[variant.name])
-                result.refresh_frames = refreshed[variant.name]
+                result.refresh_frames = [kind == "R" for kind in refreshed[variant.name]]
+                result.frame_kinds = "".join(refreshed[variant.name])
                 got = torch.cat(outputs[variant.name])
                 result.token_cosine = token_cosine(got[:, prefix:], reference[:, prefix:]).tolist()
                 result.flat_cosine = flat_cosine(got, reference).tolist()
@@ -248,7 +258,9 @@ def run_vit_benchmark(
                 if head is not None:
                     corr, kl = saliency_agreement(head(got.float()), reference_maps)
                     result.saliency_corr, result.saliency_kl = corr.tolist(), kl.tolist()
-                encoder = encoders.get(variant.name)
+                encoder, cacher = encoders.get(variant.name), cachers.get(variant.name)
+                if cacher is not None:
+                    result.flop_ratio = cacher.stats.flop_ratio
                 if encoder is not None:
                     result.flop_ratio = (
                         encoder.flop_ratio() if isinstance(encoder, FrameSkipping)
@@ -267,11 +279,11 @@ def run_vit_benchmark(
         "warmup": warmup,
         "dtype": str(dtype).removeprefix("torch."),
         "machine": machine_info(device),
-        "variants": [summarise(results[v.name], results[baseline], tokens, config) for v in variants],
+        "variants": [summarise(results[v.name], results[baseline]) for v in variants],
     }
 
 
-def summarise(result: VariantResult, full: VariantResult, tokens: int, config: Any) -> dict[str, Any]:
+def summarise(result: VariantResult, full: VariantResult) -> dict[str, Any]:
     """Paired ratios against the unpatched run (medians over repeats and frames), the FLOP model, fidelity."""
     totals = [sum(run) for run in result.frame_ms]
     time_ratios = [sum(run) / sum(base) for run, base in zip(result.frame_ms, full.frame_ms)]
@@ -282,18 +294,8 @@ def summarise(result: VariantResult, full: VariantResult, tokens: int, config: A
     ]
     refresh = [ratio for ratio, is_refresh in paired if is_refresh]
     selective = [ratio for ratio, is_refresh in paired if not is_refresh]
-    width, mlp = config.hidden_size, mlp_width(config)
     n_refresh = sum(result.refresh_frames)
-    if result.flop_ratio is not None:
-        flop = result.flop_ratio
-    elif result.config is None:
-        flop = 1.0
-    else:
-        k = F.num_recomputed_tokens(tokens, result.config["update_ratio"])
-        frame_flops = F.layer_flops(tokens, width, mlp)
-        selective_flops = F.layer_flops(tokens, width, mlp, k)
-        n = len(result.refresh_frames)
-        flop = (n_refresh * frame_flops + (n - n_refresh) * selective_flops) / (n * frame_flops)
+    flop = 1.0 if result.flop_ratio is None else result.flop_ratio
     return {
         "name": result.name,
         "kind": result.kind,
@@ -317,7 +319,7 @@ def summarise(result: VariantResult, full: VariantResult, tokens: int, config: A
         "per_frame_ms": [statistics.median(run[i] for run in result.frame_ms) for i in range(len(result.refresh_frames))],
         "per_frame_token_cosine": result.token_cosine,
         "per_frame_saliency_corr": result.saliency_corr,
-        "refresh_pattern": "".join("R" if r else "." for r in result.refresh_frames),
+        "refresh_pattern": result.frame_kinds,
         "per_frame_refresh": list(result.refresh_frames),
     }
 
@@ -353,23 +355,43 @@ def refresh_signal_study(tower: torch.nn.Module, pixel_values: torch.Tensor, max
                 k = F.num_recomputed_tokens(similarity.shape[-1], 0.25)
                 keys.append(float(F.reused_similarity(similarity, k)))
 
-    def correlations(values: list[float]) -> dict[str, float]:
-        x, y = np.array(values), np.array(cosines)
+    return summarise_signal_study({"cosine": cosines, "pixels": pixels, "keys": keys}, max_gap)
+
+
+def summarise_signal_study(values: dict[str, list[float]], max_gap: int) -> dict[str, Any]:
+    """Correlations of each signal with the reused cosine; `values` may pool the pairs of several runs."""
+    cosines = np.array(values["cosine"])
+
+    def correlations(signal: list[float]) -> dict[str, float]:
+        x = np.array(signal)
         rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
-        return {"pearson": float(np.corrcoef(x, y)[0, 1]), "spearman": float(np.corrcoef(rank(x), rank(y))[0, 1])}
+        return {"pearson": float(np.corrcoef(x, cosines)[0, 1]), "spearman": float(np.corrcoef(rank(x), rank(cosines))[0, 1])}
 
     return {
         "pairs": len(cosines),
         "max_gap": max_gap,
-        "signals": {"pixels (minus relative change)": correlations(pixels), "keys (reused median)": correlations(keys)},
-        "keys_range": [min(keys), max(keys)],
-        "cosine_range": [min(cosines), max(cosines)],
+        "signals": {"pixels (minus relative change)": correlations(values["pixels"]),
+                    "keys (reused median)": correlations(values["keys"])},
+        "keys_range": [min(values["keys"]), max(values["keys"])],
+        "cosine_range": [float(cosines.min()), float(cosines.max())],
+        "values": values,
     }
 
 
 def _cell(value: float | None, digits: int) -> str:
     """A number for the table; "-" where the variant has no such frames (NaN) or no such measure (None)."""
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def print_signal_study(study: dict[str, Any] | None, console: Any) -> None:
+    """One line: how well each adaptive refresh signal tracks a reused frame's cosine."""
+    if not study:
+        return
+    parts = ", ".join(f"{name}: Pearson {c['pearson']:.2f}, Spearman {c['spearman']:.2f}" for name, c in study["signals"].items())
+    console.print(f"adaptive refresh signals against a reused frame's cosine over {study['pairs']} frame pairs "
+                  f"(gaps 1-{study['max_gap']}): {parts}; key medians span {study['keys_range'][0]:.3f}-"
+                  f"{study['keys_range'][1]:.3f} while the cosine spans {study['cosine_range'][0]:.3f}-"
+                  f"{study['cosine_range'][1]:.3f}")
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -405,13 +427,7 @@ def print_report(report: dict[str, Any]) -> None:
         console = Console(width=needed)
     console.print(table)
     m = report["machine"]
-    study = report.get("refresh_signal_study")
-    if study:
-        parts = ", ".join(f"{name}: Pearson {c['pearson']:.2f}, Spearman {c['spearman']:.2f}" for name, c in study["signals"].items())
-        console.print(f"adaptive refresh signals against a reused frame's cosine over {study['pairs']} frame pairs "
-                      f"(gaps 1-{study['max_gap']}): {parts}; key medians span {study['keys_range'][0]:.3f}-"
-                      f"{study['keys_range'][1]:.3f} while the cosine spans {study['cosine_range'][0]:.3f}-"
-                      f"{study['cosine_range'][1]:.3f}")
+    print_signal_study(report.get("refresh_signal_study"), console)
     console.print(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']} · transformers "
                   f"{m['transformers']} · {m['date']}; ratios are medians of paired ratios to the full frame "
                   "encoded alongside; 'full (control)' is the unpatched tower again: its distance from 1 "
@@ -505,5 +521,5 @@ def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
 
 
 __all__ = ["Variant", "DEFAULT_VARIANTS", "real_weights_variants", "load_frames_at_rate", "plot_fidelity",
-           "saliency_agreement", "refresh_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report",
+           "saliency_agreement", "refresh_signal_study", "summarise_signal_study", "print_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report",
            "write_plots", "write_report", "token_cosine", "flat_cosine"]

@@ -17,6 +17,7 @@ counters inside them. The post-hook advances the stream's chunk counter.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +73,15 @@ class ChunkPlan:
     adaptive_refresh: bool = False
     shared_index: torch.Tensor | None = None  # [F, k] for selection="shared"
     first_layer_keys: torch.Tensor | None = None  # [F, T, C] when the planner already computed them
+    subsample: Subsample | None = None  # over_budget="subsample": encode these tokens exactly, no reference
+
+
+class Subsample(NamedTuple):
+    """An over-budget chunk's token subset: every layer runs exactly on `rows` and hands on all
+    T tokens, each dropped token carrying the output of the nearest kept one (`fill`)."""
+
+    rows: torch.Tensor  # [T'] token positions encoded
+    fill: torch.Tensor  # [T] for each token, its source position within `rows`
 
 
 class LayerPaths(NamedTuple):
@@ -158,6 +168,7 @@ class STCCacher:
                 )
 
         self._tower, self._layers = tower, layers
+        self._mlp_width = patch_vit.mlp_width(layers[0])
         for index, layer in enumerate(layers):
             self._saved_forwards.append(layer.__dict__.get("forward"))
             layer.forward = functools.partial(
@@ -262,14 +273,28 @@ class STCCacher:
         )
         plan = ChunkPlan(state, refresh, F.num_recomputed_tokens(num_tokens, config.update_ratio))
         pixels, self._chunk_pixels = self._chunk_pixels, None
-        if not refresh and affordable and config.refresh_signal == "pixels":
-            plan.refresh = plan.adaptive_refresh = self._pixels_moved(pixels, state)
+        if not refresh and adaptive and config.refresh_signal == "pixels" and self._pixels_moved(pixels, state):
+            if affordable:
+                plan.refresh = plan.adaptive_refresh = True
+            elif config.over_budget == "subsample" and kwargs.get("attention_mask") is None:
+                plan.subsample = self._subsample(num_tokens, hidden_states.device)
         if not plan.refresh and (config.selection == "shared" or (affordable and config.refresh_signal == "keys")):
             self._plan_from_first_layer(plan, hidden_states, trigger=affordable and config.refresh_signal == "keys")
         if plan.refresh:
             state.prepare_refresh(len(self._layers), num_tokens, width, hidden_states)
             state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
         self._plan = plan
+
+    def _subsample(self, num_tokens: int, device: torch.device) -> Subsample | None:
+        """The strided token subset of an over-budget chunk, or None where the patches form no square grid."""
+        prefix = prefix_tokens(self._tower)
+        side = math.isqrt(num_tokens - prefix)
+        if side * side != num_tokens - prefix:
+            return None
+        kept = F.strided_grid_index(side, self.config.subsample_ratio)
+        rows = torch.cat([torch.arange(prefix), kept + prefix])
+        fill = torch.cat([torch.arange(prefix), F.nearest_kept(side, kept) + prefix])
+        return Subsample(rows.to(device), fill.to(device))
 
     def _pixels_moved(self, pixels: torch.Tensor | None, state: CacherState) -> bool:
         """Adaptive "pixels" signal: whether any frame of the chunk moved past the threshold.
@@ -308,8 +333,17 @@ class STCCacher:
             return
         state, stats = plan.state, plan.state.stats
         hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
-        frames, num_tokens, _ = hidden_states.shape
-        recomputed = frames * (num_tokens if plan.refresh else plan.num_recomputed)
+        frames, num_tokens, width = hidden_states.shape
+        full_flops = F.layer_flops(num_tokens, width, self._mlp_width)
+        if plan.refresh:
+            recomputed, flops = num_tokens, full_flops
+        elif plan.subsample is not None:
+            recomputed = len(plan.subsample.rows)
+            flops = F.layer_flops(recomputed, width, self._mlp_width)
+        else:
+            recomputed = plan.num_recomputed
+            flops = F.layer_flops(num_tokens, width, self._mlp_width, recomputed)
+        recomputed *= frames
         if len(stats.recomputed_tokens_per_layer) != len(self._layers):
             stats.recomputed_tokens_per_layer = [0] * len(self._layers)
         stats.recomputed_tokens_per_layer = [n + recomputed for n in stats.recomputed_tokens_per_layer]
@@ -319,6 +353,9 @@ class STCCacher:
         stats.tokens_per_frame = num_tokens
         stats.refresh_chunks += int(plan.refresh)
         stats.adaptive_refreshes += int(plan.adaptive_refresh)
+        stats.subsampled_chunks += int(plan.subsample is not None)
+        stats.flops += frames * len(self._layers) * flops
+        stats.full_flops += frames * len(self._layers) * full_flops
         if plan.refresh:
             state.has_reference = True
             state.last_refresh_chunk = state.chunk_index
@@ -339,6 +376,10 @@ class STCCacher:
         plan = self._plan
         if plan is None:  # called outside a tower forward: behave exactly like the original layer
             return type(layer).forward(layer, hidden_states, attention_mask, **kwargs)
+        if plan.subsample is not None:  # the exact layer on the kept tokens; the reference is not touched
+            rows, fill = plan.subsample
+            out = type(layer).forward(layer, hidden_states.index_select(1, rows), attention_mask, **kwargs)
+            return out.index_select(1, fill)
         reference = plan.state.layer(index)
         hidden_states = hidden_states.contiguous()  # embeddings arrive transposed: one layout, one compiled graph
         keys = plan.first_layer_keys if index == 0 else None

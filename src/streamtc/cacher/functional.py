@@ -119,6 +119,20 @@ def add_reference_delta(
     return scatter_tokens(out, index, recomputed_rows)
 
 
+def strided_grid_index(side: int, keep_ratio: float) -> torch.Tensor:
+    """Indices of an evenly strided subset of a side x side grid holding about keep_ratio of its cells."""
+    keep_side = max(1, min(side, round(side * math.sqrt(keep_ratio))))
+    rows = torch.linspace(0, side - 1, keep_side).round().long()
+    return (rows[:, None] * side + rows[None, :]).flatten()
+
+
+def nearest_kept(side: int, kept: torch.Tensor) -> torch.Tensor:
+    """For every grid cell, the position (in `kept`) of the nearest kept cell."""
+    cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).view(-1, 2).float()
+    kept_cells = cells[kept]
+    return torch.cdist(cells, kept_cells).argmin(dim=1)
+
+
 def layer_flops(num_tokens: int, width: int, mlp_width: int, recomputed: int | None = None) -> float:
     """Multiply-accumulate count of one pre-LN ViT layer on one frame (matmuls only).
 
@@ -158,6 +172,8 @@ __all__ = [
     "mix_with_reference",
     "swap_rows",
     "add_reference_delta",
+    "strided_grid_index",
+    "nearest_kept",
     "layer_flops",
     "flop_ratio",
 ]

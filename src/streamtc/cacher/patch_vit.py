@@ -77,6 +77,12 @@ def layer_parts(layer: nn.Module) -> LayerParts:
     )
 
 
+def mlp_width(layer: nn.Module) -> int:
+    """The hidden width of a layer's MLP (its first projection's output size), for the FLOP model."""
+    first = next(m for m in layer_parts(layer).mlp.modules() if isinstance(m, nn.Linear))
+    return first.out_features
+
+
 def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else x * scale
 
@@ -204,4 +210,4 @@ def selective_forward(
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected)
 
 
-__all__ = ["LayerParts", "layer_parts", "eager_attention_for", "refresh_forward", "selective_forward"]
+__all__ = ["LayerParts", "layer_parts", "mlp_width", "eager_attention_for", "refresh_forward", "selective_forward"]

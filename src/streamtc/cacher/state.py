@@ -34,6 +34,9 @@ class CacherStats:
     frames: int = 0
     refresh_chunks: int = 0  # also what an adaptive refresh_budget has spent
     adaptive_refreshes: int = 0
+    subsampled_chunks: int = 0  # over-budget chunks encoded on a strided token subset
+    flops: float = 0.0  # multiply-accumulates of the encoder layers (FLOP model), per the chunks run
+    full_flops: float = 0.0  # what the same chunks cost without the cacher
     tokens_per_frame: int = 0
     recomputed_tokens_per_layer: list[int] = field(default_factory=list)
     total_tokens_per_layer: int = 0
@@ -46,8 +49,13 @@ class CacherStats:
         done = sum(self.recomputed_tokens_per_layer) / len(self.recomputed_tokens_per_layer)
         return done / self.total_tokens_per_layer
 
+    @property
+    def flop_ratio(self) -> float:
+        """Encoder FLOPs spent relative to the unpatched tower on the same chunks (1.0 before any)."""
+        return self.flops / self.full_flops if self.full_flops else 1.0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "recomputed_share": self.recomputed_share}
+        return {**asdict(self), "recomputed_share": self.recomputed_share, "flop_ratio": self.flop_ratio}
 
 
 class CacherState:
