@@ -827,3 +827,15 @@ def test_over_budget_subsample_needs_the_pixel_signal():
         CacherConfig(refresh="adaptive", refresh_signal="keys", over_budget="subsample")
     with pytest.raises(ConfigError, match="subsample_ratio"):
         CacherConfig(subsample_ratio=0.0)
+
+
+def test_over_budget_motion_below_the_cut_threshold_is_reused_not_subsampled(siglip):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1, 3, 56, 56, generator=g)
+    moving = torch.cat([base] + [base + 0.5 * torch.randn(1, 3, 56, 56, generator=g) for _ in range(3)])
+    change = F.relative_pixel_change(moving[1:], moving[0])
+    assert ((change > 0.35) & (change < 0.8)).all()  # moved past the refresh threshold, not a cut
+    cacher = STCCacher(over_budget_config()).attach(siglip)
+    encode_chunks(siglip, split(moving, 1))
+    cacher.detach()
+    assert cacher.stats.refresh_chunks == 1 and cacher.stats.subsampled_chunks == 0

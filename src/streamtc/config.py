@@ -61,6 +61,9 @@ class CacherConfig:
         worth more (measured on real weights: docs/benchmarks.md).
     subsample_ratio: the share of the patch grid an over-budget "subsample" chunk encodes; the
         default 0.32 costs about what a non-refresh chunk does at update_ratio 0.25.
+    subsample_threshold: the relative pixel change from which an over-budget chunk counts as a
+        cut and is subsampled; below it (motion, not a new scene) it is reused as usual. Default
+        0.8: on the street clip cuts measure 1.1-2.4 and continuous shots at most 0.65.
     refresh_budget: adaptive only; None (no cap) or an interval B: the stream never refreshes
         more chunks than the fixed schedule with N = B would have by the same chunk
         (c // B + 1 by chunk c). A credit of 1/B per chunk, unused credit carried over: still
@@ -87,6 +90,7 @@ class CacherConfig:
     refresh_budget: int | None = None
     over_budget: Literal["reuse", "subsample"] = "reuse"
     subsample_ratio: float = 0.32
+    subsample_threshold: float = 0.8
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     cpu_kernels: Literal["onednn", "torch"] = "onednn"
 
@@ -118,6 +122,8 @@ class CacherConfig:
         _check_choice("over_budget", self.over_budget, ("reuse", "subsample"))
         if not isinstance(self.subsample_ratio, (int, float)) or not 0.0 < float(self.subsample_ratio) <= 1.0:
             raise ConfigError(f"subsample_ratio must lie in (0, 1], got {self.subsample_ratio!r}")
+        if not isinstance(self.subsample_threshold, (int, float)) or self.subsample_threshold < 0.0:
+            raise ConfigError(f"subsample_threshold is a relative pixel change >= 0, got {self.subsample_threshold!r}")
         if self.over_budget == "subsample" and (self.refresh != "adaptive" or self.refresh_signal != "pixels"):
             raise ConfigError("over_budget='subsample' needs refresh='adaptive' with refresh_signal='pixels'")
         if self.refresh_budget is not None:

@@ -273,11 +273,11 @@ class STCCacher:
         )
         plan = ChunkPlan(state, refresh, F.num_recomputed_tokens(num_tokens, config.update_ratio))
         pixels, self._chunk_pixels = self._chunk_pixels, None
-        if not refresh and adaptive and config.refresh_signal == "pixels" and self._pixels_moved(pixels, state):
-            if affordable:
-                plan.refresh = plan.adaptive_refresh = True
-            elif config.over_budget == "subsample" and kwargs.get("attention_mask") is None:
-                plan.subsample = self._subsample(num_tokens, hidden_states.device)
+        change = self._pixel_change(pixels, state) if not refresh and adaptive and config.refresh_signal == "pixels" else 0.0
+        if change > config.refresh_threshold and affordable:
+            plan.refresh = plan.adaptive_refresh = True
+        elif change > config.subsample_threshold and config.over_budget == "subsample" and kwargs.get("attention_mask") is None:
+            plan.subsample = self._subsample(num_tokens, hidden_states.device)
         if not plan.refresh and (config.selection == "shared" or (affordable and config.refresh_signal == "keys")):
             self._plan_from_first_layer(plan, hidden_states, trigger=affordable and config.refresh_signal == "keys")
         if plan.refresh:
@@ -296,16 +296,16 @@ class STCCacher:
         fill = torch.cat([torch.arange(prefix), F.nearest_kept(side, kept) + prefix])
         return Subsample(rows.to(device), fill.to(device))
 
-    def _pixels_moved(self, pixels: torch.Tensor | None, state: CacherState) -> bool:
-        """Adaptive "pixels" signal: whether any frame of the chunk moved past the threshold.
+    def _pixel_change(self, pixels: torch.Tensor | None, state: CacherState) -> float:
+        """Adaptive "pixels" signal: the largest relative pixel change of the chunk's frames to the reference.
 
         A chunk whose pixels cannot be compared (the encoder called without its tower, a new frame
-        size) counts as moved. One host sync per chunk, here, outside the layers.
+        size) counts as infinitely moved. One host sync per chunk, here, outside the layers.
         """
         reference = state.reference_pixels
         if pixels is None or reference is None or pixels.shape[1:] != reference.shape:
-            return True
-        return float(F.relative_pixel_change(pixels, reference).max()) > self.config.refresh_threshold
+            return math.inf
+        return float(F.relative_pixel_change(pixels, reference).max())
 
     def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor, trigger: bool) -> None:
         """Beyond-paper options: one look at the first layer's keys decides the chunk.
