@@ -79,7 +79,7 @@ from .cache_policies import CacheBlock, CachePolicy, FullCache, SlidingWindowCac
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
-from .hosts import VideoEncoder, VideoHost, host_class_for, host_for
+from .hosts import Placed, VideoEncoder, VideoHost, host_class_for, host_for
 from .preprocess import FrameInput
 from .presets import build_model, get_preset, load_pretrained
 from .pruner import KeptTokens, PrunerState, STCPruner, TokenSelector
@@ -404,8 +404,7 @@ class StreamingSession:
         self._frames = 0
         self._last_timestamp: float | None = None
         self._waiting: list[tuple[torch.Tensor, float | None]] = []  # frames (pixels [3, H, W]) not yet encoded
-        # per pruner frame: tokens [n, D], positions [R, n], block
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, CacheBlock]] = []
+        self._pending: list[tuple[Placed, CacheBlock]] = []  # per pruner frame: its tokens and block
         if self._cacher_state is not None:
             self._cacher_state.reset()
         if self._pruner_state is not None:
@@ -475,14 +474,14 @@ class StreamingSession:
         for i, piece in enumerate(pieces):
             stamp = None if timestamps is None else timestamps[min(i * step, len(timestamps) - 1)]
             block = CacheBlock("frame", 0, piece.embeds.shape[0], 0, frame=self._frames + i * step, timestamp=stamp)
-            self._pending.append((piece.embeds, piece.positions, block))
+            self._pending.append((piece, block))
         self._frames += chunk.frames
         stats.frames = self._frames
         stats.chunks += 1
         self._last_timestamp = timestamps[-1] if timestamps else None
         if self._pending_tokens >= (self.prefill_min_tokens or per_frame):
             self.flush()
-        return sum(piece.embeds.shape[0] for piece in pieces)
+        return sum(piece.embeds.shape[0] - piece.text for piece in pieces)
 
     def _select(self, features: torch.Tensor) -> KeptTokens | None:
         """The Pruner's (or the replacing selector's) kept tokens of features [F, P, D]; None: keep all."""
@@ -495,7 +494,7 @@ class StreamingSession:
 
     @property
     def _pending_tokens(self) -> int:
-        return sum(block.length for _, _, block in self._pending)
+        return sum(block.length for _, block in self._pending)
 
     def flush(self) -> int:
         """Pre-fill the pending kept tokens now (one forward); returns how many. `ask` calls it."""
@@ -504,16 +503,18 @@ class StreamingSession:
         start = self._clock()
         index = self._cache.get_seq_length()
         blocks = []
-        for _, positions, block in self._pending:
-            blocks.append(dataclasses.replace(block, start=index, position=int(positions[0, 0])))
+        for piece, block in self._pending:
+            blocks.append(dataclasses.replace(block, start=index, position=int(piece.positions[0, 0])))
             index += block.length
+        text = sum(piece.text for piece, _ in self._pending)
         with torch.inference_mode():
-            tokens = torch.cat([tokens for tokens, _, _ in self._pending])[None]
-            self._append(tokens, torch.cat([positions for _, positions, _ in self._pending], dim=1), blocks)
+            tokens = torch.cat([piece.embeds for piece, _ in self._pending])[None]
+            self._append(tokens, torch.cat([piece.positions for piece, _ in self._pending], dim=1), blocks)
         self._pending = []
         count = index - blocks[0].start
         self._stats.prefill_ms += self._clock() - start
-        self._stats.visual_tokens += count
+        self._stats.visual_tokens += count - text
+        self._stats.prompt_tokens += text  # per-chunk turn text (LiveCC protocol) is chat prompt
         return count
 
     def _encode(self, pixels: list[torch.Tensor]):

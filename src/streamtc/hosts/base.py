@@ -62,10 +62,12 @@ class EncodedChunk:
 
 @dataclass(frozen=True)
 class Placed:
-    """Tokens to append for one pruner frame: embeds [n, D] and their positions [R, n]."""
+    """Tokens to append for one pruner frame: embeds [n, D] and their positions [R, n]; `text`
+    of them are prompt text the protocol puts around the chunk (the rest are visual tokens)."""
 
     embeds: Tensor
     positions: Tensor
+    text: int = 0
 
 
 class HostStream(ABC):

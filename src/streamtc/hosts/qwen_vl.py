@@ -78,7 +78,7 @@ class _QwenStream(HostStream):
 
     def _text_piece(self, text: str) -> Placed:
         ids = self._ids(text)
-        return Placed(self.host.embed(ids), self.text_positions(len(ids)))
+        return Placed(self.host.embed(ids), self.text_positions(len(ids)), len(ids))
 
     def _video(self, chunk: EncodedChunk, kept: KeptTokens | None, start: int, first_patch: int) -> list[Placed]:
         """One piece per temporal patch: its kept tokens at (start + t, start + i, start + j)."""
@@ -98,11 +98,13 @@ class _QwenStream(HostStream):
     def _fold(lead: Placed | None, pieces: list[Placed], tail: Placed | None) -> list[Placed]:
         """Text before / after a chunk joins its first / last piece (one cache block each)."""
         if lead is not None:
-            pieces[0] = Placed(torch.cat([lead.embeds.to(pieces[0].embeds.dtype), pieces[0].embeds]),
-                               torch.cat([lead.positions, pieces[0].positions], dim=1))
+            first = pieces[0]
+            pieces[0] = Placed(torch.cat([lead.embeds.to(first.embeds.dtype), first.embeds]),
+                               torch.cat([lead.positions, first.positions], dim=1), first.text + lead.text)
         if tail is not None:
-            pieces[-1] = Placed(torch.cat([pieces[-1].embeds, tail.embeds.to(pieces[-1].embeds.dtype)]),
-                                torch.cat([pieces[-1].positions, tail.positions], dim=1))
+            last = pieces[-1]
+            pieces[-1] = Placed(torch.cat([last.embeds, tail.embeds.to(last.embeds.dtype)]),
+                                torch.cat([last.positions, tail.positions], dim=1), last.text + tail.text)
         return pieces
 
 
