@@ -6,6 +6,7 @@ read from the environment.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -52,6 +53,25 @@ class TimedQuestion:
         return cls(value, text.strip())
 
 
+def _model_class(model: str | None, preset: str) -> type:
+    """The transformers class `run` will load: the checkpoint's or the preset's."""
+    from .presets import get_preset, pretrained_model_class
+
+    return pretrained_model_class(model) if model is not None else get_preset(preset).model_class
+
+
+def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
+    """`stc` without the Cacher when the model's vision tower has no Cacher support (a printed note):
+    the demo command runs the Pruner alone there; the library raises instead."""
+    from .hosts import cacher_supports
+
+    if stc is None or stc.cacher is None or cacher_supports(model_class):
+        return stc
+    console.print(f"[yellow]STC-Cacher does not support the vision tower of {model_class.__name__} yet: "
+                  "running the STC-Pruner alone[/]")
+    return dataclasses.replace(stc, cacher=None) if stc.pruner is not None else None
+
+
 def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str,
              window_tokens: int | None):
     from .session import SlidingWindowCache, StreamingSession
@@ -78,14 +98,16 @@ def run(
     video: Annotated[str, typer.Argument(help="Video file, stream URL (rtsp/tcp/udp/http), webcam index, or 'demo' "
                                               "for the built-in street clip")] = "demo",
     model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id "
-                                                   "(LLaVA-OneVision). Overrides --preset.")] = None,
+                                                   "(LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL). Overrides --preset.")] = None,
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (see `streamtc presets`)")]
     = "tiny-llava-ov",
     ask: Annotated[list[str] | None, typer.Option(help="'SECONDS:QUESTION', asked when the stream reaches SECONDS; "
                                                       "repeatable")] = None,
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Run the uncompressed model only")] = False,
     compare: Annotated[bool, typer.Option(help="Run the uncompressed model and STC on the same frames")] = False,
-    fps: Annotated[float, typer.Option(help="Frames sampled per second of video")] = 1.0,
+    fps: Annotated[float | None, typer.Option(help="Frames sampled per second of video (default: the model's "
+                                                   "protocol: 1 for LLaVA-OneVision, 2 for Qwen-VL / LiveCC)")]
+    = None,
     max_seconds: Annotated[float | None, typer.Option(help="Stop after this much video time")] = None,
     num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit")] = 32,
@@ -104,6 +126,12 @@ def run(
     questions = sorted((TimedQuestion.parse(q) for q in (ask if ask else (DEMO_QUESTIONS if video == "demo" else []))),
                        key=lambda q: q.seconds)
     stc = STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig()
+    model_class = _model_class(model, preset)
+    stc = _runnable_stc(stc, model_class)
+    if fps is None:
+        from .hosts import host_class_for
+
+        fps = host_class_for(model_class).default_fps
     variants = {"no STC": None, "STC": stc} if compare else ({"no STC": None} if no_stc else {"STC": stc})
     if model is None:
         console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless. "
@@ -169,14 +197,20 @@ def run(
 
 @app.command()
 def presets() -> None:
-    """List the built-in architecture presets."""
-    from .presets import PRESETS
+    """List the built-in architecture presets with their full-depth sizes."""
+    from .presets import PRESETS, build_config
 
     table = Table(title="presets (random weights, real architectures)")
-    table.add_column("name")
-    table.add_column("description")
+    for column in ("name", "parameters", "vision / text layers", "description"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
     for preset in PRESETS.values():
-        table.add_row(preset.name, preset.description)
+        config = build_config(preset.name)
+        text = getattr(config, "text_config", None)
+        vision = getattr(config, "vision_config", config)
+        layers = f"{vision.num_hidden_layers}" + (f" / {text.num_hidden_layers}" if text is not None else "")
+        count = preset.parameter_count()
+        size = f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.2f} M"
+        table.add_row(preset.name, size, layers, preset.description)
     console.print(table)
 
 
@@ -210,7 +244,8 @@ def bench_vit(
 
 @bench_app.command("pipeline")
 def bench_pipeline(
-    preset: Annotated[str, typer.Option(help="LLaVA-OneVision preset (random weights)")] = "tiny-llava-ov",
+    preset: Annotated[str, typer.Option(help="VideoLLM preset (random weights): LLaVA-OneVision or Qwen-VL")]
+    = "tiny-llava-ov",
     vit_layers: Annotated[int | None, typer.Option(help="Vision tower depth override (stated in the output)")] = None,
     text_layers: Annotated[int | None, typer.Option(help="Language model depth override (stated in the output)")]
     = None,

@@ -407,6 +407,18 @@ _CLASS_BY_MODEL_TYPE: dict[str, type[PreTrainedModel]] = {
 }
 
 
+def pretrained_model_class(path_or_id: str | Path) -> type[PreTrainedModel]:
+    """The transformers class of a checkpoint, from its saved config's model_type."""
+    config = AutoConfig.from_pretrained(path_or_id)
+    model_class = _CLASS_BY_MODEL_TYPE.get(config.model_type)
+    if model_class is None:
+        raise UnsupportedModelError(
+            f"{path_or_id}: model_type {config.model_type!r} is not supported; "
+            f"supported: {', '.join(sorted(_CLASS_BY_MODEL_TYPE))}"
+        )
+    return model_class
+
+
 def load_pretrained(
     path_or_id: str | Path,
     dtype: torch.dtype | str = torch.float32,
@@ -418,15 +430,10 @@ def load_pretrained(
     Works on a local directory written by `save_pretrained` or on a hub id (where the machine can
     reach the hub). Raises UnsupportedModelError for architectures streamtc has no adapter for.
     """
-    config = AutoConfig.from_pretrained(path_or_id)
-    model_class = _CLASS_BY_MODEL_TYPE.get(config.model_type)
-    if model_class is None:
-        raise UnsupportedModelError(
-            f"{path_or_id}: model_type {config.model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(_CLASS_BY_MODEL_TYPE))}"
-        )
+    model_class = pretrained_model_class(path_or_id)
     model = model_class.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return model.eval()
 
 
-__all__ = ["DTYPES", "Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained"]
+__all__ = ["DTYPES", "Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained",
+           "pretrained_model_class"]

@@ -36,6 +36,13 @@ def host_class_for(model_class: type) -> type[VideoHost]:
     )
 
 
+def cacher_supports(model_class: type) -> bool:
+    """Whether STC-Cacher can attach to the vision tower of `model_class` (decided by class)."""
+    from ..cacher.cacher import SUPPORTED_TOWERS
+
+    return issubclass(host_class_for(model_class).tower_class(model_class), SUPPORTED_TOWERS)
+
+
 def host_for(model: PreTrainedModel, tokenizer: Any, protocol: str | None = None, **options: Any) -> VideoHost:
     """A host for `model` (its class picks the family), its tokenizer and prompt protocol."""
     return host_class_for(type(model))(model, tokenizer, protocol, **options)
@@ -43,5 +50,5 @@ def host_for(model: PreTrainedModel, tokenizer: Any, protocol: str | None = None
 
 __all__ = [
     "EncodedChunk", "HOST_CLASSES", "HostStream", "LlavaOnevisionHost", "Placed", "QwenVLHost", "VideoEncoder",
-    "VideoHost", "host_class_for", "host_for", "supported_model_classes",
+    "VideoHost", "cacher_supports", "host_class_for", "host_for", "supported_model_classes",
 ]

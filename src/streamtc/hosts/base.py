@@ -107,11 +107,18 @@ class VideoHost(ABC):
     model_classes: the transformers classes this host runs. frames_per_step: video frames one
     vision forward needs at least (2 for a temporal patch). partial_chunks: whether a push may
     encode fewer than `chunk_frames` frames (one growing video) or chunks are fixed turns.
+    protocols: the prompt protocols it runs, the default first.
     """
 
     model_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
     frames_per_step: ClassVar[int] = 1
     protocols: ClassVar[tuple[str, ...]] = ("video",)
+    default_fps: ClassVar[float] = 1.0  # frames per second a stream is sampled at by default
+
+    @classmethod
+    @abstractmethod
+    def tower_class(cls, model_class: type[PreTrainedModel]) -> type[nn.Module]:
+        """The vision tower class inside `model_class` (what the Cacher would patch)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, protocol: str | None = None) -> None:
         self.model = model

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionForConditionalGeneration, SiglipVisionModel
 from transformers.cache_utils import Cache
 
 from ..errors import InputError, StreamStateError, UnsupportedModelError
@@ -73,6 +73,10 @@ class LlavaOnevisionHost(VideoHost):
     """`LlavaOnevisionForConditionalGeneration`: SigLIP tower, projector, 14x14 pooling, Qwen2 LLM."""
 
     model_classes = (LlavaOnevisionForConditionalGeneration,)
+
+    @classmethod
+    def tower_class(cls, model_class: type) -> type[nn.Module]:
+        return SiglipVisionModel  # every LLaVA-OneVision checkpoint has a SigLIP tower
 
     def __init__(self, model: LlavaOnevisionForConditionalGeneration, tokenizer: Any,
                  protocol: str | None = None) -> None:

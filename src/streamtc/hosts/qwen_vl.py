@@ -42,6 +42,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.cache_utils import Cache
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from ..errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
 from ..preprocess import QwenVLPreprocessor, patchify_video
@@ -201,6 +203,13 @@ class QwenVLHost(VideoHost):
     model_classes: ClassVar = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     frames_per_step = 2
     protocols = ("video", "livecc")
+    default_fps = DEFAULT_FPS
+
+    @classmethod
+    def tower_class(cls, model_class: type) -> type[nn.Module]:
+        if issubclass(model_class, Qwen2_5_VLForConditionalGeneration):
+            return Qwen2_5_VisionTransformerPretrainedModel
+        return Qwen2VisionTransformerPretrainedModel
 
     def __init__(self, model: Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration, tokenizer: Any,
                  protocol: str | None = None, fps: float = DEFAULT_FPS) -> None:
