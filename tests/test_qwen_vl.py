@@ -4,6 +4,8 @@ streams are isolated (rope_deltas included), bad inputs raise typed errors, chec
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,37 @@ def test_from_pretrained_loads_a_saved_qwen_checkpoint(tmp_path, frames: np.ndar
     (tmp_path / "preprocessor_config.json").unlink()
     with pytest.raises(ConfigError, match="preprocessor_config.json"):
         StreamingSession.from_pretrained(tmp_path, stc=None)
+
+
+# -- tools ----------------------------------------------------------------------------------------
+
+
+def test_run_compare_on_a_qwen_preset_runs_the_pruner_alone(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from streamtc.cli import app
+
+    out = tmp_path / "run.json"
+    result = CliRunner().invoke(app, ["run", "demo", "--preset", "livecc-tiny", "--compare", "--max-seconds", "4",
+                                      "--ask", "3.5:What is happening?", "--max-new-tokens", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "running the STC-Pruner alone" in result.output
+    report = json.loads(out.read_text())
+    base, stc = report["stats"]["no STC"], report["stats"]["STC"]
+    assert report["fps"] == 2.0 and base["frames"] == stc["frames"] == 8  # LiveCC's 2 fps: 6 + 2 frames
+    assert stc["visual_tokens"] < base["visual_tokens"] == base["visual_tokens_encoded"]
+    assert report["stc"]["STC"]["cacher"] is None and stc["cacher"] is None
+
+
+def test_bench_pipeline_on_a_qwen_preset_skips_what_the_host_cannot_run() -> None:
+    from streamtc.bench.pipeline import VARIANTS_BY_NAME, PipelineSettings, load_video_frames, run_pipeline_benchmark
+
+    variants = [VARIANTS_BY_NAME[name] for name in ("none", "pruner gaussian 30%", "stc", "tome 25%")]
+    settings = PipelineSettings(preset="qwen2.5-vl-tiny", frames=(4,), repeats=1, warmup_frames=0, max_new_tokens=2)
+    report = run_pipeline_benchmark(settings, variants, frames=load_video_frames("demo", 4))
+    assert [v["name"] for v in report["variants"]] == ["none", "pruner gaussian 30%"]
+    assert set(report["skipped"]) == {"stc", "tome 25%"}
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert rows["none"]["tokens_per_frame"] == 6  # 640x272 -> 168x56 px -> 2x6 merged tokens per 2 frames
+    assert rows["pruner gaussian 30%"]["visual_tokens"] < rows["none"]["visual_tokens"]
+    assert len(rows["none"]["vit_frame_ms"]) == 4 and rows["pruner gaussian 30%"]["vit_cosine_mean"] == 1.0
