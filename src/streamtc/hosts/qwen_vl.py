@@ -48,7 +48,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from ..errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
 from ..preprocess import QwenVLPreprocessor, patchify_video
 from ..prompts import split_video_prompt
-from ..pruner import KeptTokens
+from ..pruner import KeptTokens, QwenVLLayout
 from .base import EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost
 
 VIDEO_PLACEHOLDER = "<|video_pad|>"
@@ -85,16 +85,16 @@ class _QwenStream(HostStream):
     def _video(self, chunk: EncodedChunk, kept: KeptTokens | None, start: int, first_patch: int) -> list[Placed]:
         """One piece per temporal patch: its kept tokens at (start + t, start + i, start + j)."""
         frames, h, w = chunk.grid
-        positions = self.host.vision_positions(start, first_patch, frames, h, w)  # [3, T * h * w]
-        pieces = []
-        for f in range(frames):
-            if kept is None:
-                tokens, index = chunk.features[f], torch.arange(h * w)
-            else:
-                count = kept.frame_counts()[f]
-                tokens, index = kept.tokens[f, :count], kept.indices[f, :count].cpu()
-            pieces.append(Placed(tokens, positions[:, f * h * w + index]))
-        return pieces
+        layout = QwenVLLayout((frames, h * self.host.merge, w * self.host.merge), self.host.merge)
+        if kept is None:
+            indices, lengths, counts = torch.arange(h * w).expand(frames, -1), None, [h * w] * frames
+        else:
+            indices, lengths, counts = kept.indices.cpu(), kept.lengths, kept.frame_counts()
+        lengths = None if lengths is None else lengths.cpu()
+        positions = layout.mrope_positions(indices, lengths, start, self.host.time_interval, first_patch)
+        tokens = chunk.features if kept is None else kept.tokens
+        return [Placed(tokens[f, :count], part)
+                for f, (count, part) in enumerate(zip(counts, positions.split(counts, dim=1)))]
 
     @staticmethod
     def _fold(lead: Placed | None, pieces: list[Placed], tail: Placed | None) -> list[Placed]:
@@ -275,12 +275,6 @@ class QwenVLHost(VideoHost):
             pixel_values_videos=rows.to(self.device, self.vision_tower.dtype), video_grid_thw=grid, return_dict=True)
         h, w = gh // self.merge, gw // self.merge
         return EncodedChunk(output.pooler_output[0].view(t, h * w, -1), len(pixels), (t, h, w))
-
-    def vision_positions(self, start: int, first_patch: int, patches: int, h: int, w: int) -> Tensor:
-        """[3, patches * h * w] M-RoPE positions of temporal patches first_patch.. of a video at `start`."""
-        temporal = (torch.arange(first_patch, first_patch + patches) * self.time_interval).long() + start
-        grid = torch.meshgrid(temporal, torch.arange(h) + start, torch.arange(w) + start, indexing="ij")
-        return torch.stack(grid).reshape(3, -1)
 
     def forward(self, embeds: Tensor, positions: Tensor, cache: Cache) -> Tensor:
         if positions.shape[0] != 3:
