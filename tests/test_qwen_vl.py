@@ -247,6 +247,14 @@ def test_from_pretrained_loads_a_saved_qwen_checkpoint(tmp_path, frames: np.ndar
     assert (loaded.next_token_logits(QUESTION) - one_shot_logits(loaded, inputs)).abs().max().item() <= TOLERANCE
     assert split_video_prompt(loaded.tokenizer, "?", None, "<|video_pad|>").prefix.endswith("<|vision_start|>")
 
+    from streamtc.bench.pipeline import VARIANTS_BY_NAME, PipelineSettings, run_pipeline_benchmark
+
+    settings = PipelineSettings(model=str(tmp_path), frames=(2,), repeats=1, warmup_frames=0, max_new_tokens=1)
+    report = run_pipeline_benchmark(settings, [VARIANTS_BY_NAME["none"]], frames=(frames[:2], [0.0, 0.5]))
+    assert report["model"]["preset"] == str(tmp_path) and report["rows"][0]["visual_tokens"] > 0
+    with pytest.raises(ConfigError, match="depth overrides"):
+        PipelineSettings(model=str(tmp_path), vit_layers=2)
+
     (tmp_path / "preprocessor_config.json").unlink()
     with pytest.raises(ConfigError, match="preprocessor_config.json"):
         StreamingSession.from_pretrained(tmp_path, stc=None)

@@ -246,6 +246,8 @@ def bench_vit(
 def bench_pipeline(
     preset: Annotated[str, typer.Option(help="VideoLLM preset (random weights): LLaVA-OneVision or Qwen-VL")]
     = "tiny-llava-ov",
+    model: Annotated[str | None, typer.Option(help="Real weights (a local directory or hub id) in place of "
+                                                   "--preset; depth overrides do not apply")] = None,
     vit_layers: Annotated[int | None, typer.Option(help="Vision tower depth override (stated in the output)")] = None,
     text_layers: Annotated[int | None, typer.Option(help="Language model depth override (stated in the output)")]
     = None,
@@ -295,7 +297,7 @@ def bench_pipeline(
     if threads is not None:
         torch.set_num_threads(threads)
     settings = PipelineSettings(
-        preset=preset, vit_layers=vit_layers, text_layers=text_layers, frames=counts, repeats=repeats,
+        preset=preset, model=model, vit_layers=vit_layers, text_layers=text_layers, frames=counts, repeats=repeats,
         warmup_frames=warmup_frames, max_new_tokens=max_new_tokens, prefill_min_tokens=prefill_min_tokens,
         video=video, device=device, dtype=dtype,
     )

@@ -130,6 +130,8 @@ class SessionStats:
     tokens. visual_tokens: visual tokens pre-filled (a bounded cache policy may have evicted some
     since; kv_cache_bytes is what is held); pending_tokens: kept tokens waiting for
     their pre-fill; visual_tokens_encoded: tokens the encoder produced (before pruning).
+    prompt_tokens: chat-prompt text pre-filled into the video cache (the prefix, and in the LiveCC
+    protocol every chunk's turn text). frames: frames encoded (a frame waiting for its pair is not).
     kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU, the
     process's peak RSS on CPU (memory_kind says which), since the session started (process-wide:

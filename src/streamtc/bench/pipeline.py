@@ -156,6 +156,7 @@ class PipelineSettings:
     """Everything a run depends on besides the variants; written into every report."""
 
     preset: str = "tiny-llava-ov"
+    model: str | None = None  # real weights (a directory or hub id) in place of the preset
     vit_layers: int | None = None
     text_layers: int | None = None
     frames: tuple[int, ...] = (16, 32, 64)
@@ -175,7 +176,9 @@ class PipelineSettings:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
+        if self.model is not None and (self.vit_layers is not None or self.text_layers is not None):
+            raise ConfigError("depth overrides apply to presets; real weights (model=...) run at their own depth")
+        if self.model is None and self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
             raise ConfigError(f"preset {self.preset!r} is benchmarked on a GPU only (--device cuda); on a CPU use "
                               "llava-ov-0.5b with depth overrides")
 
@@ -249,8 +252,9 @@ class VariantRunner:
     """Builds one variant's sessions on a shared model; its STC objects persist across streams
     (a compiled Cacher compiles once), patches are applied per stream and removed after it."""
 
-    def __init__(self, variant: PipelineVariant, host: VideoHost, settings: PipelineSettings) -> None:
-        self.variant, self.host, self.settings = variant, host, settings
+    def __init__(self, variant: PipelineVariant, host: VideoHost, settings: PipelineSettings,
+                 preprocessor: Callable[[Any], Any] | None = None) -> None:
+        self.variant, self.host, self.settings, self.preprocessor = variant, host, settings, preprocessor
         self.model, self.tokenizer = host.model, host.tokenizer
         stc = variant.stc
         self.cacher = STCCacher(stc.cacher) if stc is not None and stc.cacher is not None else None
@@ -287,6 +291,7 @@ class VariantRunner:
         try:
             session = StreamingSession(
                 model, self.tokenizer, variant.stc, selector=selector, encoder=encoder, host=self.host,
+                preprocessor=self.preprocessor,
                 prefill_min_tokens=self.settings.prefill_min_tokens,
                 _shared_stc=(self.cacher, self.pruner) if variant.stc is not None else None,
             )
@@ -438,16 +443,24 @@ def run_pipeline_benchmark(
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names must be unique, got {names}")
-    model = build_model(settings.preset, num_layers=settings.vit_layers, text_layers=settings.text_layers,
-                        seed=settings.seed, dtype=DTYPES[settings.dtype]).to(settings.device)
-    host = host_for(model, tokenizer_for_config(model.config), get_preset(settings.preset).protocol)
+    if settings.model is not None:  # real weights with their tokenizer, template and processor config
+        loaded = StreamingSession.from_pretrained(settings.model, stc=None, device=settings.device,
+                                                  dtype=DTYPES[settings.dtype])
+        host, preprocessor = loaded.host, loaded.preprocessor
+        model = loaded.model
+    else:
+        preset = get_preset(settings.preset)
+        model = build_model(settings.preset, num_layers=settings.vit_layers, text_layers=settings.text_layers,
+                            seed=settings.seed, dtype=DTYPES[settings.dtype]).to(settings.device)
+        host = host_for(model, tokenizer_for_config(model.config), preset.protocol)
+        preprocessor = preset.preprocessor() if preset.preprocessor is not None else None
     skipped = {v.name: reason for v in variants if (reason := unsupported_reason(v, host)) is not None}
     variants = [v for v in variants if v.name not in skipped]
     checkpoints = sorted(set(settings.frames))
     images, stamps = frames if frames is not None else load_video_frames(settings.video, checkpoints[-1])
     if len(images) < checkpoints[-1]:
         raise ConfigError(f"{checkpoints[-1]} frames requested but only {len(images)} given")
-    runners = [VariantRunner(v, host, settings) for v in variants]
+    runners = [VariantRunner(v, host, settings, preprocessor) for v in variants]
     runs: dict[str, list[StreamRun]] = {v.name: [] for v in variants}
     warm = min(settings.warmup_frames, checkpoints[-1])
     for runner in runners:
@@ -469,7 +482,7 @@ def run_pipeline_benchmark(
         "benchmark": "pipeline",
         "machine": machine_info(settings.device),
         "settings": {**asdict(settings), "frames": checkpoints},
-        "model": {"preset": settings.preset, "vision_layers": model.config.vision_config.num_hidden_layers,
+        "model": {"preset": settings.model or settings.preset, "vision_layers": model.config.vision_config.num_hidden_layers,
                   "text_layers": model.config.text_config.num_hidden_layers,
                   "depth_override": settings.vit_layers is not None or settings.text_layers is not None},
         "questions": [{"question": q, "options": list(o) if o else None} for q, o in questions],
