@@ -292,3 +292,12 @@ def test_bench_pipeline_on_a_qwen_preset_skips_what_the_host_cannot_run() -> Non
     assert rows["none"]["tokens_per_frame"] == 6  # 640x272 -> 168x56 px -> 2x6 merged tokens per 2 frames
     assert rows["pruner gaussian 30%"]["visual_tokens"] < rows["none"]["visual_tokens"]
     assert len(rows["none"]["vit_frame_ms"]) == 4 and rows["pruner gaussian 30%"]["vit_cosine_mean"] == 1.0
+
+
+def test_eval_model_spec_builds_qwen_sessions() -> None:
+    from streamtc.eval.runner import ModelSpec
+
+    session = ModelSpec(preset="livecc-tiny", stc=PRUNER.to_dict()).build()
+    assert isinstance(session.host, QwenVLHost) and session.host.protocol == "livecc"
+    with pytest.raises(UnsupportedModelError, match="cacher=None"):
+        ModelSpec(preset="qwen2-vl-tiny", stc=STCConfig().to_dict()).build()
