@@ -405,6 +405,7 @@ class StreamingSession:
         self._stream = self.host.new_stream(self.system_prompt)
         self._frames = 0
         self._last_timestamp: float | None = None
+        self._last_kept: list[list[int]] | None = None
         self._waiting: list[tuple[torch.Tensor, float | None]] = []  # frames (pixels [3, H, W]) not yet encoded
         self._pending: list[tuple[Placed, CacheBlock]] = []  # per pruner frame: its tokens and block
         if self._cacher_state is not None:
@@ -472,6 +473,8 @@ class StreamingSession:
         kept = self._select(chunk.features)
         stats.prune_ms += self._clock() - start
         step = max(1, chunk.frames // frames)  # video frames per pruner frame
+        self._last_kept = None if kept is None else [
+            kept.indices[i, :n].tolist() for i, n in enumerate(kept.frame_counts())]
         pieces = self._stream.place(chunk, kept, self._frames, timestamps)
         for i, piece in enumerate(pieces):
             stamp = None if timestamps is None else timestamps[min(i * step, len(timestamps) - 1)]
@@ -538,25 +541,29 @@ class StreamingSession:
 
     # -- questions ------------------------------------------------------------------------
 
-    def next_token_logits(self, question: str, options: Sequence[str] | None = None) -> torch.Tensor:
+    def next_token_logits(self, question: str, options: Sequence[str] | None = None,
+                          answer_prefix: str = "") -> torch.Tensor:
         """Logits [vocab] (float32, CPU) of the first answer token for `question`; the cache is
         left as before. The prompt is exactly what `ask` pre-fills."""
         with torch.inference_mode():
-            embeds = self._question_embeds(question, options)
+            embeds = self._question_embeds(question, options, answer_prefix)
         self.flush()
         with torch.inference_mode(), self._question_scope() as cache:
             hidden = self._forward_text(embeds, cache)
             return self.host.logits(hidden)[0].float().cpu()
 
-    def ask(self, question: str, options: Sequence[str] | None = None, max_new_tokens: int = 64) -> Answer:
+    def ask(self, question: str, options: Sequence[str] | None = None, max_new_tokens: int = 64,
+            answer_prefix: str = "") -> Answer:
         """Answer `question` about the video so far, greedily; with options, a multiple-choice
-        prompt and the parsed letter. The cache is restored to the video-only state afterwards.
-        Pending visual tokens are pre-filled first (`flush`); that time counts in ttft_ms."""
+        prompt and the parsed letter. answer_prefix: text the answer turn starts with (pre-filled,
+        not part of `text`; e.g. a benchmark's "Best option: ("). The cache is restored to the
+        video-only state afterwards. Pending visual tokens are pre-filled first (`flush`); that
+        time counts in ttft_ms."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         start = self._clock()
         with torch.inference_mode():
-            embeds = self._question_embeds(question, options)
+            embeds = self._question_embeds(question, options, answer_prefix)
         self.flush()
         generated: list[int] = []
         decode_steps = 0
@@ -595,8 +602,9 @@ class StreamingSession:
         logger.debug("answered %r after %d frames in %.1f ms", question, self._frames, answer.total_ms)
         return answer
 
-    def _question_embeds(self, question: str, options: Sequence[str] | None) -> torch.Tensor:
-        """Embeddings [1, n, D] of the prompt after the video for this question (the host's)."""
+    def _question_embeds(self, question: str, options: Sequence[str] | None, answer_prefix: str = "") -> torch.Tensor:
+        """Embeddings [1, n, D] of the prompt after the video for this question (the host's), then
+        the answer prefix."""
         if self._frames == 0:
             raise InputError("no frame has been pushed yet: push(frames) before asking a question"
                              + (f" (this host encodes {self.host.frames_per_step} frames at a time)"
@@ -604,7 +612,7 @@ class StreamingSession:
         if not isinstance(question, str) or not question.strip():
             raise InputError(f"question must be a non-empty string, got {question!r}")
         text = multiple_choice_question(question, options) if options else question
-        return self._stream.question_embeds(text)
+        return self._stream.question_embeds(text, answer_prefix)
 
     @contextmanager
     def _question_scope(self) -> Iterator[Cache]:
@@ -627,6 +635,12 @@ class StreamingSession:
     def frames(self) -> int:
         """Frames pushed since the last reset."""
         return self._frames
+
+    @property
+    def last_kept_indices(self) -> list[list[int]] | None:
+        """Per frame of the latest pushed chunk, the positions (ascending, in the frame's pooled token
+        grid) the Pruner or selector kept; None when every token is kept (no pruning) or before a push."""
+        return self._last_kept
 
     @property
     def stats(self) -> SessionStats:

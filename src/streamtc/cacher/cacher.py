@@ -9,8 +9,9 @@ Mechanics. `attach` finds the vision tower by class (a registry, not attribute p
 `forward` on each encoder layer instance (the class forward is untouched, so `detach` restores the
 original exactly) and puts a pre- and post-hook on the encoder. The pre-hook plans the chunk once
 on the host: refresh or selective, how many tokens to recompute, and for the beyond-paper options
-the first layer's similarity to the reference. The layers then only execute the plan: no host
-syncs, logging or counters inside them. The post-hook advances the stream's chunk counter.
+the first layer's similarity to the reference or the pixel change (the chunk's pixels are taken
+by a pre-hook on the tower). The layers then only execute the plan: no host syncs, logging or
+counters inside them. The post-hook advances the stream's chunk counter.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from typing import Any, NamedTuple, Self
 import torch
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersLayer,
+    Dinov2WithRegistersModel,
+)
 from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionTransformer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionModel
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer, Siglip2VisionModel
@@ -34,12 +40,15 @@ from . import functional as F
 from . import kernels, patch_vit
 from .state import CacherState, CacherStats
 
-# Vision tower classes the cacher attaches to; each keeps its layers in `.encoder.layers`.
+# Vision tower classes the cacher attaches to; each keeps its layers in `.encoder.layers`
+# (DINOv2: `.encoder.layer`).
 SUPPORTED_TOWERS: tuple[type[nn.Module], ...] = (
     SiglipVisionModel,
     Siglip2VisionModel,
     CLIPVisionModel,
     Idefics3VisionTransformer,
+    Dinov2Model,
+    Dinov2WithRegistersModel,
 )
 
 # Encoder layer class -> the module implementing its refresh and selective forwards.
@@ -48,6 +57,8 @@ LAYER_PATCHES: dict[type[nn.Module], Any] = {
     Siglip2EncoderLayer: patch_vit,
     CLIPEncoderLayer: patch_vit,
     Idefics3EncoderLayer: patch_vit,
+    Dinov2Layer: patch_vit,
+    Dinov2WithRegistersLayer: patch_vit,
 }
 
 
@@ -85,6 +96,20 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
     return towers[0]
 
 
+def encoder_layers(tower: nn.Module) -> list[nn.Module]:
+    """The encoder layers of a supported tower, in order."""
+    encoder = tower.encoder
+    return list(encoder.layers if hasattr(encoder, "layers") else encoder.layer)
+
+
+def prefix_tokens(tower: nn.Module) -> int:
+    """Class and register tokens before the patch grid (0 for SigLIP, 1 for CLIP and DINOv2, more with registers)."""
+    embeddings = tower.embeddings
+    registers = getattr(embeddings, "register_tokens", None)
+    has_class = getattr(embeddings, "cls_token", None) is not None or hasattr(embeddings, "class_embedding")
+    return int(has_class) + (0 if registers is None else registers.shape[1])
+
+
 def attached_cacher(model: nn.Module) -> STCCacher | None:
     """The STCCacher currently attached to the vision tower of `model`, if any."""
     return getattr(find_vision_tower(model), "_streamtc_cacher", None)
@@ -102,6 +127,7 @@ class STCCacher:
         self._layers: list[nn.Module] = []
         self._saved_forwards: list[Any] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._chunk_pixels: torch.Tensor | None = None  # the tower's input of the chunk being encoded
         self._paths: dict[Any, LayerPaths] = {}
         # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
         self._onednn = (
@@ -121,7 +147,7 @@ class STCCacher:
         tower = find_vision_tower(model)
         if attached_cacher(tower) is not None:
             raise StreamStateError(f"{type(tower).__name__} already has an STCCacher attached; detach that one first")
-        layers = list(tower.encoder.layers)
+        layers = encoder_layers(tower)
         for layer in layers:
             if type(layer) not in LAYER_PATCHES:
                 supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
@@ -140,6 +166,7 @@ class STCCacher:
             )
         encoder = tower.encoder
         self._hooks = [
+            tower.register_forward_pre_hook(self._take_pixels, with_kwargs=True),
             encoder.register_forward_pre_hook(self._begin_chunk, with_kwargs=True),
             encoder.register_forward_hook(self._end_chunk, with_kwargs=True),
         ]
@@ -208,6 +235,11 @@ class STCCacher:
 
     # -- per chunk (host side) ---------------------------------------------------------------
 
+    def _take_pixels(self, tower: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep the chunk's pixels for the adaptive "pixels" signal (a reference, no copy)."""
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        self._chunk_pixels = pixels if isinstance(pixels, torch.Tensor) else None
+
     def _begin_chunk(self, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
         if hidden_states.dim() != 3:
@@ -229,11 +261,26 @@ class STCCacher:
             or state.reference_shape != (len(self._layers), num_tokens, width)
         )
         plan = ChunkPlan(state, refresh, F.num_recomputed_tokens(num_tokens, config.update_ratio))
-        if not refresh and (config.selection == "shared" or affordable):
-            self._plan_from_first_layer(plan, hidden_states, trigger=affordable)
+        pixels, self._chunk_pixels = self._chunk_pixels, None
+        if not refresh and affordable and config.refresh_signal == "pixels":
+            plan.refresh = plan.adaptive_refresh = self._pixels_moved(pixels, state)
+        if not plan.refresh and (config.selection == "shared" or (affordable and config.refresh_signal == "keys")):
+            self._plan_from_first_layer(plan, hidden_states, trigger=affordable and config.refresh_signal == "keys")
         if plan.refresh:
             state.prepare_refresh(len(self._layers), num_tokens, width, hidden_states)
+            state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
         self._plan = plan
+
+    def _pixels_moved(self, pixels: torch.Tensor | None, state: CacherState) -> bool:
+        """Adaptive "pixels" signal: whether any frame of the chunk moved past the threshold.
+
+        A chunk whose pixels cannot be compared (the encoder called without its tower, a new frame
+        size) counts as moved. One host sync per chunk, here, outside the layers.
+        """
+        reference = state.reference_pixels
+        if pixels is None or reference is None or pixels.shape[1:] != reference.shape:
+            return True
+        return float(F.relative_pixel_change(pixels, reference).max()) > self.config.refresh_threshold
 
     def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor, trigger: bool) -> None:
         """Beyond-paper options: one look at the first layer's keys decides the chunk.
@@ -243,8 +290,8 @@ class STCCacher:
         sync per chunk, here, outside the layers). shared: the first layer's k least similar
         tokens become the index set of every layer.
         """
-        first = self._layers[0]
-        keys = kernels.linear(first.self_attn.k_proj, first.layer_norm1(hidden_states), self._onednn)
+        first = patch_vit.layer_parts(self._layers[0])
+        keys = kernels.linear(first.k_proj, first.norm1(hidden_states), self._onednn)
         plan.first_layer_keys = keys  # the first layer uses them, refresh or not
         similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys)
         if trigger:
@@ -318,4 +365,4 @@ class STCCacher:
             raise
 
 
-__all__ = ["STCCacher", "ChunkPlan", "attached_cacher", "find_vision_tower", "SUPPORTED_TOWERS", "LAYER_PATCHES"]
+__all__ = ["STCCacher", "ChunkPlan", "attached_cacher", "find_vision_tower", "encoder_layers", "prefix_tokens", "SUPPORTED_TOWERS", "LAYER_PATCHES"]

@@ -69,6 +69,7 @@ class CacherState:
         self.unit_keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.residual_delta: torch.Tensor | None = None
+        self.reference_pixels: torch.Tensor | None = None  # the reference frame's tower input (adaptive "pixels")
         self.stats = CacherStats()
 
     @property

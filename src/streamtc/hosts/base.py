@@ -88,9 +88,10 @@ class HostStream(ABC):
         the chunk folded into the first and last piece. Advances the stream."""
 
     @abstractmethod
-    def question_embeds(self, question: str) -> Tensor:
+    def question_embeds(self, question: str, answer_prefix: str = "") -> Tensor:
         """Embeddings [1, n, D] of everything after the video for one question (the rest of the
-        chat prompt and the generation prompt); pre-filled at `text_positions(n)`."""
+        chat prompt and the generation prompt), then `answer_prefix` (text the answer turn starts
+        with); pre-filled at `text_positions(n)`."""
 
     def text_positions(self, count: int) -> Tensor:
         """Positions [R, count] of the next count text tokens; advances `next_position`."""

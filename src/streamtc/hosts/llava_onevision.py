@@ -57,14 +57,15 @@ class LlavaOnevisionStream(HostStream):
             pieces.append(Placed(tokens, self.text_positions(count)))
         return pieces
 
-    def question_embeds(self, question: str) -> Tensor:
-        """[image_newline] + the prompt after the video."""
+    def question_embeds(self, question: str, answer_prefix: str = "") -> Tensor:
+        """[image_newline] + the prompt after the video + the answer prefix."""
         prompt = split_video_prompt(self.host.tokenizer, question, self.system_prompt)
         if prompt.prefix != self.prefix_text:
             raise StreamStateError(
                 "the chat template puts question-dependent text before the video; a stream cannot pre-fill it"
             )
-        tokens = self.host.embed(self.host.tokenizer(prompt.suffix, add_special_tokens=False)["input_ids"])
+        ids = self.host.tokenizer(prompt.suffix + answer_prefix, add_special_tokens=False)["input_ids"]
+        tokens = self.host.embed(ids)
         newline = self.host.model.model.image_newline[None, :].to(tokens.dtype)
         return torch.cat([newline, tokens])[None]
 

@@ -145,13 +145,13 @@ class QwenVideoStream(_QwenStream):
         self.next_position = self.video_start + max(h, w)
         return self._fold(lead, pieces, None)
 
-    def question_embeds(self, question: str) -> Tensor:
+    def question_embeds(self, question: str, answer_prefix: str = "") -> Tensor:
         prompt = split_video_prompt(self.host.tokenizer, question, self.system_prompt, VIDEO_PLACEHOLDER)
         if prompt.prefix != self.prefix_text:
             raise StreamStateError(
                 "the chat template puts question-dependent text before the video; a stream cannot pre-fill it"
             )
-        return self.host.embed(self._ids(prompt.suffix))[None]
+        return self.host.embed(self._ids(prompt.suffix + answer_prefix))[None]
 
 
 class LiveCCStream(_QwenStream):
@@ -189,8 +189,8 @@ class LiveCCStream(_QwenStream):
         self.next_position = start + max(h, w)
         return self._fold(lead, pieces, self._text_piece(self.turn_close))
 
-    def question_embeds(self, question: str) -> Tensor:
-        return self.host.embed(self._ids(self.question_turn.replace(_MARK, question)))[None]
+    def question_embeds(self, question: str, answer_prefix: str = "") -> Tensor:
+        return self.host.embed(self._ids(self.question_turn.replace(_MARK, question) + answer_prefix))[None]
 
 
 class QwenVLHost(VideoHost):
