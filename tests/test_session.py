@@ -37,7 +37,7 @@ def one_shot_logits(session: StreamingSession, frames: np.ndarray, question: str
     F * P + 1 placeholders, `model(input_ids=..., pixel_values_videos=...)`, no cache."""
     tokenizer, model = session.tokenizer, session.model
     prompt = split_video_prompt(tokenizer, question, session.system_prompt)
-    tokens_per_frame = session._layout.tokens_per_frame
+    tokens_per_frame = session.host.tokens_per_frame
     ids = (
         tokenizer(prompt.prefix, add_special_tokens=False)["input_ids"]
         + [model.config.video_token_id] * (len(frames) * tokens_per_frame + 1)
@@ -132,7 +132,7 @@ def test_ask_restores_the_video_only_cache(baseline: StreamingSession, frames: n
     push_in_chunks(baseline, frames[:3], [1, 2])
     stats = baseline.stats
     assert stats.frames == 3
-    assert stats.visual_tokens == stats.visual_tokens_encoded == 3 * baseline._layout.tokens_per_frame
+    assert stats.visual_tokens == stats.visual_tokens_encoded == 3 * baseline.host.tokens_per_frame
     assert baseline._cache.get_seq_length() == stats.cache_tokens
     first = baseline.ask(QUESTION, max_new_tokens=6)
     assert baseline._cache.get_seq_length() == stats.cache_tokens
@@ -301,7 +301,7 @@ def test_stc_runs_end_to_end_and_its_divergence_is_recorded(
         record_property(key, value)
     logger.info("STC vs stc=None on %s: %s", PRESET, divergence)
     assert np.isfinite(divergence["max_abs_logit_diff"]) and divergence["max_abs_logit_diff"] > 0
-    assert divergence["visual_tokens"] == 8 * round(0.3 * baseline._layout.tokens_per_frame)
+    assert divergence["visual_tokens"] == 8 * round(0.3 * baseline.host.tokens_per_frame)
     assert divergence["vit_recomputed_share"] < 1.0
     answer = stc.ask(QUESTION, options=OPTIONS, max_new_tokens=4)
     assert answer.frames == 8 and stc._cache.get_seq_length() == stc.stats.cache_tokens

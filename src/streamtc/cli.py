@@ -22,6 +22,7 @@ is valid JSON at any moment), and once more with the final status and statistics
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -210,6 +211,25 @@ def _read_config(path: Path) -> STCConfig:
         raise ConfigError(f"--config {path}: {error}") from None
 
 
+def _model_class(model: str | None, preset: str) -> type:
+    """The transformers class `run` will load: the checkpoint's or the preset's."""
+    from .presets import get_preset, pretrained_model_class
+
+    return pretrained_model_class(model) if model is not None else get_preset(preset).model_class
+
+
+def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
+    """`stc` without the Cacher when the model's vision tower has no Cacher support (a printed note):
+    the demo command runs the Pruner alone there; the library raises instead."""
+    from .hosts import cacher_supports
+
+    if stc is None or stc.cacher is None or cacher_supports(model_class):
+        return stc
+    console.print(f"[yellow]STC-Cacher does not support the vision tower of {model_class.__name__} yet: "
+                  "running the STC-Pruner alone[/]")
+    return dataclasses.replace(stc, cacher=None) if stc.pruner is not None else None
+
+
 def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str,
              window_tokens: int | None) -> StreamingSession:
     from .session import SlidingWindowCache, StreamingSession
@@ -354,7 +374,7 @@ def run(
     video: Annotated[str, typer.Argument(help="Video file, stream URL (rtsp/tcp/udp/http), webcam index, or 'demo' "
                                               "for the built-in street clip")] = "demo",
     model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id "
-                                                   "(LLaVA-OneVision). Overrides --preset.")] = None,
+                                                   "(LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL). Overrides --preset.")] = None,
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (see `streamtc presets`)")]
     = "tiny-llava-ov",
     ask: Annotated[list[str] | None, typer.Option(
@@ -362,7 +382,9 @@ def run(
              "stream reaches SECONDS; repeatable", callback=_parse_questions)] = None,
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Run the uncompressed model only")] = False,
     compare: Annotated[bool, typer.Option(help="Run the uncompressed model and STC on the same frames")] = False,
-    fps: Annotated[float, typer.Option(help="Frames sampled per second of video", callback=_positive_seconds)] = 1.0,
+    fps: Annotated[float | None, typer.Option(
+        help="Frames sampled per second of video (default: the model's protocol: 1 for LLaVA-OneVision, 2 for "
+             "Qwen-VL / LiveCC)", callback=_positive_seconds)] = None,
     max_seconds: Annotated[float | None, typer.Option(help="Stop after this much video time", callback=_seconds)]
     = None,
     num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets", min=1)] = None,
@@ -396,6 +418,13 @@ def run(
         network = urlsplit(video).scheme.lower() in NETWORK_SCHEMES
         timeouts = {"open_timeout": timeout, "read_timeout": timeout} if network else {}
 
+        if fps is None:  # the model's protocol sets the rate: its family is needed first
+            if model is None:
+                _check_preset(preset)
+            from .hosts import host_class_for
+
+            fps = host_class_for(_model_class(model, preset)).default_fps
+
         def open_video() -> VideoSource:
             return open_source(video, fps=fps, max_seconds=max_seconds, **timeouts)
 
@@ -409,6 +438,7 @@ def run(
                 if source is not None:
                     source.close()
                 raise
+        stc = _runnable_stc(stc, _model_class(model, preset))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
@@ -613,14 +643,20 @@ def _token_ratio(stats: dict[str, Any]) -> dict[str, Any]:
 
 @app.command()
 def presets() -> None:
-    """List the built-in architecture presets."""
-    from .presets import PRESETS
+    """List the built-in architecture presets with their full-depth sizes."""
+    from .presets import PRESETS, build_config
 
     table = Table(title="presets (random weights, real architectures)")
-    table.add_column("name")
-    table.add_column("description")
+    for column in ("name", "parameters", "vision / text layers", "description"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
     for preset in PRESETS.values():
-        table.add_row(preset.name, preset.description)
+        config = build_config(preset.name)
+        text = getattr(config, "text_config", None)
+        vision = getattr(config, "vision_config", config)
+        layers = f"{vision.num_hidden_layers}" + (f" / {text.num_hidden_layers}" if text is not None else "")
+        count = preset.parameter_count()
+        size = f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.2f} M"
+        table.add_row(preset.name, size, layers, preset.description)
     console.print(table)
 
 
@@ -728,7 +764,10 @@ def bench_vit(
 
 @bench_app.command("pipeline")
 def bench_pipeline(
-    preset: Annotated[str, typer.Option(help="LLaVA-OneVision preset (random weights)")] = "tiny-llava-ov",
+    preset: Annotated[str, typer.Option(help="VideoLLM preset (random weights): LLaVA-OneVision or Qwen-VL")]
+    = "tiny-llava-ov",
+    model: Annotated[str | None, typer.Option(help="Real weights (a local directory or hub id) in place of "
+                                                   "--preset; depth overrides do not apply")] = None,
     vit_layers: Annotated[int | None, typer.Option(help="Vision tower depth override (stated in the output)")] = None,
     text_layers: Annotated[int | None, typer.Option(help="Language model depth override (stated in the output)")]
     = None,
@@ -780,7 +819,7 @@ def bench_pipeline(
 
         torch.set_num_threads(threads)
     settings = PipelineSettings(
-        preset=preset, vit_layers=vit_layers, text_layers=text_layers, frames=counts, repeats=repeats,
+        preset=preset, model=model, vit_layers=vit_layers, text_layers=text_layers, frames=counts, repeats=repeats,
         warmup_frames=warmup_frames, max_new_tokens=max_new_tokens, prefill_min_tokens=prefill_min_tokens,
         video=video, device=device, dtype=dtype,
     )

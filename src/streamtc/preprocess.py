@@ -1,4 +1,4 @@
-"""Frame preprocessing: RGB uint8 frames to the `pixel_values` a LLaVA-OneVision vision tower takes.
+"""Frame preprocessing: RGB uint8 frames to the `pixel_values` a VideoLLM's vision tower takes.
 
 transformers' video processors (`LlavaOnevisionVideoProcessor`) need torchvision, which streamtc
 must not depend on (SPEC §7), so this module does what they do for video frames with PIL and numpy:
@@ -14,11 +14,22 @@ Exactness: the result is bit-identical (tolerance 0) to transformers' torchvisio
 through a 256-entry table per channel built with that processor's own float64 -> float32 arithmetic.
 The torchvision video processor resizes with torchvision instead, which differs from PIL by
 interpolation rounding; that is not imitated here.
+
+Qwen2-VL / Qwen2.5-VL (`QwenVLPreprocessor`): each frame is resized with PIL (bicubic) to
+`smart_resize`'s size (both sides multiples of patch_size x merge_size, pixel count within
+[min_pixels, max_pixels], aspect ratio kept as closely as possible), rescaled and normalised with
+the same table as above; `patchify_video` then cuts a chunk of frames into temporal patches of
+`temporal_patch_size` (2) frames, an odd final frame repeated as the processor pads it, and
+flattens every 14x14x2 patch to one row [3 * 2 * 14 * 14] in the merger's block order (each 2x2
+block of neighbouring patches is 4 consecutive rows). Per frame this equals transformers'
+torchvision-free `Qwen2VLImageProcessorPil` exactly (an image is a temporal patch of two equal
+frames); the video processor's patch order is the documented one above (tests check both).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,13 +152,7 @@ class FramePreprocessor:
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path) -> Self:
         """Read `preprocessor_config.json` from a checkpoint directory or hub id (cache)."""
-        try:  # None: a directory without the file; OSError: no such directory, or a hub id not reachable
-            path = cached_file(str(path_or_id), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-        except OSError as error:
-            raise ConfigError(f"{path_or_id}: cannot read preprocessor_config.json ({error})") from error
-        if path is None:
-            raise ConfigError(f"{path_or_id}: no preprocessor_config.json (frame size and normalisation)")
-        return cls.from_processor(json.loads(Path(path).read_text()))
+        return cls.from_processor(_config_file(path_or_id, "preprocessor_config.json", required=True))
 
     @classmethod
     def from_model_config(cls, config: Any) -> Self:
@@ -180,4 +185,165 @@ class FramePreprocessor:
         return torch.from_numpy(out)
 
 
-__all__ = ["LLAVA_OV_MEAN", "LLAVA_OV_STD", "LLAVA_OV_SIZE", "FrameInput", "FramePreprocessor", "frames_to_uint8"]
+# Qwen2-VL / Qwen2.5-VL processors: CLIP normalisation, 14-px patches, 2x2 merge, temporal patch 2.
+QWEN_VL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+QWEN_VL_STD = (0.26862954, 0.26130258, 0.27577711)
+# Per-frame pixel bounds of transformers' Qwen2-VL video processor (128 and 768 merged tokens).
+QWEN_VL_VIDEO_MIN_PIXELS = 128 * 28 * 28
+QWEN_VL_VIDEO_MAX_PIXELS = 768 * 28 * 28
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Qwen-VL's target size for a height x width frame: both sides multiples of `factor`, the
+    pixel count within [min_pixels, max_pixels], the aspect ratio kept as closely as possible."""
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"a frame's aspect ratio must be below 200, got {height}x{width}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify_video(frames: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2,
+                   merge_size: int = 2) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """frames [F, C, H, W] (one size) -> (patches [T * gh * gw, C * tps * p * p], (T, gh, gw)).
+
+    Frames are grouped into temporal patches of `temporal_patch_size`, the last frame repeated to
+    complete the last one; rows are in block order: temporal patch, then merge block (row-major),
+    then the patch within the block (row-major); a row is channel, frame, patch row, patch column.
+    """
+    count, channels, height, width = frames.shape
+    if pad := -count % temporal_patch_size:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+    grid_t = frames.shape[0] // temporal_patch_size
+    grid_h, grid_w = height // patch_size, width // patch_size
+    if grid_h % merge_size or grid_w % merge_size or height % patch_size or width % patch_size:
+        raise InputError(f"frames of {height}x{width} do not split into {patch_size}-px patches in "
+                         f"{merge_size}x{merge_size} blocks; resize with smart_resize first")
+    patches = frames.reshape(grid_t, temporal_patch_size, channels, grid_h // merge_size, merge_size, patch_size,
+                             grid_w // merge_size, merge_size, patch_size)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    rows = patches.reshape(grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
+    return rows, (grid_t, grid_h, grid_w)
+
+
+@dataclass(frozen=True)
+class QwenVLPreprocessor:
+    """Qwen2-VL / Qwen2.5-VL frames: smart_resize, rescale, normalise; one [3, H, W] tensor per frame.
+
+    min_pixels, max_pixels: bounds of one frame's resized pixel count (video defaults of the
+    Qwen2-VL video processor; LiveCC uses max_pixels = 384 * 28 * 28). The remaining fields are the
+    processor config's. `patchify` turns a chunk of equal-size frames into the tower's input.
+    """
+
+    min_pixels: int = QWEN_VL_VIDEO_MIN_PIXELS
+    max_pixels: int = QWEN_VL_VIDEO_MAX_PIXELS
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: Sequence[float] = QWEN_VL_MEAN
+    image_std: Sequence[float] = QWEN_VL_STD
+    resample: int = Image.Resampling.BICUBIC
+    rescale_factor: float = 1 / 255
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        # one validated normalisation, shared with the square-frame preprocessor
+        table = FramePreprocessor(image_mean=self.image_mean, image_std=self.image_std, resample=self.resample,
+                                  rescale_factor=self.rescale_factor)
+        for name in ("image_mean", "image_std", "resample"):
+            object.__setattr__(self, name, getattr(table, name))
+
+    @classmethod
+    def from_processor(cls, processor: Any, **overrides: Any) -> Self:
+        """Settings of a Qwen-VL image/video processor object or config dict (`min_pixels` /
+        `max_pixels`, or `size` with `shortest_edge` / `longest_edge`); `overrides` win."""
+        if not isinstance(processor, Mapping) and hasattr(processor, "video_processor"):
+            processor = processor.video_processor
+        for flag in ("do_resize", "do_rescale", "do_normalize"):
+            if _read(processor, flag, True) is False:
+                raise ConfigError(f"{flag}=False is not supported: video frames are resized, rescaled and normalised")
+        size = _read(processor, "size", {})
+        settings = {
+            "min_pixels": _read(processor, "min_pixels", _read(size, "shortest_edge")),
+            "max_pixels": _read(processor, "max_pixels", _read(size, "longest_edge")),
+            **{name: _read(processor, name) for name in (
+                "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "resample",
+                "rescale_factor")},
+        }
+        settings = {k: v for k, v in settings.items() if v is not None}
+        return cls(**{**settings, **overrides})
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, **overrides: Any) -> Self:
+        """From a checkpoint: `video_preprocessor_config.json` when present, else
+        `preprocessor_config.json` with the video processor's per-frame pixel bounds (an image
+        processor's bounds allow far larger frames than the video path uses)."""
+        video = _config_file(path_or_id, "video_preprocessor_config.json", required=False)
+        if video is not None:
+            return cls.from_processor(video, **overrides)
+        image = _config_file(path_or_id, "preprocessor_config.json", required=True)
+        image = {k: v for k, v in image.items() if k not in ("min_pixels", "max_pixels", "size")}
+        return cls.from_processor(image, **overrides)
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> Self:
+        """The video defaults with the vision config's patch, temporal patch and merge sizes."""
+        vision = getattr(config, "vision_config", config)
+        return cls(patch_size=int(vision.patch_size), temporal_patch_size=int(vision.temporal_patch_size),
+                   merge_size=int(vision.spatial_merge_size))
+
+    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+        """The resized (height, width) of a height x width frame."""
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+    def __call__(self, frames: FrameInput) -> list[torch.Tensor]:
+        """Preprocess frames (see `FrameInput`) into float32 CPU tensors [3, H, W], one per frame."""
+        lut = FramePreprocessor(image_mean=self.image_mean, image_std=self.image_std,
+                                rescale_factor=self.rescale_factor).lookup_table()
+        out = []
+        for image in frames_to_uint8(frames):
+            height, width = self.frame_size(*image.shape[:2])
+            resized = np.asarray(Image.fromarray(image).resize((width, height), resample=self.resample))
+            pixels = np.empty((3, height, width), dtype=np.float32)
+            for c in range(3):
+                np.take(lut[c], resized[..., c], out=pixels[c])
+            out.append(torch.from_numpy(pixels))
+        return out
+
+    def patchify(self, frames: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """A chunk of equal-size preprocessed frames -> (pixel_values_videos rows, (T, gh, gw))."""
+        return patchify_video(torch.stack(list(frames)), self.patch_size, self.temporal_patch_size, self.merge_size)
+
+
+def _config_file(path_or_id: str | Path, name: str, required: bool) -> dict[str, Any] | None:
+    """A processor JSON file of a checkpoint directory or hub id; ConfigError naming it if required."""
+    try:  # None: a directory without the file; OSError: no such directory, or a hub id not reachable
+        path = cached_file(str(path_or_id), name, _raise_exceptions_for_missing_entries=False)
+    except OSError as error:
+        raise ConfigError(f"{path_or_id}: cannot read {name} ({error})") from error
+    if path is None:
+        if required:
+            raise ConfigError(f"{path_or_id}: no {name} (frame size and normalisation); save the processor "
+                              "with the weights")
+        return None
+    return json.loads(Path(path).read_text())
+
+
+__all__ = [
+    "LLAVA_OV_MEAN", "LLAVA_OV_STD", "LLAVA_OV_SIZE", "QWEN_VL_MEAN", "QWEN_VL_STD", "QWEN_VL_VIDEO_MIN_PIXELS",
+    "QWEN_VL_VIDEO_MAX_PIXELS", "FrameInput", "FramePreprocessor", "QwenVLPreprocessor", "frames_to_uint8",
+    "patchify_video", "smart_resize",
+]

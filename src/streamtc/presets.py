@@ -14,6 +14,21 @@ Presets:
     llava-ov-0.5b       LLaVA-OneVision-0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf)
     llava-ov-7b         LLaVA-OneVision-7B (llava-hf/llava-onevision-qwen2-7b-ov-hf)
     tiny-llava-ov       tiny LLaVA-OneVision (tiny SigLIP + 2-layer Qwen2) for tests and the demo
+    qwen2-vl-2b         Qwen2-VL-2B-Instruct (Qwen/Qwen2-VL-2B-Instruct)
+    qwen2-vl-7b         Qwen2-VL-7B-Instruct (Qwen/Qwen2-VL-7B-Instruct)
+    livecc-7b           LiveCC-7B (chenjoya/LiveCC-7B-Instruct: a Qwen2-VL-7B), LiveCC's prompt protocol
+    qwen2.5-vl-3b       Qwen2.5-VL-3B-Instruct (Qwen/Qwen2.5-VL-3B-Instruct)
+    qwen2.5-vl-7b       Qwen2.5-VL-7B-Instruct (Qwen/Qwen2.5-VL-7B-Instruct)
+    qwen2-vl-tiny       tiny Qwen2-VL (2-layer tower, 2-layer LLM) for tests
+    qwen2.5-vl-tiny     tiny Qwen2.5-VL (4-layer windowed tower, 2-layer LLM) for tests
+    livecc-tiny         qwen2-vl-tiny with LiveCC's prompt protocol
+
+The Qwen-VL presets mirror the checkpoints' config.json: Qwen2-VL towers are 32 blocks of width
+1280 (16 heads, MLP ratio 4, QuickGELU, LayerNorm) with a merger to the LLM width; Qwen2.5-VL towers
+are 32 blocks of width 1280 (RMSNorm, gated SiLU MLP 3420, window attention of 112 px with full
+attention in blocks 7, 15, 23, 31, 2 tokens per second); patch 14, merge 2x2, temporal patch 2;
+M-RoPE sections (16, 24, 24), RoPE theta 1e6. A vision depth override keeps the full-attention
+blocks that still exist (or makes the last block one).
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -31,13 +47,18 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
 
 from .errors import ConfigError, UnsupportedModelError
-from .tokenizer import BPE_VOCAB_SIZE
+from .preprocess import QwenVLPreprocessor
+from .tokenizer import BPE_VOCAB_SIZE, QWEN_VL_SPECIAL_TOKENS
 
 # Model dtypes by the names the CLIs and saved configs use.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,6 +192,69 @@ def _tiny_qwen2() -> Qwen2Config:
     )
 
 
+# Qwen2 / Qwen2-VL special token ids (<|endoftext|> = 151643, then <|im_start|>, ..., <|video_pad|>).
+QWEN_VL_FIRST_SPECIAL_ID = 151643
+# The tiny Qwen-VL presets put the same special tokens right after the built-in BPE.
+TINY_QWEN_VL_FIRST_SPECIAL_ID = BPE_VOCAB_SIZE
+# Frames of the tiny Qwen-VL presets stay small: a 60x80 frame becomes 56x84 (2x3 merged tokens).
+TINY_QWEN_VL_PIXELS = (56 * 56, 112 * 112)
+MROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+
+
+def _qwen_vl_ids(first_special: int) -> dict[str, int]:
+    """image/video/vision_start/vision_end token ids for Qwen-VL special tokens starting at first_special."""
+    index = {name: first_special + i for i, name in enumerate(QWEN_VL_SPECIAL_TOKENS)}
+    return {"image_token_id": index["<|image_pad|>"], "video_token_id": index["<|video_pad|>"],
+            "vision_start_token_id": index["<|vision_start|>"], "vision_end_token_id": index["<|vision_end|>"]}
+
+
+def _qwen_text(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int,
+               max_positions: int, rope: dict[str, Any] = MROPE) -> dict[str, Any]:
+    return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+            "rope_parameters": dict(rope), "bos_token_id": 151643, "eos_token_id": 151645}
+
+
+def _qwen2_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision: dict[str, Any] | None = None,
+              first_special: int = QWEN_VL_FIRST_SPECIAL_ID) -> Qwen2VLConfig:
+    tower = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_act": "quick_gelu",
+             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, **(vision or {})}
+    tower["depth"] = num_layers or tower["depth"]
+    tower["hidden_size"] = text["hidden_size"]  # the merger's output width
+    return Qwen2VLConfig(text_config=text, vision_config=tower, tie_word_embeddings=tie,
+                         **_qwen_vl_ids(first_special))
+
+
+def _qwen2_5_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision: dict[str, Any] | None = None,
+                first_special: int = QWEN_VL_FIRST_SPECIAL_ID) -> Qwen2_5_VLConfig:
+    tower = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "hidden_act": "silu",
+             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+             "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, **(vision or {})}
+    depth = tower["depth"] = num_layers or tower["depth"]
+    tower["fullatt_block_indexes"] = [i for i in tower["fullatt_block_indexes"] if i < depth] or [depth - 1]
+    tower["out_hidden_size"] = text["hidden_size"]
+    return Qwen2_5_VLConfig(text_config=text, vision_config=tower, tie_word_embeddings=tie,
+                            **_qwen_vl_ids(first_special))
+
+
+def _tiny_qwen_text() -> dict[str, Any]:
+    # head_dim 16: M-RoPE sections (2, 3, 3) cover its 8 rotary frequencies as (16, 24, 24) cover 64
+    first = TINY_QWEN_VL_FIRST_SPECIAL_ID
+    text = _qwen_text(64, 128, 2, 4, 2, first + len(QWEN_VL_SPECIAL_TOKENS), 32768,
+                      {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+    return {**text, "bos_token_id": first, "eos_token_id": first + 2}  # <|endoftext|>, <|im_end|>
+
+
+_TINY_QWEN2_VL_TOWER = {"depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 4}
+_TINY_QWEN2_5_VL_TOWER = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "window_size": 56,
+                          "fullatt_block_indexes": [1, 3]}
+
+
+def _tiny_qwen_vl_preprocessor() -> QwenVLPreprocessor:
+    return QwenVLPreprocessor(min_pixels=TINY_QWEN_VL_PIXELS[0], max_pixels=TINY_QWEN_VL_PIXELS[1])
+
+
 def _llava_onevision(
     vision: SiglipVisionConfig,
     text: Qwen2Config,
@@ -200,6 +284,14 @@ class Preset:
     model_class: type[PreTrainedModel]
     build_config: Callable[[int | None], PretrainedConfig]
     tiny: bool = False
+    protocol: str | None = None  # the host's prompt protocol (None: the host's default)
+    preprocessor: Callable[[], Any] | None = None  # frame preprocessing (None: the host's default)
+
+    def parameter_count(self) -> int:
+        """Parameters of the full-depth architecture (counted on the meta device, nothing allocated)."""
+        with torch.device("meta"):
+            model = self.model_class._from_config(self.build_config(None))
+        return sum(p.numel() for p in model.parameters())
 
 
 PRESETS: dict[str, Preset] = {
@@ -221,6 +313,34 @@ PRESETS: dict[str, Preset] = {
                LlavaOnevisionForConditionalGeneration,
                lambda n: _llava_onevision(_tiny_siglip(n), _tiny_qwen2(), TINY_IMAGE_TOKEN_ID, TINY_VIDEO_TOKEN_ID),
                tiny=True),
+        Preset("qwen2-vl-2b", "Qwen2-VL-2B-Instruct: 32-block ViT (1280 wide) + Qwen2-1.5B LLM",
+               Qwen2VLForConditionalGeneration,
+               lambda n: _qwen2_vl(n, _qwen_text(1536, 8960, 28, 12, 2, 151936, 32768), tie=True)),
+        Preset("qwen2-vl-7b", "Qwen2-VL-7B-Instruct: 32-block ViT (1280 wide) + Qwen2-7B LLM",
+               Qwen2VLForConditionalGeneration,
+               lambda n: _qwen2_vl(n, _qwen_text(3584, 18944, 28, 28, 4, 152064, 32768), tie=False)),
+        Preset("livecc-7b", "LiveCC-7B: Qwen2-VL-7B, LiveCC protocol (2 fps, 1-s turns 'Time=t0-t1s', 384x28x28 px)",
+               Qwen2VLForConditionalGeneration,
+               lambda n: _qwen2_vl(n, _qwen_text(3584, 18944, 28, 28, 4, 152064, 32768), tie=False),
+               protocol="livecc"),
+        Preset("qwen2.5-vl-3b", "Qwen2.5-VL-3B-Instruct: 32-block windowed ViT + Qwen2.5-3B LLM",
+               Qwen2_5_VLForConditionalGeneration,
+               lambda n: _qwen2_5_vl(n, _qwen_text(2048, 11008, 36, 16, 2, 151936, 128000), tie=True)),
+        Preset("qwen2.5-vl-7b", "Qwen2.5-VL-7B-Instruct: 32-block windowed ViT + Qwen2.5-7B LLM",
+               Qwen2_5_VLForConditionalGeneration,
+               lambda n: _qwen2_5_vl(n, _qwen_text(3584, 18944, 28, 28, 4, 152064, 128000), tie=False)),
+        Preset("qwen2-vl-tiny", "tiny Qwen2-VL: 2-block 32-wide ViT + 2-layer 64-wide LLM (tests)",
+               Qwen2VLForConditionalGeneration,
+               lambda n: _qwen2_vl(n, _tiny_qwen_text(), True, _TINY_QWEN2_VL_TOWER, TINY_QWEN_VL_FIRST_SPECIAL_ID),
+               tiny=True, preprocessor=_tiny_qwen_vl_preprocessor),
+        Preset("qwen2.5-vl-tiny", "tiny Qwen2.5-VL: 4-block windowed 32-wide ViT + 2-layer LLM (tests)",
+               Qwen2_5_VLForConditionalGeneration,
+               lambda n: _qwen2_5_vl(n, _tiny_qwen_text(), True, _TINY_QWEN2_5_VL_TOWER, TINY_QWEN_VL_FIRST_SPECIAL_ID),
+               tiny=True, preprocessor=_tiny_qwen_vl_preprocessor),
+        Preset("livecc-tiny", "qwen2-vl-tiny with LiveCC's protocol (tests)",
+               Qwen2VLForConditionalGeneration,
+               lambda n: _qwen2_vl(n, _tiny_qwen_text(), True, _TINY_QWEN2_VL_TOWER, TINY_QWEN_VL_FIRST_SPECIAL_ID),
+               tiny=True, protocol="livecc", preprocessor=_tiny_qwen_vl_preprocessor),
     ]
 }
 
@@ -282,7 +402,21 @@ _CLASS_BY_MODEL_TYPE: dict[str, type[PreTrainedModel]] = {
     "siglip_vision_model": SiglipVisionModel,
     "clip_vision_model": CLIPVisionModel,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
 }
+
+
+def pretrained_model_class(path_or_id: str | Path) -> type[PreTrainedModel]:
+    """The transformers class of a checkpoint, from its saved config's model_type."""
+    config = AutoConfig.from_pretrained(path_or_id)
+    model_class = _CLASS_BY_MODEL_TYPE.get(config.model_type)
+    if model_class is None:
+        raise UnsupportedModelError(
+            f"{path_or_id}: model_type {config.model_type!r} is not supported; "
+            f"supported: {', '.join(sorted(_CLASS_BY_MODEL_TYPE))}"
+        )
+    return model_class
 
 
 def load_pretrained(
@@ -296,15 +430,10 @@ def load_pretrained(
     Works on a local directory written by `save_pretrained` or on a hub id (where the machine can
     reach the hub). Raises UnsupportedModelError for architectures streamtc has no adapter for.
     """
-    config = AutoConfig.from_pretrained(path_or_id)
-    model_class = _CLASS_BY_MODEL_TYPE.get(config.model_type)
-    if model_class is None:
-        raise UnsupportedModelError(
-            f"{path_or_id}: model_type {config.model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(_CLASS_BY_MODEL_TYPE))}"
-        )
+    model_class = pretrained_model_class(path_or_id)
     model = model_class.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return model.eval()
 
 
-__all__ = ["DTYPES", "Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained"]
+__all__ = ["DTYPES", "Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained",
+           "pretrained_model_class"]

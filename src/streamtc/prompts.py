@@ -77,15 +77,18 @@ def chat_messages(question: str, system_prompt: str | None = None) -> list[dict[
     return messages
 
 
-def split_video_prompt(tokenizer: Any, question: str, system_prompt: str | None = None) -> VideoPrompt:
-    """Render the tokenizer's chat template for `question` and split it at the video placeholder.
+def split_video_prompt(
+    tokenizer: Any, question: str, system_prompt: str | None = None, video_token: str | None = None
+) -> VideoPrompt:
+    """Render the tokenizer's chat template for `question` and split it at the video placeholder
+    (`video_token`; default: the tokenizer's, else "<video>").
 
     Raises ConfigError when the tokenizer has no chat template or the rendered prompt does not hold
     exactly one video placeholder.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{type(tokenizer).__name__} has no chat template; set tokenizer.chat_template")
-    video_token = getattr(tokenizer, "video_token", None) or "<video>"
+    video_token = video_token or getattr(tokenizer, "video_token", None) or "<video>"
     text = tokenizer.apply_chat_template(
         chat_messages(question, system_prompt), tokenize=False, add_generation_prompt=True
     )

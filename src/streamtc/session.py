@@ -1,4 +1,4 @@
-"""`StreamingSession`: watch a video stream with LLaVA-OneVision and answer questions at any moment.
+"""`StreamingSession`: watch a video stream with a VideoLLM and answer questions at any moment.
 
     session = StreamingSession.from_preset("tiny-llava-ov", stc=STCConfig())   # or from_pretrained(path)
     session.push(frames, timestamps)          # uint8 [F, H, W, 3] numpy/torch, or a list of PIL images
@@ -6,37 +6,34 @@
     answer = session.ask("What is he holding?", options=["a cup", "a phone"])   # answer.letter
     session.reset(); session.stats
 
-Per stream (SPEC §4): reset state -> pre-fill the chat prompt up to the video -> for each pushed
-chunk: ViT (+ STC-Cacher) -> projector -> pooling -> STC-Pruner -> pre-fill of the kept tokens into
+Per stream: reset state -> pre-fill the chat prompt up to the video -> for each pushed chunk:
+ViT (+ STC-Cacher) -> projector/merger -> pooling -> STC-Pruner -> pre-fill of the kept tokens into
 a transformers `DynamicCache`; a question is pre-filled on top, answered greedily, and removed.
 
-Sequence layout. LLaVA-OneVision's processor expands the `<video>` placeholder of its chat prompt
-into every frame's pooled tokens followed by one `image_newline` token, so the one-shot sequence is
+Hosts. Everything specific to a model family lives in its host (`streamtc.hosts`): LLaVA-OneVision
+(`LlavaOnevisionForConditionalGeneration`) and Qwen2-VL / Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
+`Qwen2_5_VLForConditionalGeneration`; LiveCC is a Qwen2-VL-7B). The host builds the one-shot sequence
+of its processor incrementally, chooses each kept token's position (1-D, or M-RoPE (t, h, w) as the
+one-shot sequence gives it), and owns the chat-template pieces around the video. After an answer
+the cache is cropped back to the video-only state, so the next push continues right after the last
+frame; with stc=None the incremental cache reproduces a one-shot forward of the same frames and
+question (tests/test_session.py, tests/test_qwen_vl.py check the logits).
 
-    [prefix of the chat prompt] [frame 1 tokens] ... [frame F tokens] [newline] [rest of the prompt]
+Frames. A host encodes frames in steps (one frame for LLaVA-OneVision; one temporal patch of two
+frames for Qwen-VL). Frames wait in the session until a step is complete, so pushing one frame at a
+time works everywhere; a question sees the video up to the last complete step.
 
-The session builds exactly that sequence incrementally: the prefix (system turn and
-`<|im_start|>user `) is pre-filled at reset, each frame's tokens are appended as they arrive, and
-at question time the newline is appended *virtually*, just before the question's tokens, since in
-a stream the "last frame" is whatever arrived last. After the answer the cache is cropped back to
-the video-only state (newline, question and answer removed), so the next push continues right after
-the last frame. Positions are plain 1-D positions (Qwen2 RoPE) counted by the session, one per
-token actually in the sequence: pruned tokens are absent, so the kept tokens of later frames sit on
-consecutive positions, as in ReKV + STC. With stc=None the incremental cache therefore reproduces a
-one-shot pre-fill of the same frames and question (tests/test_session.py checks the logits).
-
-Cache handling goes through a small `CachePolicy`: it makes the cache, hears about every appended
-block (prompt or frame) and scopes each question (`with policy.question(cache)`), restoring the
-video-only cache on exit, errors included. `FullCache` keeps everything; a bounded policy (sliding
-window with sink tokens, ReKV-style retrieval of frame blocks) evicts in `on_append` and serves a
-question a reduced view, without changes to the session. The session counts positions itself, so
-positions stay correct when a policy evicts.
+Cache handling goes through a small `CachePolicy` (`streamtc.cache_policies`): it makes the cache,
+hears about every appended block (prompt or frame) and scopes each question (`with
+policy.question(cache)`), restoring the video-only cache on exit, errors included. The host's stream
+state counts positions, so positions stay correct when a policy evicts.
 
 Pre-fill batching. The LLM pre-fills more efficiently in larger blocks: its weights are read
 once per forward, and small matrix products run below the machine's peak. So kept tokens wait in
 a pending buffer until at least `prefill_min_tokens` of them are there (default: one uncompressed
 frame's tokens, so the uncompressed baseline still pre-fills every frame as it arrives, and
-STC's 59-token frames go in blocks of four); a question, or `flush()`, pre-fills what is pending
+STC's 59-token frames go in blocks of four; for hosts whose frame size sets the token count,
+one uncompressed chunk frame's tokens); a question, or `flush()`, pre-fills what is pending
 first. The cache after a flush equals frame-by-frame pre-fill (causal attention; tested), and a
 question waits for at most `prefill_min_tokens` of pending pre-fill. `prefill_min_tokens=1`
 pre-fills every chunk at once.
@@ -44,17 +41,20 @@ pre-fills every chunk at once.
 Baselines. `selector=` replaces the STC-Pruner by another token selector with the same
 interface (`streamtc.baselines`: uniform, random, VidCom2-style, VisionZip-style), and
 `encoder=` replaces the model's video path (ToMe merges tokens inside the ViT, so its tokens
-skip the grid pooling: `streamtc.baselines.tome_video_features`).
+skip the grid pooling: `streamtc.baselines.tome_video_features`, LLaVA-OneVision only).
 
 STC. The Cacher patches the model's vision tower once (`STCCacher.attach`); the Pruner is a plain
 object. Both keep per-stream state in state objects the session owns, made active around each use
 with their `stream(state)` context managers, so several sessions can share one model and one
 cacher (`session.spawn()`) and still never see each other's references or anchors. Each vision
 tower forward is one Cacher chunk, one Pruner call and one pre-fill forward: `chunk_frames` frames
-(default 1).
+(default: one step of the host). A Qwen-VL tower is not supported by the Cacher yet: a session with
+`stc.cacher` on it raises `UnsupportedModelError` (use `STCConfig(cacher=None)` for the Pruner alone).
 
 Questions are independent: each one sees the system prompt and the video so far, not the earlier
-questions and answers.
+questions and answers. The session calls the language model with explicit positions and never the
+top-level model forward, so transformers' sticky `rope_deltas` of Qwen-VL models is neither read nor
+written: streams and questions cannot leak positions into each other.
 """
 
 from __future__ import annotations
@@ -64,136 +64,32 @@ import json
 import logging
 import math
 import time
-from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
 import torch
-from transformers import AutoTokenizer, DynamicCache, LlavaOnevisionForConditionalGeneration, PretrainedConfig
+from transformers import AutoTokenizer, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import cached_file
 
 from .bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
+from .cache_policies import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
-from .preprocess import FrameInput, FramePreprocessor
+from .hosts import Placed, VideoEncoder, VideoHost, host_class_for, host_for
+from .preprocess import FrameInput
 from .presets import build_model, get_preset, load_pretrained
-from .pruner import KeptTokens, LlavaOnevisionVideoLayout, PrunerState, STCPruner, TokenSelector
-from .prompts import multiple_choice_question, parse_option_letter, split_video_prompt
+from .pruner import KeptTokens, PrunerState, STCPruner, TokenSelector
+from .prompts import multiple_choice_question, parse_option_letter
 from .tokenizer import tokenizer_for_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# (model, pixel_values [F, 3, S, S]) -> visual tokens [F, P, D]: a replacement for the video path.
-VideoEncoder = Callable[[LlavaOnevisionForConditionalGeneration, torch.Tensor], torch.Tensor]
-
-
-# -- cache policies ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CacheBlock:
-    """A run of tokens appended to the cache in one pre-fill.
-
-    kind: "prompt" (the chat prompt before the video) or "frame" (one frame's kept tokens).
-    Frame blocks pending together (see "Pre-fill batching") are pre-filled in one forward.
-    start: index of its first token in the cache when appended; length: its token count.
-    position: RoPE position of its first token. frame/timestamp: which frame, for frame blocks.
-    """
-
-    kind: Literal["prompt", "frame"]
-    start: int
-    length: int
-    position: int
-    frame: int | None = None
-    timestamp: float | None = None
-
-
-class CachePolicy(ABC):
-    """How one stream's KV cache is made, bounded, and restored after a question.
-
-    One instance per session (it may keep per-stream bookkeeping); `new_cache` starts a stream.
-    """
-
-    @abstractmethod
-    def new_cache(self, config: PretrainedConfig) -> Cache:
-        """A fresh cache for a new stream (and forget the previous stream's bookkeeping)."""
-
-    def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> None:
-        """Called after `blocks` (the chat prefix, or pending frames) were pre-filled into
-        `cache`, in one forward; bounded policies evict here."""
-
-    @abstractmethod
-    def question(self, cache: Cache) -> AbstractContextManager[Cache]:
-        """Scope one question: yield the cache it is pre-filled and decoded on; on exit (errors
-        included) leave `cache` exactly as it was on entry."""
-
-
-class FullCache(CachePolicy):
-    """Keep every token (the uncompressed baseline's memory; grows with the stream)."""
-
-    def new_cache(self, config: PretrainedConfig) -> Cache:
-        return DynamicCache(config=config)
-
-    @contextmanager
-    def question(self, cache: Cache) -> Iterator[Cache]:
-        length = cache.get_seq_length()
-        try:
-            yield cache
-        finally:
-            extra = cache.get_seq_length() - length
-            if extra > 0:
-                cache.crop(-extra)
-
-
-class SlidingWindowCache(FullCache):
-    """Bound a stream's memory: keep the chat prefix and the newest frames, at most
-    `max_visual_tokens` visual tokens (whole frames evicted oldest first; the newest frame is kept
-    even when it alone is larger).
-
-    The prefix stays as the attention sink (StreamingLLM); kept keys keep the positions they were
-    pre-filled at (they are stored rotated), and the session's position counter runs on, so
-    nothing is re-encoded. Frames pre-filled after an eviction attend only to the window, as in
-    ReKV's local window. ReKV additionally retrieves evicted frame blocks per question; that
-    retrieval is not built here. Use: `StreamingSession(..., cache_policy=lambda: SlidingWindowCache(15_000))`.
-    """
-
-    def __init__(self, max_visual_tokens: int) -> None:
-        if isinstance(max_visual_tokens, bool) or not isinstance(max_visual_tokens, int) or max_visual_tokens < 1:
-            raise ConfigError(f"max_visual_tokens must be an int >= 1, got {max_visual_tokens!r}")
-        self.max_visual_tokens = max_visual_tokens
-        self._prefix_tokens = 0
-        self._frame_tokens: deque[int] = deque()  # token count of each frame in the cache, oldest first
-        self.visual_tokens = 0  # visual tokens in the cache now
-
-    def new_cache(self, config: PretrainedConfig) -> Cache:
-        self._prefix_tokens, self._frame_tokens, self.visual_tokens = 0, deque(), 0
-        return super().new_cache(config)
-
-    def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> None:
-        for block in blocks:
-            if block.kind == "prompt":
-                self._prefix_tokens += block.length
-            else:
-                self._frame_tokens.append(block.length)
-                self.visual_tokens += block.length
-        evicted = 0
-        while len(self._frame_tokens) > 1 and self.visual_tokens > self.max_visual_tokens:
-            oldest = self._frame_tokens.popleft()
-            evicted += oldest
-            self.visual_tokens -= oldest
-        if evicted:
-            start, stop = self._prefix_tokens, self._prefix_tokens + evicted
-            for layer in cache.layers:
-                layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., stop:, :]], dim=-2)
-                layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., stop:, :]], dim=-2)
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -235,6 +131,8 @@ class SessionStats:
     tokens. visual_tokens: visual tokens pre-filled (a bounded cache policy may have evicted some
     since; cache_tokens and kv_cache_bytes are what is held); pending_tokens: kept tokens waiting for
     their pre-fill; visual_tokens_encoded: tokens the encoder produced (before pruning).
+    prompt_tokens: chat-prompt text pre-filled into the video cache (the prefix, and in the LiveCC
+    protocol every chunk's turn text). frames: frames encoded (a frame waiting for its pair is not).
     cache_tokens: tokens in the video-only cache now (the chat prefix and the visual tokens the
     cache policy holds). kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU, the
@@ -294,46 +192,55 @@ def _load_chat_template(path_or_id: str | Path) -> str | None:
 
 
 class StreamingSession:
-    """One video stream on a `LlavaOnevisionForConditionalGeneration`, optionally with STC.
+    """One video stream on a supported VideoLLM (`streamtc.hosts`), optionally with STC.
 
-    model, tokenizer: an eval-mode LLaVA-OneVision model and its tokenizer (with a chat template).
+    model, tokenizer: an eval-mode model of a supported class and its tokenizer (with a chat template).
     stc: STCConfig enabling the Cacher and/or Pruner; None is the uncompressed baseline (the
         model's own forwards, untouched).
-    preprocessor: frames -> pixel values; default: from the model config (`FramePreprocessor`).
-    system_prompt: system turn pre-filled at every reset (None: no system turn).
-    chunk_frames: frames per vision-tower forward, i.e. per Cacher chunk and Pruner call.
+    preprocessor: frames -> per-frame pixel values; default: the host's, from the model config.
+    system_prompt: system turn pre-filled at every reset (None: the template's default, if any).
+    chunk_frames: frames per vision-tower forward, i.e. per Cacher chunk and Pruner call
+        (default: one host step: 1 frame for LLaVA-OneVision, 2 for Qwen-VL; a multiple of it).
     prefill_min_tokens: pre-fill kept tokens once at least this many are pending (None: one
         uncompressed frame's tokens; 1: every chunk at once). See "Pre-fill batching".
     cache_policy: factory of the per-session `CachePolicy` (default `FullCache`).
     selector: a token selector in place of the STC-Pruner (a baseline; `prune(features)`,
         `reset()`); not with `stc.pruner`. It serves this session's stream only (no `spawn`).
-    encoder: (model, pixel_values [F, 3, S, S]) -> visual tokens [F, P, D] in place of the
+    encoder: (host, pixel_values [F, 3, S, S]) -> visual tokens [F, P, D] in place of the
         model's video path (a baseline such as ToMe); not with `stc.cacher`.
+    protocol: the host's prompt protocol (Qwen-VL: "video", one growing video in one user turn, or
+        "livecc", one user turn "Time=t0-t1s" per chunk); default: the host's first.
+    host: a prebuilt host for this model (`streamtc.hosts.host_for`); overrides `protocol`.
     """
 
     def __init__(
         self,
-        model: LlavaOnevisionForConditionalGeneration,
+        model: PreTrainedModel,
         tokenizer: Any,
         stc: STCConfig | None = None,
         *,
-        preprocessor: FramePreprocessor | None = None,
+        preprocessor: Callable[[FrameInput], Sequence[torch.Tensor]] | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        chunk_frames: int = 1,
+        chunk_frames: int | None = None,
         prefill_min_tokens: int | None = None,
         cache_policy: Callable[[], CachePolicy] = FullCache,
         selector: TokenSelector | None = None,
         encoder: VideoEncoder | None = None,
+        protocol: str | None = None,
+        host: VideoHost | None = None,
         _shared_stc: tuple[STCCacher | None, STCPruner | None] | None = None,
     ) -> None:
-        if not isinstance(model, LlavaOnevisionForConditionalGeneration):
-            raise UnsupportedModelError(
-                f"StreamingSession runs LlavaOnevisionForConditionalGeneration, got {type(model).__name__}"
-            )
+        host = host if host is not None else host_for(model, tokenizer, protocol)
+        if host.model is not model:
+            raise ConfigError("host was built for another model")
         if stc is not None and not isinstance(stc, STCConfig):
             raise ConfigError(f"stc must be an STCConfig or None, got {type(stc).__name__}")
-        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
-            raise ConfigError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
+        if chunk_frames is not None and (
+            isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1
+            or chunk_frames % host.frames_per_step
+        ):
+            raise ConfigError(f"chunk_frames must be a multiple of {host.frames_per_step} (one vision step of "
+                              f"{type(host).__name__}), got {chunk_frames!r}")
         if prefill_min_tokens is not None and (
             isinstance(prefill_min_tokens, bool) or not isinstance(prefill_min_tokens, int) or prefill_min_tokens < 1
         ):
@@ -346,25 +253,20 @@ class StreamingSession:
             raise ConfigError("a custom encoder replaces the vision path the Cacher patches; set STCConfig(cacher=None)")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.host = host
         self.stc = stc
         self.system_prompt = system_prompt
-        self.chunk_frames = chunk_frames
-        self.preprocessor = preprocessor or FramePreprocessor.from_model_config(model.config)
+        self.chunk_frames = chunk_frames or host.chunk_frames(None, first=False)
+        self.preprocessor = preprocessor or host.default_preprocessor()
         self._cache_policy_factory = cache_policy
-        self._device = next(model.parameters()).device
-        self._language_model = model.model.language_model
-        self._embed = model.get_input_embeddings()
-        self._layout = LlavaOnevisionVideoLayout.for_config(model.config)
-        self.prefill_min_tokens = prefill_min_tokens or self._layout.tokens_per_frame
+        self._device = host.device
+        # None: one uncompressed pruner frame's tokens, known from the config or from each chunk
+        self.prefill_min_tokens = prefill_min_tokens or host.tokens_per_frame
         self.selector = selector
         self.encoder = encoder
-
-        prompt = split_video_prompt(tokenizer, "?", system_prompt)
-        self._prefix_text = prompt.prefix
-        self._prefix_ids = tokenizer(prompt.prefix, add_special_tokens=False)["input_ids"]
         self._stop_ids = self._stop_token_ids()
 
-        if _shared_stc is None and attached_cacher(model) is not None:
+        if _shared_stc is None and host.supports_cacher and attached_cacher(model) is not None:
             raise StreamStateError(
                 "this model's vision tower already has an STCCacher attached (another session?); "
                 "share it with that session's spawn(), or close() that session (and those spawned from it) first"
@@ -397,7 +299,8 @@ class StreamingSession:
 
         The chat template is the processor's (chat_template.jinja/.json beside the weights; the
         tokenizer's own template only when there is none): a text-only LLM template would not place
-        the video. Frames are preprocessed as the checkpoint's preprocessor_config.json says.
+        the video. Frames are preprocessed as the checkpoint's processor config says
+        (preprocessor_config.json; Qwen-VL: video_preprocessor_config.json when present).
         """
         if (path_or_id is None) == (preset is None):
             raise ConfigError("give exactly one of path_or_id and preset")
@@ -407,7 +310,9 @@ class StreamingSession:
         model = load_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         tokenizer.chat_template = _load_chat_template(path_or_id) or tokenizer.chat_template
-        session_kwargs.setdefault("preprocessor", FramePreprocessor.from_pretrained(path_or_id))
+        host_class = host_class_for(type(model))
+        session_kwargs.setdefault("preprocessor", host_class.preprocessor_from_pretrained(
+            path_or_id, session_kwargs.get("protocol")))
         return cls(model, tokenizer, stc, **session_kwargs)
 
     @classmethod
@@ -424,13 +329,21 @@ class StreamingSession:
         attn_implementation: str = "sdpa",
         **session_kwargs: Any,
     ) -> Self:
-        """A built-in LLaVA-OneVision preset with random weights (answers are meaningless) and the
+        """A built-in VideoLLM preset with random weights (answers are meaningless) and the
         built-in tokenizer (`streamtc.tokenizer`). num_layers / text_layers override the vision
-        tower's / language model's depth."""
-        if get_preset(name).model_class is not LlavaOnevisionForConditionalGeneration:
-            raise ConfigError(f"preset {name!r} is not a LLaVA-OneVision model")
+        tower's / language model's depth. The preset's prompt protocol and frame settings apply
+        unless `protocol=` / `preprocessor=` are given."""
+        preset = get_preset(name)
+        try:
+            host_class_for(preset.model_class)
+        except UnsupportedModelError:
+            raise ConfigError(f"preset {name!r} is a {preset.model_class.__name__}, not a VideoLLM") from None
         model = build_model(name, num_layers=num_layers, seed=seed, dtype=dtype,
                             attn_implementation=attn_implementation, text_layers=text_layers).to(device)
+        if preset.protocol is not None:
+            session_kwargs.setdefault("protocol", preset.protocol)
+        if preset.preprocessor is not None:
+            session_kwargs.setdefault("preprocessor", preset.preprocessor())
         return cls(model, tokenizer_for_config(model.config), stc, **session_kwargs)
 
     def spawn(self) -> StreamingSession:
@@ -444,7 +357,7 @@ class StreamingSession:
             self.model, self.tokenizer, self.stc, preprocessor=self.preprocessor,
             system_prompt=self.system_prompt, chunk_frames=self.chunk_frames,
             prefill_min_tokens=self.prefill_min_tokens, cache_policy=self._cache_policy_factory,
-            encoder=self.encoder, _shared_stc=(self._cacher, self._pruner),
+            encoder=self.encoder, host=self.host, _shared_stc=(self._cacher, self._pruner),
         )
         spawned._cacher_users = self._cacher_users
         self._cacher_users[0] += 1
@@ -454,6 +367,11 @@ class StreamingSession:
         """Attach an STCCacher to the model and build an STCPruner, as `stc` enables them."""
         if stc is None:
             return None, None
+        if stc.cacher is not None and not self.host.supports_cacher:
+            raise UnsupportedModelError(
+                f"STC-Cacher does not support the vision tower of {type(self.model).__name__} "
+                f"({type(self.host.vision_tower).__name__}); use STCConfig(cacher=None) for the Pruner alone"
+            )
         cacher = STCCacher(stc.cacher).attach(self.model) if stc.cacher is not None else None
         pruner = STCPruner(stc.pruner) if stc.pruner is not None else None
         return cacher, pruner
@@ -497,11 +415,12 @@ class StreamingSession:
         """Start a new stream: empty cache, fresh STC state and counters, chat prefix pre-filled."""
         self._policy = self._cache_policy_factory()
         self._cache = self._policy.new_cache(self.model.config)
-        self._next_position = 0
+        self._stream = self.host.new_stream(self.system_prompt)
         self._frames = 0
         self._last_timestamp: float | None = None
         self._last_kept: list[list[int]] | None = None
-        self._pending: list[tuple[torch.Tensor, CacheBlock]] = []  # kept tokens [n, D] of one frame each
+        self._waiting: list[tuple[torch.Tensor, float | None]] = []  # frames (pixels [3, H, W]) not yet encoded
+        self._pending: list[tuple[Placed, CacheBlock]] = []  # per pruner frame: its tokens and block
         if self._cacher_state is not None:
             self._cacher_state.reset()
         if self._pruner_state is not None:
@@ -510,59 +429,84 @@ class StreamingSession:
             self.selector.reset()
         self._stats = SessionStats(memory_kind="cuda" if self._device.type == "cuda" else "rss")
         with torch.inference_mode():
-            ids = torch.tensor([self._prefix_ids], device=self._device)
-            self._append(self._embed(ids), [CacheBlock("prompt", 0, len(self._prefix_ids), 0)])
-        self._stats.prompt_tokens = len(self._prefix_ids)
+            ids = self._stream.prefix_ids()
+            positions = torch.arange(len(ids))[None].expand(self._stream.position_rows, -1)
+            self._append(self.host.embed(ids)[None], positions, [CacheBlock("prompt", 0, len(ids), 0)])
+        self._stats.prompt_tokens = len(ids)
 
     def push(self, frames: FrameInput, timestamps: Sequence[float] | None = None) -> int:
         """Encode `frames` and append their (kept) visual tokens to the stream; returns the tokens
         kept. They are pre-filled into the cache once enough are pending (`prefill_min_tokens`).
         frames: uint8 [F, H, W, 3] numpy/torch or a list of PIL images; timestamps: seconds, one
-        per frame (optional; finite and increasing, also across pushes)."""
+        per frame (optional; finite and increasing, also across pushes). Frames short of a host
+        step (Qwen-VL: an unpaired frame) wait for the next push."""
         self._check_open()
-        pixel_values = self.preprocessor(frames)  # [F, 3, S, S]
-        count = pixel_values.shape[0]
+        pixel_values = self.preprocessor(frames)  # per frame [3, H, W]
+        count = len(pixel_values)
         if timestamps is not None and len(timestamps) != count:
             raise InputError(f"got {count} frames but {len(timestamps)} timestamps")
-        previous = self._last_timestamp
+        previous = next((t for _, t in reversed(self._waiting) if t is not None), self._last_timestamp)
         for stamp in timestamps if timestamps is not None else ():
             if not math.isfinite(stamp) or (previous is not None and stamp <= previous):
                 after = "" if previous is None else f" after {previous}"
                 raise InputError(f"timestamps must be finite and increasing; got {stamp}{after}")
             previous = stamp
+        stamps = [None] * count if timestamps is None else [float(t) for t in timestamps]
+        self._waiting.extend(zip(pixel_values, stamps))
         added = 0
         with torch.inference_mode():
-            for start in range(0, count, self.chunk_frames):
-                chunk = pixel_values[start : start + self.chunk_frames]
-                stamps = None if timestamps is None else list(timestamps[start : start + self.chunk_frames])
-                added += self._push_chunk(chunk, stamps)
+            while chunk := self._next_chunk():
+                pixels = [p for p, _ in chunk]
+                chunk_stamps = None if any(t is None for _, t in chunk) else [t for _, t in chunk]
+                added += self._push_chunk(pixels, chunk_stamps)
         return added
 
-    def _push_chunk(self, pixel_values: torch.Tensor, timestamps: list[float] | None) -> int:
+    def _next_chunk(self) -> list[tuple[torch.Tensor, float | None]]:
+        """Take the next chunk of waiting frames, or [] when none is ready: `chunk_frames` frames
+        (the host's first chunk may differ), fewer at the end of a push when the protocol allows
+        it (whole steps), and never across a change of frame size (that closes a chunk early)."""
+        size = self.host.chunk_frames(self.chunk_frames, first=self._stats.chunks == 0)
+        waiting, step = self._waiting, self.host.frames_per_step
+        shape = waiting[0][0].shape if waiting else None
+        same = next((i for i, (p, _) in enumerate(waiting) if p.shape != shape), len(waiting))
+        if same >= size:
+            take = size
+        elif same < len(waiting):
+            take = same  # the frame size changes: the frames before it end their chunk
+        elif self.host.partial_chunks:
+            take = same - same % step
+        else:
+            take = 0
+        chunk, self._waiting = waiting[:take], waiting[take:]
+        return chunk
+
+    def _push_chunk(self, pixels: list[torch.Tensor], timestamps: list[float] | None) -> int:
         """ViT (+Cacher) -> projector -> pooling -> Pruner for one chunk; its kept tokens join the
         pending buffer, pre-filled once it holds `prefill_min_tokens`."""
         stats = self._stats
         start = self._clock()
-        features = self._encode(pixel_values)  # [F, P, D]
+        chunk = self._encode(pixels)
         stats.vit_ms += self._clock() - start
-        frames, per_frame, width = features.shape
+        frames, per_frame, width = chunk.features.shape
         stats.visual_tokens_encoded += frames * per_frame
         start = self._clock()
-        kept = self._select(features)
+        kept = self._select(chunk.features)
         stats.prune_ms += self._clock() - start
-        counts = [per_frame] * frames if kept is None else kept.frame_counts()
-        self._last_kept = None if kept is None else [kept.indices[i, :n].tolist() for i, n in enumerate(counts)]
-        for i, count in enumerate(counts):
-            tokens = features[i] if kept is None else kept.tokens[i, :count]  # real tokens come first
-            stamp = None if timestamps is None else float(timestamps[i])
-            self._pending.append((tokens, CacheBlock("frame", 0, count, 0, frame=self._frames + i, timestamp=stamp)))
-        self._frames += frames
+        step = max(1, chunk.frames // frames)  # video frames per pruner frame
+        self._last_kept = None if kept is None else [
+            kept.indices[i, :n].tolist() for i, n in enumerate(kept.frame_counts())]
+        pieces = self._stream.place(chunk, kept, self._frames, timestamps)
+        for i, piece in enumerate(pieces):
+            stamp = None if timestamps is None else timestamps[min(i * step, len(timestamps) - 1)]
+            block = CacheBlock("frame", 0, piece.embeds.shape[0], 0, frame=self._frames + i * step, timestamp=stamp)
+            self._pending.append((piece, block))
+        self._frames += chunk.frames
         stats.frames = self._frames
         stats.chunks += 1
-        self._last_timestamp = float(timestamps[-1]) if timestamps else None
-        if self._pending_tokens >= self.prefill_min_tokens:
+        self._last_timestamp = timestamps[-1] if timestamps else None
+        if self._pending_tokens >= (self.prefill_min_tokens or per_frame):
             self.flush()
-        return sum(counts)
+        return sum(piece.embeds.shape[0] - piece.text for piece in pieces)
 
     def _select(self, features: torch.Tensor) -> KeptTokens | None:
         """The Pruner's (or the replacing selector's) kept tokens of features [F, P, D]; None: keep all."""
@@ -582,50 +526,38 @@ class StreamingSession:
         if not self._pending:
             return 0
         start = self._clock()
-        index, position = self._cache.get_seq_length(), self._next_position
+        index = self._cache.get_seq_length()
         blocks = []
-        for _, block in self._pending:
-            blocks.append(dataclasses.replace(block, start=index, position=position))
-            index, position = index + block.length, position + block.length
+        for piece, block in self._pending:
+            blocks.append(dataclasses.replace(block, start=index, position=int(piece.positions[0, 0])))
+            index += block.length
+        text = sum(piece.text for piece, _ in self._pending)
         with torch.inference_mode():
-            self._append(torch.cat([tokens for tokens, _ in self._pending])[None], blocks)
+            tokens = torch.cat([piece.embeds for piece, _ in self._pending])[None]
+            self._append(tokens, torch.cat([piece.positions for piece, _ in self._pending], dim=1), blocks)
         self._pending = []
         count = index - blocks[0].start
         self._stats.prefill_ms += self._clock() - start
-        self._stats.visual_tokens += count
+        self._stats.visual_tokens += count - text
+        self._stats.prompt_tokens += text  # per-chunk turn text (LiveCC protocol) is chat prompt
         return count
 
-    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The model's own video path (tower at vision_feature_layer, select strategy, projector,
-        bilinear pooling) on one chunk [F, 3, S, S], newline left out: [F, P, D]; or the custom
-        encoder's tokens."""
-        pixel_values = pixel_values.to(self._device, self.model.model.vision_tower.dtype)
-        if self.encoder is not None:
-            return self.encoder(self.model, pixel_values)
+    def _encode(self, pixels: list[torch.Tensor]):
+        """The host's video path on one chunk (per-frame pixels [3, H, W]) with the Cacher's
+        stream state active, or the custom encoder's tokens: an `EncodedChunk`."""
         context = self._cacher.stream(self._cacher_state) if self._cacher is not None else nullcontext()
         with context:
-            output = self.model.model.get_video_features(pixel_values_videos=pixel_values[None], return_dict=True)
-        return self._layout.frame_tokens(output.pooler_output[0])  # [F * P + 1, D] -> [F, P, D]
+            return self.host.encode(pixels, self.encoder)
 
-    def _forward(self, embeds: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """Pre-fill embeds [1, n, D] into `cache` at the next positions; returns the last hidden
-        state [1, D]."""
-        length = embeds.shape[1]
-        positions = torch.arange(self._next_position, self._next_position + length, device=self._device)
-        output = self._language_model(
-            inputs_embeds=embeds.to(self.model.dtype),
-            position_ids=positions[None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        self._next_position += length
-        return output.last_hidden_state[:, -1]
-
-    def _append(self, embeds: torch.Tensor, blocks: Sequence[CacheBlock]) -> None:
-        """Pre-fill blocks of the stream (embeds [1, n, D], one forward) into the video cache and
-        tell the cache policy."""
-        self._forward(embeds, self._cache)
+    def _append(self, embeds: torch.Tensor, positions: torch.Tensor, blocks: Sequence[CacheBlock]) -> None:
+        """Pre-fill blocks of the stream (embeds [1, n, D] at positions [R, n], one forward) into
+        the video cache and tell the cache policy."""
+        self.host.forward(embeds, positions, self._cache)
         self._policy.on_append(self._cache, blocks)
+
+    def _forward_text(self, embeds: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Pre-fill text embeds [1, n, D] at the stream's next text positions; last hidden state [1, D]."""
+        return self.host.forward(embeds, self._stream.text_positions(embeds.shape[1]), cache)
 
     # -- questions ------------------------------------------------------------------------
 
@@ -634,11 +566,12 @@ class StreamingSession:
         """Logits [vocab] (float32, CPU) of the first answer token for `question`; the cache is
         left as before. The prompt is exactly what `ask` pre-fills."""
         self._check_open()
-        ids = self._question_ids(question, options, answer_prefix)
+        with torch.inference_mode():
+            embeds = self._question_embeds(question, options, answer_prefix)
         self.flush()
         with torch.inference_mode(), self._question_scope() as cache:
-            hidden = self._prefill_question(ids, cache)
-            return self.model.lm_head(hidden)[0].float().cpu()
+            hidden = self._forward_text(embeds, cache)
+            return self.host.logits(hidden)[0].float().cpu()
 
     def ask(self, question: str, options: Sequence[str] | None = None, max_new_tokens: int = 64,
             answer_prefix: str = "") -> Answer:
@@ -651,22 +584,23 @@ class StreamingSession:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         start = self._clock()
-        ids = self._question_ids(question, options, answer_prefix)
+        with torch.inference_mode():
+            embeds = self._question_embeds(question, options, answer_prefix)
         self.flush()
         generated: list[int] = []
         decode_steps = 0
         with torch.inference_mode(), self._question_scope() as cache:
             prefill_start = self._clock()
-            hidden = self._prefill_question(ids, cache)
+            hidden = self._forward_text(embeds, cache)
             prefill_done = self._clock()
-            token = int(self.model.lm_head(hidden)[0].argmax())
+            token = int(self.host.logits(hidden)[0].argmax())
             first_token = self._clock()
             while token not in self._stop_ids:
                 generated.append(token)
                 if len(generated) == max_new_tokens:
                     break
-                hidden = self._forward(self._embed(torch.tensor([[token]], device=self._device)), cache)
-                token = int(self.model.lm_head(hidden)[0].argmax())
+                hidden = self._forward_text(self.host.embed([token])[None], cache)
+                token = int(self.host.logits(hidden)[0].argmax())
                 decode_steps += 1
             end = self._clock()
         text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
@@ -675,7 +609,7 @@ class StreamingSession:
             text=text,
             letter=parse_option_letter(text, options) if options else None,
             token_ids=generated,
-            prompt_tokens=len(ids) + 1,
+            prompt_tokens=embeds.shape[1],
             frames=self._frames,
             timestamp=self._last_timestamp,
             prefill_ms=prefill_done - prefill_start,
@@ -690,36 +624,27 @@ class StreamingSession:
         logger.debug("answered %r after %d frames in %.1f ms", question, self._frames, answer.total_ms)
         return answer
 
-    def _question_ids(self, question: str, options: Sequence[str] | None, answer_prefix: str = "") -> list[int]:
-        """Token ids of the prompt after the video (newline excluded) for this question, then the
-        answer prefix."""
+    def _question_embeds(self, question: str, options: Sequence[str] | None, answer_prefix: str = "") -> torch.Tensor:
+        """Embeddings [1, n, D] of the prompt after the video for this question (the host's), then
+        the answer prefix."""
         if self._frames == 0:
-            raise InputError("no frame has been pushed yet: push(frames) before asking a question")
+            raise InputError("no frame has been pushed yet: push(frames) before asking a question"
+                             + (f" (this host encodes {self.host.frames_per_step} frames at a time)"
+                                if self._waiting else ""))
         if not isinstance(question, str) or not question.strip():
             raise InputError(f"question must be a non-empty string, got {question!r}")
         text = multiple_choice_question(question, options) if options else question
-        prompt = split_video_prompt(self.tokenizer, text, self.system_prompt)
-        if prompt.prefix != self._prefix_text:
-            raise StreamStateError(
-                "the chat template puts question-dependent text before the video; a stream cannot pre-fill it"
-            )
-        return self.tokenizer(prompt.suffix + answer_prefix, add_special_tokens=False)["input_ids"]
+        return self._stream.question_embeds(text, answer_prefix)
 
     @contextmanager
     def _question_scope(self) -> Iterator[Cache]:
-        """The cache policy's question scope, with the position counter restored as well."""
-        position = self._next_position
+        """The cache policy's question scope, with the stream's position counter restored as well."""
+        position = self._stream.next_position
         try:
             with self._policy.question(self._cache) as cache:
                 yield cache
         finally:
-            self._next_position = position
-
-    def _prefill_question(self, ids: list[int], cache: Cache) -> torch.Tensor:
-        """Pre-fill [image_newline] + question tokens on `cache`; returns the last hidden state."""
-        newline = self.model.model.image_newline[None, None, :]
-        tokens = self._embed(torch.tensor([ids], device=self._device))
-        return self._forward(torch.cat([newline.to(tokens.dtype), tokens], dim=1), cache)
+            self._stream.next_position = position
 
     # -- measurements ---------------------------------------------------------------------
 

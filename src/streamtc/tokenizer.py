@@ -1,4 +1,4 @@
-"""A small real tokenizer and LLaVA-OneVision processor files for the random-weight presets, offline.
+"""A small real tokenizer and processor files for the random-weight presets (LLaVA-OneVision, Qwen-VL), offline.
 
 Real checkpoints bring their own tokenizer and chat template (`AutoTokenizer` from the same path). The presets have random weights and nothing can be downloaded, so this module
 builds a stand-in that behaves like Qwen2's: a byte-level BPE (Qwen2's pre-tokenizer regex, NFC,
@@ -20,6 +20,14 @@ The chat template is LLaVA-OneVision's (llava-hf processors): `<|im_start|>{role
 generation prompt is `<|im_start|>assistant\\n`. `save_processor` writes a preset's tokenizer and
 image-processor files in a llava-hf checkpoint's layout (no `LlavaOnevisionProcessor` object: it
 requires a video processor, and transformers' video processors need torchvision).
+
+Qwen-VL presets (`family="qwen_vl"`) get Qwen2's special tokens in Qwen2's order, from
+`<|endoftext|>` to `<|video_pad|>` (14 tokens; on the real-size presets at their public ids
+151643..151656, `<|video_pad|>` = 151656), and the Qwen2-VL chat template: a default system turn
+when none is given, `<|im_start|>{role}\n`, content items in order (a video renders as
+`<|vision_start|><|video_pad|><|vision_end|>`, text as is), `<|im_end|>\n`; the generation prompt
+is `<|im_start|>assistant\n`. `save_processor` writes the tokenizer and a Qwen2-VL
+`preprocessor_config.json` for them.
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import LlavaOnevisionConfig, PreTrainedTokenizerFast
+from transformers import LlavaOnevisionConfig, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .errors import ConfigError
 from .preprocess import LLAVA_OV_MEAN, LLAVA_OV_STD
@@ -42,6 +51,14 @@ BPE_VOCAB_SIZE = 1024
 # Qwen2's special tokens, in Qwen2's id order, then LLaVA-OneVision's image/video placeholders.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 IMAGE_TOKEN_OFFSET = SPECIAL_TOKENS.index("<image>")  # <image> id = first special id + 3
+
+# Qwen2's special tokens through Qwen2-VL's vision placeholders, in id order (151643..151656).
+QWEN_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)
+QWEN_VL_IMAGE_TOKEN_OFFSET = QWEN_VL_SPECIAL_TOKENS.index("<|image_pad|>")
 
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen/Qwen2-0.5B).
 _QWEN2_SPLIT = (
@@ -60,6 +77,22 @@ LLAVA_OV_CHAT_TEMPLATE = (
     "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
     "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# The chat template of the Qwen2-VL / Qwen2.5-VL processors (chat_template.json of Qwen/Qwen2-VL-7B-Instruct).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 # Training text for the BPE: plain English about scenes, video and questions, written for streamtc.
@@ -166,42 +199,54 @@ def _pad_vocab(bpe: Tokenizer, size: int) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data))
 
 
-def build_tokenizer(image_token_id: int | None = None) -> PreTrainedTokenizerFast:
-    """A Qwen2-style fast tokenizer with LLaVA-OneVision's chat template.
+def build_tokenizer(image_token_id: int | None = None, family: str = "llava_onevision") -> PreTrainedTokenizerFast:
+    """A Qwen2-style fast tokenizer with the chat template of `family` ("llava_onevision" or "qwen_vl").
 
-    image_token_id: where `<image>` must sit (`<video>` follows it). None puts the special tokens
-    right after the BPE (`<image>` = BPE_VOCAB_SIZE + 3); a larger id pads the vocabulary first.
+    image_token_id: where the image placeholder (`<image>`, or `<|image_pad|>` for Qwen-VL) must
+    sit. None puts the special tokens right after the BPE; a larger id pads the vocabulary first.
     """
-    first_special = BPE_VOCAB_SIZE if image_token_id is None else image_token_id - IMAGE_TOKEN_OFFSET
+    if family not in ("llava_onevision", "qwen_vl"):
+        raise ConfigError(f"family must be 'llava_onevision' or 'qwen_vl', got {family!r}")
+    qwen = family == "qwen_vl"
+    specials, offset = (QWEN_VL_SPECIAL_TOKENS, QWEN_VL_IMAGE_TOKEN_OFFSET) if qwen else (SPECIAL_TOKENS,
+                                                                                          IMAGE_TOKEN_OFFSET)
+    first_special = BPE_VOCAB_SIZE if image_token_id is None else image_token_id - offset
     if first_special < BPE_VOCAB_SIZE:
         raise ConfigError(
-            f"image_token_id must be >= {BPE_VOCAB_SIZE + IMAGE_TOKEN_OFFSET} (the built-in BPE has "
+            f"image_token_id must be >= {BPE_VOCAB_SIZE + offset} (the built-in BPE has "
             f"{BPE_VOCAB_SIZE} tokens before the special ones), got {image_token_id}"
         )
     bpe = _train_bpe()
     if first_special > BPE_VOCAB_SIZE:
         bpe = _pad_vocab(bpe, first_special)
-    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    placeholders = ({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"} if qwen
+                    else {"image_token": "<image>", "video_token": "<video>"})
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens=placeholders,
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = LLAVA_OV_CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE if qwen else LLAVA_OV_CHAT_TEMPLATE
     return tokenizer
 
 
-def tokenizer_for_config(config: LlavaOnevisionConfig) -> PreTrainedTokenizerFast:
-    """`build_tokenizer` placed on the config's `<image>`/`<video>` ids, checked against its vocabulary."""
+def _is_qwen_vl(config: PretrainedConfig) -> bool:
+    return config.model_type in ("qwen2_vl", "qwen2_5_vl")
+
+
+def tokenizer_for_config(config: PretrainedConfig) -> PreTrainedTokenizerFast:
+    """`build_tokenizer` placed on the config's image/video placeholder ids (LLaVA-OneVision or
+    Qwen-VL), checked against its vocabulary."""
     if config.video_token_id != config.image_token_id + 1:
         raise ConfigError(
-            f"the built-in tokenizer puts <video> right after <image>; config has image_token_id="
-            f"{config.image_token_id}, video_token_id={config.video_token_id}"
+            f"the built-in tokenizer puts the video placeholder right after the image one; config has "
+            f"image_token_id={config.image_token_id}, video_token_id={config.video_token_id}"
         )
-    tokenizer = build_tokenizer(config.image_token_id)
+    tokenizer = build_tokenizer(config.image_token_id, "qwen_vl" if _is_qwen_vl(config) else "llava_onevision")
     vocab_size = config.get_text_config().vocab_size
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}")
@@ -220,23 +265,35 @@ def build_image_processor(config: LlavaOnevisionConfig) -> LlavaOnevisionImagePr
     )
 
 
-def save_processor(config: LlavaOnevisionConfig, directory: str | Path) -> None:
-    """Write the processor files of a llava-hf checkpoint for a preset config into `directory`:
-    tokenizer (with `chat_template.jinja`) and `preprocessor_config.json`.
+def build_qwen_vl_image_processor(config: PretrainedConfig) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL's PIL image processor with the vision config's patch, temporal patch and merge
+    sizes (CLIP normalisation and pixel bounds as the public checkpoints)."""
+    vision = config.vision_config
+    return Qwen2VLImageProcessorPil(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                    merge_size=vision.spatial_merge_size)
+
+
+def save_processor(config: PretrainedConfig, directory: str | Path) -> None:
+    """Write the processor files of a checkpoint for a preset config into `directory`:
+    tokenizer (with `chat_template.jinja`) and `preprocessor_config.json` (llava-hf or Qwen-VL layout).
 
     `AutoTokenizer` / `AutoImageProcessor` load what this writes, which is all
     `StreamingSession.from_pretrained` reads besides the weights.
     """
     tokenizer_for_config(config).save_pretrained(directory)
-    build_image_processor(config).save_pretrained(directory)
+    processor = build_qwen_vl_image_processor(config) if _is_qwen_vl(config) else build_image_processor(config)
+    processor.save_pretrained(directory)
 
 
 __all__ = [
     "BPE_VOCAB_SIZE",
     "SPECIAL_TOKENS",
     "LLAVA_OV_CHAT_TEMPLATE",
+    "QWEN_VL_CHAT_TEMPLATE",
+    "QWEN_VL_SPECIAL_TOKENS",
     "build_tokenizer",
     "tokenizer_for_config",
     "build_image_processor",
+    "build_qwen_vl_image_processor",
     "save_processor",
 ]

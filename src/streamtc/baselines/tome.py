@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -251,16 +252,12 @@ class ToMe:
         return forward
 
 
-def tome_video_features(model: nn.Module, pixel_values: Tensor) -> Tensor:
-    """LLaVA-OneVision's video path for a tower with ToMe applied: the tower's (merged) tokens at
-    vision_feature_layer -> projector, unpooled (merged tokens have no grid). [F, 3, S, S] ->
-    [F, k, D]; k is the ToMe schedule's output count. Pass it as a session's `encoder`."""
-    inner = model.model
-    layer, strategy = inner.config.vision_feature_layer, inner.config.vision_feature_select_strategy
-    if not isinstance(layer, int):
-        raise UnsupportedModelError(f"ToMe tokens come from one layer; this model concatenates layers {layer}")
-    hidden = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states[layer]
-    return inner.multi_modal_projector(hidden[:, 1:] if strategy == "default" else hidden)
+def tome_video_features(host: Any, pixel_values: Tensor) -> Tensor:
+    """A host's video path for a tower with ToMe applied: the tower's (merged) tokens at the layer
+    its projector reads -> projector, unpooled (merged tokens have no grid). [F, 3, S, S] ->
+    [F, k, D]; k is the ToMe schedule's output count. Pass it as a session's `encoder`; the host
+    (`streamtc.hosts`, LLaVA-OneVision) provides `tower_hidden_states` and `project`."""
+    return host.project(host.tower_hidden_states(pixel_values))
 
 
 __all__ = ["CLASS_TOKEN_BY_LAYER", "bipartite_merge", "merge_weighted", "min_keep_tokens", "tome_schedule", "tome_video_features", "ToMe"]

@@ -45,8 +45,9 @@ from ..baselines.tome import min_keep_tokens
 from ..cacher import STCCacher
 from ..config import CacherConfig, PrunerConfig, STCConfig
 from ..errors import ConfigError
-from ..presets import DTYPES, build_model
-from ..pruner import LlavaOnevisionVideoLayout, STCPruner
+from ..hosts import VideoHost, host_for
+from ..presets import DTYPES, build_model, get_preset
+from ..pruner import STCPruner
 from ..session import StreamingSession
 from ..tokenizer import tokenizer_for_config
 from .timing import machine_info, peak_memory_bytes, reset_peak_memory, synchronize
@@ -155,6 +156,7 @@ class PipelineSettings:
     """Everything a run depends on besides the variants; written into every report."""
 
     preset: str = "tiny-llava-ov"
+    model: str | None = None  # real weights (a directory or hub id) in place of the preset
     vit_layers: int | None = None
     text_layers: int | None = None
     frames: tuple[int, ...] = (16, 32, 64)
@@ -174,7 +176,9 @@ class PipelineSettings:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
+        if self.model is not None and (self.vit_layers is not None or self.text_layers is not None):
+            raise ConfigError("depth overrides apply to presets; real weights (model=...) run at their own depth")
+        if self.model is None and self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
             raise ConfigError(f"preset {self.preset!r} is benchmarked on a GPU only (--device cuda); on a CPU use "
                               "llava-ov-0.5b with depth overrides")
 
@@ -209,34 +213,35 @@ class StreamRun:
 
 
 class _TowerTimer:
-    """Times every forward of the vision tower (pre/post hooks, synchronised) and keeps its
-    output tokens, the input of the projector."""
+    """Times every forward of the host's vision tower (pre/post hooks, synchronised) and keeps its
+    output tokens, the input of the projector (or patch merger), one [T, C] per pruner frame."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, keep_outputs: bool) -> None:
-        self.device, self.keep_outputs = device, keep_outputs
+    def __init__(self, host: VideoHost, device: torch.device, keep_outputs: bool) -> None:
+        self.host, self.device, self.keep_outputs = host, device, keep_outputs
         self.frame_ms: list[float] = []
         self.outputs: list[torch.Tensor] = []
         self._start = 0.0
-        inner = model.model
+        self._tower_kwargs: dict[str, Any] = {}
         self._hooks = [
-            inner.vision_tower.register_forward_pre_hook(self._begin),
-            inner.vision_tower.register_forward_hook(self._end),
-            inner.multi_modal_projector.register_forward_pre_hook(self._keep),
+            host.vision_tower.register_forward_pre_hook(self._begin, with_kwargs=True),
+            host.vision_tower.register_forward_hook(self._end, with_kwargs=True),
+            host.projector.register_forward_pre_hook(self._keep),
         ]
 
-    def _begin(self, module: torch.nn.Module, args: tuple) -> None:
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         synchronize(self.device)
+        self._tower_kwargs = kwargs
         self._start = time.perf_counter()
 
-    def _end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+    def _end(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         synchronize(self.device)
-        frames = args[0].shape[0] if args else 1
+        frames = self.host.tower_frames(args, kwargs)
         elapsed = (time.perf_counter() - self._start) * 1e3
         self.frame_ms.extend([elapsed / frames] * frames)
 
     def _keep(self, module: torch.nn.Module, args: tuple) -> None:
         if self.keep_outputs:
-            self.outputs.extend(args[0].detach().float().cpu())
+            self.outputs.extend(self.host.split_tower_tokens(args[0].detach().float().cpu(), self._tower_kwargs))
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -247,25 +252,26 @@ class VariantRunner:
     """Builds one variant's sessions on a shared model; its STC objects persist across streams
     (a compiled Cacher compiles once), patches are applied per stream and removed after it."""
 
-    def __init__(self, variant: PipelineVariant, model: torch.nn.Module, tokenizer: Any,
-                 settings: PipelineSettings) -> None:
-        self.variant, self.model, self.tokenizer, self.settings = variant, model, tokenizer, settings
+    def __init__(self, variant: PipelineVariant, host: VideoHost, settings: PipelineSettings,
+                 preprocessor: Callable[[Any], Any] | None = None) -> None:
+        self.variant, self.host, self.settings, self.preprocessor = variant, host, settings, preprocessor
+        self.model, self.tokenizer = host.model, host.tokenizer
         stc = variant.stc
         self.cacher = STCCacher(stc.cacher) if stc is not None and stc.cacher is not None else None
         self.pruner = STCPruner(stc.pruner) if stc is not None and stc.pruner is not None else None
-        self.pooled_side = LlavaOnevisionVideoLayout.pooled_side(model.config)
-        self.keep_tokens = max(1, round(variant.keep_ratio * self.pooled_side**2))
+        self.pooled_side = getattr(host, "pooled_side", None)  # LLaVA-OneVision's pooled grid (ToMe, VisionZip)
 
     @contextmanager
     def session(self) -> Iterator[StreamingSession]:
         variant, model = self.variant, self.model
         undo: list[Callable[[], None]] = []
         selector, encoder = None, None
-        tower = model.model.vision_tower
+        tower = self.host.vision_tower
         if variant.baseline == "tome":
-            config = model.config.vision_config
+            config = tower.config
             tokens, layers = (config.image_size // config.patch_size) ** 2, config.num_hidden_layers
-            tome = ToMe(keep_tokens=max(self.keep_tokens, min_keep_tokens(tokens, layers))).apply(tower)
+            keep = max(1, round(variant.keep_ratio * self.pooled_side**2))
+            tome = ToMe(keep_tokens=max(keep, min_keep_tokens(tokens, layers))).apply(tower)
             undo.append(tome.remove)
             encoder = tome_video_features
         elif variant.baseline == "visionzip":
@@ -284,7 +290,8 @@ class VariantRunner:
             undo.append(handle.remove)
         try:
             session = StreamingSession(
-                model, self.tokenizer, variant.stc, selector=selector, encoder=encoder,
+                model, self.tokenizer, variant.stc, selector=selector, encoder=encoder, host=self.host,
+                preprocessor=self.preprocessor,
                 prefill_min_tokens=self.settings.prefill_min_tokens,
                 _shared_stc=(self.cacher, self.pruner) if variant.stc is not None else None,
             )
@@ -298,7 +305,7 @@ class VariantRunner:
         """Push `frames` one at a time; measure at every checkpoint."""
         device = next(self.model.parameters()).device
         with self.session() as session:
-            timer = _TowerTimer(self.model, device, keep_outputs)
+            timer = _TowerTimer(self.host, device, keep_outputs)
             try:
                 reset_peak_memory(device)
                 results: list[Checkpoint] = []
@@ -412,6 +419,16 @@ def load_video_frames(video: str, count: int) -> tuple[np.ndarray, list[float]]:
     return np.stack([f.image for f in frames]), [f.timestamp for f in frames]
 
 
+def unsupported_reason(variant: PipelineVariant, host: VideoHost) -> str | None:
+    """Why `host` cannot run `variant` (None: it can). The Cacher needs a supported vision tower;
+    ToMe and VisionZip work on LLaVA-OneVision's fixed SigLIP grid."""
+    if variant.stc is not None and variant.stc.cacher is not None and not host.supports_cacher:
+        return f"STC-Cacher does not support {type(host.vision_tower).__name__}"
+    if variant.baseline in ("tome", "visionzip") and getattr(host, "pooled_side", None) is None:
+        return f"{variant.baseline} needs a LLaVA-OneVision host"
+    return None
+
+
 def run_pipeline_benchmark(
     settings: PipelineSettings,
     variants: Sequence[PipelineVariant] = DEFAULT_PIPELINE_VARIANTS,
@@ -419,20 +436,31 @@ def run_pipeline_benchmark(
     frames: tuple[np.ndarray, list[float]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every variant interleaved (see the module docstring); return the report dict."""
+    """Run every variant the model supports interleaved (see the module docstring); return the
+    report dict (variants the host cannot run are listed under "skipped" with the reason)."""
     if not variants or not variants[0].uncompressed:
         raise ConfigError("the first variant must be the uncompressed one ('none'): ratios and fidelity refer to it")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names must be unique, got {names}")
-    model = build_model(settings.preset, num_layers=settings.vit_layers, text_layers=settings.text_layers,
-                        seed=settings.seed, dtype=DTYPES[settings.dtype]).to(settings.device)
-    tokenizer = tokenizer_for_config(model.config)
+    if settings.model is not None:  # real weights with their tokenizer, template and processor config
+        loaded = StreamingSession.from_pretrained(settings.model, stc=None, device=settings.device,
+                                                  dtype=DTYPES[settings.dtype])
+        host, preprocessor = loaded.host, loaded.preprocessor
+        model = loaded.model
+    else:
+        preset = get_preset(settings.preset)
+        model = build_model(settings.preset, num_layers=settings.vit_layers, text_layers=settings.text_layers,
+                            seed=settings.seed, dtype=DTYPES[settings.dtype]).to(settings.device)
+        host = host_for(model, tokenizer_for_config(model.config), preset.protocol)
+        preprocessor = preset.preprocessor() if preset.preprocessor is not None else None
+    skipped = {v.name: reason for v in variants if (reason := unsupported_reason(v, host)) is not None}
+    variants = [v for v in variants if v.name not in skipped]
     checkpoints = sorted(set(settings.frames))
     images, stamps = frames if frames is not None else load_video_frames(settings.video, checkpoints[-1])
     if len(images) < checkpoints[-1]:
         raise ConfigError(f"{checkpoints[-1]} frames requested but only {len(images)} given")
-    runners = [VariantRunner(v, model, tokenizer, settings) for v in variants]
+    runners = [VariantRunner(v, host, settings, preprocessor) for v in variants]
     runs: dict[str, list[StreamRun]] = {v.name: [] for v in variants}
     warm = min(settings.warmup_frames, checkpoints[-1])
     for runner in runners:
@@ -454,11 +482,12 @@ def run_pipeline_benchmark(
         "benchmark": "pipeline",
         "machine": machine_info(settings.device),
         "settings": {**asdict(settings), "frames": checkpoints},
-        "model": {"preset": settings.preset, "vision_layers": model.config.vision_config.num_hidden_layers,
+        "model": {"preset": settings.model or settings.preset, "vision_layers": model.config.vision_config.num_hidden_layers,
                   "text_layers": model.config.text_config.num_hidden_layers,
                   "depth_override": settings.vit_layers is not None or settings.text_layers is not None},
         "questions": [{"question": q, "options": list(o) if o else None} for q, o in questions],
         "variants": [v.to_dict() for v in variants],
+        "skipped": skipped,
         "note": PROXY_NOTE,
         "rows": rows,
     }
@@ -572,11 +601,13 @@ def print_report(report: dict[str, Any], console: Any) -> None:
                            f"{row['e2e_speedup']:.2f}", *cosine, f"{row['next_token_kl']:.4f}",
                            f"{row['answer_agreement']:.2f}")
         console.print(versus)
+    for name, reason in report.get("skipped", {}).items():
+        console.print(f"[yellow]skipped {name}: {reason}[/]")
     console.print(f"[dim]{report['note']}[/]")
 
 
 __all__ = [
     "BASELINES", "DEFAULT_PIPELINE_VARIANTS", "DEFAULT_QUESTIONS", "VARIANTS_BY_NAME", "Checkpoint",
     "PipelineSettings", "PipelineVariant", "StreamRun", "VariantRunner", "load_video_frames", "print_report",
-    "run_pipeline_benchmark", "write_outputs",
+    "run_pipeline_benchmark", "unsupported_reason", "write_outputs",
 ]

@@ -228,19 +228,21 @@ class QwenVLLayout:
         indices: Tensor,
         lengths: Tensor | None = None,
         start_position: int = 0,
-        time_interval: float = 1.0,
+        time_interval: float | Tensor = 1.0,
+        first_patch: int = 0,
     ) -> Tensor:
         """[3, M] (t, h, w) M-RoPE positions of the kept tokens, in `kept_positions` order.
 
         Same values the model gives these tokens in the unpruned sequence
         (`get_vision_position_ids` in transformers 5.x): t = start + floor(t_patch * time_interval),
         h = start + row, w = start + column. time_interval is 1 for Qwen2-VL and
-        tokens_per_second * second_per_grid_t for Qwen2.5-VL.
+        tokens_per_second * second_per_grid_t for Qwen2.5-VL. first_patch: index of this grid's
+        first temporal patch in its video (a stream appends a video's patches chunk by chunk).
         """
         positions = self.kept_positions(indices, lengths)
         p = self.tokens_per_frame
         w = self.merged_hw[1]
-        t_patch = torch.div(positions, p, rounding_mode="floor")
+        t_patch = torch.div(positions, p, rounding_mode="floor") + first_patch
         within = positions % p
         temporal = (t_patch * time_interval).long() + start_position
         return torch.stack([temporal, within // w + start_position, within % w + start_position])

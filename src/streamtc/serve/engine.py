@@ -626,7 +626,8 @@ class Engine:
         model = base.model if stc is None or stc.cacher is None else shared_weights_view(base.model)
         policy = {} if window_tokens is None else {"cache_policy": lambda: SlidingWindowCache(window_tokens)}
         return StreamingSession(model, base.tokenizer, stc, preprocessor=base.preprocessor,
-                                system_prompt=base.system_prompt, chunk_frames=base.chunk_frames, **policy)
+                                system_prompt=base.system_prompt, chunk_frames=base.chunk_frames,
+                                protocol=base.host.protocol, **policy)
 
     def _process(self, stream: _Stream, image: np.ndarray, timestamp: float, number: int) -> None:
         """Worker: one frame through the stream's session, and its event."""

@@ -1,0 +1,218 @@
+"""The host interface: what a `StreamingSession` needs from one VideoLLM family, and nothing more.
+
+A host owns everything specific to its family: frame preprocessing to the model's pixel inputs, the
+video feature path (one vision-tower forward = one Cacher chunk, projector/merger, pooling), the
+token layout handed to the Pruner, the LLM's embeddings and forward, the positions of kept tokens,
+the chat-template pieces around the video, and how a question is appended. The session only pushes
+frames, prunes, pre-fills and decodes through it; it never reads `model.model.*` itself.
+
+Two objects per family:
+
+    host = LlavaOnevisionHost(model, tokenizer)       # stateless, shared by every stream on the model
+    stream = host.new_stream(system_prompt)          # one stream's prompt and position state
+
+    stream.prefix_ids()                               # the chat prompt pre-filled at reset
+    chunk = host.encode(pixels)                       # EncodedChunk: features [F, P, D] for the Pruner
+    pieces = stream.place(chunk, kept, frames, stamps)   # per pruner frame: embeds [n, D], positions [R, n]
+    embeds = stream.question_embeds(question)         # the prompt after the video, for one question
+    positions = stream.text_positions(n)              # positions of n text tokens (advances the stream)
+
+Positions are [R, n]: R = 1 for plain 1-D RoPE, R = 3 for M-RoPE (t, h, w). A stream's
+`next_position` is where the next text token goes; the session saves and restores it around each
+question, so questions leave no trace.
+
+Adding a family is one module with a `VideoHost` and a `HostStream` subclass, registered in
+`streamtc.hosts.HOST_CLASSES`, plus a preset entry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from ..cacher.cacher import find_vision_tower
+from ..errors import ConfigError, UnsupportedModelError
+from ..pruner import KeptTokens
+
+# (host, pixel_values [F, 3, S, S]) -> visual tokens [F, P, D]: a replacement for the video path.
+VideoEncoder = Callable[["VideoHost", Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """One vision-tower forward's output, as the Pruner sees it.
+
+    features: [F, P, D] prunable tokens, one row per pruner frame (a video frame for LLaVA-OV, a
+        temporal patch of two frames for Qwen-VL). frames: video frames covered (before padding).
+    grid: (T, h, w) of the merged token grid for M-RoPE hosts (T = F), else None.
+    """
+
+    features: Tensor
+    frames: int
+    grid: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Tokens to append for one pruner frame: embeds [n, D] and their positions [R, n]; `text`
+    of them are prompt text the protocol puts around the chunk (the rest are visual tokens)."""
+
+    embeds: Tensor
+    positions: Tensor
+    text: int = 0
+
+
+class HostStream(ABC):
+    """One stream's prompt and position state on a host (see the module docstring)."""
+
+    next_position: int
+
+    @abstractmethod
+    def prefix_ids(self) -> list[int]:
+        """Token ids of the chat prompt before the first video token (pre-filled at reset);
+        advances `next_position` past them."""
+
+    @abstractmethod
+    def place(self, chunk: EncodedChunk, kept: KeptTokens | None, first_frame: int,
+              timestamps: Sequence[float] | None) -> list[Placed]:
+        """The tokens one encoded chunk appends, one `Placed` per pruner frame, in order: the kept
+        tokens (all when kept is None) at their positions, with any text the protocol puts around
+        the chunk folded into the first and last piece. Advances the stream."""
+
+    @abstractmethod
+    def question_embeds(self, question: str, answer_prefix: str = "") -> Tensor:
+        """Embeddings [1, n, D] of everything after the video for one question (the rest of the
+        chat prompt and the generation prompt), then `answer_prefix` (text the answer turn starts
+        with); pre-filled at `text_positions(n)`."""
+
+    def text_positions(self, count: int) -> Tensor:
+        """Positions [R, count] of the next count text tokens; advances `next_position`."""
+        positions = torch.arange(self.next_position, self.next_position + count)
+        self.next_position += count
+        return positions[None].expand(self.position_rows, -1)
+
+    position_rows: ClassVar[int] = 1
+
+
+class VideoHost(ABC):
+    """A VideoLLM family behind the session (see the module docstring).
+
+    model_classes: the transformers classes this host runs. frames_per_step: video frames one
+    vision forward needs at least (2 for a temporal patch). partial_chunks: whether a push may
+    encode fewer than `chunk_frames` frames (one growing video) or chunks are fixed turns.
+    protocols: the prompt protocols it runs, the default first.
+    """
+
+    model_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
+    frames_per_step: ClassVar[int] = 1
+    protocols: ClassVar[tuple[str, ...]] = ("video",)
+    default_fps: ClassVar[float] = 1.0  # frames per second a stream is sampled at by default
+
+    @classmethod
+    @abstractmethod
+    def tower_class(cls, model_class: type[PreTrainedModel]) -> type[nn.Module]:
+        """The vision tower class inside `model_class` (what the Cacher would patch)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, protocol: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.protocol = protocol or self.protocols[0]
+        if self.protocol not in self.protocols:
+            raise ConfigError(
+                f"{type(self).__name__} runs the prompt protocols {', '.join(self.protocols)}; got {protocol!r}"
+            )
+        self.device = next(model.parameters()).device
+
+    # -- properties the session and tools read -----------------------------------------------
+
+    @property
+    def partial_chunks(self) -> bool:
+        return True
+
+    @property
+    def tokens_per_frame(self) -> int | None:
+        """Uncompressed tokens of one pruner frame when fixed by the config, else None."""
+        return None
+
+    def chunk_frames(self, requested: int | None, first: bool) -> int:
+        """Frames per vision forward: `requested` (default: one step), for the first chunk too."""
+        return requested or self.frames_per_step
+
+    @property
+    @abstractmethod
+    def vision_tower(self) -> nn.Module:
+        """The vision tower module (one forward per chunk; benchmarks time it)."""
+
+    @property
+    @abstractmethod
+    def projector(self) -> nn.Module:
+        """The module whose input is the tower's output tokens (projector or patch merger)."""
+
+    def tower_frames(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        """Video frames one vision-tower call (its positional and keyword arguments) encodes."""
+        return args[0].shape[0]
+
+    def split_tower_tokens(self, tokens: Tensor, tower_kwargs: dict[str, Any]) -> list[Tensor]:
+        """The projector's input (the tower's output tokens) as one [T, C] tensor per pruner frame."""
+        return list(tokens)
+
+    @property
+    def supports_cacher(self) -> bool:
+        """Whether STC-Cacher can attach to this host's vision tower."""
+        try:
+            find_vision_tower(self.model)
+        except UnsupportedModelError:
+            return False
+        return True
+
+    # -- vision ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def default_preprocessor(self) -> Callable[[Any], Any]:
+        """frames -> per-frame pixel tensors [F][3, H, W], from the model config's defaults."""
+
+    @classmethod
+    @abstractmethod
+    def preprocessor_from_pretrained(cls, path_or_id: str | Path, protocol: str | None = None) -> Callable[[Any], Any]:
+        """The preprocessor a checkpoint's processor files describe (for that prompt protocol)."""
+
+    @abstractmethod
+    def encode(self, pixels: Sequence[Tensor], encoder: VideoEncoder | None = None) -> EncodedChunk:
+        """One vision-tower forward on one chunk's per-frame pixels [3, H, W] (equal sizes)."""
+
+    def tower_hidden_states(self, pixel_values: Tensor) -> Tensor:
+        """The tower's tokens at the layer the projector reads, [F, T, C] (token-merging baselines)."""
+        raise UnsupportedModelError(f"{type(self).__name__} does not expose per-layer tower tokens")
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """The projector on tower tokens [F, T, C] -> [F, T, D], without pooling."""
+        raise UnsupportedModelError(f"{type(self).__name__} does not expose its projector separately")
+
+    # -- language model ----------------------------------------------------------------------
+
+    def embed(self, ids: Sequence[int]) -> Tensor:
+        """Input embeddings [n, D] of token ids."""
+        return self.model.get_input_embeddings()(torch.tensor(list(ids), device=self.device))
+
+    @abstractmethod
+    def forward(self, embeds: Tensor, positions: Tensor, cache: Cache) -> Tensor:
+        """Pre-fill embeds [1, n, D] at positions [R, n] into `cache`; returns the last hidden state [1, D]."""
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Next-token logits [1, V] of a final hidden state [1, D]."""
+        return self.model.lm_head(hidden)
+
+    @abstractmethod
+    def new_stream(self, system_prompt: str | None) -> HostStream:
+        """Fresh prompt and position state for one stream."""
+
+
+__all__ = ["EncodedChunk", "HostStream", "Placed", "VideoEncoder", "VideoHost"]
