@@ -832,9 +832,9 @@ def test_over_budget_subsample_needs_the_pixel_signal():
 def test_over_budget_motion_below_the_cut_threshold_is_reused_not_subsampled(siglip):
     g = torch.Generator().manual_seed(5)
     base = torch.randn(1, 3, 56, 56, generator=g)
-    moving = torch.cat([base] + [base + 0.5 * torch.randn(1, 3, 56, 56, generator=g) for _ in range(3)])
+    moving = torch.cat([base] + [base + 0.42 * torch.randn(1, 3, 56, 56, generator=g) for _ in range(3)])
     change = F.relative_pixel_change(moving[1:], moving[0])
-    assert ((change > 0.35) & (change < 0.8)).all()  # moved past the refresh threshold, not a cut
+    assert ((change > 0.35) & (change < 0.5)).all()  # moved past the refresh threshold, not a cut
     cacher = STCCacher(over_budget_config()).attach(siglip)
     encode_chunks(siglip, split(moving, 1))
     cacher.detach()
