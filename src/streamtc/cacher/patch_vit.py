@@ -33,6 +33,20 @@ from .kernels import feed_forward, linear
 from .state import LayerReference
 
 
+# The refresh and selective forwards hold no host syncs or data-dependent branches: one full graph.
+COMPILABLE = True
+
+
+def layer_inputs(attention_mask: torch.Tensor | None = None, **kwargs) -> tuple:
+    """The layer's inputs after the hidden states, as the forwards below take them."""
+    return (attention_mask,)
+
+
+def layer_keys(layer: nn.Module, hidden_states: torch.Tensor, onednn: bool = False) -> torch.Tensor:
+    """The layer's keys [F, T, C] for hidden states [F, T, C] (what the chunk planner compares)."""
+    return linear(layer.self_attn.k_proj, layer.layer_norm1(hidden_states), onednn)
+
+
 def eager_attention_for(layer: nn.Module) -> Callable:
     """The `eager_attention_forward` of the module that defines the layer's attention class."""
     module = sys.modules[type(layer.self_attn).__module__]
@@ -155,4 +169,4 @@ def selective_forward(
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected)
 
 
-__all__ = ["eager_attention_for", "refresh_forward", "selective_forward"]
+__all__ = ["COMPILABLE", "layer_inputs", "layer_keys", "eager_attention_for", "refresh_forward", "selective_forward"]
