@@ -191,17 +191,25 @@ def bench_vit(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
+    tower: Annotated[str | None, typer.Option(
+        help="A Qwen-VL vision tower instead of --preset: qwen2-vl, qwen2.5-vl or qwen3-vl (checkpoint widths; "
+             "448x448 frames at 2 fps, two frames per temporal patch and chunk; --frames must be even)")] = None,
 ) -> None:
     """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
-    from .bench.vit import load_benchmark_frames, print_report, run_vit_benchmark, write_report
+    from .bench.vit import (
+        DEFAULT_VARIANTS, QWEN_VARIANTS, load_benchmark_frames, load_qwen_frames, print_report, run_vit_benchmark,
+        write_report,
+    )
     from .presets import build_config
 
     if threads is not None:
         torch.set_num_threads(threads)
-    image_size = build_config(preset).image_size
-    pixel_values = load_benchmark_frames(video, frames, image_size)
+    if tower is None:
+        pixel_values = load_benchmark_frames(video, frames, build_config(preset).image_size)
+    else:
+        pixel_values = load_qwen_frames(video, tower, frames)
     report = run_vit_benchmark(pixel_values, preset=preset, num_layers=num_layers, repeats=repeats, warmup=warmup,
-                               device=device)
+                               device=device, tower=tower, variants=DEFAULT_VARIANTS if tower is None else QWEN_VARIANTS)
     report["video"] = video
     print_report(report)
     if output is not None:

@@ -9,10 +9,17 @@ repeats (and frames) after a warm-up; an unpatched "control" variant shows the n
 every time ratio the benchmark prints the FLOP model's ratio (the limit to approach) and the
 fidelity: per-frame cosine of the final hidden states to the full forward (mean over tokens of
 the token cosine).
+
+    streamtc bench vit --tower qwen2-vl --num-layers 4 --frames 32
+
+With --tower (qwen2-vl, qwen2.5-vl, qwen3-vl) the tower is a Qwen-VL vision tower at its
+checkpoint's width and the unit of reuse is a temporal patch: frames are taken at 2 fps, two per
+tower forward (see `qwen_towers`); every "frame" of the report is then one temporal patch.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -30,6 +37,7 @@ from ..errors import InputError
 from ..preprocess import FramePreprocessor
 from ..presets import build_model
 from ..sources import Frame, PyAVSource, open_source
+from . import qwen_towers
 from .timing import machine_info, timed
 
 
@@ -55,6 +63,9 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("adaptive N=8 budget 2 r=0.25", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
                                                          refresh_threshold=0.92, refresh_budget=2)),
 )
+
+# The Qwen towers' variants: no compiled path (their windowed blocks split attention on the host).
+QWEN_VARIANTS: tuple[Variant, ...] = tuple(v for v in DEFAULT_VARIANTS if v.config is None or v.config.compile_mode is None)
 
 
 @dataclass
@@ -90,6 +101,18 @@ def load_benchmark_frames(video: str, count: int, image_size: int) -> torch.Tens
     return FramePreprocessor(size=image_size)(np.stack([f.image for f in sample_clip(video, count)]))
 
 
+def load_qwen_frames(video: str, tower: str, count: int, image_size: int = 448, fps: float = 2.0) -> torch.Tensor:
+    """`count` frames of a video at `fps` as `tower`'s pixel values [F, 3, S, S]; a clip shorter than
+    count / fps plays on backwards from its end (no cut is added), and so on."""
+    frames = [f.image for f in open_source(video, fps=fps)]
+    if not frames:
+        raise InputError(f"{video}: no frames")
+    loop = frames + frames[-2:0:-1] if len(frames) > 1 else frames
+    mean, std = qwen_towers.normalisation(tower)
+    chosen = np.stack([loop[i % len(loop)] for i in range(count)])
+    return FramePreprocessor(size=image_size, image_mean=mean, image_std=std)(chosen)
+
+
 def run_vit_benchmark(
     pixel_values: torch.Tensor,
     preset: str = "siglip-so400m-384",
@@ -99,6 +122,7 @@ def run_vit_benchmark(
     warmup: int = 1,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    tower: str | None = None,
 ) -> dict[str, Any]:
     """Stream `pixel_values` [F, 3, H, W] frame by frame through every variant at once; the report dict.
 
@@ -107,30 +131,44 @@ def run_vit_benchmark(
     frame i + 1, in an order rotated every frame. Each variant frame is timed against the full
     frame encoded moments before or after it, so machine drift (other tenants, memory bandwidth,
     clocks) cancels in the paired ratios instead of landing on whichever variant ran during it.
+
+    tower: a Qwen-VL tower name instead of `preset`; `pixel_values` then holds pairs of frames, each
+    pair one temporal patch and one tower forward.
     """
     if variants[0].config is not None:
         raise ValueError("the first variant must be the unpatched baseline (config None)")
-    model = build_model(preset, num_layers=num_layers, dtype=dtype).to(device)
     pixel_values = pixel_values.to(device=device, dtype=dtype)
+    if tower is None:
+        model = build_model(preset, num_layers=num_layers, dtype=dtype).to(device)
+        inputs = list(pixel_values)
+
+        def encode(frame: torch.Tensor) -> torch.Tensor:
+            return model(pixel_values=frame[None]).last_hidden_state
+    else:
+        model = qwen_towers.build_qwen_tower(tower, num_layers, dtype).to(device)
+        inputs, grid_thw = qwen_towers.temporal_patches(pixel_values, model.config)
+
+        def encode(patch: torch.Tensor) -> torch.Tensor:
+            return model(patch, grid_thw=grid_thw).last_hidden_state[None]
     results = {v.name: VariantResult(v.name, None if v.config is None else v.config.to_dict()) for v in variants}
     cachers = {v.name: STCCacher(v.config) for v in variants if v.config is not None}
     baseline = variants[0].name
     with torch.inference_mode():
-        reference = torch.cat([model(pixel_values=f[None]).last_hidden_state for f in pixel_values])
+        reference = torch.cat([encode(x) for x in inputs])
         for repeat in range(warmup + repeats):
             for cacher in cachers.values():
                 cacher.reset()
             ms = {v.name: [] for v in variants}
             outputs = {v.name: [] for v in variants}
             refreshed = {v.name: [] for v in variants}
-            for i, frame in enumerate(pixel_values):
+            for i, frame in enumerate(inputs):
                 shift = i % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
                     cacher = cachers.get(variant.name)
                     if cacher is not None:
                         cacher.attach(model)
                     before = cacher.stats.refresh_chunks if cacher else 0
-                    out, elapsed = timed(lambda: model(pixel_values=frame[None]).last_hidden_state, device)
+                    out, elapsed = timed(lambda: encode(frame), device)
                     if cacher is not None:
                         cacher.detach()
                     ms[variant.name].append(elapsed)
@@ -147,23 +185,30 @@ def run_vit_benchmark(
                 result.flat_cosine = flat_cosine(got, reference).tolist()
     config = model.config
     tokens = reference.shape[1]
+    frame_flops = None if tower is None else functools.partial(qwen_towers.block_flops, config, tokens)
     return {
         "benchmark": "vit",
-        "preset": preset,
-        "num_layers": config.num_hidden_layers,
-        "frames": int(pixel_values.shape[0]),
+        "preset": preset if tower is None else tower,
+        "unit": "frame" if tower is None else "temporal patch (2 frames)",
+        "num_layers": config.num_hidden_layers if tower is None else config.depth,
+        "frames": len(inputs),
         "image_size": int(pixel_values.shape[-1]),
         "tokens_per_frame": tokens,
         "repeats": repeats,
         "warmup": warmup,
         "dtype": str(dtype).removeprefix("torch."),
         "machine": machine_info(device),
-        "variants": [summarise(results[v.name], results[baseline], tokens, config) for v in variants],
+        "variants": [summarise(results[v.name], results[baseline], tokens, config, frame_flops) for v in variants],
     }
 
 
-def summarise(result: VariantResult, full: VariantResult, tokens: int, config: Any) -> dict[str, Any]:
-    """Paired ratios against the unpatched run (medians over repeats and frames), the FLOP model, fidelity."""
+def summarise(
+    result: VariantResult, full: VariantResult, tokens: int, config: Any, frame_flops: Any = None
+) -> dict[str, Any]:
+    """Paired ratios against the unpatched run (medians over repeats and frames), the FLOP model, fidelity.
+
+    frame_flops: recomputed tokens (None: all) -> FLOPs of one frame; default the pre-LN layer model.
+    """
     totals = [sum(run) for run in result.frame_ms]
     time_ratios = [sum(run) / sum(base) for run, base in zip(result.frame_ms, full.frame_ms)]
     paired = [
@@ -173,16 +218,16 @@ def summarise(result: VariantResult, full: VariantResult, tokens: int, config: A
     ]
     refresh = [ratio for ratio, is_refresh in paired if is_refresh]
     selective = [ratio for ratio, is_refresh in paired if not is_refresh]
-    width, mlp = config.hidden_size, config.intermediate_size
+    if frame_flops is None:
+        frame_flops = functools.partial(F.layer_flops, tokens, config.hidden_size, config.intermediate_size)
     n_refresh = sum(result.refresh_frames)
     if result.config is None:
         flop = 1.0
     else:
         k = F.num_recomputed_tokens(tokens, result.config["update_ratio"])
-        frame_flops = F.layer_flops(tokens, width, mlp)
-        selective_flops = F.layer_flops(tokens, width, mlp, k)
+        full_flops, selective_flops = frame_flops(None), frame_flops(k)
         n = len(result.refresh_frames)
-        flop = (n_refresh * frame_flops + (n - n_refresh) * selective_flops) / (n * frame_flops)
+        flop = (n_refresh * full_flops + (n - n_refresh) * selective_flops) / (n * full_flops)
     return {
         "name": result.name,
         "config": result.config,
@@ -208,7 +253,7 @@ def print_report(report: dict[str, Any]) -> None:
 
     table = Table(title=(
         f"ViT encode, {report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
-        f"{report['frames']} frames, one per chunk, interleaved per frame, median of {report['repeats']}"
+        f"{report['frames']} {report.get('unit', 'frame')}s, one per chunk, interleaved per frame, median of {report['repeats']}"
     ))
     for column in ("variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame",
                    "cos mean", "cos min"):
@@ -235,5 +280,5 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["Variant", "DEFAULT_VARIANTS", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_report", "token_cosine",
+__all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "load_benchmark_frames", "load_qwen_frames", "run_vit_benchmark", "print_report", "write_report", "token_cosine",
            "flat_cosine"]
