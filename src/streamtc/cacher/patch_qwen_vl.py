@@ -90,12 +90,17 @@ def layer_keys(layer: nn.Module, hidden_states: torch.Tensor, onednn: bool = Fal
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """2-D vision RoPE on x [..., N, H, D] with cos/sin [..., N, D], in float32 as transformers does."""
+    """2-D vision RoPE on x [..., N, H, D] with cos/sin [..., N, D], in float32 as transformers does.
+
+    x * cos + rotate_half(x) * sin, with rotate_half's halves added in place (no concatenated copy).
+    """
     dtype = x.dtype
     x, cos, sin = x.float(), cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(dtype)
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out.to(dtype)
 
 
 def _feed_forward(mlp: nn.Module, x: torch.Tensor, onednn: bool) -> torch.Tensor:
