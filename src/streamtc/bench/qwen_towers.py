@@ -88,6 +88,26 @@ def temporal_patches(pixel_values: torch.Tensor, config) -> tuple[list[torch.Ten
     return list(x), torch.tensor([[1, h, w]])
 
 
+def _width(config) -> int:
+    return config.embed_dim if isinstance(config, Qwen2VLVisionConfig) else config.hidden_size
+
+
+def fixed_flops(config, tokens: int) -> float:
+    """Multiply-accumulates of one temporal patch outside the blocks, which the cacher leaves as they are:
+    the Conv3d patch embedding and the 2x2 patch mergers (the final one and any DeepStack taps)."""
+    width = _width(config)
+    out = config.hidden_size if isinstance(config, Qwen2VLVisionConfig) else config.out_hidden_size
+    merged, wide = tokens // config.spatial_merge_size**2, width * config.spatial_merge_size**2
+    mergers = 1 + len(getattr(config, "deepstack_visual_indexes", []))
+    embed = tokens * config.in_channels * config.temporal_patch_size * config.patch_size**2 * width
+    return embed + mergers * merged * wide * (wide + out)
+
+
+def tower_flops(config, tokens: int, recomputed: int | None = None) -> float:
+    """The whole tower forward on one temporal patch: blocks (see `block_flops`) plus `fixed_flops`."""
+    return block_flops(config, tokens, recomputed) + fixed_flops(config, tokens)
+
+
 def block_flops(config, tokens: int, recomputed: int | None = None) -> float:
     """Multiply-accumulates of the tower's blocks on one temporal patch (matrix products and attention).
 
@@ -95,7 +115,7 @@ def block_flops(config, tokens: int, recomputed: int | None = None) -> float:
     proj, attention rows and MLP on `recomputed` tokens. Windowed blocks (Qwen2.5-VL) attend over
     their window's tokens; the MLP counts 3 products when gated.
     """
-    width = config.embed_dim if isinstance(config, Qwen2VLVisionConfig) else config.hidden_size
+    width = _width(config)
     if isinstance(config, Qwen2VLVisionConfig):
         mlp = 2 * width * int(width * config.mlp_ratio)
     elif isinstance(config, Qwen2_5_VLVisionConfig):
@@ -122,4 +142,6 @@ __all__ = [
     "normalisation",
     "temporal_patches",
     "block_flops",
+    "fixed_flops",
+    "tower_flops",
 ]

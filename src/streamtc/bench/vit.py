@@ -191,7 +191,7 @@ def run_vit_benchmark(
                 result.flat_cosine = flat_cosine(got, reference).tolist()
     config = model.config
     tokens = reference.shape[1]
-    frame_flops = None if tower is None else functools.partial(qwen_towers.block_flops, config, tokens)
+    frame_flops = None if tower is None else functools.partial(qwen_towers.tower_flops, config, tokens)
     return {
         "benchmark": "vit",
         "preset": preset if tower is None else tower,
