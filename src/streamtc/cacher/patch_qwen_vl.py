@@ -25,8 +25,8 @@ the same either way; pre-RoPE keys are what the projection gives, with nothing t
 Modifications relative to `Qwen2VLVisionBlock.forward` / `VisionAttention.forward` (transformers 5.x):
 - the attention block is inlined so K and V can be stored (refresh) or K computed alone (selective);
 - attention still runs through `ALL_ATTENTION_FUNCTIONS` with the block's configured backend (eager
-  or sdpa), per `cu_seqlens` segment as transformers does; selected queries attend to their segment
-  through an additive mask over the temporal patch's keys;
+  or sdpa), per `cu_seqlens` segment as transformers does; in windowed blocks the selected queries
+  are grouped by window, each group attending over its window's keys;
 - the block still takes `(hidden_states, cu_seqlens, position_embeddings, **kwargs)` and returns a
   tensor, so hidden-state capture, DeepStack taps and the patch merger read the cacher's outputs.
 """
@@ -58,7 +58,8 @@ ATTENTION_BACKENDS = ("eager", "sdpa")
 def eager_attention_for(layer: nn.Module) -> Callable:
     """The `eager_attention_forward` of the block's modeling module; checks the attention backend.
 
-    The selective pass masks its queries' segments, which the varlen flash kernels cannot take.
+    The selective pass's queries and keys have different lengths per segment, which the patch
+    does not pass to the varlen flash kernels.
     """
     implementation = layer.attn.config._attn_implementation
     if implementation not in ATTENTION_BACKENDS:
@@ -121,7 +122,6 @@ def _attend(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    attention_mask: torch.Tensor | None,
     eager_fallback: Callable,
 ) -> torch.Tensor:
     """Attention of queries [B, Q, H, D] over keys/values [B, N, H, D] -> [B, Q, H * D], before proj."""
@@ -131,7 +131,7 @@ def _attend(
         queries.transpose(1, 2),
         keys.transpose(1, 2),
         values.transpose(1, 2),
-        attention_mask,
+        None,
         scaling=attn.scaling,
         dropout=0.0 if not attn.training else attn.attention_dropout,
         is_causal=False,
@@ -150,27 +150,47 @@ def _segment_attention(
     """Full attention within each cu_seqlens segment of [S, H, D] sequences -> [S, H * D] (transformers' split)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     outputs = [
-        _attend(attn, q[None], k[None], v[None], None, eager_fallback)[0]
+        _attend(attn, q[None], k[None], v[None], eager_fallback)[0]
         for q, k, v in zip(*(x.split(lengths) for x in (queries, keys, values)))
     ]
     return torch.cat(outputs)
 
 
-def _segment_mask(
-    cu_seqlens: torch.Tensor, index: torch.Tensor, units: int, num_tokens: int, dtype: torch.dtype
-) -> torch.Tensor | None:
-    """Additive mask [U, 1, k, T] keeping each selected query within its own segment (None: one per unit).
+def _selected_attention(
+    attn: nn.Module,
+    queries: torch.Tensor,
+    index: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    eager_fallback: Callable,
+) -> torch.Tensor:
+    """Selected queries [U, k, H, D] (tokens `index` [U, k]) over keys/values [U, T, H, D] -> [U, k, H * D].
 
-    With as many segments as temporal patches every segment is a whole temporal patch (segments never
-    straddle two), so no mask is needed; otherwise (Qwen2.5-VL windows) query i sees the keys of its window.
+    Each query attends over its own cu_seqlens segment. With as many segments as temporal patches
+    each segment is a whole temporal patch (segments never straddle two): one batched attention.
+    Otherwise (Qwen2.5-VL windows) the queries are grouped by window and each group attends over its
+    window's keys, as the unpatched block attends per window.
     """
+    units, num_tokens = keys.shape[:2]
     if cu_seqlens.numel() - 1 == units:
-        return None
-    positions = torch.arange(units * num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    segment = torch.searchsorted(cu_seqlens[1:], positions, right=True).view(units, num_tokens)  # [U, T]
-    same = torch.gather(segment, 1, index)[:, :, None] == segment[:, None, :]  # [U, k, T]
-    mask = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
-    return mask[:, None]
+        return _attend(attn, queries, keys, values, eager_fallback)
+    selected = index.shape[1]
+    offsets = torch.arange(units, device=index.device)[:, None] * num_tokens
+    positions = (index + offsets).flatten().to(cu_seqlens.dtype)  # [U * k] in the flat sequence
+    segment = torch.searchsorted(cu_seqlens[1:], positions, right=True)
+    order = torch.argsort(segment)
+    counts = torch.bincount(segment, minlength=cu_seqlens.numel() - 1).tolist()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    grouped = queries.reshape(units * selected, *queries.shape[2:])[order]
+    outputs = [
+        _attend(attn, q[None], k[None], v[None], eager_fallback)[0]
+        for q, k, v in zip(grouped.split(counts), keys.flatten(0, 1).split(lengths), values.flatten(0, 1).split(lengths))
+        if q.shape[0]
+    ]
+    context = torch.empty(units * selected, queries.shape[2] * queries.shape[3], dtype=queries.dtype, device=queries.device)
+    context[order] = torch.cat(outputs)
+    return context.view(units, selected, -1)
 
 
 def refresh_forward(
@@ -258,18 +278,17 @@ def selective_forward(
     queries = _rotate(queries.view(units, -1, heads, queries.shape[-1] // heads),
                       gather_tokens(cos, index), gather_tokens(sin, index))  # the selected tokens' own RoPE rows
     rotated_keys = _rotate(keys.view(units, num_tokens, heads, -1), cos, sin)
-    mask = _segment_mask(cu_seqlens, index, units, num_tokens, queries.dtype)
     if units == 1:
         # One temporal patch: V̄ is V_ref with V_I swapped in, in place, and swapped back after
         # attending (bit-exact). A block that raises in between leaves the stream without a
         # reference: STCCacher._layer_forward marks it for a refresh.
         replaced = F.swap_rows(reference.values, index[0], selected_values[0])
-        context = _attend(attn, queries, rotated_keys, reference.values.view(1, num_tokens, heads, -1), mask,
-                          eager_fallback)
+        values = reference.values.view(1, num_tokens, heads, -1)
+        context = _selected_attention(attn, queries, index, rotated_keys, values, cu_seqlens, eager_fallback)
         F.swap_rows(reference.values, index[0], replaced)
     else:
-        values = F.mix_with_reference(reference.values, index, selected_values)  # V̄ [U, T, C]
-        context = _attend(attn, queries, rotated_keys, values.view(units, num_tokens, heads, -1), mask, eager_fallback)
+        values = F.mix_with_reference(reference.values, index, selected_values).view(units, num_tokens, heads, -1)  # V̄
+        context = _selected_attention(attn, queries, index, rotated_keys, values, cu_seqlens, eager_fallback)
 
     selected = gather_tokens(hidden_states, index) + linear(attn.proj, context, onednn)  # X[I] + A_I
     selected = selected + _feed_forward(layer.mlp, layer.norm2(selected), onednn)  # + M_I
