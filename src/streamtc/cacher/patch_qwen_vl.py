@@ -44,7 +44,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
 
 from ..errors import UnsupportedModelError
-from ..tokens import gather_tokens
+from ..tokens import flat_token_index
 from . import functional as F
 from .kernels import linear, linear_rows
 from .state import LayerReference
@@ -159,13 +159,14 @@ def _segment_attention(
 def _selected_attention(
     attn: nn.Module,
     queries: torch.Tensor,
-    index: torch.Tensor,
+    rows: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     cu_seqlens: torch.Tensor,
     eager_fallback: Callable,
 ) -> torch.Tensor:
-    """Selected queries [U, k, H, D] (tokens `index` [U, k]) over keys/values [U, T, H, D] -> [U, k, H * D].
+    """Selected queries [U, k, H, D] (rows `rows` [U * k] of the flat sequence) over keys/values
+    [U, T, H, D] -> [U, k, H * D].
 
     Each query attends over its own cu_seqlens segment. With as many segments as temporal patches
     each segment is a whole temporal patch (segments never straddle two): one batched attention.
@@ -175,10 +176,8 @@ def _selected_attention(
     units, num_tokens = keys.shape[:2]
     if cu_seqlens.numel() - 1 == units:
         return _attend(attn, queries, keys, values, eager_fallback)
-    selected = index.shape[1]
-    offsets = torch.arange(units, device=index.device)[:, None] * num_tokens
-    positions = (index + offsets).flatten().to(cu_seqlens.dtype)  # [U * k] in the flat sequence
-    segment = torch.searchsorted(cu_seqlens[1:], positions, right=True)
+    selected = queries.shape[1]
+    segment = torch.searchsorted(cu_seqlens[1:], rows.to(cu_seqlens.dtype), right=True)
     order = torch.argsort(segment)
     counts = torch.bincount(segment, minlength=cu_seqlens.numel() - 1).tolist()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
@@ -271,29 +270,33 @@ def selective_forward(
     if index is None:
         index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed)
 
-    normed_selected = gather_tokens(normed, index)  # [U, k, C]
+    rows = flat_token_index(index, num_tokens)  # [U * k] rows of the flat sequence, shared by every gather
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # [S, ...] or [U, T, ...] -> [U, k, ...]
+        return x.reshape(seq_len, -1).index_select(0, rows).view(units, -1, x.shape[-1])
+
+    normed_selected = gather(normed)  # [U, k, C]
     queries = _qkv_rows(attn.qkv, normed_selected, 0, onednn)
     selected_values = _qkv_rows(attn.qkv, normed_selected, 2, onednn)
-    cos, sin = (x.view(units, num_tokens, -1) for x in position_embeddings)  # [U, T, D]
-    queries = _rotate(queries.view(units, -1, heads, queries.shape[-1] // heads),
-                      gather_tokens(cos, index), gather_tokens(sin, index))  # the selected tokens' own RoPE rows
-    rotated_keys = _rotate(keys.view(units, num_tokens, heads, -1), cos, sin)
+    cos, sin = position_embeddings  # [S, D]
+    queries = _rotate(queries.view(units, -1, heads, width // heads), gather(cos), gather(sin))  # their own RoPE rows
+    rotated_keys = _rotate(keys.view(units, num_tokens, heads, -1), cos.view(units, num_tokens, -1),
+                           sin.view(units, num_tokens, -1))
     if units == 1:
         # One temporal patch: V̄ is V_ref with V_I swapped in, in place, and swapped back after
         # attending (bit-exact). A block that raises in between leaves the stream without a
         # reference: STCCacher._layer_forward marks it for a refresh.
-        replaced = F.swap_rows(reference.values, index[0], selected_values[0])
+        replaced = F.swap_rows(reference.values, rows, selected_values[0])
         values = reference.values.view(1, num_tokens, heads, -1)
-        context = _selected_attention(attn, queries, index, rotated_keys, values, cu_seqlens, eager_fallback)
-        F.swap_rows(reference.values, index[0], replaced)
+        context = _selected_attention(attn, queries, rows, rotated_keys, values, cu_seqlens, eager_fallback)
+        F.swap_rows(reference.values, rows, replaced)
     else:
         values = F.mix_with_reference(reference.values, index, selected_values).view(units, num_tokens, heads, -1)  # V̄
-        context = _selected_attention(attn, queries, index, rotated_keys, values, cu_seqlens, eager_fallback)
+        context = _selected_attention(attn, queries, rows, rotated_keys, values, cu_seqlens, eager_fallback)
 
-    selected = gather_tokens(hidden_states, index) + linear(attn.proj, context, onednn)  # X[I] + A_I
+    selected = gather(hidden_states) + linear(attn.proj, context, onednn)  # X[I] + A_I
     selected = selected + _feed_forward(layer.mlp, layer.norm2(selected), onednn)  # + M_I
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected).view(seq_len, width)
-
 
 __all__ = [
     "COMPILABLE",
