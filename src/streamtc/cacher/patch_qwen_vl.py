@@ -173,7 +173,7 @@ def _selected_attention(
     Otherwise (Qwen2.5-VL windows) the queries are grouped by window and each group attends over its
     window's keys, as the unpatched block attends per window.
     """
-    units, num_tokens = keys.shape[:2]
+    units = keys.shape[0]
     if cu_seqlens.numel() - 1 == units:
         return _attend(attn, queries, keys, values, eager_fallback)
     selected = queries.shape[1]
