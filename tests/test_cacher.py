@@ -7,6 +7,10 @@ import math
 import pytest
 import torch
 from transformers import (
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
     Idefics3VisionConfig,
     Qwen2Config,
     Qwen2Model,
@@ -45,10 +49,20 @@ def split(x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
 # matrix algebra on the layer's weights, explicit softmax. It shares no code with streamtc.
 
 
+def plain_parts(layer):
+    """(ln1, q, k, v, o, ln2, mlp, s1, s2, heads, head_dim, scale) of a SigLIP/CLIP or DINOv2 layer."""
+    if hasattr(layer, "self_attn"):
+        a = layer.self_attn
+        return (layer.layer_norm1, a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.layer_norm2, layer.mlp,
+                1.0, 1.0, a.num_heads, a.head_dim, a.scale)
+    a = layer.attention
+    return (layer.norm1, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.norm2, layer.mlp,
+            layer.layer_scale1.lambda1, layer.layer_scale2.lambda1, a.num_attention_heads, a.head_dim, a.scaling)
+
+
 def plain_layer(layer, x, ref=None, ratio=None):
     """One pre-LN layer on x [T, C]. Without ref: exact, returns (out, new_ref). With ref: selective."""
-    attn = layer.self_attn
-    heads, hd = attn.num_heads, attn.head_dim
+    ln1, q_proj, k_proj, v_proj, o_proj, ln2, mlp_module, s1, s2, heads, hd, scale = plain_parts(layer)
 
     def lin(m, h):
         return h @ m.weight.T + m.bias
@@ -60,38 +74,39 @@ def plain_layer(layer, x, ref=None, ratio=None):
         q = q.view(q.shape[0], heads, hd).transpose(0, 1)
         k = k.view(k.shape[0], heads, hd).transpose(0, 1)
         v = v.view(v.shape[0], heads, hd).transpose(0, 1)
-        w = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+        w = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
         return (w @ v).transpose(0, 1).reshape(q.shape[1], -1)
 
     def mlp(h):
-        return layer.mlp(h)
+        return s2 * mlp_module(h)
 
     t = x.shape[0]
-    h1 = ln(layer.layer_norm1, x)
-    K = lin(attn.k_proj, h1)
+    h1 = ln(ln1, x)
+    K = lin(k_proj, h1)
     if ref is None:
-        Q, V = lin(attn.q_proj, h1), lin(attn.v_proj, h1)
-        A = lin(attn.out_proj, mha(Q, K, V))
+        Q, V = lin(q_proj, h1), lin(v_proj, h1)
+        A = s1 * lin(o_proj, mha(Q, K, V))
         x = x + A
-        M = mlp(ln(layer.layer_norm2, x))
+        M = mlp(ln(ln2, x))
         return x + M, {"K": K, "V": V, "A": A, "M": M}
 
     k = max(1, min(t, math.floor(t * ratio)))
     s = torch.stack([torch.dot(K[i], ref["K"][i]) / (K[i].norm() * ref["K"][i].norm()) for i in range(t)])
     I = torch.argsort(s)[:k]
     V_bar = ref["V"].clone()
-    V_bar[I] = lin(attn.v_proj, h1[I])
+    V_bar[I] = lin(v_proj, h1[I])
     A_bar = ref["A"].clone()
-    A_bar[I] = lin(attn.out_proj, mha(lin(attn.q_proj, h1[I]), K, V_bar))
+    A_bar[I] = s1 * lin(o_proj, mha(lin(q_proj, h1[I]), K, V_bar))
     x = x + A_bar
     M_bar = ref["M"].clone()
-    M_bar[I] = mlp(ln(layer.layer_norm2, x)[I])
+    M_bar[I] = mlp(ln(ln2, x)[I])
     return x + M_bar, None
 
 
 def plain_stc_stream(tower, chunks: list[torch.Tensor], interval: int, ratio: float) -> torch.Tensor:
     """SPEC §2 over a stream of chunks; returns the post-layernorm outputs of every frame."""
-    layers = list(tower.encoder.layers)
+    layers = list(tower.encoder.layers if hasattr(tower.encoder, "layers") else tower.encoder.layer)
+    final_norm = tower.post_layernorm if hasattr(tower, "post_layernorm") else tower.layernorm
     refs = None
     outputs = []
     with torch.no_grad():
@@ -106,7 +121,7 @@ def plain_stc_stream(tower, chunks: list[torch.Tensor], interval: int, ratio: fl
                         x, new_refs[i] = plain_layer(layer, x)
                     else:
                         x, _ = plain_layer(layer, x, refs[i], ratio)
-                outputs.append(tower.post_layernorm(x))
+                outputs.append(final_norm(x))
             if refresh:
                 refs = new_refs  # the loop leaves the last frame's references
     return torch.stack(outputs)
@@ -169,6 +184,50 @@ def test_plain_implementation_is_not_trivially_equal_to_full_forward(siglip):
     stc = plain_stc_stream(siglip, split(x, 1), 4, 0.25)
     assert torch.allclose(stc[0], full[0], atol=TOL)
     assert (stc[1:] - full[1:]).abs().max() > 1e-3
+
+
+def tiny_dinov2(registers: int = 0, swiglu: bool = False):
+    """A tiny random DINOv2 tower (registers > 0: Dinov2WithRegistersModel) with non-trivial layer scales."""
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=8,
+                  use_swiglu_ffn=swiglu, attn_implementation="eager")
+    torch.manual_seed(0)
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
+    else:
+        model = Dinov2Model(Dinov2Config(**common))
+    if registers:  # initialised to zeros: identical tokens would tie in the key cosine ranking
+        model.embeddings.register_tokens.data.normal_()
+    for layer in model.encoder.layer:
+        layer.layer_scale1.lambda1.data.uniform_(0.2, 1.5)
+        layer.layer_scale2.lambda1.data.uniform_(0.2, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("registers,swiglu", [(0, False), (4, False), (0, True)])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("config", [CacherConfig(cache_interval=1), CacherConfig(cache_interval=3, update_ratio=1.0)])
+def test_dinov2_full_refresh_or_full_ratio_reproduces_unpatched_tower(registers, swiglu, attn, config):
+    model = tiny_dinov2(registers, swiglu)
+    model.set_attn_implementation(attn)
+    x = frames(5)
+    expected = encode_chunks(model, [x])
+    cacher = STCCacher(config).attach(model)
+    got = encode_chunks(model, split(x, 1))
+    cacher.detach()
+    assert (got - expected).abs().max() <= TOL
+    assert torch.equal(encode_chunks(model, [x]), expected)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_dinov2_layer_scale_path_matches_plain_implementation(registers):
+    model = tiny_dinov2(registers)
+    chunks = split(frames(7, seed=2), 1)
+    expected = plain_stc_stream(model, chunks, 3, 0.25)
+    cacher = STCCacher(CacherConfig(cache_interval=3, update_ratio=0.25)).attach(model)
+    got = encode_chunks(model, chunks)
+    cacher.detach()
+    assert (got - expected).abs().max() <= TOL
+    assert (got - encode_chunks(model, chunks)).abs().max() > 1e-3, "non-refresh frames must differ from the exact ones"
 
 
 def test_chunk_counter_is_monotonic_over_the_stream(siglip):
@@ -349,7 +408,7 @@ def test_shared_selection_differs_from_per_layer_on_deeper_towers(siglip):
 def test_adaptive_refresh_triggers_on_a_cut_and_not_on_a_still_scene(siglip):
     still = frames(1).repeat(4, 1, 1, 1)
     cut = frames(1, seed=9)
-    cacher = STCCacher(CacherConfig(cache_interval=100, refresh="adaptive", refresh_threshold=0.9)).attach(siglip)
+    cacher = STCCacher(CacherConfig(cache_interval=100, refresh="adaptive", refresh_signal="keys", refresh_threshold=0.9)).attach(siglip)
     try:
         out = encode_chunks(siglip, split(still, 1))
         assert cacher.stats.refresh_chunks == 1 and cacher.stats.adaptive_refreshes == 0
@@ -511,7 +570,7 @@ def test_adaptive_cadence_counts_from_the_last_refresh(siglip):
     """After an adaptive refresh the next scheduled one is N chunks later, not at the next c % N."""
     still = frames(1).repeat(6, 1, 1, 1)
     sequence = torch.cat([still[:2], frames(1, seed=9).repeat(5, 1, 1, 1)])  # cut at chunk 2
-    refreshed = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=4, refresh="adaptive"), sequence)
+    refreshed = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=4, refresh="adaptive", refresh_signal="keys"), sequence)
     assert refreshed == [True, False, True, False, False, False, True]
 
 
@@ -562,7 +621,7 @@ def adaptive_refresh_pattern(model, config, sequence):
 
 def test_refresh_budget_caps_a_stream_of_cuts_at_the_fixed_count(siglip):
     cuts = torch.cat([frames(1, seed=s) for s in range(9)])  # every chunk a new scene
-    config = dict(cache_interval=8, refresh="adaptive", refresh_threshold=0.99)
+    config = dict(cache_interval=8, refresh="adaptive", refresh_signal="keys", refresh_threshold=0.99)
     assert adaptive_refresh_pattern(siglip, CacherConfig(**config), cuts) == [True] * 9  # uncapped: all refresh
     capped = adaptive_refresh_pattern(siglip, CacherConfig(**config, refresh_budget=2), cuts)
     assert capped == [c % 2 == 0 for c in range(9)]
@@ -571,7 +630,7 @@ def test_refresh_budget_caps_a_stream_of_cuts_at_the_fixed_count(siglip):
 def test_refresh_budget_banks_credit_on_a_still_scene_for_later_cuts(siglip):
     still = frames(1).repeat(4, 1, 1, 1)
     cuts = torch.cat([frames(1, seed=s) for s in range(1, 5)])
-    config = CacherConfig(cache_interval=8, refresh="adaptive", refresh_threshold=0.99, refresh_budget=2)
+    config = CacherConfig(cache_interval=8, refresh="adaptive", refresh_signal="keys", refresh_threshold=0.99, refresh_budget=2)
     refreshed = adaptive_refresh_pattern(siglip, config, torch.cat([still, cuts]))
     # Chunks 1-3 bank one refresh; the cuts at 4, 5, 6 spend it and the new credit; 7 has none left.
     assert refreshed == [True, False, False, False, True, True, True, False]
@@ -580,8 +639,60 @@ def test_refresh_budget_banks_credit_on_a_still_scene_for_later_cuts(siglip):
 def test_default_adaptive_threshold_ignores_small_motion_and_catches_a_cut(siglip):
     drift = frames(4)  # a base scene with small per-frame changes
     sequence = torch.cat([drift, frames(1, seed=9)])
-    refreshed = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=100, refresh="adaptive"), sequence)
+    refreshed = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=100, refresh="adaptive", refresh_signal="keys"), sequence)
     assert refreshed == [True, False, False, False, True]
+
+
+def test_relative_pixel_change_is_scale_free_and_zero_for_the_same_frame():
+    reference = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    moved = torch.stack([reference, reference + 0.1, torch.randn(3, 8, 8)])
+    change = F.relative_pixel_change(moved, reference)
+    assert change[0] == 0 and 0 < change[1] < change[2]
+    assert torch.allclose(F.relative_pixel_change(2 * moved, 2 * reference), change)  # any pixel normalisation
+
+
+def test_pixel_signal_refreshes_on_a_cut_and_not_on_small_motion(siglip):
+    sequence = torch.cat([frames(4), frames(1, seed=9), frames(3, seed=9)])  # drift, cut, drift of the new scene
+    config = CacherConfig(cache_interval=100, refresh="adaptive")
+    assert config.refresh_signal == "pixels" and config.refresh_threshold == 0.35
+    assert adaptive_refresh_pattern(siglip, config, sequence) == [True, False, False, False, True, False, False, False]
+
+
+def test_pixel_signal_respects_the_refresh_budget(siglip):
+    cuts = torch.cat([frames(1, seed=s) for s in range(9)])
+    capped = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=8, refresh="adaptive", refresh_budget=2), cuts)
+    assert capped == [c % 2 == 0 for c in range(9)]
+
+
+def test_pixel_signal_compares_against_the_reference_frame_not_the_previous_one(siglip):
+    """Slow drift that never moves far between neighbours still refreshes once it is far from the reference."""
+    g = torch.Generator().manual_seed(3)
+    base, step = torch.randn(1, 3, 56, 56, generator=g), torch.randn(1, 3, 56, 56, generator=g)
+    sequence = torch.cat([base + 0.12 * i * step for i in range(8)])
+    refreshed = adaptive_refresh_pattern(siglip, CacherConfig(cache_interval=100, refresh="adaptive"), sequence)
+    assert refreshed[0] and 1 <= sum(refreshed[1:]) < 7
+
+
+def test_pixel_signal_refreshes_when_the_encoder_runs_without_its_tower(siglip):
+    """No pixels to compare (the encoder called directly): the chunk counts as moved."""
+    cacher = STCCacher(CacherConfig(cache_interval=100, refresh="adaptive")).attach(siglip)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                siglip.encoder(siglip.embeddings(frames(1)))
+        assert cacher.stats.refresh_chunks == 2
+    finally:
+        cacher.detach()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(refresh_signal="pixels", refresh_threshold=-0.1), "relative pixel change"),
+    (dict(refresh_signal="keys", refresh_threshold=1.5), "cosine similarity"),
+    (dict(refresh_signal="frames"), "refresh_signal"),
+])
+def test_refresh_threshold_is_checked_for_its_signal(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        CacherConfig(refresh="adaptive", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from .errors import (
     StreamTCError,
     UnsupportedModelError,
     VideoSourceError,
+    WeightsError,
 )
 from .pruner import KeptTokens, PrunerState, STCPruner
 from .session import Answer, SlidingWindowCache, StreamingSession
@@ -33,4 +34,5 @@ __all__ = [
     "StreamTCError",
     "UnsupportedModelError",
     "VideoSourceError",
+    "WeightsError",
 ]

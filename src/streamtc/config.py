@@ -28,6 +28,10 @@ def _from_dict(cls: type, data: dict[str, Any]):
     return cls(**data)
 
 
+# Default trigger level per adaptive refresh signal (calibrated on real DINOv2 weights; docs/benchmarks.md).
+DEFAULT_REFRESH_THRESHOLDS = {"pixels": 0.35, "keys": 0.92}
+
+
 @dataclass(frozen=True)
 class CacherConfig:
     """STC-Cacher settings (SPEC §2).
@@ -38,10 +42,16 @@ class CacherConfig:
     selection: "per_layer" (paper: each layer picks its own tokens from its own keys) or
         "shared" (pick once from the first layer's keys, reuse the index set in every layer).
     refresh: "fixed" (paper: chunk c refreshes when c % N == 0) or "adaptive": refresh when the
-        reference is N chunks old, or earlier when, in the first layer, the median key cosine of
-        the tokens that would be reused (all but the k least similar) falls below
-        refresh_threshold in any frame of the chunk (scene cuts, fast motion).
-    refresh_threshold: similarity under which an adaptive cacher refreshes.
+        reference is N chunks old, or earlier when refresh_signal says a frame of the chunk moved
+        too far from the reference (scene cuts, fast motion).
+    refresh_signal: what an adaptive cacher watches. "pixels" (default): the relative pixel
+        change of the tower's input to the reference frame, mean |x - x_ref| / mean |x_ref - mean
+        x_ref|, free to compute and the best predictor of the cached output's error we measured
+        on real weights (docs/benchmarks.md); refresh when it exceeds refresh_threshold. "keys":
+        the median first-layer key cosine of the tokens that would be reused (all but the k least
+        similar); refresh when it falls below refresh_threshold.
+    refresh_threshold: the trigger level; None picks the signal's default (pixels: a change of
+        0.35; keys: a cosine of 0.92).
     refresh_budget: adaptive only; None (no cap) or an interval B: the stream never refreshes
         more chunks than the fixed schedule with N = B would have by the same chunk
         (c // B + 1 by chunk c). A credit of 1/B per chunk, unused credit carried over: still
@@ -63,7 +73,8 @@ class CacherConfig:
     update_ratio: float = 0.25
     selection: Literal["per_layer", "shared"] = "per_layer"
     refresh: Literal["fixed", "adaptive"] = "fixed"
-    refresh_threshold: float = 0.92
+    refresh_signal: Literal["pixels", "keys"] = "pixels"
+    refresh_threshold: float | None = None
     refresh_budget: int | None = None
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     cpu_kernels: Literal["onednn", "torch"] = "onednn"
@@ -82,8 +93,17 @@ class CacherConfig:
             (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         )
         _check_choice("cpu_kernels", self.cpu_kernels, ("onednn", "torch"))
-        if not isinstance(self.refresh_threshold, (int, float)) or not -1.0 <= self.refresh_threshold <= 1.0:
-            raise ConfigError(f"refresh_threshold is a cosine similarity in [-1, 1], got {self.refresh_threshold!r}")
+        _check_choice("refresh_signal", self.refresh_signal, ("pixels", "keys"))
+        if self.refresh_threshold is None:
+            object.__setattr__(self, "refresh_threshold", DEFAULT_REFRESH_THRESHOLDS[self.refresh_signal])
+        if self.refresh_signal == "keys" and (
+            not isinstance(self.refresh_threshold, (int, float)) or not -1.0 <= self.refresh_threshold <= 1.0
+        ):
+            raise ConfigError(f"refresh_threshold is a cosine similarity in [-1, 1] for refresh_signal='keys', got {self.refresh_threshold!r}")
+        if self.refresh_signal == "pixels" and (
+            not isinstance(self.refresh_threshold, (int, float)) or self.refresh_threshold < 0.0
+        ):
+            raise ConfigError(f"refresh_threshold is a relative pixel change >= 0 for refresh_signal='pixels', got {self.refresh_threshold!r}")
         if self.refresh_budget is not None:
             if isinstance(self.refresh_budget, bool) or not isinstance(self.refresh_budget, int) or self.refresh_budget < 1:
                 raise ConfigError(f"refresh_budget must be None or an int >= 1, got {self.refresh_budget!r}")

@@ -25,6 +25,10 @@ class VideoSourceError(StreamTCError, OSError):
     """A video file or stream cannot be opened or decoded."""
 
 
+class WeightsError(StreamTCError, OSError):
+    """Pretrained weights cannot be fetched, verified or converted."""
+
+
 __all__ = [
     "StreamTCError",
     "ConfigError",
@@ -32,4 +36,5 @@ __all__ = [
     "StreamStateError",
     "InputError",
     "VideoSourceError",
+    "WeightsError",
 ]

@@ -7,8 +7,8 @@ optional system turn first; the generation prompt last) and split at the video p
 `VideoPrompt.prefix` and `VideoPrompt.suffix`. The prefix must not depend on the question (true of
 every template that puts the video first in the user turn, as LLaVA-OneVision's does).
 
-Multiple choice, in the form the online benchmarks' adapters use (OVO-Bench, StreamingBench with
-LLaVA-OneVision/ReKV)::
+Multiple choice, the session's generic form (`StreamingSession.ask(question, options)`; benchmark
+evaluation uses each benchmark's own prompt instead, `streamtc.eval.benchmarks`)::
 
     {question}
     A. {first option}

@@ -487,6 +487,7 @@ class StreamingSession:
         self._next_position = 0
         self._frames = 0
         self._last_timestamp: float | None = None
+        self._last_kept: list[list[int]] | None = None
         self._pending: list[tuple[torch.Tensor, CacheBlock]] = []  # kept tokens [n, D] of one frame each
         if self._cacher_state is not None:
             self._cacher_state.reset()
@@ -530,6 +531,7 @@ class StreamingSession:
         kept = self._select(features)
         stats.prune_ms += self._clock() - start
         counts = [per_frame] * frames if kept is None else kept.frame_counts()
+        self._last_kept = None if kept is None else [kept.indices[i, :n].tolist() for i, n in enumerate(counts)]
         for i, count in enumerate(counts):
             tokens = features[i] if kept is None else kept.tokens[i, :count]  # real tokens come first
             stamp = None if timestamps is None else float(timestamps[i])
@@ -607,23 +609,27 @@ class StreamingSession:
 
     # -- questions ------------------------------------------------------------------------
 
-    def next_token_logits(self, question: str, options: Sequence[str] | None = None) -> torch.Tensor:
+    def next_token_logits(self, question: str, options: Sequence[str] | None = None,
+                          answer_prefix: str = "") -> torch.Tensor:
         """Logits [vocab] (float32, CPU) of the first answer token for `question`; the cache is
         left as before. The prompt is exactly what `ask` pre-fills."""
-        ids = self._question_ids(question, options)
+        ids = self._question_ids(question, options, answer_prefix)
         self.flush()
         with torch.inference_mode(), self._question_scope() as cache:
             hidden = self._prefill_question(ids, cache)
             return self.model.lm_head(hidden)[0].float().cpu()
 
-    def ask(self, question: str, options: Sequence[str] | None = None, max_new_tokens: int = 64) -> Answer:
+    def ask(self, question: str, options: Sequence[str] | None = None, max_new_tokens: int = 64,
+            answer_prefix: str = "") -> Answer:
         """Answer `question` about the video so far, greedily; with options, a multiple-choice
-        prompt and the parsed letter. The cache is restored to the video-only state afterwards.
-        Pending visual tokens are pre-filled first (`flush`); that time counts in ttft_ms."""
+        prompt and the parsed letter. answer_prefix: text the answer turn starts with (pre-filled,
+        not part of `text`; e.g. a benchmark's "Best option: ("). The cache is restored to the
+        video-only state afterwards. Pending visual tokens are pre-filled first (`flush`); that
+        time counts in ttft_ms."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         start = self._clock()
-        ids = self._question_ids(question, options)
+        ids = self._question_ids(question, options, answer_prefix)
         self.flush()
         generated: list[int] = []
         decode_steps = 0
@@ -662,8 +668,9 @@ class StreamingSession:
         logger.debug("answered %r after %d frames in %.1f ms", question, self._frames, answer.total_ms)
         return answer
 
-    def _question_ids(self, question: str, options: Sequence[str] | None) -> list[int]:
-        """Token ids of the prompt after the video (newline excluded) for this question."""
+    def _question_ids(self, question: str, options: Sequence[str] | None, answer_prefix: str = "") -> list[int]:
+        """Token ids of the prompt after the video (newline excluded) for this question, then the
+        answer prefix."""
         if self._frames == 0:
             raise InputError("no frame has been pushed yet: push(frames) before asking a question")
         if not isinstance(question, str) or not question.strip():
@@ -674,7 +681,7 @@ class StreamingSession:
             raise StreamStateError(
                 "the chat template puts question-dependent text before the video; a stream cannot pre-fill it"
             )
-        return self.tokenizer(prompt.suffix, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt.suffix + answer_prefix, add_special_tokens=False)["input_ids"]
 
     @contextmanager
     def _question_scope(self) -> Iterator[Cache]:
@@ -703,6 +710,12 @@ class StreamingSession:
     def frames(self) -> int:
         """Frames pushed since the last reset."""
         return self._frames
+
+    @property
+    def last_kept_indices(self) -> list[list[int]] | None:
+        """Per frame of the latest pushed chunk, the positions (ascending, in the frame's pooled token
+        grid) the Pruner or selector kept; None when every token is kept (no pruning) or before a push."""
+        return self._last_kept
 
     @property
     def stats(self) -> SessionStats:

@@ -136,7 +136,7 @@ DEFAULT_PIPELINE_VARIANTS: tuple[PipelineVariant, ...] = (
     PipelineVariant("stc", _stc()),
     PipelineVariant("stc shared", _stc(selection="shared")),
     PipelineVariant("stc adaptive", STCConfig(
-        cacher=CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_threshold=0.92,
+        cacher=CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_signal="keys", refresh_threshold=0.92,
                             refresh_budget=2),
         pruner=PrunerConfig(keep_ratio=0.3))),
     PipelineVariant("stc compiled", _stc(compile_mode="default")),

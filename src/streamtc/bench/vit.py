@@ -1,20 +1,29 @@
 """ViT encode benchmark: STC-Cacher variants against the unpatched tower, side by side in one run.
 
-    streamtc bench vit --preset siglip-so400m-384 --num-layers 4 --frames 16
+    streamtc bench vit --preset siglip-so400m-384 --num-layers 4 --frames 16   # random-init weights
+    streamtc bench vit --weights dinov2-s --fps 0.5,1,2                        # real pretrained weights
 
 Frames of real footage are streamed one per chunk through one model, every variant (each with its
 own cacher and stream state) taking frame i before any takes frame i + 1, so each variant frame is
 timed next to a full frame and machine drift cancels in the paired ratio. Numbers are medians over
 repeats (and frames) after a warm-up; an unpatched "control" variant shows the noise floor. Beside
 every time ratio the benchmark prints the FLOP model's ratio (the limit to approach) and the
-fidelity: per-frame cosine of the final hidden states to the full forward (mean over tokens of
-the token cosine).
+fidelity: per-frame cosine of the final hidden states to the full forward (mean over patch tokens
+of the token cosine; the class token's cosine separately).
+
+With real weights (`--weights dinov2-s`: DINOv2-S/14 and its trained saliency head, see
+`streamtc.weights`) frames are sampled at the given rates, the head's saliency maps from each
+variant's features are compared with the full forward's (Pearson correlation and KL divergence per
+frame), and two trivial baselines run at the FLOP cost of the Cacher settings: frame skipping and
+uniform token dropping (`streamtc.baselines.vit`). A Cacher setting that loses to them at the same
+cost has no reason to exist.
 
     streamtc bench vit --tower qwen2-vl --num-layers 4 --frames 32
 
 With --tower (qwen2-vl, qwen2.5-vl, qwen3-vl) the tower is a Qwen-VL vision tower at its
-checkpoint's width and the unit of reuse is a temporal patch: frames are taken at 2 fps, two per
-tower forward (see `qwen_towers`); every "frame" of the report is then one temporal patch.
+checkpoint's width (random weights) and the unit of reuse is a temporal patch: frames are taken at
+2 fps, two per tower forward (see `qwen_towers`); every "frame" of the report is then one temporal
+patch.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import functools
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,23 +40,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..baselines.vit import FrameSkipping, UniformTokenDropping
 from ..cacher import STCCacher
+from ..cacher.cacher import prefix_tokens
 from ..cacher import functional as F
 from ..config import CacherConfig
 from ..errors import InputError
 from ..preprocess import FramePreprocessor
 from ..presets import build_model
-from ..sources import Frame, PyAVSource, open_source
+from ..baselines.vit import keep_ratio_for_flops
+from ..sources import BUILTIN_CLIPS, Frame, PyAVSource, builtin_clip_path, open_source
 from . import qwen_towers
 from .timing import machine_info, timed
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A named cacher setting; config None is the unpatched tower."""
+    """A named cacher setting, or a baseline encoder; neither (config None) is the unpatched tower.
+
+    baseline: a factory of a per-stream baseline encoder (`FrameSkipping`, `UniformTokenDropping`),
+        called as encoder(tower, frame) -> last_hidden_state.
+    """
 
     name: str
     config: CacherConfig | None
+    baseline: Callable[[], Any] | None = None
 
 
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
@@ -74,19 +92,65 @@ QWEN_VARIANTS: tuple[Variant, ...] = tuple(
 )
 
 
+def real_weights_variants(tokens: int, width: int, mlp_width: int, prefix: int) -> tuple[Variant, ...]:
+    """The Cacher's fixed schedules and options beside frame skipping and token dropping at their FLOP cost."""
+    fixed2, fixed4 = (CacherConfig(cache_interval=n, update_ratio=0.25) for n in (2, 4))
+    cost2, cost4 = (F.flop_ratio(tokens, width, mlp_width, 0.25, n) for n in (2, 4))
+    keep2, keep4 = (keep_ratio_for_flops(cost, tokens, prefix, width, mlp_width) for cost in (cost2, cost4))
+    return (
+        Variant("full", None),
+        Variant("full (control)", None),
+        Variant("stc N=2 r=0.25", fixed2),
+        Variant("stc N=4 r=0.25", fixed4),
+        Variant("shared N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, selection="shared")),
+        Variant("adaptive keys N=8 budget 2", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
+                                                           refresh_signal="keys", refresh_budget=2)),
+        Variant("adaptive pixels N=8 budget 2", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
+                                                             refresh_budget=2)),
+        Variant("adaptive pixels N=8 budget 4", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
+                                                             refresh_budget=4)),
+        Variant(f"skip frames, rate {cost2:.3f} (= N=2)", None, functools.partial(FrameSkipping, cost2)),
+        Variant("skip frames, every 2nd", None, functools.partial(FrameSkipping, 0.5)),
+        Variant(f"skip frames, rate {cost4:.3f} (= N=4)", None, functools.partial(FrameSkipping, cost4)),
+        Variant(f"drop tokens, keep {keep2:.2f} (= N=2)", None, functools.partial(UniformTokenDropping, keep2)),
+        Variant(f"drop tokens, keep {keep4:.2f} (= N=4)", None, functools.partial(UniformTokenDropping, keep4)),
+    )
+
+
 @dataclass
 class VariantResult:
     name: str
     config: dict[str, Any] | None
+    kind: str = "full"  # full, cacher, or the baseline's class name
     frame_ms: list[list[float]] = field(default_factory=list)  # [repeat][frame]
     refresh_frames: list[bool] = field(default_factory=list)
-    token_cosine: list[float] = field(default_factory=list)  # per frame, mean over tokens
+    token_cosine: list[float] = field(default_factory=list)  # per frame, mean over patch tokens
     flat_cosine: list[float] = field(default_factory=list)  # per frame, whole frame as one vector
+    cls_cosine: list[float] = field(default_factory=list)  # per frame, class token (towers that have one)
+    saliency_corr: list[float] = field(default_factory=list)  # per frame, with a saliency head
+    saliency_kl: list[float] = field(default_factory=list)
+    flop_ratio: float | None = None  # baselines report their own cost
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the cosine between matching tokens; a, b [F, T, C] -> [F]."""
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(dim=-1)
+
+
+def saliency_agreement(maps: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame: Pearson correlation of two saliency maps, and KL(reference || maps) of the maps as distributions."""
+    a, b = maps.flatten(1).double(), reference.flatten(1).double()
+    corr = torch.nn.functional.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1)
+    p, q = b / b.sum(1, keepdim=True), a / a.sum(1, keepdim=True)
+    kl = (p * ((p + eps) / (q + eps)).log()).sum(1)
+    return corr.float(), kl.float()
+
+
+def mlp_width(config: Any) -> int:
+    """The MLP's hidden width (DINOv2 configs give a ratio instead of a size)."""
+    if hasattr(config, "intermediate_size"):
+        return config.intermediate_size
+    return int(config.hidden_size * config.mlp_ratio)
 
 
 def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,6 +183,12 @@ def load_qwen_frames(video: str, tower: str, count: int, image_size: int = 448, 
     return FramePreprocessor(size=image_size, image_mean=mean, image_std=std)(chosen)
 
 
+def load_frames_at_rate(video: str, fps: float) -> np.ndarray:
+    """Every frame of a video file ('demo', or a built-in clip name) sampled at `fps`, uint8 [F, H, W, 3]."""
+    spec = str(builtin_clip_path(video)) if video in BUILTIN_CLIPS else video
+    return np.stack([f.image for f in open_source(spec, fps=fps)])
+
+
 def run_vit_benchmark(
     pixel_values: torch.Tensor,
     preset: str = "siglip-so400m-384",
@@ -129,8 +199,15 @@ def run_vit_benchmark(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     tower: str | None = None,
+    model: torch.nn.Module | None = None,
+    head: torch.nn.Module | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Stream `pixel_values` [F, 3, H, W] frame by frame through every variant at once; the report dict.
+
+    model: a loaded tower (real weights) instead of the preset; head: a saliency head whose maps
+    from each variant's features are compared with the full forward's. progress: called once per
+    frame and repeat.
 
     Interleaved per frame: frame i of the stream goes through the unpatched tower and each
     variant's cacher (each with its own stream state, attached in turn to the one model) before
@@ -143,9 +220,15 @@ def run_vit_benchmark(
     """
     if variants[0].config is not None:
         raise ValueError("the first variant must be the unpatched baseline (config None)")
+    if variants[0].config is not None or variants[0].baseline is not None:
+        raise ValueError("the first variant must be the unpatched baseline (no config, no baseline)")
+    if tower is not None and (model is not None or head is not None or any(v.baseline for v in variants)):
+        raise ValueError("tower= runs Cacher variants on a random-init Qwen tower: no model, head or baselines")
     pixel_values = pixel_values.to(device=device, dtype=dtype)
     if tower is None:
-        model = build_model(preset, num_layers=num_layers, dtype=dtype).to(device)
+        if model is None:
+            model = build_model(preset, num_layers=num_layers, dtype=dtype)
+        model = model.to(device=device, dtype=dtype)
         inputs = list(pixel_values)
 
         def encode(frame: torch.Tensor) -> torch.Tensor:
@@ -156,30 +239,45 @@ def run_vit_benchmark(
 
         def encode(patch: torch.Tensor) -> torch.Tensor:
             return model(patch, grid_thw=grid_thw).last_hidden_state[None]
-    results = {v.name: VariantResult(v.name, None if v.config is None else v.config.to_dict()) for v in variants}
     cachers = {v.name: STCCacher(v.config) for v in variants if v.config is not None}
+    encoders = {v.name: v.baseline() for v in variants if v.baseline is not None}
+    results = {
+        v.name: VariantResult(
+            v.name, None if v.config is None else v.config.to_dict(),
+            "cacher" if v.config is not None else type(encoders[v.name]).__name__ if v.name in encoders else "full",
+        )
+        for v in variants
+    }
     baseline = variants[0].name
+    prefix = 0 if tower is not None else prefix_tokens(model)
     with torch.inference_mode():
         reference = torch.cat([encode(x) for x in inputs])
+        reference_maps = None if head is None else head(reference.float())
         for repeat in range(warmup + repeats):
-            for cacher in cachers.values():
-                cacher.reset()
+            for stream in (*cachers.values(), *encoders.values()):
+                stream.reset()
             ms = {v.name: [] for v in variants}
             outputs = {v.name: [] for v in variants}
             refreshed = {v.name: [] for v in variants}
             for i, frame in enumerate(inputs):
                 shift = i % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
-                    cacher = cachers.get(variant.name)
+                    cacher, encoder = cachers.get(variant.name), encoders.get(variant.name)
                     if cacher is not None:
                         cacher.attach(model)
                     before = cacher.stats.refresh_chunks if cacher else 0
-                    out, elapsed = timed(lambda: encode(frame), device)
+                    computes = not isinstance(encoder, FrameSkipping) or encoder.encodes_next()
+                    if encoder is not None:
+                        out, elapsed = timed(lambda: encoder(model, frame[None]), device)
+                    else:
+                        out, elapsed = timed(lambda: encode(frame), device)
                     if cacher is not None:
                         cacher.detach()
                     ms[variant.name].append(elapsed)
                     outputs[variant.name].append(out)
-                    refreshed[variant.name].append(cacher is None or cacher.stats.refresh_chunks > before)
+                    refreshed[variant.name].append(cacher.stats.refresh_chunks > before if cacher else computes)
+                if progress is not None:
+                    progress()
             if repeat < warmup:
                 continue
             for variant in variants:
@@ -187,8 +285,19 @@ def run_vit_benchmark(
                 result.frame_ms.append(ms[variant.name])
                 result.refresh_frames = refreshed[variant.name]
                 got = torch.cat(outputs[variant.name])
-                result.token_cosine = token_cosine(got, reference).tolist()
+                result.token_cosine = token_cosine(got[:, prefix:], reference[:, prefix:]).tolist()
                 result.flat_cosine = flat_cosine(got, reference).tolist()
+                if prefix:
+                    result.cls_cosine = token_cosine(got[:, :1], reference[:, :1]).tolist()
+                if head is not None:
+                    corr, kl = saliency_agreement(head(got.float()), reference_maps)
+                    result.saliency_corr, result.saliency_kl = corr.tolist(), kl.tolist()
+                encoder = encoders.get(variant.name)
+                if encoder is not None:
+                    result.flop_ratio = (
+                        encoder.flop_ratio() if isinstance(encoder, FrameSkipping)
+                        else encoder.flop_ratio(model.config.hidden_size, mlp_width(model.config))
+                    )
     config = model.config
     tokens = reference.shape[1]
     frame_flops = None if tower is None else functools.partial(qwen_towers.tower_flops, config, tokens)
@@ -225,9 +334,11 @@ def summarise(
     refresh = [ratio for ratio, is_refresh in paired if is_refresh]
     selective = [ratio for ratio, is_refresh in paired if not is_refresh]
     if frame_flops is None:
-        frame_flops = functools.partial(F.layer_flops, tokens, config.hidden_size, config.intermediate_size)
+        frame_flops = functools.partial(F.layer_flops, tokens, config.hidden_size, mlp_width(config))
     n_refresh = sum(result.refresh_frames)
-    if result.config is None:
+    if result.flop_ratio is not None:
+        flop = result.flop_ratio
+    elif result.config is None:
         flop = 1.0
     else:
         k = F.num_recomputed_tokens(tokens, result.config["update_ratio"])
@@ -236,6 +347,7 @@ def summarise(
         flop = (n_refresh * full_flops + (n - n_refresh) * selective_flops) / (n * full_flops)
     return {
         "name": result.name,
+        "kind": result.kind,
         "config": result.config,
         "total_ms": statistics.median(totals),
         "time_ratio": statistics.median(time_ratios),
@@ -248,8 +360,60 @@ def summarise(
         "token_cosine_min": min(result.token_cosine),
         "flat_cosine_mean": statistics.fmean(result.flat_cosine),
         "flat_cosine_min": min(result.flat_cosine),
+        "cls_cosine_mean": statistics.fmean(result.cls_cosine) if result.cls_cosine else None,
+        "saliency_corr_mean": statistics.fmean(result.saliency_corr) if result.saliency_corr else None,
+        "saliency_corr_min": min(result.saliency_corr) if result.saliency_corr else None,
+        "saliency_kl_mean": statistics.fmean(result.saliency_kl) if result.saliency_kl else None,
+        "saliency_kl_max": max(result.saliency_kl) if result.saliency_kl else None,
         "per_frame_ms": [statistics.median(run[i] for run in result.frame_ms) for i in range(len(result.refresh_frames))],
         "per_frame_token_cosine": result.token_cosine,
+        "per_frame_saliency_corr": result.saliency_corr,
+        "refresh_pattern": "".join("R" if r else "." for r in result.refresh_frames),
+    }
+
+
+def refresh_signal_study(tower: torch.nn.Module, pixel_values: torch.Tensor, max_gap: int = 3) -> dict[str, Any]:
+    """How well each adaptive refresh signal predicts a reused frame's error, over frame pairs.
+
+    For every pair (reference r, target r + d), d = 1..max_gap: the patch-token cosine to the full
+    forward of frame r + d encoded as a non-refresh chunk against frame r's reference (N = 2,
+    r = 0.25), and both signals the adaptive cacher can watch (the relative pixel change; the
+    median first-layer key cosine of the reused tokens). Returns Pearson and Spearman
+    correlations of each signal with that cosine, signed so that higher means "more similar".
+    """
+    from ..cacher.patch_vit import layer_parts
+    from ..cacher.cacher import encoder_layers
+
+    prefix = prefix_tokens(tower)
+    first = layer_parts(encoder_layers(tower)[0])
+    cosines, pixels, keys = [], [], []
+    with torch.inference_mode():
+        full = torch.cat([tower(pixel_values=f[None]).last_hidden_state for f in pixel_values])
+        embedded = tower.embeddings(pixel_values)
+        first_keys = first.k_proj(first.norm1(embedded))
+        for r in range(len(pixel_values)):
+            for c in range(r + 1, min(len(pixel_values), r + max_gap + 1)):
+                cacher = STCCacher(CacherConfig(cache_interval=100, update_ratio=0.25)).attach(tower)
+                tower(pixel_values=pixel_values[r][None])
+                out = tower(pixel_values=pixel_values[c][None]).last_hidden_state
+                cacher.detach()
+                cosines.append(float(token_cosine(out[:, prefix:], full[c:c + 1, prefix:])))
+                pixels.append(-float(F.relative_pixel_change(pixel_values[c][None], pixel_values[r])))
+                similarity = F.key_similarity(first_keys[c][None], F.unit_rows(first_keys[r]))
+                k = F.num_recomputed_tokens(similarity.shape[-1], 0.25)
+                keys.append(float(F.reused_similarity(similarity, k)))
+
+    def correlations(values: list[float]) -> dict[str, float]:
+        x, y = np.array(values), np.array(cosines)
+        rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+        return {"pearson": float(np.corrcoef(x, y)[0, 1]), "spearman": float(np.corrcoef(rank(x), rank(y))[0, 1])}
+
+    return {
+        "pairs": len(cosines),
+        "max_gap": max_gap,
+        "signals": {"pixels (minus relative change)": correlations(pixels), "keys (reused median)": correlations(keys)},
+        "keys_range": [min(keys), max(keys)],
+        "cosine_range": [min(cosines), max(cosines)],
     }
 
 
@@ -257,26 +421,75 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=(
+    def cell(value: float | None, digits: int = 3) -> str:
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    title = report.get("title") or (
         f"ViT encode, {report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
         f"{report['frames']} {report.get('unit', 'frame')}s, one per chunk, interleaved per frame, median of {report['repeats']}"
-    ))
-    for column in ("variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame",
-                   "cos mean", "cos min"):
-        table.add_column(column, justify="right" if column != "variant" else "left")
+    )
+    table = Table(title=title)
+    columns = ["variant", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame", "cos mean", "cos min"]
+    real = report["variants"][0]["saliency_corr_mean"] is not None
+    if real:
+        columns += ["CLS cos", "saliency r mean", "saliency r min", "saliency KL mean"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=column == "variant")
     for v in report["variants"]:
-        table.add_row(
-            v["name"], f"{v['total_ms']:.0f}", f"{v['time_ratio']:.3f}", f"{v['flop_ratio']:.3f}",
-            f"{v['refresh_frame_ratio']:.3f}", f"{v['selective_frame_ratio']:.3f}",
-            f"{v['token_cosine_mean']:.4f}", f"{v['token_cosine_min']:.4f}",
-        )
-    console = Console()
+        row = [v["name"], cell(v["time_ratio"]), cell(v["flop_ratio"]), cell(v["refresh_frame_ratio"]),
+               cell(v["selective_frame_ratio"]), cell(v["token_cosine_mean"], 4), cell(v["token_cosine_min"], 4)]
+        if real:
+            row += [cell(v["cls_cosine_mean"], 4), cell(v["saliency_corr_mean"]), cell(v["saliency_corr_min"]),
+                    cell(v["saliency_kl_mean"], 4)]
+        table.add_row(*row)
+    console = Console(width=max(160, Console().width))
     console.print(table)
     m = report["machine"]
+    study = report.get("refresh_signal_study")
+    if study:
+        parts = ", ".join(f"{name}: Pearson {c['pearson']:.2f}, Spearman {c['spearman']:.2f}" for name, c in study["signals"].items())
+        console.print(f"adaptive refresh signals against a reused frame's cosine over {study['pairs']} frame pairs "
+                      f"(gaps 1-{study['max_gap']}): {parts}; key medians span {study['keys_range'][0]:.3f}-"
+                      f"{study['keys_range'][1]:.3f} while the cosine spans {study['cosine_range'][0]:.3f}-"
+                      f"{study['cosine_range'][1]:.3f}")
     console.print(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']} · transformers "
                   f"{m['transformers']} · {m['date']}; ratios are medians of paired ratios to the full frame "
                   "encoded alongside; 'full (control)' is the unpatched tower again: its distance from 1 "
-                  "is the measurement's noise")
+                  "is the measurement's noise; cos = patch tokens' cosine to the full forward")
+
+
+def plot_fidelity(reports: list[dict[str, Any]], path: str | Path) -> Path:
+    """Fidelity (patch-token cosine mean and worst frame; saliency r where measured) against FLOP ratio, one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("token_cosine_mean", "cos mean"), ("token_cosine_min", "cos worst frame")]
+    if reports[0]["variants"][0]["saliency_corr_mean"] is not None:
+        metrics += [("saliency_corr_mean", "saliency r mean"), ("saliency_corr_min", "saliency r worst frame")]
+    figure, axes = plt.subplots(len(metrics), len(reports), figsize=(max(10.0, 4.5 * len(reports)), 3.2 * len(metrics) + 1.5), squeeze=False)
+    markers = {"cacher": "o", "FrameSkipping": "s", "UniformTokenDropping": "^", "full": "*"}
+    for col, report in enumerate(reports):
+        for row, (key, label) in enumerate(metrics):
+            ax = axes[row][col]
+            for v in report["variants"]:
+                if v["name"] == "full (control)":
+                    continue
+                ax.scatter(v["flop_ratio"], v[key], marker=markers.get(v["kind"], "o"), label=v["name"])
+            ax.set_xlabel("FLOP ratio to the full tower")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(report.get("title", report["preset"]), fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    figure.tight_layout(rect=(0, 1.5 / (3.2 * len(metrics) + 1.5), 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
@@ -286,5 +499,7 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "load_benchmark_frames", "load_qwen_frames", "run_vit_benchmark", "print_report", "write_report", "token_cosine",
+__all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "real_weights_variants", "load_frames_at_rate",
+           "load_qwen_frames", "plot_fidelity", "saliency_agreement", "refresh_signal_study", "load_benchmark_frames",
+           "run_vit_benchmark", "print_report", "write_report", "token_cosine",
            "flat_cosine"]

@@ -12,7 +12,8 @@ forward is untouched, so `detach` restores the original exactly) and puts hooks 
 and on the first layer. The chunk module's pre-hook reads the chunk's geometry (reuse units, tokens
 per unit, width, grid); the first layer's pre-hook, which sees the embedded hidden states, plans the
 chunk once on the host: refresh or selective, how many tokens to recompute, and for the beyond-paper
-options the first layer's similarity to the reference. The layers then only execute the plan: no
+options the first layer's similarity to the reference or the pixel change (the chunk's pixels are
+taken by a pre-hook on the tower). The layers then only execute the plan: no
 host syncs, logging or counters inside them. The chunk module's post-hook advances the stream's
 chunk counter.
 
@@ -32,6 +33,11 @@ from typing import Any, NamedTuple, Self
 import torch
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersLayer,
+    Dinov2WithRegistersModel,
+)
 from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionTransformer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
@@ -72,6 +78,20 @@ class TowerSpec(NamedTuple):
     chunk_layout: Callable[[nn.Module, tuple, dict], ChunkLayout]  # (tower, its args, kwargs) -> geometry
 
 
+def encoder_layers(tower: nn.Module) -> list[nn.Module]:
+    """The encoder layers of a supported tower, in order."""
+    encoder = tower.encoder
+    return list(encoder.layers if hasattr(encoder, "layers") else encoder.layer)
+
+
+def prefix_tokens(tower: nn.Module) -> int:
+    """Class and register tokens before the patch grid (0 for SigLIP, 1 for CLIP and DINOv2, more with registers)."""
+    embeddings = tower.embeddings
+    registers = getattr(embeddings, "register_tokens", None)
+    has_class = getattr(embeddings, "cls_token", None) is not None or hasattr(embeddings, "class_embedding")
+    return int(has_class) + (0 if registers is None else registers.shape[1])
+
+
 def _encoder_layout(tower: nn.Module, args: tuple, kwargs: dict) -> ChunkLayout:
     """SigLIP/CLIP-style encoders: inputs_embeds [frames, tokens, width], one frame per unit."""
     hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
@@ -99,7 +119,7 @@ def _qwen_layout(tower: nn.Module, args: tuple, kwargs: dict) -> ChunkLayout:
     return ChunkLayout(units, grid[0] * grid[1], tower.patch_embed.proj.out_channels, frames, grid)
 
 
-_ENCODER_TOWER = TowerSpec(lambda tower: tower.encoder.layers, lambda tower: tower.encoder, _encoder_layout)
+_ENCODER_TOWER = TowerSpec(encoder_layers, lambda tower: tower.encoder, _encoder_layout)
 _QWEN_TOWER = TowerSpec(lambda tower: tower.blocks, lambda tower: tower, _qwen_layout)
 
 # Vision tower class -> how to find its layers and read a chunk's geometry.
@@ -108,6 +128,8 @@ TOWERS: dict[type[nn.Module], TowerSpec] = {
     Siglip2VisionModel: _ENCODER_TOWER,
     CLIPVisionModel: _ENCODER_TOWER,
     Idefics3VisionTransformer: _ENCODER_TOWER,
+    Dinov2Model: _ENCODER_TOWER,
+    Dinov2WithRegistersModel: _ENCODER_TOWER,
     Qwen2VisionTransformerPretrainedModel: _QWEN_TOWER,
     Qwen2_5_VisionTransformerPretrainedModel: _QWEN_TOWER,
     Qwen3VLVisionModel: _QWEN_TOWER,
@@ -126,6 +148,8 @@ LAYER_PATCHES: dict[type[nn.Module], Any] = {
     Qwen2VLVisionBlock: patch_qwen_vl,
     Qwen2_5_VLVisionBlock: patch_qwen_vl,
     Qwen3VLVisionBlock: patch_qwen_vl,
+    Dinov2Layer: patch_vit,
+    Dinov2WithRegistersLayer: patch_vit,
 }
 
 
@@ -184,6 +208,7 @@ class STCCacher:
         self._layers: list[nn.Module] = []
         self._saved_forwards: list[Any] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._chunk_pixels: torch.Tensor | None = None  # the tower's input of the chunk being encoded
         self._paths: dict[Any, LayerPaths] = {}
         # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
         self._onednn = (
@@ -227,6 +252,7 @@ class STCCacher:
             )
         chunk_module = spec.chunk_module(tower)
         self._hooks = [
+            tower.register_forward_pre_hook(self._take_pixels, with_kwargs=True),
             chunk_module.register_forward_pre_hook(self._begin_chunk, with_kwargs=True),
             layers[0].register_forward_pre_hook(self._plan_chunk, with_kwargs=True),
             chunk_module.register_forward_hook(self._end_chunk, with_kwargs=True),
@@ -297,6 +323,11 @@ class STCCacher:
 
     # -- per chunk (host side) ---------------------------------------------------------------
 
+    def _take_pixels(self, tower: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep the chunk's pixels for the adaptive "pixels" signal (a reference, no copy)."""
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        self._chunk_pixels = pixels if isinstance(pixels, torch.Tensor) else None
+
     def _begin_chunk(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Chunk module pre-hook: read the chunk's geometry; the first layer plans it."""
         self._plan, self._layout = None, self._spec.chunk_layout(self._tower, args, kwargs)
@@ -324,12 +355,29 @@ class STCCacher:
             or state.grid != layout.grid
         )
         plan = ChunkPlan(state, layout, refresh, F.num_recomputed_tokens(layout.tokens, config.update_ratio))
-        if not refresh and (config.selection == "shared" or affordable):
+        pixels, self._chunk_pixels = self._chunk_pixels, None
+        if pixels is not None:  # one row per reuse unit (a frame, or a temporal patch's flattened patches)
+            pixels = pixels.reshape(layout.units, -1)
+        if not refresh and affordable and config.refresh_signal == "pixels":
+            plan.refresh = plan.adaptive_refresh = self._pixels_moved(pixels, state)
+        if not plan.refresh and (config.selection == "shared" or (affordable and config.refresh_signal == "keys")):
             units = hidden_states.reshape(layout.units, layout.tokens, layout.width)
-            self._plan_from_first_layer(plan, units, trigger=affordable)
+            self._plan_from_first_layer(plan, units, trigger=affordable and config.refresh_signal == "keys")
         if plan.refresh:
             state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid)
+            state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
         self._plan = plan
+
+    def _pixels_moved(self, pixels: torch.Tensor | None, state: CacherState) -> bool:
+        """Adaptive "pixels" signal: whether any frame of the chunk moved past the threshold.
+
+        A chunk whose pixels cannot be compared (the encoder called without its tower, a new frame
+        size) counts as moved. One host sync per chunk, here, outside the layers.
+        """
+        reference = state.reference_pixels
+        if pixels is None or reference is None or pixels.shape[1:] != reference.shape:
+            return True
+        return float(F.relative_pixel_change(pixels, reference).max()) > self.config.refresh_threshold
 
     def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor, trigger: bool) -> None:
         """Beyond-paper options: one look at the first layer's keys decides the chunk.
@@ -423,6 +471,8 @@ __all__ = [
     "TowerSpec",
     "attached_cacher",
     "find_vision_tower",
+    "encoder_layers",
+    "prefix_tokens",
     "TOWERS",
     "SUPPORTED_TOWERS",
     "LAYER_PATCHES",

@@ -63,6 +63,18 @@ def reused_similarity(similarity: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(similarity, k + (num_reused + 1) // 2, dim=-1).values
 
 
+def relative_pixel_change(pixels: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """How far each frame moved from the reference frame, relative to the reference's own contrast.
+
+    pixels [F, ...] (a chunk of the tower's input), reference [...] (one frame) -> [F]:
+    mean |x - x_ref| / mean |x_ref - mean(x_ref)|. The adaptive "pixels" refresh signal: free to
+    compute, independent of the model's pixel normalisation, and on real DINOv2 weights the best
+    predictor of a reused frame's output error we measured (docs/benchmarks.md).
+    """
+    change = (pixels - reference).abs().flatten(1).mean(dim=1)
+    return change / (reference - reference.mean()).abs().mean().clamp_min(eps)
+
+
 def within_refresh_budget(chunk_index: int, refreshes: int, budget_interval: int) -> bool:
     """Whether chunk `chunk_index` may refresh after `refreshes` refreshes on earlier chunks.
 
@@ -141,6 +153,7 @@ __all__ = [
     "key_similarity",
     "select_dynamic_tokens",
     "reused_similarity",
+    "relative_pixel_change",
     "within_refresh_budget",
     "mix_with_reference",
     "swap_rows",

@@ -58,8 +58,8 @@ def linear_rows(module: nn.Module, x: torch.Tensor, rows: slice, onednn: bool) -
 
 
 def feed_forward(mlp: nn.Module, x: torch.Tensor, onednn: bool) -> torch.Tensor:
-    """mlp(x) for the fc1 -> activation_fn -> fc2 MLP every supported tower uses, products via `linear`."""
-    if onednn and not _has_hooks(mlp):
+    """mlp(x); the fc1 -> activation_fn -> fc2 MLP of most towers with its products via `linear`."""
+    if onednn and not _has_hooks(mlp) and hasattr(mlp, "fc1"):
         return linear(mlp.fc2, mlp.activation_fn(linear(mlp.fc1, x, onednn)), onednn)
     return mlp(x)
 

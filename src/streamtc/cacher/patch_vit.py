@@ -1,9 +1,11 @@
 """How STC-Cacher runs a pre-LN ViT layer with separate q/k/v projections.
 
 Covers transformers 5.x `SiglipEncoderLayer`, `Siglip2EncoderLayer`, `CLIPEncoderLayer` and
-`Idefics3EncoderLayer`: all compute `X + A(LN1 X)` then `X + MLP(LN2 X)` with `self_attn.{q,k,v,out}_proj`,
-`layer_norm1`, `layer_norm2` and `mlp`. Two paths, named after Eventful Transformers' first and
-incremental forwards:
+`Idefics3EncoderLayer` (`self_attn.{q,k,v,out}_proj`, `layer_norm1`, `layer_norm2`, `mlp`) and
+`Dinov2Layer` / `Dinov2WithRegistersLayer` (`attention.{q,k,v,o}_proj`, `norm1`, `norm2`, `mlp`, and
+a learned per-channel layer scale on both branch outputs). All compute `X + s1 * A(LN1 X)` then
+`X + s2 * MLP(LN2 X)` (s = 1 without layer scale); `layer_parts` names the pieces once per family.
+Two paths, named after Eventful Transformers' first and incremental forwards:
 
 - `refresh_forward`: the layer computed exactly, which also writes this layer's reference
   (unit-norm K, V, and attention plus MLP output of the chunk's last frame) into the stream's buffers.
@@ -22,15 +24,61 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer
 
 from ..tokens import gather_tokens
 from . import functional as F
 from .kernels import feed_forward, linear
 from .state import LayerReference
+
+
+LAYER_SCALE_LAYERS = (Dinov2Layer, Dinov2WithRegistersLayer)
+
+
+class LayerParts(NamedTuple):
+    """The pieces of one pre-LN layer under family-neutral names.
+
+    scale1 / scale2: the layer scale vectors [C] multiplying the attention and MLP outputs, or
+    None where the family has none (SigLIP, CLIP).
+    """
+
+    norm1: nn.Module
+    attention: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    out_proj: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    scale1: torch.Tensor | None
+    scale2: torch.Tensor | None
+    scaling: float
+    dropout: float
+
+
+def layer_parts(layer: nn.Module) -> LayerParts:
+    """`layer`'s norms, projections, MLP and layer scales (see the module docstring for the families)."""
+    if isinstance(layer, LAYER_SCALE_LAYERS):
+        attn = layer.attention
+        return LayerParts(
+            layer.norm1, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.norm2, layer.mlp,
+            layer.layer_scale1.lambda1, layer.layer_scale2.lambda1, attn.scaling, attn.attention_dropout,
+        )
+    attn = layer.self_attn
+    return LayerParts(
+        layer.layer_norm1, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, layer.layer_norm2, layer.mlp,
+        None, None, attn.scale, attn.dropout,
+    )
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return x if scale is None else x * scale
 
 
 # The refresh and selective forwards hold no host syncs or data-dependent branches: one full graph.
@@ -44,17 +92,18 @@ def layer_inputs(attention_mask: torch.Tensor | None = None, **kwargs) -> tuple:
 
 def layer_keys(layer: nn.Module, hidden_states: torch.Tensor, onednn: bool = False) -> torch.Tensor:
     """The layer's keys [F, T, C] for hidden states [F, T, C] (what the chunk planner compares)."""
-    return linear(layer.self_attn.k_proj, layer.layer_norm1(hidden_states), onednn)
+    parts = layer_parts(layer)
+    return linear(parts.k_proj, parts.norm1(hidden_states), onednn)
 
 
 def eager_attention_for(layer: nn.Module) -> Callable:
     """The `eager_attention_forward` of the module that defines the layer's attention class."""
-    module = sys.modules[type(layer.self_attn).__module__]
+    module = sys.modules[type(layer_parts(layer).attention).__module__]
     return module.eager_attention_forward
 
 
 def _attention(
-    attn: nn.Module,
+    parts: LayerParts,
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -62,6 +111,7 @@ def _attention(
     eager_fallback: Callable,
 ) -> torch.Tensor:
     """Multi-head attention of queries [F, Q, C] over keys/values [F, T, C] -> [F, Q, C], before out_proj."""
+    attn = parts.attention
     frames, num_queries, _ = queries.shape
     head_dim = attn.head_dim
 
@@ -75,8 +125,8 @@ def _attention(
         heads(keys),
         heads(values),
         attention_mask,
-        scaling=attn.scale,
-        dropout=0.0 if not attn.training else attn.dropout,
+        scaling=parts.scaling,
+        dropout=0.0 if not attn.training else parts.dropout,
     )
     return output.reshape(frames, num_queries, -1)
 
@@ -104,16 +154,16 @@ def refresh_forward(
         first layer before deciding to refresh), else computed here.
     onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
     """
-    attn = layer.self_attn
-    normed = layer.layer_norm1(hidden_states)
+    parts = layer_parts(layer)
+    normed = parts.norm1(hidden_states)
     if keys is None:
-        keys = linear(attn.k_proj, normed, onednn)
-    queries, values = linear(attn.q_proj, normed, onednn), linear(attn.v_proj, normed, onednn)
-    context = _attention(attn, queries, keys, values, attention_mask, eager_fallback)
-    attn_out = linear(attn.out_proj, context, onednn)
+        keys = linear(parts.k_proj, normed, onednn)
+    queries, values = linear(parts.q_proj, normed, onednn), linear(parts.v_proj, normed, onednn)
+    context = _attention(parts, queries, keys, values, attention_mask, eager_fallback)
+    attn_out = _scaled(linear(parts.out_proj, context, onednn), parts.scale1)
     hidden_states = hidden_states + attn_out
 
-    mlp_out = feed_forward(layer.mlp, layer.layer_norm2(hidden_states), onednn)
+    mlp_out = _scaled(feed_forward(parts.mlp, parts.norm2(hidden_states), onednn), parts.scale2)
     hidden_states = hidden_states + mlp_out
 
     reference.unit_keys.copy_(F.unit_rows(keys[-1]))
@@ -140,33 +190,42 @@ def selective_forward(
         for the first layer), else computed here.
     onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
     """
-    attn = layer.self_attn
-    normed = layer.layer_norm1(hidden_states)  # [F, T, C]
+    parts = layer_parts(layer)
+    normed = parts.norm1(hidden_states)  # [F, T, C]
     if keys is None:
-        keys = linear(attn.k_proj, normed, onednn)  # all tokens: every selected query attends to every key
+        keys = linear(parts.k_proj, normed, onednn)  # all tokens: every selected query attends to every key
     if index is None:
         index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed)
 
     normed_selected = gather_tokens(normed, index)  # [F, k, C]
-    queries = linear(attn.q_proj, normed_selected, onednn)
-    selected_values = linear(attn.v_proj, normed_selected, onednn)
+    queries = linear(parts.q_proj, normed_selected, onednn)
+    selected_values = linear(parts.v_proj, normed_selected, onednn)
     mask = _mask_rows(attention_mask, index)
     if hidden_states.shape[0] == 1:
         # One frame: V̄ is V_ref with V_I swapped in, in place, and swapped back after attending
         # (bit-exact; saves a [T, C] copy per layer). A layer that raises in between leaves the
         # stream without a reference: STCCacher._layer_forward marks it for a refresh.
         replaced = F.swap_rows(reference.values, index[0], selected_values[0])
-        context = _attention(attn, queries, keys, reference.values.unsqueeze(0), mask, eager_fallback)
+        context = _attention(parts, queries, keys, reference.values.unsqueeze(0), mask, eager_fallback)
         F.swap_rows(reference.values, index[0], replaced)
     else:
         values = F.mix_with_reference(reference.values, index, selected_values)  # V̄ [F, T, C]
-        context = _attention(attn, queries, keys, values, mask, eager_fallback)
+        context = _attention(parts, queries, keys, values, mask, eager_fallback)
 
     # Both residual steps for the selected rows; LayerNorm is per token, so LN2 of the selected
     # rows equals LN2 of all rows, then selecting.
-    selected = gather_tokens(hidden_states, index) + linear(attn.out_proj, context, onednn)  # X[I] + A_I
-    selected = selected + feed_forward(layer.mlp, layer.layer_norm2(selected), onednn)  # + M_I
+    selected = gather_tokens(hidden_states, index) + _scaled(linear(parts.out_proj, context, onednn), parts.scale1)  # X[I] + A_I
+    selected = selected + _scaled(feed_forward(parts.mlp, parts.norm2(selected), onednn), parts.scale2)  # + M_I
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected)
 
 
-__all__ = ["COMPILABLE", "layer_inputs", "layer_keys", "eager_attention_for", "refresh_forward", "selective_forward"]
+__all__ = [
+    "COMPILABLE",
+    "LayerParts",
+    "layer_parts",
+    "layer_inputs",
+    "layer_keys",
+    "eager_attention_for",
+    "refresh_forward",
+    "selective_forward",
+]

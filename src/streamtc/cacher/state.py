@@ -70,6 +70,7 @@ class CacherState:
         self.values: torch.Tensor | None = None
         self.residual_delta: torch.Tensor | None = None
         self.grid: tuple[int, ...] | None = None  # the reference's token grid, where the tower has one
+        self.reference_pixels: torch.Tensor | None = None  # the reference frame's tower input (adaptive "pixels")
         self.stats = CacherStats()
 
     @property

@@ -1,44 +1,40 @@
 """Benchmark evaluation: stream each video through a session, ask every question when the stream
 reaches it, score as each benchmark defines it, compare runs (docs/evaluation.md).
 
-Modules, in the order a run uses them: `datasets` (annotation formats -> `VideoTask`s),
-`protocol` (one video through one session), `results` (resumable JSON-lines files), `runner`
-(plan, run, summarise; one process), `ray_runner` (the same on Ray actors), `scoring` (parsing and
-each benchmark's aggregation, pure), `report` and `cli` (`streamtc eval ...`).
+Modules, in the order a run uses them: `datasets` (the common model: `Question`, `VideoTask`,
+`Problem`), `benchmarks` (one module per benchmark: loaders, the official and the paper protocol,
+registered in `benchmarks/__init__.py`), `streaming` (one video through one session), `results`
+(resumable JSON-lines files), `runner` (plan, run, summarise; one process), `ray_runner` (the same
+on Ray actors), `scoring` (judging and aggregation, pure), `report` and `cli` (`streamtc eval ...`).
 """
 
-from .datasets import (
-    BENCHMARKS,
-    AnnotationError,
-    Benchmark,
-    BenchmarkInfo,
-    Question,
-    VideoTask,
-    detect_benchmark,
-    load_benchmark,
-)
-from .protocol import EvalSettings, run_video
+from .benchmarks import BENCHMARKS, BenchmarkSpec, Protocol, benchmark_spec, detect_benchmark, load_benchmark
+from .datasets import AnnotationError, Benchmark, Problem, Question, VideoTask
 from .results import ResultsMismatchError, ResultsWriter, RunResults, read_results
 from .runner import EvalRun, ModelSpec, summarize
-from .scoring import Score, parse_prediction, score, timing_summary
+from .scoring import Score, judge_record, score, timing_summary
+from .streaming import EvalSettings, run_video
 
 __all__ = [
     "AnnotationError",
     "BENCHMARKS",
     "Benchmark",
-    "BenchmarkInfo",
+    "BenchmarkSpec",
     "EvalRun",
     "EvalSettings",
     "ModelSpec",
+    "Problem",
+    "Protocol",
     "Question",
     "ResultsMismatchError",
     "ResultsWriter",
     "RunResults",
     "Score",
     "VideoTask",
+    "benchmark_spec",
     "detect_benchmark",
+    "judge_record",
     "load_benchmark",
-    "parse_prediction",
     "read_results",
     "run_video",
     "score",

@@ -2,8 +2,12 @@
 
     streamtc eval run ovobench ovo_bench_new.json --videos data/ovo --output runs/ovo_stc.jsonl
     streamtc eval run ovobench ovo_bench_new.json --videos data/ovo --output runs/ovo_base.jsonl --no-stc --ray
+    streamtc eval run mlvu MLVU/data --videos data/mlvu/video --output runs/mlvu_paper.jsonl --protocol paper
     streamtc eval report runs/ovo_base.jsonl runs/ovo_stc.jsonl
     streamtc eval benchmarks
+
+`--protocol official` (default) evaluates as each benchmark's own code does; `--protocol paper` as
+the STC paper's host did (docs/evaluation.md). Ctrl-C stops a run; the same command resumes it.
 
 `--ray` takes an optional address: bare `--ray` starts a local cluster on 127.0.0.1, `--ray auto` /
 `--ray HOST:PORT` joins one (write `--ray=ADDRESS`, or put `--ray` after the positional
@@ -23,11 +27,11 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from ..config import STCConfig
-from .datasets import BENCHMARKS, PAPER_OFFLINE_AVERAGE, limit_videos, load_benchmark
-from .protocol import EvalSettings
-from .report import load_run, render_comparison, render_run, render_timing
 from ..presets import DTYPES
+from .benchmarks import BENCHMARKS, PAPER_OFFLINE_AVERAGE, PROTOCOLS, limit_videos, load_benchmark
+from .report import check_comparable, load_run, render_comparison, render_run, render_timing
 from .runner import EvalRun, ModelSpec
+from .streaming import EvalSettings
 
 console = Console()
 eval_app = typer.Typer(help="Benchmark accuracy: OVO-Bench, StreamingBench, MLVU, EgoSchema, Video-MME.",
@@ -50,6 +54,8 @@ def run(
                                                      "format; see docs/evaluation.md")],
     videos: Annotated[Path, typer.Option(help="Directory holding the benchmark's videos")],
     output: Annotated[Path, typer.Option(help="Results file (JSON lines); an existing one is resumed")],
+    protocol: Annotated[str, typer.Option(help="official: each benchmark's own prompt, reply rule, clip rule and "
+                                               "metric; paper: what the STC paper's host did")] = "official",
     model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision). "
                                                    "Overrides --preset.")] = None,
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (answers are meaningless)")]
@@ -68,8 +74,8 @@ def run(
     max_videos: Annotated[int | None, typer.Option(help="Only the first N videos (smoke runs)")] = None,
     option_logprobs: Annotated[bool, typer.Option("--option-logprobs", help="Also record each option letter's "
                                                   "log-probability (one extra pre-fill per question)")] = False,
-    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="On resume, ask again the questions whose "
-                                               "video was missing or unreadable")] = False,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="On resume, ask again the questions recorded "
+                                               "with an error (video missing or unreadable)")] = False,
     ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help="Shard videos over Ray actors; bare "
                                             "--ray starts a local cluster on 127.0.0.1, or give 'auto' / "
                                             "HOST:PORT")] = None,
@@ -83,30 +89,50 @@ def run(
     reaches it; append one JSON line per answer to --output; print the benchmark's scores."""
     if no_stc and config is not None:
         raise typer.BadParameter("--config sets up STC; drop --no-stc")
+    if protocol not in PROTOCOLS:
+        raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     stc = None if no_stc else (STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig())
     loaded = limit_videos(load_benchmark(benchmark, annotations, videos), max_videos)
-    settings = EvalSettings(fps=fps if fps is not None else loaded.info.default_fps, max_new_tokens=max_new_tokens,
+    settings = EvalSettings(fps=fps if fps is not None else loaded.spec.default_fps, max_new_tokens=max_new_tokens,
                             option_logprobs=option_logprobs)
     spec = ModelSpec(model=model, preset=preset, num_layers=num_layers, seed=seed,
                      stc=None if stc is None else stc.to_dict(), dtype=dtype, window_tokens=window_tokens)
     if model is None:
         console.print(f"[yellow]preset {preset!r} has random weights: its answers are meaningless. "
                       "Use --model PATH_OR_ID for real weights.[/]")
-    evaluation = EvalRun(loaded, spec, output, settings, device=device, retry_errors=retry_errors)
+    evaluation = EvalRun(loaded, spec, output, settings, protocol=protocol, device=device, retry_errors=retry_errors)
+    if loaded.problems:
+        console.print(f"[yellow]{len(loaded.problems)} record(s) of the annotations cannot be read; each gets an "
+                      "error line (scored wrong):[/]")
+        for problem in loaded.problems[:10]:
+            console.print(f"  {problem.message}")
     if evaluation.resumed:
         done = loaded.questions - evaluation.pending_questions
-        console.print(f"resuming {output}: {done} of {loaded.questions} questions already answered")
-    console.print(f"{loaded.info.title}: {len(evaluation.jobs)} video(s), {evaluation.pending_questions} question(s) "
-                  f"to ask at {settings.fps:g} fps" + (f" on Ray ({ray})" if ray else ""))
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[video]}"), TimeElapsedColumn(), console=console, transient=True) as progress:
-        bar = progress.add_task("answering", total=evaluation.pending_questions, video="")
+        console.print(f"resuming {output}: {done} of {loaded.questions} questions already answered, none asked again"
+                      + (f" except {evaluation.retried} recorded with an error (--retry-errors)"
+                         if evaluation.retried else ""))
+    console.print(f"{loaded.spec.title}, {protocol} protocol")
+    console.print(f"{len(evaluation.jobs)} video(s), {evaluation.pending_questions} question(s) to ask at "
+                  f"{settings.fps:g} fps" + (f" on Ray ({ray})" if ray else ""))
+    answered = 0
+    try:
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[video]}"), TimeElapsedColumn(), console=console,
+                      transient=True) as progress:
+            bar = progress.add_task("answering", total=evaluation.pending_questions, video="")
 
-        def advance(record: dict[str, Any]) -> None:
-            if record["type"] == "answer":
-                progress.update(bar, advance=1, video=record["video"])
+            def advance(record: dict[str, Any]) -> None:
+                nonlocal answered
+                if record["type"] == "answer":
+                    answered += 1
+                    progress.update(bar, advance=1, video=record["video"])
 
-        summary = evaluation.run(ray_address=ray, actors=actors, on_record=advance)
+            summary = evaluation.run(ray_address=ray, actors=actors, on_record=advance)
+    except KeyboardInterrupt:
+        done = loaded.questions - evaluation.pending_questions + answered
+        console.print(f"\n[yellow]interrupted: {done} of {loaded.questions} questions answered and saved in "
+                      f"{output}.[/] Run the same command again to resume; answered questions are not asked again.")
+        raise typer.Exit(130) from None
     report = load_run(output)
     render_run(console, report)
     render_timing(console, [report])
@@ -119,14 +145,19 @@ def run(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Results files; the first is the reference for retention")],
     json_output: Annotated[Path | None, typer.Option("--json", help="Also write the scores and timings here")] = None,
+    allow_mixed_protocols: Annotated[bool, typer.Option("--allow-mixed-protocols", help="Compare runs of different "
+                                                        "protocols (official / paper) anyway")] = False,
 ) -> None:
     """Print each run's score tables, then compare the runs side by side: accuracy, retention
-    against the first run, and the cost of each."""
+    against the first run, and the cost of each. An incomplete run is reported as such (answered /
+    total), its numbers marked partial."""
     reports = [load_run(path) for path in runs]
+    if len(reports) > 1:
+        check_comparable(reports, allow_mixed_protocols=allow_mixed_protocols)
     for item in reports:
         render_run(console, item)
     if len(reports) > 1:
-        render_comparison(console, reports)
+        render_comparison(console, reports, allow_mixed_protocols=allow_mixed_protocols)
     else:
         render_timing(console, reports)
     if json_output is not None:
@@ -137,16 +168,18 @@ def report(
 
 @eval_app.command()
 def benchmarks() -> None:
-    """List the supported benchmarks, their protocol and the paper's numbers."""
+    """List the supported benchmarks, their protocols and the paper's numbers."""
     table = Table(title="benchmarks")
-    for column in ("name", "benchmark", "protocol", "default fps", "headline score", "paper: uncompressed / STC"):
+    for column in ("name", "benchmark", "asked", "default fps", "official headline", "paper headline",
+                   "paper: uncompressed / STC"):
         table.add_column(column)
-    for info in BENCHMARKS.values():
-        paper = info.paper or (PAPER_OFFLINE_AVERAGE if not info.online else None)
+    for spec in BENCHMARKS.values():
+        paper = spec.paper or (PAPER_OFFLINE_AVERAGE if not spec.online else None)
         numbers = "-" if paper is None else f"{paper['uncompressed']} / {paper['stc']}" + (
-            "" if info.paper else " (offline avg)")
-        table.add_row(info.name, info.title, "online: asked at its time" if info.online else "offline: after the video",
-                      f"{info.default_fps:g}", info.headline, numbers)
+            "" if spec.paper else " (offline avg)")
+        table.add_row(spec.name, spec.title, "at its time" if spec.online else "after the video",
+                      f"{spec.default_fps:g}", spec.protocols["official"].headline,
+                      spec.protocols["paper"].headline, numbers)
     console.print(table)
 
 

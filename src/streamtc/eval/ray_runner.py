@@ -1,9 +1,9 @@
 """Scale-out: videos sharded over Ray actors, one model (one `StreamingSession`) per actor.
 
-    for record in run_on_ray(jobs, spec, settings, address="local", actors=2):
+    for record in run_on_ray(jobs, spec, protocol, settings, address="local", actors=2):
         writer.write(record)
 
-Each actor builds the model once and runs `protocol.run_video` on one video at a time; the driver
+Each actor builds the model once and runs `streaming.run_video` on one video at a time; the driver
 hands the next video to whichever actor is free (a shared queue, so long and short videos balance)
 and receives each answer record as soon as the actor yields it (Ray streaming generators), so the
 driver writes answers as they are answered, as in a single-process run. A video always runs whole
@@ -31,10 +31,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import ConfigError, StreamTCError
+from .benchmarks.base import Protocol
 from .datasets import VideoTask
-from .protocol import EvalSettings, run_video
 from .results import Key
 from .runner import ModelSpec
+from .streaming import EvalSettings, run_video
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ class EvalActor:
             torch.set_num_threads(threads)
         self.session = spec.build(device)
 
-    def run_video(self, task: VideoTask, pending: set[Key], settings: EvalSettings) -> Iterator[dict[str, Any]]:
-        yield from run_video(self.session, task, settings, pending)
+    def run_video(self, task: VideoTask, pending: set[Key], protocol: Protocol,
+                  settings: EvalSettings) -> Iterator[dict[str, Any]]:
+        yield from run_video(self.session, task, protocol, settings, pending)
 
 
 @contextmanager
@@ -108,6 +110,7 @@ def _connect(address: str, cpus: int) -> Iterator[Any]:
 def run_on_ray(
     jobs: list[tuple[VideoTask, set[Key]]],
     spec: ModelSpec,
+    protocol: Protocol,
     settings: EvalSettings,
     *,
     address: str = LOCAL,
@@ -153,7 +156,7 @@ def run_on_ray(
                         task, pending = work.get_nowait()
                     except queue.Empty:
                         break
-                    stream = handle.run_video.options(num_returns="streaming").remote(task, pending, settings)
+                    stream = handle.run_video.options(num_returns="streaming").remote(task, pending, protocol, settings)
                     for ref in stream:
                         out.put(("record", ray.get(ref)))
                         if stop.is_set():

@@ -1,10 +1,13 @@
 """`streamtc eval report`: score tables of results files and a side-by-side comparison.
 
-Everything is recomputed from the answer records (the summary lines of a file are not trusted), so
-a report of an interrupted run shows what it has so far, and reports never go stale when scoring
-rules improve. Comparison: the first run is the reference; every other run shows its accuracy and
-its retention (accuracy / reference accuracy, in percent) per row, and the timing table shows the
-cost of each run with its change against the reference.
+Everything is recomputed from the answer records with the run's protocol (the summary lines of a
+file are not trusted), so reports never go stale when scoring rules improve. A run that has not
+answered every planned question is reported as incomplete (answered / total), its numbers marked
+partial, never as a final score. Comparison: the first run is the reference; every other run shows
+its accuracy and its retention (accuracy / reference accuracy, in percent) per row, and the timing
+table shows the cost of each run with its change against the reference. Runs of different
+protocols are not compared unless asked (`allow_mixed_protocols`): their numbers are not on one
+scale.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import ConfigError
-from .datasets import PAPER_OFFLINE_AVERAGE, benchmark_info
+from .benchmarks import PAPER_OFFLINE_AVERAGE, benchmark_spec
 from .results import RunResults, read_results
 from .scoring import Score, retention, score, timing_summary
 
@@ -36,14 +39,21 @@ class RunReport:
         return self.path.stem
 
     @property
+    def progress(self) -> str:
+        """"answered/total" (total unknown: "answered/?")."""
+        planned = self.results.planned
+        return f"{len(self.results.answers)}/{'?' if planned is None else planned}"
+
+    @property
     def setting(self) -> str:
         """A short description of the STC setting."""
         return describe_stc(self.results.config.get("stc"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "model": self.results.header.get("model_id"), "config": self.results.config,
-                "score": self.score.to_dict(), "timing": self.timing, "answers": len(self.results.answers),
-                "superseded": self.results.superseded}
+                "protocol": self.score.protocol, "score": self.score.to_dict(), "timing": self.timing,
+                "answers": len(self.results.answers), "planned": self.results.planned,
+                "complete": self.results.complete, "superseded": self.results.superseded}
 
 
 def describe_stc(stc: dict[str, Any] | None) -> str:
@@ -63,7 +73,8 @@ def describe_stc(stc: dict[str, Any] | None) -> str:
 def load_run(path: str | Path) -> RunReport:
     results = read_results(path)
     answers = list(results.answers.values())
-    return RunReport(Path(path), results, score(results.benchmark, answers), timing_summary(answers, results.videos))
+    return RunReport(Path(path), results, score(results.benchmark, results.protocol, answers),
+                     timing_summary(answers, results.videos))
 
 
 def _pct(value: float | None) -> str:
@@ -82,10 +93,13 @@ def _change(value: float | None, reference: float | None) -> str:
 
 def render_run(console: Console, run: RunReport) -> None:
     """The score tables of one run, with the paper's numbers where the paper has them."""
-    info = benchmark_info(run.score.benchmark)
+    info = benchmark_spec(run.score.benchmark)
     score_ = run.score
-    console.print(f"[bold]{run.path}[/]: {info.title} · {run.results.header.get('model_id')} · {run.setting} · "
-                  f"fps {run.results.config.get('fps')}")
+    console.print(f"[bold]{run.path}[/]: {info.title} · protocol {score_.protocol} · "
+                  f"{run.results.header.get('model_id')} · {run.setting} · fps {run.results.config.get('fps')}")
+    if not run.results.complete:
+        console.print(f"[bold yellow]INCOMPLETE: {run.progress} questions answered; every number below is partial, "
+                      "not a final score (resume with the same command)[/]")
     for name, rows in score_.tables.items():
         table = Table(title=f"by {name}", title_justify="left")
         table.add_column(name)
@@ -96,14 +110,18 @@ def render_run(console: Console, run: RunReport) -> None:
                  else f"mean of {row.parts} tasks ({row.total} q)")
             table.add_row(row.name, _pct(row.accuracy), n)
         console.print(table)
-    line = f"[bold]overall {_pct(score_.overall)}[/] ({score_.rule}); {score_.questions} questions scored"
+    what = "overall" if run.results.complete else "PARTIAL overall"
+    line = f"[bold]{what} {_pct(score_.overall)}[/] ({score_.headline}); {score_.questions} questions scored"
     if score_.unparsed:
-        line += f", {score_.unparsed} answers named no option (wrong)"
+        line += f", {score_.unparsed} replies named no option (wrong)"
     if score_.errors:
-        line += f", {score_.errors} on unreadable videos (wrong)"
+        line += f", {score_.errors} errors: unreadable videos or records (wrong)"
+    if score_.excluded:
+        line += f", {score_.excluded} unanswered replies left out by the official rule"
     if score_.unlabelled:
         line += f", {score_.unlabelled} unlabelled (submission only)"
     console.print(line)
+    console.print(f"  reply rule: {score_.rule}")
     for extra, value in score_.extra.items():
         console.print(f"  {extra}: {_pct(value)}")
     if score_.missing_videos:
@@ -115,20 +133,37 @@ def render_run(console: Console, run: RunReport) -> None:
     paper = info.paper or (PAPER_OFFLINE_AVERAGE if not info.online else None)
     if paper:
         what = "overall" if info.paper else "average of EgoSchema, MLVU, Video-MME"
+        caveat = "" if score_.protocol == "paper" else "; compare with --protocol paper runs"
         console.print(f"  paper (ReKV + LLaVA-OV-7B, {what}): {paper['uncompressed']} uncompressed, "
-                      f"{paper['stc']} with STC")
+                      f"{paper['stc']} with STC{caveat}")
 
 
-def render_comparison(console: Console, runs: list[RunReport]) -> None:
-    """Accuracy side by side with retention against the first run, then the timing summary."""
+def check_comparable(runs: list[RunReport], *, allow_mixed_protocols: bool = False) -> None:
+    """Raise ConfigError when runs of different benchmarks, or (unless allowed) protocols, are put
+    side by side."""
     benchmarks = {run.score.benchmark for run in runs}
     if len(benchmarks) > 1:
         raise ConfigError(f"runs of different benchmarks cannot be compared: {sorted(benchmarks)}")
+    if len({run.score.protocol for run in runs}) > 1 and not allow_mixed_protocols:
+        raise ConfigError(
+            "runs of different protocols are not comparable (prompts, reply rules and metrics differ): "
+            + ", ".join(f"{run.path} is {run.score.protocol}" for run in runs)
+            + "; pass --allow-mixed-protocols to compare them anyway"
+        )
+
+
+def render_comparison(console: Console, runs: list[RunReport], *, allow_mixed_protocols: bool = False) -> None:
+    """Accuracy side by side with retention against the first run, then the timing summary.
+    Incomplete runs are marked partial ("*")."""
+    check_comparable(runs, allow_mixed_protocols=allow_mixed_protocols)
     reference = runs[0]
-    table = Table(title="accuracy % (retention % of the first run)", title_justify="left")
+    partial = [run for run in runs if not run.results.complete]
+    title = "accuracy % (retention % of the first run)" + ("; * partial: run incomplete" if partial else "")
+    table = Table(title=title, title_justify="left")
     table.add_column("")
     for run in runs:
-        table.add_column(f"{run.label}\n{run.setting}", justify="right")
+        mark = "" if run.results.complete else f" * {run.progress}"
+        table.add_column(f"{run.label} ({run.score.protocol}){mark}\n{run.setting}", justify="right")
     rows: list[tuple[str, list[float | None]]] = [("overall", [run.score.overall for run in runs])]
     for name, reference_rows in reference.score.tables.items():
         for row in reference_rows:
@@ -137,13 +172,14 @@ def render_comparison(console: Console, runs: list[RunReport]) -> None:
                 match = [r for r in run.score.tables.get(name, []) if r.name == row.name]
                 values.append(match[0].accuracy if match else None)
             rows.append((f"{name}: {row.name}", values))
+    marks = ["" if run.results.complete else "*" for run in runs]
     for label, values in rows:
-        cells = [_pct(values[0])]
-        for value in values[1:]:
+        cells = [_pct(values[0]) + marks[0]]
+        for value, mark in zip(values[1:], marks[1:]):
             kept = retention(value, values[0])
-            cells.append(_pct(value) + ("" if kept is None else f" ({kept:.1f})"))
+            cells.append(_pct(value) + mark + ("" if kept is None else f" ({kept:.1f})"))
         table.add_row(label, *cells)
-    table.add_row("questions", *[str(run.score.questions) for run in runs])
+    table.add_row("answered", *[run.progress for run in runs])
     console.print(table)
     render_timing(console, runs)
 
@@ -171,4 +207,4 @@ def render_timing(console: Console, runs: list[RunReport]) -> None:
     console.print(timing)
 
 
-__all__ = ["RunReport", "describe_stc", "load_run", "render_comparison", "render_run", "render_timing"]
+__all__ = ["RunReport", "check_comparable", "describe_stc", "load_run", "render_comparison", "render_run", "render_timing"]

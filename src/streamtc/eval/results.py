@@ -6,12 +6,16 @@ Layout (`RUN.jsonl`):
     {"type": "answer", "video": ..., "qid": ..., "trigger": ..., "response": ..., "prediction": ..., ...}
     {"type": "video", "video": ..., "frames": ..., "vit_ms": ..., "prefill_ms": ..., ...}
     ...
+    {"type": "plan", "questions": 2500}          (only when a resumed run plans a different total)
     {"type": "summary", "score": {...}, "timing": {...}, "complete": true}
 
 - The header is the first line. Its `config` is the run's identity (benchmark and annotation
-  hash, model, STC config, fps, generation settings, protocol version): a run refuses to append to
+  hash, model, STC config, fps, generation settings, protocol and its version): a run refuses to append to
   a file whose header `config` differs (`ResultsMismatchError`, naming the differing keys).
-  Versions and machine are recorded too, but only warned about when they change on resume.
+  Versions and machine are recorded too, but only warned about when they change on resume. The
+  header's `questions` is how many questions the run plans to answer (a `plan` line updates it
+  when a resumed run plans another number, e.g. with another --max-videos), so a report can tell
+  a finished run from an interrupted one.
 - An answer line is appended, flushed and fsync'ed as soon as the question is answered. A video
   line follows the last answer of a video (its streaming cost); a summary line ends each run
   that finished (informative only: `streamtc eval report` recomputes everything from the answers).
@@ -68,6 +72,7 @@ class RunResults:
     answers: dict[Key, dict[str, Any]] = field(default_factory=dict)
     videos: list[dict[str, Any]] = field(default_factory=list)
     summaries: list[dict[str, Any]] = field(default_factory=list)
+    planned: int | None = None
     superseded: int = 0
     truncated_tail: bool = False
 
@@ -78,6 +83,20 @@ class RunResults:
     @property
     def benchmark(self) -> str:
         return self.config["benchmark"]
+
+    @property
+    def protocol(self) -> str:
+        """"official" or "paper"; a file written before protocols existed is refused."""
+        protocol = self.config.get("protocol")
+        if protocol not in ("official", "paper"):
+            raise ConfigError(f"{self.path} was written by an older streamtc (protocol {protocol!r}); its answers "
+                              "used one shared prompt and frame rule: run the benchmark again")
+        return protocol
+
+    @property
+    def complete(self) -> bool:
+        """Whether every planned question has an answer line."""
+        return self.planned is not None and len(self.answers) >= self.planned
 
     def done_keys(self, *, retry_errors: bool = False) -> set[Key]:
         """Keys that need no new answer."""
@@ -117,7 +136,7 @@ def read_results(path: str | Path) -> RunResults:
         if results is None:
             if record.get("type") != "header" or record.get("format") != FORMAT:
                 raise ConfigError(f"{path}: not a streamtc results file (first line is not a {FORMAT} header)")
-            results = RunResults(path, record)
+            results = RunResults(path, record, planned=record.get("questions"))
             continue
         kind = record.get("type")
         if kind == "answer":
@@ -128,6 +147,8 @@ def read_results(path: str | Path) -> RunResults:
             results.videos.append(record)
         elif kind == "summary":
             results.summaries.append(record)
+        elif kind == "plan":
+            results.planned = record.get("questions")
         else:
             raise StreamStateError(f"{path}: line {number} has unknown type {kind!r}")
     if results is None:

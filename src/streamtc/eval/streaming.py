@@ -1,21 +1,22 @@
-"""The streaming protocol: one video through one session, questions asked as the stream reaches them.
+"""The streaming run: one video through one session, each question asked as the stream reaches it,
+with its benchmark protocol's prompt and clip rule.
 
-    for record in run_video(session, task, EvalSettings(fps=1.0)):
+    for record in run_video(session, task, protocol, EvalSettings(fps=1.0)):
         writer.write(record)
 
 Per video: `session.reset()`, then the video is decoded once, in time order, sampled at `fps`
 (`streamtc.sources.PyAVSource`: the first frame at or after each instant 0, 1/fps, 2/fps, ...),
-and each sampled frame is pushed once. A question with time t is asked as soon as every sampled
-frame with timestamp <= t has been pushed, i.e. just before the first frame later than t, so it
-sees floor(t * fps) + 1 frames (when the video lasts that long); forward-active items are asked at
-each trigger point the same way. Questions without a time (offline benchmarks), and those timed
-after the last frame, are asked after the whole video. No prefix is ever encoded twice: the cost
-of a video is one pass over its frames, not a sum over its questions' prefixes (the published
-OVO-Bench and StreamingBench harnesses cut and re-encoded the clip [0, t] for every question).
+and each sampled frame is pushed once. A question at time t sees exactly the sampled frames
+strictly before its protocol's cut (`Protocol.cut`: ceil(t) for OVO-Bench, int(t) for
+StreamingBench, as their clips are cut): it is asked just before the first frame at or after the
+cut is pushed. Questions without a time (offline benchmarks) and those whose cut lies after the
+last frame are asked after the whole video. A question whose clip holds no frame (t = 0) gets an
+error line, as the official harness gets no reply for an empty clip. No prefix is ever encoded
+twice: a video costs one pass over its frames, not a sum over its questions' clips.
 
 Frames are pushed in chunks of `session.chunk_frames` (one Cacher chunk per push, as in
 `streamtc run`); a chunk is cut short when a question falls due. When every question is timed,
-decoding stops after the last question's time.
+decoding stops at the last question's cut, and no frame at or after it is encoded.
 
 A video that is missing, not a video, undecodable or truncated (`VideoSourceError`) does not stop
 the run: the questions whose frames were all decoded before the failure are still answered, and
@@ -37,18 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, VideoSourceError
-from ..prompts import OPTION_LETTERS
+from ..errors import ConfigError, InputError, VideoSourceError
 from ..session import StreamingSession
 from ..sources import Frame, PyAVSource
-from .datasets import Question, VideoTask
+from .benchmarks.base import Protocol
+from .datasets import Problem, Question, VideoTask, option_letter
 from .results import Key
-from .scoring import is_correct, parse_prediction
+from .scoring import judge_record
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = "stream/1"
-_EPS = 1e-6  # seconds; a question at t is due before a frame at t + _EPS or later
+STREAM_VERSION = "stream/2"  # stream/1 asked at floor(t*fps)+1 frames with one shared prompt
+_EPS = 1e-6  # seconds of timestamp noise: a frame at cut - _EPS or later is not before the cut
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,20 @@ class EvalSettings:
 def _letter_token_ids(tokenizer: Any, count: int) -> dict[str, int]:
     """Single-token ids of the letters A.. (letters that are not one token are left out)."""
     ids = {}
-    for letter in OPTION_LETTERS[:count]:
+    for letter in (option_letter(i) for i in range(count)):
         encoded = tokenizer(letter, add_special_tokens=False)["input_ids"]
         if len(encoded) == 1:
             ids[letter] = encoded[0]
     return ids
 
 
-def _question_record(question: Question) -> dict[str, Any]:
-    """The fields of an answer record that describe the question."""
+_NOT_ASKED = {"response": None, "prediction": None, "frames": None, "stream_time": None, "ttft_ms": None,
+              "total_ms": None, "prefill_ms": None, "token_ids": None, "option_logprobs": None}
+
+
+def question_record(question: Question, protocol: Protocol) -> dict[str, Any]:
+    """The fields of an answer record that describe the question; `answer` is the label the
+    protocol compares with."""
     return {
         "type": "answer",
         "video": question.video,
@@ -98,32 +104,46 @@ def _question_record(question: Question) -> dict[str, Any]:
         "question_time": question.time,
         "question": question.text,
         "options": list(question.options) if question.options else None,
-        "answer": question.answer,
+        "answer": protocol.expected(question),
         "extra": question.extra,
     }
 
 
-def error_record(question: Question, error: str) -> dict[str, Any]:
-    """The answer record of a question that could not be asked (its video failed)."""
-    return {**_question_record(question), "response": None, "prediction": None, "correct": is_correct(
-        {"answer": question.answer, "error": error}), "error": error, "frames": None, "stream_time": None,
-        "ttft_ms": None, "total_ms": None, "prefill_ms": None, "token_ids": None, "option_logprobs": None}
+def error_record(question: Question, protocol: Protocol, error: str, kind: str = "video") -> dict[str, Any]:
+    """The answer record of a question that could not be asked; kind: "video" (the video failed),
+    "empty_clip" (its clip holds no frame) or "question" (the session refused the prompt)."""
+    record = {**question_record(question, protocol), **_NOT_ASKED, "error": error, "error_kind": kind}
+    record["correct"] = judge_record(protocol, record)[1]
+    return record
 
 
-def ask(session: StreamingSession, question: Question, settings: EvalSettings) -> dict[str, Any]:
-    """Ask one question on the stream so far; its answer record."""
-    answer = session.ask(question.text, options=question.options, max_new_tokens=settings.max_new_tokens)
+def problem_record(problem: Problem) -> dict[str, Any]:
+    """The error line of an annotation record that could not be read."""
+    return {"type": "answer", "video": problem.video, "qid": problem.qid, "trigger": problem.trigger,
+            "task": problem.task, "category": None, "kind": None, "question_time": None, "question": None,
+            "options": None, "answer": None, "extra": {}, **_NOT_ASKED, "correct": False,
+            "error": f"unreadable annotation: {problem.message}", "error_kind": "annotation"}
+
+
+def ask(session: StreamingSession, question: Question, protocol: Protocol, settings: EvalSettings) -> dict[str, Any]:
+    """Ask one question on the stream so far with its protocol's prompt; its answer record. A
+    question the session refuses (`InputError`) gets an error record instead of stopping the run."""
+    prompt = protocol.prompt(question)
+    try:
+        answer = session.ask(prompt.text, max_new_tokens=settings.max_new_tokens, answer_prefix=prompt.answer_prefix)
+    except InputError as refused:
+        return error_record(question, protocol, f"question refused: {refused}", kind="question")
     logprobs = None
     if settings.option_logprobs and question.options:
-        logits = session.next_token_logits(question.text, question.options)
+        logits = session.next_token_logits(prompt.text, answer_prefix=prompt.answer_prefix)
         log_softmax = torch.log_softmax(logits, dim=-1)
         logprobs = {letter: float(log_softmax[i])
                     for letter, i in _letter_token_ids(session.tokenizer, len(question.options)).items()}
     record = {
-        **_question_record(question),
+        **question_record(question, protocol),
         "response": answer.text,
-        "prediction": parse_prediction(question.kind, answer.text, question.options),
         "error": None,
+        "error_kind": None,
         "frames": answer.frames,
         "stream_time": answer.timestamp,
         "ttft_ms": answer.ttft_ms,
@@ -132,13 +152,14 @@ def ask(session: StreamingSession, question: Question, settings: EvalSettings) -
         "token_ids": answer.token_ids,
         "option_logprobs": logprobs,
     }
-    record["correct"] = is_correct(record)
+    record["prediction"], record["correct"] = judge_record(protocol, record)
     return record
 
 
 def run_video(
     session: StreamingSession,
     task: VideoTask,
+    protocol: Protocol,
     settings: EvalSettings,
     pending: set[Key] | None = None,
 ) -> Iterator[dict[str, Any]]:
@@ -152,9 +173,11 @@ def run_video(
         return
     started = time.perf_counter()
     session.reset()
-    due = deque(q for q in questions if q.time is not None)  # in time order (VideoTask sorts)
-    at_end = [q for q in questions if q.time is None]
+    timed = [q for q in questions if q.time is not None and protocol.cut is not None]
+    due = deque((protocol.cut(q.time), q) for q in timed)  # (cut, question), in time order
+    at_end = [q for q in questions if q.time is None or protocol.cut is None]
     answered = 0
+    decoded = 0
     buffer: list[Frame] = []
     last_time: float | None = None  # timestamp of the last frame pushed
     error: str | None = None
@@ -166,32 +189,42 @@ def run_video(
             last_time = buffer[-1].timestamp
             buffer.clear()
 
+    def ask_due(before: float) -> Iterator[dict[str, Any]]:
+        """Ask every question whose cut is at or before `before` (on the frames pushed so far)."""
+        nonlocal answered
+        while due and due[0][0] <= before + _EPS:
+            cut, question = due.popleft()
+            answered += 1
+            if session.frames == 0:
+                yield error_record(question, protocol, f"asked at {question.time:g} s: the clip [0, {cut:g}) "
+                                   "holds no sampled frame", kind="empty_clip")
+            else:
+                yield ask(session, question, protocol, settings)
+
     try:
         # decode no further than the last question needs
-        with PyAVSource(task.path, fps=settings.fps, max_seconds=None if at_end else due[-1].time) as source:
+        with PyAVSource(task.path, fps=settings.fps, max_seconds=None if at_end else due[-1][0]) as source:
             for frame in source:
-                if due and due[0].time < frame.timestamp - _EPS and (buffer or session.frames):
+                decoded += 1
+                if due and due[0][0] <= frame.timestamp + _EPS:
                     flush()
-                    while due and due[0].time < frame.timestamp - _EPS:
-                        yield ask(session, due.popleft(), settings)
-                        answered += 1
+                    yield from ask_due(frame.timestamp)
+                    if not due and not at_end:
+                        break  # no question needs this frame or any later one
                 buffer.append(frame)
                 if len(buffer) == session.chunk_frames:
                     flush()
         flush()
-        if session.frames == 0:
+        if decoded == 0:
             raise VideoSourceError(f"{task.path}: no frame was sampled")
     except VideoSourceError as failure:
         error = str(failure)
         logger.info("video %s: %s", task.video, error)
-        flush()  # frames decoded before the failure are sound
-        # questions whose every frame was decoded are still answered
-        while due and last_time is not None and due[0].time <= last_time + _EPS:
-            yield ask(session, due.popleft(), settings)
-            answered += 1
-    remaining = list(due) + at_end
+        flush()  # frames decoded before the failure are sound (questions due before them were asked)
+    remaining = [q for _, q in due] + at_end
     for question in remaining:
-        yield error_record(question, error) if error is not None else ask(session, question, settings)
+        yield error_record(question, protocol, error) if error is not None else ask(session, question, protocol,
+                                                                                      settings)
     stats = session.stats.to_dict()
     yield {
         "type": "video",
@@ -205,4 +238,4 @@ def run_video(
     }
 
 
-__all__ = ["EvalSettings", "PROTOCOL", "ask", "error_record", "run_video"]
+__all__ = ["EvalSettings", "STREAM_VERSION", "ask", "error_record", "problem_record", "question_record", "run_video"]

@@ -1,0 +1,120 @@
+"""Trivial ways to spend less ViT compute on a stream, as baselines for STC-Cacher at matched cost.
+
+- `FrameSkipping(rate)`: encode a fixed share `rate` of the frames fully (evenly spread: frame i is
+  encoded while fewer than ceil(rate * (i + 1)) frames have been, so the first always is) and hand
+  out the last full output for the frames in between. rate = 1/M is "every M-th frame".
+- `UniformTokenDropping(keep_ratio)`: encode every frame, but only an evenly strided subset of its
+  patch tokens (class and register tokens are always kept); each dropped token takes the output of
+  the nearest kept token in the patch grid, so the result has the full [F, T, C] shape.
+
+Both work on the towers STC-Cacher supports (SigLIP/CLIP/DINOv2 families: `embeddings`, an encoder
+with its layers, a final norm) and return the tower's `last_hidden_state`. A cost model in FLOPs
+(`flop_ratio`) matches them to a Cacher setting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..cacher.cacher import encoder_layers, prefix_tokens
+from ..cacher.functional import layer_flops
+from ..errors import ConfigError
+
+
+class FrameSkipping:
+    """Full forward on a share `rate` of the frames, the last full output reused for the others."""
+
+    def __init__(self, rate: float) -> None:
+        if not 0.0 < rate <= 1.0:
+            raise ConfigError(f"rate must lie in (0, 1], got {rate!r}")
+        self.rate = rate
+        self.reset()
+
+    def reset(self) -> None:
+        self.frames = 0
+        self.encoded = 0
+        self.last: torch.Tensor | None = None
+
+    def encodes_next(self) -> bool:
+        """Whether the next frame is encoded (the first always is)."""
+        return self.last is None or self.encoded < math.ceil(self.rate * (self.frames + 1) - 1e-9)
+
+    def __call__(self, tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One frame [1, 3, H, W] -> its (possibly reused) last_hidden_state [1, T, C]."""
+        if self.encodes_next():
+            self.last = tower(pixel_values=pixel_values).last_hidden_state
+            self.encoded += 1
+        self.frames += 1
+        return self.last
+
+    def flop_ratio(self) -> float:
+        return self.encoded / max(1, self.frames)
+
+
+def _final_norm(tower: nn.Module) -> nn.Module:
+    for name in ("post_layernorm", "layernorm"):
+        if isinstance(getattr(tower, name, None), nn.Module):
+            return getattr(tower, name)
+    return nn.Identity()
+
+
+def strided_grid_index(side: int, keep_ratio: float) -> torch.Tensor:
+    """Indices of an evenly strided subset of a side x side grid holding about keep_ratio of its cells."""
+    keep_side = max(1, min(side, round(side * math.sqrt(keep_ratio))))
+    rows = torch.linspace(0, side - 1, keep_side).round().long()
+    return (rows[:, None] * side + rows[None, :]).flatten()
+
+
+def nearest_kept(side: int, kept: torch.Tensor) -> torch.Tensor:
+    """For every grid cell, the position (in `kept`) of the nearest kept cell."""
+    cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).view(-1, 2).float()
+    kept_cells = cells[kept]
+    return torch.cdist(cells, kept_cells).argmin(dim=1)
+
+
+class UniformTokenDropping:
+    """Every frame encoded on an evenly strided subset of its patch tokens; dropped tokens copy the nearest kept one."""
+
+    def __init__(self, keep_ratio: float) -> None:
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ConfigError(f"keep_ratio must lie in (0, 1], got {keep_ratio!r}")
+        self.keep_ratio = keep_ratio
+        self.kept_tokens = 0
+        self.total_tokens = 0
+
+    def reset(self) -> None:
+        self.kept_tokens = self.total_tokens = 0
+
+    def __call__(self, tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = tower.embeddings(pixel_values)  # [F, T, C]
+        frames, num_tokens, _ = x.shape
+        prefix = prefix_tokens(tower)
+        side = math.isqrt(num_tokens - prefix)
+        if side * side != num_tokens - prefix:
+            raise ConfigError(f"token dropping needs a square patch grid; got {num_tokens - prefix} patch tokens")
+        kept = strided_grid_index(side, self.keep_ratio)
+        rows = torch.cat([torch.arange(prefix), kept + prefix]).to(x.device)
+        h = x.index_select(1, rows)
+        for layer in encoder_layers(tower):
+            h = layer(h, None)
+        h = _final_norm(tower)(h)
+        fill = nearest_kept(side, kept).to(x.device) + prefix  # tiny next to the layers
+        self.kept_tokens, self.total_tokens = len(rows), num_tokens
+        return torch.cat([h[:, :prefix], h.index_select(1, fill)], dim=1)
+
+    def flop_ratio(self, width: int, mlp_width: int) -> float:
+        return layer_flops(self.kept_tokens, width, mlp_width) / layer_flops(self.total_tokens, width, mlp_width)
+
+
+def keep_ratio_for_flops(target: float, num_tokens: int, prefix: int, width: int, mlp_width: int) -> float:
+    """The grid keep ratio whose strided subset costs closest to `target` of a full frame (FLOP model)."""
+    side = math.isqrt(num_tokens - prefix)
+    full = layer_flops(num_tokens, width, mlp_width)
+    best = min(range(1, side + 1), key=lambda s: abs(layer_flops(prefix + s * s, width, mlp_width) / full - target))
+    return (best / side) ** 2
+
+
+__all__ = ["FrameSkipping", "UniformTokenDropping", "keep_ratio_for_flops", "strided_grid_index", "nearest_kept"]

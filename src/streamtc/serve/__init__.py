@@ -1,0 +1,13 @@
+"""`streamtc serve`: several live streams on one loaded model, over HTTP/websockets, with a web page.
+
+Layers: `engine` (model side: sessions, scheduler, sources, limits; no web code), `backend` (its
+async face), `app` (FastAPI endpoints, auth), `ray_backend` (Ray Serve replicas), `server`
+(settings, running), `cli` (`streamtc serve`), `load` (load generator). The web page is plain
+HTML/JS in `static/`. FastAPI and uvicorn come with the `serve` extra; this package imports them
+only where used.
+"""
+
+from .engine import Engine, ServeLimits, SourcePolicy, StreamSpec
+from .server import ServerSettings, ServerThread
+
+__all__ = ["Engine", "ServeLimits", "ServerSettings", "ServerThread", "SourcePolicy", "StreamSpec"]

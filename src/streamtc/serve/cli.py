@@ -1,0 +1,77 @@
+"""`streamtc serve`: the command. Flags build one `ServerSettings`; FastAPI and uvicorn are
+imported only when the server starts (the `serve` extra)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import STCConfig
+from .engine import ServeLimits, SourcePolicy
+from .server import ServerSettings
+
+
+def serve(
+    model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision). "
+                                                   "Overrides --preset.")] = None,
+    preset: Annotated[str, typer.Option(help="Built-in architecture with random weights")] = "tiny-llava-ov",
+    host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    token: Annotated[str | None, typer.Option(help="Bearer token required on every endpoint and websocket",
+                                              envvar="STREAMTC_TOKEN")] = None,
+    allow_dir: Annotated[list[Path] | None, typer.Option(help="Directory whose video files clients may open "
+                                                              "(repeatable)")] = None,
+    allow_scheme: Annotated[list[str] | None, typer.Option(help="URL scheme clients may open (rtsp, http, https, "
+                                                                "tcp, udp, srt, rtmp), or 'webcam' (repeatable)")]
+    = None,
+    no_stc: Annotated[bool, typer.Option("--no-stc", help="Streams run without STC unless they ask for it")] = False,
+    config: Annotated[Path | None, typer.Option(help="JSON STCConfig for streams that do not set their own")] = None,
+    max_streams: Annotated[int, typer.Option(help="Open streams at most")] = ServeLimits.max_streams,
+    max_queue_frames: Annotated[int, typer.Option(help="Frames waiting per stream at most")]
+    = ServeLimits.max_queue_frames,
+    max_upload_bytes: Annotated[int, typer.Option(help="Bytes per uploaded frame or request at most")]
+    = ServeLimits.max_upload_bytes,
+    max_frame_side: Annotated[int, typer.Option(help="Pixels per frame side at most")] = ServeLimits.max_frame_side,
+    max_question_chars: Annotated[int, typer.Option(help="Characters per question at most")]
+    = ServeLimits.max_question_chars,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer tokens a client may request at most")]
+    = ServeLimits.max_new_tokens,
+    max_model_views: Annotated[int, typer.Option(help="Distinct STC settings (model views) at most")]
+    = ServeLimits.max_model_views,
+    num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads of the model worker")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    ray: Annotated[bool, typer.Option("--ray", help="Run the model as Ray Serve replicas")] = False,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray)")] = 2,
+    ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster (default: a local one on "
+                                                         "127.0.0.1)")] = None,
+) -> None:
+    """Serve live streams on one loaded model: HTTP/websocket API, a web page at /, OpenAI-style chat."""
+    from .server import run
+
+    logging.getLogger("streamtc.serve").setLevel(logging.INFO)  # start-up and shutdown lines
+    default_stc = None if no_stc else (STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig())
+    settings = ServerSettings(
+        model=model, preset=preset, num_layers=num_layers, device=device, default_stc=default_stc,
+        limits=ServeLimits(max_streams=max_streams, max_queue_frames=max_queue_frames,
+                           max_upload_bytes=max_upload_bytes, max_frame_side=max_frame_side,
+                           max_question_chars=max_question_chars, max_new_tokens=max_new_tokens,
+                           max_model_views=max_model_views),
+        sources=SourcePolicy(allow_dirs=tuple(p.expanduser().resolve() for p in allow_dir or ()),
+                             allow_schemes=frozenset(s.lower() for s in allow_scheme or ())),
+        host=host, port=port, token=token, threads=threads, replicas=replicas if ray else None,
+        ray_address=ray_address,
+    )
+    where = f"http://{host}:{port}/"
+    typer.echo(f"streamtc serve: {settings.model_name} on {where}" + (" (token required)" if token else "")
+               + (f", {replicas} Ray Serve replicas" if ray else ""))
+    if model is None:
+        typer.echo(f"preset {preset!r} has random weights: answers are meaningless. Use --model for real weights.")
+    run(settings)
+
+
+__all__ = ["serve"]

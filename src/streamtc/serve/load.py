@@ -1,0 +1,204 @@
+"""Load test of `streamtc serve`: N concurrent file streams and a question per stream every few
+seconds, against a running server (--url) or servers it starts itself, one per variant.
+
+    python -m streamtc.serve.load --streams 8 --duration 120 --question-every 10 --compare
+
+Reports per variant: errors, question latency (p50/p95, as the client sees it, and the server's
+own queue wait), frames per second per stream, and the server's resident memory over time; with
+--output, the same as JSON. Server-read streams loop the clip and, unless --realtime, read it as
+fast as the model takes frames, so frames/s is the throughput each stream gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+QUESTION = "What is happening right now?"
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """The `share` quantile (nearest rank) of `values`, None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class SpawnedServer:
+    """`streamtc serve` in a child process on a free port of 127.0.0.1."""
+
+    def __init__(self, extra_args: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "streamtc.cli", "serve", "--port", str(self.port),
+                                         *extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/v1/info", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def run_load(url: str, *, streams: int, duration: float, question_every: float, source: str, fps: float,
+                   realtime: bool, stc: str, max_new_tokens: int, token: str | None = None) -> dict[str, Any]:
+    """Open the streams, ask on each every `question_every` s for `duration` s, measure, close."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as http:
+        body = {"source": source, "fps": fps, "realtime": realtime, "loop": True,
+                "stc": None if stc == "off" else "default"}
+        ids = []
+        for _ in range(streams):
+            response = await http.post("/v1/streams", json=body)
+            response.raise_for_status()
+            ids.append(response.json()["id"])
+        started = time.monotonic()
+        errors: list[str] = []
+        latencies: list[float] = []
+        server_latencies: list[float] = []
+        queue_waits: list[float] = []
+        memory: list[tuple[float, int]] = []
+
+        async def questions(index: int, stream_id: str) -> None:
+            await asyncio.sleep(question_every * (index + 1) / streams)  # spread over the interval
+            while time.monotonic() - started < duration:
+                sent = time.monotonic()
+                try:
+                    response = await http.post(f"/v1/streams/{stream_id}/ask",
+                                               json={"question": QUESTION, "max_new_tokens": max_new_tokens})
+                    if response.status_code != 200:
+                        errors.append(f"{stream_id}: HTTP {response.status_code} {response.text[:200]}")
+                    else:
+                        answer = response.json()
+                        latencies.append((time.monotonic() - sent) * 1e3)
+                        server_latencies.append(answer["latency_ms"])
+                        queue_waits.append(answer["queue_ms"])
+                except httpx.HTTPError as error:
+                    errors.append(f"{stream_id}: {type(error).__name__} {error}")
+                await asyncio.sleep(max(0.0, question_every - (time.monotonic() - sent)))
+
+        async def sample_memory() -> None:
+            while time.monotonic() - started < duration:
+                info = (await http.get("/v1/info")).json()
+                memory.append((round(time.monotonic() - started, 1), info["rss_bytes"]))
+                await asyncio.sleep(10.0)
+
+        first = {s["id"]: s["frames_done"] for s in (await http.get("/v1/streams")).json()["streams"]}
+        await asyncio.gather(sample_memory(), *(questions(i, sid) for i, sid in enumerate(ids)))
+        elapsed = time.monotonic() - started
+        final = {s["id"]: s for s in (await http.get("/v1/streams")).json()["streams"]}
+        memory.append((round(elapsed, 1), (await http.get("/v1/info")).json()["rss_bytes"]))
+        for sid in ids:
+            if final[sid]["state"] not in ("playing", "ended"):
+                errors.append(f"{sid}: stream {final[sid]['state']}: {final[sid]['error']}")
+            await http.delete(f"/v1/streams/{sid}")
+    rates = [(final[sid]["frames_done"] - first.get(sid, 0)) / elapsed for sid in ids]
+    return {
+        "streams": streams, "duration_s": round(elapsed, 1), "stc": stc, "source": source, "fps": fps,
+        "realtime": realtime, "questions": len(latencies), "errors": errors,
+        "latency_ms": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)},
+        "server_latency_ms": {"p50": percentile(server_latencies, 0.5), "p95": percentile(server_latencies, 0.95)},
+        "queue_wait_ms": {"p50": percentile(queue_waits, 0.5), "p95": percentile(queue_waits, 0.95)},
+        "frames_per_s_per_stream": {"mean": statistics.fmean(rates), "min": min(rates), "max": max(rates)},
+        "rss_mb": [(t, round(b / 2**20)) for t, b in memory],
+    }
+
+
+def print_report(results: list[dict[str, Any]]) -> None:
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    print(f"{'STC':<8}{'questions':>10}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}{'queue p50':>11}"
+          f"{'frames/s/stream':>17}{'RSS MB start→end':>20}")
+    for r in results:
+        rate = r["frames_per_s_per_stream"]
+        print(f"{r['stc']:<8}{r['questions']:>10}{len(r['errors']):>8}{fmt(r['latency_ms']['p50']):>9}"
+              f"{fmt(r['latency_ms']['p95']):>9}{fmt(r['queue_wait_ms']['p50']):>11}"
+              f"{rate['mean']:>11.2f} ({rate['min']:.2f}-{rate['max']:.2f})"
+              f"{r['rss_mb'][0][1]:>11}→{r['rss_mb'][-1][1]}")
+        for error in r["errors"][:5]:
+            print(f"  error: {error}")
+    for r in results:
+        print(f"RSS over time, STC {r['stc']} (s, MB): " + ", ".join(f"{t:g}:{mb}" for t, mb in r["rss_mb"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running server (default: start one per variant on a free port)")
+    parser.add_argument("--token", default=os.environ.get("STREAMTC_TOKEN"), help="bearer token of --url")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds per variant")
+    parser.add_argument("--question-every", type=float, default=10.0, help="seconds between a stream's questions")
+    parser.add_argument("--source", default="demo", help="clip every stream reads (looped)")
+    parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
+    parser.add_argument("--realtime", action="store_true", help="pace the clip at its own speed")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length")
+    parser.add_argument("--stc", choices=("default", "off"), default="default", help="STC of the streams")
+    parser.add_argument("--compare", action="store_true", help="run with STC, then without (own server each)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of a started server")
+    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    variants = ["default", "off"] if args.compare else [args.stc]
+    results = []
+    for stc in variants:
+        server = None
+        url = args.url
+        if url is None:
+            server = SpawnedServer(["--max-streams", str(max(16, args.streams))]
+                                   + (["--threads", str(args.threads)] if args.threads else []))
+            server.wait_ready()
+            url = server.url
+        try:
+            results.append(asyncio.run(run_load(
+                url, streams=args.streams, duration=args.duration, question_every=args.question_every,
+                source=args.source, fps=args.fps, realtime=args.realtime, stc=stc,
+                max_new_tokens=args.max_new_tokens, token=args.token)))
+        finally:
+            if server is not None:
+                server.stop()
+    print_report(results)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
+        print(f"wrote {args.output}")
+
+
+__all__ = ["percentile", "run_load", "main"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Server settings, the app they build, and running it (in the foreground, or on a background thread
+for tests and the load tool)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import STCConfig
+from ..errors import ConfigError
+from ..session import StreamingSession
+from .engine import ServeLimits, SourcePolicy
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` only accepts connections from this machine."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `streamtc serve` is configured with (the CLI builds exactly this).
+
+    model: real weights (path or hub id) or None for `preset` (random weights). default_stc: the
+    STC settings of streams that do not choose their own (None: no STC). token: bearer token,
+    required by `check` for a bind address other than loopback. threads: torch threads of the
+    model worker. replicas: None runs in this process; N > 0 runs N Ray Serve replicas
+    (ray_address: an existing cluster, else a local one on 127.0.0.1; replica_cpus: CPUs Ray
+    reserves per replica).
+    """
+
+    model: str | None = None
+    preset: str = "tiny-llava-ov"
+    num_layers: int | None = None
+    device: str = "cpu"
+    default_stc: STCConfig | None = field(default_factory=STCConfig)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    sources: SourcePolicy = field(default_factory=SourcePolicy)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    threads: int | None = None
+    replicas: int | None = None
+    ray_address: str | None = None
+    replica_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.host) and not self.token:
+            raise ConfigError(f"binding {self.host} exposes the server to the network: give --token TOKEN "
+                              "(bearer auth on every endpoint), or bind 127.0.0.1")
+        if self.token is not None and len(self.token) < 8:
+            raise ConfigError("--token must be at least 8 characters")
+        if self.replicas is not None and (isinstance(self.replicas, bool) or not isinstance(self.replicas, int)
+                                          or self.replicas < 1):
+            raise ConfigError(f"replicas must be an int >= 1, got {self.replicas!r}")
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.preset
+
+
+def load_base_session(settings: ServerSettings) -> StreamingSession:
+    """The loaded model, as a session without STC (the engine adds STC per stream)."""
+    if settings.model is not None:
+        return StreamingSession.from_pretrained(settings.model, stc=None, device=settings.device)
+    return StreamingSession.from_preset(settings.preset, stc=None, num_layers=settings.num_layers,
+                                        device=settings.device)
+
+
+async def open_local_backend(settings: ServerSettings, id_prefix: str = "") -> Any:
+    """Load the model and start an engine on it, in this process."""
+    from .backend import LocalBackend
+
+    return await LocalBackend.start(
+        lambda: load_base_session(settings), settings.model_name, default_stc=settings.default_stc,
+        limits=settings.limits, sources=settings.sources, threads=settings.threads, id_prefix=id_prefix,
+    )
+
+
+def make_app(settings: ServerSettings) -> Any:
+    """The FastAPI app for `settings` (the model loads when the app starts)."""
+    from .app import build_app
+
+    if settings.replicas is None:
+        async def opener() -> Any:
+            return await open_local_backend(settings)
+    else:
+        async def opener() -> Any:
+            from .ray_backend import RayBackend
+
+            return await RayBackend.start(settings, settings.model_name)
+    return build_app(opener, token=settings.token, limits=settings.limits)
+
+
+def _uvicorn_config(app: Any, settings: ServerSettings, **kwargs: Any) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.limits.max_upload_bytes
+                          + 64 * 1024, timeout_graceful_shutdown=5, log_level="warning", **kwargs)
+
+
+def run(settings: ServerSettings) -> None:
+    """Serve in the foreground until interrupted; shutdown closes every stream."""
+    import uvicorn
+
+    uvicorn.Server(_uvicorn_config(make_app(settings), settings)).run()
+
+
+class ServerThread:
+    """A server on a background thread, on a free port of 127.0.0.1 (or `settings.host`).
+
+        with ServerThread(ServerSettings()) as server:
+            httpx.get(server.url + "/v1/info")
+    """
+
+    def __init__(self, settings: ServerSettings, app: Any = None) -> None:
+        import uvicorn
+
+        self.settings = settings
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((settings.host, 0))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://{settings.host}:{self.port}"
+        self.server = uvicorn.Server(_uvicorn_config(app or make_app(settings), settings))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True,
+                                        name="streamtc-serve")
+
+    def start(self, timeout: float = 120.0) -> ServerThread:
+        self._thread.start()
+        waited = threading.Event()
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server failed to start; see the log above")
+            waited.wait(0.05)
+            timeout -= 0.05
+            if timeout <= 0:
+                raise TimeoutError("the server did not start in time")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=60)
+        self._socket.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["ServerSettings", "ServerThread", "is_loopback", "load_base_session", "make_app", "open_local_backend", "run"]
