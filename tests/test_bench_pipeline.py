@@ -16,7 +16,7 @@ from streamtc.bench.pipeline import (
 from streamtc.cli import app
 from streamtc.errors import ConfigError
 
-DELAY_MS = 40.0
+DELAY_MS = 250.0  # large next to the tiny preset's frame time, so a loaded machine cannot hide it
 
 
 @pytest.fixture(scope="module")
