@@ -683,14 +683,18 @@ def bench_vit(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here, and PNG plots beside it")] = None,
+    qwen_tower: Annotated[str | None, typer.Option(
+        "--tower",
+        help="A Qwen-VL vision tower instead of --preset: qwen2-vl, qwen2.5-vl or qwen3-vl (checkpoint widths, "
+             "random weights; 448x448 frames at 2 fps, two frames per temporal patch and chunk; --frames must be even)")] = None,
 ) -> None:
     """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
     import torch
 
     from .bench.vit import (
-        load_benchmark_frames, load_frames_at_rate, plot_fidelity, print_report, real_weights_variants,
-        print_signal_study, refresh_signal_study, run_vit_benchmark, summarise_signal_study, write_plots,
-        write_report,
+        QWEN_VARIANTS, load_benchmark_frames, load_frames_at_rate, load_qwen_frames, plot_fidelity, print_report,
+        print_signal_study, real_weights_variants, refresh_signal_study, run_vit_benchmark, summarise_signal_study,
+        write_plots, write_report,
     )
     from .preprocess import FramePreprocessor
     from .presets import build_config
@@ -706,9 +710,19 @@ def bench_vit(
     except ValueError:
         raise typer.BadParameter(f"--fps takes comma-separated numbers, got {fps!r}") from None
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
+    if qwen_tower is not None:
+        if weights:
+            raise typer.BadParameter("--tower runs random-init Qwen towers; it does not combine with --weights")
+        report = run_vit_benchmark(load_qwen_frames(video, qwen_tower, frames), num_layers=num_layers, repeats=repeats,
+                                   warmup=warmup, device=device, tower=qwen_tower, variants=QWEN_VARIANTS)
+        report["video"] = video
+        print_report(report)
+        if output is not None:
+            console.print(f"wrote {write_report(report, output)}")
+            for path in write_plots(report, output):
+                console.print(f"wrote {path}")
+        return
 
     from .bench.vit import DEFAULT_VARIANTS, mlp_width
     from .cacher.cacher import prefix_tokens

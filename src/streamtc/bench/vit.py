@@ -17,6 +17,13 @@ variant's features are compared with the full forward's (Pearson correlation and
 frame), and two trivial baselines run at the FLOP cost of the Cacher settings: frame skipping and
 uniform token dropping (`streamtc.baselines.vit`). A Cacher setting that loses to them at the same
 cost has no reason to exist.
+
+    streamtc bench vit --tower qwen2-vl --num-layers 4 --frames 32
+
+With --tower (qwen2-vl, qwen2.5-vl, qwen3-vl) the tower is a Qwen-VL vision tower at its
+checkpoint's width (random weights) and the unit of reuse is a temporal patch: frames are taken at
+2 fps, two per tower forward (see `qwen_towers`); every "frame" of the report is then one temporal
+patch.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from ..preprocess import FramePreprocessor
 from ..presets import build_model
 from ..baselines.vit import keep_ratio_for_flops
 from ..sources import BUILTIN_CLIPS, Frame, PyAVSource, builtin_clip_path, open_source
+from . import qwen_towers
 from .timing import machine_info, timed
 
 
@@ -72,6 +80,15 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("compiled N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, compile_mode="default")),
     Variant("adaptive N=8 budget 2 r=0.25", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
                                                          refresh_threshold=0.92, refresh_budget=2)),
+)
+
+# The Qwen towers' variants (a temporal patch at checkpoint width is several seconds on a 2-core
+# CPU, so the paper's settings, the kernel-neutral row and the adaptive row; no compiled path:
+# the windowed blocks split attention on the host).
+QWEN_VARIANTS: tuple[Variant, ...] = tuple(
+    v for v in DEFAULT_VARIANTS
+    if v.name in ("full", "full (control)", "full, cacher kernels (N=1)", "stc N=2 r=0.25", "stc N=4 r=0.25")
+    or v.config is not None and v.config.refresh == "adaptive"
 )
 
 
@@ -159,6 +176,18 @@ def load_benchmark_frames(video: str, count: int, image_size: int) -> torch.Tens
     return FramePreprocessor(size=image_size)(np.stack([f.image for f in sample_clip(video, count)]))
 
 
+def load_qwen_frames(video: str, tower: str, count: int, image_size: int = 448, fps: float = 2.0) -> torch.Tensor:
+    """`count` frames of a video at `fps` as `tower`'s pixel values [F, 3, S, S]; a clip shorter than
+    count / fps plays on backwards from its end (no cut is added), and so on."""
+    frames = [f.image for f in open_source(video, fps=fps)]
+    if not frames:
+        raise InputError(f"{video}: no frames")
+    loop = frames + frames[-2:0:-1] if len(frames) > 1 else frames
+    mean, std = qwen_towers.normalisation(tower)
+    chosen = np.stack([loop[i % len(loop)] for i in range(count)])
+    return FramePreprocessor(size=image_size, image_mean=mean, image_std=std)(chosen)
+
+
 def load_frames_at_rate(video: str, fps: float) -> np.ndarray:
     """Every frame of a video file ('demo', or a built-in clip name) sampled at `fps`, uint8 [F, H, W, 3]."""
     spec = str(builtin_clip_path(video)) if video in BUILTIN_CLIPS else video
@@ -174,6 +203,7 @@ def run_vit_benchmark(
     warmup: int = 1,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    tower: str | None = None,
     model: torch.nn.Module | None = None,
     head: torch.nn.Module | None = None,
     progress: Callable[[str], None] | None = None,
@@ -190,15 +220,31 @@ def run_vit_benchmark(
     frame i + 1, in an order rotated every frame. Each variant frame is timed against the full
     frame encoded moments before or after it, so machine drift (other tenants, memory bandwidth,
     clocks) cancels in the paired ratios instead of landing on whichever variant ran during it.
+
+    tower: a Qwen-VL tower name instead of `preset`; `pixel_values` then holds pairs of frames, each
+    pair one temporal patch and one tower forward.
     """
     if variants[0].config is not None:
         raise ValueError("the first variant must be the unpatched baseline (config None)")
     if variants[0].config is not None or variants[0].baseline is not None:
         raise ValueError("the first variant must be the unpatched baseline (no config, no baseline)")
-    if model is None:
-        model = build_model(preset, num_layers=num_layers, dtype=dtype)
-    model = model.to(device=device, dtype=dtype)
+    if tower is not None and (model is not None or head is not None or any(v.baseline for v in variants)):
+        raise ValueError("tower= runs Cacher variants on a random-init Qwen tower: no model, head or baselines")
     pixel_values = pixel_values.to(device=device, dtype=dtype)
+    if tower is None:
+        if model is None:
+            model = build_model(preset, num_layers=num_layers, dtype=dtype)
+        model = model.to(device=device, dtype=dtype)
+        inputs = list(pixel_values)
+
+        def encode(frame: torch.Tensor) -> torch.Tensor:
+            return model(pixel_values=frame[None]).last_hidden_state
+    else:
+        model = qwen_towers.build_qwen_tower(tower, num_layers, dtype).to(device)
+        inputs, grid_thw = qwen_towers.temporal_patches(pixel_values, model.config)
+
+        def encode(patch: torch.Tensor) -> torch.Tensor:
+            return model(patch, grid_thw=grid_thw).last_hidden_state[None]
     cachers = {v.name: STCCacher(v.config) for v in variants if v.config is not None}
     encoders = {v.name: v.baseline() for v in variants if v.baseline is not None}
     results = {
@@ -209,9 +255,9 @@ def run_vit_benchmark(
         for v in variants
     }
     baseline = variants[0].name
-    prefix = prefix_tokens(model)
+    prefix = 0 if tower is not None else prefix_tokens(model)
     with torch.inference_mode():
-        reference = torch.cat([model(pixel_values=f[None]).last_hidden_state for f in pixel_values])
+        reference = torch.cat([encode(x) for x in inputs])
         reference_maps = None if head is None else head(reference.float())
         for repeat in range(warmup + repeats):
             for stream in (*cachers.values(), *encoders.values()):
@@ -219,10 +265,10 @@ def run_vit_benchmark(
             ms = {v.name: [] for v in variants}
             outputs = {v.name: [] for v in variants}
             refreshed = {v.name: [] for v in variants}
-            for i, frame in enumerate(pixel_values):
+            for i, frame in enumerate(inputs):
                 if progress is not None:
                     label = f"warm-up {repeat + 1}/{warmup}" if repeat < warmup else f"repeat {repeat - warmup + 1}/{repeats}"
-                    progress(f"{label} · frame {i + 1}/{len(pixel_values)}")
+                    progress(f"{label} · frame {i + 1}/{len(inputs)}")
                 shift = i % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
                     cacher, encoder = cachers.get(variant.name), encoders.get(variant.name)
@@ -233,7 +279,7 @@ def run_vit_benchmark(
                     if encoder is not None:
                         out, elapsed = timed(lambda: encoder(model, frame[None]), device)
                     else:
-                        out, elapsed = timed(lambda: model(pixel_values=frame[None]).last_hidden_state, device)
+                        out, elapsed = timed(lambda: encode(frame), device)
                     if cacher is not None:
                         cacher.detach()
                     ms[variant.name].append(elapsed)
@@ -268,23 +314,31 @@ def run_vit_benchmark(
                     )
     config = model.config
     tokens = reference.shape[1]
+    frame_flops = None if tower is None else functools.partial(qwen_towers.tower_flops, config, tokens)
     return {
         "benchmark": "vit",
-        "preset": preset,
-        "num_layers": config.num_hidden_layers,
-        "frames": int(pixel_values.shape[0]),
+        "preset": preset if tower is None else tower,
+        "unit": "frame" if tower is None else "temporal patch (2 frames)",
+        "num_layers": config.num_hidden_layers if tower is None else config.depth,
+        "frames": len(inputs),
         "image_size": int(pixel_values.shape[-1]),
         "tokens_per_frame": tokens,
         "repeats": repeats,
         "warmup": warmup,
         "dtype": str(dtype).removeprefix("torch."),
         "machine": machine_info(device),
-        "variants": [summarise(results[v.name], results[baseline]) for v in variants],
+        "variants": [summarise(results[v.name], results[baseline], tokens, config, frame_flops) for v in variants],
     }
 
 
-def summarise(result: VariantResult, full: VariantResult) -> dict[str, Any]:
-    """Paired ratios against the unpatched run (medians over repeats and frames), the FLOP model, fidelity."""
+def summarise(
+    result: VariantResult, full: VariantResult, tokens: int, config: Any, frame_flops: Any = None
+) -> dict[str, Any]:
+    """Paired ratios against the unpatched run (medians over repeats and frames), the FLOP model, fidelity.
+
+    frame_flops: recomputed tokens (None: all) -> FLOPs of one frame, for towers whose fixed costs
+        (patch embedding, mergers) the cacher's own layer count leaves out; None: the cacher's count.
+    """
     totals = [sum(run) for run in result.frame_ms]
     time_ratios = [sum(run) / sum(base) for run, base in zip(result.frame_ms, full.frame_ms)]
     paired = [
@@ -295,7 +349,13 @@ def summarise(result: VariantResult, full: VariantResult) -> dict[str, Any]:
     refresh = [ratio for ratio, is_refresh in paired if is_refresh]
     selective = [ratio for ratio, is_refresh in paired if not is_refresh]
     n_refresh = sum(result.refresh_frames)
-    flop = 1.0 if result.flop_ratio is None else result.flop_ratio
+    if frame_flops is not None and result.config is not None:  # a tower model beyond the layers (Qwen towers)
+        k = F.num_recomputed_tokens(tokens, result.config["update_ratio"])
+        full_flops, selective_flops = frame_flops(None), frame_flops(k)
+        n = len(result.refresh_frames)
+        flop = (n_refresh * full_flops + (n - n_refresh) * selective_flops) / (n * full_flops)
+    else:  # the cacher's own count (its stats) or the baseline's
+        flop = 1.0 if result.flop_ratio is None else result.flop_ratio
     return {
         "name": result.name,
         "kind": result.kind,
@@ -403,7 +463,7 @@ def print_report(report: dict[str, Any]) -> None:
 
     title = report.get("title") or (
         f"ViT encode, {report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
-        f"{report['frames']} frames, one per chunk, interleaved per frame, median of {report['repeats']}"
+        f"{report['frames']} {report.get('unit', 'frame')}s, one per chunk, interleaved per frame, median of {report['repeats']}"
     )
     table = Table(title=title)
     columns = ["variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame", "cos mean",
@@ -520,6 +580,7 @@ def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
 
 
 
-__all__ = ["Variant", "DEFAULT_VARIANTS", "real_weights_variants", "load_frames_at_rate", "plot_fidelity",
-           "saliency_agreement", "refresh_signal_study", "summarise_signal_study", "print_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report",
-           "write_plots", "write_report", "token_cosine", "flat_cosine"]
+__all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "real_weights_variants", "load_frames_at_rate",
+           "load_qwen_frames", "plot_fidelity", "saliency_agreement", "refresh_signal_study", "summarise_signal_study",
+           "print_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_plots",
+           "write_report", "token_cosine", "flat_cosine"]

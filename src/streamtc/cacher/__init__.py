@@ -3,6 +3,7 @@
 - `functional`: how tokens are chosen and recomputed (pure tensor functions);
 - `state`: per-stream references and counters;
 - `patch_vit`: the refresh and selective forwards of pre-LN q/k/v ViT layers (SigLIP, CLIP, ...);
+- `patch_qwen_vl`: the same for Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision blocks;
 - `cacher`: `STCCacher`, which attaches those forwards to a model and plans each chunk.
 """
 

@@ -5,13 +5,21 @@
     with cacher.stream(other_state): ...   # serve another stream with the same model
     cacher.reset(); cacher.detach()
 
-Mechanics. `attach` finds the vision tower by class (a registry, not attribute paths), rebinds
-`forward` on each encoder layer instance (the class forward is untouched, so `detach` restores the
-original exactly) and puts a pre- and post-hook on the encoder. The pre-hook plans the chunk once
-on the host: refresh or selective, how many tokens to recompute, and for the beyond-paper options
-the first layer's similarity to the reference or the pixel change (the chunk's pixels are taken
-by a pre-hook on the tower). The layers then only execute the plan: no host syncs, logging or
-counters inside them. The post-hook advances the stream's chunk counter.
+Mechanics. `attach` finds the vision tower by class (a registry, not attribute paths: a tower
+class names how to find its layers, which module's forward encodes one chunk, and how to read the
+chunk's geometry from that forward's arguments), rebinds `forward` on each layer instance (the class
+forward is untouched, so `detach` restores the original exactly) and puts hooks on the chunk module
+and on the first layer. The chunk module's pre-hook reads the chunk's geometry (reuse units, tokens
+per unit, width, grid); the first layer's pre-hook, which sees the embedded hidden states, plans the
+chunk once on the host: refresh or selective, how many tokens to recompute, and for the beyond-paper
+options the first layer's similarity to the reference or the pixel change (the chunk's pixels are
+taken by a pre-hook on the tower). The layers then only execute the plan: no
+host syncs, logging or counters inside them. The chunk module's post-hook advances the stream's
+chunk counter.
+
+Reuse unit: a frame for SigLIP/CLIP-style towers (their encoder takes [frames, tokens, width]); a
+temporal patch (two frames fused by the Conv3d patch embedding, one attention segment) for the
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL towers, whose blocks take the flat [units * tokens, width] sequence.
 """
 
 from __future__ import annotations
@@ -32,32 +40,120 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     Dinov2WithRegistersModel,
 )
 from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionTransformer
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLVisionBlock,
+)
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, Qwen2VLVisionBlock
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock, Qwen3VLVisionModel
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionModel
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer, Siglip2VisionModel
 
 from ..config import CacherConfig
 from ..errors import InputError, StreamStateError, UnsupportedModelError
 from . import functional as F
-from . import kernels, patch_vit
+from . import kernels, patch_qwen_vl, patch_vit
 from .state import CacherState, CacherStats
 
-# Vision tower classes the cacher attaches to; each keeps its layers in `.encoder.layers`
-# (DINOv2: `.encoder.layer`).
-SUPPORTED_TOWERS: tuple[type[nn.Module], ...] = (
-    SiglipVisionModel,
-    Siglip2VisionModel,
-    CLIPVisionModel,
-    Idefics3VisionTransformer,
-    Dinov2Model,
-    Dinov2WithRegistersModel,
-)
 
-# Encoder layer class -> the module implementing its refresh and selective forwards.
+class ChunkLayout(NamedTuple):
+    """Geometry of one tower forward (one chunk): `units` reuse units of `tokens` tokens, `width` wide.
+
+    frames: video frames the chunk covers (units x frames per unit).
+    grid: the units' spatial token grid where the token count alone does not fix every token's
+        position (Qwen towers: 16x32 and 32x16 have the same count); a new grid forces a refresh.
+    """
+
+    units: int
+    tokens: int
+    width: int
+    frames: int
+    grid: tuple[int, ...] | None = None
+
+
+class TowerSpec(NamedTuple):
+    """How the cacher finds its way around one vision tower class."""
+
+    layers: Callable[[nn.Module], nn.ModuleList]  # the tower's layers (blocks), in order
+    chunk_module: Callable[[nn.Module], nn.Module]  # the module whose one forward encodes one chunk
+    chunk_layout: Callable[[nn.Module, tuple, dict], ChunkLayout]  # (tower, its args, kwargs) -> geometry
+
+
+def _mlp_width(layer: nn.Module) -> int:
+    """The hidden width of a layer's MLP (its first projection's output size), for the FLOP model."""
+    return next(m for m in layer.mlp.modules() if isinstance(m, nn.Linear)).out_features
+
+
+def encoder_layers(tower: nn.Module) -> list[nn.Module]:
+    """The encoder layers of a supported tower, in order."""
+    encoder = tower.encoder
+    return list(encoder.layers if hasattr(encoder, "layers") else encoder.layer)
+
+
+def prefix_tokens(tower: nn.Module) -> int:
+    """Class and register tokens before the patch grid (0 for SigLIP, 1 for CLIP and DINOv2, more with registers)."""
+    embeddings = tower.embeddings
+    registers = getattr(embeddings, "register_tokens", None)
+    has_class = getattr(embeddings, "cls_token", None) is not None or hasattr(embeddings, "class_embedding")
+    return int(has_class) + (0 if registers is None else registers.shape[1])
+
+
+def _encoder_layout(tower: nn.Module, args: tuple, kwargs: dict) -> ChunkLayout:
+    """SigLIP/CLIP-style encoders: inputs_embeds [frames, tokens, width], one frame per unit."""
+    hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
+    if hidden_states.dim() != 3:
+        raise InputError(f"the encoder expects hidden states [frames, tokens, width], got shape {tuple(hidden_states.shape)}")
+    frames, tokens, width = hidden_states.shape
+    return ChunkLayout(frames, tokens, width, frames)
+
+
+def _qwen_layout(tower: nn.Module, args: tuple, kwargs: dict) -> ChunkLayout:
+    """Qwen-VL towers: forward(pixel patches, grid_thw); one temporal patch (t = 1 of the grid) per unit.
+
+    The chunk's grid rows must share one (h, w): a stream's chunk is one stream's frames.
+    """
+    grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+    grids = {(int(h), int(w)) for _, h, w in grid_thw.tolist()}
+    if len(grids) != 1:
+        raise InputError(
+            f"a cached chunk must hold frames of one size, got token grids {sorted(grids)}; encode one video "
+            "(frames resized alike) per tower forward"
+        )
+    (grid,) = grids
+    units = int(grid_thw[:, 0].sum())
+    frames = units * tower.config.temporal_patch_size
+    return ChunkLayout(units, grid[0] * grid[1], tower.patch_embed.proj.out_channels, frames, grid)
+
+
+_ENCODER_TOWER = TowerSpec(encoder_layers, lambda tower: tower.encoder, _encoder_layout)
+_QWEN_TOWER = TowerSpec(lambda tower: tower.blocks, lambda tower: tower, _qwen_layout)
+
+# Vision tower class -> how to find its layers and read a chunk's geometry.
+TOWERS: dict[type[nn.Module], TowerSpec] = {
+    SiglipVisionModel: _ENCODER_TOWER,
+    Siglip2VisionModel: _ENCODER_TOWER,
+    CLIPVisionModel: _ENCODER_TOWER,
+    Idefics3VisionTransformer: _ENCODER_TOWER,
+    Dinov2Model: _ENCODER_TOWER,
+    Dinov2WithRegistersModel: _ENCODER_TOWER,
+    Qwen2VisionTransformerPretrainedModel: _QWEN_TOWER,
+    Qwen2_5_VisionTransformerPretrainedModel: _QWEN_TOWER,
+    Qwen3VLVisionModel: _QWEN_TOWER,
+}
+SUPPORTED_TOWERS: tuple[type[nn.Module], ...] = tuple(TOWERS)
+
+# Layer class -> the module implementing its refresh and selective forwards. A patch module
+# provides eager_attention_for(layer), layer_inputs(*args, **kwargs) (the layer's inputs after the
+# hidden states, in the order its forwards take them), layer_keys(layer, hidden_states, onednn),
+# refresh_forward, selective_forward, and COMPILABLE.
 LAYER_PATCHES: dict[type[nn.Module], Any] = {
     SiglipEncoderLayer: patch_vit,
     Siglip2EncoderLayer: patch_vit,
     CLIPEncoderLayer: patch_vit,
     Idefics3EncoderLayer: patch_vit,
+    Qwen2VLVisionBlock: patch_qwen_vl,
+    Qwen2_5_VLVisionBlock: patch_qwen_vl,
+    Qwen3VLVisionBlock: patch_qwen_vl,
     Dinov2Layer: patch_vit,
     Dinov2WithRegistersLayer: patch_vit,
 }
@@ -68,11 +164,12 @@ class ChunkPlan:
     """What every layer does for the chunk being encoded; built once per tower forward."""
 
     state: CacherState
+    layout: ChunkLayout
     refresh: bool
     num_recomputed: int
     adaptive_refresh: bool = False
-    shared_index: torch.Tensor | None = None  # [F, k] for selection="shared"
-    first_layer_keys: torch.Tensor | None = None  # [F, T, C] when the planner already computed them
+    shared_index: torch.Tensor | None = None  # [U, k] for selection="shared"
+    first_layer_keys: torch.Tensor | None = None  # [U, T, C] when the planner already computed them
     subsample: Subsample | None = None  # over_budget="subsample": encode these tokens exactly, no reference
 
 
@@ -98,26 +195,13 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
         supported = ", ".join(cls.__name__ for cls in SUPPORTED_TOWERS)
         raise UnsupportedModelError(
             f"no supported vision tower found in {type(model).__name__}; STC-Cacher supports {supported} "
-            "and models that contain one (e.g. LlavaOnevisionForConditionalGeneration, Idefics3/SmolVLM)"
+            "and models that contain one (e.g. LlavaOnevisionForConditionalGeneration, Idefics3/SmolVLM, "
+            "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)"
         )
     if len(towers) > 1:
         names = ", ".join(type(t).__name__ for t in towers)
         raise UnsupportedModelError(f"{type(model).__name__} has several vision towers ({names}); attach to one of them")
     return towers[0]
-
-
-def encoder_layers(tower: nn.Module) -> list[nn.Module]:
-    """The encoder layers of a supported tower, in order."""
-    encoder = tower.encoder
-    return list(encoder.layers if hasattr(encoder, "layers") else encoder.layer)
-
-
-def prefix_tokens(tower: nn.Module) -> int:
-    """Class and register tokens before the patch grid (0 for SigLIP, 1 for CLIP and DINOv2, more with registers)."""
-    embeddings = tower.embeddings
-    registers = getattr(embeddings, "register_tokens", None)
-    has_class = getattr(embeddings, "cls_token", None) is not None or hasattr(embeddings, "class_embedding")
-    return int(has_class) + (0 if registers is None else registers.shape[1])
 
 
 def attached_cacher(model: nn.Module) -> STCCacher | None:
@@ -133,7 +217,9 @@ class STCCacher:
         self._default_state = CacherState()
         self._state = self._default_state
         self._plan: ChunkPlan | None = None
+        self._layout: ChunkLayout | None = None  # read by the chunk module's pre-hook, planned at the first layer
         self._tower: nn.Module | None = None
+        self._spec: TowerSpec | None = None
         self._layers: list[nn.Module] = []
         self._saved_forwards: list[Any] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -157,7 +243,8 @@ class STCCacher:
         tower = find_vision_tower(model)
         if attached_cacher(tower) is not None:
             raise StreamStateError(f"{type(tower).__name__} already has an STCCacher attached; detach that one first")
-        layers = encoder_layers(tower)
+        spec = TOWERS[next(cls for cls in type(tower).__mro__ if cls in TOWERS)]
+        layers = list(spec.layers(tower))
         for layer in layers:
             if type(layer) not in LAYER_PATCHES:
                 supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
@@ -166,20 +253,25 @@ class STCCacher:
                 raise UnsupportedModelError(
                     "the vision tower is dispatched with accelerate hooks (device_map); load it on one device to use STC-Cacher"
                 )
+            if self.config.compile_mode is not None and not LAYER_PATCHES[type(layer)].COMPILABLE:
+                raise UnsupportedModelError(
+                    f"compile_mode is not supported for {type(layer).__name__} yet; use CacherConfig(compile_mode=None)"
+                )
 
-        self._tower, self._layers = tower, layers
-        self._mlp_width = patch_vit.mlp_width(layers[0])
+        self._tower, self._layers, self._spec = tower, layers, spec
+        self._mlp_width = _mlp_width(layers[0])
         for index, layer in enumerate(layers):
+            patch = LAYER_PATCHES[type(layer)]
             self._saved_forwards.append(layer.__dict__.get("forward"))
             layer.forward = functools.partial(
-                self._layer_forward, index, layer, self._paths_for(LAYER_PATCHES[type(layer)]),
-                patch_vit.eager_attention_for(layer),
+                self._layer_forward, index, layer, patch, self._paths_for(patch), patch.eager_attention_for(layer)
             )
-        encoder = tower.encoder
+        chunk_module = spec.chunk_module(tower)
         self._hooks = [
             tower.register_forward_pre_hook(self._take_pixels, with_kwargs=True),
-            encoder.register_forward_pre_hook(self._begin_chunk, with_kwargs=True),
-            encoder.register_forward_hook(self._end_chunk, with_kwargs=True),
+            chunk_module.register_forward_pre_hook(self._begin_chunk, with_kwargs=True),
+            layers[0].register_forward_pre_hook(self._plan_chunk, with_kwargs=True),
+            chunk_module.register_forward_hook(self._end_chunk, with_kwargs=True),
         ]
         tower._streamtc_cacher = self
         return self
@@ -211,7 +303,8 @@ class STCCacher:
         for hook in self._hooks:
             hook.remove()
         del self._tower._streamtc_cacher
-        self._tower, self._layers, self._saved_forwards, self._hooks, self._plan = None, [], [], [], None
+        self._tower, self._layers, self._saved_forwards, self._hooks = None, [], [], []
+        self._plan = self._layout = None
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -251,13 +344,18 @@ class STCCacher:
         pixels = kwargs.get("pixel_values", args[0] if args else None)
         self._chunk_pixels = pixels if isinstance(pixels, torch.Tensor) else None
 
-    def _begin_chunk(self, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
-        if hidden_states.dim() != 3:
-            raise InputError(f"the encoder expects hidden states [frames, tokens, width], got shape {tuple(hidden_states.shape)}")
+    def _begin_chunk(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Chunk module pre-hook: read the chunk's geometry; the first layer plans it."""
+        self._plan, self._layout = None, self._spec.chunk_layout(self._tower, args, kwargs)
+
+    def _plan_chunk(self, first_layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        """First layer pre-hook: plan the chunk from its embedded hidden states (once, on the host)."""
+        layout, self._layout = self._layout, None
+        if layout is None:  # the layer is called outside a tower forward
+            return
+        hidden_states = args[0] if args else kwargs["hidden_states"]
         state, config = self._state, self.config
         state.check_compatible(hidden_states)
-        _, num_tokens, width = hidden_states.shape
         adaptive = config.refresh == "adaptive"
         if adaptive:
             affordable = config.refresh_budget is None or F.within_refresh_budget(
@@ -269,24 +367,34 @@ class STCCacher:
         refresh = (
             not state.has_reference
             or on_schedule
-            or state.reference_shape != (len(self._layers), num_tokens, width)
+            or state.reference_shape != (len(self._layers), layout.tokens, layout.width)
+            or state.grid != layout.grid
         )
-        plan = ChunkPlan(state, refresh, F.num_recomputed_tokens(num_tokens, config.update_ratio))
+        plan = ChunkPlan(state, layout, refresh, F.num_recomputed_tokens(layout.tokens, config.update_ratio))
         pixels, self._chunk_pixels = self._chunk_pixels, None
+        if pixels is not None:  # one row per reuse unit (a frame, or a temporal patch's flattened patches)
+            pixels = pixels.reshape(layout.units, -1)
         change = self._pixel_change(pixels, state) if not refresh and adaptive and config.refresh_signal == "pixels" else 0.0
         if change > config.refresh_threshold and affordable:
             plan.refresh = plan.adaptive_refresh = True
-        elif change > config.subsample_threshold and config.over_budget == "subsample" and kwargs.get("attention_mask") is None:
-            plan.subsample = self._subsample(num_tokens, hidden_states.device)
+        elif change > config.subsample_threshold and config.over_budget == "subsample":
+            plan.subsample = self._subsample(hidden_states, args[1:], kwargs)
         if not plan.refresh and (config.selection == "shared" or (affordable and config.refresh_signal == "keys")):
-            self._plan_from_first_layer(plan, hidden_states, trigger=affordable and config.refresh_signal == "keys")
+            units = hidden_states.reshape(layout.units, layout.tokens, layout.width)
+            self._plan_from_first_layer(plan, units, trigger=affordable and config.refresh_signal == "keys")
         if plan.refresh:
-            state.prepare_refresh(len(self._layers), num_tokens, width, hidden_states)
+            state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid)
             state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
         self._plan = plan
 
-    def _subsample(self, num_tokens: int, device: torch.device) -> Subsample | None:
-        """The strided token subset of an over-budget chunk, or None where the patches form no square grid."""
+    def _subsample(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> Subsample | None:
+        """The strided token subset of an over-budget chunk (first layer's inputs), or None where it
+        does not apply: towers other than the [frames, tokens, width] encoders, an attention mask
+        (padded inputs), no square patch grid."""
+        mask = kwargs.get("attention_mask", args[0] if args else None)
+        if self._spec is not _ENCODER_TOWER or hidden_states.dim() != 3 or mask is not None:
+            return None
+        num_tokens, device = hidden_states.shape[1], hidden_states.device
         prefix = prefix_tokens(self._tower)
         side = math.isqrt(num_tokens - prefix)
         if side * side != num_tokens - prefix:
@@ -315,8 +423,8 @@ class STCCacher:
         sync per chunk, here, outside the layers). shared: the first layer's k least similar
         tokens become the index set of every layer.
         """
-        first = patch_vit.layer_parts(self._layers[0])
-        keys = kernels.linear(first.k_proj, first.norm1(hidden_states), self._onednn)
+        first = self._layers[0]
+        keys = LAYER_PATCHES[type(first)].layer_keys(first, hidden_states, self._onednn)  # [U, T, C]
         plan.first_layer_keys = keys  # the first layer uses them, refresh or not
         similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys)
         if trigger:
@@ -327,13 +435,12 @@ class STCCacher:
         if self.config.selection == "shared":
             plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed)
 
-    def _end_chunk(self, encoder: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        plan, self._plan = self._plan, None
+    def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        plan, self._plan, self._layout = self._plan, None, None
         if plan is None:
             return
         state, stats = plan.state, plan.state.stats
-        hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
-        frames, num_tokens, width = hidden_states.shape
+        units, num_tokens, frames, width = plan.layout.units, plan.layout.tokens, plan.layout.frames, plan.layout.width
         full_flops = F.layer_flops(num_tokens, width, self._mlp_width)
         if plan.refresh:
             recomputed, flops = num_tokens, full_flops
@@ -343,19 +450,19 @@ class STCCacher:
         else:
             recomputed = plan.num_recomputed
             flops = F.layer_flops(num_tokens, width, self._mlp_width, recomputed)
-        recomputed *= frames
+        recomputed *= units
         if len(stats.recomputed_tokens_per_layer) != len(self._layers):
             stats.recomputed_tokens_per_layer = [0] * len(self._layers)
         stats.recomputed_tokens_per_layer = [n + recomputed for n in stats.recomputed_tokens_per_layer]
-        stats.total_tokens_per_layer += frames * num_tokens
+        stats.total_tokens_per_layer += units * num_tokens
         stats.chunks += 1
         stats.frames += frames
         stats.tokens_per_frame = num_tokens
         stats.refresh_chunks += int(plan.refresh)
         stats.adaptive_refreshes += int(plan.adaptive_refresh)
         stats.subsampled_chunks += int(plan.subsample is not None)
-        stats.flops += frames * len(self._layers) * flops
-        stats.full_flops += frames * len(self._layers) * full_flops
+        stats.flops += units * len(self._layers) * flops
+        stats.full_flops += units * len(self._layers) * full_flops
         if plan.refresh:
             state.has_reference = True
             state.last_refresh_chunk = state.chunk_index
@@ -367,34 +474,37 @@ class STCCacher:
         self,
         index: int,
         layer: nn.Module,
+        patch: Any,
         paths: LayerPaths,
         eager_fallback: Any,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
         plan = self._plan
         if plan is None:  # called outside a tower forward: behave exactly like the original layer
-            return type(layer).forward(layer, hidden_states, attention_mask, **kwargs)
+            return type(layer).forward(layer, hidden_states, *args, **kwargs)
         if plan.subsample is not None:  # the exact layer on the kept tokens; the reference is not touched
             rows, fill = plan.subsample
-            out = type(layer).forward(layer, hidden_states.index_select(1, rows), attention_mask, **kwargs)
+            out = type(layer).forward(layer, hidden_states.index_select(1, rows), *args, **kwargs)
             return out.index_select(1, fill)
         reference = plan.state.layer(index)
         hidden_states = hidden_states.contiguous()  # embeddings arrive transposed: one layout, one compiled graph
+        inputs = patch.layer_inputs(*args, **kwargs)
         keys = plan.first_layer_keys if index == 0 else None
         try:
             if plan.refresh:
                 return paths.refresh(
-                    layer, hidden_states, attention_mask, reference, eager_fallback, keys=keys, onednn=self._onednn
+                    layer, hidden_states, *inputs, reference=reference, eager_fallback=eager_fallback, keys=keys,
+                    onednn=self._onednn,
                 )
             return paths.selective(
                 layer,
                 hidden_states,
-                attention_mask,
-                reference,
-                plan.num_recomputed,
-                eager_fallback,
+                *inputs,
+                reference=reference,
+                num_recomputed=plan.num_recomputed,
+                eager_fallback=eager_fallback,
                 index=plan.shared_index,
                 keys=keys,
                 onednn=self._onednn,
@@ -406,4 +516,16 @@ class STCCacher:
             raise
 
 
-__all__ = ["STCCacher", "ChunkPlan", "attached_cacher", "find_vision_tower", "encoder_layers", "prefix_tokens", "SUPPORTED_TOWERS", "LAYER_PATCHES"]
+__all__ = [
+    "STCCacher",
+    "ChunkPlan",
+    "ChunkLayout",
+    "TowerSpec",
+    "attached_cacher",
+    "find_vision_tower",
+    "encoder_layers",
+    "prefix_tokens",
+    "TOWERS",
+    "SUPPORTED_TOWERS",
+    "LAYER_PATCHES",
+]

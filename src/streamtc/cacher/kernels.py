@@ -46,6 +46,17 @@ def linear(module: nn.Module, x: torch.Tensor, onednn: bool) -> torch.Tensor:
     return module(x)
 
 
+def linear_rows(module: nn.Module, x: torch.Tensor, rows: slice, onednn: bool) -> torch.Tensor:
+    """Output channels `rows` of module(x), computing only those (one row block of a fused projection)."""
+    if type(module) is not nn.Linear or _has_hooks(module):
+        return module(x)[..., rows]
+    weight = module.weight[rows]  # a contiguous view: a row block of a row-major matrix
+    bias = None if module.bias is None else module.bias[rows]
+    if onednn and _onednn_applies(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return nn.functional.linear(x, weight, bias)
+
+
 def feed_forward(mlp: nn.Module, x: torch.Tensor, onednn: bool) -> torch.Tensor:
     """mlp(x); the fc1 -> activation_fn -> fc2 MLP of most towers with its products via `linear`."""
     if onednn and not _has_hooks(mlp) and hasattr(mlp, "fc1"):
@@ -53,4 +64,4 @@ def feed_forward(mlp: nn.Module, x: torch.Tensor, onednn: bool) -> torch.Tensor:
     return mlp(x)
 
 
-__all__ = ["ONEDNN_DTYPES", "onednn_available", "linear", "feed_forward"]
+__all__ = ["ONEDNN_DTYPES", "onednn_available", "linear", "linear_rows", "feed_forward"]

@@ -77,14 +77,23 @@ def layer_parts(layer: nn.Module) -> LayerParts:
     )
 
 
-def mlp_width(layer: nn.Module) -> int:
-    """The hidden width of a layer's MLP (its first projection's output size), for the FLOP model."""
-    first = next(m for m in layer_parts(layer).mlp.modules() if isinstance(m, nn.Linear))
-    return first.out_features
-
-
 def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else x * scale
+
+
+# The refresh and selective forwards hold no host syncs or data-dependent branches: one full graph.
+COMPILABLE = True
+
+
+def layer_inputs(attention_mask: torch.Tensor | None = None, **kwargs) -> tuple:
+    """The layer's inputs after the hidden states, as the forwards below take them."""
+    return (attention_mask,)
+
+
+def layer_keys(layer: nn.Module, hidden_states: torch.Tensor, onednn: bool = False) -> torch.Tensor:
+    """The layer's keys [F, T, C] for hidden states [F, T, C] (what the chunk planner compares)."""
+    parts = layer_parts(layer)
+    return linear(parts.k_proj, parts.norm1(hidden_states), onednn)
 
 
 def eager_attention_for(layer: nn.Module) -> Callable:
@@ -210,4 +219,13 @@ def selective_forward(
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected)
 
 
-__all__ = ["LayerParts", "layer_parts", "mlp_width", "eager_attention_for", "refresh_forward", "selective_forward"]
+__all__ = [
+    "COMPILABLE",
+    "LayerParts",
+    "layer_parts",
+    "layer_inputs",
+    "layer_keys",
+    "eager_attention_for",
+    "refresh_forward",
+    "selective_forward",
+]

@@ -77,6 +77,7 @@ class CacherState:
         self.unit_keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.residual_delta: torch.Tensor | None = None
+        self.grid: tuple[int, ...] | None = None  # the reference's token grid, where the tower has one
         self.reference_pixels: torch.Tensor | None = None  # the reference frame's tower input (adaptive "pixels")
         self.stats = CacherStats()
 
@@ -96,13 +97,19 @@ class CacherState:
                 "moving or casting the model"
             )
 
-    def prepare_refresh(self, num_layers: int, num_tokens: int, width: int, like: torch.Tensor) -> None:
-        """Make sure buffers of the right shape exist, and mark the reference invalid until written."""
+    def prepare_refresh(
+        self, num_layers: int, num_tokens: int, width: int, like: torch.Tensor, grid: tuple[int, ...] | None = None
+    ) -> None:
+        """Make sure buffers of the right shape exist, and mark the reference invalid until written.
+
+        grid: the chunk's token grid where the token count alone does not fix positions (Qwen towers).
+        """
         if self.reference_shape != (num_layers, num_tokens, width):
             shape = (num_layers, num_tokens, width)
             self.unit_keys, self.values, self.residual_delta = (
                 torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(3)
             )
+        self.grid = grid
         self.has_reference = False
 
     def layer(self, index: int) -> LayerReference:

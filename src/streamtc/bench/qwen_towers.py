@@ -1,0 +1,147 @@
+"""Qwen-VL vision towers for `streamtc bench vit --tower`: real widths, random weights, a depth override.
+
+The vision configs mirror the `vision_config` of the public checkpoints' config.json:
+Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen3-VL-8B-Instruct. Frames become
+the towers' input as their image processors lay it out: two consecutive frames per temporal patch,
+flattened patches in 2x2 merge-block order, with a `grid_thw` row per temporal patch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLVisionConfig, Qwen2VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+from ..errors import ConfigError, InputError
+
+QWEN_TOWERS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+# The image processors' normalisation: OpenAI CLIP's for Qwen2-VL and Qwen2.5-VL, 0.5 for Qwen3-VL.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+def qwen_vision_config(name: str, depth: int | None = None, attn_implementation: str = "sdpa"):
+    """The vision config of the named checkpoint family, optionally cut to `depth` blocks."""
+    if name == "qwen2-vl":  # Qwen2-VL-7B-Instruct
+        config = Qwen2VLVisionConfig(
+            depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_channels=3, hidden_size=3584, hidden_act="quick_gelu",
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        )
+    elif name == "qwen2.5-vl":  # Qwen2.5-VL-7B-Instruct
+        config = Qwen2_5_VLVisionConfig(
+            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, out_hidden_size=3584,
+            hidden_act="silu", patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
+        )
+    elif name == "qwen3-vl":  # Qwen3-VL-8B-Instruct
+        config = Qwen3VLVisionConfig(
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, out_hidden_size=4096,
+            hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+            num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+        )
+    else:
+        raise ConfigError(f"unknown Qwen tower {name!r}; choose one of {', '.join(QWEN_TOWERS)}")
+    if depth is not None:
+        if depth < 1:
+            raise ConfigError(f"depth must be >= 1, got {depth}")
+        config.depth = depth
+        if name == "qwen2.5-vl":
+            # Keep the checkpoint's pattern (every 8th block full attention) within the cut depth.
+            config.fullatt_block_indexes = [i for i in range(7, depth, 8)] or [depth - 1]
+        if name == "qwen3-vl":
+            config.deepstack_visual_indexes = [i for i in config.deepstack_visual_indexes if i < depth]
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def build_qwen_tower(name: str, depth: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A randomly initialised tower of the named family (eval mode)."""
+    config = qwen_vision_config(name, depth)
+    tower = {
+        "qwen2-vl": Qwen2VisionTransformerPretrainedModel,
+        "qwen2.5-vl": Qwen2_5_VisionTransformerPretrainedModel,
+        "qwen3-vl": Qwen3VLVisionModel,
+    }[name](config)
+    return tower.to(dtype).eval()
+
+
+def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the family's image processor."""
+    return (HALF, HALF) if name == "qwen3-vl" else (CLIP_MEAN, CLIP_STD)
+
+
+def temporal_patches(pixel_values: torch.Tensor, config) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Frames [F, 3, H, W] (normalised, F even, H and W multiples of patch x merge) -> one tower input
+    [h * w, 3 * 2 * p * p] per temporal patch, and the grid_thw [[1, h, w]] they share."""
+    frames, channels, height, width = pixel_values.shape
+    p, m, t = config.patch_size, config.spatial_merge_size, config.temporal_patch_size
+    if frames % t or height % (p * m) or width % (p * m):
+        raise InputError(f"need an even frame count and sides that are multiples of {p * m}, got {tuple(pixel_values.shape)}")
+    h, w = height // p, width // p
+    x = pixel_values.reshape(frames // t, t, channels, h // m, m, p, w // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(frames // t, h * w, channels * t * p * p)
+    return list(x), torch.tensor([[1, h, w]])
+
+
+def _width(config) -> int:
+    return config.embed_dim if isinstance(config, Qwen2VLVisionConfig) else config.hidden_size
+
+
+def fixed_flops(config, tokens: int) -> float:
+    """Multiply-accumulates of one temporal patch outside the blocks, which the cacher leaves as they are:
+    the Conv3d patch embedding and the 2x2 patch mergers (the final one and any DeepStack taps)."""
+    width = _width(config)
+    out = config.hidden_size if isinstance(config, Qwen2VLVisionConfig) else config.out_hidden_size
+    merged, wide = tokens // config.spatial_merge_size**2, width * config.spatial_merge_size**2
+    mergers = 1 + len(getattr(config, "deepstack_visual_indexes", []))
+    embed = tokens * config.in_channels * config.temporal_patch_size * config.patch_size**2 * width
+    return embed + mergers * merged * wide * (wide + out)
+
+
+def tower_flops(config, tokens: int, recomputed: int | None = None) -> float:
+    """The whole tower forward on one temporal patch: blocks (see `block_flops`) plus `fixed_flops`."""
+    return block_flops(config, tokens, recomputed) + fixed_flops(config, tokens)
+
+
+def block_flops(config, tokens: int, recomputed: int | None = None) -> float:
+    """Multiply-accumulates of the tower's blocks on one temporal patch (matrix products and attention).
+
+    recomputed=None: every block in full. Otherwise the non-refresh blocks: K on all tokens; Q, V,
+    proj, attention rows and MLP on `recomputed` tokens. Windowed blocks (Qwen2.5-VL) attend over
+    their window's tokens; the MLP counts 3 products when gated.
+    """
+    width = _width(config)
+    if isinstance(config, Qwen2VLVisionConfig):
+        mlp = 2 * width * int(width * config.mlp_ratio)
+    elif isinstance(config, Qwen2_5_VLVisionConfig):
+        mlp = 3 * width * config.intermediate_size
+    else:
+        mlp = 2 * width * config.intermediate_size
+    full_blocks = set(getattr(config, "fullatt_block_indexes", range(config.depth)))
+    window = (config.window_size // config.patch_size) ** 2 if isinstance(config, Qwen2_5_VLVisionConfig) else tokens
+    total = 0.0
+    for block in range(config.depth):
+        span = tokens if block in full_blocks else min(window, tokens)
+        if recomputed is None:
+            total += 4 * tokens * width * width + 2 * tokens * span * width + tokens * mlp
+        else:
+            k = recomputed
+            total += tokens * width * width + 3 * k * width * width + 2 * k * span * width + k * mlp
+    return total
+
+
+__all__ = [
+    "QWEN_TOWERS",
+    "qwen_vision_config",
+    "build_qwen_tower",
+    "normalisation",
+    "temporal_patches",
+    "block_flops",
+    "fixed_flops",
+    "tower_flops",
+]

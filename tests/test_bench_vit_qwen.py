@@ -1,0 +1,68 @@
+"""`streamtc bench vit --tower`: Qwen-VL towers at checkpoint widths, temporal patches as the
+processors lay them out, the block FLOP model, and a short paired run on real footage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from streamtc.bench import qwen_towers as Q
+from streamtc.bench.vit import Variant, load_qwen_frames, run_vit_benchmark
+from streamtc.cacher import functional as F
+from streamtc.config import CacherConfig
+from streamtc.errors import ConfigError, InputError
+
+
+def test_temporal_patches_match_the_qwen_processors_layout():
+    config = Q.qwen_vision_config("qwen2-vl", depth=1)
+    frame = np.random.default_rng(0).random((3, 56, 84), dtype=np.float32)
+    want, grid_h, grid_w = Qwen2VLImageProcessorPil().patchify(frame, 14, 2, 2)  # an image: its frame twice
+    patches, grid = Q.temporal_patches(torch.from_numpy(np.stack([frame, frame])), config)
+    assert grid.tolist() == [[1, grid_h, grid_w]] and len(patches) == 1
+    np.testing.assert_array_equal(patches[0].numpy(), want)
+
+
+def test_temporal_patches_put_the_two_frames_in_the_temporal_axis():
+    config = Q.qwen_vision_config("qwen3-vl", depth=1)
+    frames = torch.stack([torch.zeros(3, 64, 64), torch.ones(3, 64, 64)])
+    (patch,), _ = Q.temporal_patches(frames, config)
+    rows = patch.view(-1, 3, 2, 16 * 16)
+    assert torch.all(rows[:, :, 0] == 0) and torch.all(rows[:, :, 1] == 1)
+    with pytest.raises(InputError, match="even frame count"):
+        Q.temporal_patches(frames[:1], config)
+
+
+def test_configs_mirror_the_checkpoints_and_cut_depth_keeps_the_pattern():
+    assert Q.qwen_vision_config("qwen2-vl").embed_dim == 1280
+    full = Q.qwen_vision_config("qwen2.5-vl")
+    assert (full.depth, full.fullatt_block_indexes, full.window_size) == (32, [7, 15, 23, 31], 112)
+    assert Q.qwen_vision_config("qwen2.5-vl", depth=8).fullatt_block_indexes == [7]
+    assert Q.qwen_vision_config("qwen2.5-vl", depth=4).fullatt_block_indexes == [3]
+    assert Q.qwen_vision_config("qwen3-vl").deepstack_visual_indexes == [8, 16, 24]
+    assert Q.qwen_vision_config("qwen3-vl", depth=17).deepstack_visual_indexes == [8, 16]
+    with pytest.raises(ConfigError, match="qwen2-vl"):
+        Q.qwen_vision_config("qwen4-vl")
+
+
+@pytest.mark.parametrize("name", Q.QWEN_TOWERS)
+def test_the_flop_model_of_recomputing_every_token_is_the_full_block(name):
+    config = Q.qwen_vision_config(name, depth=8)
+    assert Q.block_flops(config, 1024, 1024) == pytest.approx(Q.block_flops(config, 1024))
+    assert 0.29 < Q.block_flops(config, 1024, 256) / Q.block_flops(config, 1024) < 0.32
+    assert Q.tower_flops(config, 1024) > Q.block_flops(config, 1024)
+
+
+def test_a_short_paired_run_on_the_street_clip():
+    frames = load_qwen_frames("demo", "qwen2.5-vl", 4, image_size=56)
+    assert frames.shape == (4, 3, 56, 56)
+    variants = (Variant("full", None), Variant("stc N=2", CacherConfig(cache_interval=2)))
+    report = run_vit_benchmark(frames, num_layers=1, variants=variants, repeats=1, warmup=0, tower="qwen2.5-vl")
+    assert report["preset"] == "qwen2.5-vl" and report["frames"] == 2 and report["tokens_per_frame"] == 16
+    full, stc = report["variants"]
+    assert full["time_ratio"] == 1.0 and stc["refresh_frames"] == 1
+    assert stc["per_frame_token_cosine"][0] == pytest.approx(1.0, abs=1e-5)
+    config = Q.qwen_vision_config("qwen2.5-vl", depth=1)
+    k = F.num_recomputed_tokens(16, 0.25)
+    assert stc["flop_ratio"] == pytest.approx(0.5 + 0.5 * Q.tower_flops(config, 16, k) / Q.tower_flops(config, 16))
