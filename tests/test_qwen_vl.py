@@ -229,8 +229,10 @@ def test_bad_inputs_raise_typed_errors(frames: np.ndarray) -> None:
         StreamingSession(session.model, session.tokenizer, None, protocol="rekv")
     with pytest.raises(UnsupportedModelError, match="Qwen2VLForConditionalGeneration.*Qwen2_5_VL"):
         StreamingSession(build_model("tiny-siglip"), session.tokenizer)
-    with pytest.raises(UnsupportedModelError, match="STCConfig\\(cacher=None\\)"):
-        StreamingSession(session.model, session.tokenizer, STCConfig())
+    # The Qwen tower Cacher attaches through the host: one temporal patch per chunk.
+    with StreamingSession(session.model, session.tokenizer, STCConfig()) as with_stc:
+        with_stc.push(frames[:4])
+        assert with_stc.stats.cacher["chunks"] == 2 and with_stc.stats.cacher["refresh_chunks"] == 1
 
 
 def test_from_pretrained_loads_a_saved_qwen_checkpoint(tmp_path, frames: np.ndarray) -> None:
@@ -272,12 +274,12 @@ def test_run_compare_on_a_qwen_preset_runs_the_pruner_alone(tmp_path) -> None:
     result = CliRunner().invoke(app, ["run", "demo", "--preset", "livecc-tiny", "--compare", "--max-seconds", "4",
                                       "--ask", "3.5:What is happening?", "--max-new-tokens", "2", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert "running the STC-Pruner alone" in result.output
+    assert "running the STC-Pruner alone" not in result.output  # the Qwen tower has a Cacher
     report = json.loads(out.read_text())
     base, stc = report["stats"]["no STC"], report["stats"]["STC"]
     assert report["fps"] == 2.0 and base["frames"] == stc["frames"] == 8  # LiveCC's 2 fps: 6 + 2 frames
     assert stc["visual_tokens"] < base["visual_tokens"] == base["visual_tokens_encoded"]
-    assert report["stc"]["STC"]["cacher"] is None and stc["cacher"] is None
+    assert report["stc"]["STC"]["cacher"] is not None and stc["cacher"]["chunks"] == 2  # 6 frames, then 2
 
 
 def test_bench_pipeline_on_a_qwen_preset_skips_what_the_host_cannot_run() -> None:
@@ -286,8 +288,8 @@ def test_bench_pipeline_on_a_qwen_preset_skips_what_the_host_cannot_run() -> Non
     variants = [VARIANTS_BY_NAME[name] for name in ("none", "pruner gaussian 30%", "stc", "tome 25%")]
     settings = PipelineSettings(preset="qwen2.5-vl-tiny", frames=(4,), repeats=1, warmup_frames=0, max_new_tokens=2)
     report = run_pipeline_benchmark(settings, variants, frames=load_video_frames("demo", 4))
-    assert [v["name"] for v in report["variants"]] == ["none", "pruner gaussian 30%"]
-    assert set(report["skipped"]) == {"stc", "tome 25%"}
+    assert [v["name"] for v in report["variants"]] == ["none", "pruner gaussian 30%", "stc"]
+    assert set(report["skipped"]) == {"tome 25%"}
     rows = {row["variant"]: row for row in report["rows"]}
     assert rows["none"]["tokens_per_frame"] == 6  # 640x272 -> 168x56 px -> 2x6 merged tokens per 2 frames
     assert rows["pruner gaussian 30%"]["visual_tokens"] < rows["none"]["visual_tokens"]
@@ -299,5 +301,5 @@ def test_eval_model_spec_builds_qwen_sessions() -> None:
 
     session = ModelSpec(preset="livecc-tiny", stc=PRUNER.to_dict()).build()
     assert isinstance(session.host, QwenVLHost) and session.host.protocol == "livecc"
-    with pytest.raises(UnsupportedModelError, match="cacher=None"):
-        ModelSpec(preset="qwen2-vl-tiny", stc=STCConfig().to_dict()).build()
+    with_stc = ModelSpec(preset="qwen2-vl-tiny", stc=STCConfig().to_dict()).build()
+    assert with_stc.stc.cacher is not None
