@@ -60,7 +60,9 @@ def test_an_injected_sleep_shows_up_where_it_was_put(report):
     assert slow["vit_ms_per_frame"] >= base["vit_ms_per_frame"] + 0.9 * DELAY_MS
     assert slow["push_ms"] >= base["push_ms"] + 0.5 * 4 * DELAY_MS  # margin for a busy machine
     assert slow["e2e_speedup"] < 1.0
-    assert slow["prefill_ratio"] < 2.0  # the sleep is in the ViT, not in the pre-fill
+    # The sleep is in the ViT, not in the pre-fill (an absolute margin: a ratio of two pre-fills of a
+    # few milliseconds each is at the mercy of a busy machine).
+    assert slow["prefill_ms"] < base["prefill_ms"] + 0.5 * DELAY_MS
     assert slow["next_token_kl"] == pytest.approx(0.0, abs=1e-6) and slow["answer_agreement"] == 1.0
 
 

@@ -540,11 +540,15 @@ class Engine:
             stream.ready.set_exception(StreamClosed(f"stream {stream.id} was closed while starting"))
 
     def _closed(self, stream: _Stream) -> None:
-        """The persistence hook for a finished stream (no model work on it runs any more)."""
-        if self.on_close is not None and stream.session is not None:
+        """The persistence hook for a finished stream (no model work on it runs any more), then the
+        session's close (the Cacher is detached once the last session sharing it closes)."""
+        if stream.session is None:
+            return
+        if self.on_close is not None:
             with self._lock:
                 info = self._describe(stream)
             self.on_close(info, stream.session)
+        stream.session.close()
 
     # -- worker ------------------------------------------------------------------------------
 
