@@ -57,7 +57,7 @@ def test_the_uncompressed_variant_is_the_reference(report):
 
 def test_an_injected_sleep_shows_up_where_it_was_put(report):
     base, slow = rows_of(report, "none")[4], rows_of(report, "none + sleep")[4]
-    assert slow["vit_ms_per_frame"] >= base["vit_ms_per_frame"] + 0.9 * DELAY_MS
+    assert slow["vit_ms_per_frame"] >= base["vit_ms_per_frame"] + 0.5 * DELAY_MS  # margin for a busy machine
     assert slow["push_ms"] >= base["push_ms"] + 0.5 * 4 * DELAY_MS  # margin for a busy machine
     assert slow["e2e_speedup"] < 1.0
     # The sleep is in the ViT, not in the pre-fill (an absolute margin: a ratio of two pre-fills of a
