@@ -724,8 +724,8 @@ def bench_vit(
                 console.print(f"wrote {path}")
         return
 
-    from .bench.vit import DEFAULT_VARIANTS, mlp_width
-    from .cacher.cacher import prefix_tokens
+    from .bench.vit import DEFAULT_VARIANTS
+    from .cacher.cacher import encoder_layers, mlp_width, prefix_tokens
     from .presets import build_model
     from .weights import load_dinov2_small, normalize_frames
 
@@ -749,7 +749,8 @@ def bench_vit(
             pixel_values = load_benchmark_frames(video, frames, build_config(preset).image_size)
         if suite == "fidelity":
             tokens = tower.embeddings(pixel_values[:1]).shape[1]
-            variants = real_weights_variants(tokens, tower.config.hidden_size, mlp_width(tower.config), prefix_tokens(tower))
+            variants = real_weights_variants(tokens, tower.config.hidden_size, mlp_width(encoder_layers(tower)[0]),
+                                             prefix_tokens(tower))
         else:
             variants = DEFAULT_VARIANTS
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from ..cacher.cacher import encoder_layers, prefix_tokens
+from ..cacher.cacher import encoder_layers, mlp_width, prefix_tokens
 from ..cacher.functional import layer_flops, nearest_kept, strided_grid_index
 from ..errors import ConfigError
 
@@ -68,11 +68,10 @@ class UniformTokenDropping:
         if not 0.0 < keep_ratio <= 1.0:
             raise ConfigError(f"keep_ratio must lie in (0, 1], got {keep_ratio!r}")
         self.keep_ratio = keep_ratio
-        self.kept_tokens = 0
-        self.total_tokens = 0
+        self.reset()
 
     def reset(self) -> None:
-        self.kept_tokens = self.total_tokens = 0
+        self.kept_tokens = self.total_tokens = self.width = self.mlp_width = 0
 
     def __call__(self, tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         x = tower.embeddings(pixel_values)  # [F, T, C]
@@ -89,10 +88,12 @@ class UniformTokenDropping:
         h = _final_norm(tower)(h)
         fill = nearest_kept(side, kept).to(x.device) + prefix  # tiny next to the layers
         self.kept_tokens, self.total_tokens = len(rows), num_tokens
+        self.width, self.mlp_width = x.shape[-1], mlp_width(encoder_layers(tower)[0])
         return torch.cat([h[:, :prefix], h.index_select(1, fill)], dim=1)
 
-    def flop_ratio(self, width: int, mlp_width: int) -> float:
-        return layer_flops(self.kept_tokens, width, mlp_width) / layer_flops(self.total_tokens, width, mlp_width)
+    def flop_ratio(self) -> float:
+        """Cost of the last frame relative to a full one (FLOP model of the encoder layers)."""
+        return layer_flops(self.kept_tokens, self.width, self.mlp_width) / layer_flops(self.total_tokens, self.width, self.mlp_width)
 
 
 def keep_ratio_for_flops(target: float, num_tokens: int, prefix: int, width: int, mlp_width: int) -> float:

@@ -40,15 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..baselines.vit import FrameSkipping, UniformTokenDropping
+from ..baselines.vit import FrameSkipping, UniformTokenDropping, keep_ratio_for_flops
 from ..cacher import STCCacher
-from ..cacher.cacher import prefix_tokens
 from ..cacher import functional as F
+from ..cacher.cacher import prefix_tokens
 from ..config import CacherConfig
 from ..errors import InputError
 from ..preprocess import FramePreprocessor
 from ..presets import build_model
-from ..baselines.vit import keep_ratio_for_flops
 from ..sources import BUILTIN_CLIPS, Frame, PyAVSource, builtin_clip_path, open_source
 from . import qwen_towers
 from .timing import machine_info, timed
@@ -149,13 +148,6 @@ def saliency_agreement(maps: torch.Tensor, reference: torch.Tensor, eps: float =
     p, q = b / b.sum(1, keepdim=True), a / a.sum(1, keepdim=True)
     kl = (p * ((p + eps) / (q + eps)).log()).sum(1)
     return corr.float(), kl.float()
-
-
-def mlp_width(config: Any) -> int:
-    """The MLP's hidden width (DINOv2 configs give a ratio instead of a size)."""
-    if hasattr(config, "intermediate_size"):
-        return config.intermediate_size
-    return int(config.hidden_size * config.mlp_ratio)
 
 
 def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -308,10 +300,7 @@ def run_vit_benchmark(
                 if cacher is not None:
                     result.flop_ratio = cacher.stats.flop_ratio
                 if encoder is not None:
-                    result.flop_ratio = (
-                        encoder.flop_ratio() if isinstance(encoder, FrameSkipping)
-                        else encoder.flop_ratio(model.config.hidden_size, mlp_width(model.config))
-                    )
+                    result.flop_ratio = encoder.flop_ratio()
     config = model.config
     tokens = reference.shape[1]
     frame_flops = None if tower is None else functools.partial(qwen_towers.tower_flops, config, tokens)

@@ -79,7 +79,7 @@ class TowerSpec(NamedTuple):
     chunk_layout: Callable[[nn.Module, tuple, dict], ChunkLayout]  # (tower, its args, kwargs) -> geometry
 
 
-def _mlp_width(layer: nn.Module) -> int:
+def mlp_width(layer: nn.Module) -> int:
     """The hidden width of a layer's MLP (its first projection's output size), for the FLOP model."""
     return next(m for m in layer.mlp.modules() if isinstance(m, nn.Linear)).out_features
 
@@ -259,7 +259,7 @@ class STCCacher:
                 )
 
         self._tower, self._layers, self._spec = tower, layers, spec
-        self._mlp_width = _mlp_width(layers[0])
+        self._mlp_width = mlp_width(layers[0])
         for index, layer in enumerate(layers):
             patch = LAYER_PATCHES[type(layer)]
             self._saved_forwards.append(layer.__dict__.get("forward"))
@@ -524,6 +524,7 @@ __all__ = [
     "attached_cacher",
     "find_vision_tower",
     "encoder_layers",
+    "mlp_width",
     "prefix_tokens",
     "TOWERS",
     "SUPPORTED_TOWERS",
