@@ -13,7 +13,8 @@ from streamtc import CacherConfig, PrunerConfig, STCConfig
 from streamtc.errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
 from streamtc.presets import build_model
 from streamtc.prompts import multiple_choice_question, parse_option_letter, split_video_prompt
-from streamtc.session import CacheBlock, FullCache, StreamingSession
+from streamtc.memory import CacheBlock, FullCache
+from streamtc.session import StreamingSession
 from streamtc.tokenizer import save_processor, tokenizer_for_config
 
 logger = logging.getLogger(__name__)
@@ -416,7 +417,7 @@ def test_text_depth_override():
 
 
 def test_sliding_window_keeps_the_prefix_and_the_newest_frames(frames):
-    from streamtc.session import SlidingWindowCache
+    from streamtc.memory import SlidingWindowCache
 
     full = StreamingSession.from_preset(PRESET, stc=None, prefill_min_tokens=1)
     window = StreamingSession(full.model, full.tokenizer, None, prefill_min_tokens=1,
@@ -438,7 +439,7 @@ def test_sliding_window_keeps_the_prefix_and_the_newest_frames(frames):
 
 
 def test_a_window_larger_than_the_stream_equals_the_full_cache(frames):
-    from streamtc.session import SlidingWindowCache
+    from streamtc.memory import SlidingWindowCache
 
     full = StreamingSession.from_preset(PRESET, stc=None)
     window = StreamingSession(full.model, full.tokenizer, None, cache_policy=lambda: SlidingWindowCache(10_000))

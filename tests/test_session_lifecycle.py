@@ -10,7 +10,8 @@ import torch
 
 from streamtc import STCConfig
 from streamtc.errors import InputError, StreamStateError
-from streamtc.session import SlidingWindowCache, StreamingSession
+from streamtc.memory import SlidingWindowCache
+from streamtc.session import StreamingSession
 
 PRESET = "tiny-llava-ov"
 QUESTION = "What is the man holding?"

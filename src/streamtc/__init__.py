@@ -22,14 +22,16 @@ from .errors import (
 if TYPE_CHECKING:
     from .cacher import CacherState, STCCacher
     from .pruner import KeptTokens, PrunerState, STCPruner
-    from .session import Answer, SlidingWindowCache, StreamingSession
+    from .memory import FullCache, SlidingWindowCache
+    from .session import Answer, StreamingSession
 
 __version__ = "0.1.0"
 
 # name -> submodule it is imported from when first used
 _LAZY = {
     "StreamingSession": "session",
-    "SlidingWindowCache": "session",
+    "FullCache": "memory",
+    "SlidingWindowCache": "memory",
     "Answer": "session",
     "STCCacher": "cacher",
     "CacherState": "cacher",
@@ -49,6 +51,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "StreamingSession",
+    "FullCache",
     "SlidingWindowCache",
     "Answer",
     "STCCacher",

@@ -232,7 +232,8 @@ def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
 
 def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str,
              window_tokens: int | None) -> StreamingSession:
-    from .session import SlidingWindowCache, StreamingSession
+    from .memory import SlidingWindowCache
+    from .session import StreamingSession
 
     policy = {} if window_tokens is None else {"cache_policy": lambda: SlidingWindowCache(window_tokens)}
     if model is None:

@@ -23,7 +23,7 @@ Frames. A host encodes frames in steps (one frame for LLaVA-OneVision; one tempo
 frames for Qwen-VL). Frames wait in the session until a step is complete, so pushing one frame at a
 time works everywhere; a question sees the video up to the last complete step.
 
-Cache handling goes through a small `CachePolicy` (`streamtc.cache_policies`): it makes the cache,
+Cache handling goes through a small `CachePolicy` (`streamtc.memory`): it makes the cache,
 hears about every appended block (prompt or frame) and scopes each question (`with
 policy.question(cache)`), restoring the video-only cache on exit, errors included. The host's stream
 state counts positions, so positions stay correct when a policy evicts.
@@ -76,7 +76,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import cached_file
 
 from .bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
-from .cache_policies import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
+from .memory import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError

@@ -65,7 +65,7 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.window_tokens is not None:
-            from ..session import SlidingWindowCache
+            from ..memory import SlidingWindowCache
 
             SlidingWindowCache(self.window_tokens)  # validates
         if self.stc is not None:
@@ -86,7 +86,8 @@ class ModelSpec:
 
     def build(self, device: str | torch.device = "cpu") -> Any:
         """A `StreamingSession` on `device`."""
-        from ..session import SlidingWindowCache, StreamingSession
+        from ..memory import SlidingWindowCache
+        from ..session import StreamingSession
 
         stc = None if self.stc is None else STCConfig.from_dict(self.stc)
         dtype = DTYPES[self.dtype]

@@ -61,7 +61,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamTCError
-from ..session import SlidingWindowCache, StreamingSession
+from ..memory import SlidingWindowCache
+from ..session import StreamingSession
 from ..sources import BUILTIN_CLIPS, FrameSampler, builtin_clip_path, open_source
 
 logger = logging.getLogger(__name__)

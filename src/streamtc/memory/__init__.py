@@ -1,0 +1,8 @@
+"""A stream's LLM memory: the KV-cache policies that make, bound and restore one stream's cache.
+
+    policies   `CachePolicy`, `CacheBlock`, `FullCache`, `SlidingWindowCache`
+"""
+
+from .policies import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
+
+__all__ = ["CacheBlock", "CachePolicy", "FullCache", "SlidingWindowCache"]
