@@ -24,6 +24,14 @@ flattens every 14x14x2 patch to one row [3 * 2 * 14 * 14] in the merger's block 
 block of neighbouring patches is 4 consecutive rows). Per frame this equals transformers'
 torchvision-free `Qwen2VLImageProcessorPil` exactly (an image is a temporal patch of two equal
 frames); the video processor's patch order is the documented one above (tests check both).
+
+Qwen3-VL uses the same preprocessor with 16-px patches (resize factor 32), normalisation
+mean = std = 0.5 and `upscale_small_frames`: transformers' Qwen3-VL video processor first scales a
+frame with a side under the factor up to it, and bounds the pixel count of the whole clip
+(frames x height x width), which a stream cannot know in advance. A stream bounds each frame
+instead, by 128 to 768 merged tokens (`QWEN3_VL_VIDEO_MIN_PIXELS`, `QWEN3_VL_VIDEO_MAX_PIXELS`: the
+video processor's default bounds, and its per-frame token ceiling); for one temporal patch that is
+exactly transformers' Qwen3-VL `smart_resize` with the bounds doubled (tested).
 """
 
 from __future__ import annotations
@@ -191,12 +199,24 @@ QWEN_VL_STD = (0.26862954, 0.26130258, 0.27577711)
 # Per-frame pixel bounds of transformers' Qwen2-VL video processor (128 and 768 merged tokens).
 QWEN_VL_VIDEO_MIN_PIXELS = 128 * 28 * 28
 QWEN_VL_VIDEO_MAX_PIXELS = 768 * 28 * 28
+# Qwen3-VL processors: mean = std = 0.5, 16-px patches (resize factor 32); per-frame bounds of a
+# stream: 128 and 768 merged tokens (see the module docstring).
+QWEN3_VL_MEAN = (0.5, 0.5, 0.5)
+QWEN3_VL_STD = (0.5, 0.5, 0.5)
+QWEN3_VL_VIDEO_MIN_PIXELS = 128 * 32 * 32
+QWEN3_VL_VIDEO_MAX_PIXELS = 768 * 32 * 32
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+                 max_pixels: int = 14 * 14 * 4 * 1280, upscale_small: bool = False) -> tuple[int, int]:
     """Qwen-VL's target size for a height x width frame: both sides multiples of `factor`, the
-    pixel count within [min_pixels, max_pixels], the aspect ratio kept as closely as possible."""
+    pixel count within [min_pixels, max_pixels], the aspect ratio kept as closely as possible.
+
+    upscale_small: first scale a frame with a side under `factor` up so that side reaches it
+    (Qwen3-VL's video processor does; Qwen2-VL's does not)."""
+    if upscale_small and (height < factor or width < factor):
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
         raise InputError(f"a frame's aspect ratio must be below 200, got {height}x{width}")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
@@ -236,11 +256,13 @@ def patchify_video(frames: torch.Tensor, patch_size: int = 14, temporal_patch_si
 
 @dataclass(frozen=True)
 class QwenVLPreprocessor:
-    """Qwen2-VL / Qwen2.5-VL frames: smart_resize, rescale, normalise; one [3, H, W] tensor per frame.
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL frames: smart_resize, rescale, normalise; one [3, H, W]
+    tensor per frame.
 
     min_pixels, max_pixels: bounds of one frame's resized pixel count (video defaults of the
-    Qwen2-VL video processor; LiveCC uses max_pixels = 384 * 28 * 28). The remaining fields are the
-    processor config's. `patchify` turns a chunk of equal-size frames into the tower's input.
+    Qwen2-VL video processor; LiveCC uses max_pixels = 384 * 28 * 28). upscale_small_frames: Qwen3-VL's
+    resize rule for frames with a side under the factor. The remaining fields are the processor
+    config's. `patchify` turns a chunk of equal-size frames into the tower's input.
     """
 
     min_pixels: int = QWEN_VL_VIDEO_MIN_PIXELS
@@ -252,6 +274,7 @@ class QwenVLPreprocessor:
     image_std: Sequence[float] = QWEN_VL_STD
     resample: int = Image.Resampling.BICUBIC
     rescale_factor: float = 1 / 255
+    upscale_small_frames: bool = False
 
     def __post_init__(self) -> None:
         for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
@@ -260,6 +283,8 @@ class QwenVLPreprocessor:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        if not isinstance(self.upscale_small_frames, bool):
+            raise ConfigError(f"upscale_small_frames must be a bool, got {self.upscale_small_frames!r}")
         # one validated normalisation, shared with the square-frame preprocessor
         table = FramePreprocessor(image_mean=self.image_mean, image_std=self.image_std, resample=self.resample,
                                   rescale_factor=self.rescale_factor)
@@ -307,7 +332,8 @@ class QwenVLPreprocessor:
 
     def frame_size(self, height: int, width: int) -> tuple[int, int]:
         """The resized (height, width) of a height x width frame."""
-        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels,
+                            self.upscale_small_frames)
 
     def __call__(self, frames: FrameInput) -> list[torch.Tensor]:
         """Preprocess frames (see `FrameInput`) into float32 CPU tensors [3, H, W], one per frame."""
@@ -343,7 +369,8 @@ def _config_file(path_or_id: str | Path, name: str, required: bool) -> dict[str,
 
 
 __all__ = [
-    "LLAVA_OV_MEAN", "LLAVA_OV_STD", "LLAVA_OV_SIZE", "QWEN_VL_MEAN", "QWEN_VL_STD", "QWEN_VL_VIDEO_MIN_PIXELS",
+    "LLAVA_OV_MEAN", "LLAVA_OV_STD", "LLAVA_OV_SIZE", "QWEN3_VL_MEAN", "QWEN3_VL_STD", "QWEN3_VL_VIDEO_MAX_PIXELS",
+    "QWEN3_VL_VIDEO_MIN_PIXELS", "QWEN_VL_MEAN", "QWEN_VL_STD", "QWEN_VL_VIDEO_MIN_PIXELS",
     "QWEN_VL_VIDEO_MAX_PIXELS", "FrameInput", "FramePreprocessor", "QwenVLPreprocessor", "frames_to_uint8",
     "patchify_video", "smart_resize",
 ]

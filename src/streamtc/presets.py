@@ -22,6 +22,10 @@ Presets:
     qwen2-vl-tiny       tiny Qwen2-VL (2-layer tower, 2-layer LLM) for tests
     qwen2.5-vl-tiny     tiny Qwen2.5-VL (4-layer windowed tower, 2-layer LLM) for tests
     livecc-tiny         qwen2-vl-tiny with LiveCC's prompt protocol
+    qwen3-vl-2b         Qwen3-VL-2B-Instruct (Qwen/Qwen3-VL-2B-Instruct)
+    qwen3-vl-4b         Qwen3-VL-4B-Instruct (Qwen/Qwen3-VL-4B-Instruct)
+    qwen3-vl-8b         Qwen3-VL-8B-Instruct (Qwen/Qwen3-VL-8B-Instruct)
+    qwen3-vl-tiny       tiny Qwen3-VL (4-block tower with 3 DeepStack taps, 3-layer LLM) for tests
 
 The Qwen-VL presets mirror the checkpoints' config.json: Qwen2-VL towers are 32 blocks of width
 1280 (16 heads, MLP ratio 4, QuickGELU, LayerNorm) with a merger to the LLM width; Qwen2.5-VL towers
@@ -29,6 +33,14 @@ are 32 blocks of width 1280 (RMSNorm, gated SiLU MLP 3420, window attention of 1
 attention in blocks 7, 15, 23, 31, 2 tokens per second); patch 14, merge 2x2, temporal patch 2;
 M-RoPE sections (16, 24, 24), RoPE theta 1e6. A vision depth override keeps the full-attention
 blocks that still exist (or makes the last block one).
+
+Qwen3-VL (config.json of the Instruct checkpoints): patch 16, merge 2x2, temporal patch 2, a
+learned 48x48 position grid (2304 entries), GELU-tanh MLPs; DeepStack mergers after vision blocks
+5, 11, 17 (2B, 4B: 24 blocks of width 1024, MLP 4096) or 8, 16, 24 (8B: 27 blocks of width 1152,
+MLP 4304); Qwen3 LLMs with head_dim 128, 8 KV heads, interleaved M-RoPE sections (24, 20, 20),
+RoPE theta 5e6, 262,144 positions: 2B 2048 wide, MLP 6144, 28 layers, 16 heads, tied embeddings;
+4B 2560, 9728, 36 layers, 32 heads, tied; 8B 4096, 12288, 36 layers, 32 heads, untied. A vision
+depth override keeps the DeepStack taps that still exist.
 """
 
 from __future__ import annotations
@@ -52,12 +64,14 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
 
 from .errors import ConfigError, UnsupportedModelError
-from .preprocess import QwenVLPreprocessor
+from .preprocess import QWEN3_VL_MEAN, QWEN3_VL_STD, QwenVLPreprocessor
 from .tokenizer import BPE_VOCAB_SIZE, QWEN_VL_SPECIAL_TOKENS
 
 # Model dtypes by the names the CLIs and saved configs use.
@@ -255,6 +269,46 @@ def _tiny_qwen_vl_preprocessor() -> QwenVLPreprocessor:
     return QwenVLPreprocessor(min_pixels=TINY_QWEN_VL_PIXELS[0], max_pixels=TINY_QWEN_VL_PIXELS[1])
 
 
+# Qwen3-VL: vision towers of the public checkpoints and the Qwen3 LLM's M-RoPE.
+QWEN3_VL_MROPE = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                  "mrope_interleaved": True}
+_QWEN3_VL_TOWER_SMALL = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+                         "deepstack_visual_indexes": [5, 11, 17]}  # 2B and 4B
+_QWEN3_VL_TOWER_8B = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                      "deepstack_visual_indexes": [8, 16, 24]}
+_TINY_QWEN3_VL_TOWER = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                        "num_position_embeddings": 64, "deepstack_visual_indexes": [1, 2, 3]}
+# Frames of the tiny Qwen3-VL preset: a 60x80 frame becomes 96x128 (3x4 merged tokens).
+TINY_QWEN3_VL_PIXELS = (96 * 96, 128 * 128)
+
+
+def _qwen3_text(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, Any]:
+    return {**_qwen_text(hidden, intermediate, layers, heads, 8, 151936, 262144, QWEN3_VL_MROPE), "head_dim": 128}
+
+
+def _qwen3_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision: dict[str, Any],
+              first_special: int = QWEN_VL_FIRST_SPECIAL_ID) -> Qwen3VLConfig:
+    tower = {"hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+             "num_position_embeddings": 2304, **vision}
+    depth = tower["depth"] = num_layers or tower["depth"]
+    tower["deepstack_visual_indexes"] = [i for i in tower["deepstack_visual_indexes"] if i < depth]
+    tower["out_hidden_size"] = text["hidden_size"]
+    return Qwen3VLConfig(text_config={**text, "tie_word_embeddings": tie}, vision_config=tower,
+                         tie_word_embeddings=tie, **_qwen_vl_ids(first_special))
+
+
+def _tiny_qwen3_text() -> dict[str, Any]:
+    # head_dim 16: interleaved sections (4, 2, 2) cover its 8 rotary frequencies as (24, 20, 20) cover 64
+    text = _tiny_qwen_text()
+    rope = {**QWEN3_VL_MROPE, "mrope_section": [4, 2, 2]}
+    return {**text, "num_hidden_layers": 3, "head_dim": 16, "rope_parameters": rope}
+
+
+def _tiny_qwen3_vl_preprocessor() -> QwenVLPreprocessor:
+    return QwenVLPreprocessor(min_pixels=TINY_QWEN3_VL_PIXELS[0], max_pixels=TINY_QWEN3_VL_PIXELS[1], patch_size=16,
+                              image_mean=QWEN3_VL_MEAN, image_std=QWEN3_VL_STD, upscale_small_frames=True)
+
+
 def _llava_onevision(
     vision: SiglipVisionConfig,
     text: Qwen2Config,
@@ -341,6 +395,19 @@ PRESETS: dict[str, Preset] = {
                Qwen2VLForConditionalGeneration,
                lambda n: _qwen2_vl(n, _tiny_qwen_text(), True, _TINY_QWEN2_VL_TOWER, TINY_QWEN_VL_FIRST_SPECIAL_ID),
                tiny=True, protocol="livecc", preprocessor=_tiny_qwen_vl_preprocessor),
+        Preset("qwen3-vl-2b", "Qwen3-VL-2B-Instruct: 24-block ViT (1024 wide, DeepStack 5/11/17) + Qwen3-1.7B LLM",
+               Qwen3VLForConditionalGeneration,
+               lambda n: _qwen3_vl(n, _qwen3_text(2048, 6144, 28, 16), True, _QWEN3_VL_TOWER_SMALL)),
+        Preset("qwen3-vl-4b", "Qwen3-VL-4B-Instruct: 24-block ViT (1024 wide, DeepStack 5/11/17) + Qwen3-4B LLM",
+               Qwen3VLForConditionalGeneration,
+               lambda n: _qwen3_vl(n, _qwen3_text(2560, 9728, 36, 32), True, _QWEN3_VL_TOWER_SMALL)),
+        Preset("qwen3-vl-8b", "Qwen3-VL-8B-Instruct: 27-block ViT (1152 wide, DeepStack 8/16/24) + Qwen3-8B LLM",
+               Qwen3VLForConditionalGeneration,
+               lambda n: _qwen3_vl(n, _qwen3_text(4096, 12288, 36, 32), False, _QWEN3_VL_TOWER_8B)),
+        Preset("qwen3-vl-tiny", "tiny Qwen3-VL: 4-block 32-wide ViT (3 DeepStack taps) + 3-layer 64-wide LLM (tests)",
+               Qwen3VLForConditionalGeneration,
+               lambda n: _qwen3_vl(n, _tiny_qwen3_text(), True, _TINY_QWEN3_VL_TOWER, TINY_QWEN_VL_FIRST_SPECIAL_ID),
+               tiny=True, preprocessor=_tiny_qwen3_vl_preprocessor),
     ]
 }
 
@@ -404,6 +471,7 @@ _CLASS_BY_MODEL_TYPE: dict[str, type[PreTrainedModel]] = {
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
 }
 
 

@@ -80,7 +80,7 @@ from .memory import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
-from .hosts import Placed, VideoEncoder, VideoHost, host_class_for, host_for
+from .hosts import Deepstack, Placed, VideoEncoder, VideoHost, host_class_for, host_for
 from .preprocess import FrameInput
 from .presets import build_model, get_preset, load_pretrained
 from .pruner import KeptTokens, PrunerState, STCPruner, TokenSelector
@@ -534,7 +534,8 @@ class StreamingSession:
         text = sum(piece.text for piece, _ in self._pending)
         with torch.inference_mode():
             tokens = torch.cat([piece.embeds for piece, _ in self._pending])[None]
-            self._append(tokens, torch.cat([piece.positions for piece, _ in self._pending], dim=1), blocks)
+            deepstack = Deepstack.concat([(piece.embeds.shape[0], piece.deepstack) for piece, _ in self._pending])
+            self._append(tokens, torch.cat([piece.positions for piece, _ in self._pending], dim=1), blocks, deepstack)
         self._pending = []
         count = index - blocks[0].start
         self._stats.prefill_ms += self._clock() - start
@@ -549,10 +550,11 @@ class StreamingSession:
         with context:
             return self.host.encode(pixels, self.encoder)
 
-    def _append(self, embeds: torch.Tensor, positions: torch.Tensor, blocks: Sequence[CacheBlock]) -> None:
-        """Pre-fill blocks of the stream (embeds [1, n, D] at positions [R, n], one forward) into
-        the video cache and tell the cache policy."""
-        self.host.forward(embeds, positions, self._cache)
+    def _append(self, embeds: torch.Tensor, positions: torch.Tensor, blocks: Sequence[CacheBlock],
+                deepstack: Deepstack | None = None) -> None:
+        """Pre-fill blocks of the stream (embeds [1, n, D] at positions [R, n] with their DeepStack
+        inputs, one forward) into the video cache and tell the cache policy."""
+        self.host.forward(embeds, positions, self._cache, deepstack)
         self._policy.on_append(self._cache, blocks)
 
     def _forward_text(self, embeds: torch.Tensor, cache: Cache) -> torch.Tensor:

@@ -21,7 +21,8 @@ generation prompt is `<|im_start|>assistant\\n`. `save_processor` writes a prese
 image-processor files in a llava-hf checkpoint's layout (no `LlavaOnevisionProcessor` object: it
 requires a video processor, and transformers' video processors need torchvision).
 
-Qwen-VL presets (`family="qwen_vl"`) get Qwen2's special tokens in Qwen2's order, from
+Qwen-VL presets (`family="qwen_vl"`; Qwen3-VL too: its template renders a video the same way,
+`<|vision_start|><|video_pad|><|vision_end|>`, and real checkpoints bring their own) get Qwen2's special tokens in Qwen2's order, from
 `<|endoftext|>` to `<|video_pad|>` (14 tokens; on the real-size presets at their public ids
 151643..151656, `<|video_pad|>` = 151656), and the Qwen2-VL chat template: a default system turn
 when none is given, `<|im_start|>{role}\n`, content items in order (a video renders as
@@ -43,7 +44,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .errors import ConfigError
-from .preprocess import LLAVA_OV_MEAN, LLAVA_OV_STD
+from .preprocess import LLAVA_OV_MEAN, LLAVA_OV_STD, QWEN3_VL_MEAN, QWEN3_VL_STD
 
 # Size of the trained byte-level BPE (256 byte symbols + 768 merges); special tokens follow it.
 BPE_VOCAB_SIZE = 1024
@@ -235,7 +236,7 @@ def build_tokenizer(image_token_id: int | None = None, family: str = "llava_onev
 
 
 def _is_qwen_vl(config: PretrainedConfig) -> bool:
-    return config.model_type in ("qwen2_vl", "qwen2_5_vl")
+    return config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def tokenizer_for_config(config: PretrainedConfig) -> PreTrainedTokenizerFast:
@@ -267,10 +268,13 @@ def build_image_processor(config: LlavaOnevisionConfig) -> LlavaOnevisionImagePr
 
 def build_qwen_vl_image_processor(config: PretrainedConfig) -> Qwen2VLImageProcessorPil:
     """Qwen2-VL's PIL image processor with the vision config's patch, temporal patch and merge
-    sizes (CLIP normalisation and pixel bounds as the public checkpoints)."""
+    sizes (normalisation as the public checkpoints: CLIP's, or 0.5 for Qwen3-VL, whose checkpoints
+    ship this same image processor)."""
     vision = config.vision_config
+    normalisation = ({"image_mean": list(QWEN3_VL_MEAN), "image_std": list(QWEN3_VL_STD)}
+                     if config.model_type == "qwen3_vl" else {})
     return Qwen2VLImageProcessorPil(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                                    merge_size=vision.spatial_merge_size)
+                                    merge_size=vision.spatial_merge_size, **normalisation)
 
 
 def save_processor(config: PretrainedConfig, directory: str | Path) -> None:

@@ -4,7 +4,7 @@
     host_class_for(Qwen2VLForConditionalGeneration)  # -> QwenVLHost
 
 Supported: LLaVA-OneVision (`llava_onevision`), Qwen2-VL and Qwen2.5-VL, LiveCC included
-(`qwen_vl`). A new family is one module with a `VideoHost` subclass added to `HOST_CLASSES`.
+(`qwen_vl`), Qwen3-VL with DeepStack (`qwen3_vl`). A new family is one module with a `VideoHost` subclass added to `HOST_CLASSES`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from ..errors import UnsupportedModelError
-from .base import EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost
+from .base import Deepstack, EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost
 from .llava_onevision import LlavaOnevisionHost
+from .qwen3_vl import Qwen3VLHost
 from .qwen_vl import QwenVLHost
 
-HOST_CLASSES: tuple[type[VideoHost], ...] = (LlavaOnevisionHost, QwenVLHost)
+HOST_CLASSES: tuple[type[VideoHost], ...] = (LlavaOnevisionHost, QwenVLHost, Qwen3VLHost)
 
 
 def supported_model_classes() -> list[str]:
@@ -49,6 +50,7 @@ def host_for(model: PreTrainedModel, tokenizer: Any, protocol: str | None = None
 
 
 __all__ = [
-    "EncodedChunk", "HOST_CLASSES", "HostStream", "LlavaOnevisionHost", "Placed", "QwenVLHost", "VideoEncoder",
+    "Deepstack", "EncodedChunk", "HOST_CLASSES", "HostStream", "LlavaOnevisionHost", "Placed", "Qwen3VLHost",
+    "QwenVLHost", "VideoEncoder",
     "VideoHost", "cacher_supports", "host_class_for", "host_for", "supported_model_classes",
 ]

@@ -17,7 +17,10 @@ Two objects per family:
     embeds = stream.question_embeds(question)         # the prompt after the video, for one question
     positions = stream.text_positions(n)              # positions of n text tokens (advances the stream)
 
-Positions are [R, n]: R = 1 for plain 1-D RoPE, R = 3 for M-RoPE (t, h, w). A stream's
+Positions are [R, n]: R = 1 for plain 1-D RoPE, R = 3 for M-RoPE (t, h, w). Qwen3-VL's DeepStack
+adds per-level features at the visual rows of the first LLM layers: a chunk carries them
+(`EncodedChunk.deepstack`), each piece the rows of its kept tokens (`Placed.deepstack`), and the
+pre-fill hands them to `forward`. A stream's
 `next_position` is where the next text token goes; the session saves and restores it around each
 question, so questions leave no trace.
 
@@ -53,21 +56,46 @@ class EncodedChunk:
     features: [F, P, D] prunable tokens, one row per pruner frame (a video frame for LLaVA-OV, a
         temporal patch of two frames for Qwen-VL). frames: video frames covered (before padding).
     grid: (T, h, w) of the merged token grid for M-RoPE hosts (T = F), else None.
+    deepstack: [L, F, P, D] DeepStack features of the same tokens, one level per extra merger
+        (Qwen3-VL), else None. Pruning keeps the same rows of every level as of `features`.
     """
 
     features: Tensor
     frames: int
     grid: tuple[int, int, int] | None = None
+    deepstack: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Deepstack:
+    """DeepStack inputs of n tokens: visual [n] bool marks the visual rows; features [L, v, D]
+    (v = visual.sum()) are what LLM layer l < L adds to its output at those rows, in order."""
+
+    visual: Tensor
+    features: Tensor
+
+    @staticmethod
+    def concat(parts: Sequence[tuple[int, Deepstack | None]]) -> Deepstack | None:
+        """The inputs of consecutive pieces (token count, their inputs or None for none) joined;
+        None when no piece has any."""
+        present = [d for _, d in parts if d is not None]
+        if not present:
+            return None
+        visual = torch.cat([torch.zeros(n, dtype=torch.bool, device=present[0].visual.device) if d is None
+                            else d.visual for n, d in parts])
+        return Deepstack(visual, torch.cat([d.features for d in present], dim=1))
 
 
 @dataclass(frozen=True)
 class Placed:
     """Tokens to append for one pruner frame: embeds [n, D] and their positions [R, n]; `text`
-    of them are prompt text the protocol puts around the chunk (the rest are visual tokens)."""
+    of them are prompt text the protocol puts around the chunk (the rest are visual tokens);
+    `deepstack`: their DeepStack inputs (Qwen3-VL), else None."""
 
     embeds: Tensor
     positions: Tensor
     text: int = 0
+    deepstack: Deepstack | None = None
 
 
 class HostStream(ABC):
@@ -203,8 +231,9 @@ class VideoHost(ABC):
         return self.model.get_input_embeddings()(torch.tensor(list(ids), device=self.device))
 
     @abstractmethod
-    def forward(self, embeds: Tensor, positions: Tensor, cache: Cache) -> Tensor:
-        """Pre-fill embeds [1, n, D] at positions [R, n] into `cache`; returns the last hidden state [1, D]."""
+    def forward(self, embeds: Tensor, positions: Tensor, cache: Cache, deepstack: Deepstack | None = None) -> Tensor:
+        """Pre-fill embeds [1, n, D] at positions [R, n] into `cache`, with their DeepStack inputs
+        (hosts without DeepStack take None); returns the last hidden state [1, D]."""
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits [1, V] of a final hidden state [1, D]."""
@@ -215,4 +244,10 @@ class VideoHost(ABC):
         """Fresh prompt and position state for one stream."""
 
 
-__all__ = ["EncodedChunk", "HostStream", "Placed", "VideoEncoder", "VideoHost"]
+def no_deepstack(host: VideoHost, deepstack: Deepstack | None) -> None:
+    """Raise for DeepStack inputs handed to a host without DeepStack (a programming error upstream)."""
+    if deepstack is not None:
+        raise UnsupportedModelError(f"{type(host).__name__} has no DeepStack layers; got DeepStack inputs")
+
+
+__all__ = ["Deepstack", "EncodedChunk", "HostStream", "Placed", "VideoEncoder", "VideoHost", "no_deepstack"]

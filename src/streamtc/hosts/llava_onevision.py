@@ -31,7 +31,7 @@ from ..errors import InputError, StreamStateError, UnsupportedModelError
 from ..preprocess import FramePreprocessor
 from ..prompts import split_video_prompt
 from ..pruner import KeptTokens, LlavaOnevisionVideoLayout
-from .base import EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost
+from .base import Deepstack, EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost, no_deepstack
 
 
 class LlavaOnevisionStream(HostStream):
@@ -124,7 +124,8 @@ class LlavaOnevisionHost(VideoHost):
     def project(self, hidden: Tensor) -> Tensor:
         return self.projector(hidden)
 
-    def forward(self, embeds: Tensor, positions: Tensor, cache: Cache) -> Tensor:
+    def forward(self, embeds: Tensor, positions: Tensor, cache: Cache, deepstack: Deepstack | None = None) -> Tensor:
+        no_deepstack(self, deepstack)
         if positions.shape[0] != 1:
             raise InputError(f"LLaVA-OneVision takes 1-D positions [1, n], got {tuple(positions.shape)}")
         output = self.model.model.language_model(

@@ -49,7 +49,7 @@ from ..errors import ConfigError, InputError, StreamStateError, UnsupportedModel
 from ..preprocess import QwenVLPreprocessor, patchify_video
 from ..prompts import split_video_prompt
 from ..pruner import KeptTokens, QwenVLLayout
-from .base import EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost
+from .base import Deepstack, EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost, no_deepstack
 
 VIDEO_PLACEHOLDER = "<|video_pad|>"
 DEFAULT_FPS = 2.0  # Qwen2.5-VL's processor default and LiveCC's sampling rate
@@ -83,7 +83,8 @@ class _QwenStream(HostStream):
         return Placed(self.host.embed(ids), self.text_positions(len(ids)), len(ids))
 
     def _video(self, chunk: EncodedChunk, kept: KeptTokens | None, start: int, first_patch: int) -> list[Placed]:
-        """One piece per temporal patch: its kept tokens at (start + t, start + i, start + j)."""
+        """One piece per temporal patch: its kept tokens at (start + t, start + i, start + j), with
+        the same rows of every DeepStack level when the chunk has them."""
         frames, h, w = chunk.grid
         layout = QwenVLLayout((frames, h * self.host.merge, w * self.host.merge), self.host.merge)
         if kept is None:
@@ -93,8 +94,17 @@ class _QwenStream(HostStream):
         lengths = None if lengths is None else lengths.cpu()
         positions = layout.mrope_positions(indices, lengths, start, self.host.time_interval, first_patch)
         tokens = chunk.features if kept is None else kept.tokens
-        return [Placed(tokens[f, :count], part)
+        return [Placed(tokens[f, :count], part, 0, self._deepstack(chunk, f, indices[f, :count]))
                 for f, (count, part) in enumerate(zip(counts, positions.split(counts, dim=1)))]
+
+    @staticmethod
+    def _deepstack(chunk: EncodedChunk, frame: int, kept: Tensor) -> Deepstack | None:
+        """DeepStack inputs of temporal patch `frame`'s kept rows `kept` [n]: the same rows of every
+        level as of the main features, in the same order."""
+        if chunk.deepstack is None:
+            return None
+        features = chunk.deepstack[:, frame].index_select(1, kept.to(chunk.deepstack.device))  # [L, n, D]
+        return Deepstack(torch.ones(kept.numel(), dtype=torch.bool, device=features.device), features)
 
     @staticmethod
     def _fold(lead: Placed | None, pieces: list[Placed], tail: Placed | None) -> list[Placed]:
@@ -102,11 +112,13 @@ class _QwenStream(HostStream):
         if lead is not None:
             first = pieces[0]
             pieces[0] = Placed(torch.cat([lead.embeds.to(first.embeds.dtype), first.embeds]),
-                               torch.cat([lead.positions, first.positions], dim=1), first.text + lead.text)
+                               torch.cat([lead.positions, first.positions], dim=1), first.text + lead.text,
+                               Deepstack.concat([(lead.text, None), (first.embeds.shape[0], first.deepstack)]))
         if tail is not None:
             last = pieces[-1]
             pieces[-1] = Placed(torch.cat([last.embeds, tail.embeds.to(last.embeds.dtype)]),
-                                torch.cat([last.positions, tail.positions], dim=1), last.text + tail.text)
+                                torch.cat([last.positions, tail.positions], dim=1), last.text + tail.text,
+                                Deepstack.concat([(last.embeds.shape[0], last.deepstack), (tail.text, None)]))
         return pieces
 
 
@@ -274,9 +286,11 @@ class QwenVLHost(VideoHost):
         output = self.model.model.get_video_features(
             pixel_values_videos=rows.to(self.device, self.vision_tower.dtype), video_grid_thw=grid, return_dict=True)
         h, w = gh // self.merge, gw // self.merge
-        return EncodedChunk(output.pooler_output[0].view(t, h * w, -1), len(pixels), (t, h, w))
+        levels = getattr(output, "deepstack_features", None)  # Qwen3-VL: per level, one tensor per video
+        deepstack = torch.stack([level[0].view(t, h * w, -1) for level in levels]) if levels else None
+        return EncodedChunk(output.pooler_output[0].view(t, h * w, -1), len(pixels), (t, h, w), deepstack)
 
-    def forward(self, embeds: Tensor, positions: Tensor, cache: Cache) -> Tensor:
+    def forward(self, embeds: Tensor, positions: Tensor, cache: Cache, deepstack: Deepstack | None = None) -> Tensor:
         if positions.shape[0] != 3:
             raise InputError(f"Qwen-VL takes M-RoPE positions [3, n], got {tuple(positions.shape)}")
         output = self.model.model.language_model(
@@ -284,8 +298,14 @@ class QwenVLHost(VideoHost):
             position_ids=positions[:, None, :].to(self.device),
             past_key_values=cache,
             use_cache=True,
+            **self._deepstack_inputs(deepstack),
         )
         return output.last_hidden_state[:, -1]
+
+    def _deepstack_inputs(self, deepstack: Deepstack | None) -> dict[str, Any]:
+        """The language model's DeepStack keyword arguments: none for Qwen2-VL / Qwen2.5-VL."""
+        no_deepstack(self, deepstack)
+        return {}
 
     def new_stream(self, system_prompt: str | None) -> HostStream:
         if self.protocol == "livecc":
