@@ -39,30 +39,38 @@ def push_one_by_one(session: StreamingSession, frames: np.ndarray, first: int = 
         session.push(frame[None], [(first + i) / FPS])
 
 
-def video_placeholder(grid: tuple[int, int, int], frames: int) -> str:
+def video_placeholder(grid: tuple[int, int, int], frames: int, first: int = 0) -> str:
     """transformers' own expansion of one <|video_pad|> (Qwen3VLProcessor.replace_video_token, on a
-    stand-in processor object), for a video of `frames` frames sampled at FPS from time 0."""
+    stand-in processor object), for `frames` frames sampled at FPS from frame index `first`."""
     processor = SimpleNamespace(
         video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2),
         vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>", video_token="<|video_pad|>",
         _calculate_timestamps=lambda *args: Qwen3VLProcessor._calculate_timestamps(None, *args))
-    metadata = VideoMetadata(total_num_frames=frames, fps=FPS, frames_indices=list(range(frames)))
+    metadata = VideoMetadata(total_num_frames=first + frames, fps=FPS, frames_indices=list(range(first, first + frames)))
     inputs = {"video_grid_thw": torch.tensor([grid]), "video_metadata": [metadata]}
     return Qwen3VLProcessor.replace_video_token(processor, inputs, 0)
 
 
-def one_shot_inputs(session: StreamingSession, frames: np.ndarray, question: str) -> dict[str, torch.Tensor]:
-    """The chat prompt with one video, expanded as transformers' Qwen3-VL processor does, its pixels
-    (patchified as the video processor does), video_grid_thw and mm_token_type_ids."""
+def one_shot_inputs(session: StreamingSession, frames: np.ndarray | list[np.ndarray], question: str
+                    ) -> dict[str, torch.Tensor]:
+    """The chat prompt with the videos (one array, or a list of consecutive clips of the stream),
+    expanded as transformers' Qwen3-VL processor does, their pixels (patchified as the video
+    processor does), video_grid_thw and mm_token_type_ids."""
+    videos = frames if isinstance(frames, list) else [frames]
     messages = [{"role": "system", "content": [{"type": "text", "text": session.system_prompt}]},
-                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+                {"role": "user", "content": [{"type": "video"} for _ in videos] + [{"type": "text", "text": question}]}]
     text = session.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    pixels, grid = patchify_video(torch.stack(session.preprocessor(frames)), 16, 2, 2)
-    before, after = text.split("<|video_pad|>")
-    ids = torch.tensor([session.tokenizer(before + video_placeholder(grid, len(frames)) + after,
-                                          add_special_tokens=False)["input_ids"]])
+    parts, rows, grids, first = text.split("<|video_pad|>"), [], [], 0
+    expanded = parts[0]
+    for video, part in zip(videos, parts[1:]):
+        pixels, grid = patchify_video(torch.stack(session.preprocessor(video)), 16, 2, 2)
+        rows.append(pixels)
+        grids.append(grid)
+        expanded += video_placeholder(grid, len(video), first) + part
+        first += len(video)
+    ids = torch.tensor([session.tokenizer(expanded, add_special_tokens=False)["input_ids"]])
     video_token = session.model.config.video_token_id
-    return {"input_ids": ids, "pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid]),
+    return {"input_ids": ids, "pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids),
             "mm_token_type_ids": (ids == video_token).int() * 2}
 
 
@@ -102,6 +110,20 @@ def test_the_stream_equals_transformers_one_shot_forward(baseline: StreamingSess
                                                         add_special_tokens=False, return_tensors="pt")["input_ids"])
     assert shifted["input_ids"].shape == inputs["input_ids"].shape
     assert (one_shot_logits(baseline, shifted) - expected).abs().max().item() > 100 * TOLERANCE
+
+
+def test_frame_size_change_opens_a_second_video(frames: np.ndarray) -> None:
+    """Frame 2 (unpaired) closes the first video's last patch, repeated as the processor pads it;
+    the larger frames open a second video in the same turn, time labels continuing the stream's."""
+    session = StreamingSession.from_preset(PRESET, stc=None)
+    large = make_frames(2, seed=1, size=(60, 160))
+    push_one_by_one(session, frames[:3])
+    push_one_by_one(session, large, first=3)
+    assert session.stats.frames == 5 and session.stats.chunks == 3
+    inputs = one_shot_inputs(session, [frames[:3], large], QUESTION)
+    assert inputs["video_grid_thw"].tolist() == [[2, 6, 8], [1, 4, 10]]
+    assert "<1.0 seconds>" in session.tokenizer.decode(inputs["input_ids"][0])  # the repeated frame's own time
+    assert (session.next_token_logits(QUESTION) - one_shot_logits(session, inputs)).abs().max().item() <= TOLERANCE
 
 
 def test_patch_times_are_the_processors() -> None:
