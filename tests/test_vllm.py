@@ -46,13 +46,16 @@ def test_mask_keeps_exactly_the_placeholder_count_for_every_shape_and_rate(scori
                     assert int(mask.sum()) == count
                     per_patch = mask.view(t, -1).sum(dim=1)
                     assert bool((per_patch == per_patch[0]).all()) and per_patch[0] >= 1
+                    assert count >= h * w  # at least one patch's worth, as vLLM's Qwen3-VL placeholders need
 
 
 def test_counts() -> None:
     assert default_count(196, 16, 0.75) == 16 * 49  # the paper's 25%: 49 of 196 per frame
     assert default_count(196, 16, 0.7) == 16 * 59
-    assert default_count(4, 3, 0.99) == 3  # at least one token per temporal patch
     assert default_count(12, 2, 0.0) == 24
+    assert default_count(12, 2, 0.9) == 12  # one patch's worth at least: 6 per patch, not 1
+    assert default_count(12, 5, 0.9) == 15  # ceil(12 / 5) = 3 per patch
+    assert default_count(12, 1, 0.5) == 12  # a single temporal patch is kept whole, as EVS keeps it
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         default_count(12, 2, 1.0)
     with pytest.raises(InputError, match="num_frames"):
@@ -65,7 +68,9 @@ def test_kept_set_is_stc_pruners_on_the_same_frames(scoring: str, dtype: torch.d
     t, h, w, q = 6, 3, 4, 0.7
     embeds = video(t, h, w, dtype=dtype)
     mask = STCVideoPruning(scoring=scoring).compute_retention_mask(embeds, (t, 2 * h, 2 * w), 2, q)
-    kept = STCPruner(PrunerConfig(scoring=scoring, keep_ratio=1 - q)).prune(embeds.view(t, h * w, -1))
+    k = STCVideoPruning.tokens_per_patch(h * w, t, q)
+    assert k == round(0.3 * h * w)  # the share (4 of 12) when it exceeds one patch's worth over T
+    kept = STCPruner(PrunerConfig(scoring=scoring, tokens_per_frame=k)).prune(embeds.view(t, h * w, -1))
     expected = torch.zeros(t, h * w, dtype=torch.bool).scatter_(1, kept.indices, True)
     assert torch.equal(mask.view(t, -1), expected)
     assert torch.equal(embeds[mask].view(t, -1, embeds.shape[-1]), kept.tokens)  # vLLM's emb[mask]
@@ -78,7 +83,7 @@ def test_stateless_per_request() -> None:
     pruning.compute_retention_mask(first, (4, 6, 6), 2, 0.5)
     assert torch.equal(pruning.compute_retention_mask(second, (4, 6, 6), 2, 0.5), alone)
     # the temporal anchor comes from the request's own earlier patches: patch 2 scored after 0, 1
-    stream = STCPruner(PrunerConfig(scoring="dual_anchor", keep_ratio=0.5))
+    stream = STCPruner(PrunerConfig(scoring="dual_anchor", tokens_per_frame=STCVideoPruning.tokens_per_patch(9, 4, 0.5)))
     later = [stream.prune(frame[None]).indices[0] for frame in second.view(4, 9, -1)]
     assert torch.equal(alone.view(4, 9).nonzero()[:, 1].view(4, -1), torch.stack(later))
 

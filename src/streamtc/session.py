@@ -554,7 +554,8 @@ class StreamingSession:
                 deepstack: Deepstack | None = None) -> None:
         """Pre-fill blocks of the stream (embeds [1, n, D] at positions [R, n] with their DeepStack
         inputs, one forward) into the video cache and tell the cache policy."""
-        self.host.forward(embeds, positions, self._cache, deepstack)
+        extra = {} if deepstack is None else {"deepstack": deepstack}  # hosts without DeepStack: as before
+        self.host.forward(embeds, positions, self._cache, **extra)
         self._policy.on_append(self._cache, blocks)
 
     def _forward_text(self, embeds: torch.Tensor, cache: Cache) -> torch.Tensor:

@@ -15,9 +15,12 @@ vLLM prunes a request's video tokens in two steps, each a pure function of its a
 `STCVideoPruning` gives STC-Pruner (scoring "gaussian" or "dual_anchor") both signatures. Each call
 is one request on its own: a fresh pruner state, the video's T temporal patches pruned in one call
 (in order, so the temporal anchor is computed from the request's own earlier patches, nothing is
-carried from other requests), the same k = round((1 - q) * tokens_per_frame) tokens (at least 1)
-kept in every temporal patch; the count is T * k. The kept set is exactly what
-`STCPruner(PrunerConfig(scoring, keep_ratio=1 - q)).prune` keeps from the [T, P, D] frames.
+carried from other requests), the same k tokens kept in every temporal patch; the count is T * k.
+k = round((1 - q) * P) (P = tokens_per_frame), raised to ceil(P / T) when that is more, so that a
+video keeps at least one temporal patch's worth of tokens: vLLM's Qwen3-VL writes a pruned video's
+placeholders as one block in its first patch and gives that block M-RoPE ids of whole patch grids,
+and EVS's own count never goes below P either. The kept set is exactly what
+`STCPruner(PrunerConfig(scoring, tokens_per_frame=k)).prune` keeps from the [T, P, D] frames.
 
 M-RoPE. vLLM's Qwen2.5-VL and Qwen3-VL carry each kept token's (t, h, w) ids in extra embedding
 channels: Qwen2.5-VL appends `compute_mrope_for_media(grid, m, tokens_per_second,
@@ -109,15 +112,21 @@ class STCVideoPruning:
         if self.score_channels is not None:
             _check_count("score_channels", self.score_channels)
 
-    def pruner(self, q: float) -> STCPruner:
-        """A fresh pruner (a new request) keeping 1 - q of every temporal patch."""
-        return STCPruner(PrunerConfig(scoring=self.scoring, keep_ratio=1.0 - _check_rate(q), alpha=self.alpha,
+    @staticmethod
+    def tokens_per_patch(tokens_per_frame: int, num_frames: int, q: float) -> int:
+        """k: round((1 - q) * P), at least ceil(P / T) and 1, at most P (see the module docstring)."""
+        tokens, frames = _check_count("tokens_per_frame", tokens_per_frame), _check_count("num_frames", num_frames)
+        share = Budget(keep_ratio=1.0 - _check_rate(q)).resolve(tokens)
+        return min(tokens, max(share, -(-tokens // frames)))
+
+    def pruner(self, tokens_per_patch: int) -> STCPruner:
+        """A fresh pruner (a new request) keeping `tokens_per_patch` tokens of every temporal patch."""
+        return STCPruner(PrunerConfig(scoring=self.scoring, tokens_per_frame=tokens_per_patch, alpha=self.alpha,
                                       history=self.history))
 
     def compute_retained_tokens_count(self, tokens_per_frame: int, num_frames: int, q: float) -> int:
         """Video tokens kept from num_frames temporal patches of tokens_per_frame tokens: T * k."""
-        per_frame = Budget(keep_ratio=1.0 - _check_rate(q)).resolve(_check_count("tokens_per_frame", tokens_per_frame))
-        return _check_count("num_frames", num_frames) * per_frame
+        return num_frames * self.tokens_per_patch(tokens_per_frame, num_frames, q)
 
     def compute_retention_mask(self, video_embeds: Tensor, video_size_thw: Tensor | Sequence[int],
                                spatial_merge_size: int, q: float) -> Tensor:
@@ -127,7 +136,7 @@ class STCVideoPruning:
             if self.score_channels > frames.shape[-1]:
                 raise InputError(f"score_channels {self.score_channels} exceeds the {frames.shape[-1]} channels")
             frames = frames[..., : self.score_channels]
-        kept = self.pruner(q).prune(frames)
+        kept = self.pruner(self.tokens_per_patch(tokens, frames.shape[0], q)).prune(frames)
         mask = torch.zeros(frames.shape[0], tokens, dtype=torch.bool, device=video_embeds.device)
         return mask.scatter_(1, kept.indices, True).view(-1)
 
