@@ -12,7 +12,8 @@ a transformers `DynamicCache`; a question is pre-filled on top, answered greedil
 
 Hosts. Everything specific to a model family lives in its host (`streamtc.hosts`): LLaVA-OneVision
 (`LlavaOnevisionForConditionalGeneration`) and Qwen2-VL / Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
-`Qwen2_5_VLForConditionalGeneration`; LiveCC is a Qwen2-VL-7B). The host builds the one-shot sequence
+`Qwen2_5_VLForConditionalGeneration`; LiveCC is a Qwen2-VL-7B) and Qwen3-VL
+(`Qwen3VLForConditionalGeneration`, whose DeepStack inputs travel with the kept tokens). The host builds the one-shot sequence
 of its processor incrementally, chooses each kept token's position (1-D, or M-RoPE (t, h, w) as the
 one-shot sequence gives it), and owns the chat-template pieces around the video. After an answer
 the cache is cropped back to the video-only state, so the next push continues right after the last
