@@ -320,7 +320,7 @@ def run(
     video: Annotated[str, typer.Argument(help="Video file, stream URL (rtsp/tcp/udp/http), webcam index, or 'demo' "
                                               "for the built-in street clip")] = "demo",
     model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id "
-                                                   "(LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL). Overrides --preset.")] = None,
+                                                   "(LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Overrides --preset.")] = None,
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (see `streamtc presets`)")]
     = "tiny-llava-ov",
     ask: Annotated[list[str] | None, typer.Option(
