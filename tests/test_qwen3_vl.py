@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_session import make_frames
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
@@ -25,8 +26,6 @@ from streamtc.preprocess import QWEN3_VL_VIDEO_MAX_PIXELS, QWEN3_VL_VIDEO_MIN_PI
 from streamtc.presets import PRESETS, build_config
 from streamtc.session import StreamingSession
 from streamtc.tokenizer import save_processor
-
-from test_session import make_frames
 
 TOLERANCE = 1e-4
 QUESTION = "What is the man holding?"
@@ -46,7 +45,8 @@ def video_placeholder(grid: tuple[int, int, int], frames: int, first: int = 0) -
         video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2),
         vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>", video_token="<|video_pad|>",
         _calculate_timestamps=lambda *args: Qwen3VLProcessor._calculate_timestamps(None, *args))
-    metadata = VideoMetadata(total_num_frames=first + frames, fps=FPS, frames_indices=list(range(first, first + frames)))
+    metadata = VideoMetadata(total_num_frames=first + frames, fps=FPS,
+                             frames_indices=list(range(first, first + frames)))
     inputs = {"video_grid_thw": torch.tensor([grid]), "video_metadata": [metadata]}
     return Qwen3VLProcessor.replace_video_token(processor, inputs, 0)
 
@@ -194,7 +194,8 @@ def test_cacher_session_feeds_deepstack_taps(baseline: StreamingSession, frames:
     exact = baseline.next_token_logits(QUESTION)
     # every chunk a refresh chunk: the Cacher's forward is the exact one, taps included
     refresh_all = STCConfig(cacher=CacherConfig(cache_interval=1), pruner=None)
-    with StreamingSession(baseline.model, baseline.tokenizer, refresh_all, preprocessor=baseline.preprocessor) as refreshing:
+    with StreamingSession(baseline.model, baseline.tokenizer, refresh_all,
+                          preprocessor=baseline.preprocessor) as refreshing:
         refreshing.push(frames[:6])
         assert refreshing.stats.cacher["refresh_chunks"] == 3
         assert (refreshing.next_token_logits(QUESTION) - exact).abs().max().item() <= TOLERANCE

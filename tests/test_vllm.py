@@ -5,6 +5,7 @@ laid out as vLLM's (vLLM itself is not installable here)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
@@ -83,7 +84,8 @@ def test_stateless_per_request() -> None:
     pruning.compute_retention_mask(first, (4, 6, 6), 2, 0.5)
     assert torch.equal(pruning.compute_retention_mask(second, (4, 6, 6), 2, 0.5), alone)
     # the temporal anchor comes from the request's own earlier patches: patch 2 scored after 0, 1
-    stream = STCPruner(PrunerConfig(scoring="dual_anchor", tokens_per_frame=STCVideoPruning.tokens_per_patch(9, 4, 0.5)))
+    k = STCVideoPruning.tokens_per_patch(9, 4, 0.5)
+    stream = STCPruner(PrunerConfig(scoring="dual_anchor", tokens_per_frame=k))
     later = [stream.prune(frame[None]).indices[0] for frame in second.view(4, 9, -1)]
     assert torch.equal(alone.view(4, 9).nonzero()[:, 1].view(4, -1), torch.stack(later))
 
@@ -113,7 +115,8 @@ def vllm_compute_mrope_for_media(grid: tuple[int, int, int], merge: int, tokens_
     """vLLM's `compute_mrope_for_media` (vllm/multimodal/evs.py) written out: [T * h * w, 4] rows of
     (floor(t * tokens_per_second * second_per_grid), row, column, grid width)."""
     t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-    rows = [(int(k * tokens_per_second * second_per_grid), i, j, w) for k in range(t) for i in range(h) for j in range(w)]
+    rows = [(int(k * tokens_per_second * second_per_grid), i, j, w)
+            for k in range(t) for i in range(h) for j in range(w)]
     return torch.tensor(rows)
 
 
@@ -152,7 +155,7 @@ def fake_vllm(monkeypatch):
     uninstall()
 
 
-def test_install_replaces_every_binding_and_uninstall_restores(fake_vllm) -> None:
+def test_install_replaces_every_binding_and_uninstall_restores(fake_vllm, tmp_path, monkeypatch) -> None:
     evs, model, (evs_count, evs_mask) = fake_vllm
     replaced = install(STCVideoPruning(scoring="dual_anchor"))
     assert sorted(replaced) == sorted([
@@ -164,8 +167,10 @@ def test_install_replaces_every_binding_and_uninstall_restores(fake_vllm) -> Non
     count = model.compute_retained_tokens_count(6, 4, 0.5)
     assert count == 12 and int(model.evs_mask(embeds, [4, 4, 6], 2, 0.5).sum()) == count
     # a module importing the functions after install binds STC's
-    later = types.ModuleType("vllm.later")
-    exec("from vllm.multimodal.evs import compute_retention_mask", later.__dict__)
+    (tmp_path / "vllm_later_importer.py").write_text("from vllm.multimodal.evs import compute_retention_mask\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    later = importlib.import_module("vllm_later_importer")
+    del sys.modules["vllm_later_importer"]
     assert later.compute_retention_mask(embeds, [4, 4, 6], spatial_merge_size=2, q=0.5).sum() == 12
     uninstall()
     assert (evs.compute_retained_tokens_count, evs.compute_retention_mask) == (evs_count, evs_mask)

@@ -11,14 +11,15 @@ ViT (+ STC-Cacher) -> projector/merger -> pooling -> STC-Pruner -> pre-fill of t
 a transformers `DynamicCache`; a question is pre-filled on top, answered greedily, and removed.
 
 Hosts. Everything specific to a model family lives in its host (`streamtc.hosts`): LLaVA-OneVision
-(`LlavaOnevisionForConditionalGeneration`) and Qwen2-VL / Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
+(`LlavaOnevisionForConditionalGeneration`), Qwen2-VL / Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
 `Qwen2_5_VLForConditionalGeneration`; LiveCC is a Qwen2-VL-7B) and Qwen3-VL
-(`Qwen3VLForConditionalGeneration`, whose DeepStack inputs travel with the kept tokens). The host builds the one-shot sequence
-of its processor incrementally, chooses each kept token's position (1-D, or M-RoPE (t, h, w) as the
-one-shot sequence gives it), and owns the chat-template pieces around the video. After an answer
-the cache is cropped back to the video-only state, so the next push continues right after the last
-frame; with stc=None the incremental cache reproduces a one-shot forward of the same frames and
-question (tests/test_session.py, tests/test_qwen_vl.py check the logits).
+(`Qwen3VLForConditionalGeneration`, whose DeepStack inputs travel with the kept tokens). The host
+builds the one-shot sequence of its processor incrementally, chooses each kept token's position
+(1-D, or M-RoPE (t, h, w) as the one-shot sequence gives it), and owns the chat-template pieces
+around the video. After an answer the cache is cropped back to the video-only state, so the next
+push continues right after the last frame; with stc=None the incremental cache reproduces a
+one-shot forward of the same frames and question (tests/test_session.py, tests/test_qwen_vl.py,
+tests/test_qwen3_vl.py check the logits).
 
 Frames. A host encodes frames in steps (one frame for LLaVA-OneVision; one temporal patch of two
 frames for Qwen-VL). Frames wait in the session until a step is complete, so pushing one frame at a

@@ -195,8 +195,8 @@ def _method_module(method: str) -> Any:
             continue
         if all(callable(getattr(module, f, None)) for f in FUNCTION_NAMES):
             return module
-    raise ConfigError(f"no vLLM module of pruning method {method!r} found (looked for {', '.join(METHOD_MODULES[method])}); "
-                      "is vLLM >= 0.33 installed?")
+    raise ConfigError(f"no vLLM module of pruning method {method!r} found (looked for "
+                      f"{', '.join(METHOD_MODULES[method])}); is vLLM >= 0.33 installed?")
 
 
 def install(pruning: STCVideoPruning | None = None, method: str = "evs") -> list[str]:

@@ -4,7 +4,8 @@
     host_class_for(Qwen2VLForConditionalGeneration)  # -> QwenVLHost
 
 Supported: LLaVA-OneVision (`llava_onevision`), Qwen2-VL and Qwen2.5-VL, LiveCC included
-(`qwen_vl`), Qwen3-VL with DeepStack (`qwen3_vl`). A new family is one module with a `VideoHost` subclass added to `HOST_CLASSES`.
+(`qwen_vl`), Qwen3-VL with DeepStack (`qwen3_vl`). A new family is one module with a `VideoHost`
+subclass added to `HOST_CLASSES`.
 """
 
 from __future__ import annotations

@@ -30,13 +30,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from ..preprocess import (
-    QWEN3_VL_MEAN, QWEN3_VL_STD, QWEN3_VL_VIDEO_MAX_PIXELS, QWEN3_VL_VIDEO_MIN_PIXELS, QwenVLPreprocessor,
+    QWEN3_VL_MEAN,
+    QWEN3_VL_STD,
+    QWEN3_VL_VIDEO_MAX_PIXELS,
+    QWEN3_VL_VIDEO_MIN_PIXELS,
+    QwenVLPreprocessor,
 )
 from ..pruner import KeptTokens
 from .base import Deepstack, EncodedChunk, Placed
@@ -74,7 +77,8 @@ class Qwen3VideoStream(QwenVideoStream):
             patch = dataclasses.replace(chunk, features=chunk.features[f : f + 1], grid=(1, h, w), deepstack=(
                 None if chunk.deepstack is None else chunk.deepstack[:, f : f + 1]))
             patch_kept = None if kept is None else KeptTokens(
-                kept.tokens[f : f + 1], kept.indices[f : f + 1], None if kept.lengths is None else kept.lengths[f : f + 1])
+                kept.tokens[f : f + 1], kept.indices[f : f + 1],
+                None if kept.lengths is None else kept.lengths[f : f + 1])
             start = self.next_position
             video = self._video(patch, patch_kept, start, 0)
             self.next_position = start + max(h, w)
