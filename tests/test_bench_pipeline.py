@@ -44,7 +44,7 @@ def test_every_variant_has_every_field_at_every_checkpoint(report):
         for name in ("vit_ms_per_frame", "prefill_ms", "push_ms", "ttft_ms", "peak_memory_bytes", "kv_cache_bytes"):
             assert row[name] > 0, (row["variant"], name)
         assert len(row["vit_frame_ms"]) == row["frames"]
-    assert report["machine"]["torch"] and report["settings"]["frames"] == [2, 4]
+    assert report["environment"]["versions"]["torch"] and report["settings"]["frames"] == [2, 4]
     assert "proxies" in report["note"]
 
 

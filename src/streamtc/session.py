@@ -75,7 +75,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import cached_file
 
-from .bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
+from .measure import peak_memory_bytes, reset_peak_memory, synchronize
 from .memory import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
@@ -137,7 +137,7 @@ class SessionStats:
     cache policy holds). kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU, the
     process's peak RSS on CPU (memory_kind says which), since the session started (process-wide:
-    another session's start resets it too; see `bench.timing.reset_peak_memory`).
+    another session's start resets it too; see `measure.reset_peak_memory`).
     """
 
     frames: int = 0

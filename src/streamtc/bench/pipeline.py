@@ -15,7 +15,7 @@ frames/s counts every push (preprocessing included), questions excluded.
 
 Protocol: variants run interleaved (A B C ... A B C ...), each after an untimed warm-up stream,
 and every number is the median over the timed repeats, so machine drift cancels; every clock read
-follows a device synchronisation (`StreamingSession` and `timing.synchronize`).
+follows a device synchronisation (`StreamingSession` and `measure.synchronize`).
 
 Fidelity, beside every speed number, against the uncompressed variant (which always runs first):
 per-frame cosine of the vision tower's output tokens (mean over tokens; not defined for ToMe,
@@ -46,11 +46,11 @@ from ..cacher import STCCacher
 from ..config import CacherConfig, PrunerConfig, STCConfig
 from ..errors import ConfigError
 from ..hosts import VideoHost, host_for
+from ..measure import environment, peak_memory_bytes, reset_peak_memory, synchronize
 from ..presets import DTYPES, build_model, get_preset
 from ..pruner import STCPruner
 from ..session import StreamingSession
 from ..tokenizer import tokenizer_for_config
-from .timing import machine_info, peak_memory_bytes, reset_peak_memory, synchronize
 
 Baseline = Literal["uniform", "random", "vidcom2", "visionzip", "tome"]
 BASELINES: tuple[str, ...] = ("uniform", "random", "vidcom2", "visionzip", "tome")
@@ -480,7 +480,7 @@ def run_pipeline_benchmark(
     rows = [row for v in variants for row in _summarise(v, runs[v.name], reference, baseline_rows)]
     return {
         "benchmark": "pipeline",
-        "machine": machine_info(settings.device),
+        "environment": environment(settings.device, asdict(settings)),
         "settings": {**asdict(settings), "frames": checkpoints},
         "model": {"preset": settings.model or settings.preset, "vision_layers": model.config.vision_config.num_hidden_layers,
                   "text_layers": model.config.text_config.num_hidden_layers,
@@ -561,10 +561,11 @@ def _plots(report: dict[str, Any], directory: Path) -> list[Path]:
 
 
 def _subtitle(report: dict[str, Any]) -> str:
-    model, machine = report["model"], report["machine"]
+    model, environment = report["model"], report["environment"]
+    machine = environment["machine"]
     return (f"{model['preset']} (vision {model['vision_layers']} layers, text {model['text_layers']} layers"
             f"{', depth override' if model['depth_override'] else ''}) on {machine.get('gpu') or machine['cpu']}, "
-            f"{machine['torch_threads']} threads")
+            f"{environment['torch_threads']} threads")
 
 
 def print_report(report: dict[str, Any], console: Any) -> None:

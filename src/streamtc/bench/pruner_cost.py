@@ -24,8 +24,8 @@ from torch import Tensor
 
 from ..baselines import RandomPruner, UniformPruner, VidCom2Pruner, VisionZipPruner
 from ..config import PrunerConfig
+from ..measure import environment, timed
 from ..pruner import KeptTokens, STCPruner
-from .timing import machine_info, timed
 
 METHODS: dict[str, Callable[[int], object]] = {
     "stc gaussian": lambda k: STCPruner(PrunerConfig(scoring="gaussian", tokens_per_frame=k)),
@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     rows = measure_pruner_cost(tuple(args.frames), args.tokens, args.width, args.keep, args.repeats, args.warmup,
                                args.device)
-    info = machine_info(args.device)
-    print(f"pruning cost, P={args.tokens} -> {args.keep}, D={args.width}, {info['device']}, "
+    info = environment(args.device, vars(args) | {"json": None if args.json is None else str(args.json)})
+    print(f"pruning cost, P={args.tokens} -> {args.keep}, D={args.width}, {info['machine']['device']}, "
           f"{info['torch_threads']} threads, median of {args.repeats} after {args.warmup} warm-up calls")
     print(format_table(rows))
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        args.json.write_text(json.dumps({"environment": info, "rows": [asdict(r) for r in rows]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -46,11 +46,11 @@ from ..cacher import functional as F
 from ..cacher.cacher import prefix_tokens
 from ..config import CacherConfig
 from ..errors import InputError
+from ..measure import environment, timed
 from ..preprocess import FramePreprocessor
 from ..presets import build_model
 from ..sources import BUILTIN_CLIPS, Frame, PyAVSource, builtin_clip_path, open_source
 from . import qwen_towers
-from .timing import machine_info, timed
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,11 @@ def run_vit_benchmark(
         "repeats": repeats,
         "warmup": warmup,
         "dtype": str(dtype).removeprefix("torch."),
-        "machine": machine_info(device),
+        "environment": environment(device, {
+            "preset": preset, "tower": tower, "num_layers": num_layers, "frames": len(inputs), "repeats": repeats,
+            "warmup": warmup, "dtype": str(dtype).removeprefix("torch."), "variants": [v.name for v in variants],
+            "saliency_head": head is not None,
+        }),
         "variants": [summarise(results[v.name], results[baseline], tokens, config, frame_flops) for v in variants],
     }
 
@@ -475,7 +479,8 @@ def print_report(report: dict[str, Any]) -> None:
     if needed > console.width:
         console = Console(width=needed)
     console.print(table)
-    m = report["machine"]
+    env = report["environment"]
+    m = {**env["versions"], **env["machine"], "torch_threads": env["torch_threads"], "date": env["date"]}
     print_signal_study(report.get("refresh_signal_study"), console)
     console.print(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']} · transformers "
                   f"{m['transformers']} · {m['date']}; ratios are medians of paired ratios to the full frame "
@@ -537,7 +542,7 @@ def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
 
     path = Path(path)
     title = (f"{report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
-             f"{report['frames']} frames, median of {report['repeats']}; {report['machine']['cpu']}")
+             f"{report['frames']} frames, median of {report['repeats']}; {report['environment']['machine']['cpu']}")
     figure, axis = plt.subplots(figsize=(10, 4.5))
     for variant in report["variants"]:
         frames = range(1, len(variant["per_frame_ms"]) + 1)
