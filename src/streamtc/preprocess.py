@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from transformers.utils import cached_file
 
+from .checks import positive_int
 from .errors import ConfigError, InputError
 
 # Normalisation of the llava-hf LLaVA-OneVision checkpoints (SigLIP): mean = std = 0.5 per channel.
@@ -255,9 +256,7 @@ class QwenVLPreprocessor:
 
     def __post_init__(self) -> None:
         for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(getattr(self, name), name)
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         # one validated normalisation, shared with the square-frame preprocessor

@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..checks import is_positive_int
 from ..baselines import RandomPruner, ToMe, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features
 from ..baselines.tome import min_keep_tokens
 from ..cacher import STCCacher
@@ -51,6 +51,7 @@ from ..presets import DTYPES, build_model, get_preset
 from ..pruner import STCPruner
 from ..session import StreamingSession
 from ..tokenizer import tokenizer_for_config
+from ..tokens import token_cosine
 
 Baseline = Literal["uniform", "random", "vidcom2", "visionzip", "tome"]
 BASELINES: tuple[str, ...] = ("uniform", "random", "vidcom2", "visionzip", "tome")
@@ -170,7 +171,7 @@ class PipelineSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.frames or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.frames):
+        if not self.frames or not all(is_positive_int(n) for n in self.frames):
             raise ConfigError(f"frames must be frame counts >= 1, got {self.frames!r}")
         if self.repeats < 1 or self.warmup_frames < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
@@ -355,11 +356,9 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """Mean over tokens of the cosine between two frames' tokens [T, C]; None if counts differ."""
-    if a.shape != b.shape:
-        return None
-    return float(F.cosine_similarity(a, b, dim=-1).mean())
+def _frame_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """`token_cosine` of two frames' tokens [T, C]; None if their token counts differ."""
+    return None if a.shape != b.shape else float(token_cosine(a, b))
 
 
 def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -392,7 +391,7 @@ def _summarise(variant: PipelineVariant, runs: list[StreamRun], reference: Strea
         }
         if reference is not None:
             ref_point = reference.checkpoints[position]
-            cosines = [_token_cosine(a, b) for a, b in zip(last.vit_outputs[:frames], reference.vit_outputs[:frames])]
+            cosines = [_frame_cosine(a, b) for a, b in zip(last.vit_outputs[:frames], reference.vit_outputs[:frames])]
             valid = [c for c in cosines if c is not None]
             row["vit_cosine"] = cosines if len(valid) == len(cosines) else None
             row["vit_cosine_mean"] = statistics.mean(valid) if row["vit_cosine"] else None

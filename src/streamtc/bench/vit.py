@@ -50,6 +50,7 @@ from ..measure import environment, timed
 from ..preprocess import FramePreprocessor
 from ..presets import build_model
 from ..sources import BUILTIN_CLIPS, Frame, PyAVSource, builtin_clip_path, open_source
+from ..tokens import token_cosine
 from . import qwen_towers
 
 
@@ -134,11 +135,6 @@ class VariantResult:
     saliency_kl: list[float] = field(default_factory=list)
     frame_kinds: str = ""  # per frame: R refresh (or a full frame), S subsampled, . reused
     flop_ratio: float | None = None  # cachers and baselines report their own cost
-
-
-def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the cosine between matching tokens; a, b [F, T, C] -> [F]."""
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(dim=-1)
 
 
 def saliency_agreement(maps: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,4 +573,4 @@ def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
 __all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "real_weights_variants", "load_frames_at_rate",
            "load_qwen_frames", "plot_fidelity", "saliency_agreement", "refresh_signal_study", "summarise_signal_study",
            "print_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_plots",
-           "write_report", "token_cosine", "flat_cosine"]
+           "write_report", "flat_cosine"]

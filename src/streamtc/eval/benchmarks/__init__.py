@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ...checks import positive_int
 from ...errors import ConfigError
 from ..datasets import AnnotationError, Benchmark, read_json_records
 from . import egoschema, mlvu, ovobench, streamingbench, videomme
@@ -72,8 +73,7 @@ def limit_videos(benchmark: Benchmark, max_videos: int | None) -> Benchmark:
     runs."""
     if max_videos is None:
         return benchmark
-    if max_videos < 1:
-        raise ConfigError(f"max_videos must be >= 1, got {max_videos}")
+    positive_int(max_videos, "max_videos")
     tasks = benchmark.tasks[:max_videos]
     kept = {t.video for t in tasks}
     return replace(benchmark, tasks=tasks, problems=tuple(p for p in benchmark.problems if p.video in kept))
