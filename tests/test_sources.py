@@ -267,7 +267,9 @@ class MpegTsSender(threading.Thread):
     """Serves frames as a 25 fps H.264 MPEG-TS stream to the first client of a 127.0.0.1 port.
 
     stop_after: frames sent before the sender stops (None: all, then a proper end of stream);
-    stall_s: after stopping, how long the connection stays open but silent before it is cut.
+    stall_s: after stopping, how long at most the connection stays open but silent before it is
+    cut; `release()` cuts it sooner. `cut_while_reading` records whether the cut came before the
+    reader was done (event order, not durations: it holds however slow a loaded machine is).
     """
 
     def __init__(self, frames: list[np.ndarray], stop_after: int | None = None, stall_s: float = 0.0) -> None:
@@ -276,6 +278,14 @@ class MpegTsSender(threading.Thread):
         self.server = socket.create_server(("127.0.0.1", 0))  # listening before any client connects
         self.url = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
         self.failure: BaseException | None = None
+        self.released = threading.Event()
+        self.reader_done = threading.Event()
+        self.cut_while_reading: bool | None = None
+
+    def release(self) -> None:
+        """The reader is done: cut a stalled connection now."""
+        self.reader_done.set()
+        self.released.set()
 
     def run(self) -> None:
         try:
@@ -292,7 +302,8 @@ class MpegTsSender(threading.Thread):
                 if self.stop_after is None:
                     out.mux(stream.encode())
                 else:
-                    time.sleep(self.stall_s)
+                    self.released.wait(self.stall_s)
+                    self.cut_while_reading = not self.reader_done.is_set()
                     cable.cut()
             cable.cut()
         except BaseException as error:  # reported by the test through `failure`
@@ -307,6 +318,7 @@ def read_live(sender: MpegTsSender, **kwargs: float) -> tuple[PyAVSource, list[s
     source = open_source(sender.url, open_timeout=5.0, **kwargs)
     received = list(source)
     elapsed = time.monotonic() - started
+    sender.release()
     sender.join(timeout=10)
     assert not sender.is_alive() and sender.failure is None
     return source, received, elapsed
@@ -333,14 +345,18 @@ def test_a_sender_that_stops_midway_ends_the_stream_cleanly(clip_frames: list[np
 def test_a_stalled_stream_ends_early_after_the_read_timeout(
     clip_frames: list[np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The sender goes silent after 40 frames and cuts the connection 2.5 s later; the reader gives
-    up after its 0.5 s read timeout, keeping what it received."""
-    source, received, elapsed = read_live(MpegTsSender(clip_frames, stop_after=40, stall_s=2.5), fps=1.0,
-                                          read_timeout=0.5)
+    """The sender goes silent after 40 frames and holds the connection open (up to 60 s) until the
+    reader is done; the reader gives up after its 2 s read timeout (long next to a starved sender
+    thread's pauses on a loaded machine), keeping what it received."""
+    sender = MpegTsSender(clip_frames, stop_after=40, stall_s=60.0)
+    source, received, elapsed = read_live(sender, fps=1.0, read_timeout=2.0)
     assert [f.timestamp for f in received] == pytest.approx([0.0, 1.0])
-    assert source.ended_early and source.error == "no data for 0.5 s"
-    assert elapsed < 2.0  # ended by the timeout, not by the sender hanging up
-    assert "ended early: no data for 0.5 s" in caplog.text
+    assert source.ended_early and source.error == "no data for 2.0 s"
+    # ended by the timeout, not by the sender hanging up: the connection was still open when the
+    # reader returned (event order), long before the sender's 60 s would have run out
+    assert sender.cut_while_reading is False
+    assert elapsed < 30.0
+    assert "ended early: no data for 2.0 s" in caplog.text
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
