@@ -130,11 +130,6 @@ def plain_stc_stream(tower, chunks: list[torch.Tensor], interval: int, ratio: fl
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def siglip():
-    return build_model("tiny-siglip", attn_implementation="eager")
-
-
 @pytest.mark.parametrize("preset", ["tiny-siglip", "tiny-clip"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("config", [CacherConfig(cache_interval=1), CacherConfig(cache_interval=3, update_ratio=1.0)])
