@@ -39,7 +39,7 @@ DEFAULT_REFRESH_THRESHOLDS = {"pixels": 0.35, "keys": 0.92}
 
 @dataclass(frozen=True)
 class CacherConfig:
-    """STC-Cacher settings (SPEC §2).
+    """STC-Cacher settings (docs/algorithms.md, section 2).
 
     cache_interval: N; chunk c of a stream is a refresh chunk when c % N == 0.
     update_ratio: r, the share of tokens recomputed in every layer of a non-refresh chunk
@@ -150,7 +150,7 @@ class CacherConfig:
 
 @dataclass(frozen=True)
 class PrunerConfig:
-    """STC-Pruner settings (SPEC §3).
+    """STC-Pruner settings (docs/algorithms.md, section 3).
 
     scoring: "gaussian" (the released code, which produced the published numbers) or
         "dual_anchor" (the paper's Eq. 8).

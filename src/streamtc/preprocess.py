@@ -1,7 +1,7 @@
 """Frame preprocessing: RGB uint8 frames to the `pixel_values` a VideoLLM's vision tower takes.
 
 transformers' video processors (`LlavaOnevisionVideoProcessor`) need torchvision, which streamtc
-must not depend on (SPEC §7), so this module does what they do for video frames with PIL and numpy:
+must not depend on (docs/design.md, "Dependencies"), so this module does what they do for video frames with PIL and numpy:
 resize every frame straight to the model's square input size (no aspect-preserving pad, no any-res
 tiling), rescale by `rescale_factor`, normalise with `image_mean` / `image_std`, channels first.
 

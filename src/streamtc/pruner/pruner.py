@@ -1,4 +1,4 @@
-"""STC-Pruner: the small stateful wrapper around `functional` (SPEC §3).
+"""STC-Pruner: the small stateful wrapper around `functional` (docs/algorithms.md, section 3).
 
     pruner = STCPruner(PrunerConfig(scoring="dual_anchor", keep_ratio=0.3))
     kept = pruner.prune(features)            # features [F, P, D] of one stream
