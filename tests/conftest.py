@@ -29,14 +29,32 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 RATE = 25  # frames per second of the bikes clip and of the live test streams
 
 
+# STREAMTC_GPU_DRY_RUN=1 runs the `gpu` tier on the CPU, to check the tests' own logic on a machine
+# without a GPU (`scripts/gpu-check.sh --dry-run`); the tests that need CUDA itself still skip.
+GPU_DRY_RUN = os.environ.get("STREAMTC_GPU_DRY_RUN") == "1"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run only where CUDA exists; everything else runs everywhere."""
-    if torch.cuda.is_available():
+    """GPU tests run only where CUDA exists (or in the dry run); everything else runs everywhere."""
+    if torch.cuda.is_available() or GPU_DRY_RUN:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def gpu() -> torch.device:
+    """The device of the `gpu` tier: the first CUDA device (the CPU in the dry run)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def cuda_only(gpu: torch.device) -> None:
+    """Skip in the dry run: the test checks something only CUDA has (graphs, its memory counters)."""
+    if gpu.type != "cuda":
+        pytest.skip("needs CUDA itself (dry run on the CPU)")
 
 
 # -- models ----------------------------------------------------------------------------------------
