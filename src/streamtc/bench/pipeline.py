@@ -43,11 +43,11 @@ from ..checks import is_positive_int
 from ..baselines import RandomPruner, ToMe, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features
 from ..baselines.tome import min_keep_tokens
 from ..cacher import STCCacher
-from ..config import CacherConfig, PrunerConfig, STCConfig
+from ..config import DEFAULT_KEEP_RATIO, CacherConfig, PrunerConfig, STCConfig
 from ..errors import ConfigError
 from ..hosts import VideoHost, host_for
 from ..measure import environment, peak_memory_bytes, reset_peak_memory, synchronize
-from ..presets import DTYPES, build_model, get_preset
+from ..presets import build_model, get_preset, torch_dtype
 from ..pruner import STCPruner
 from ..session import StreamingSession
 from ..tokenizer import tokenizer_for_config
@@ -124,7 +124,7 @@ def _pruner_only(scoring: str, ratio: float) -> STCConfig:
 
 def _stc(**cacher_options: Any) -> STCConfig:
     return STCConfig(cacher=CacherConfig(cache_interval=2, update_ratio=0.25, **cacher_options),
-                     pruner=PrunerConfig(keep_ratio=0.3))
+                     pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO))
 
 
 DEFAULT_PIPELINE_VARIANTS: tuple[PipelineVariant, ...] = (
@@ -132,15 +132,15 @@ DEFAULT_PIPELINE_VARIANTS: tuple[PipelineVariant, ...] = (
     PipelineVariant("cacher N=2", _cacher_only(2)),
     PipelineVariant("cacher N=4", _cacher_only(4)),
     PipelineVariant("pruner gaussian 25%", _pruner_only("gaussian", 0.25)),
-    PipelineVariant("pruner gaussian 30%", _pruner_only("gaussian", 0.3)),
+    PipelineVariant("pruner gaussian 30%", _pruner_only("gaussian", DEFAULT_KEEP_RATIO)),
     PipelineVariant("pruner dual_anchor 25%", _pruner_only("dual_anchor", 0.25)),
-    PipelineVariant("pruner dual_anchor 30%", _pruner_only("dual_anchor", 0.3)),
+    PipelineVariant("pruner dual_anchor 30%", _pruner_only("dual_anchor", DEFAULT_KEEP_RATIO)),
     PipelineVariant("stc", _stc()),
     PipelineVariant("stc shared", _stc(selection="shared")),
     PipelineVariant("stc adaptive", STCConfig(
         cacher=CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_signal="keys", refresh_threshold=0.92,
                             refresh_budget=2),
-        pruner=PrunerConfig(keep_ratio=0.3))),
+        pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO))),
     PipelineVariant("stc compiled", _stc(compile_mode="default")),
     *(PipelineVariant(f"{name} 25%", baseline=name) for name in BASELINES),
 )
@@ -175,8 +175,7 @@ class PipelineSettings:
             raise ConfigError(f"frames must be frame counts >= 1, got {self.frames!r}")
         if self.repeats < 1 or self.warmup_frames < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        torch_dtype(self.dtype)  # validates
         if self.model is not None and (self.vit_layers is not None or self.text_layers is not None):
             raise ConfigError("depth overrides apply to presets; real weights (model=...) run at their own depth")
         if self.model is None and self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
@@ -444,13 +443,13 @@ def run_pipeline_benchmark(
         raise ConfigError(f"variant names must be unique, got {names}")
     if settings.model is not None:  # real weights with their tokenizer, template and processor config
         loaded = StreamingSession.from_pretrained(settings.model, stc=None, device=settings.device,
-                                                  dtype=DTYPES[settings.dtype])
+                                                  dtype=torch_dtype(settings.dtype))
         host, preprocessor = loaded.host, loaded.preprocessor
         model = loaded.model
     else:
         preset = get_preset(settings.preset)
         model = build_model(settings.preset, num_layers=settings.vit_layers, text_layers=settings.text_layers,
-                            seed=settings.seed, dtype=DTYPES[settings.dtype]).to(settings.device)
+                            seed=settings.seed, dtype=torch_dtype(settings.dtype)).to(settings.device)
         host = host_for(model, tokenizer_for_config(model.config), preset.protocol)
         preprocessor = preset.preprocessor() if preset.preprocessor is not None else None
     skipped = {v.name: reason for v in variants if (reason := unsupported_reason(v, host)) is not None}

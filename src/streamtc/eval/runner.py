@@ -25,9 +25,8 @@ from typing import Any
 import torch
 
 from ..config import STCConfig
-from ..errors import ConfigError
 from ..measure import environment
-from ..presets import DTYPES
+from ..presets import torch_dtype
 from .benchmarks import protocol_of
 from .benchmarks.base import Protocol
 from .datasets import Benchmark, VideoTask
@@ -61,8 +60,7 @@ class ModelSpec:
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        torch_dtype(self.dtype)  # validates
         if self.window_tokens is not None:
             from ..memory import SlidingWindowCache
 
@@ -89,7 +87,7 @@ class ModelSpec:
         from ..session import StreamingSession
 
         stc = None if self.stc is None else STCConfig.from_dict(self.stc)
-        dtype = DTYPES[self.dtype]
+        dtype = torch_dtype(self.dtype)
         policy: dict[str, Any] = {} if self.window_tokens is None else {
             "cache_policy": functools.partial(SlidingWindowCache, self.window_tokens)}
         if self.system_prompt is not None:
