@@ -15,6 +15,7 @@ from streamtc.bench.pipeline import (
 )
 from streamtc.cli import app
 from streamtc.errors import ConfigError
+from streamtc.measure import environment
 
 DELAY_MS = 250.0  # large next to the tiny preset's frame time, so a loaded machine cannot hide it
 
@@ -45,6 +46,7 @@ def test_every_variant_has_every_field_at_every_checkpoint(report):
             assert row[name] > 0, (row["variant"], name)
         assert len(row["vit_frame_ms"]) == row["frames"]
     assert report["environment"]["versions"]["torch"] and report["settings"]["frames"] == [2, 4]
+    assert set(report["environment"]) == set(environment())  # the record every result carries
     assert "proxies" in report["note"]
 
 
