@@ -23,7 +23,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("errors", "checks", "tokens", "config", "measure"),
     "algorithms": ("cacher", "pruner", "baselines"),
     "hosts": ("hosts", "preprocess", "tokenizer", "prompts", "presets", "weights"),
-    "runtime": ("session", "memory", "sources", "streamtc"),  # "streamtc": the package root's facade
+    # "streamtc": the package root's facade; factory, loop, variants: the session factory, the one
+    # streaming loop and the variant registry (issue 16)
+    "runtime": ("session", "memory", "sources", "factory", "loop", "variants", "streamtc"),
     "tools": ("bench", "eval", "serve"),
     "entry": ("cli",),
 }
