@@ -240,7 +240,7 @@ def bench_pruner(
     warmup: Annotated[int, typer.Option(help="Untimed calls first", min=0)] = 5,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's own choice)", min=1)] = None,
-    json_output: Annotated[Path | None, typer.Option("--json", help="Also write the rows and machine info here")]
+    json_output: Annotated[Path | None, typer.Option("--json", help="Also write the rows and the environment record here")]
     = None,
 ) -> None:
     """Pruning cost per frame of STC-Pruner's scorers and the token-selection baselines.
