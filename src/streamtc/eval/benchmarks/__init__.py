@@ -23,7 +23,8 @@ from .base import PROTOCOLS, BenchmarkSpec, Prompt, Protocol
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec
-    for spec in (ovobench.SPEC, streamingbench.SPEC, mlvu.SPEC, egoschema.SPEC, egoschema.FULL_SPEC, videomme.SPEC)
+    for spec in (ovobench.BENCHMARK, streamingbench.BENCHMARK, mlvu.BENCHMARK, egoschema.BENCHMARK,
+                 egoschema.FULL_BENCHMARK, videomme.BENCHMARK)
 }
 ALIASES = {alias: spec.name for spec in BENCHMARKS.values() for alias in spec.aliases}
 # The paper reports EgoSchema, MLVU and Video-MME as one average (ReKV + LLaVA-OV-7B).
