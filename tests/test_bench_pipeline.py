@@ -17,6 +17,9 @@ from streamtc.cli import app
 from streamtc.errors import ConfigError
 from streamtc.measure import environment
 
+# Every test here reads one report of seven variants streamed twice: minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.slow
+
 DELAY_MS = 250.0  # large next to the tiny preset's frame time, so a loaded machine cannot hide it
 
 

@@ -254,6 +254,7 @@ def test_a_run_refuses_results_written_with_another_config(ovo: Path, reference:
     assert output.read_bytes() == reference[0].read_bytes()
 
 
+@pytest.mark.slow  # a local Ray cluster and two actors, each building a session
 def test_ray_two_actor_run_equals_the_single_process_run(ovo: Path, reference: tuple[Path, int],
                                                          tmp_path: Path) -> None:
     pytest.importorskip("ray")

@@ -237,6 +237,7 @@ def _interrupt(args: list[str], out: Path, delay: float, after_answers: int = 0)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow  # a CLI subprocess run to an answer, then interrupted
 def test_ctrl_c_after_an_answer_keeps_it_and_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
     result = _interrupt(["demo", "--compare", "--ask", "1:one?", "--ask", "9:nine?", "--max-new-tokens", "2"],
@@ -248,6 +249,7 @@ def test_ctrl_c_after_an_answer_keeps_it_and_exits_130(tmp_path: Path) -> None:
     assert "not asked:" in result.stdout and "interrupted (Ctrl-C)" in result.stdout
 
 
+@pytest.mark.slow  # a CLI subprocess interrupted up to 10 s in
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ctrl_c_at_a_random_moment_leaves_a_valid_record(tmp_path: Path, seed: int) -> None:
     """SIGINT anywhere from model building to the summary: the record stays valid JSON with every
