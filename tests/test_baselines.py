@@ -27,16 +27,11 @@ E = torch.eye(8)
 
 
 @pytest.fixture(scope="module")
-def llava_ov():
-    return build_model("tiny-llava-ov", attn_implementation="eager")
-
-
-@pytest.fixture(scope="module")
-def video(llava_ov):
+def video(llava_ov_model):
     """Pooled video features [F, 16, D] of the tiny LLaVA-OV and the attention each token receives [F, 16]."""
     pixels = torch.randn(1, 4, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = llava_ov.model.get_video_features(
+        out = llava_ov_model.model.get_video_features(
             pixel_values_videos=pixels, vision_feature_layer=-1, vision_feature_select_strategy="full",
             output_attentions=True,
         )

@@ -15,6 +15,10 @@ from streamtc.bench.pipeline import (
 )
 from streamtc.cli import app
 from streamtc.errors import ConfigError
+from streamtc.measure import environment
+
+# Every test here reads one report of seven variants streamed twice: minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.slow
 
 DELAY_MS = 250.0  # large next to the tiny preset's frame time, so a loaded machine cannot hide it
 
@@ -44,7 +48,8 @@ def test_every_variant_has_every_field_at_every_checkpoint(report):
         for name in ("vit_ms_per_frame", "prefill_ms", "push_ms", "ttft_ms", "peak_memory_bytes", "kv_cache_bytes"):
             assert row[name] > 0, (row["variant"], name)
         assert len(row["vit_frame_ms"]) == row["frames"]
-    assert report["machine"]["torch"] and report["settings"]["frames"] == [2, 4]
+    assert report["environment"]["versions"]["torch"] and report["settings"]["frames"] == [2, 4]
+    assert set(report["environment"]) == set(environment())  # the record every result carries
     assert "proxies" in report["note"]
 
 
@@ -56,13 +61,15 @@ def test_the_uncompressed_variant_is_the_reference(report):
 
 
 def test_an_injected_sleep_shows_up_where_it_was_put(report):
+    """A sleep never returns early, so its lower bounds hold on any machine, however loaded; the
+    one upper bound keeps half of what a misplaced sleep would add as its margin."""
     base, slow = rows_of(report, "none")[4], rows_of(report, "none + sleep")[4]
-    assert slow["vit_ms_per_frame"] >= base["vit_ms_per_frame"] + 0.5 * DELAY_MS  # margin for a busy machine
-    assert slow["push_ms"] >= base["push_ms"] + 0.5 * 4 * DELAY_MS  # margin for a busy machine
+    assert slow["vit_ms_per_frame"] >= DELAY_MS  # every vision forward holds one sleep
+    assert slow["push_ms"] >= 4 * DELAY_MS  # four frames pushed, four sleeps inside the push
     assert slow["e2e_speedup"] < 1.0
-    # The sleep is in the ViT, not in the pre-fill (an absolute margin: a ratio of two pre-fills of a
-    # few milliseconds each is at the mercy of a busy machine).
-    assert slow["prefill_ms"] < base["prefill_ms"] + 0.5 * DELAY_MS
+    # The sleep is in the ViT, not in the pre-fill: counted there, the four frames' pre-fill would
+    # carry 4 * DELAY_MS more than the uncompressed one; a busy machine moves it by far less.
+    assert slow["prefill_ms"] < base["prefill_ms"] + 2 * DELAY_MS
     assert slow["next_token_kl"] == pytest.approx(0.0, abs=1e-6) and slow["answer_agreement"] == 1.0
 
 

@@ -8,6 +8,7 @@ import pytest
 from streamtc.bench.vit import Variant, load_benchmark_frames, run_vit_benchmark
 from streamtc.cacher import functional as F
 from streamtc.config import CacherConfig
+from streamtc.measure import environment
 from streamtc.presets import build_config
 
 FRAMES = 4
@@ -36,6 +37,8 @@ def test_the_baseline_is_its_own_reference(report):
     control = by_name(report)["full (control)"]
     assert control["refresh_frames"] == FRAMES and control["time_ratio"] > 0
     assert control["token_cosine_min"] == pytest.approx(1.0)
+    assert set(report["environment"]) == set(environment())  # the record every result carries
+    assert report["environment"]["config"]["preset"] == "tiny-siglip"
 
 
 def test_cacher_rows_follow_the_schedule_the_flop_model_and_differ_from_full(report):

@@ -1,4 +1,4 @@
-"""STC-Cacher against the unpatched tower and against a plainly written implementation of SPEC §2."""
+"""STC-Cacher against the unpatched tower and against a plainly written implementation of docs/algorithms.md, section 2."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def split(x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent implementation of SPEC §2, written for clarity: one frame at a time, plain
+# An independent implementation of the Cacher (docs/algorithms.md, section 2.2), written for clarity: one frame at a time, plain
 # matrix algebra on the layer's weights, explicit softmax. It shares no code with streamtc.
 
 
@@ -104,7 +104,7 @@ def plain_layer(layer, x, ref=None, ratio=None):
 
 
 def plain_stc_stream(tower, chunks: list[torch.Tensor], interval: int, ratio: float) -> torch.Tensor:
-    """SPEC §2 over a stream of chunks; returns the post-layernorm outputs of every frame."""
+    """The Cacher (docs/algorithms.md, section 2.2) over a stream of chunks; returns the post-layernorm outputs of every frame."""
     layers = list(tower.encoder.layers if hasattr(tower.encoder, "layers") else tower.encoder.layer)
     final_norm = tower.post_layernorm if hasattr(tower, "post_layernorm") else tower.layernorm
     refs = None
@@ -128,11 +128,6 @@ def plain_stc_stream(tower, chunks: list[torch.Tensor], interval: int, ratio: fl
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def siglip():
-    return build_model("tiny-siglip", attn_implementation="eager")
 
 
 @pytest.mark.parametrize("preset", ["tiny-siglip", "tiny-clip"])
@@ -163,7 +158,7 @@ def test_detach_restores_original_forward_bit_identically(siglip):
 
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("interval", [2, 3])
-def test_matches_plain_implementation_of_spec(siglip, chunk, interval):
+def test_matches_plain_implementation_of_the_algorithm(siglip, chunk, interval):
     x = frames(9, seed=1)
     chunks = split(x, chunk)
     expected = plain_stc_stream(siglip, chunks, interval, 0.25)

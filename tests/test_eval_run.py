@@ -25,6 +25,7 @@ from streamtc.cli import app
 from streamtc.errors import VideoSourceError
 from streamtc.eval.benchmarks import load_benchmark, protocol_of
 from streamtc.eval.results import ResultsMismatchError, read_results
+from streamtc.measure import environment
 from streamtc.eval.runner import EvalRun, ModelSpec
 from streamtc.eval.streaming import EvalSettings, run_video
 from streamtc.session import StreamingSession
@@ -164,6 +165,8 @@ def test_missing_videos_and_unreadable_records_are_recorded_not_fatal(reference:
     assert summary["timing"]["tokens_kept"] < 1.0  # STC's Pruner keeps 30%
     assert results.header["questions"] == 11 and results.complete
     assert results.header["config"]["protocol"] == "official"
+    assert set(results.header["environment"]) == set(environment())  # the record every result carries
+    assert results.header["environment"]["config"] == results.header["config"]
 
 
 def test_chunked_pushes_keep_question_times(ovo: Path) -> None:
@@ -251,6 +254,7 @@ def test_a_run_refuses_results_written_with_another_config(ovo: Path, reference:
     assert output.read_bytes() == reference[0].read_bytes()
 
 
+@pytest.mark.slow  # a local Ray cluster and two actors, each building a session
 def test_ray_two_actor_run_equals_the_single_process_run(ovo: Path, reference: tuple[Path, int],
                                                          tmp_path: Path) -> None:
     pytest.importorskip("ray")

@@ -10,13 +10,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 from streamtc.baselines import VidCom2Pruner
 from streamtc.config import PrunerConfig
 from streamtc.errors import ConfigError, InputError
-from streamtc.presets import build_model
 from streamtc.pruner import FlatLayout, LlavaOnevisionVideoLayout, LlavaVideoLayout, QwenVLLayout, STCPruner
-
-
-@pytest.fixture(scope="module")
-def llava_ov():
-    return build_model("tiny-llava-ov")
 
 
 def video_features(model, pixels: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ from streamtc.prompts import split_video_prompt
 from streamtc.session import StreamingSession
 from streamtc.tokenizer import save_processor
 
-from test_session import make_frames
 
 TOLERANCE = 1e-4
 QUESTION = "What is the man holding?"
@@ -93,7 +92,7 @@ def livecc_inputs(session: StreamingSession, frames: np.ndarray, question: str) 
 
 
 @pytest.fixture(scope="module")
-def frames() -> np.ndarray:
+def frames(make_frames) -> np.ndarray:
     return make_frames(10)
 
 
@@ -133,7 +132,7 @@ def test_livecc_protocol_matches_the_one_shot_conversation(preset: str, frames: 
     assert session._cache.get_seq_length() == session.stats.cache_tokens  # turns counted as prompt text
 
 
-def test_frame_size_change_starts_a_new_video_with_right_positions(frames: np.ndarray) -> None:
+def test_frame_size_change_starts_a_new_video_with_right_positions(frames: np.ndarray, make_frames) -> None:
     """A size change closes the current temporal patch (its unpaired frame repeated, as the processor
     pads) and opens a second video in the same turn: equal to the one-shot prompt with two videos."""
     session = StreamingSession.from_preset("qwen2-vl-tiny", stc=None)
@@ -197,7 +196,7 @@ def test_baseline_selectors_run_on_qwen(name: str, frames: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("stc", [None, PRUNER])
-def test_interleaved_streams_equal_streams_run_alone(stc: STCConfig | None) -> None:
+def test_interleaved_streams_equal_streams_run_alone(stc: STCConfig | None, make_frames) -> None:
     a_frames, b_frames = make_frames(6, seed=3), make_frames(6, seed=4)
     first = StreamingSession.from_preset("qwen2.5-vl-tiny", stc=stc)
     second = first.spawn()

@@ -27,7 +27,6 @@ from streamtc.cli import run as cli
 from streamtc.cli.run import EXIT_CODES, paired_ratio
 from streamtc.errors import ConfigError
 from streamtc.sources import builtin_clip_path
-from test_sources import MpegTsSender, remux_to_transport_stream
 
 runner = CliRunner()
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -172,8 +171,8 @@ def test_decoding_failure_midway_keeps_every_answer_and_asks_the_decoded_ones(cu
     assert "STC / no STC" in result.stdout  # the summary is printed
 
 
-def test_a_cut_transport_stream_ends_early_with_a_note(tmp_path: Path) -> None:
-    data = remux_to_transport_stream(tmp_path / "whole.ts").read_bytes()
+def test_a_cut_transport_stream_ends_early_with_a_note(tmp_path: Path, transport_stream: Path) -> None:
+    data = transport_stream.read_bytes()
     cut = tmp_path / "cut.ts"
     cut.write_bytes(data[: len(data) // 2 + 100])
     out = tmp_path / "run.json"
@@ -186,17 +185,19 @@ def test_a_cut_transport_stream_ends_early_with_a_note(tmp_path: Path) -> None:
     assert [a["note"] is None for a in record["answers"]["STC"]] == [True, False]
 
 
-def test_a_stalled_live_stream_ends_early_and_keeps_its_answers(tmp_path: Path) -> None:
+def test_a_stalled_live_stream_ends_early_and_keeps_its_answers(tmp_path: Path, mpegts_sender) -> None:
     import numpy as np
 
     frames = [np.full((68, 160, 3), 8 * i % 256, np.uint8) for i in range(100)]
-    sender = MpegTsSender(frames, stop_after=60, stall_s=30.0)  # 2.4 s of video, then silence
+    sender = mpegts_sender(frames, stop_after=60, stall_s=120.0)  # 2.4 s of video, then silence
     sender.start()
     out = tmp_path / "run.json"
-    result = streamtc("run", sender.url, "--timeout", "1", "--ask", "1:one?", "--ask", "3:three?",
+    # a 3 s read timeout: long next to a starved sender thread's pauses on a loaded machine
+    result = streamtc("run", sender.url, "--timeout", "3", "--ask", "1:one?", "--ask", "3:three?",
                       "--max-new-tokens", "1", "--output", str(out))
+    assert sender.cut_while_reading is None  # still stalling when the run ended: the timeout ended it
     record = check_record(out, result.stdout, 4)
-    assert record["status"] == "ended_early" and "no data for 1.0 s" in record["stream"]["error"]
+    assert record["status"] == "ended_early" and "no data for 3.0 s" in record["stream"]["error"]
     first, second = record["answers"]["STC"]
     assert first["note"] is None and first["frames"] == 2
     assert "the stream stopped before 3 s" in second["note"]
@@ -236,6 +237,7 @@ def _interrupt(args: list[str], out: Path, delay: float, after_answers: int = 0)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow  # a CLI subprocess run to an answer, then interrupted
 def test_ctrl_c_after_an_answer_keeps_it_and_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
     result = _interrupt(["demo", "--compare", "--ask", "1:one?", "--ask", "9:nine?", "--max-new-tokens", "2"],
@@ -247,6 +249,7 @@ def test_ctrl_c_after_an_answer_keeps_it_and_exits_130(tmp_path: Path) -> None:
     assert "not asked:" in result.stdout and "interrupted (Ctrl-C)" in result.stdout
 
 
+@pytest.mark.slow  # a CLI subprocess interrupted up to 10 s in
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ctrl_c_at_a_random_moment_leaves_a_valid_record(tmp_path: Path, seed: int) -> None:
     """SIGINT anywhere from model building to the summary: the record stays valid JSON with every

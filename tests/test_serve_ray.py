@@ -36,6 +36,7 @@ def run_streams(url: str) -> list[dict]:
     return results
 
 
+@pytest.mark.slow  # two Ray Serve replicas, each loading a model: about 2 minutes on 2 cores
 def test_two_replicas_answer_as_one_process_and_fail_alone() -> None:
     import ray
 

@@ -25,14 +25,6 @@ OPTIONS = ["a red cup", "a phone", "a blue umbrella", "nothing"]
 TOLERANCE = 1e-4
 
 
-def make_frames(count: int, seed: int = 0, size: tuple[int, int] = (60, 80)) -> np.ndarray:
-    """A drifting noisy scene, uint8 [F, H, W, 3]: neighbouring frames are similar, as in a stream."""
-    rng = np.random.default_rng(seed)
-    scene = rng.integers(0, 256, (size[0], size[1] + 4 * count, 3)).astype(np.int16)
-    frames = [scene[:, 4 * i : 4 * i + size[1]] + rng.integers(-12, 13, (*size, 3)) for i in range(count)]
-    return np.clip(np.stack(frames), 0, 255).astype(np.uint8)
-
-
 def one_shot_logits(session: StreamingSession, frames: np.ndarray, question: str) -> torch.Tensor:
     """Next-token logits of the plain HF forward: the chat prompt with <video> expanded to
     F * P + 1 placeholders, `model(input_ids=..., pixel_values_videos=...)`, no cache."""
@@ -58,7 +50,7 @@ def push_in_chunks(session: StreamingSession, frames: np.ndarray, sizes: list[in
 
 
 @pytest.fixture(scope="module")
-def frames() -> np.ndarray:
+def frames(make_frames) -> np.ndarray:
     return make_frames(6)
 
 
@@ -230,7 +222,7 @@ def _script(session: StreamingSession, frames: np.ndarray, step: int) -> list[to
 
 
 @pytest.mark.parametrize("stc", [None, STCConfig()], ids=["baseline", "stc"])
-def test_interleaved_sessions_equal_sessions_run_alone(stc: STCConfig | None) -> None:
+def test_interleaved_sessions_equal_sessions_run_alone(stc: STCConfig | None, make_frames) -> None:
     clip_a, clip_b = make_frames(5, seed=1), make_frames(5, seed=2)
     alone = []
     for clip in (clip_a, clip_b):
@@ -279,7 +271,7 @@ def test_lossless_stc_settings_reproduce_the_baseline(baseline: StreamingSession
 
 
 def test_stc_runs_end_to_end_and_its_divergence_is_recorded(
-    baseline: StreamingSession, frames: np.ndarray, record_property
+    baseline: StreamingSession, frames: np.ndarray, record_property, make_frames
 ) -> None:
     """Default STC (Cacher N=2, r=0.25; Pruner 30%) against stc=None on the same frames. Random
     weights make the size of the divergence meaningless for accuracy; it is measured and recorded

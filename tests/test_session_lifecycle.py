@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,12 +16,7 @@ PRESET = "tiny-llava-ov"
 QUESTION = "What is the man holding?"
 
 
-def make_frames(count: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (count, 48, 64, 3), dtype=np.uint8)
-
-
-def test_cache_tokens_counts_what_a_window_holds_not_everything_ever_kept() -> None:
+def test_cache_tokens_counts_what_a_window_holds_not_everything_ever_kept(make_frames) -> None:
     session = StreamingSession.from_preset(PRESET, stc=None, prefill_min_tokens=1,
                                            cache_policy=lambda: SlidingWindowCache(20))
     session.push(make_frames(8), [float(t) for t in range(8)])
@@ -36,7 +30,7 @@ def test_cache_tokens_counts_what_a_window_holds_not_everything_ever_kept() -> N
     assert stats.kv_cache_bytes == per_token * stats.cache_tokens
 
 
-def test_closing_the_owner_leaves_the_cacher_on_for_spawned_sessions() -> None:
+def test_closing_the_owner_leaves_the_cacher_on_for_spawned_sessions(make_frames) -> None:
     frames = make_frames(3, seed=1)
     owner = StreamingSession.from_preset(PRESET, stc=STCConfig())
     spawned = owner.spawn()
@@ -54,7 +48,7 @@ def test_closing_the_owner_leaves_the_cacher_on_for_spawned_sessions() -> None:
     spawned.close()  # idempotent
 
 
-def test_push_ask_and_spawn_after_close_raise() -> None:
+def test_push_ask_and_spawn_after_close_raise(make_frames) -> None:
     session = StreamingSession.from_preset(PRESET, stc=STCConfig())
     session.push(make_frames(1))
     session.close()
@@ -70,7 +64,7 @@ def test_push_ask_and_spawn_after_close_raise() -> None:
     ([0.0, math.nan, 2.0], "nan"),
     ([0.0, math.inf, 2.0], "inf"),
 ])
-def test_push_refuses_timestamps_that_go_backwards_repeat_or_are_not_finite(stamps, bad) -> None:
+def test_push_refuses_timestamps_that_go_backwards_repeat_or_are_not_finite(stamps, bad, make_frames) -> None:
     session = StreamingSession.from_preset(PRESET, stc=None)
     with pytest.raises(InputError, match=f"finite and increasing; got {bad}"):
         session.push(make_frames(3), stamps)

@@ -6,7 +6,6 @@ TCP (complete, cut mid-way, or stalled) and an HLS playlist over a local http.se
 
 from __future__ import annotations
 
-import io
 import itertools
 import socket
 import sys
@@ -242,78 +241,20 @@ def test_webcam_frames_are_rgb_sampled_by_wall_clock_and_a_failed_read_ends_earl
 # -- live streams on 127.0.0.1 ----------------------------------------------------------------
 
 
-class Cable(io.RawIOBase):
-    """The sender's end of a TCP connection; `cut()` drops it like a pulled cable (later writes vanish)."""
-
-    def __init__(self, connection: socket.socket) -> None:
-        super().__init__()
-        self.connection: socket.socket | None = connection
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes) -> int:
-        if self.connection is not None:
-            self.connection.sendall(data)
-        return len(data)
-
-    def cut(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
-
-class MpegTsSender(threading.Thread):
-    """Serves frames as a 25 fps H.264 MPEG-TS stream to the first client of a 127.0.0.1 port.
-
-    stop_after: frames sent before the sender stops (None: all, then a proper end of stream);
-    stall_s: after stopping, how long the connection stays open but silent before it is cut.
-    """
-
-    def __init__(self, frames: list[np.ndarray], stop_after: int | None = None, stall_s: float = 0.0) -> None:
-        super().__init__(daemon=True)
-        self.frames, self.stop_after, self.stall_s = frames, stop_after, stall_s
-        self.server = socket.create_server(("127.0.0.1", 0))  # listening before any client connects
-        self.url = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
-        self.failure: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            connection, _ = self.server.accept()
-            cable = Cable(connection)
-            with av.open(cable, "w", format="mpegts") as out:
-                stream = out.add_stream("libx264", rate=RATE, options={"preset": "ultrafast", "tune": "zerolatency"})
-                stream.height, stream.width = self.frames[0].shape[:2]
-                stream.pix_fmt = "yuv420p"
-                for i, image in enumerate(self.frames[: self.stop_after]):
-                    frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                    frame.pts = i
-                    out.mux(stream.encode(frame))
-                if self.stop_after is None:
-                    out.mux(stream.encode())
-                else:
-                    time.sleep(self.stall_s)
-                    cable.cut()
-            cable.cut()
-        except BaseException as error:  # reported by the test through `failure`
-            self.failure = error
-        finally:
-            self.server.close()
-
-
-def read_live(sender: MpegTsSender, **kwargs: float) -> tuple[PyAVSource, list[sources.Frame], float]:
+def read_live(sender, **kwargs: float) -> tuple[PyAVSource, list[sources.Frame], float]:
     sender.start()
     started = time.monotonic()
     source = open_source(sender.url, open_timeout=5.0, **kwargs)
     received = list(source)
     elapsed = time.monotonic() - started
+    sender.release()
     sender.join(timeout=10)
     assert not sender.is_alive() and sender.failure is None
     return source, received, elapsed
 
 
-def test_live_tcp_stream_is_read_to_its_end(clip_frames: list[np.ndarray]) -> None:
-    source, received, _ = read_live(MpegTsSender(clip_frames), fps=1.0)
+def test_live_tcp_stream_is_read_to_its_end(clip_frames: list[np.ndarray], mpegts_sender) -> None:
+    source, received, _ = read_live(mpegts_sender(clip_frames), fps=1.0)
     assert isinstance(source, PyAVSource) and source.is_network
     assert (source.width, source.height, source.native_fps) == (160, 68, 25.0)
     assert [f.timestamp for f in received] == pytest.approx([0.0, 1.0, 2.0, 3.0])
@@ -323,24 +264,28 @@ def test_live_tcp_stream_is_read_to_its_end(clip_frames: list[np.ndarray]) -> No
     assert mean_abs_diff(received[0].image, received[3].image) > 20  # ... and the shots differ
 
 
-def test_a_sender_that_stops_midway_ends_the_stream_cleanly(clip_frames: list[np.ndarray]) -> None:
+def test_a_sender_that_stops_midway_ends_the_stream_cleanly(clip_frames: list[np.ndarray], mpegts_sender) -> None:
     """The sender closes after 40 frames (1.56 s): an end of data without error, so not 'early'."""
-    source, received, _ = read_live(MpegTsSender(clip_frames, stop_after=40), fps=5.0)
+    source, received, _ = read_live(mpegts_sender(clip_frames, stop_after=40), fps=5.0)
     assert [f.timestamp for f in received] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4])
     assert not source.ended_early and source.error is None
 
 
 def test_a_stalled_stream_ends_early_after_the_read_timeout(
-    clip_frames: list[np.ndarray], caplog: pytest.LogCaptureFixture
+    clip_frames: list[np.ndarray], caplog: pytest.LogCaptureFixture, mpegts_sender
 ) -> None:
-    """The sender goes silent after 40 frames and cuts the connection 2.5 s later; the reader gives
-    up after its 0.5 s read timeout, keeping what it received."""
-    source, received, elapsed = read_live(MpegTsSender(clip_frames, stop_after=40, stall_s=2.5), fps=1.0,
-                                          read_timeout=0.5)
+    """The sender goes silent after 40 frames and holds the connection open (up to 60 s) until the
+    reader is done; the reader gives up after its 2 s read timeout (long next to a starved sender
+    thread's pauses on a loaded machine), keeping what it received."""
+    sender = mpegts_sender(clip_frames, stop_after=40, stall_s=60.0)
+    source, received, elapsed = read_live(sender, fps=1.0, read_timeout=2.0)
     assert [f.timestamp for f in received] == pytest.approx([0.0, 1.0])
-    assert source.ended_early and source.error == "no data for 0.5 s"
-    assert elapsed < 2.0  # ended by the timeout, not by the sender hanging up
-    assert "ended early: no data for 0.5 s" in caplog.text
+    assert source.ended_early and source.error == "no data for 2.0 s"
+    # ended by the timeout, not by the sender hanging up: the connection was still open when the
+    # reader returned (event order), long before the sender's 60 s would have run out
+    assert sender.cut_while_reading is False
+    assert elapsed < 30.0
+    assert "ended early: no data for 2.0 s" in caplog.text
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -400,21 +345,9 @@ def test_directories_and_unsupported_url_schemes_get_their_own_errors(tmp_path: 
             open_source(url)
 
 
-def remux_to_transport_stream(path: Path) -> Path:
-    """The bikes clip remuxed into an MPEG transport stream (.ts), which declares no duration."""
-    with av.open(str(builtin_clip_path())) as src, av.open(str(path), "w", format="mpegts") as out:
-        stream = out.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(video=0):
-            if packet.dts is not None:
-                packet.stream = stream
-                out.mux(packet)
-    return path
-
-
-def test_a_cut_transport_stream_raises_after_the_frames_it_holds(tmp_path: Path) -> None:
-    whole = remux_to_transport_stream(tmp_path / "whole.ts")
-    assert len(list(open_source(str(whole)))) == 10
-    data = whole.read_bytes()
+def test_a_cut_transport_stream_raises_after_the_frames_it_holds(tmp_path: Path, transport_stream: Path) -> None:
+    assert len(list(open_source(str(transport_stream)))) == 10
+    data = transport_stream.read_bytes()
     cut = tmp_path / "cut.ts"
     cut.write_bytes(data[: len(data) // 2 + 100])  # mid-packet, as a copy that stopped would leave it
     received = []

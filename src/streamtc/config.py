@@ -12,7 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
+from .checks import positive_int
 from .errors import ConfigError
+
+# The Pruner's default share of each frame's tokens: the paper's setting with the Cacher combined
+# (docs/algorithms.md, "STC-Pruner").
+DEFAULT_KEEP_RATIO = 0.3
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -34,7 +39,7 @@ DEFAULT_REFRESH_THRESHOLDS = {"pixels": 0.35, "keys": 0.92}
 
 @dataclass(frozen=True)
 class CacherConfig:
-    """STC-Cacher settings (SPEC §2).
+    """STC-Cacher settings (docs/algorithms.md, section 2).
 
     cache_interval: N; chunk c of a stream is a refresh chunk when c % N == 0.
     update_ratio: r, the share of tokens recomputed in every layer of a non-refresh chunk
@@ -97,10 +102,7 @@ class CacherConfig:
     cpu_kernels: Literal["onednn", "torch"] = "onednn"
 
     def __post_init__(self) -> None:
-        if isinstance(self.cache_interval, bool) or not isinstance(self.cache_interval, int):
-            raise ConfigError(f"cache_interval must be an int >= 1, got {self.cache_interval!r}")
-        if self.cache_interval < 1:
-            raise ConfigError(f"cache_interval must be >= 1 (1 refreshes every chunk), got {self.cache_interval}")
+        positive_int(self.cache_interval, "cache_interval", hint="1 refreshes every chunk")
         if not isinstance(self.update_ratio, (int, float)) or not 0.0 < float(self.update_ratio) <= 1.0:
             raise ConfigError(f"update_ratio must lie in (0, 1], got {self.update_ratio!r}")
         _check_choice("selection", self.selection, ("per_layer", "shared"))
@@ -129,8 +131,7 @@ class CacherConfig:
         if self.over_budget == "subsample" and (self.refresh != "adaptive" or self.refresh_signal != "pixels"):
             raise ConfigError("over_budget='subsample' needs refresh='adaptive' with refresh_signal='pixels'")
         if self.refresh_budget is not None:
-            if isinstance(self.refresh_budget, bool) or not isinstance(self.refresh_budget, int) or self.refresh_budget < 1:
-                raise ConfigError(f"refresh_budget must be None or an int >= 1, got {self.refresh_budget!r}")
+            positive_int(self.refresh_budget, "refresh_budget", optional=True)
             if self.refresh != "adaptive":
                 raise ConfigError("refresh_budget only applies to refresh='adaptive' (a fixed schedule is its own budget)")
             if self.refresh_budget > self.cache_interval:
@@ -149,13 +150,13 @@ class CacherConfig:
 
 @dataclass(frozen=True)
 class PrunerConfig:
-    """STC-Pruner settings (SPEC §3).
+    """STC-Pruner settings (docs/algorithms.md, section 3).
 
     scoring: "gaussian" (the released code, which produced the published numbers) or
         "dual_anchor" (the paper's Eq. 8).
     tokens_per_frame / keep_ratio: the per-frame budget, as a count or as a share of the frame's
         tokens (k = round(keep_ratio * P), at least 1); give at most one (keep_ratio defaults to
-        0.3, the paper's combined setting). A budget of P or more keeps every token.
+        DEFAULT_KEEP_RATIO = 0.3, the paper's combined setting). A budget of P or more keeps every token.
     alpha: weight of the temporal anchor in dual_anchor scoring.
     history: W, how many previous frames the dual_anchor temporal anchor averages (None = all);
         a stream's first frame, with no previous frame, is scored on its spatial anchor alone.
@@ -172,19 +173,15 @@ class PrunerConfig:
         if self.tokens_per_frame is not None and self.keep_ratio is not None:
             raise ConfigError("give either tokens_per_frame or keep_ratio, not both")
         if self.tokens_per_frame is None and self.keep_ratio is None:
-            object.__setattr__(self, "keep_ratio", 0.3)
-        if self.tokens_per_frame is not None and (
-            isinstance(self.tokens_per_frame, bool) or not isinstance(self.tokens_per_frame, int) or self.tokens_per_frame < 1
-        ):
-            raise ConfigError(f"tokens_per_frame must be an int >= 1, got {self.tokens_per_frame!r}")
+            object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
+        positive_int(self.tokens_per_frame, "tokens_per_frame", optional=True)
         if self.keep_ratio is not None and (
             not isinstance(self.keep_ratio, (int, float)) or not 0.0 < float(self.keep_ratio) <= 1.0
         ):
             raise ConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha!r}")
-        if self.history is not None and (isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1):
-            raise ConfigError(f"history must be None (unbounded) or an int >= 1, got {self.history!r}")
+        positive_int(self.history, "history", optional=True, hint="None is unbounded")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
@@ -202,7 +199,7 @@ class STCConfig:
     """
 
     cacher: CacherConfig | None = field(default_factory=CacherConfig)
-    pruner: PrunerConfig | None = field(default_factory=lambda: PrunerConfig(keep_ratio=0.3))
+    pruner: PrunerConfig | None = field(default_factory=PrunerConfig)
 
     def __post_init__(self) -> None:
         if self.cacher is not None and not isinstance(self.cacher, CacherConfig):
@@ -216,7 +213,7 @@ class STCConfig:
         if unknown:
             raise ConfigError(f"unknown STCConfig keys {unknown}; valid keys are ['cacher', 'pruner']")
         cacher = data.get("cacher", CacherConfig().to_dict())
-        pruner = data.get("pruner", PrunerConfig(keep_ratio=0.3).to_dict())
+        pruner = data.get("pruner", PrunerConfig().to_dict())
         return cls(
             cacher=None if cacher is None else CacherConfig.from_dict(cacher),
             pruner=None if pruner is None else PrunerConfig.from_dict(pruner),

@@ -1,7 +1,7 @@
 """Frame preprocessing: RGB uint8 frames to the `pixel_values` a VideoLLM's vision tower takes.
 
 transformers' video processors (`LlavaOnevisionVideoProcessor`) need torchvision, which streamtc
-must not depend on (SPEC §7), so this module does what they do for video frames with PIL and numpy:
+must not depend on (docs/design.md, "Dependencies"), so this module does what they do for video frames with PIL and numpy:
 resize every frame straight to the model's square input size (no aspect-preserving pad, no any-res
 tiling), rescale by `rescale_factor`, normalise with `image_mean` / `image_std`, channels first.
 
@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 from transformers.utils import cached_file
 
+from .checks import positive_int
 from .errors import ConfigError, InputError
 
 # Normalisation of the llava-hf LLaVA-OneVision checkpoints (SigLIP): mean = std = 0.5 per channel.
@@ -278,9 +279,7 @@ class QwenVLPreprocessor:
 
     def __post_init__(self) -> None:
         for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(getattr(self, name), name)
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         if not isinstance(self.upscale_small_frames, bool):

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checks import positive_int
 from .errors import ConfigError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -492,16 +493,11 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}") from None
 
 
-def _check_depth(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def build_config(name: str, num_layers: int | None = None, text_layers: int | None = None) -> PretrainedConfig:
     """The preset's transformers config; `num_layers` overrides the vision tower's depth and
     `text_layers` the language model's (VLM presets only)."""
-    _check_depth("num_layers", num_layers)
-    _check_depth("text_layers", text_layers)
+    positive_int(num_layers, "num_layers", optional=True)
+    positive_int(text_layers, "text_layers", optional=True)
     config = get_preset(name).build_config(num_layers)
     if text_layers is not None:
         text = getattr(config, "text_config", None)

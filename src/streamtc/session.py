@@ -77,7 +77,8 @@ from transformers import AutoTokenizer, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import cached_file
 
-from .bench.timing import peak_memory_bytes, reset_peak_memory, synchronize
+from .checks import is_positive_int, positive_int
+from .measure import peak_memory_bytes, reset_peak_memory, synchronize
 from .memory import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
@@ -139,7 +140,7 @@ class SessionStats:
     cache policy holds). kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU, the
     process's peak RSS on CPU (memory_kind says which), since the session started (process-wide:
-    another session's start resets it too; see `bench.timing.reset_peak_memory`).
+    another session's start resets it too; see `measure.reset_peak_memory`).
     """
 
     frames: int = 0
@@ -237,16 +238,10 @@ class StreamingSession:
             raise ConfigError("host was built for another model")
         if stc is not None and not isinstance(stc, STCConfig):
             raise ConfigError(f"stc must be an STCConfig or None, got {type(stc).__name__}")
-        if chunk_frames is not None and (
-            isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1
-            or chunk_frames % host.frames_per_step
-        ):
+        if chunk_frames is not None and (not is_positive_int(chunk_frames) or chunk_frames % host.frames_per_step):
             raise ConfigError(f"chunk_frames must be a multiple of {host.frames_per_step} (one vision step of "
                               f"{type(host).__name__}), got {chunk_frames!r}")
-        if prefill_min_tokens is not None and (
-            isinstance(prefill_min_tokens, bool) or not isinstance(prefill_min_tokens, int) or prefill_min_tokens < 1
-        ):
-            raise ConfigError(f"prefill_min_tokens must be None or an int >= 1, got {prefill_min_tokens!r}")
+        positive_int(prefill_min_tokens, "prefill_min_tokens", optional=True)
         if selector is not None and not isinstance(selector, TokenSelector):
             raise ConfigError(f"selector needs prune(features) and reset(), got {type(selector).__name__}")
         if selector is not None and stc is not None and stc.pruner is not None:
@@ -586,8 +581,7 @@ class StreamingSession:
         video-only state afterwards. Pending visual tokens are pre-filled first (`flush`); that
         time counts in ttft_ms."""
         self._check_open()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        positive_int(max_new_tokens, "max_new_tokens", error=InputError)
         start = self._clock()
         with torch.inference_mode():
             embeds = self._question_embeds(question, options, answer_prefix)

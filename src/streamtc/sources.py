@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import av
 import numpy as np
 
+from .checks import positive_int
 from .errors import ConfigError, InputError, StreamStateError, VideoSourceError
 
 if TYPE_CHECKING:
@@ -107,10 +108,7 @@ class VideoSource(ABC):
         self._sampler = FrameSampler(fps)
         if max_seconds is not None and not max_seconds >= 0:
             raise ConfigError(f"max_seconds must be >= 0 or None, got {max_seconds!r}")
-        if max_frames is not None and (
-            isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
-        ):
-            raise ConfigError(f"max_frames must be an int >= 1 or None, got {max_frames!r}")
+        positive_int(max_frames, "max_frames", optional=True)
         self.name = name
         self.fps = float(fps)
         self.max_seconds = max_seconds
@@ -167,8 +165,7 @@ class VideoSource(ABC):
 
     def chunks(self, frames_per_chunk: int) -> Iterator[list[Frame]]:
         """The sampled frames in lists of `frames_per_chunk` (the last one may be shorter)."""
-        if isinstance(frames_per_chunk, bool) or not isinstance(frames_per_chunk, int) or frames_per_chunk < 1:
-            raise ConfigError(f"frames_per_chunk must be an int >= 1, got {frames_per_chunk!r}")
+        positive_int(frames_per_chunk, "frames_per_chunk")
         chunk: list[Frame] = []
         for frame in self:
             chunk.append(frame)

@@ -1,4 +1,5 @@
-"""Row gathers and scatters of per-frame tokens, shared by the Cacher, the Pruner and the baselines.
+"""Row gathers and scatters of per-frame tokens, shared by the Cacher, the Pruner and the baselines;
+the token cosine that the benchmarks measure fidelity with.
 
 Tokens are addressed as [F, k] per-frame indices into [F, T, C] tensors. Both operations work on
 whole rows of the frames flattened to [F * T, C] (index_select / index_copy_): on CPU several times
@@ -31,4 +32,10 @@ def scatter_tokens(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) 
     return base
 
 
-__all__ = ["flat_token_index", "gather_tokens", "scatter_tokens"]
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the cosine between matching tokens: a, b [..., T, C] -> [...]
+    ([F, T, C] -> [F] per frame; [T, C] -> a scalar)."""
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(dim=-1)
+
+
+__all__ = ["flat_token_index", "gather_tokens", "scatter_tokens", "token_cosine"]

@@ -1,4 +1,4 @@
-"""Comparison baselines for STC-Pruner (SPEC §5 table rows).
+"""Comparison baselines for STC-Pruner (the rows of the published table, docs/algorithms.md, section 5).
 
 Token selectors share STC-Pruner's interface, `prune(features [F, P, D]) -> KeptTokens` and
 `reset()`: UniformPruner, RandomPruner, VidCom2Pruner, and VisionZipPruner (which also takes the

@@ -15,7 +15,7 @@ frames/s counts every push (preprocessing included), questions excluded.
 
 Protocol: variants run interleaved (A B C ... A B C ...), each after an untimed warm-up stream,
 and every number is the median over the timed repeats, so machine drift cancels; every clock read
-follows a device synchronisation (`StreamingSession` and `timing.synchronize`).
+follows a device synchronisation (`StreamingSession` and `measure.synchronize`).
 
 Fidelity, beside every speed number, against the uncompressed variant (which always runs first):
 per-frame cosine of the vision tower's output tokens (mean over tokens; not defined for ToMe,
@@ -38,19 +38,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..checks import is_positive_int
 from ..baselines import RandomPruner, ToMe, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features
 from ..baselines.tome import min_keep_tokens
 from ..cacher import STCCacher
-from ..config import CacherConfig, PrunerConfig, STCConfig
+from ..config import DEFAULT_KEEP_RATIO, CacherConfig, PrunerConfig, STCConfig
 from ..errors import ConfigError
 from ..hosts import VideoHost, host_for
+from ..measure import environment, peak_memory_bytes, reset_peak_memory, synchronize
 from ..presets import build_model, get_preset, torch_dtype
 from ..pruner import STCPruner
 from ..session import StreamingSession
 from ..tokenizer import tokenizer_for_config
-from .timing import machine_info, peak_memory_bytes, reset_peak_memory, synchronize
+from ..tokens import token_cosine
 
 Baseline = Literal["uniform", "random", "vidcom2", "visionzip", "tome"]
 BASELINES: tuple[str, ...] = ("uniform", "random", "vidcom2", "visionzip", "tome")
@@ -123,7 +124,7 @@ def _pruner_only(scoring: str, ratio: float) -> STCConfig:
 
 def _stc(**cacher_options: Any) -> STCConfig:
     return STCConfig(cacher=CacherConfig(cache_interval=2, update_ratio=0.25, **cacher_options),
-                     pruner=PrunerConfig(keep_ratio=0.3))
+                     pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO))
 
 
 DEFAULT_PIPELINE_VARIANTS: tuple[PipelineVariant, ...] = (
@@ -131,15 +132,15 @@ DEFAULT_PIPELINE_VARIANTS: tuple[PipelineVariant, ...] = (
     PipelineVariant("cacher N=2", _cacher_only(2)),
     PipelineVariant("cacher N=4", _cacher_only(4)),
     PipelineVariant("pruner gaussian 25%", _pruner_only("gaussian", 0.25)),
-    PipelineVariant("pruner gaussian 30%", _pruner_only("gaussian", 0.3)),
+    PipelineVariant("pruner gaussian 30%", _pruner_only("gaussian", DEFAULT_KEEP_RATIO)),
     PipelineVariant("pruner dual_anchor 25%", _pruner_only("dual_anchor", 0.25)),
-    PipelineVariant("pruner dual_anchor 30%", _pruner_only("dual_anchor", 0.3)),
+    PipelineVariant("pruner dual_anchor 30%", _pruner_only("dual_anchor", DEFAULT_KEEP_RATIO)),
     PipelineVariant("stc", _stc()),
     PipelineVariant("stc shared", _stc(selection="shared")),
     PipelineVariant("stc adaptive", STCConfig(
         cacher=CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_signal="keys", refresh_threshold=0.92,
                             refresh_budget=2),
-        pruner=PrunerConfig(keep_ratio=0.3))),
+        pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO))),
     PipelineVariant("stc compiled", _stc(compile_mode="default")),
     *(PipelineVariant(f"{name} 25%", baseline=name) for name in BASELINES),
 )
@@ -170,7 +171,7 @@ class PipelineSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.frames or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.frames):
+        if not self.frames or not all(is_positive_int(n) for n in self.frames):
             raise ConfigError(f"frames must be frame counts >= 1, got {self.frames!r}")
         if self.repeats < 1 or self.warmup_frames < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
@@ -354,11 +355,9 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """Mean over tokens of the cosine between two frames' tokens [T, C]; None if counts differ."""
-    if a.shape != b.shape:
-        return None
-    return float(F.cosine_similarity(a, b, dim=-1).mean())
+def _frame_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """`token_cosine` of two frames' tokens [T, C]; None if their token counts differ."""
+    return None if a.shape != b.shape else float(token_cosine(a, b))
 
 
 def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -391,7 +390,7 @@ def _summarise(variant: PipelineVariant, runs: list[StreamRun], reference: Strea
         }
         if reference is not None:
             ref_point = reference.checkpoints[position]
-            cosines = [_token_cosine(a, b) for a, b in zip(last.vit_outputs[:frames], reference.vit_outputs[:frames])]
+            cosines = [_frame_cosine(a, b) for a, b in zip(last.vit_outputs[:frames], reference.vit_outputs[:frames])]
             valid = [c for c in cosines if c is not None]
             row["vit_cosine"] = cosines if len(valid) == len(cosines) else None
             row["vit_cosine_mean"] = statistics.mean(valid) if row["vit_cosine"] else None
@@ -479,7 +478,7 @@ def run_pipeline_benchmark(
     rows = [row for v in variants for row in _summarise(v, runs[v.name], reference, baseline_rows)]
     return {
         "benchmark": "pipeline",
-        "machine": machine_info(settings.device),
+        "environment": environment(settings.device, asdict(settings)),
         "settings": {**asdict(settings), "frames": checkpoints},
         "model": {"preset": settings.model or settings.preset, "vision_layers": model.config.vision_config.num_hidden_layers,
                   "text_layers": model.config.text_config.num_hidden_layers,
@@ -560,10 +559,11 @@ def _plots(report: dict[str, Any], directory: Path) -> list[Path]:
 
 
 def _subtitle(report: dict[str, Any]) -> str:
-    model, machine = report["model"], report["machine"]
+    model, environment = report["model"], report["environment"]
+    machine = environment["machine"]
     return (f"{model['preset']} (vision {model['vision_layers']} layers, text {model['text_layers']} layers"
             f"{', depth override' if model['depth_override'] else ''}) on {machine.get('gpu') or machine['cpu']}, "
-            f"{machine['torch_threads']} threads")
+            f"{environment['torch_threads']} threads")
 
 
 def print_report(report: dict[str, Any], console: Any) -> None:

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from ..baselines import RandomPruner, UniformPruner, VidCom2Pruner, VisionZipPruner
 from ..config import PrunerConfig
+from ..measure import timed
 from ..pruner import KeptTokens, STCPruner
-from .timing import timed
+
 
 METHODS: dict[str, Callable[[int], object]] = {
     "stc gaussian": lambda k: STCPruner(PrunerConfig(scoring="gaussian", tokens_per_frame=k)),

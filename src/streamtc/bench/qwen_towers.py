@@ -16,6 +16,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
+from ..checks import positive_int
 from ..errors import ConfigError, InputError
 
 QWEN_TOWERS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
@@ -47,9 +48,7 @@ def qwen_vision_config(name: str, depth: int | None = None, attn_implementation:
     else:
         raise ConfigError(f"unknown Qwen tower {name!r}; choose one of {', '.join(QWEN_TOWERS)}")
     if depth is not None:
-        if depth < 1:
-            raise ConfigError(f"depth must be >= 1, got {depth}")
-        config.depth = depth
+        config.depth = positive_int(depth, "depth")
         if name == "qwen2.5-vl":
             # Keep the checkpoint's pattern (every 8th block full attention) within the cut depth.
             config.fullatt_block_indexes = [i for i in range(7, depth, 8)] or [depth - 1]

@@ -46,11 +46,12 @@ from ..cacher import functional as F
 from ..cacher.cacher import prefix_tokens
 from ..config import CacherConfig
 from ..errors import InputError
+from ..measure import environment, timed
 from ..preprocess import FramePreprocessor
 from ..presets import build_model
 from ..sources import BUILTIN_CLIPS, Frame, PyAVSource, builtin_clip_path, open_source
+from ..tokens import token_cosine
 from . import qwen_towers
-from .timing import machine_info, timed
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,6 @@ class VariantResult:
     saliency_kl: list[float] = field(default_factory=list)
     frame_kinds: str = ""  # per frame: R refresh (or a full frame), S subsampled, . reused
     flop_ratio: float | None = None  # cachers and baselines report their own cost
-
-
-def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the cosine between matching tokens; a, b [F, T, C] -> [F]."""
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(dim=-1)
 
 
 def saliency_agreement(maps: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +311,11 @@ def run_vit_benchmark(
         "repeats": repeats,
         "warmup": warmup,
         "dtype": str(dtype).removeprefix("torch."),
-        "machine": machine_info(device),
+        "environment": environment(device, {
+            "preset": preset, "tower": tower, "num_layers": num_layers, "frames": len(inputs), "repeats": repeats,
+            "warmup": warmup, "dtype": str(dtype).removeprefix("torch."), "variants": [v.name for v in variants],
+            "saliency_head": head is not None,
+        }),
         "variants": [summarise(results[v.name], results[baseline], tokens, config, frame_flops) for v in variants],
     }
 
@@ -475,7 +475,8 @@ def print_report(report: dict[str, Any]) -> None:
     if needed > console.width:
         console = Console(width=needed)
     console.print(table)
-    m = report["machine"]
+    env = report["environment"]
+    m = {**env["versions"], **env["machine"], "torch_threads": env["torch_threads"], "date": env["date"]}
     print_signal_study(report.get("refresh_signal_study"), console)
     console.print(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']} · transformers "
                   f"{m['transformers']} · {m['date']}; ratios are medians of paired ratios to the full frame "
@@ -537,7 +538,7 @@ def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
 
     path = Path(path)
     title = (f"{report['preset']} ({report['num_layers']} layers, {report['tokens_per_frame']} tokens), "
-             f"{report['frames']} frames, median of {report['repeats']}; {report['machine']['cpu']}")
+             f"{report['frames']} frames, median of {report['repeats']}; {report['environment']['machine']['cpu']}")
     figure, axis = plt.subplots(figsize=(10, 4.5))
     for variant in report["variants"]:
         frames = range(1, len(variant["per_frame_ms"]) + 1)
@@ -572,4 +573,4 @@ def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
 __all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "real_weights_variants", "load_frames_at_rate",
            "load_qwen_frames", "plot_fidelity", "saliency_agreement", "refresh_signal_study", "summarise_signal_study",
            "print_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_plots",
-           "write_report", "token_cosine", "flat_cosine"]
+           "write_report", "flat_cosine"]

@@ -1,6 +1,6 @@
 """How STC-Cacher chooses and recomputes tokens: pure tensor functions, no model, no state.
 
-A non-refresh layer (SPEC §2) compares every token's key with the same position's key in the
+A non-refresh layer (docs/algorithms.md, section 2.2) compares every token's key with the same position's key in the
 reference frame, recomputes the k least similar tokens, and takes the reference's attention and
 MLP outputs for the rest. The functions below are those steps on plain tensors, shared by the
 module-based layer patch and the static (compilable) path, and unit-tested on their own.
@@ -89,7 +89,7 @@ def within_refresh_budget(chunk_index: int, refreshes: int, budget_interval: int
 def mix_with_reference(reference: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The reference [T, C] repeated for each frame, with rows [F, k, C] replacing positions index.
 
-    This is SPEC §2's V̄ (values) construction; a new tensor, the reference is not modified.
+    This is the V̄ (values) construction of docs/algorithms.md, section 2.2; a new tensor, the reference is not modified.
     """
     return scatter_tokens(reference.repeat(index.shape[0], 1, 1), index, rows)
 
@@ -111,7 +111,7 @@ def add_reference_delta(
     """A non-refresh layer's output: x + reference_delta [T, C] for reused tokens, recomputed_rows at index.
 
     x [F, T, C] is the layer input; recomputed_rows [F, k, C] are the selected tokens' exact outputs.
-    A reused token takes the reference's output in both residual branches (SPEC §2 steps 5 and 6),
+    A reused token takes the reference's output in both residual branches (docs/algorithms.md, section 2.2, steps 5 and 6),
     so its two residual adds collapse into one add of A_ref + M_ref, stored at refresh: one pass
     over [F, T, C] per layer instead of two, and no Ā or M̄ materialised.
     """
@@ -136,7 +136,7 @@ def nearest_kept(side: int, kept: torch.Tensor) -> torch.Tensor:
 def layer_flops(num_tokens: int, width: int, mlp_width: int, recomputed: int | None = None) -> float:
     """Multiply-accumulate count of one pre-LN ViT layer on one frame (matmuls only).
 
-    recomputed=None is the full layer; otherwise the non-refresh layer of SPEC §2: K projection on
+    recomputed=None is the full layer; otherwise the non-refresh layer of docs/algorithms.md, section 2.2: K projection on
     all T tokens; Q, V, out_proj, attention rows and MLP on `recomputed` tokens.
     """
     t, c = num_tokens, width

@@ -9,7 +9,7 @@ Two paths, named after Eventful Transformers' first and incremental forwards:
 
 - `refresh_forward`: the layer computed exactly, which also writes this layer's reference
   (unit-norm K, V, and attention plus MLP output of the chunk's last frame) into the stream's buffers.
-- `selective_forward`: the non-refresh layer of SPEC §2; recomputes the k tokens whose keys moved
+- `selective_forward`: the non-refresh layer of docs/algorithms.md, section 2.2; recomputes the k tokens whose keys moved
   most, takes the reference's attention and MLP outputs for the rest.
 
 Modifications relative to `SiglipEncoderLayer.forward` / `SiglipAttention.forward` (transformers 5.x):
@@ -183,7 +183,7 @@ def selective_forward(
     keys: torch.Tensor | None = None,
     onednn: bool = False,
 ) -> torch.Tensor:
-    """The non-refresh layer of SPEC §2 on [F, T, C].
+    """The non-refresh layer (docs/algorithms.md, section 2.2) on [F, T, C].
 
     index: [F, k] tokens to recompute; when None, chosen here from this layer's key cosine.
     keys: this layer's keys if the caller already computed them (the shared/adaptive planner does

@@ -240,7 +240,7 @@ def bench_pruner(
     warmup: Annotated[int, typer.Option(help="Untimed calls first", min=0)] = 5,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's own choice)", min=1)] = None,
-    json_output: Annotated[Path | None, typer.Option("--json", help="Also write the rows and machine info here")]
+    json_output: Annotated[Path | None, typer.Option("--json", help="Also write the rows and the environment record here")]
     = None,
 ) -> None:
     """Pruning cost per frame of STC-Pruner's scorers and the token-selection baselines.
@@ -258,18 +258,20 @@ def bench_pruner(
     import torch
 
     from ..bench.pruner_cost import format_table, measure_pruner_cost
-    from ..bench.timing import machine_info
+    from ..measure import environment
 
     if threads is not None:
         torch.set_num_threads(threads)
     rows = measure_pruner_cost(sizes, tokens, width, keep, repeats, warmup, device)
-    info = machine_info(device)
-    console.print(f"pruning cost, P={tokens} -> {keep}, D={width}, {info['device']}, {info['torch_threads']} threads, "
+    info = environment(device, {"frames": list(sizes), "tokens": tokens, "width": width, "keep": keep,
+                                "repeats": repeats, "warmup": warmup, "threads": threads})
+    console.print(f"pruning cost, P={tokens} -> {keep}, D={width}, {info['machine']['device']}, "
+                  f"{info['torch_threads']} threads, "
                   f"median of {repeats} after {warmup} warm-up calls")
     console.print(format_table(rows), highlight=False)
     if json_output is not None:
         json_output.parent.mkdir(parents=True, exist_ok=True)
-        json_output.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        json_output.write_text(json.dumps({"environment": info, "rows": [asdict(r) for r in rows]}, indent=2))
         console.print(f"wrote {json_output}")
 
 

@@ -389,12 +389,14 @@ def run(
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
     variants = {"no STC": None, "STC": stc} if compare else ({"no STC": None} if no_stc else {"STC": stc})
-    record = RunRecord(
-        header={"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
-                "questions": [q.to_dict() for q in questions],
-                "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()}},
-        path=output, answers={name: [] for name in variants},
-    )
+    from ..measure import environment
+
+    header = {"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
+              "questions": [q.to_dict() for q in questions],
+              "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()}}
+    settings = {**header, "num_layers": num_layers, "device": device, "max_new_tokens": max_new_tokens}
+    record = RunRecord(header={**header, "environment": environment(device, settings)}, path=output,
+                       answers={name: [] for name in variants})
     status = _stream(source or open_video, video, variants, questions, record, model=model, preset=preset,
                      num_layers=num_layers, device=device, window_tokens=window_tokens, max_new_tokens=max_new_tokens)
     raise typer.Exit(EXIT_CODES[status])

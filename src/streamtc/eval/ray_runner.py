@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import ConfigError, StreamTCError
+from ..checks import positive_int
+from ..errors import StreamTCError
 from .benchmarks.base import Protocol
 from .datasets import VideoTask
 from .results import Key
@@ -123,8 +124,7 @@ def run_on_ray(
     at least one). cpus_per_actor: CPUs (and torch threads) per CPU actor (default: the cluster's
     CPUs divided by the actors, at least 1).
     """
-    if actors is not None and actors < 1:
-        raise ConfigError(f"actors must be >= 1, got {actors}")
+    positive_int(actors, "actors", optional=True)
     local_cpus = max(os.cpu_count() or 1, actors or 1)
     with _connect(address, local_cpus) as ray:
         resources = ray.cluster_resources()

@@ -2,7 +2,7 @@
 
 Layout (`RUN.jsonl`):
 
-    {"type": "header", "format": "streamtc-eval/1", "config": {...}, "model_id": ..., "versions": {...}, ...}
+    {"type": "header", "format": "streamtc-eval/1", "config": {...}, "model_id": ..., "environment": {...}, ...}
     {"type": "answer", "video": ..., "qid": ..., "trigger": ..., "response": ..., "prediction": ..., ...}
     {"type": "video", "video": ..., "frames": ..., "vit_ms": ..., "prefill_ms": ..., ...}
     ...
@@ -12,7 +12,8 @@ Layout (`RUN.jsonl`):
 - The header is the first line. Its `config` is the run's identity (benchmark and annotation
   hash, model, STC config, fps, generation settings, protocol and its version): a run refuses to append to
   a file whose header `config` differs (`ResultsMismatchError`, naming the differing keys).
-  Versions and machine are recorded too, but only warned about when they change on resume. The
+  The run's environment (`measure.environment`: versions, machine, threads, git revision, date) is
+  recorded too; a version change is only warned about on resume. The
   header's `questions` is how many questions the run plans to answer (a `plan` line updates it
   when a resumed run plans another number, e.g. with another --max-videos), so a report can tell
   a finished run from an interrupted one.
@@ -168,6 +169,12 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     return keys
 
 
+def header_versions(header: dict[str, Any]) -> dict[str, Any]:
+    """The package versions a results header records (in its environment, or, in files written
+    before the environment record, under "versions")."""
+    return (header.get("environment") or {}).get("versions") or header.get("versions", {})
+
+
 class ResultsWriter:
     """Appends records to a results file, one fsync'ed line each.
 
@@ -190,10 +197,11 @@ class ResultsWriter:
                     f"{self.path} was written with a different configuration ({', '.join(differences)}); "
                     "resume it with the same settings, or write to a new --output file"
                 )
-            for name, value in header.get("versions", {}).items():
-                if self.existing.header.get("versions", {}).get(name) != value:
+            before = header_versions(self.existing.header)
+            for name, value in header_versions(header).items():
+                if before.get(name) != value:
                     logger.warning("%s: %s was %s when this file was started, now %s", self.path, name,
-                                   self.existing.header.get("versions", {}).get(name), value)
+                                   before.get(name), value)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = self.path.open("a+", encoding="utf-8")
         if fcntl is not None:
@@ -245,6 +253,7 @@ __all__ = [
     "ResultsWriter",
     "RunResults",
     "config_differences",
+    "header_versions",
     "read_results",
     "record_key",
 ]

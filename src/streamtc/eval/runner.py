@@ -15,10 +15,8 @@ the order answers arrive; records of one video stay in time order.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import logging
-import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 
 from ..config import STCConfig
+from ..measure import environment
 from ..presets import torch_dtype
 from .benchmarks import protocol_of
 from .benchmarks.base import Protocol
@@ -99,17 +98,6 @@ class ModelSpec:
                                             device=device, dtype=dtype, **policy)
 
 
-def versions() -> dict[str, str]:
-    """Versions that can change answers (warned about on resume when they differ)."""
-    import av
-    import transformers
-
-    from .. import __version__
-
-    return {"streamtc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "av": av.__version__, "python": platform.python_version()}
-
-
 def run_config(benchmark: Benchmark, spec: ModelSpec, settings: EvalSettings, protocol: str) -> dict[str, Any]:
     """The identity of a run: a results file only takes records written with an equal config."""
     return {
@@ -148,20 +136,17 @@ class EvalRun:
         spec = replace(spec, system_prompt=self.protocol.system_prompt)
         self.benchmark, self.spec, self.settings, self.device = benchmark, spec, settings, device
         self.output = Path(output)
-        from ..bench.timing import machine_info
-
+        config = run_config(benchmark, spec, settings, protocol)
         header = {
             "type": "header",
             "format": FORMAT,
-            "config": run_config(benchmark, spec, settings, protocol),
+            "config": config,
             "questions": benchmark.questions,
             "model_id": spec.model_id,
             "benchmark_title": benchmark.spec.title,
             "annotations": str(benchmark.annotations),
             "videos": str(benchmark.videos),
-            "versions": versions(),
-            "machine": machine_info(device),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(device, config),
         }
         self.writer = ResultsWriter(self.output, header)
         existing = self.writer.existing
@@ -248,4 +233,4 @@ def summarize(path: str | Path, complete_keys: set[Key] | None = None) -> dict[s
     return summary
 
 
-__all__ = ["EvalRun", "ModelSpec", "run_config", "summarize", "versions"]
+__all__ = ["EvalRun", "ModelSpec", "run_config", "summarize"]

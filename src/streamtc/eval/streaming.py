@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import positive_int
 from ..errors import ConfigError, InputError, VideoSourceError
 from ..session import StreamingSession
 from ..sources import Frame, PyAVSource
@@ -69,8 +70,7 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
             raise ConfigError(f"fps must be a finite number > 0, got {self.fps!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        positive_int(self.max_new_tokens, "max_new_tokens")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

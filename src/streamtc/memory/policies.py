@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache
 
-from ..errors import ConfigError
+from ..checks import positive_int
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,7 @@ class SlidingWindowCache(FullCache):
     """
 
     def __init__(self, max_visual_tokens: int) -> None:
-        if isinstance(max_visual_tokens, bool) or not isinstance(max_visual_tokens, int) or max_visual_tokens < 1:
-            raise ConfigError(f"max_visual_tokens must be an int >= 1, got {max_visual_tokens!r}")
+        positive_int(max_visual_tokens, "max_visual_tokens")
         self.max_visual_tokens = max_visual_tokens
         self._prefix_tokens = 0
         self._frame_tokens: deque[int] = deque()  # token count of each frame in the cache, oldest first

@@ -1,4 +1,4 @@
-"""STC-Pruner (SPEC §3): keep each frame's novel visual tokens between projector and LLM.
+"""STC-Pruner (docs/algorithms.md, section 3): keep each frame's novel visual tokens between projector and LLM.
 
 `functional` holds the pure scoring functions, `pruner` the per-stream wrapper, `layouts` the
 mapping between kept per-frame indices and positions in a model's visual sequence.

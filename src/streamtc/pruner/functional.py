@@ -1,4 +1,4 @@
-"""STC-Pruner scoring as pure tensor functions (SPEC §3): tensors in, scores or kept tokens out.
+"""STC-Pruner scoring as pure tensor functions (docs/algorithms.md, section 3): tensors in, scores or kept tokens out.
 
 Nothing here holds state; the per-stream memory lives in `pruner.PrunerState` and is passed in
 explicitly, so every function can be tested on hand-built tensors without a model. Shapes:

@@ -29,12 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import positive_int
 from ..errors import ConfigError, InputError
-
-
-def _check_size(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _valid_mask(indices: Tensor, lengths: Tensor | None, tokens_per_frame: int) -> Tensor:
@@ -81,7 +77,7 @@ class FlatLayout:
     tokens_per_frame: int
 
     def __post_init__(self) -> None:
-        _check_size("tokens_per_frame", self.tokens_per_frame)
+        positive_int(self.tokens_per_frame, "tokens_per_frame")
 
 
     def frame_tokens(self, sequence: Tensor) -> Tensor:
@@ -106,7 +102,7 @@ class LlavaOnevisionVideoLayout:
     tokens_per_frame: int = 196
 
     def __post_init__(self) -> None:
-        _check_size("tokens_per_frame", self.tokens_per_frame)
+        positive_int(self.tokens_per_frame, "tokens_per_frame")
 
     @classmethod
     def for_config(cls, config: Any) -> LlavaOnevisionVideoLayout:
@@ -145,8 +141,8 @@ class LlavaVideoLayout:
     width: int = 13
 
     def __post_init__(self) -> None:
-        _check_size("height", self.height)
-        _check_size("width", self.width)
+        positive_int(self.height, "height")
+        positive_int(self.width, "width")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -191,8 +187,8 @@ class QwenVLLayout:
         if len(self.grid_thw) != 3:
             raise ConfigError(f"grid_thw must be (t, h, w), got {self.grid_thw!r}")
         for name, value in zip(("grid_t", "grid_h", "grid_w"), self.grid_thw):
-            _check_size(name, value)
-        _check_size("spatial_merge_size", self.spatial_merge_size)
+            positive_int(value, name)
+        positive_int(self.spatial_merge_size, "spatial_merge_size")
         _, h, w = self.grid_thw
         if h % self.spatial_merge_size or w % self.spatial_merge_size:
             raise ConfigError(f"grid {h}x{w} is not divisible by spatial_merge_size {self.spatial_merge_size}")

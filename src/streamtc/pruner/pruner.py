@@ -1,4 +1,4 @@
-"""STC-Pruner: the small stateful wrapper around `functional` (SPEC §3).
+"""STC-Pruner: the small stateful wrapper around `functional` (docs/algorithms.md, section 3).
 
     pruner = STCPruner(PrunerConfig(scoring="dual_anchor", keep_ratio=0.3))
     kept = pruner.prune(features)            # features [F, P, D] of one stream
@@ -32,13 +32,11 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..config import PrunerConfig
+from ..checks import positive_int
+from ..config import DEFAULT_KEEP_RATIO, PrunerConfig
 from ..errors import ConfigError, StreamStateError
 from . import functional as PF
 from .functional import KeptTokens
-
-DEFAULT_KEEP_RATIO = 0.3  # the paper's share when Pruner and Cacher are combined, as in PrunerConfig
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -55,9 +53,7 @@ class Budget:
             raise ConfigError("give either tokens_per_frame or keep_ratio, not both")
         if self.tokens_per_frame is None and self.keep_ratio is None:
             object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
-        count = self.tokens_per_frame
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-            raise ConfigError(f"token budget must be an int >= 1 per frame, got tokens_per_frame={count!r}")
+        positive_int(self.tokens_per_frame, "tokens_per_frame", optional=True, hint="the token budget per frame")
         if self.keep_ratio is not None and (
             isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float))
             or not 0.0 < float(self.keep_ratio) <= 1.0

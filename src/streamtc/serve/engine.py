@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamTCError
 from ..memory import SlidingWindowCache
@@ -122,9 +123,7 @@ class ServeLimits:
     def __post_init__(self) -> None:
         for name in ("max_streams", "max_queue_frames", "max_upload_bytes", "max_frame_side", "max_question_chars",
                      "max_options", "max_new_tokens", "max_model_views"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(getattr(self, name), name)
 
 
 @dataclass(frozen=True)
@@ -192,9 +191,7 @@ class StreamSpec:
             raise ConfigError(f"fps must be a number in (0, 60], got {self.fps!r}")
         if self.stc != "default" and self.stc is not None and not isinstance(self.stc, STCConfig):
             raise ConfigError(f"stc must be 'default', None or an STCConfig, got {self.stc!r}")
-        if self.window_tokens is not None and (isinstance(self.window_tokens, bool)
-                                               or not isinstance(self.window_tokens, int) or self.window_tokens < 1):
-            raise ConfigError(f"window_tokens must be None or an int >= 1, got {self.window_tokens!r}")
+        positive_int(self.window_tokens, "window_tokens", optional=True)
         if self.max_seconds is not None and not (isinstance(self.max_seconds, (int, float)) and self.max_seconds > 0):
             raise ConfigError(f"max_seconds must be None or > 0, got {self.max_seconds!r}")
         if self.source is None and (self.loop or self.max_seconds is not None):

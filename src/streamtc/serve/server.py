@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError
 from ..session import StreamingSession
@@ -60,9 +61,7 @@ class ServerSettings:
                               "(bearer auth on every endpoint), or bind 127.0.0.1")
         if self.token is not None and len(self.token) < 8:
             raise ConfigError("--token must be at least 8 characters")
-        if self.replicas is not None and (isinstance(self.replicas, bool) or not isinstance(self.replicas, int)
-                                          or self.replicas < 1):
-            raise ConfigError(f"replicas must be an int >= 1, got {self.replicas!r}")
+        positive_int(self.replicas, "replicas", optional=True)
 
     @property
     def model_name(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ...checks import positive_int
 from ...errors import ConfigError
 from ..datasets import AnnotationError, Benchmark, read_json_records
 from . import egoschema, mlvu, ovobench, streamingbench, videomme
@@ -22,7 +23,8 @@ from .base import PROTOCOLS, BenchmarkSpec, Prompt, Protocol
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec
-    for spec in (ovobench.SPEC, streamingbench.SPEC, mlvu.SPEC, egoschema.SPEC, egoschema.FULL_SPEC, videomme.SPEC)
+    for spec in (ovobench.BENCHMARK, streamingbench.BENCHMARK, mlvu.BENCHMARK, egoschema.BENCHMARK,
+                 egoschema.FULL_BENCHMARK, videomme.BENCHMARK)
 }
 ALIASES = {alias: spec.name for spec in BENCHMARKS.values() for alias in spec.aliases}
 # The paper reports EgoSchema, MLVU and Video-MME as one average (ReKV + LLaVA-OV-7B).
@@ -72,8 +74,7 @@ def limit_videos(benchmark: Benchmark, max_videos: int | None) -> Benchmark:
     runs."""
     if max_videos is None:
         return benchmark
-    if max_videos < 1:
-        raise ConfigError(f"max_videos must be >= 1, got {max_videos}")
+    positive_int(max_videos, "max_videos")
     tasks = benchmark.tasks[:max_videos]
     kept = {t.video for t in tasks}
     return replace(benchmark, tasks=tasks, problems=tuple(p for p in benchmark.problems if p.video in kept))

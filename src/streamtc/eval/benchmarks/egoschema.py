@@ -199,23 +199,23 @@ PAPER = Protocol(
     headline="accuracy over the labelled questions (the paper's host)",
     rule="ReKV's extract_choice: the character before the first ')' (else the first character)",
 )
-SPEC = BenchmarkSpec(
+BENCHMARK = BenchmarkSpec(
     name="egoschema", title="EgoSchema (labelled 500-question subset)", online=False, default_fps=0.5, load=load,
     detect=detect, protocols={"official": OFFICIAL, "paper": PAPER}, aliases=("egoschema-subset",),
     companions=("subset_answers.json",),
 )
-FULL_SPEC = replace(
-    SPEC, name="egoschema-full", title="EgoSchema (full set, submission file)", load=load_full, aliases=(),
+FULL_BENCHMARK = replace(
+    BENCHMARK, name="egoschema-full", title="EgoSchema (full set, submission file)", load=load_full, aliases=(),
     detect=lambda path, data: False,  # the subset is detected; the full set is asked for by name
     finish=write_submission,
 )
 
 __all__ = [
-    "FULL_SPEC",
+    "FULL_BENCHMARK",
     "INSTRUCTION",
     "OFFICIAL",
     "PAPER",
-    "SPEC",
+    "BENCHMARK",
     "aggregate",
     "judge",
     "lettered",

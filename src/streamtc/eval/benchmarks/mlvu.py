@@ -173,7 +173,7 @@ PAPER = Protocol(
     headline="accuracy over all questions (the paper's host)",
     rule="ReKV's extract_choice: the character before the first ')' (else the first character)",
 )
-SPEC = BenchmarkSpec(
+BENCHMARK = BenchmarkSpec(
     name="mlvu", title="MLVU-dev multiple choice", online=False, default_fps=0.5, load=load, detect=detect,
     protocols={"official": OFFICIAL, "paper": PAPER}, aliases=("mlvu-dev",),
 )
@@ -183,7 +183,7 @@ __all__ = [
     "NO_MATCH",
     "OFFICIAL",
     "PAPER",
-    "SPEC",
+    "BENCHMARK",
     "SYSTEM_PROMPT",
     "aggregate",
     "aggregate_pooled",

@@ -240,7 +240,7 @@ PAPER = Protocol(
     "paper", prompt, judge_paper, aggregate, cut=cut, headline=HEADLINE,
     rule="OVO-Bench's scorer on the last line of the reply (the paper's ReKV adapter)",
 )
-SPEC = BenchmarkSpec(
+BENCHMARK = BenchmarkSpec(
     name="ovobench", title="OVO-Bench", online=True, default_fps=1.0, load=load, detect=detect,
     protocols={"official": OFFICIAL, "paper": PAPER}, paper={"uncompressed": 52.6, "stc": 52.0},
     aliases=("ovo-bench", "ovo"),
@@ -254,7 +254,7 @@ __all__ = [
     "OFFICIAL",
     "PAPER",
     "REC_PROMPT_TEMPLATE",
-    "SPEC",
+    "BENCHMARK",
     "SSR_PROMPT_TEMPLATE",
     "aggregate",
     "cut",

@@ -184,10 +184,10 @@ OFFICIAL = Protocol(
     rule="StreamingBench's count.py: the reply's first character is the answer letter",
 )
 PAPER = replace(OFFICIAL, name="paper", rule="as official: the paper ran StreamingBench's own evaluation code on ReKV")
-SPEC = BenchmarkSpec(
+BENCHMARK = BenchmarkSpec(
     name="streamingbench", title="StreamingBench real-time visual understanding", online=True, default_fps=1.0,
     load=load, detect=detect, protocols={"official": OFFICIAL, "paper": PAPER},
     paper={"uncompressed": 69.1, "stc": 65.2}, aliases=("streamingbench-rt",),
 )
 
-__all__ = ["ANSWER_CUE", "OFFICIAL", "PAPER", "PROMPT_TEMPLATE", "SPEC", "aggregate", "cut", "judge", "load", "prompt"]
+__all__ = ["ANSWER_CUE", "BENCHMARK", "OFFICIAL", "PAPER", "PROMPT_TEMPLATE", "aggregate", "cut", "judge", "load", "prompt"]

@@ -217,7 +217,7 @@ PAPER = Protocol(
     "paper", rekv.prompt, rekv.judge, aggregate, headline="accuracy over all questions (the paper's host)",
     rule="ReKV's extract_choice: the character before the first ')' (else the first character)",
 )
-SPEC = BenchmarkSpec(
+BENCHMARK = BenchmarkSpec(
     name="videomme", title="Video-MME (short/medium/long)", online=False, default_fps=0.5, load=load, detect=detect,
     protocols={"official": OFFICIAL, "paper": PAPER}, aliases=("video-mme",),
 )
@@ -228,7 +228,7 @@ __all__ = [
     "INSTRUCTION",
     "OFFICIAL",
     "PAPER",
-    "SPEC",
+    "BENCHMARK",
     "aggregate",
     "duration_category",
     "extract_characters_regex",

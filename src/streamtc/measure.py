@@ -1,9 +1,12 @@
-"""Clock, peak memory and machine description shared by the session and the benchmarks.
+"""Measurement at the bottom of the stack: clock, peak memory and the run's environment record.
 
-Every clock read is preceded by a device synchronisation, so GPU work queued by the timed code is
-inside the measurement; every benchmark writes `machine_info()` next to its numbers. Peak memory is
-CUDA's max allocated on a GPU and the process's peak RSS (VmHWM) on a CPU; both are process-wide
-and can be reset, so a measurement covers what ran since the reset.
+The session, `run --output`, the benchmarks and the evaluation all measure through this module (it
+imports nothing from streamtc, so every layer may use it; see docs/architecture.md). Every clock
+read is preceded by a device synchronisation, so GPU work queued by the timed code is inside the
+measurement. Peak memory is CUDA's max allocated on a GPU and the process's peak RSS (VmHWM) on a
+CPU; both are process-wide and can be reset, so a measurement covers what ran since the reset.
+Every result file carries one `environment(device, config)` record: package versions, machine,
+torch threads, git revision, date and the run's settings, the same keys for every kind of result.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import ctypes
 import datetime
 import gc
+import importlib.metadata
 import os
-import resource
 import platform
+import resource
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,25 +97,63 @@ def _git_hash() -> str | None:
     return out.stdout.strip() or None
 
 
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What produced a measurement: versions, CPU/GPU model, threads, date, git commit."""
-    import transformers
+# Packages whose version can change a number or an answer; a missing one is recorded as None.
+RECORDED_PACKAGES = ("transformers", "numpy", "av")
 
-    device = torch.device(device)
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the running streamtc and torch (the imported build, e.g. "+cpu"), of
+    `RECORDED_PACKAGES` as installed, and of Python."""
+    # the package this module belongs to is imported by now; reading it here imports nothing upward
+    running = sys.modules.get(__package__ or "streamtc")
+    versions: dict[str, str | None] = {
+        "streamtc": getattr(running, "__version__", None),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+    }
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The machine a measurement ran on: CPU model and count, platform, device (and GPU name)."""
+    device = torch.device(device)
+    info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
         "device": str(device),
-        "git": _git_hash(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-__all__ = ["synchronize", "timed", "reset_peak_memory", "peak_memory_bytes", "machine_info"]
+def environment(device: torch.device | str = "cpu", config: Any = None) -> dict[str, Any]:
+    """One record of what produced a result: date (UTC), package versions, machine, torch threads,
+    git revision and the run's `config` (any JSON-able value). Every result kind writes it under
+    the key "environment"."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "machine": machine_info(device),
+        "torch_threads": torch.get_num_threads(),
+        "git": _git_hash(),
+        "config": config,
+    }
+
+
+__all__ = [
+    "RECORDED_PACKAGES",
+    "environment",
+    "machine_info",
+    "package_versions",
+    "peak_memory_bytes",
+    "reset_peak_memory",
+    "synchronize",
+    "timed",
+]

@@ -1,0 +1,33 @@
+"""Argument checks shared by every layer, so that each rule and its message is written once.
+
+A count (frames, tokens, layers, streams, ...) is an `int` of at least 1; `bool` is refused although
+Python counts it as an int, and a float such as 2.0 is refused rather than silently truncated. The
+caller chooses the error type: `ConfigError` for settings, `InputError` for per-call input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError, StreamTCError
+
+
+def is_positive_int(value: Any) -> bool:
+    """True for an int >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def positive_int(
+    value: Any, name: str, *, optional: bool = False, error: type[StreamTCError] = ConfigError, hint: str = ""
+) -> Any:
+    """Return value if it is an int >= 1 (or None, when optional); raise `error` naming `name` otherwise.
+
+    hint: appended to the message in parentheses, e.g. "1 refreshes every chunk".
+    """
+    if (optional and value is None) or is_positive_int(value):
+        return value
+    expected = "None or an int >= 1" if optional else "an int >= 1"
+    raise error(f"{name} must be {expected}{f' ({hint})' if hint else ''}, got {value!r}")
+
+
+__all__ = ["is_positive_int", "positive_int"]
