@@ -22,7 +22,7 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("errors", "checks", "tokens", "config", "measure"),
     "algorithms": ("cacher", "pruner", "baselines"),
-    "hosts": ("hosts", "preprocess", "tokenizer", "prompts", "presets", "weights"),
+    "hosts": ("hosts", "preprocess", "tokenizer", "prompts", "presets", "weights", "vllm"),
     # "streamtc": the package root's facade; factory, loop, variants: the session factory, the one
     # streaming loop and the variant registry (issue 16)
     "runtime": ("session", "memory", "sources", "factory", "loop", "variants", "streamtc"),
