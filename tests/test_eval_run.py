@@ -25,8 +25,9 @@ from streamtc.cli import app
 from streamtc.errors import VideoSourceError
 from streamtc.eval.benchmarks import load_benchmark, protocol_of
 from streamtc.eval.results import ResultsMismatchError, read_results
-from streamtc.eval.runner import EvalRun, ModelSpec
+from streamtc.eval.runner import EvalRun
 from streamtc.eval.streaming import EvalSettings, run_video
+from streamtc.factory import SessionSpec as ModelSpec
 from streamtc.session import StreamingSession
 from streamtc.sources import PyAVSource
 
