@@ -313,6 +313,25 @@ def test_eval_cli_offline_run_and_report_comparison(videomme: Path, tmp_path: Pa
     assert result.exit_code == 0 and "ovobench" in result.output and "52.6" in result.output
 
 
+def test_eval_cli_runs_a_named_variant_and_qwen_at_its_protocol_rate(videomme: Path, tmp_path: Path) -> None:
+    common = ["eval", "run", "videomme", str(videomme / "videomme.json"), "--videos", str(videomme / "data"),
+              "--max-new-tokens", "2"]
+    uniform = tmp_path / "uniform.jsonl"
+    result = runner.invoke(app, [*common, "--output", str(uniform), "--variant", "uniform 25%"])
+    assert result.exit_code == 0, result.output
+    config = read_results(uniform).header["config"]
+    assert config["variant"]["name"] == "uniform 25%" and config["stc"] is None and config["fps"] == 0.5
+    result = runner.invoke(app, ["eval", "report", str(uniform)])
+    assert result.exit_code == 0 and "uniform 25%" in result.output
+    qwen = tmp_path / "qwen.jsonl"
+    result = runner.invoke(app, [*common, "--output", str(qwen), "--preset", "qwen2-vl-tiny", "--no-stc"])
+    assert result.exit_code == 0, result.output
+    assert "at 2 fps" in result.output and read_results(qwen).header["config"]["fps"] == 2.0
+    assert {r["frames"] for r in read_results(qwen).answers.values() if r["error"] is None} == {8}  # 4 s at 2 fps
+    result = runner.invoke(app, [*common, "--output", str(tmp_path / "x.jsonl"), "--variant", "stc", "--no-stc"])
+    assert result.exit_code != 0 and "--variant" in result.output
+
+
 def test_egoschema_full_set_writes_a_submission(tmp_path: Path) -> None:
     write_clip(tmp_path / "videos" / "uid0.mp4", 3, seed=4)
     questions = [{"q_uid": f"uid{i}", "question": "What did C do?", **{f"option {k}": f"thing {k}" for k in range(5)}}
