@@ -2,8 +2,9 @@
 
     streamtc bench pipeline --preset llava-ov-0.5b --vit-layers 4 --text-layers 4 --frames 16,32,64
 
-Each variant streams the same real-footage frames through a `StreamingSession`, one frame per
-push. At every checkpoint (16, 32 and 64 frames by default) of one stream the harness reads the
+Each variant (`streamtc.variants`: every registered one by default) streams the same real-footage
+frames through its own `StreamingSession` on one loaded model (`streamtc.factory.derive_session`),
+one frame per push. At every checkpoint (16, 32 and 64 frames by default) of one stream the harness reads the
 cumulative stage times, pre-fills what is pending, and asks a fixed question set: so a 64-frame
 stream also measures 16 and 32 frames, exactly as a live stream passes through them.
 
