@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from streamtc.bench.pipeline import VARIANTS_BY_NAME, PipelineSettings, load_video_frames, run_pipeline_benchmark
+from streamtc.bench.pipeline import PipelineSettings, load_video_frames, run_pipeline_benchmark
+from streamtc.variants import VARIANTS
 from streamtc.bench.vit import Variant, load_benchmark_frames, run_vit_benchmark
 from streamtc.config import CacherConfig
 from streamtc.measure import environment
@@ -72,7 +73,7 @@ def prefill(args: argparse.Namespace) -> dict[str, Any]:
     settings = PipelineSettings(preset="tiny-llava-ov" if args.dry_run else "llava-ov-0.5b", frames=frames,
                                 repeats=args.repeats, warmup_frames=2, max_new_tokens=2, device=args.device,
                                 dtype=args.dtype)
-    variants = [VARIANTS_BY_NAME[n] for n in ("none", "stc", "pruner gaussian 30%")]
+    variants = [VARIANTS[n] for n in ("none", "stc", "pruner gaussian 30%")]
     report = run_pipeline_benchmark(settings, variants, frames=load_video_frames("demo", max(frames)))
     rows = [{"variant": f"{r['variant']} @{r['frames']}", "prefill_ms": r["prefill_ms"],
              "prefill_ratio": r["prefill_ratio"], "vit_ms_per_frame": r["vit_ms_per_frame"],

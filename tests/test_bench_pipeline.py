@@ -9,16 +9,15 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from streamtc.bench.pipeline import (
-    CSV_FIELDS, VARIANTS_BY_NAME, PipelineSettings, PipelineVariant, load_video_frames, run_pipeline_benchmark,
-    write_outputs,
-)
+from streamtc.bench.pipeline import CSV_FIELDS, PipelineSettings, load_video_frames, run_pipeline_benchmark, write_outputs
 from streamtc.cli import app
 from streamtc.errors import ConfigError
 from streamtc.measure import environment
 
 # Every test here reads one report of seven variants streamed twice: minutes on a loaded 2-core machine.
 pytestmark = pytest.mark.slow
+from streamtc.variants import VARIANTS as VARIANTS_BY_NAME
+from streamtc.variants import Variant as PipelineVariant
 
 DELAY_MS = 250.0  # large next to the tiny preset's frame time, so a loaded machine cannot hide it
 

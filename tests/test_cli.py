@@ -76,3 +76,19 @@ def test_bench_pruner_times_every_method_at_every_call_size(tmp_path):
     assert all(r["ms_per_frame"] > 0 for r in rows)
     bad = runner.invoke(app, ["bench", "pruner", "--keep", "300"])
     assert bad.exit_code != 0 and "--keep" in bad.output
+
+
+def test_run_compares_a_named_variant_with_the_uncompressed_model(tmp_path):
+    out = tmp_path / "run.json"
+    result = runner.invoke(app, ["run", "demo", "--variant", "uniform 25%", "--compare", "--fps", "1", "--max-seconds",
+                                 "2", "--ask", "1:What?", "--max-new-tokens", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "/ no STC" in result.output and "uniform 25%" in result.output  # the ratio row (the column wraps)
+    report = json.loads(out.read_text())
+    assert report["variant"] == "uniform 25%" and list(report["stats"]) == ["no STC", "uniform 25%"]
+    assert report["stats"]["uniform 25%"]["visual_tokens"] == 3 * 4 and report["stats"]["no STC"]["visual_tokens"] == 3 * 16
+    assert report["ratios"]["visual_tokens"]["ratio"] == 0.25
+    bad = runner.invoke(app, ["run", "demo", "--variant", "warp drive"])
+    assert bad.exit_code != 0 and "unknown variant 'warp drive'" in str(bad.exception)
+    listing = runner.invoke(app, ["variants"])
+    assert listing.exit_code == 0 and "visionzip 25%" in listing.output and "Cacher N=2" in listing.output

@@ -25,9 +25,10 @@ from streamtc.cli import app
 from streamtc.errors import VideoSourceError
 from streamtc.eval.benchmarks import load_benchmark, protocol_of
 from streamtc.eval.results import ResultsMismatchError, read_results
+from streamtc.eval.runner import EvalRun
 from streamtc.measure import environment
-from streamtc.eval.runner import EvalRun, ModelSpec
 from streamtc.eval.streaming import EvalSettings, run_video
+from streamtc.factory import SessionSpec as ModelSpec
 from streamtc.session import StreamingSession
 from streamtc.sources import PyAVSource
 
@@ -314,6 +315,25 @@ def test_eval_cli_offline_run_and_report_comparison(videomme: Path, tmp_path: Pa
     assert result.exit_code != 0
     result = runner.invoke(app, ["eval", "benchmarks"])
     assert result.exit_code == 0 and "ovobench" in result.output and "52.6" in result.output
+
+
+def test_eval_cli_runs_a_named_variant_and_qwen_at_its_protocol_rate(videomme: Path, tmp_path: Path) -> None:
+    common = ["eval", "run", "videomme", str(videomme / "videomme.json"), "--videos", str(videomme / "data"),
+              "--max-new-tokens", "2"]
+    uniform = tmp_path / "uniform.jsonl"
+    result = runner.invoke(app, [*common, "--output", str(uniform), "--variant", "uniform 25%"])
+    assert result.exit_code == 0, result.output
+    config = read_results(uniform).header["config"]
+    assert config["variant"]["name"] == "uniform 25%" and config["stc"] is None and config["fps"] == 0.5
+    result = runner.invoke(app, ["eval", "report", str(uniform)])
+    assert result.exit_code == 0 and "uniform 25%" in result.output
+    qwen = tmp_path / "qwen.jsonl"
+    result = runner.invoke(app, [*common, "--output", str(qwen), "--preset", "qwen2-vl-tiny", "--no-stc"])
+    assert result.exit_code == 0, result.output
+    assert "at 2 fps" in result.output and read_results(qwen).header["config"]["fps"] == 2.0
+    assert {r["frames"] for r in read_results(qwen).answers.values() if r["error"] is None} == {8}  # 4 s at 2 fps
+    result = runner.invoke(app, [*common, "--output", str(tmp_path / "x.jsonl"), "--variant", "stc", "--no-stc"])
+    assert result.exit_code != 0 and "--variant" in result.output
 
 
 def test_egoschema_full_set_writes_a_submission(tmp_path: Path) -> None:

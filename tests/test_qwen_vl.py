@@ -248,7 +248,8 @@ def test_from_pretrained_loads_a_saved_qwen_checkpoint(tmp_path, frames: np.ndar
     assert (loaded.next_token_logits(QUESTION) - one_shot_logits(loaded, inputs)).abs().max().item() <= TOLERANCE
     assert split_video_prompt(loaded.tokenizer, "?", None, "<|video_pad|>").prefix.endswith("<|vision_start|>")
 
-    from streamtc.bench.pipeline import VARIANTS_BY_NAME, PipelineSettings, run_pipeline_benchmark
+    from streamtc.bench.pipeline import PipelineSettings, run_pipeline_benchmark
+    from streamtc.variants import VARIANTS as VARIANTS_BY_NAME
 
     settings = PipelineSettings(model=str(tmp_path), frames=(2,), repeats=1, warmup_frames=0, max_new_tokens=1)
     report = run_pipeline_benchmark(settings, [VARIANTS_BY_NAME["none"]], frames=(frames[:2], [0.0, 0.5]))
@@ -282,7 +283,8 @@ def test_run_compare_on_a_qwen_preset_runs_the_pruner_alone(tmp_path) -> None:
 
 
 def test_bench_pipeline_on_a_qwen_preset_skips_what_the_host_cannot_run() -> None:
-    from streamtc.bench.pipeline import VARIANTS_BY_NAME, PipelineSettings, load_video_frames, run_pipeline_benchmark
+    from streamtc.bench.pipeline import PipelineSettings, load_video_frames, run_pipeline_benchmark
+    from streamtc.variants import VARIANTS as VARIANTS_BY_NAME
 
     variants = [VARIANTS_BY_NAME[name] for name in ("none", "pruner gaussian 30%", "stc", "tome 25%")]
     settings = PipelineSettings(preset="qwen2.5-vl-tiny", frames=(4,), repeats=1, warmup_frames=0, max_new_tokens=2)
@@ -296,7 +298,7 @@ def test_bench_pipeline_on_a_qwen_preset_skips_what_the_host_cannot_run() -> Non
 
 
 def test_eval_model_spec_builds_qwen_sessions() -> None:
-    from streamtc.eval.runner import ModelSpec
+    from streamtc.factory import SessionSpec as ModelSpec
 
     session = ModelSpec(preset="livecc-tiny", stc=PRUNER.to_dict()).build()
     assert isinstance(session.host, QwenVLHost) and session.host.protocol == "livecc"

@@ -27,7 +27,8 @@ from streamtc import STCConfig, StreamingSession
 from streamtc.cacher import attached_cacher
 from streamtc.errors import ConfigError
 from streamtc.serve import ServeLimits, ServerSettings, ServerThread, SourcePolicy
-from streamtc.serve.engine import Engine, StreamSpec, shared_weights_view
+from streamtc.factory import shared_weights_view
+from streamtc.serve.engine import Engine, StreamSpec
 from streamtc.sources import builtin_clip_path, open_source
 
 PRESET = "tiny-llava-ov"

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from .cacher import CacherState, STCCacher
     from .pruner import KeptTokens, PrunerState, STCPruner
     from .memory import FullCache, SlidingWindowCache
+    from .factory import SessionSpec
     from .session import Answer, StreamingSession
+    from .variants import VARIANTS, Variant, get_variant
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,10 @@ _LAZY = {
     "STCPruner": "pruner",
     "PrunerState": "pruner",
     "KeptTokens": "pruner",
+    "SessionSpec": "factory",
+    "Variant": "variants",
+    "VARIANTS": "variants",
+    "get_variant": "variants",
 }
 
 
@@ -59,6 +65,10 @@ __all__ = [
     "STCPruner",
     "PrunerState",
     "KeptTokens",
+    "SessionSpec",
+    "Variant",
+    "VARIANTS",
+    "get_variant",
     "CacherConfig",
     "PrunerConfig",
     "STCConfig",

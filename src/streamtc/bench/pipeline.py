@@ -2,8 +2,9 @@
 
     streamtc bench pipeline --preset llava-ov-0.5b --vit-layers 4 --text-layers 4 --frames 16,32,64
 
-Each variant streams the same real-footage frames through a `StreamingSession`, one frame per
-push. At every checkpoint (16, 32 and 64 frames by default) of one stream the harness reads the
+Each variant (`streamtc.variants`: every registered one by default) streams the same real-footage
+frames through its own `StreamingSession` on one loaded model (`streamtc.factory.derive_session`),
+one frame per push. At every checkpoint (16, 32 and 64 frames by default) of one stream the harness reads the
 cumulative stage times, pre-fills what is pending, and asks a fixed question set: so a 64-frame
 stream also measures 16 and 32 frames, exactly as a live stream passes through them.
 
@@ -30,121 +31,29 @@ import csv
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..checks import is_positive_int
-from ..baselines import RandomPruner, ToMe, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features
-from ..baselines.tome import min_keep_tokens
-from ..cacher import STCCacher
-from ..config import DEFAULT_KEEP_RATIO, CacherConfig, PrunerConfig, STCConfig
 from ..errors import ConfigError
-from ..hosts import VideoHost, host_for
+from ..factory import SessionSpec, derive_session
+from ..hosts import VideoHost
 from ..measure import environment, peak_memory_bytes, reset_peak_memory, synchronize
-from ..presets import build_model, get_preset, torch_dtype
-from ..pruner import STCPruner
 from ..session import StreamingSession
-from ..tokenizer import tokenizer_for_config
 from ..tokens import token_cosine
+from ..variants import VARIANTS, Variant
 
-Baseline = Literal["uniform", "random", "vidcom2", "visionzip", "tome"]
-BASELINES: tuple[str, ...] = ("uniform", "random", "vidcom2", "visionzip", "tome")
 GPU_ONLY_PRESETS = ("llava-ov-7b",)  # a 7B fp32 model streaming 64 frames is days of CPU time
 PROXY_NOTE = ("random-weight presets: KL, answer agreement and ViT cosine are proxies for accuracy, "
               "not accuracy; run the evaluation with real weights for that")
 
 
-@dataclass(frozen=True)
-class PipelineVariant:
-    """One compression setting of the streaming pipeline.
-
-    stc: STC levels to enable (None: neither). baseline: a comparison method in place of the
-    Pruner (uniform, random, vidcom2, visionzip) or of the video path (tome), keeping
-    `keep_ratio` of the pooled tokens per frame. delay_ms: a sleep injected into every vision
-    forward, the harness's own check that it times what runs.
-    """
-
-    name: str
-    stc: STCConfig | None = None
-    baseline: Baseline | None = None
-    keep_ratio: float = 0.25
-    delay_ms: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.baseline is not None and self.baseline not in BASELINES:
-            raise ConfigError(f"unknown baseline {self.baseline!r}; choose from {', '.join(BASELINES)}")
-        if self.baseline is not None and self.stc is not None:
-            raise ConfigError(f"variant {self.name!r}: a baseline runs without STC")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
-
-    @property
-    def uncompressed(self) -> bool:
-        return self.stc is None and self.baseline is None
-
-    def describe(self) -> str:
-        """One line: what the variant runs."""
-        if self.baseline is not None:
-            return f"{self.baseline}, keeping {self.keep_ratio:.0%} of the pooled tokens"
-        if self.stc is None:
-            return "no compression" + (f", {self.delay_ms:g} ms sleep per vision forward" if self.delay_ms else "")
-        parts = []
-        if (c := self.stc.cacher) is not None:
-            options = [c.selection, f"{c.refresh} refresh"]
-            if c.refresh == "adaptive":
-                options.append(f"threshold {c.refresh_threshold}, budget {c.refresh_budget}")
-            if c.compile_mode:
-                options.append(f"compiled ({c.compile_mode})")
-            parts.append(f"Cacher N={c.cache_interval} r={c.update_ratio} ({', '.join(options)})")
-        if (pr := self.stc.pruner) is not None:
-            budget = f"{pr.tokens_per_frame} tokens" if pr.tokens_per_frame else f"{pr.keep_ratio:.0%}"
-            parts.append(f"Pruner {pr.scoring} {budget}")
-        return "; ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.describe(),
-                "stc": None if self.stc is None else self.stc.to_dict(),
-                "baseline": self.baseline, "keep_ratio": self.keep_ratio if self.baseline else None,
-                "delay_ms": self.delay_ms}
-
-
-def _cacher_only(interval: int, **options: Any) -> STCConfig:
-    return STCConfig(cacher=CacherConfig(cache_interval=interval, update_ratio=0.25, **options), pruner=None)
-
-
-def _pruner_only(scoring: str, ratio: float) -> STCConfig:
-    return STCConfig(cacher=None, pruner=PrunerConfig(scoring=scoring, keep_ratio=ratio))
-
-
-def _stc(**cacher_options: Any) -> STCConfig:
-    return STCConfig(cacher=CacherConfig(cache_interval=2, update_ratio=0.25, **cacher_options),
-                     pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO))
-
-
-DEFAULT_PIPELINE_VARIANTS: tuple[PipelineVariant, ...] = (
-    PipelineVariant("none"),
-    PipelineVariant("cacher N=2", _cacher_only(2)),
-    PipelineVariant("cacher N=4", _cacher_only(4)),
-    PipelineVariant("pruner gaussian 25%", _pruner_only("gaussian", 0.25)),
-    PipelineVariant("pruner gaussian 30%", _pruner_only("gaussian", DEFAULT_KEEP_RATIO)),
-    PipelineVariant("pruner dual_anchor 25%", _pruner_only("dual_anchor", 0.25)),
-    PipelineVariant("pruner dual_anchor 30%", _pruner_only("dual_anchor", DEFAULT_KEEP_RATIO)),
-    PipelineVariant("stc", _stc()),
-    PipelineVariant("stc shared", _stc(selection="shared")),
-    PipelineVariant("stc adaptive", STCConfig(
-        cacher=CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_signal="keys", refresh_threshold=0.92,
-                            refresh_budget=2),
-        pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO))),
-    PipelineVariant("stc compiled", _stc(compile_mode="default")),
-    *(PipelineVariant(f"{name} 25%", baseline=name) for name in BASELINES),
-)
-VARIANTS_BY_NAME = {v.name: v for v in DEFAULT_PIPELINE_VARIANTS}
+DEFAULT_PIPELINE_VARIANTS: tuple[Variant, ...] = tuple(VARIANTS.values())  # every registered variant
 
 DEFAULT_QUESTIONS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("What is happening in the video?", None),
@@ -175,12 +84,15 @@ class PipelineSettings:
             raise ConfigError(f"frames must be frame counts >= 1, got {self.frames!r}")
         if self.repeats < 1 or self.warmup_frames < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
-        torch_dtype(self.dtype)  # validates
-        if self.model is not None and (self.vit_layers is not None or self.text_layers is not None):
-            raise ConfigError("depth overrides apply to presets; real weights (model=...) run at their own depth")
+        self.session_spec()  # validates the model's settings
         if self.model is None and self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
             raise ConfigError(f"preset {self.preset!r} is benchmarked on a GPU only (--device cuda); on a CPU use "
                               "llava-ov-0.5b with depth overrides")
+
+    def session_spec(self) -> SessionSpec:
+        """The model every variant runs on (uncompressed; `derive_session` adds each variant)."""
+        return SessionSpec(model=self.model, preset=self.preset, num_layers=self.vit_layers,
+                           text_layers=self.text_layers, seed=self.seed, dtype=self.dtype)
 
 
 # -- one stream ----------------------------------------------------------------------------------
@@ -249,81 +161,41 @@ class _TowerTimer:
 
 
 class VariantRunner:
-    """Builds one variant's sessions on a shared model; its STC objects persist across streams
-    (a compiled Cacher compiles once), patches are applied per stream and removed after it."""
+    """One variant's session on the shared model, for the whole benchmark: a variant that changes
+    modules (the Cacher, ToMe, VisionZip, the injected sleep) runs on its own shared-weights view, so
+    its STC objects persist across streams (a compiled Cacher compiles once) and leave the other
+    variants' forwards untouched; each stream starts with `reset()`."""
 
-    def __init__(self, variant: PipelineVariant, host: VideoHost, settings: PipelineSettings,
-                 preprocessor: Callable[[Any], Any] | None = None) -> None:
-        self.variant, self.host, self.settings, self.preprocessor = variant, host, settings, preprocessor
-        self.model, self.tokenizer = host.model, host.tokenizer
-        stc = variant.stc
-        self.cacher = STCCacher(stc.cacher) if stc is not None and stc.cacher is not None else None
-        self.pruner = STCPruner(stc.pruner) if stc is not None and stc.pruner is not None else None
-        self.pooled_side = getattr(host, "pooled_side", None)  # LLaVA-OneVision's pooled grid (ToMe, VisionZip)
-
-    @contextmanager
-    def session(self) -> Iterator[StreamingSession]:
-        variant, model = self.variant, self.model
-        undo: list[Callable[[], None]] = []
-        selector, encoder = None, None
-        tower = self.host.vision_tower
-        if variant.baseline == "tome":
-            config = tower.config
-            tokens, layers = (config.image_size // config.patch_size) ** 2, config.num_hidden_layers
-            keep = max(1, round(variant.keep_ratio * self.pooled_side**2))
-            tome = ToMe(keep_tokens=max(keep, min_keep_tokens(tokens, layers))).apply(tower)
-            undo.append(tome.remove)
-            encoder = tome_video_features
-        elif variant.baseline == "visionzip":
-            selector = VisionZipPruner(keep_ratio=variant.keep_ratio).attach(
-                model, pooled_size=self.pooled_side)
-            undo.append(selector.detach)
-        elif variant.baseline is not None:
-            selector = {"uniform": UniformPruner, "random": RandomPruner, "vidcom2": VidCom2Pruner}[variant.baseline](
-                keep_ratio=variant.keep_ratio)
-        if self.cacher is not None:
-            self.cacher.attach(model)
-            undo.append(self.cacher.detach)
-        if variant.delay_ms > 0:
-            # a post-hook registered before the timer's: the sleep ends inside the timed tower forward
-            handle = tower.register_forward_hook(lambda module, args, output: time.sleep(variant.delay_ms / 1e3))
-            undo.append(handle.remove)
-        try:
-            session = StreamingSession(
-                model, self.tokenizer, variant.stc, selector=selector, encoder=encoder, host=self.host,
-                preprocessor=self.preprocessor,
-                prefill_min_tokens=self.settings.prefill_min_tokens,
-                _shared_stc=(self.cacher, self.pruner) if variant.stc is not None else None,
-            )
-            yield session
-        finally:
-            for step in reversed(undo):
-                step()
+    def __init__(self, variant: Variant, base: StreamingSession, settings: PipelineSettings) -> None:
+        self.variant, self.settings = variant, settings
+        self.session = derive_session(base, variant, share_weights=True, prefill_min_tokens=settings.prefill_min_tokens)
+        self.host, self.model = self.session.host, self.session.model
 
     def stream(self, frames: np.ndarray, timestamps: Sequence[float], checkpoints: Sequence[int],
                questions: Sequence[tuple[str, tuple[str, ...] | None]], keep_outputs: bool) -> StreamRun:
         """Push `frames` one at a time; measure at every checkpoint."""
         device = next(self.model.parameters()).device
-        with self.session() as session:
-            timer = _TowerTimer(self.host, device, keep_outputs)
-            try:
-                reset_peak_memory(device)
-                results: list[Checkpoint] = []
-                push_ms = 0.0
-                for index in range(len(frames)):
-                    synchronize(device)
+        session = self.session
+        session.reset()
+        timer = _TowerTimer(self.host, device, keep_outputs)
+        try:
+            reset_peak_memory(device)
+            results: list[Checkpoint] = []
+            push_ms = 0.0
+            for index in range(len(frames)):
+                synchronize(device)
+                start = time.perf_counter()
+                session.push(frames[index : index + 1], timestamps[index : index + 1])
+                synchronize(device)
+                push_ms += (time.perf_counter() - start) * 1e3
+                if index + 1 in checkpoints:
                     start = time.perf_counter()
-                    session.push(frames[index : index + 1], timestamps[index : index + 1])
+                    session.flush()
                     synchronize(device)
                     push_ms += (time.perf_counter() - start) * 1e3
-                    if index + 1 in checkpoints:
-                        start = time.perf_counter()
-                        session.flush()
-                        synchronize(device)
-                        push_ms += (time.perf_counter() - start) * 1e3
-                        results.append(self._checkpoint(session, timer, push_ms, questions))
-            finally:
-                timer.remove()
+                    results.append(self._checkpoint(session, timer, push_ms, questions))
+        finally:
+            timer.remove()
         return StreamRun(results, timer.frame_ms, timer.outputs)
 
     def _checkpoint(self, session: StreamingSession, timer: _TowerTimer, push_ms: float,
@@ -366,7 +238,7 @@ def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum())
 
 
-def _summarise(variant: PipelineVariant, runs: list[StreamRun], reference: StreamRun | None,
+def _summarise(variant: Variant, runs: list[StreamRun], reference: StreamRun | None,
                baseline_rows: dict[int, dict[str, Any]] | None) -> list[dict[str, Any]]:
     """One row per checkpoint: medians over the timed runs, ratios against the uncompressed
     variant's rows, fidelity of the last run against the reference run."""
@@ -417,19 +289,9 @@ def load_video_frames(video: str, count: int) -> tuple[np.ndarray, list[float]]:
     return np.stack([f.image for f in frames]), [f.timestamp for f in frames]
 
 
-def unsupported_reason(variant: PipelineVariant, host: VideoHost) -> str | None:
-    """Why `host` cannot run `variant` (None: it can). The Cacher needs a supported vision tower;
-    ToMe and VisionZip work on LLaVA-OneVision's fixed SigLIP grid."""
-    if variant.stc is not None and variant.stc.cacher is not None and not host.supports_cacher:
-        return f"STC-Cacher does not support {type(host.vision_tower).__name__}"
-    if variant.baseline in ("tome", "visionzip") and getattr(host, "pooled_side", None) is None:
-        return f"{variant.baseline} needs a LLaVA-OneVision host"
-    return None
-
-
 def run_pipeline_benchmark(
     settings: PipelineSettings,
-    variants: Sequence[PipelineVariant] = DEFAULT_PIPELINE_VARIANTS,
+    variants: Sequence[Variant] = DEFAULT_PIPELINE_VARIANTS,
     questions: Sequence[tuple[str, tuple[str, ...] | None]] = DEFAULT_QUESTIONS,
     frames: tuple[np.ndarray, list[float]] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -441,24 +303,15 @@ def run_pipeline_benchmark(
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names must be unique, got {names}")
-    if settings.model is not None:  # real weights with their tokenizer, template and processor config
-        loaded = StreamingSession.from_pretrained(settings.model, stc=None, device=settings.device,
-                                                  dtype=torch_dtype(settings.dtype))
-        host, preprocessor = loaded.host, loaded.preprocessor
-        model = loaded.model
-    else:
-        preset = get_preset(settings.preset)
-        model = build_model(settings.preset, num_layers=settings.vit_layers, text_layers=settings.text_layers,
-                            seed=settings.seed, dtype=torch_dtype(settings.dtype)).to(settings.device)
-        host = host_for(model, tokenizer_for_config(model.config), preset.protocol)
-        preprocessor = preset.preprocessor() if preset.preprocessor is not None else None
-    skipped = {v.name: reason for v in variants if (reason := unsupported_reason(v, host)) is not None}
+    base = settings.session_spec().load(settings.device)  # real weights come with their tokenizer and processor
+    model = base.model
+    skipped = {v.name: reason for v in variants if (reason := v.unsupported_reason(base.host)) is not None}
     variants = [v for v in variants if v.name not in skipped]
     checkpoints = sorted(set(settings.frames))
     images, stamps = frames if frames is not None else load_video_frames(settings.video, checkpoints[-1])
     if len(images) < checkpoints[-1]:
         raise ConfigError(f"{checkpoints[-1]} frames requested but only {len(images)} given")
-    runners = [VariantRunner(v, host, settings, preprocessor) for v in variants]
+    runners = [VariantRunner(v, base, settings) for v in variants]
     runs: dict[str, list[StreamRun]] = {v.name: [] for v in variants}
     warm = min(settings.warmup_frames, checkpoints[-1])
     for runner in runners:
@@ -606,7 +459,6 @@ def print_report(report: dict[str, Any], console: Any) -> None:
 
 
 __all__ = [
-    "BASELINES", "DEFAULT_PIPELINE_VARIANTS", "DEFAULT_QUESTIONS", "VARIANTS_BY_NAME", "Checkpoint",
-    "PipelineSettings", "PipelineVariant", "StreamRun", "VariantRunner", "load_video_frames", "print_report",
-    "run_pipeline_benchmark", "unsupported_reason", "write_outputs",
+    "DEFAULT_PIPELINE_VARIANTS", "DEFAULT_QUESTIONS", "Checkpoint", "PipelineSettings", "StreamRun", "VariantRunner",
+    "load_video_frames", "print_report", "run_pipeline_benchmark", "write_outputs",
 ]

@@ -2,6 +2,7 @@
 
     streamtc run        watch a video with a VideoLLM, answer questions at their times   (cli/run.py)
     streamtc presets    the built-in architectures                                       (cli/presets.py)
+    streamtc variants   STC, its halves and the baselines, by name                      (cli/variants.py)
     streamtc bench ...  time ratios and fidelity: vit, pipeline, pruner                   (cli/bench.py)
     streamtc eval ...   accuracy on streaming and offline video QA benchmarks            (cli/eval.py)
     streamtc serve      live streams over HTTP/websockets                                (cli/serve.py)
@@ -25,7 +26,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..errors import StreamTCError
-from . import bench, presets, run
+from . import bench, presets, run, variants
 from .common import console
 
 
@@ -58,6 +59,7 @@ app = typer.Typer(help="Streaming Token Compression for Hugging Face VideoLLMs."
                   pretty_exceptions_enable=False, cls=_StreamtcGroup)
 app.command("run")(run.run)
 app.command("presets")(presets.presets)
+app.command("variants")(variants.variants)
 app.add_typer(bench.bench_app, name="bench")
 
 

@@ -15,9 +15,9 @@ from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .common import console
+from .variants import print_variants
 
 bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side by side.", no_args_is_help=True)
 
@@ -177,21 +177,12 @@ def bench_pipeline(
     """Every stage of every variant (no compression, Cacher, Pruner, STC, baselines), interleaved,
     with fidelity beside speed."""
     from ..bench.pipeline import (
-        DEFAULT_PIPELINE_VARIANTS,
-        VARIANTS_BY_NAME,
-        PipelineSettings,
-        print_report,
-        run_pipeline_benchmark,
-        write_outputs,
+        DEFAULT_PIPELINE_VARIANTS, PipelineSettings, print_report, run_pipeline_benchmark, write_outputs,
     )
+    from ..variants import VARIANTS
 
     if list_variants:
-        table = Table(title="pipeline variants (--variants takes the names, comma-separated)")
-        table.add_column("name")
-        table.add_column("runs")
-        for variant in DEFAULT_PIPELINE_VARIANTS:
-            table.add_row(variant.name, variant.describe())
-        console.print(table)
+        print_variants("pipeline variants (--variants takes the names, comma-separated)")
         return
     try:
         counts = tuple(int(n) for n in frames.split(","))
@@ -201,10 +192,10 @@ def bench_pipeline(
         chosen = list(DEFAULT_PIPELINE_VARIANTS)
     else:
         names = [n.strip() for n in variants.split(",") if n.strip()]
-        unknown = [n for n in names if n not in VARIANTS_BY_NAME]
+        unknown = [n for n in names if n not in VARIANTS]
         if unknown:
             raise typer.BadParameter(f"unknown variants {unknown}; see `streamtc bench pipeline --list`")
-        chosen = [VARIANTS_BY_NAME["none"]] + [VARIANTS_BY_NAME[n] for n in names if n != "none"]
+        chosen = [VARIANTS["none"]] + [VARIANTS[n] for n in names if n != "none"]
     if threads is not None:
         import torch
 

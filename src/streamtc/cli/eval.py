@@ -2,6 +2,7 @@
 
     streamtc eval run ovobench ovo_bench_new.json --videos data/ovo --output runs/ovo_stc.jsonl
     streamtc eval run ovobench ovo_bench_new.json --videos data/ovo --output runs/ovo_base.jsonl --no-stc --ray
+    streamtc eval run ovobench ovo_bench_new.json --videos data/ovo --output runs/ovo_tome.jsonl --variant "tome 25%"
     streamtc eval run mlvu MLVU/data --videos data/mlvu/video --output runs/mlvu_paper.jsonl --protocol paper
     streamtc eval report runs/ovo_base.jsonl runs/ovo_stc.jsonl
     streamtc eval benchmarks
@@ -28,8 +29,9 @@ from typer.core import TyperCommand
 from ..config import STCConfig
 from ..eval.benchmarks import BENCHMARKS, PAPER_OFFLINE_AVERAGE, PROTOCOLS, limit_videos, load_benchmark
 from ..eval.report import check_comparable, load_run, render_comparison, render_run, render_timing
-from ..eval.runner import EvalRun, ModelSpec
+from ..eval.runner import EvalRun
 from ..eval.streaming import EvalSettings
+from ..factory import SessionSpec
 from ..presets import DTYPE_NAMES
 from .common import console, read_stc_config
 
@@ -67,8 +69,11 @@ def run(
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Evaluate the uncompressed model")] = False,
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
                                                      "{...}}); default: the paper's combined setting")] = None,
-    fps: Annotated[float | None, typer.Option(help="Frames sampled per second of video (default: 1 for the online "
-                                                   "benchmarks, 0.5 for the offline ones)")] = None,
+    variant: Annotated[str | None, typer.Option(help="A named variant in place of STC: a baseline (e.g. 'tome 25%'), "
+                                                     "half of STC, ... (see `streamtc variants`)")] = None,
+    fps: Annotated[float | None, typer.Option(help="Frames sampled per second of video (default: the model's "
+                                                   "protocol rate where it has one, 2 for Qwen-VL / LiveCC; else 1 "
+                                                   "for the online benchmarks, 0.5 for the offline ones)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (greedy decoding)")] = 16,
     max_videos: Annotated[int | None, typer.Option(help="Only the first N videos (smoke runs)")] = None,
     option_logprobs: Annotated[bool, typer.Option("--option-logprobs", help="Also record each option letter's "
@@ -88,14 +93,17 @@ def run(
     reaches it; append one JSON line per answer to --output; print the benchmark's scores."""
     if no_stc and config is not None:
         raise typer.BadParameter("--config sets up STC; drop --no-stc")
+    if variant is not None and (no_stc or config is not None):
+        raise typer.BadParameter("--variant chooses the compression; drop --no-stc and --config")
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    stc = None if no_stc else (read_stc_config(config) if config else STCConfig())
+    stc = None if no_stc or variant is not None else (read_stc_config(config) if config else STCConfig())
+    spec = SessionSpec(model=model, preset=preset, num_layers=num_layers, seed=seed, stc=stc, variant=variant,
+                       dtype=dtype, window_tokens=window_tokens)
     loaded = limit_videos(load_benchmark(benchmark, annotations, videos), max_videos)
-    settings = EvalSettings(fps=fps if fps is not None else loaded.spec.default_fps, max_new_tokens=max_new_tokens,
-                            option_logprobs=option_logprobs)
-    spec = ModelSpec(model=model, preset=preset, num_layers=num_layers, seed=seed,
-                     stc=None if stc is None else stc.to_dict(), dtype=dtype, window_tokens=window_tokens)
+    if fps is None:  # the model's protocol rate wins over the benchmark's default: its prompt is built on it
+        fps = spec.protocol_fps() or loaded.spec.default_fps
+    settings = EvalSettings(fps=fps, max_new_tokens=max_new_tokens, option_logprobs=option_logprobs)
     if model is None:
         console.print(f"[yellow]preset {preset!r} has random weights: its answers are meaningless. "
                       "Use --model PATH_OR_ID for real weights.[/]")

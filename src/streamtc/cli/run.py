@@ -47,8 +47,9 @@ from ..errors import ConfigError, StreamTCError, VideoSourceError
 from .common import console, read_stc_config
 
 if TYPE_CHECKING:
+    from ..factory import SessionSpec
     from ..session import Answer, StreamingSession
-    from ..sources import VideoSource
+    from ..sources import Frame, VideoSource
 
 # Exit codes of `run`, by the status written to --output (see the module docstring).
 EXIT_CODES = {"completed": 0, "crashed": 1, "error": 2, "source_failed": 3, "ended_early": 4, "interrupted": 130}
@@ -157,13 +158,6 @@ def _check_model(model: str) -> None:
                       f"{model} --local-dir DIR`) and pass --model DIR, or run a built-in --preset")
 
 
-def _model_class(model: str | None, preset: str) -> type:
-    """The transformers class `run` will load: the checkpoint's or the preset's."""
-    from ..presets import get_preset, pretrained_model_class
-
-    return pretrained_model_class(model) if model is not None else get_preset(preset).model_class
-
-
 def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
     """`stc` without the Cacher when the model's vision tower has no Cacher support (a printed note):
     the demo command runs the Pruner alone there; the library raises instead."""
@@ -176,20 +170,13 @@ def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
     return dataclasses.replace(stc, cacher=None) if stc.pruner is not None else None
 
 
-def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str,
-             window_tokens: int | None) -> StreamingSession:
-    from ..memory import SlidingWindowCache
-    from ..session import StreamingSession
-
-    policy = {} if window_tokens is None else {"cache_policy": lambda: SlidingWindowCache(window_tokens)}
-    if model is None:
-        return StreamingSession.from_preset(preset, stc=stc, num_layers=num_layers, device=device, **policy)
+def _session(spec: SessionSpec, device: str) -> StreamingSession:
     try:
-        return StreamingSession.from_pretrained(model, stc=stc, device=device, **policy)
+        return spec.build(device)
     except StreamTCError:
         raise
     except (OSError, ValueError) as error:  # transformers' loading errors: name the model, keep it to one line
-        raise ConfigError(f"--model {model}: cannot be loaded ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"--model {spec.model}: cannot be loaded ({str(error).splitlines()[0]})") from None
 
 
 # -- the run: its record, its summary -----------------------------------------------------------
@@ -298,7 +285,8 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
     for name, stats in record.stats.items():
         table.add_row(name, *_summary_row(stats, record.answers[name]))
     if record.ratios:
-        table.add_row("STC / no STC", "", _ratio_cell(record.ratios["visual_tokens"]),
+        base, fast = record.stats
+        table.add_row(f"{fast} / {base}", "", _ratio_cell(record.ratios["visual_tokens"]),
                       _ratio_cell(record.ratios["vit_ms"]), _ratio_cell(record.ratios["prefill_ms"]), "")
     console.print(table)
     if record.ratios:
@@ -327,7 +315,10 @@ def run(
         help="'SECONDS:QUESTION' (or 'SECONDS:QUESTION|OPTION|OPTION...' for multiple choice), asked when the "
              "stream reaches SECONDS; repeatable", callback=_parse_questions)] = None,
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Run the uncompressed model only")] = False,
-    compare: Annotated[bool, typer.Option(help="Run the uncompressed model and STC on the same frames")] = False,
+    compare: Annotated[bool, typer.Option(help="Run the uncompressed model and STC (or --variant) on the same "
+                                               "frames")] = False,
+    variant: Annotated[str | None, typer.Option(help="A named variant in place of STC: a baseline (e.g. 'tome 25%'), "
+                                                     "half of STC, ... (see `streamtc variants`)")] = None,
     fps: Annotated[float | None, typer.Option(
         help="Frames sampled per second of video (default: the model's protocol: 1 for LLaVA-OneVision, 2 for "
              "Qwen-VL / LiveCC)", callback=_positive_seconds)] = None,
@@ -353,23 +344,28 @@ def run(
     --output in every case."""
     if compare and no_stc:
         raise typer.BadParameter("--compare already runs the uncompressed model; drop --no-stc")
+    if variant is not None and (no_stc or config is not None):
+        raise typer.BadParameter("--variant chooses the compression; drop --no-stc and --config")
     questions = ask if ask is not None else (_parse_questions(DEMO_QUESTIONS) if video == "demo" else [])
     questions = sorted(questions, key=lambda q: q.seconds)
     try:
         stc = read_stc_config(config) if config is not None else STCConfig()
+        if variant is not None:
+            from ..variants import get_variant
+
+            get_variant(variant)  # a typo fails before anything is loaded
         if model is not None:
             _check_model(model)
+        else:
+            _check_preset(preset)  # the preset table imports nothing: this is quick
+        from ..factory import SessionSpec
         from ..sources import NETWORK_SCHEMES, open_source
 
+        base = SessionSpec(model=model, preset=preset, num_layers=num_layers, window_tokens=window_tokens)
         network = urlsplit(video).scheme.lower() in NETWORK_SCHEMES
         timeouts = {"open_timeout": timeout, "read_timeout": timeout} if network else {}
-
-        if fps is None:  # the model's protocol sets the rate: its family is needed first
-            if model is None:
-                _check_preset(preset)
-            from ..hosts import host_class_for
-
-            fps = host_class_for(_model_class(model, preset)).default_fps
+        if fps is None:  # the model's protocol sets the rate
+            fps = base.host_class().default_fps
 
         def open_video() -> VideoSource:
             return open_source(video, fps=fps, max_seconds=max_seconds, **timeouts)
@@ -377,43 +373,61 @@ def run(
         # A file is opened now, so that a bad one is refused at once; a live stream or camera once
         # the models are built, so that its frames do not pile up meanwhile.
         source = None if network or video.isdigit() else open_video()
-        if model is None:
-            try:
-                _check_preset(preset)  # last: the preset table imports transformers' model classes
-            except BaseException:
-                if source is not None:
-                    source.close()
-                raise
-        stc = _runnable_stc(stc, _model_class(model, preset))
+        try:
+            stc = _runnable_stc(stc, base.model_class())
+        except BaseException:
+            if source is not None:
+                source.close()
+            raise
     except KeyboardInterrupt:
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
-    variants = {"no STC": None, "STC": stc} if compare else ({"no STC": None} if no_stc else {"STC": stc})
+    compressed = ({variant: dataclasses.replace(base, variant=variant)} if variant is not None
+                  else {"STC": dataclasses.replace(base, stc=stc)})
+    specs = {"no STC": base, **compressed} if compare else ({"no STC": base} if no_stc else compressed)
     from ..measure import environment
 
     header = {"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
-              "questions": [q.to_dict() for q in questions],
-              "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()}}
+              "questions": [q.to_dict() for q in questions], "variant": variant,
+              "stc": {name: (None if spec.stc is None else spec.stc.to_dict()) for name, spec in specs.items()}}
     settings = {**header, "num_layers": num_layers, "device": device, "max_new_tokens": max_new_tokens}
     record = RunRecord(header={**header, "environment": environment(device, settings)}, path=output,
-                       answers={name: [] for name in variants})
-    status = _stream(source or open_video, video, variants, questions, record, model=model, preset=preset,
-                     num_layers=num_layers, device=device, window_tokens=window_tokens, max_new_tokens=max_new_tokens)
+                       answers={name: [] for name in specs})
+    status = _stream(source or open_video, video, specs, questions, record, device=device,
+                     max_new_tokens=max_new_tokens)
     raise typer.Exit(EXIT_CODES[status])
 
 
-def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, variants: dict[str, STCConfig | None],
-            questions: list[TimedQuestion], record: RunRecord, *, model: str | None, preset: str,
-            num_layers: int | None, device: str, window_tokens: int | None, max_new_tokens: int) -> str:
-    """Build the sessions, stream the frames, ask the questions; returns the final status. Every
-    way out (end, source failure, stall, Ctrl-C, error) prints the summary and writes the record.
+def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, specs: dict[str, SessionSpec],
+            questions: list[TimedQuestion], record: RunRecord, *, device: str, max_new_tokens: int) -> str:
+    """Build the sessions, stream the frames, ask the questions (`streamtc.loop`, inclusive: a
+    question at t sees the frame at t); returns the final status. Every way out (end, source
+    failure, stall, Ctrl-C, error) prints the summary and writes the record.
     video_source: the open source, or how to open it once the models are built (live streams)."""
+    from ..loop import TIME_TOLERANCE, StreamLoop
+
     source = None if callable(video_source) else video_source
     started = time.perf_counter()
-    pending = list(questions)
     sessions: dict[str, StreamingSession] = {}
-    costs: dict[str, dict[str, list[float]]] = {name: {"vit_ms": [], "prefill_ms": []} for name in variants}
-    last_time, frames_read, explained_empty = 0.0, 0, False
+    costs: dict[str, dict[str, list[float]]] = {name: {"vit_ms": [], "prefill_ms": []} for name in specs}
+    random_weights = next(iter(specs.values())).model is None
+    explained_empty = False
+    bar: tuple[Progress, Any] | None = None  # the progress bar and its task, once shown
+
+    def push(frames: list[Frame]) -> None:
+        (frame,) = frames
+        ctrl_c.check()
+        names = list(sessions) if loop.frames_pushed % 2 == 0 else list(reversed(sessions))  # alternate order
+        for name in names:
+            before = sessions[name].stats
+            sessions[name].push(frame.image[None], [frame.timestamp])
+            after = sessions[name].stats
+            costs[name]["vit_ms"].append(after.vit_ms - before.vit_ms)
+            costs[name]["prefill_ms"].append(after.prefill_ms - before.prefill_ms)
+        if bar is not None:
+            bar[0].update(bar[1], advance=1, clock=f"{frame.timestamp:.1f} s")
+
+    loop = StreamLoop([q.seconds for q in questions], push, chunk_frames=1, inclusive=True)
 
     def ask_question(question: TimedQuestion, note: str | None = None) -> None:
         nonlocal explained_empty
@@ -430,63 +444,52 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, v
                     f"{letter} {value:.3f}" for letter, value in entry["option_logprobs"].items()))
             if note:
                 console.print(f"          [yellow]{escape(note)}[/]")
-            if model is None and not answer.text and not explained_empty:
+            if random_weights and not answer.text and not explained_empty:
                 explained_empty = True
                 console.print(f"          [dim](empty: {_empty_answer_reason(session, answer)}; a random-weight model "
                               "rarely says anything readable. Multiple-choice questions also record the option "
                               "log-probabilities, which show how STC changes the model's output.)[/]")
             record.write()
 
-    def ask_due(until: float) -> None:
-        while pending and pending[0].seconds <= until:
-            ask_question(pending.pop(0))
-
     status, failure = "completed", None
     ctrl_c = _CtrlC()
     try:
         ctrl_c.install()
         record.write()
-        if model is None:
+        if random_weights:
+            preset = next(iter(specs.values())).preset
             console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
                           "Use --model PATH_OR_ID for real weights.[/]")
-        sessions.update({name: _session(model, preset, cfg, num_layers, device, window_tokens)
-                         for name, cfg in variants.items()})
+        sessions.update({name: _session(spec, device) for name, spec in specs.items()})
         source = source or video_source()
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                       TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
             task = progress.add_task(f"streaming {video}", total=source.expected_frames, clock="0.0 s")
-            frames = iter(source)
+            bar = (progress, task)
+            due = loop.play(source)
             while True:
                 try:
-                    frame = next(frames)
+                    index = next(due)
                 except StopIteration:
                     break
                 except VideoSourceError as error:
                     status, failure = "source_failed", str(error)
                     break
-                ctrl_c.check()
-                ask_due(frame.timestamp - 1e-9)
-                names = list(sessions) if frames_read % 2 == 0 else list(reversed(sessions))  # alternate order
-                for name in names:
-                    before = sessions[name].stats
-                    sessions[name].push(frame.image[None], [frame.timestamp])
-                    after = sessions[name].stats
-                    costs[name]["vit_ms"].append(after.vit_ms - before.vit_ms)
-                    costs[name]["prefill_ms"].append(after.prefill_ms - before.prefill_ms)
-                last_time, frames_read = frame.timestamp, frames_read + 1
-                progress.update(task, advance=1, clock=f"{frame.timestamp:.1f} s")
+                ask_question(questions[index])
+        frames_read, last_time = loop.frames_pushed, loop.last_time or 0.0
         if status == "completed" and source.ended_early:
             status, failure = "ended_early", source.error
         if failure is not None:
             record.notes.append(f"the video ended early after {frames_read} frames ({last_time:.1f} s): {failure}")
             console.print(f"[yellow]the video ended early: {escape(failure)}; answering with what was received[/]")
-        ask_due(last_time)  # questions whose frames were all received, at their own moment
+        for index in loop.reached(last_time):  # questions whose frames were all received, at their own moment
+            ask_question(questions[index])
         end = _video_end(source, last_time, status)
-        while pending:
-            question = pending.pop(0)
+        while loop.pending:
+            question = questions[loop.pending.pop(0)]
             why = "the stream stopped" if failure is not None else "the video ends"
-            note = None if question.seconds <= end + 1e-6 else (
+            note = None if question.seconds <= end + TIME_TOLERANCE else (
                 f"asked at {last_time:.1f} s, the last frame received: {why} before {question.seconds:g} s")
             ask_question(question, note)
         for session in sessions.values():
@@ -494,20 +497,23 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, v
         ctrl_c.check()
     except KeyboardInterrupt:
         status = "interrupted"
+        frames_read, last_time = loop.frames_pushed, loop.last_time or 0.0
         record.notes.append(f"interrupted (Ctrl-C) after {frames_read} frames ({last_time:.1f} s)")
     except StreamTCError as error:
         status = "error"
+        frames_read, last_time = loop.frames_pushed, loop.last_time or 0.0
         record.notes.append(f"stopped by an error after {frames_read} frames ({last_time:.1f} s): {error}")
         console.print(f"[red]error:[/] {escape(str(error))}")
     except BaseException:
         record.status = "crashed"
-        record.unanswered = [{**q.to_dict(), "reason": "the run crashed"} for q in pending]
+        record.unanswered = [{**questions[i].to_dict(), "reason": "the run crashed"} for i in loop.pending]
         record.write()
         raise
     finally:
         ctrl_c.uninstall()
         if source is not None:
             source.close()
+    pending = [questions[i] for i in loop.pending]
     with _sigint_deferred():  # a Ctrl-C now would only lose the summary: finish it first
         _finish(record, status, pending, sessions, costs, source, frames_read, last_time, failure)
         _print_summary(video, record, last_time, time.perf_counter() - started)
@@ -551,7 +557,7 @@ def _finish(record: RunRecord, status: str, pending: list[TimedQuestion], sessio
                      "ended_early": status in ("ended_early", "source_failed"), "error": failure}
     record.stats = {name: s.stats.to_dict() for name, s in sessions.items()}
     if len(sessions) == 2 and frames_read:
-        base, fast = costs["no STC"], costs["STC"]
+        base, fast = costs.values()  # the uncompressed model first (--compare)
         paired = min(len(side[key]) for side in (base, fast) for key in side)  # Ctrl-C may split a frame
         record.ratios = {key: paired_ratio(base[key][:paired], fast[key][:paired]) for key in ("vit_ms", "prefill_ms")}
         record.ratios["visual_tokens"] = _token_ratio(record.stats)
@@ -581,12 +587,13 @@ def _video_end(source: VideoSource, last_time: float, status: str) -> float:
 
 
 def _token_ratio(stats: dict[str, Any]) -> dict[str, Any]:
-    """Kept visual tokens, STC over no STC (counted, not timed: no noise)."""
+    """Kept visual tokens, the compressed variant over the uncompressed one (counted, not timed: no noise)."""
     def kept(name: str) -> int:
         return stats[name]["visual_tokens"] + stats[name]["pending_tokens"]
 
-    ratio = kept("STC") / kept("no STC") if kept("no STC") else None
-    return {"ratio": ratio, "low": ratio, "high": ratio, "noise": False, "frames": stats["STC"]["frames"]}
+    base, fast = stats
+    ratio = kept(fast) / kept(base) if kept(base) else None
+    return {"ratio": ratio, "low": ratio, "high": ratio, "noise": False, "frames": stats[fast]["frames"]}
 
 
 __all__ = ["EXIT_CODES", "RunRecord", "TimedQuestion", "paired_ratio", "run"]

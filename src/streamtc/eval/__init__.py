@@ -12,7 +12,7 @@ are `streamtc.cli.eval`.
 from .benchmarks import BENCHMARKS, BenchmarkSpec, Protocol, benchmark_spec, detect_benchmark, load_benchmark
 from .datasets import AnnotationError, Benchmark, Problem, Question, VideoTask
 from .results import ResultsMismatchError, ResultsWriter, RunResults, read_results
-from .runner import EvalRun, ModelSpec, summarize
+from .runner import EvalRun, summarize
 from .scoring import Score, judge_record, score, timing_summary
 from .streaming import EvalSettings, run_video
 
@@ -23,7 +23,6 @@ __all__ = [
     "BenchmarkSpec",
     "EvalRun",
     "EvalSettings",
-    "ModelSpec",
     "Problem",
     "Protocol",
     "Question",

@@ -32,10 +32,10 @@ from typing import Any
 
 from ..checks import positive_int
 from ..errors import StreamTCError
+from ..factory import SessionSpec
 from .benchmarks.base import Protocol
 from .datasets import VideoTask
 from .results import Key
-from .runner import ModelSpec
 from .streaming import EvalSettings, run_video
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class EvalActor:
     """Holds one session (one model) and answers whole videos with it (made a Ray actor class by
     `run_on_ray`)."""
 
-    def __init__(self, spec: ModelSpec, device: str, threads: int | None) -> None:
+    def __init__(self, spec: SessionSpec, device: str, threads: int | None) -> None:
         import torch
 
         if threads:
@@ -110,7 +110,7 @@ def _connect(address: str, cpus: int) -> Iterator[Any]:
 
 def run_on_ray(
     jobs: list[tuple[VideoTask, set[Key]]],
-    spec: ModelSpec,
+    spec: SessionSpec,
     protocol: Protocol,
     settings: EvalSettings,
     *,

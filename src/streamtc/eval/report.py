@@ -46,7 +46,10 @@ class RunReport:
 
     @property
     def setting(self) -> str:
-        """A short description of the STC setting."""
+        """A short description of the STC setting (or of the variant, `--variant`)."""
+        variant = self.results.config.get("variant")
+        if variant is not None:
+            return f"{variant['name']}: {variant['description']}"
         return describe_stc(self.results.config.get("stc"))
 
     def to_dict(self) -> dict[str, Any]:

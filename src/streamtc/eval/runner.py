@@ -1,6 +1,6 @@
 """Run a benchmark: plan what is left to answer, answer it (one process or Ray actors), score it.
 
-    run = EvalRun(benchmark, ModelSpec(preset="tiny-llava-ov", stc=STCConfig().to_dict()),
+    run = EvalRun(benchmark, SessionSpec(preset="tiny-llava-ov", stc=STCConfig()),
                   "runs/ovo_stc.jsonl", EvalSettings(fps=1.0), protocol="official")
     run.pending_questions            # what this invocation will ask (0 when the file is complete)
     summary = run.run()              # or run.run(ray_address="local", actors=2)
@@ -15,18 +15,14 @@ the order answers arrive; records of one video stay in time order.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..config import STCConfig
+from ..factory import SessionSpec
 from ..measure import environment
-from ..presets import torch_dtype
 from .benchmarks import protocol_of
 from .benchmarks.base import Protocol
 from .datasets import Benchmark, VideoTask
@@ -37,74 +33,16 @@ from .streaming import STREAM_VERSION, EvalSettings, problem_record, run_video
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model and STC setting to evaluate; picklable, so Ray actors can build it too.
-
-    model: real weights (a directory or hub id; LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL,
-    see `streamtc.hosts`); None uses `preset` (random
-    weights, built from `seed`; `num_layers` overrides the vision tower depth). stc: an
-    `STCConfig.to_dict()`, or None for the uncompressed model. dtype: "float32", "bfloat16" or
-    "float16". window_tokens: bound each stream's cache to the chat prefix and the newest frames
-    holding at most this many visual tokens (`SlidingWindowCache`); None keeps every token.
-    system_prompt: the system turn (None: the session's default); set from the benchmark protocol.
-    """
-
-    model: str | None = None
-    preset: str = "tiny-llava-ov"
-    num_layers: int | None = None
-    seed: int = 0
-    stc: dict[str, Any] | None = None
-    dtype: str = "float32"
-    window_tokens: int | None = None
-    system_prompt: str | None = None
-
-    def __post_init__(self) -> None:
-        torch_dtype(self.dtype)  # validates
-        if self.window_tokens is not None:
-            from ..memory import SlidingWindowCache
-
-            SlidingWindowCache(self.window_tokens)  # validates
-        if self.stc is not None:
-            STCConfig.from_dict(self.stc)  # validates
-
-    @property
-    def model_id(self) -> str:
-        """The weights' path or hub id, or "preset:<name>" for a random-weight preset."""
-        return self.model if self.model is not None else f"preset:{self.preset}"
-
-    def identity(self) -> dict[str, Any]:
-        """What determines the model's answers (goes into the results header's config)."""
-        if self.model is not None:
-            return {"id": self.model, "dtype": self.dtype, "window_tokens": self.window_tokens,
-                    "system_prompt": self.system_prompt}
-        return {"id": self.model_id, "num_layers": self.num_layers, "seed": self.seed, "dtype": self.dtype,
-                "window_tokens": self.window_tokens, "system_prompt": self.system_prompt}
-
-    def build(self, device: str | torch.device = "cpu") -> Any:
-        """A `StreamingSession` on `device`."""
-        from ..memory import SlidingWindowCache
-        from ..session import StreamingSession
-
-        stc = None if self.stc is None else STCConfig.from_dict(self.stc)
-        dtype = torch_dtype(self.dtype)
-        policy: dict[str, Any] = {} if self.window_tokens is None else {
-            "cache_policy": functools.partial(SlidingWindowCache, self.window_tokens)}
-        if self.system_prompt is not None:
-            policy["system_prompt"] = self.system_prompt
-        if self.model is not None:
-            return StreamingSession.from_pretrained(self.model, stc=stc, device=device, dtype=dtype, **policy)
-        return StreamingSession.from_preset(self.preset, stc=stc, num_layers=self.num_layers, seed=self.seed,
-                                            device=device, dtype=dtype, **policy)
-
-
-def run_config(benchmark: Benchmark, spec: ModelSpec, settings: EvalSettings, protocol: str) -> dict[str, Any]:
-    """The identity of a run: a results file only takes records written with an equal config."""
+def run_config(benchmark: Benchmark, spec: SessionSpec, settings: EvalSettings, protocol: str) -> dict[str, Any]:
+    """The identity of a run: a results file only takes records written with an equal config. A
+    registered variant (`--variant`) is recorded by name and settings; an STC setting as `stc`."""
+    variant = {} if spec.variant is None else {"variant": spec.resolved_variant().to_dict()}
     return {
         "benchmark": benchmark.name,
         "annotations_sha256": benchmark.annotations_sha256(),
         "model": spec.identity(),
-        "stc": spec.stc,
+        "stc": None if spec.stc is None else spec.stc.to_dict(),
+        **variant,
         **settings.to_dict(),
         "protocol": protocol,
         "stream": STREAM_VERSION,
@@ -124,7 +62,7 @@ class EvalRun:
     def __init__(
         self,
         benchmark: Benchmark,
-        spec: ModelSpec,
+        spec: SessionSpec,
         output: str | Path,
         settings: EvalSettings,
         *,
@@ -233,4 +171,4 @@ def summarize(path: str | Path, complete_keys: set[Key] | None = None) -> dict[s
     return summary
 
 
-__all__ = ["EvalRun", "ModelSpec", "run_config", "summarize"]
+__all__ = ["EvalRun", "run_config", "summarize"]

@@ -14,8 +14,10 @@ last frame are asked after the whole video. A question whose clip holds no frame
 error line, as the official harness gets no reply for an empty clip. No prefix is ever encoded
 twice: a video costs one pass over its frames, not a sum over its questions' clips.
 
-Frames are pushed in chunks of `session.chunk_frames` (one Cacher chunk per push, as in
-`streamtc run`); a chunk is cut short when a question falls due. When every question is timed,
+The loop is `streamtc.loop.StreamLoop` (the one `streamtc run` uses), in its exclusive mode: a
+frame within its tolerance (1 microsecond) of the cut counts as at the cut, so not before it.
+Frames are pushed in chunks of `session.chunk_frames` (one Cacher chunk per push); a chunk is cut
+short when a question falls due. When every question is timed,
 decoding stops at the last question's cut, and no frame at or after it is encoded.
 
 A video that is missing, not a video, undecodable or truncated (`VideoSourceError`) does not stop
@@ -30,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,6 +41,7 @@ import torch
 
 from ..checks import positive_int
 from ..errors import ConfigError, InputError, VideoSourceError
+from ..loop import StreamLoop
 from ..session import StreamingSession
 from ..sources import Frame, PyAVSource
 from .benchmarks.base import Protocol
@@ -50,7 +52,6 @@ from .scoring import judge_record
 logger = logging.getLogger(__name__)
 
 STREAM_VERSION = "stream/2"  # stream/1 asked at floor(t*fps)+1 frames with one shared prompt
-_EPS = 1e-6  # seconds of timestamp noise: a frame at cut - _EPS or later is not before the cut
 
 
 @dataclass(frozen=True)
@@ -174,54 +175,33 @@ def run_video(
     started = time.perf_counter()
     session.reset()
     timed = [q for q in questions if q.time is not None and protocol.cut is not None]
-    due = deque((protocol.cut(q.time), q) for q in timed)  # (cut, question), in time order
+    cuts = [protocol.cut(q.time) for q in timed]
     at_end = [q for q in questions if q.time is None or protocol.cut is None]
+
+    def push(frames: list[Frame]) -> None:
+        session.push(np.stack([f.image for f in frames]), [f.timestamp for f in frames])
+
+    # a question sees the frames strictly before its cut, as the benchmark cuts its clip
+    loop = StreamLoop(cuts, push, chunk_frames=session.chunk_frames, inclusive=False)
     answered = 0
-    decoded = 0
-    buffer: list[Frame] = []
-    last_time: float | None = None  # timestamp of the last frame pushed
     error: str | None = None
-
-    def flush() -> None:
-        nonlocal last_time
-        if buffer:
-            session.push(np.stack([f.image for f in buffer]), [f.timestamp for f in buffer])
-            last_time = buffer[-1].timestamp
-            buffer.clear()
-
-    def ask_due(before: float) -> Iterator[dict[str, Any]]:
-        """Ask every question whose cut is at or before `before` (on the frames pushed so far)."""
-        nonlocal answered
-        while due and due[0][0] <= before + _EPS:
-            cut, question = due.popleft()
-            answered += 1
-            if session.frames == 0:
-                yield error_record(question, protocol, f"asked at {question.time:g} s: the clip [0, {cut:g}) "
-                                   "holds no sampled frame", kind="empty_clip")
-            else:
-                yield ask(session, question, protocol, settings)
-
     try:
         # decode no further than the last question needs
-        with PyAVSource(task.path, fps=settings.fps, max_seconds=None if at_end else due[-1][0]) as source:
-            for frame in source:
-                decoded += 1
-                if due and due[0][0] <= frame.timestamp + _EPS:
-                    flush()
-                    yield from ask_due(frame.timestamp)
-                    if not due and not at_end:
-                        break  # no question needs this frame or any later one
-                buffer.append(frame)
-                if len(buffer) == session.chunk_frames:
-                    flush()
-        flush()
-        if decoded == 0:
+        with PyAVSource(task.path, fps=settings.fps, max_seconds=None if at_end else max(cuts)) as source:
+            for index in loop.play(source, stop_when_answered=not at_end):
+                question, cut = timed[index], cuts[index]
+                answered += 1
+                if session.frames == 0:
+                    yield error_record(question, protocol, f"asked at {question.time:g} s: the clip [0, {cut:g}) "
+                                       "holds no sampled frame", kind="empty_clip")
+                else:
+                    yield ask(session, question, protocol, settings)
+        if loop.frames_read == 0:
             raise VideoSourceError(f"{task.path}: no frame was sampled")
-    except VideoSourceError as failure:
+    except VideoSourceError as failure:  # the frames decoded before it were pushed (questions due before them asked)
         error = str(failure)
         logger.info("video %s: %s", task.video, error)
-        flush()  # frames decoded before the failure are sound (questions due before them were asked)
-    remaining = [q for _, q in due] + at_end
+    remaining = [timed[i] for i in loop.pending] + at_end
     for question in remaining:
         yield error_record(question, protocol, error) if error is not None else ask(session, question, protocol,
                                                                                       settings)
@@ -231,7 +211,7 @@ def run_video(
         "video": task.video,
         "questions": answered + len(remaining),
         "error": error,
-        "stream_time": last_time,
+        "stream_time": loop.last_time,
         **{k: stats[k] for k in ("frames", "visual_tokens", "visual_tokens_encoded", "vit_ms", "prune_ms",
                                  "prefill_ms", "peak_memory_bytes", "memory_kind")},
         "wall_s": time.perf_counter() - started,

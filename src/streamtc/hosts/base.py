@@ -136,13 +136,16 @@ class VideoHost(ABC):
     model_classes: the transformers classes this host runs. frames_per_step: video frames one
     vision forward needs at least (2 for a temporal patch). partial_chunks: whether a push may
     encode fewer than `chunk_frames` frames (one growing video) or chunks are fixed turns.
-    protocols: the prompt protocols it runs, the default first.
+    protocols: the prompt protocols it runs, the default first. default_fps: the rate a stream is
+    sampled at by default; fps_in_prompt: whether the prompt is built on that rate (temporal
+    positions, time labels), so that a stream sampled at another rate reads wrong times.
     """
 
     model_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
     frames_per_step: ClassVar[int] = 1
     protocols: ClassVar[tuple[str, ...]] = ("video",)
     default_fps: ClassVar[float] = 1.0  # frames per second a stream is sampled at by default
+    fps_in_prompt: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -216,6 +216,7 @@ class QwenVLHost(VideoHost):
     frames_per_step = 2
     protocols = ("video", "livecc")
     default_fps = DEFAULT_FPS
+    fps_in_prompt = True
 
     @classmethod
     def tower_class(cls, model_class: type) -> type[nn.Module]:

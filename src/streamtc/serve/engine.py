@@ -38,9 +38,7 @@ session, so a store can be added without changing the engine.
 
 from __future__ import annotations
 
-import copy
 import io
-import itertools
 import logging
 import math
 import os
@@ -62,9 +60,10 @@ from PIL import Image, UnidentifiedImageError
 from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamTCError
-from ..memory import SlidingWindowCache
+from ..factory import derive_session
 from ..session import StreamingSession
 from ..sources import BUILTIN_CLIPS, FrameSampler, builtin_clip_path, open_source
+from ..variants import Variant
 
 logger = logging.getLogger(__name__)
 
@@ -240,15 +239,6 @@ def encode_jpeg(image: np.ndarray, max_side: int = 480) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=80)
     return buffer.getvalue()
-
-
-def shared_weights_view(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model`'s module tree whose parameters and buffers are `model`'s own tensors.
-
-    A Cacher attached to the view patches only the view's modules; the weights stay one copy.
-    `model` must carry no Cacher (its patched forwards would be copied too)."""
-    memo = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 # -- streams ------------------------------------------------------------------------------------
@@ -624,12 +614,8 @@ class Engine:
 
     def _make_root(self, stc: STCConfig | None, window_tokens: int | None) -> StreamingSession:
         """A root session for these settings: the loaded model without a Cacher, else a view."""
-        base = self.base
-        model = base.model if stc is None or stc.cacher is None else shared_weights_view(base.model)
-        policy = {} if window_tokens is None else {"cache_policy": lambda: SlidingWindowCache(window_tokens)}
-        return StreamingSession(model, base.tokenizer, stc, preprocessor=base.preprocessor,
-                                system_prompt=base.system_prompt, chunk_frames=base.chunk_frames,
-                                protocol=base.host.protocol, **policy)
+        return derive_session(self.base, Variant("STC" if stc is not None else "no STC", stc=stc), share_weights=True,
+                              window_tokens=window_tokens)
 
     def _process(self, stream: _Stream, image: np.ndarray, timestamp: float, number: int) -> None:
         """Worker: one frame through the stream's session, and its event."""
@@ -765,5 +751,5 @@ def resident_memory_bytes() -> int:
 
 __all__ = [
     "AccessDenied", "Engine", "LimitExceeded", "ServeError", "ServeLimits", "SourcePolicy", "StreamClosed",
-    "StreamNotFound", "StreamSpec", "decode_frame", "encode_jpeg", "resident_memory_bytes", "shared_weights_view",
+    "StreamNotFound", "StreamSpec", "decode_frame", "encode_jpeg", "resident_memory_bytes",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError
+from ..factory import SessionSpec
 from ..session import StreamingSession
 from .engine import ServeLimits, SourcePolicy
 
@@ -70,10 +71,8 @@ class ServerSettings:
 
 def load_base_session(settings: ServerSettings) -> StreamingSession:
     """The loaded model, as a session without STC (the engine adds STC per stream)."""
-    if settings.model is not None:
-        return StreamingSession.from_pretrained(settings.model, stc=None, device=settings.device)
-    return StreamingSession.from_preset(settings.preset, stc=None, num_layers=settings.num_layers,
-                                        device=settings.device)
+    spec = SessionSpec(model=settings.model, preset=settings.preset, num_layers=settings.num_layers)
+    return spec.load(settings.device)
 
 
 async def open_local_backend(settings: ServerSettings, id_prefix: str = "") -> Any:

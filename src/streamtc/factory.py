@@ -1,0 +1,183 @@
+"""Build streaming sessions in one place: which model (real weights or a preset, its dtype and
+depth), which variant (an STC setting or a baseline, `streamtc.variants`), which memory (a sliding
+window of visual tokens) and which system prompt become a `StreamingSession`. `streamtc run`,
+`bench pipeline`, `eval run` (in this process and on Ray actors) and `serve` all build here.
+
+    spec = SessionSpec(preset="tiny-llava-ov", variant="stc", window_tokens=15000)
+    session = spec.build("cpu")          # the model, running the variant
+    base = spec.load("cpu")              # the model, uncompressed
+    other = derive_session(base, get_variant("uniform 25%"), share_weights=True)
+
+`derive_session` runs another variant on a loaded model. With `share_weights`, a variant that
+changes the model's modules (the Cacher, ToMe, VisionZip) gets a shared-weights view of it, so that
+several variants run side by side on one copy of the weights (`bench pipeline`, `serve`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import STCConfig
+from .errors import ConfigError
+from .presets import DTYPE_NAMES, get_preset, pretrained_model_class, torch_dtype
+from .variants import Variant, get_variant
+
+if TYPE_CHECKING:
+    import torch
+
+    from .hosts import VideoHost
+    from .session import StreamingSession
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """How to build a session; picklable, so Ray actors build the same one.
+
+    model: real weights (a directory or hub id; LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL, see
+    `streamtc.hosts`); None uses `preset` (random weights drawn from `seed`; `num_layers` and
+    `text_layers` override the vision tower's and the language model's depth). dtype: "float32",
+    "bfloat16" or "float16". stc: an `STCConfig` (or its `to_dict()`), None for no STC; variant: a
+    registered variant's name in its place (`streamtc.variants`). window_tokens: bound the cache to
+    the chat prefix and the newest frames holding at most this many visual tokens
+    (`SlidingWindowCache`); None keeps every token. system_prompt: the system turn (None: the
+    session's default).
+    """
+
+    model: str | None = None
+    preset: str = "tiny-llava-ov"
+    num_layers: int | None = None
+    text_layers: int | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    stc: STCConfig | dict[str, Any] | None = None
+    variant: str | None = None
+    window_tokens: int | None = None
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if isinstance(self.stc, dict):
+            object.__setattr__(self, "stc", STCConfig.from_dict(self.stc))  # validates
+        elif self.stc is not None and not isinstance(self.stc, STCConfig):
+            raise ConfigError(f"stc must be an STCConfig, its dict or None, got {type(self.stc).__name__}")
+        if self.variant is not None:
+            get_variant(self.variant)  # validates
+            if self.stc is not None:
+                raise ConfigError(f"give either stc or variant, not both (variant {self.variant!r} sets its own)")
+        if self.model is not None and (self.num_layers is not None or self.text_layers is not None):
+            raise ConfigError("depth overrides apply to presets; real weights (model=...) run at their own depth")
+        if self.window_tokens is not None:
+            from .memory import SlidingWindowCache
+
+            SlidingWindowCache(self.window_tokens)  # validates
+
+    @property
+    def model_id(self) -> str:
+        """The weights' path or hub id, or "preset:<name>" for a random-weight preset."""
+        return self.model if self.model is not None else f"preset:{self.preset}"
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the model's answers besides the variant (an eval results header's
+        config; the variant is recorded beside it)."""
+        if self.model is not None:
+            return {"id": self.model, "dtype": self.dtype, "window_tokens": self.window_tokens,
+                    "system_prompt": self.system_prompt}
+        depth = {} if self.text_layers is None else {"text_layers": self.text_layers}
+        return {"id": self.model_id, "num_layers": self.num_layers, **depth, "seed": self.seed, "dtype": self.dtype,
+                "window_tokens": self.window_tokens, "system_prompt": self.system_prompt}
+
+    def resolved_variant(self) -> Variant:
+        """The variant this spec runs: the registered one named `variant`, else `stc` as a variant."""
+        if self.variant is not None:
+            return get_variant(self.variant)
+        return Variant("STC" if self.stc is not None else "no STC", stc=self.stc)
+
+    def model_class(self) -> type:
+        """The transformers class of the model, without loading it (a checkpoint's config is read)."""
+        return pretrained_model_class(self.model) if self.model is not None else get_preset(self.preset).model_class
+
+    def host_class(self) -> type[VideoHost]:
+        from .hosts import host_class_for
+
+        return host_class_for(self.model_class())
+
+    def protocol_fps(self) -> float | None:
+        """The sampling rate the model's prompt protocol is built on (Qwen-VL and LiveCC: 2 fps, in
+        their temporal positions and time turns), or None when the protocol has no rate of its own
+        (LLaVA-OneVision: 1-D positions)."""
+        host = self.host_class()
+        return host.default_fps if host.fps_in_prompt else None
+
+    def load(self, device: str | torch.device = "cpu") -> StreamingSession:
+        """The model, uncompressed, as a session (its tokenizer, preprocessor and host come with it)."""
+        from .session import StreamingSession
+
+        options = self._session_options()
+        if self.model is not None:
+            return StreamingSession.from_pretrained(self.model, stc=None, device=device, dtype=torch_dtype(self.dtype),
+                                                    **options)
+        return StreamingSession.from_preset(self.preset, stc=None, num_layers=self.num_layers,
+                                            text_layers=self.text_layers, seed=self.seed, device=device,
+                                            dtype=torch_dtype(self.dtype), **options)
+
+    def build(self, device: str | torch.device = "cpu") -> StreamingSession:
+        """A session running this spec's variant on a freshly loaded model (the model is its own)."""
+        return derive_session(self.load(device), self.resolved_variant(), window_tokens=self.window_tokens)
+
+    def _session_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.window_tokens is not None:
+            options["cache_policy"] = _window_policy(self.window_tokens)
+        if self.system_prompt is not None:
+            options["system_prompt"] = self.system_prompt
+        return options
+
+
+def _window_policy(window_tokens: int) -> Any:
+    from .memory import SlidingWindowCache
+
+    return functools.partial(SlidingWindowCache, window_tokens)
+
+
+def shared_weights_view(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model`'s module tree whose parameters and buffers are `model`'s own tensors.
+
+    A Cacher attached to the view (or ToMe, or VisionZip's hooks) changes only the view's
+    modules; the weights stay one copy. `model` must carry no Cacher (its patched forwards would
+    be copied too)."""
+    memo = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def derive_session(
+    base: StreamingSession,
+    variant: Variant,
+    *,
+    share_weights: bool = False,
+    window_tokens: int | None = None,
+    prefill_min_tokens: int | None = None,
+) -> StreamingSession:
+    """A session running `variant` on `base`'s model, tokenizer, preprocessor, system prompt,
+    chunk size and prompt protocol. `base` must be uncompressed. share_weights: keep `base`'s
+    model as it is (a variant that changes modules gets a shared-weights view); without it the
+    variant changes `base.model` for good, so the model must not serve anything else.
+    window_tokens: bound the new session's memory (`SlidingWindowCache`)."""
+    from .hosts import host_for
+    from .session import StreamingSession
+
+    if base.stc is not None or base.selector is not None or base.encoder is not None:
+        raise ConfigError("derive_session needs an uncompressed base session (stc=None, no baseline)")
+    model = shared_weights_view(base.model) if share_weights and variant.patches_model else base.model
+    host = base.host if model is base.model else host_for(model, base.tokenizer, base.host.protocol)
+    policy = {} if window_tokens is None else {"cache_policy": _window_policy(window_tokens)}
+    return StreamingSession(model, base.tokenizer, preprocessor=base.preprocessor, system_prompt=base.system_prompt,
+                            chunk_frames=base.chunk_frames, prefill_min_tokens=prefill_min_tokens, host=host,
+                            **variant.session_options(host), **policy)
+
+
+__all__ = ["SessionSpec", "derive_session", "shared_weights_view"]

@@ -1,0 +1,198 @@
+"""Named compression variants: STC, its two halves, and the baselines it is compared with.
+
+    variant = get_variant("pruner dual_anchor 30%")
+    session = SessionSpec(preset="tiny-llava-ov", variant=variant.name).build()   # streamtc.factory
+
+One registry serves `streamtc run --variant`, `streamtc eval run --variant` and `streamtc bench
+pipeline --variants` (`streamtc variants` lists it). A variant is either an STC setting (Cacher
+and/or Pruner, `STCConfig`), or a baseline that replaces the Pruner (a token selector: uniform,
+random, VidCom2-style, VisionZip-style) or the video path (ToMe merges tokens inside the ViT),
+keeping `keep_ratio` of the pooled tokens per frame, or nothing (the uncompressed model).
+
+Some variants change the model they run on: the Cacher patches the vision tower, ToMe merges inside
+it, VisionZip hooks its last attention, and `delay_ms` (the pipeline benchmark's check that it times
+what runs) sleeps in it. `session_options(host)` applies those changes to the host's model for
+good, so it is given a model private to the variant (`streamtc.factory.derive_session` makes a
+shared-weights view when the model is shared).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .config import DEFAULT_KEEP_RATIO, CacherConfig, PrunerConfig, STCConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .hosts import VideoHost
+
+Baseline = Literal["uniform", "random", "vidcom2", "visionzip", "tome"]
+BASELINES: tuple[str, ...] = ("uniform", "random", "vidcom2", "visionzip", "tome")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compression setting of the streaming pipeline.
+
+    stc: STC levels to enable (None: neither). baseline: a comparison method in place of the
+    Pruner (uniform, random, vidcom2, visionzip) or of the video path (tome), keeping
+    `keep_ratio` of the pooled tokens per frame. delay_ms: a sleep injected into every vision
+    forward, the pipeline benchmark's own check that it times what runs. description: what the
+    variant is, for people (`describe()` gives its exact settings).
+    """
+
+    name: str
+    stc: STCConfig | None = None
+    baseline: Baseline | None = None
+    keep_ratio: float = 0.25
+    delay_ms: float = 0.0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ConfigError(f"unknown baseline {self.baseline!r}; choose from {', '.join(BASELINES)}")
+        if self.baseline is not None and self.stc is not None:
+            raise ConfigError(f"variant {self.name!r}: a baseline runs without STC")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
+
+    @property
+    def uncompressed(self) -> bool:
+        return self.stc is None and self.baseline is None
+
+    @property
+    def patches_model(self) -> bool:
+        """Whether running it changes the model's modules (see the module docstring)."""
+        cacher = self.stc is not None and self.stc.cacher is not None
+        return cacher or self.baseline in ("tome", "visionzip") or self.delay_ms > 0
+
+    def describe(self) -> str:
+        """One line: the exact settings the variant runs."""
+        if self.baseline is not None:
+            return f"{self.baseline}, keeping {self.keep_ratio:.0%} of the pooled tokens"
+        if self.stc is None:
+            return "no compression" + (f", {self.delay_ms:g} ms sleep per vision forward" if self.delay_ms else "")
+        parts = []
+        if (c := self.stc.cacher) is not None:
+            options = [c.selection, f"{c.refresh} refresh"]
+            if c.refresh == "adaptive":
+                options.append(f"threshold {c.refresh_threshold}, budget {c.refresh_budget}")
+            if c.compile_mode:
+                options.append(f"compiled ({c.compile_mode})")
+            parts.append(f"Cacher N={c.cache_interval} r={c.update_ratio} ({', '.join(options)})")
+        if (pr := self.stc.pruner) is not None:
+            budget = f"{pr.tokens_per_frame} tokens" if pr.tokens_per_frame else f"{pr.keep_ratio:.0%}"
+            parts.append(f"Pruner {pr.scoring} {budget}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.describe(),
+                "stc": None if self.stc is None else self.stc.to_dict(),
+                "baseline": self.baseline, "keep_ratio": self.keep_ratio if self.baseline else None,
+                "delay_ms": self.delay_ms}
+
+    def unsupported_reason(self, host: VideoHost) -> str | None:
+        """Why `host` cannot run this variant (None: it can). The Cacher needs a supported vision
+        tower; ToMe and VisionZip work on LLaVA-OneVision's fixed SigLIP grid."""
+        if self.stc is not None and self.stc.cacher is not None and not host.supports_cacher:
+            return f"STC-Cacher does not support {type(host.vision_tower).__name__}"
+        if self.baseline in ("tome", "visionzip") and getattr(host, "pooled_side", None) is None:
+            return f"{self.baseline} needs a LLaVA-OneVision host"
+        return None
+
+    def session_options(self, host: VideoHost) -> dict[str, Any]:
+        """The `StreamingSession` arguments running this variant on `host.model` (`stc`, and a
+        baseline's `selector` or `encoder`); ToMe, VisionZip and the injected sleep are applied to
+        `host.model` here, for good (the Cacher is attached by the session). ConfigError when the
+        host cannot run it."""
+        from .baselines import RandomPruner, ToMe, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features
+        from .baselines.tome import min_keep_tokens
+
+        reason = self.unsupported_reason(host)
+        if reason is not None:
+            raise ConfigError(f"variant {self.name!r}: {reason}")
+        options: dict[str, Any] = {"stc": self.stc}
+        tower = host.vision_tower
+        pooled_side = getattr(host, "pooled_side", None)  # LLaVA-OneVision's pooled grid
+        if self.baseline == "tome":
+            config = tower.config
+            tokens, layers = (config.image_size // config.patch_size) ** 2, config.num_hidden_layers
+            keep = max(1, round(self.keep_ratio * pooled_side**2))
+            ToMe(keep_tokens=max(keep, min_keep_tokens(tokens, layers))).apply(tower)
+            options["encoder"] = tome_video_features
+        elif self.baseline == "visionzip":
+            selector = VisionZipPruner(keep_ratio=self.keep_ratio)
+            options["selector"] = selector.attach(host.model, pooled_size=pooled_side)
+        elif self.baseline is not None:
+            selector_class = {"uniform": UniformPruner, "random": RandomPruner, "vidcom2": VidCom2Pruner}[self.baseline]
+            options["selector"] = selector_class(keep_ratio=self.keep_ratio)
+        if self.delay_ms > 0:
+            delay = self.delay_ms / 1e3
+            tower.register_forward_hook(lambda module, args, output: time.sleep(delay))
+        return options
+
+
+def _cacher_only(interval: int, **options: Any) -> STCConfig:
+    return STCConfig(cacher=CacherConfig(cache_interval=interval, update_ratio=0.25, **options), pruner=None)
+
+
+def _pruner_only(scoring: str, ratio: float) -> STCConfig:
+    return STCConfig(cacher=None, pruner=PrunerConfig(scoring=scoring, keep_ratio=ratio))
+
+
+def _stc(**cacher_options: Any) -> STCConfig:
+    return STCConfig(cacher=CacherConfig(cache_interval=2, update_ratio=0.25, **cacher_options),
+                     pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO))
+
+
+_BASELINE_DESCRIPTIONS = {
+    "uniform": "evenly spaced tokens of each frame (the simplest selector)",
+    "random": "tokens drawn at random per frame (seeded per stream)",
+    "vidcom2": "VidCom2-style: frames that differ more from the video keep more tokens",
+    "visionzip": "VisionZip-style: the tokens the ViT's last attention looks at most, plus merged context tokens",
+    "tome": "ToMe: tokens merged by similarity inside the ViT, layer by layer",
+}
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("none", description="the uncompressed model (the reference every ratio refers to)"),
+        Variant("cacher N=2", _cacher_only(2), description="STC-Cacher alone at the paper's interval: every other "
+                "chunk refreshes fully, the others recompute a quarter of the tokens"),
+        Variant("cacher N=4", _cacher_only(4), description="STC-Cacher alone, a full refresh every fourth chunk"),
+        Variant("pruner gaussian 25%", _pruner_only("gaussian", 0.25),
+                description="STC-Pruner alone with the released code's Gaussian scoring, 25% of the tokens"),
+        Variant("pruner gaussian 30%", _pruner_only("gaussian", DEFAULT_KEEP_RATIO),
+                description="STC-Pruner alone with the released code's Gaussian scoring, 30% of the tokens"),
+        Variant("pruner dual_anchor 25%", _pruner_only("dual_anchor", 0.25),
+                description="STC-Pruner alone with the paper's dual-anchor scoring, 25% of the tokens"),
+        Variant("pruner dual_anchor 30%", _pruner_only("dual_anchor", DEFAULT_KEEP_RATIO),
+                description="STC-Pruner alone with the paper's dual-anchor scoring, 30% of the tokens"),
+        Variant("stc", _stc(), description="STC as the paper combines it (the default STCConfig)"),
+        Variant("stc shared", _stc(selection="shared"),
+                description="STC with one token selection shared by every ViT layer"),
+        Variant("stc adaptive", STCConfig(
+            cacher=CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_signal="keys",
+                                refresh_threshold=0.92, refresh_budget=2),
+            pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO)),
+            description="STC whose Cacher refreshes when the first layer's keys drift (at most as often as "
+                        "N=2 would, at least every 8 chunks)"),
+        Variant("stc compiled", _stc(compile_mode="default"),
+                description="STC with the Cacher's patched forwards compiled by torch.compile"),
+        *(Variant(f"{name} 25%", baseline=name, description=_BASELINE_DESCRIPTIONS[name]) for name in BASELINES),
+    ]
+}
+
+
+def get_variant(name: str) -> Variant:
+    """The registered variant called `name`, or a ConfigError listing them."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown variant {name!r}; variants: {', '.join(VARIANTS)} "
+                          "(`streamtc variants` describes them)") from None
+
+
+__all__ = ["BASELINES", "VARIANTS", "Baseline", "Variant", "get_variant"]
