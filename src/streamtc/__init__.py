@@ -22,7 +22,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .cacher import CacherState, STCCacher
     from .pruner import KeptTokens, PrunerState, STCPruner
-    from .memory import FullCache, SlidingWindowCache
+    from .memory import DiskStore, FullCache, HostStore, RetrievalCache, SlidingWindowCache
     from .session import Answer, StreamingSession
 
 __version__ = "0.1.0"
@@ -32,6 +32,9 @@ _LAZY = {
     "StreamingSession": "session",
     "FullCache": "memory",
     "SlidingWindowCache": "memory",
+    "RetrievalCache": "memory",
+    "HostStore": "memory",
+    "DiskStore": "memory",
     "Answer": "session",
     "STCCacher": "cacher",
     "CacherState": "cacher",
@@ -53,6 +56,9 @@ __all__ = [
     "StreamingSession",
     "FullCache",
     "SlidingWindowCache",
+    "RetrievalCache",
+    "HostStore",
+    "DiskStore",
     "Answer",
     "STCCacher",
     "CacherState",

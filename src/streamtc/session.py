@@ -137,7 +137,8 @@ class SessionStats:
     cache policy holds). kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU, the
     process's peak RSS on CPU (memory_kind says which), since the session started (process-wide:
-    another session's start resets it too; see `bench.timing.reset_peak_memory`).
+    another session's start resets it too; see `bench.timing.reset_peak_memory`). memory: the cache
+    policy's own counters (`RetrievalCache`: window, offloaded blocks, bytes, retrieval time), or None.
     """
 
     frames: int = 0
@@ -158,6 +159,7 @@ class SessionStats:
     cache_tokens: int = 0
     memory_kind: Literal["rss", "cuda"] = "rss"
     cacher: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
 
     @property
     def vit_ms_per_frame(self) -> float:
@@ -279,6 +281,7 @@ class StreamingSession:
         self._cacher_state = self._cacher.new_state() if self._cacher is not None else None
         self._pruner_state = PrunerState() if self._pruner is not None else None
         reset_peak_memory(self._device)
+        self._policy: CachePolicy | None = None
         self.reset()
 
     # -- construction ---------------------------------------------------------------------
@@ -395,6 +398,7 @@ class StreamingSession:
         if self._closed:
             return
         self._closed = True
+        self._policy.close()
         self._cacher_users[0] -= 1
         if self._cacher is not None and self._cacher_users[0] == 0:
             self._cacher.detach()
@@ -413,7 +417,10 @@ class StreamingSession:
 
     def reset(self) -> None:
         """Start a new stream: empty cache, fresh STC state and counters, chat prefix pre-filled."""
+        if self._policy is not None:
+            self._policy.close()  # the previous stream's offloaded files
         self._policy = self._cache_policy_factory()
+        self._policy.bind(self.host.language_model)
         self._cache = self._policy.new_cache(self.model.config)
         self._stream = self.host.new_stream(self.system_prompt)
         self._frames = 0
@@ -672,6 +679,7 @@ class StreamingSession:
         if self._cacher_state is not None:
             stats.cacher = self._cacher_state.stats.to_dict()
         stats.pending_tokens = self._pending_tokens
+        stats.memory = self._policy.memory_stats() or None
         stats.cache_tokens = self._cache.get_seq_length()
         stats.kv_cache_bytes = sum(
             layer.keys.nbytes + layer.values.nbytes

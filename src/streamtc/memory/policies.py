@@ -17,9 +17,10 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache
 
@@ -65,6 +66,17 @@ class CachePolicy(ABC):
     def question(self, cache: Cache) -> AbstractContextManager[Cache]:
         """Scope one question: yield the cache it is pre-filled and decoded on; on exit (errors
         included) leave `cache` exactly as it was on entry."""
+
+    def bind(self, language_model: nn.Module) -> None:
+        """Called at each stream's start with the LLM decoder the cache belongs to (a policy that
+        hooks its attention layers, such as `RetrievalCache`, keeps it)."""
+
+    def memory_stats(self) -> dict[str, Any]:
+        """The policy's own counters for `SessionStats.memory` (empty: nothing beyond the cache)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the policy holds outside the cache (files); the session calls it on close."""
 
 
 class FullCache(CachePolicy):
