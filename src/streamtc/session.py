@@ -349,17 +349,18 @@ class StreamingSession:
             session_kwargs.setdefault("preprocessor", preset.preprocessor())
         return cls(model, tokenizer_for_config(model.config), stc, **session_kwargs)
 
-    def spawn(self) -> StreamingSession:
+    def spawn(self, cache_policy: Callable[[], CachePolicy] | None = None) -> StreamingSession:
         """Another session on the same model, tokenizer, Cacher and Pruner, with its own stream
-        state (cache, references, anchors, counters). The first session keeps ownership of the
-        attached Cacher. Not with a `selector`: baseline selectors keep one stream's state."""
+        state (cache, references, anchors, counters) and this session's cache policy (or
+        `cache_policy`). The first session keeps ownership of the attached Cacher. Not with a
+        `selector`: baseline selectors keep one stream's state."""
         if self.selector is not None:
             raise StreamStateError("a session with a custom selector cannot spawn; make one session per stream")
         self._check_open()
         spawned = StreamingSession(
             self.model, self.tokenizer, self.stc, preprocessor=self.preprocessor,
             system_prompt=self.system_prompt, chunk_frames=self.chunk_frames,
-            prefill_min_tokens=self.prefill_min_tokens, cache_policy=self._cache_policy_factory,
+            prefill_min_tokens=self.prefill_min_tokens, cache_policy=cache_policy or self._cache_policy_factory,
             encoder=self.encoder, host=self.host, _shared_stc=(self._cacher, self._pruner),
         )
         spawned._cacher_users = self._cacher_users
