@@ -328,28 +328,46 @@ class RetrievalCache(CachePolicy):
     def memory_stats(self) -> dict[str, Any]:
         return {"policy": "retrieval", **self.stats.to_dict()}
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments (JSON values) that make this policy again."""
+        store = self.store
+        disk = {"offload_dir": str(store.offload_dir), "offload_budget": store.budget_bytes,
+                "segment_blocks": store.segment_blocks} if isinstance(store, DiskStore) else {}
+        return {"window_tokens": self.window_tokens, "retrieve_frames": self.retrieve_frames, **disk}
+
+    def bookkeeping(self) -> dict[str, Any]:
+        """Per-stream state besides the cache and the store, as JSON."""
+        return {"prefix_tokens": self._prefix_tokens, "window": [asdict(b) for b in self._window],
+                "next_id": self._next_id, "stats": asdict(self._stats)}
+
+    def load_bookkeeping(self, state: dict[str, Any]) -> None:
+        self._prefix_tokens = state["prefix_tokens"]
+        self._window = deque(CacheBlock(**b) for b in state["window"])
+        self._window_tokens = sum(b.length for b in self._window)
+        self._next_id = state["next_id"]
+        self._stats = MemoryStats(**state["stats"])
+
     def save(self, cache: Cache, directory: Path) -> None:
-        """Write the window (safetensors), the store (host: its blocks; disk: its segment files by
-        name, size and checksums, left in place) and the bookkeeping (policy.json) under `directory`."""
+        """Write the window (window.safetensors), the store (host: its blocks; disk: its segment
+        files recorded by name, size and checksums, left in place; under store/) and the
+        bookkeeping (policy.json) under `directory`."""
         directory = Path(directory)
         save_file({f"{kind}.{i}": getattr(layer, name).contiguous().cpu()
                    for i, layer in enumerate(cache.layers) for kind, name in (("k", "keys"), ("v", "values"))},
                   str(directory / "window.safetensors"))
         (directory / "store").mkdir(exist_ok=True)
         manifest = self.store.save(directory / "store")
-        bookkeeping = {
-            "window_tokens": self.window_tokens, "retrieve_frames": self.retrieve_frames,
-            "prefix_tokens": self._prefix_tokens, "window": [asdict(b) for b in self._window],
-            "next_id": self._next_id, "stats": asdict(self._stats), "store": manifest,
-        }
-        (directory / "policy.json").write_text(json.dumps(bookkeeping))
+        record = {"class": type(self).__name__, "bookkeeping": self.bookkeeping(), "store": manifest}
+        (directory / "policy.json").write_text(json.dumps(record))
 
     def restore(self, config: PretrainedConfig, directory: Path) -> Cache:
-        """The inverse of `save`: the window cache (on the bound model's device) and the
-        bookkeeping and store; segment files deleted since the save are dropped with a warning."""
+        """The inverse of `save` on a fresh instance: the window cache (on the bound model's device),
+        the bookkeeping and the store; segment files deleted since the save are dropped with a warning."""
         directory = Path(directory)
-        bookkeeping = json.loads((directory / "policy.json").read_text())
-        kind = bookkeeping["store"]["kind"]
+        record = json.loads((directory / "policy.json").read_text())
+        if record.get("class") != type(self).__name__:
+            raise ConfigError(f"this memory was saved by a {record.get('class')}, not a {type(self).__name__}")
+        kind = record["store"]["kind"]
         if kind != ("disk" if isinstance(self.store, DiskStore) else "host"):
             raise ConfigError(f"this memory was saved with a {kind} offload store; restore it into a RetrievalCache "
                               f"{'with offload_dir' if kind == 'disk' else 'without offload_dir'}")
@@ -357,12 +375,8 @@ class RetrievalCache(CachePolicy):
         tensors = load_file(str(directory / "window.safetensors"), device=str(self._device))
         for i in range(len(tensors) // 2):
             cache.update(tensors[f"k.{i}"], tensors[f"v.{i}"], i)
-        self.store.restore(directory / "store", bookkeeping["store"], self._device)
-        self._prefix_tokens = bookkeeping["prefix_tokens"]
-        self._window = deque(CacheBlock(**b) for b in bookkeeping["window"])
-        self._window_tokens = sum(b.length for b in self._window)
-        self._next_id = bookkeeping["next_id"]
-        self._stats = MemoryStats(**bookkeeping["stats"])
+        self.store.restore(directory / "store", record["store"], self._device)
+        self.load_bookkeeping(record["bookkeeping"])
         return cache
 
     def close(self) -> None:
