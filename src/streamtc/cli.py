@@ -854,6 +854,58 @@ def bench_pipeline(
         console.print(f"wrote {path}")
 
 
+@bench_app.command("soak")
+def bench_soak(
+    frames: Annotated[int, typer.Option(help="Frames streamed per memory variant (the street clip, looped)")] = 10_000,
+    question_every: Annotated[int, typer.Option(help="Ask a question every this many frames")] = 500,
+    memory: Annotated[str, typer.Option(help="Comma-separated memories to soak, in turn: full, window, retrieval")]
+    = "retrieval,full",
+    window_tokens: Annotated[int, typer.Option(help="Window of window/retrieval memory (tokens)")] = 15_000,
+    retrieve_frames: Annotated[int, typer.Option(help="Frame blocks each layer retrieves per question")] = 64,
+    offload_dir: Annotated[Path | None, typer.Option(help="Offload retrieval blocks to disk under this directory "
+                                                         "(default: host memory)")] = None,
+    offload_budget: Annotated[int | None, typer.Option(help="Bytes of offloaded files kept at most (oldest "
+                                                             "deleted first)")] = None,
+    preset: Annotated[str, typer.Option(help="VideoLLM preset (random weights)")] = "tiny-llava-ov",
+    stc: Annotated[bool, typer.Option(help="STC (Cacher and Pruner) on the stream")] = True,
+    sample_every: Annotated[int, typer.Option(help="Sample RSS, time, disk and handles every this many frames")]
+    = 100,
+    warmup: Annotated[int, typer.Option(help="Frames before the flatness checks start")] = 1_000,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1: steady small-op timing on a shared machine)")]
+    = 1,
+    output: Annotated[Path, typer.Option(help="Directory for soak.json and soak.png")] = Path("bench-results/soak"),
+) -> None:
+    """A long stream per memory variant: resident memory, per-frame time, disk use and open file
+    handles against frames (JSON and a PNG plot), with questions along the way."""
+    import torch
+
+    from .bench.soak import SoakConfig, run_soak
+
+    torch.set_num_threads(threads)
+    config = SoakConfig(
+        preset=preset, frames=frames, question_every=question_every, sample_every=sample_every, warmup=warmup,
+        window_tokens=window_tokens, retrieve_frames=retrieve_frames,
+        offload_dir=str(offload_dir) if offload_dir else None, offload_budget=offload_budget, stc=stc,
+    )
+    results = run_soak(config, [m.strip() for m in memory.split(",") if m.strip()], output, progress=console.print)
+    table = Table(title=f"soak: {frames} frames of {preset}")
+    for column in ("memory", "RSS spread", "RSS growth MiB", "ms/frame first->last", "disk peak MiB",
+                   "open files", "TTFT ms (last)"):
+        table.add_column(column)
+    for run in results["runs"]:
+        summary, last = run["summary"], run["questions"][-1] if run["questions"] else {}
+        table.add_row(
+            f"{run['memory']}{' + STC' if run['stc'] else ''}",
+            f"{summary.get('rss_spread', 0):.1%}", f"{summary.get('rss_growth_bytes', 0) / 2**20:.1f}",
+            f"{summary.get('ms_per_frame_first', 0):.1f} -> {summary.get('ms_per_frame_last', 0):.1f}",
+            f"{summary.get('disk_peak_bytes', 0) / 2**20:.2f}",
+            f"{summary.get('open_files_after_warmup', 0)} -> {summary.get('open_files_end', 0)}",
+            f"{last.get('ttft_ms', 0):.0f}",
+        )
+    console.print(table)
+    console.print(f"wrote {output / 'soak.json'} and {output / 'soak.png'}")
+
+
 def main() -> None:
     """Entry point: typed errors become one readable line and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
