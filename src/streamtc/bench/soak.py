@@ -32,12 +32,11 @@ import numpy as np
 
 from ..config import STCConfig
 from ..errors import ConfigError
-from ..memory import CachePolicy, FullCache, RetrievalCache, SlidingWindowCache
+from ..memory import memory_policy
 from ..session import StreamingSession
 from ..sources import open_source
 from .timing import machine_info
 
-MEMORIES = ("full", "window", "retrieval")
 QUESTION = "What is happening in the video?"
 
 
@@ -65,19 +64,6 @@ class SoakConfig:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if not 0 <= self.warmup < self.frames:
             raise ConfigError(f"warmup must be in [0, frames), got {self.warmup!r}")
-
-
-def memory_policy(kind: str, window_tokens: int, retrieve_frames: int, offload_dir: str | Path | None = None,
-                  offload_budget: int | None = None) -> Callable[[], CachePolicy]:
-    """The cache-policy factory a memory name stands for (the CLI's `--memory`)."""
-    if kind == "full":
-        return FullCache
-    if kind == "window":
-        return lambda: SlidingWindowCache(window_tokens)
-    if kind == "retrieval":
-        return lambda: RetrievalCache(window_tokens, retrieve_frames, offload_dir=offload_dir,
-                                      offload_budget=offload_budget)
-    raise ConfigError(f"unknown memory {kind!r}; choose from {', '.join(MEMORIES)}")
 
 
 def resident_bytes() -> int:
@@ -224,4 +210,4 @@ def run_soak(config: SoakConfig, memories: list[str], output: Path,
     return results
 
 
-__all__ = ["MEMORIES", "SoakConfig", "memory_policy", "run_soak", "soak_variant", "summarize"]
+__all__ = ["SoakConfig", "run_soak", "soak_variant", "summarize"]
