@@ -47,6 +47,7 @@ from ..errors import ConfigError, StreamTCError, VideoSourceError
 from .common import console, read_stc_config
 
 if TYPE_CHECKING:
+    from ..memory import CachePolicy
     from ..session import Answer, StreamingSession
     from ..sources import VideoSource
 
@@ -177,11 +178,10 @@ def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
 
 
 def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str,
-             window_tokens: int | None) -> StreamingSession:
-    from ..memory import SlidingWindowCache
+             memory: Callable[[], CachePolicy]) -> StreamingSession:
     from ..session import StreamingSession
 
-    policy = {} if window_tokens is None else {"cache_policy": lambda: SlidingWindowCache(window_tokens)}
+    policy = {"cache_policy": memory}
     if model is None:
         return StreamingSession.from_preset(preset, stc=stc, num_layers=num_layers, device=device, **policy)
     try:
@@ -304,6 +304,8 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
     if record.ratios:
         console.print("[dim]time ratios: frames timed in pairs (variants alternate per frame), 90% interval over "
                       "frames in brackets; 'within noise' when it contains 1×[/]")
+    for name, stats in record.stats.items():
+        console.print(f"memory [{escape(name)}]: {_memory_line(record.header['memory']['kind'], stats)}")
     for note in record.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     for item in record.unanswered:
@@ -311,6 +313,21 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
     style = "green" if record.status == "completed" else "yellow"
     where = f"; answers in {record.path}" if record.path is not None else ""
     console.print(f"[{style}]status: {record.status} (exit code {EXIT_CODES[record.status]})[/]{where}")
+
+
+def _memory_line(kind: str, stats: dict[str, Any]) -> str:
+    """One line on a variant's memory: tokens and KV bytes held, and for retrieval memory the window,
+    the offloaded blocks, their bytes in host memory and on disk, and the retrieval time per question."""
+    line = f"{kind}, {stats['cache_tokens']} tokens in the cache ({stats['kv_cache_bytes'] / 2**20:.2f} MiB of KV)"
+    memory = stats.get("memory")
+    if memory:
+        line += (f"; window {memory['window_tokens']} tokens ({memory['window_frames']} frames), "
+                 f"{memory['offloaded_blocks']} blocks offloaded ({memory['host_bytes'] / 2**20:.2f} MiB in host "
+                 f"memory, {memory['disk_bytes'] / 2**20:.2f} MiB on disk"
+                 + (f", {memory['deleted_blocks']} deleted by the budget" if memory["deleted_blocks"] else "")
+                 + (f", {memory['lost_blocks']} lost to disk faults" if memory["lost_blocks"] else "")
+                 + f"), retrieval {memory['retrieval_ms_per_question']:.1f} ms per question")
+    return line
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -338,8 +355,18 @@ def run(
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
                                                      "{...}})")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    memory: Annotated[str | None, typer.Option(
+        help="The stream's LLM memory: full (every token), window (the newest --window-tokens, older frames "
+             "forgotten) or retrieval (ReKV: a window, older frames offloaded and retrieved per question). "
+             "Default: window when --window-tokens is given, else full")] = None,
     window_tokens: Annotated[int | None, typer.Option(
-        help="Bound memory: keep at most this many visual tokens (newest frames) per stream", min=1)] = None,
+        help="Window of the window and retrieval memories, in visual tokens (default 15000)", min=1)] = None,
+    retrieve_frames: Annotated[int, typer.Option(
+        help="Retrieval memory: frame blocks each LLM layer retrieves per question", min=1)] = 64,
+    offload_dir: Annotated[Path | None, typer.Option(
+        help="Retrieval memory: keep offloaded blocks on disk under this directory (default: host memory)")] = None,
+    offload_budget: Annotated[int | None, typer.Option(
+        help="Retrieval memory on disk: bytes of block files kept at most, the oldest deleted first", min=0)] = None,
     timeout: Annotated[float, typer.Option(help="Network streams: seconds to wait for the stream to open and "
                                                 "for each read before it counts as stalled",
                                            callback=_positive_seconds)] = 10.0,
@@ -385,24 +412,31 @@ def run(
                     source.close()
                 raise
         stc = _runnable_stc(stc, _model_class(model, preset))
+        from ..memory import memory_policy  # after the preset check: both import torch and transformers
+
+        memory = memory or ("window" if window_tokens is not None else "full")
+        policy = memory_policy(memory, window_tokens or 15_000, retrieve_frames, offload_dir, offload_budget)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
     variants = {"no STC": None, "STC": stc} if compare else ({"no STC": None} if no_stc else {"STC": stc})
     record = RunRecord(
-        header={"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
+        header={"video": video, "model": model or preset, "fps": fps,
+                "memory": {"kind": memory, "window_tokens": window_tokens, "retrieve_frames": retrieve_frames,
+                           "offload_dir": None if offload_dir is None else str(offload_dir),
+                           "offload_budget": offload_budget},
                 "questions": [q.to_dict() for q in questions],
                 "stc": {name: (None if cfg is None else cfg.to_dict()) for name, cfg in variants.items()}},
         path=output, answers={name: [] for name in variants},
     )
     status = _stream(source or open_video, video, variants, questions, record, model=model, preset=preset,
-                     num_layers=num_layers, device=device, window_tokens=window_tokens, max_new_tokens=max_new_tokens)
+                     num_layers=num_layers, device=device, memory=policy, max_new_tokens=max_new_tokens)
     raise typer.Exit(EXIT_CODES[status])
 
 
 def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, variants: dict[str, STCConfig | None],
             questions: list[TimedQuestion], record: RunRecord, *, model: str | None, preset: str,
-            num_layers: int | None, device: str, window_tokens: int | None, max_new_tokens: int) -> str:
+            num_layers: int | None, device: str, memory: Callable[[], CachePolicy], max_new_tokens: int) -> str:
     """Build the sessions, stream the frames, ask the questions; returns the final status. Every
     way out (end, source failure, stall, Ctrl-C, error) prints the summary and writes the record.
     video_source: the open source, or how to open it once the models are built (live streams)."""
@@ -447,7 +481,7 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, v
         if model is None:
             console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
                           "Use --model PATH_OR_ID for real weights.[/]")
-        sessions.update({name: _session(model, preset, cfg, num_layers, device, window_tokens)
+        sessions.update({name: _session(model, preset, cfg, num_layers, device, memory)
                          for name, cfg in variants.items()})
         source = source or video_source()
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
