@@ -39,6 +39,11 @@ def qwen() -> StreamingSession:
     return StreamingSession.from_preset("qwen2-vl-tiny", stc=None)
 
 
+@pytest.fixture(scope="module")
+def qwen25() -> StreamingSession:
+    return StreamingSession.from_preset("qwen2.5-vl-tiny", stc=None)
+
+
 def twin(base: StreamingSession, policy, **kwargs) -> StreamingSession:
     """A session on `base`'s model with another cache policy."""
     return StreamingSession(base.model, base.tokenizer, None, cache_policy=policy, **kwargs)
@@ -127,11 +132,11 @@ def test_a_window_larger_than_the_stream_equals_the_full_cache(host: str, reques
     assert memory._policy.last_retrieved == []
 
 
-@pytest.mark.parametrize("host", ["llava", "qwen"])
+@pytest.mark.parametrize("host", ["llava", "qwen", "qwen25"])
 def test_retrieving_every_offloaded_block_equals_the_full_cache(host: str, request) -> None:
     """All frames pre-filled in one forward (so the window's frames attended to every earlier frame,
     as in a full cache), then all but two evicted; a question retrieving every block sees the full
-    cache's tokens, in its order, at its positions (1-D RoPE and M-RoPE)."""
+    cache's tokens, in its order, at its positions (1-D RoPE; M-RoPE of Qwen2-VL and Qwen2.5-VL)."""
     base = request.getfixturevalue(host)
     per_frame = frame_tokens(base)
     frames = make_frames(12)
