@@ -104,8 +104,8 @@ class SlidingWindowCache(FullCache):
     The prefix stays as the attention sink (StreamingLLM); kept keys keep the positions they were
     pre-filled at (they are stored rotated), and the session's position counter runs on, so
     nothing is re-encoded. Frames pre-filled after an eviction attend only to the window, as in
-    ReKV's local window. ReKV additionally retrieves evicted frame blocks per question; that
-    retrieval is not built here. Use: `StreamingSession(..., cache_policy=lambda: SlidingWindowCache(15_000))`.
+    ReKV's local window. ReKV additionally retrieves evicted frame blocks per question: that is
+    `RetrievalCache` (`streamtc.memory.retrieval`). Use: `StreamingSession(..., cache_policy=lambda: SlidingWindowCache(15_000))`.
     """
 
     def __init__(self, max_visual_tokens: int) -> None:
