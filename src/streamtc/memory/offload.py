@@ -379,10 +379,10 @@ class DiskStore(OffloadStore):
 
     def check(self) -> list[BlockInfo]:
         dropped = []
+        directory = str(self.directory)
         for segment in list(self._segments):
-            path = self.directory / segment.name
             try:
-                size = path.stat().st_size
+                size = os.stat(os.path.join(directory, segment.name)).st_size  # a plain stat: one per segment
             except FileNotFoundError:
                 size = None
             if size != segment.size:
