@@ -10,6 +10,7 @@ import sys
 from typer.testing import CliRunner
 
 from streamtc.cli import app
+from streamtc.errors import ConfigError
 from streamtc.sources import builtin_clip_path
 
 runner = CliRunner()
@@ -50,10 +51,42 @@ def test_run_with_a_bounded_window_keeps_the_cache_small(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     stats = report["stats"]["no STC"]
-    assert report["window_tokens"] == 32 and stats["visual_tokens"] == 5 * 16  # 5 frames pre-filled ...
+    assert report["memory"]["kind"] == "window" and report["memory"]["window_tokens"] == 32
+    assert stats["visual_tokens"] == 5 * 16  # 5 frames pre-filled ...
     per_token = 2 * 2 * 2 * 16 * 4  # keys and values x 2 layers x 2 KV heads x 16 dims x fp32 (tiny Qwen2)
     assert stats["kv_cache_bytes"] == per_token * (stats["prompt_tokens"] + 2 * 16)  # ... the cache: prefix + 2 frames
     assert stats["cache_tokens"] == stats["prompt_tokens"] + 2 * 16
+
+
+def test_run_with_retrieval_memory_on_disk_reports_the_memory(tmp_path):
+    out = tmp_path / "run.json"
+    result = runner.invoke(app, ["run", "demo", "--no-stc", "--fps", "1", "--max-seconds", "4", "--ask", "3:What?",
+                                 "--max-new-tokens", "2", "--memory", "retrieval", "--window-tokens", "32",
+                                 "--retrieve-frames", "1", "--offload-dir", str(tmp_path / "blocks"),
+                                 "--offload-budget", "1000000", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    memory = json.loads(out.read_text())["stats"]["no STC"]["memory"]
+    assert memory["window_frames"] == 2 and memory["offloaded_blocks"] == 3 and memory["questions"] == 1
+    assert memory["last_retrieved_blocks"] == 1  # at 3 s: two frames offloaded, one retrieved per layer
+    assert "retrieval, " in result.output and "3 blocks offloaded" in result.output
+    assert not (tmp_path / "blocks").exists() or not any((tmp_path / "blocks").iterdir())  # closed: no files left
+    bad = runner.invoke(app, ["run", "demo", "--memory", "window", "--offload-dir", str(tmp_path)])
+    assert isinstance(bad.exception, ConfigError) and "retrieval memory" in str(bad.exception)
+
+
+def test_bench_soak_writes_its_samples_and_plot(tmp_path):
+    result = runner.invoke(app, ["bench", "soak", "--frames", "24", "--question-every", "12", "--sample-every", "6",
+                                 "--warmup", "6", "--memory", "retrieval,full", "--window-tokens", "32",
+                                 "--offload-dir", str(tmp_path / "blocks"), "--offload-budget", "1000000",
+                                 "--no-stc", "--output", str(tmp_path / "soak")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "soak" / "soak.json").read_text())
+    retrieval, full = report["runs"]
+    assert [s["frames"] for s in retrieval["samples"]] == [6, 12, 18, 24] and len(retrieval["questions"]) == 2
+    assert retrieval["final_stats"]["memory"]["offloaded_blocks"] == 22 and full["final_stats"]["memory"] is None
+    assert retrieval["samples"][-1]["disk_bytes"] > 0  # one segment of 16 blocks was written
+    assert retrieval["summary"]["disk_within_budget"] and retrieval["files_left"] == 0
+    assert (tmp_path / "soak" / "soak.png").stat().st_size > 0
 
 
 def test_the_command_line_and_the_preset_table_import_no_torch():

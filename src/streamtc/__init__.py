@@ -22,8 +22,8 @@ from .errors import (
 if TYPE_CHECKING:
     from .cacher import CacherState, STCCacher
     from .pruner import KeptTokens, PrunerState, STCPruner
-    from .memory import FullCache, SlidingWindowCache
     from .factory import SessionSpec
+    from .memory import DiskStore, FullCache, HostStore, RetrievalCache, SlidingWindowCache
     from .session import Answer, StreamingSession
     from .variants import VARIANTS, Variant, get_variant
 
@@ -34,6 +34,9 @@ _LAZY = {
     "StreamingSession": "session",
     "FullCache": "memory",
     "SlidingWindowCache": "memory",
+    "RetrievalCache": "memory",
+    "HostStore": "memory",
+    "DiskStore": "memory",
     "Answer": "session",
     "STCCacher": "cacher",
     "CacherState": "cacher",
@@ -59,6 +62,9 @@ __all__ = [
     "StreamingSession",
     "FullCache",
     "SlidingWindowCache",
+    "RetrievalCache",
+    "HostStore",
+    "DiskStore",
     "Answer",
     "STCCacher",
     "CacherState",

@@ -29,6 +29,10 @@ class WeightsError(StreamTCError, OSError):
     """Pretrained weights cannot be fetched, verified or converted."""
 
 
+class OffloadError(StreamTCError, OSError):
+    """Offloaded KV blocks of a stream cannot be read back intact (a file deleted, truncated or altered)."""
+
+
 __all__ = [
     "StreamTCError",
     "ConfigError",
@@ -37,4 +41,5 @@ __all__ = [
     "InputError",
     "VideoSourceError",
     "WeightsError",
+    "OffloadError",
 ]

@@ -1,6 +1,7 @@
 """Build streaming sessions in one place: which model (real weights or a preset, its dtype and
-depth), which variant (an STC setting or a baseline, `streamtc.variants`), which memory (a sliding
-window of visual tokens) and which system prompt become a `StreamingSession`. `streamtc run`,
+depth), which variant (an STC setting or a baseline, `streamtc.variants`), which memory (every
+token, a sliding window, or ReKV retrieval: `streamtc.memory`) and which system prompt become a
+`StreamingSession`. `streamtc run`,
 `bench pipeline`, `eval run` (in this process and on Ray actors) and `serve` all build here.
 
     spec = SessionSpec(preset="tiny-llava-ov", variant="stc", window_tokens=15000)
@@ -16,8 +17,8 @@ several variants run side by side on one copy of the weights (`bench pipeline`, 
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from .hosts import VideoHost
+    from .memory import CachePolicy
     from .session import StreamingSession
 
 
@@ -41,10 +43,12 @@ class SessionSpec:
     `streamtc.hosts`); None uses `preset` (random weights drawn from `seed`; `num_layers` and
     `text_layers` override the vision tower's and the language model's depth). dtype: "float32",
     "bfloat16" or "float16". stc: an `STCConfig` (or its `to_dict()`), None for no STC; variant: a
-    registered variant's name in its place (`streamtc.variants`). window_tokens: bound the cache to
-    the chat prefix and the newest frames holding at most this many visual tokens
-    (`SlidingWindowCache`); None keeps every token. system_prompt: the system turn (None: the
-    session's default).
+    registered variant's name in its place (`streamtc.variants`). memory: the stream's LLM memory
+    by name (`streamtc.memory.MEMORIES`: "full", "window", "retrieval"); None means "window" when
+    `window_tokens` is given, else "full". window_tokens: the window of the window and retrieval
+    memories (visual tokens; default 15,000 for retrieval); retrieve_frames, offload_dir,
+    offload_budget: the retrieval memory's settings (`RetrievalCache`). system_prompt: the system
+    turn (None: the session's default).
     """
 
     model: str | None = None
@@ -56,6 +60,10 @@ class SessionSpec:
     stc: STCConfig | dict[str, Any] | None = None
     variant: str | None = None
     window_tokens: int | None = None
+    memory: str | None = None
+    retrieve_frames: int = 64
+    offload_dir: str | None = None
+    offload_budget: int | None = None
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
@@ -71,10 +79,8 @@ class SessionSpec:
                 raise ConfigError(f"give either stc or variant, not both (variant {self.variant!r} sets its own)")
         if self.model is not None and (self.num_layers is not None or self.text_layers is not None):
             raise ConfigError("depth overrides apply to presets; real weights (model=...) run at their own depth")
-        if self.window_tokens is not None:
-            from .memory import SlidingWindowCache
-
-            SlidingWindowCache(self.window_tokens)  # validates
+        if self.memory is not None or self.window_tokens is not None:
+            self.cache_policy()  # validates
 
     @property
     def model_id(self) -> str:
@@ -84,12 +90,25 @@ class SessionSpec:
     def identity(self) -> dict[str, Any]:
         """What determines the model's answers besides the variant (an eval results header's
         config; the variant is recorded beside it)."""
+        memory = {"window_tokens": self.window_tokens}
+        if self.memory is not None:
+            memory.update(memory=self.memory, retrieve_frames=self.retrieve_frames)
         if self.model is not None:
-            return {"id": self.model, "dtype": self.dtype, "window_tokens": self.window_tokens,
-                    "system_prompt": self.system_prompt}
+            return {"id": self.model, "dtype": self.dtype, **memory, "system_prompt": self.system_prompt}
         depth = {} if self.text_layers is None else {"text_layers": self.text_layers}
         return {"id": self.model_id, "num_layers": self.num_layers, **depth, "seed": self.seed, "dtype": self.dtype,
-                "window_tokens": self.window_tokens, "system_prompt": self.system_prompt}
+                **memory, "system_prompt": self.system_prompt}
+
+    def cache_policy(self) -> Callable[[], CachePolicy] | None:
+        """The cache-policy factory of this spec's memory, or None for the session's default
+        (`FullCache`)."""
+        if self.memory is None and self.window_tokens is None:
+            return None
+        from .memory import memory_policy
+
+        kind = self.memory or "window"
+        window = self.window_tokens if self.window_tokens is not None else 15_000
+        return memory_policy(kind, window, self.retrieve_frames, self.offload_dir, self.offload_budget)
 
     def resolved_variant(self) -> Variant:
         """The variant this spec runs: the registered one named `variant`, else `stc` as a variant."""
@@ -127,21 +146,15 @@ class SessionSpec:
 
     def build(self, device: str | torch.device = "cpu") -> StreamingSession:
         """A session running this spec's variant on a freshly loaded model (the model is its own)."""
-        return derive_session(self.load(device), self.resolved_variant(), window_tokens=self.window_tokens)
+        return derive_session(self.load(device), self.resolved_variant(), cache_policy=self.cache_policy())
 
     def _session_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
-        if self.window_tokens is not None:
-            options["cache_policy"] = _window_policy(self.window_tokens)
+        if (policy := self.cache_policy()) is not None:
+            options["cache_policy"] = policy
         if self.system_prompt is not None:
             options["system_prompt"] = self.system_prompt
         return options
-
-
-def _window_policy(window_tokens: int) -> Any:
-    from .memory import SlidingWindowCache
-
-    return functools.partial(SlidingWindowCache, window_tokens)
 
 
 def shared_weights_view(model: torch.nn.Module) -> torch.nn.Module:
@@ -159,14 +172,14 @@ def derive_session(
     variant: Variant,
     *,
     share_weights: bool = False,
-    window_tokens: int | None = None,
+    cache_policy: Callable[[], CachePolicy] | None = None,
     prefill_min_tokens: int | None = None,
 ) -> StreamingSession:
     """A session running `variant` on `base`'s model, tokenizer, preprocessor, system prompt,
     chunk size and prompt protocol. `base` must be uncompressed. share_weights: keep `base`'s
     model as it is (a variant that changes modules gets a shared-weights view); without it the
     variant changes `base.model` for good, so the model must not serve anything else.
-    window_tokens: bound the new session's memory (`SlidingWindowCache`)."""
+    cache_policy: the new session's memory (a `CachePolicy` factory; None: `FullCache`)."""
     from .hosts import host_for
     from .session import StreamingSession
 
@@ -174,7 +187,7 @@ def derive_session(
         raise ConfigError("derive_session needs an uncompressed base session (stc=None, no baseline)")
     model = shared_weights_view(base.model) if share_weights and variant.patches_model else base.model
     host = base.host if model is base.model else host_for(model, base.tokenizer, base.host.protocol)
-    policy = {} if window_tokens is None else {"cache_policy": _window_policy(window_tokens)}
+    policy = {} if cache_policy is None else {"cache_policy": cache_policy}
     return StreamingSession(model, base.tokenizer, preprocessor=base.preprocessor, system_prompt=base.system_prompt,
                             chunk_frames=base.chunk_frames, prefill_min_tokens=prefill_min_tokens, host=host,
                             **variant.session_options(host), **policy)

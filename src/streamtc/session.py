@@ -140,7 +140,8 @@ class SessionStats:
     cache policy holds). kv_cache_bytes: keys and values held by the cache now. The last_* fields
     are the latest answer's timings. peak_memory_bytes: CUDA max allocated on a GPU, the
     process's peak RSS on CPU (memory_kind says which), since the session started (process-wide:
-    another session's start resets it too; see `measure.reset_peak_memory`).
+    another session's start resets it too; see `measure.reset_peak_memory`). memory: the cache
+    policy's own counters (`RetrievalCache`: window, offloaded blocks, bytes, retrieval time), or None.
     """
 
     frames: int = 0
@@ -161,6 +162,7 @@ class SessionStats:
     cache_tokens: int = 0
     memory_kind: Literal["rss", "cuda"] = "rss"
     cacher: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
 
     @property
     def vit_ms_per_frame(self) -> float:
@@ -276,6 +278,7 @@ class StreamingSession:
         self._cacher_state = self._cacher.new_state() if self._cacher is not None else None
         self._pruner_state = PrunerState() if self._pruner is not None else None
         reset_peak_memory(self._device)
+        self._policy: CachePolicy | None = None
         self.reset()
 
     # -- construction ---------------------------------------------------------------------
@@ -343,17 +346,18 @@ class StreamingSession:
             session_kwargs.setdefault("preprocessor", preset.preprocessor())
         return cls(model, tokenizer_for_config(model.config), stc, **session_kwargs)
 
-    def spawn(self) -> StreamingSession:
+    def spawn(self, cache_policy: Callable[[], CachePolicy] | None = None) -> StreamingSession:
         """Another session on the same model, tokenizer, Cacher and Pruner, with its own stream
-        state (cache, references, anchors, counters). The first session keeps ownership of the
-        attached Cacher. Not with a `selector`: baseline selectors keep one stream's state."""
+        state (cache, references, anchors, counters) and this session's cache policy (or
+        `cache_policy`). The first session keeps ownership of the attached Cacher. Not with a
+        `selector`: baseline selectors keep one stream's state."""
         if self.selector is not None:
             raise StreamStateError("a session with a custom selector cannot spawn; make one session per stream")
         self._check_open()
         spawned = StreamingSession(
             self.model, self.tokenizer, self.stc, preprocessor=self.preprocessor,
             system_prompt=self.system_prompt, chunk_frames=self.chunk_frames,
-            prefill_min_tokens=self.prefill_min_tokens, cache_policy=self._cache_policy_factory,
+            prefill_min_tokens=self.prefill_min_tokens, cache_policy=cache_policy or self._cache_policy_factory,
             encoder=self.encoder, host=self.host, _shared_stc=(self._cacher, self._pruner),
         )
         spawned._cacher_users = self._cacher_users
@@ -392,6 +396,7 @@ class StreamingSession:
         if self._closed:
             return
         self._closed = True
+        self._policy.close()
         self._cacher_users[0] -= 1
         if self._cacher is not None and self._cacher_users[0] == 0:
             self._cacher.detach()
@@ -410,7 +415,10 @@ class StreamingSession:
 
     def reset(self) -> None:
         """Start a new stream: empty cache, fresh STC state and counters, chat prefix pre-filled."""
+        if self._policy is not None:
+            self._policy.close()  # the previous stream's offloaded files
         self._policy = self._cache_policy_factory()
+        self._policy.bind(self.host.language_model)
         self._cache = self._policy.new_cache(self.model.config)
         self._stream = self.host.new_stream(self.system_prompt)
         self._frames = 0
@@ -671,6 +679,7 @@ class StreamingSession:
         if self._cacher_state is not None:
             stats.cacher = self._cacher_state.stats.to_dict()
         stats.pending_tokens = self._pending_tokens
+        stats.memory = self._policy.memory_stats() or None
         stats.cache_tokens = self._cache.get_seq_length()
         stats.kv_cache_bytes = sum(
             layer.keys.nbytes + layer.values.nbytes

@@ -4,6 +4,7 @@ times, are what carry over between machines) with fidelity beside speed.
     streamtc bench vit         ViT encode time and fidelity of STC-Cacher variants
     streamtc bench pipeline    every stage of every variant (no compression, Cacher, Pruner, STC, baselines)
     streamtc bench pruner      pruning cost per frame of the Pruner's scorers and the selection baselines
+    streamtc bench soak        a long stream per memory: RSS, per-frame time, disk, open files vs frames
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from .common import console
 from .variants import print_variants
@@ -264,6 +266,60 @@ def bench_pruner(
         json_output.parent.mkdir(parents=True, exist_ok=True)
         json_output.write_text(json.dumps({"environment": info, "rows": [asdict(r) for r in rows]}, indent=2))
         console.print(f"wrote {json_output}")
+
+
+@bench_app.command("soak")
+def bench_soak(
+    frames: Annotated[int, typer.Option(help="Frames streamed per memory variant (the street clip, looped)", min=1)]
+    = 10_000,
+    question_every: Annotated[int, typer.Option(help="Ask a question every this many frames", min=1)] = 500,
+    memory: Annotated[str, typer.Option(help="Comma-separated memories to soak in turn: full, window, retrieval")]
+    = "retrieval,full",
+    window_tokens: Annotated[int, typer.Option(help="Window of the window and retrieval memories (tokens)", min=1)]
+    = 15_000,
+    retrieve_frames: Annotated[int, typer.Option(help="Frame blocks each layer retrieves per question", min=1)] = 64,
+    offload_dir: Annotated[Path | None, typer.Option(help="Offload retrieval blocks to disk under this directory "
+                                                         "(default: host memory)")] = None,
+    offload_budget: Annotated[int | None, typer.Option(help="Bytes of offloaded files kept at most (the oldest "
+                                                             "deleted first)", min=0)] = None,
+    preset: Annotated[str, typer.Option(help="VideoLLM preset (random weights)")] = "tiny-llava-ov",
+    stc: Annotated[bool, typer.Option(help="STC (Cacher and Pruner) on the stream")] = True,
+    sample_every: Annotated[int, typer.Option(help="Sample RSS, time, disk and handles every this many frames",
+                                              min=1)] = 100,
+    warmup: Annotated[int, typer.Option(help="Frames before the flatness checks start", min=0)] = 1_000,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1: steady small-op timing on a shared machine)",
+                                         min=1)] = 1,
+    output: Annotated[Path, typer.Option(help="Directory for soak.json and soak.png")] = Path("bench-results/soak"),
+) -> None:
+    """A long stream per memory variant: resident memory, per-frame time, disk use and open file
+    handles against frames (JSON and a PNG plot), with questions along the way."""
+    import torch
+
+    from ..bench.soak import SoakConfig, run_soak
+
+    torch.set_num_threads(threads)
+    config = SoakConfig(
+        preset=preset, frames=frames, question_every=question_every, sample_every=sample_every, warmup=warmup,
+        window_tokens=window_tokens, retrieve_frames=retrieve_frames,
+        offload_dir=str(offload_dir) if offload_dir else None, offload_budget=offload_budget, stc=stc,
+    )
+    results = run_soak(config, [m.strip() for m in memory.split(",") if m.strip()], output, progress=console.print)
+    table = Table(title=f"soak: {frames} frames of {preset}")
+    for column in ("memory", "RSS spread", "RSS growth MiB", "ms/frame first -> last", "disk peak MiB",
+                   "open files", "TTFT ms (last)"):
+        table.add_column(column)
+    for run in results["runs"]:
+        summary, last = run["summary"], (run["questions"][-1] if run["questions"] else {})
+        table.add_row(
+            f"{run['memory']}{' + STC' if run['stc'] else ''}",
+            f"{summary.get('rss_spread', 0):.1%}", f"{summary.get('rss_growth_bytes', 0) / 2**20:.1f}",
+            f"{summary.get('ms_per_frame_first', 0):.1f} -> {summary.get('ms_per_frame_last', 0):.1f}",
+            f"{summary.get('disk_peak_bytes', 0) / 2**20:.2f}",
+            f"{summary.get('open_files_after_warmup', 0)} -> {summary.get('open_files_end', 0)}",
+            f"{last.get('ttft_ms', 0):.0f}",
+        )
+    console.print(table)
+    console.print(f"wrote {output / 'soak.json'} and {output / 'soak.png'}")
 
 
 __all__ = ["bench_app"]

@@ -292,6 +292,8 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
     if record.ratios:
         console.print("[dim]time ratios: frames timed in pairs (variants alternate per frame), 90% interval over "
                       "frames in brackets; 'within noise' when it contains 1×[/]")
+    for name, stats in record.stats.items():
+        console.print(f"memory [{escape(name)}]: {_memory_line(record.header['memory']['kind'], stats)}")
     for note in record.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     for item in record.unanswered:
@@ -299,6 +301,21 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
     style = "green" if record.status == "completed" else "yellow"
     where = f"; answers in {record.path}" if record.path is not None else ""
     console.print(f"[{style}]status: {record.status} (exit code {EXIT_CODES[record.status]})[/]{where}")
+
+
+def _memory_line(kind: str, stats: dict[str, Any]) -> str:
+    """One line on a variant's memory: tokens and KV bytes held, and for retrieval memory the window,
+    the offloaded blocks, their bytes in host memory and on disk, and the retrieval time per question."""
+    line = f"{kind}, {stats['cache_tokens']} tokens in the cache ({stats['kv_cache_bytes'] / 2**20:.2f} MiB of KV)"
+    memory = stats.get("memory")
+    if memory:
+        line += (f"; window {memory['window_tokens']} tokens ({memory['window_frames']} frames), "
+                 f"{memory['offloaded_blocks']} blocks offloaded ({memory['host_bytes'] / 2**20:.2f} MiB in host "
+                 f"memory, {memory['disk_bytes'] / 2**20:.2f} MiB on disk"
+                 + (f", {memory['deleted_blocks']} deleted by the budget" if memory["deleted_blocks"] else "")
+                 + (f", {memory['lost_blocks']} lost to disk faults" if memory["lost_blocks"] else "")
+                 + f"), retrieval {memory['retrieval_ms_per_question']:.1f} ms per question")
+    return line
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -329,8 +346,18 @@ def run(
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
                                                      "{...}})")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    memory: Annotated[str | None, typer.Option(
+        help="The stream's LLM memory: full (every token), window (the newest --window-tokens, older frames "
+             "forgotten) or retrieval (ReKV: a window, older frames offloaded and retrieved per question). "
+             "Default: window when --window-tokens is given, else full")] = None,
     window_tokens: Annotated[int | None, typer.Option(
-        help="Bound memory: keep at most this many visual tokens (newest frames) per stream", min=1)] = None,
+        help="Window of the window and retrieval memories, in visual tokens (default 15000)", min=1)] = None,
+    retrieve_frames: Annotated[int, typer.Option(
+        help="Retrieval memory: frame blocks each LLM layer retrieves per question", min=1)] = 64,
+    offload_dir: Annotated[Path | None, typer.Option(
+        help="Retrieval memory: keep offloaded blocks on disk under this directory (default: host memory)")] = None,
+    offload_budget: Annotated[int | None, typer.Option(
+        help="Retrieval memory on disk: bytes of block files kept at most, the oldest deleted first", min=0)] = None,
     timeout: Annotated[float, typer.Option(help="Network streams: seconds to wait for the stream to open and "
                                                 "for each read before it counts as stalled",
                                            callback=_positive_seconds)] = 10.0,
@@ -361,7 +388,10 @@ def run(
         from ..factory import SessionSpec
         from ..sources import NETWORK_SCHEMES, open_source
 
-        base = SessionSpec(model=model, preset=preset, num_layers=num_layers, window_tokens=window_tokens)
+        memory = memory or ("window" if window_tokens is not None else "full")
+        base = SessionSpec(model=model, preset=preset, num_layers=num_layers, window_tokens=window_tokens,
+                           memory=memory, retrieve_frames=retrieve_frames,
+                           offload_dir=None if offload_dir is None else str(offload_dir), offload_budget=offload_budget)
         network = urlsplit(video).scheme.lower() in NETWORK_SCHEMES
         timeouts = {"open_timeout": timeout, "read_timeout": timeout} if network else {}
         if fps is None:  # the model's protocol sets the rate
@@ -388,6 +418,9 @@ def run(
     from ..measure import environment
 
     header = {"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
+              "memory": {"kind": memory, "window_tokens": window_tokens, "retrieve_frames": retrieve_frames,
+                         "offload_dir": None if offload_dir is None else str(offload_dir),
+                         "offload_budget": offload_budget},
               "questions": [q.to_dict() for q in questions], "variant": variant,
               "stc": {name: (None if spec.stc is None else spec.stc.to_dict()) for name, spec in specs.items()}}
     settings = {**header, "num_layers": num_layers, "device": device, "max_new_tokens": max_new_tokens}

@@ -229,6 +229,11 @@ class VideoHost(ABC):
 
     # -- language model ----------------------------------------------------------------------
 
+    @property
+    def language_model(self) -> nn.Module:
+        """The LLM decoder stack (what `forward` runs; cache policies may hook its layers)."""
+        return self.model.model.language_model
+
     def embed(self, ids: Sequence[int]) -> Tensor:
         """Input embeddings [n, D] of token ids."""
         return self.model.get_input_embeddings()(torch.tensor(list(ids), device=self.device))

@@ -1,8 +1,15 @@
 """A stream's LLM memory: the KV-cache policies that make, bound and restore one stream's cache.
 
-    policies   `CachePolicy`, `CacheBlock`, `FullCache`, `SlidingWindowCache`
+    policies    `CachePolicy`, `CacheBlock`, `FullCache`, `SlidingWindowCache`
+    retrieval   `RetrievalCache`: ReKV's window + offloaded frame blocks retrieved per question
+    offload     where offloaded blocks live: `HostStore` (host memory), `DiskStore` (files, budget)
+    names       `memory_policy("full" | "window" | "retrieval", ...)`: a policy factory by name
 """
 
+from .offload import BlockInfo, DiskStore, HostStore, OffloadStore
 from .policies import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
+from .retrieval import MemoryStats, RetrievalCache, select_blocks
+from .names import MEMORIES, memory_policy
 
-__all__ = ["CacheBlock", "CachePolicy", "FullCache", "SlidingWindowCache"]
+__all__ = ["MEMORIES", "BlockInfo", "CacheBlock", "CachePolicy", "DiskStore", "FullCache", "HostStore", "MemoryStats",
+           "OffloadStore", "RetrievalCache", "SlidingWindowCache", "memory_policy", "select_blocks"]

@@ -17,9 +17,10 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache
 
@@ -66,6 +67,17 @@ class CachePolicy(ABC):
         """Scope one question: yield the cache it is pre-filled and decoded on; on exit (errors
         included) leave `cache` exactly as it was on entry."""
 
+    def bind(self, language_model: nn.Module) -> None:
+        """Called at each stream's start with the LLM decoder the cache belongs to (a policy that
+        hooks its attention layers, such as `RetrievalCache`, keeps it)."""
+
+    def memory_stats(self) -> dict[str, Any]:
+        """The policy's own counters for `SessionStats.memory` (empty: nothing beyond the cache)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the policy holds outside the cache (files); the session calls it on close."""
+
 
 class FullCache(CachePolicy):
     """Keep every token (the uncompressed baseline's memory; grows with the stream)."""
@@ -92,8 +104,8 @@ class SlidingWindowCache(FullCache):
     The prefix stays as the attention sink (StreamingLLM); kept keys keep the positions they were
     pre-filled at (they are stored rotated), and the session's position counter runs on, so
     nothing is re-encoded. Frames pre-filled after an eviction attend only to the window, as in
-    ReKV's local window. ReKV additionally retrieves evicted frame blocks per question; that
-    retrieval is not built here. Use: `StreamingSession(..., cache_policy=lambda: SlidingWindowCache(15_000))`.
+    ReKV's local window. ReKV additionally retrieves evicted frame blocks per question: that is
+    `RetrievalCache` (`streamtc.memory.retrieval`). Use: `StreamingSession(..., cache_policy=lambda: SlidingWindowCache(15_000))`.
     """
 
     def __init__(self, max_visual_tokens: int) -> None:

@@ -61,6 +61,7 @@ from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamTCError
 from ..factory import derive_session
+from ..memory import memory_policy
 from ..session import StreamingSession
 from ..sources import BUILTIN_CLIPS, FrameSampler, builtin_clip_path, open_source
 from ..variants import Variant
@@ -614,8 +615,9 @@ class Engine:
 
     def _make_root(self, stc: STCConfig | None, window_tokens: int | None) -> StreamingSession:
         """A root session for these settings: the loaded model without a Cacher, else a view."""
+        policy = None if window_tokens is None else memory_policy("window", window_tokens)
         return derive_session(self.base, Variant("STC" if stc is not None else "no STC", stc=stc), share_weights=True,
-                              window_tokens=window_tokens)
+                              cache_policy=policy)
 
     def _process(self, stream: _Stream, image: np.ndarray, timestamp: float, number: int) -> None:
         """Worker: one frame through the stream's session, and its event."""
