@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_session import make_frames
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
@@ -81,7 +80,7 @@ def one_shot_logits(session: StreamingSession, inputs: dict[str, torch.Tensor]) 
 
 
 @pytest.fixture(scope="module")
-def frames() -> np.ndarray:
+def frames(make_frames) -> np.ndarray:
     return make_frames(10)
 
 
@@ -112,7 +111,7 @@ def test_the_stream_equals_transformers_one_shot_forward(baseline: StreamingSess
     assert (one_shot_logits(baseline, shifted) - expected).abs().max().item() > 100 * TOLERANCE
 
 
-def test_frame_size_change_opens_a_second_video(frames: np.ndarray) -> None:
+def test_frame_size_change_opens_a_second_video(frames: np.ndarray, make_frames) -> None:
     """Frame 2 (unpaired) closes the first video's last patch, repeated as the processor pads it;
     the larger frames open a second video in the same turn, time labels continuing the stream's."""
     session = StreamingSession.from_preset(PRESET, stc=None)
