@@ -48,8 +48,8 @@ object. Both keep per-stream state in state objects the session owns, made activ
 with their `stream(state)` context managers, so several sessions can share one model and one
 cacher (`session.spawn()`) and still never see each other's references or anchors. Each vision
 tower forward is one Cacher chunk, one Pruner call and one pre-fill forward: `chunk_frames` frames
-(default: one step of the host). A Qwen-VL tower is not supported by the Cacher yet: a session with
-`stc.cacher` on it raises `UnsupportedModelError` (use `STCConfig(cacher=None)` for the Pruner alone).
+(default: one step of the host): on Qwen-VL one Cacher chunk is one temporal patch (two frames),
+and LiveCC's first 6-frame chunk is one tower forward of three temporal patches.
 
 Questions are independent: each one sees the system prompt and the video so far, not the earlier
 questions and answers. The session calls the language model with explicit positions and never the

@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from ..baselines import RandomPruner, ToMe, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features
 from ..baselines.tome import min_keep_tokens
 from ..cacher import STCCacher
+from ..cacher.cacher import check_attachable
 from ..config import CacherConfig, PrunerConfig, STCConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..hosts import VideoHost, host_for
 from ..presets import DTYPES, build_model, get_preset
 from ..pruner import STCPruner
@@ -420,10 +421,16 @@ def load_video_frames(video: str, count: int) -> tuple[np.ndarray, list[float]]:
 
 
 def unsupported_reason(variant: PipelineVariant, host: VideoHost) -> str | None:
-    """Why `host` cannot run `variant` (None: it can). The Cacher needs a supported vision tower;
-    ToMe and VisionZip work on LLaVA-OneVision's fixed SigLIP grid."""
-    if variant.stc is not None and variant.stc.cacher is not None and not host.supports_cacher:
-        return f"STC-Cacher does not support {type(host.vision_tower).__name__}"
+    """Why `host` cannot run `variant` (None: it can). The Cacher needs a supported vision tower and
+    options that tower supports (no compiled path for Qwen towers); ToMe and VisionZip work on
+    LLaVA-OneVision's fixed SigLIP grid."""
+    if variant.stc is not None and variant.stc.cacher is not None:
+        if not host.supports_cacher:
+            return f"STC-Cacher does not support {type(host.vision_tower).__name__}"
+        try:
+            check_attachable(host.model, variant.stc.cacher)
+        except UnsupportedModelError as error:
+            return str(error)
     if variant.baseline in ("tome", "visionzip") and getattr(host, "pooled_side", None) is None:
         return f"{variant.baseline} needs a LLaVA-OneVision host"
     return None

@@ -204,6 +204,31 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
     return towers[0]
 
 
+def _tower_spec(tower: nn.Module) -> TowerSpec:
+    return TOWERS[next(cls for cls in type(tower).__mro__ if cls in TOWERS)]
+
+
+def check_attachable(model: nn.Module, config: CacherConfig) -> list[nn.Module]:
+    """The layers an STCCacher with `config` would patch in the vision tower of `model`; raises
+    UnsupportedModelError naming the fix when it cannot attach (unsupported tower or layer,
+    accelerate hooks, an option the tower does not support). Tools call it to skip such settings."""
+    tower = find_vision_tower(model)
+    layers = list(_tower_spec(tower).layers(tower))
+    for layer in layers:
+        if type(layer) not in LAYER_PATCHES:
+            supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
+            raise UnsupportedModelError(f"encoder layer {type(layer).__name__} is not supported; supported: {supported}")
+        if hasattr(layer, "_hf_hook"):
+            raise UnsupportedModelError(
+                "the vision tower is dispatched with accelerate hooks (device_map); load it on one device to use STC-Cacher"
+            )
+        if config.compile_mode is not None and not LAYER_PATCHES[type(layer)].COMPILABLE:
+            raise UnsupportedModelError(
+                f"compile_mode is not supported for {type(layer).__name__} yet; use CacherConfig(compile_mode=None)"
+            )
+    return layers
+
+
 def attached_cacher(model: nn.Module) -> STCCacher | None:
     """The STCCacher currently attached to the vision tower of `model`, if any."""
     return getattr(find_vision_tower(model), "_streamtc_cacher", None)
@@ -243,21 +268,7 @@ class STCCacher:
         tower = find_vision_tower(model)
         if attached_cacher(tower) is not None:
             raise StreamStateError(f"{type(tower).__name__} already has an STCCacher attached; detach that one first")
-        spec = TOWERS[next(cls for cls in type(tower).__mro__ if cls in TOWERS)]
-        layers = list(spec.layers(tower))
-        for layer in layers:
-            if type(layer) not in LAYER_PATCHES:
-                supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
-                raise UnsupportedModelError(f"encoder layer {type(layer).__name__} is not supported; supported: {supported}")
-            if hasattr(layer, "_hf_hook"):
-                raise UnsupportedModelError(
-                    "the vision tower is dispatched with accelerate hooks (device_map); load it on one device to use STC-Cacher"
-                )
-            if self.config.compile_mode is not None and not LAYER_PATCHES[type(layer)].COMPILABLE:
-                raise UnsupportedModelError(
-                    f"compile_mode is not supported for {type(layer).__name__} yet; use CacherConfig(compile_mode=None)"
-                )
-
+        spec, layers = _tower_spec(tower), check_attachable(tower, self.config)
         self._tower, self._layers, self._spec = tower, layers, spec
         self._mlp_width = mlp_width(layers[0])
         for index, layer in enumerate(layers):
@@ -522,6 +533,7 @@ __all__ = [
     "ChunkLayout",
     "TowerSpec",
     "attached_cacher",
+    "check_attachable",
     "find_vision_tower",
     "encoder_layers",
     "mlp_width",

@@ -44,7 +44,7 @@ class ModelSpec:
     """Which model and STC setting to evaluate; picklable, so Ray actors can build it too.
 
     model: real weights (a directory or hub id; LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL, see
-    `streamtc.hosts`; Qwen-VL needs stc without the Cacher for now); None uses `preset` (random
+    `streamtc.hosts`; STC-Cacher and Pruner run on all of them); None uses `preset` (random
     weights, built from `seed`; `num_layers` overrides the vision tower depth). stc: an
     `STCConfig.to_dict()`, or None for the uncompressed model. dtype: "float32", "bfloat16" or
     "float16". window_tokens: bound each stream's cache to the chat prefix and the newest frames
