@@ -171,6 +171,8 @@ class ChunkPlan:
     shared_index: torch.Tensor | None = None  # [U, k] for selection="shared"
     first_layer_keys: torch.Tensor | None = None  # [U, T, C] when the planner already computed them
     subsample: Subsample | None = None  # over_budget="subsample": encode these tokens exactly, no reference
+    group: int = 1  # tokens selected together (granularity="merge_block": a 2x2 merge block)
+    recomputed: torch.Tensor | None = None  # [L, U, k] each non-refresh layer's selection, written as it runs
 
 
 class Subsample(NamedTuple):
@@ -213,7 +215,13 @@ def check_attachable(model: nn.Module, config: CacherConfig) -> list[nn.Module]:
     UnsupportedModelError naming the fix when it cannot attach (unsupported tower or layer,
     accelerate hooks, an option the tower does not support). Tools call it to skip such settings."""
     tower = find_vision_tower(model)
-    layers = list(_tower_spec(tower).layers(tower))
+    spec = _tower_spec(tower)
+    if config.granularity == "merge_block" and spec is not _QWEN_TOWER:
+        raise UnsupportedModelError(
+            f"granularity='merge_block' selects the 2x2 merge blocks of Qwen-VL towers; {type(tower).__name__} has "
+            "none: use CacherConfig(granularity='token')"
+        )
+    layers = list(spec.layers(tower))
     for layer in layers:
         if type(layer) not in LAYER_PATCHES:
             supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
@@ -348,6 +356,13 @@ class STCCacher:
         """Counters of the active stream: chunks, refresh chunks, tokens recomputed per layer."""
         return self._state.stats
 
+    def last_recomputed(self, state: CacherState | None = None) -> torch.Tensor | None:
+        """Which tokens each layer recomputed in the latest chunk of `state` (default: the active
+        stream): [L, U, k] token positions per layer and reuse unit, in the order the layers see
+        the tokens (Qwen2.5-VL: window order); None when the chunk refreshed (every token, every
+        layer) or before the first chunk. See `CacherState.last_recomputed`."""
+        return (self._state if state is None else state).last_recomputed
+
     # -- per chunk (host side) ---------------------------------------------------------------
 
     def _take_pixels(self, tower: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -381,7 +396,9 @@ class STCCacher:
             or state.reference_shape != (len(self._layers), layout.tokens, layout.width)
             or state.grid != layout.grid
         )
-        plan = ChunkPlan(state, layout, refresh, F.num_recomputed_tokens(layout.tokens, config.update_ratio))
+        group = self._tower.config.spatial_merge_size ** 2 if config.granularity == "merge_block" else 1
+        num_recomputed = F.grouped_count(F.num_recomputed_tokens(layout.tokens, config.update_ratio), group)
+        plan = ChunkPlan(state, layout, refresh, num_recomputed, group=group)
         pixels, self._chunk_pixels = self._chunk_pixels, None
         if pixels is not None:  # one row per reuse unit (a frame, or a temporal patch's flattened patches)
             pixels = pixels.reshape(layout.units, -1)
@@ -396,6 +413,9 @@ class STCCacher:
         if plan.refresh:
             state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid)
             state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
+        elif plan.subsample is None:
+            plan.recomputed = torch.empty(len(self._layers), layout.units, num_recomputed, dtype=torch.long,
+                                          device=hidden_states.device)
         self._plan = plan
 
     def _subsample(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> Subsample | None:
@@ -444,7 +464,7 @@ class STCCacher:
                 plan.refresh, plan.adaptive_refresh = True, True
                 return
         if self.config.selection == "shared":
-            plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed)
+            plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed, plan.group)
 
     def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         plan, self._plan, self._layout = self._plan, None, None
@@ -478,6 +498,10 @@ class STCCacher:
             state.has_reference = True
             state.last_refresh_chunk = state.chunk_index
         state.chunk_index += 1
+        if plan.subsample is not None:
+            state.last_recomputed = plan.subsample.rows.expand(len(self._layers), units, -1)
+        else:
+            state.last_recomputed = plan.recomputed  # None after a refresh: every token
 
     # -- per layer (device side) -------------------------------------------------------------
 
@@ -509,7 +533,7 @@ class STCCacher:
                     layer, hidden_states, *inputs, reference=reference, eager_fallback=eager_fallback, keys=keys,
                     onednn=self._onednn,
                 )
-            return paths.selective(
+            out, recomputed = paths.selective(
                 layer,
                 hidden_states,
                 *inputs,
@@ -519,7 +543,10 @@ class STCCacher:
                 index=plan.shared_index,
                 keys=keys,
                 onednn=self._onednn,
+                group=plan.group,
             )
+            plan.recomputed[index].copy_(recomputed)  # a device copy: no host sync
+            return out
         except BaseException:
             # The layer may have left its reference half-written (refresh) or holding the
             # chunk's values (selective, one frame): the stream's next chunk refreshes.

@@ -251,12 +251,15 @@ def selective_forward(
     index: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     onednn: bool = False,
-) -> torch.Tensor:
+    group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The non-refresh block on [S, C] = U temporal patches of T tokens.
 
     index: [U, k] tokens to recompute; when None, chosen here from this block's key cosine.
     keys: this block's pre-RoPE keys if the caller already computed them ([U, T, C]), else computed here.
     onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
+    group: when choosing here, select whole groups of `group` consecutive tokens (4: a 2x2 merge block).
+    Returns the block's output [S, C] and the recomputed tokens `index` [U, k] (the caller records them).
     """
     attn = layer.attn
     seq_len, width = hidden_states.shape
@@ -268,7 +271,7 @@ def selective_forward(
         keys = _qkv_rows(attn.qkv, normed, 1, onednn)  # all tokens: every selected query attends to every key
     keys = keys.reshape(units, num_tokens, width)
     if index is None:
-        index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed)
+        index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed, group)
 
     rows = flat_token_index(index, num_tokens)  # [U * k] rows of the flat sequence, shared by every gather
 
@@ -296,7 +299,7 @@ def selective_forward(
 
     selected = gather(hidden_states) + linear(attn.proj, context, onednn)  # X[I] + A_I
     selected = selected + _feed_forward(layer.mlp, layer.norm2(selected), onednn)  # + M_I
-    return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected).view(seq_len, width)
+    return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected).view(seq_len, width), index
 
 __all__ = [
     "COMPILABLE",
