@@ -143,3 +143,50 @@ def test_eval_run_answers_with_the_cacher_on_a_qwen_preset(tmp_path) -> None:
     for key, record in runs["none"].items():
         exact = runs["exact cacher"][key]["option_logprobs"]
         assert all(abs(exact[k] - v) <= 1e-4 for k, v in record["option_logprobs"].items())
+
+
+# -- which tokens the Cacher recomputed ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_recomputed_tokens_map_to_the_cells_transformers_puts_them_in(preset, frames) -> None:
+    """The host's map from tower token order to patch-grid cells equals the order transformers' tower
+    hands its blocks (a cell-id image through the patch embedding, read at the first block)."""
+    session = StreamingSession.from_preset(preset, stc=STCConfig(cacher=CACHING, pruner=PrunerConfig(keep_ratio=0.5)))
+    chunks = recording_encode(session)
+    session.push(frames[:2])
+    assert session.last_recomputed.cells is None  # a refresh: every token
+    session.push(frames[2:4])
+    record = session.last_recomputed
+    layers = len(session.host.vision_tower.blocks)
+    assert record.cells.shape == (layers, 1, 6) and record.grid == (4, 6)  # 24 tokens, r = 0.25
+    assert session.last_pruner_grid == (2, 3) and len(session.last_kept_indices[0]) == 3
+
+    tower = session.host.vision_tower
+    rows, cols = record.grid
+    seen = []
+
+    def cell_ids_as_embedding(module, args, out):  # channel 0 of each token: its row-major cell id
+        ids = torch.zeros_like(out)
+        ids[:, 0] = _cell_ids(rows, cols, session.host.merge)
+        return ids
+
+    embed = tower.patch_embed.register_forward_hook(cell_ids_as_embedding)
+    first = tower.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0][:, 0].clone()))
+    try:
+        with torch.inference_mode():
+            session.host.encode(session.preprocessor(frames[4:6]))
+    finally:
+        embed.remove()
+        first.remove()
+    cells, grid = session.host.tower_cells(chunks[-1])
+    assert grid == (rows, cols) and torch.equal(cells, seen[0].round().long())
+    counts = record.counts()
+    assert counts.shape == (1, 24) and int(counts.sum()) == layers * 6 and int(counts.max()) <= layers
+    assert torch.equal(record.cells, cells[session._cacher.last_recomputed(session._cacher_state)])
+
+
+def _cell_ids(rows: int, cols: int, merge: int) -> torch.Tensor:
+    """Each patch's row-major cell id, in the order the processor lays patches out (merge blocks)."""
+    grid = torch.arange(rows * cols, dtype=torch.float32).view(rows // merge, merge, cols // merge, merge)
+    return grid.permute(0, 2, 1, 3).flatten()

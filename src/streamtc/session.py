@@ -80,7 +80,7 @@ from .memory import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
-from .hosts import Placed, VideoEncoder, VideoHost, host_class_for, host_for
+from .hosts import EncodedChunk, Placed, RecomputedTokens, VideoEncoder, VideoHost, host_class_for, host_for
 from .preprocess import FrameInput
 from .presets import build_model, get_preset, load_pretrained
 from .pruner import KeptTokens, PrunerState, STCPruner, TokenSelector
@@ -419,6 +419,7 @@ class StreamingSession:
         self._frames = 0
         self._last_timestamp: float | None = None
         self._last_kept: list[list[int]] | None = None
+        self._last_chunk: EncodedChunk | None = None
         self._waiting: list[tuple[torch.Tensor, float | None]] = []  # frames (pixels [3, H, W]) not yet encoded
         self._pending: list[tuple[Placed, CacheBlock]] = []  # per pruner frame: its tokens and block
         if self._cacher_state is not None:
@@ -487,6 +488,7 @@ class StreamingSession:
         start = self._clock()
         chunk = self._encode(pixels)
         stats.vit_ms += self._clock() - start
+        self._last_chunk = chunk
         frames, per_frame, width = chunk.features.shape
         stats.visual_tokens_encoded += frames * per_frame
         start = self._clock()
@@ -663,6 +665,20 @@ class StreamingSession:
         """Per frame of the latest pushed chunk, the positions (ascending, in the frame's pooled token
         grid) the Pruner or selector kept; None when every token is kept (no pruning) or before a push."""
         return self._last_kept
+
+    @property
+    def last_recomputed(self) -> RecomputedTokens | None:
+        """Which vision-tower tokens the Cacher recomputed in the latest pushed chunk, per layer and
+        pruner frame, as cells of the frame's patch grid (`cells` None: the chunk refreshed, every
+        token); None without a Cacher or before a push."""
+        if self._cacher is None or self._last_chunk is None:
+            return None
+        return self.host.recomputed_tokens(self._last_chunk, self._cacher.last_recomputed(self._cacher_state))
+
+    @property
+    def last_pruner_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of the token grid `last_kept_indices` index (row-major); None before a push."""
+        return None if self._last_chunk is None else self.host.pruner_grid(self._last_chunk)
 
     @property
     def stats(self) -> SessionStats:

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from ..errors import UnsupportedModelError
-from .base import EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost
+from .base import EncodedChunk, HostStream, Placed, RecomputedTokens, VideoEncoder, VideoHost
 from .llava_onevision import LlavaOnevisionHost
 from .qwen_vl import QwenVLHost
 
@@ -49,6 +49,7 @@ def host_for(model: PreTrainedModel, tokenizer: Any, protocol: str | None = None
 
 
 __all__ = [
-    "EncodedChunk", "HOST_CLASSES", "HostStream", "LlavaOnevisionHost", "Placed", "QwenVLHost", "VideoEncoder",
+    "EncodedChunk", "HOST_CLASSES", "HostStream", "LlavaOnevisionHost", "Placed", "QwenVLHost", "RecomputedTokens",
+    "VideoEncoder",
     "VideoHost", "cacher_supports", "host_class_for", "host_for", "supported_model_classes",
 ]
