@@ -40,13 +40,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..baselines import RandomPruner, ToMe, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features
+from ..baselines import (
+    RandomPruner, ToMe, ToMeTokenMerger, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features,
+)
 from ..baselines.tome import min_keep_tokens
 from ..cacher import STCCacher
 from ..cacher.cacher import check_attachable
 from ..config import CacherConfig, PrunerConfig, STCConfig
 from ..errors import ConfigError, UnsupportedModelError
-from ..hosts import VideoHost, host_for
+from ..hosts import LlavaOnevisionHost, QwenVLHost, VideoHost, host_for
 from ..presets import DTYPES, build_model, get_preset
 from ..pruner import STCPruner
 from ..session import StreamingSession
@@ -268,7 +270,9 @@ class VariantRunner:
         undo: list[Callable[[], None]] = []
         selector, encoder = None, None
         tower = self.host.vision_tower
-        if variant.baseline == "tome":
+        if variant.baseline == "tome" and self.pooled_side is None:  # Qwen-VL: ToMe on the merged tokens
+            selector = ToMeTokenMerger(keep_ratio=variant.keep_ratio)
+        elif variant.baseline == "tome":
             config = tower.config
             tokens, layers = (config.image_size // config.patch_size) ** 2, config.num_hidden_layers
             keep = max(1, round(variant.keep_ratio * self.pooled_side**2))
@@ -422,8 +426,9 @@ def load_video_frames(video: str, count: int) -> tuple[np.ndarray, list[float]]:
 
 def unsupported_reason(variant: PipelineVariant, host: VideoHost) -> str | None:
     """Why `host` cannot run `variant` (None: it can). The Cacher needs a supported vision tower and
-    options that tower supports (no compiled path for Qwen towers); ToMe and VisionZip work on
-    LLaVA-OneVision's fixed SigLIP grid."""
+    options that tower supports (no compiled path for Qwen towers); ToMe and VisionZip run on
+    LLaVA-OneVision (in and on its SigLIP tower) and on Qwen2-VL / Qwen2.5-VL (ToMe on the merged
+    tokens, VisionZip from the tower's own attention)."""
     if variant.stc is not None and variant.stc.cacher is not None:
         if not host.supports_cacher:
             return f"STC-Cacher does not support {type(host.vision_tower).__name__}"
@@ -431,8 +436,8 @@ def unsupported_reason(variant: PipelineVariant, host: VideoHost) -> str | None:
             check_attachable(host.model, variant.stc.cacher)
         except UnsupportedModelError as error:
             return str(error)
-    if variant.baseline in ("tome", "visionzip") and getattr(host, "pooled_side", None) is None:
-        return f"{variant.baseline} needs a LLaVA-OneVision host"
+    if variant.baseline in ("tome", "visionzip") and not isinstance(host, (LlavaOnevisionHost, QwenVLHost)):
+        return f"{variant.baseline} needs a LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL host"
     return None
 
 

@@ -90,7 +90,7 @@ def layer_keys(layer: nn.Module, hidden_states: torch.Tensor, onednn: bool = Fal
     return _qkv_rows(layer.attn.qkv, layer.norm1(hidden_states), 1, onednn)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """2-D vision RoPE on x [..., N, H, D] with cos/sin [..., N, D], in float32 as transformers does.
 
     x * cos + rotate_half(x) * sin, with rotate_half's halves added in place (no concatenated copy).
@@ -221,8 +221,8 @@ def refresh_forward(
     cos, sin = position_embeddings
     context = _segment_attention(
         attn,
-        _rotate(queries.view(seq_len, heads, -1), cos, sin),
-        _rotate(keys.view(seq_len, heads, -1), cos, sin),
+        rotate(queries.view(seq_len, heads, -1), cos, sin),
+        rotate(keys.view(seq_len, heads, -1), cos, sin),
         values.view(seq_len, heads, -1),
         cu_seqlens,
         eager_fallback,
@@ -282,8 +282,8 @@ def selective_forward(
     queries = _qkv_rows(attn.qkv, normed_selected, 0, onednn)
     selected_values = _qkv_rows(attn.qkv, normed_selected, 2, onednn)
     cos, sin = position_embeddings  # [S, D]
-    queries = _rotate(queries.view(units, -1, heads, width // heads), gather(cos), gather(sin))  # their own RoPE rows
-    rotated_keys = _rotate(keys.view(units, num_tokens, heads, -1), cos.view(units, num_tokens, -1),
+    queries = rotate(queries.view(units, -1, heads, width // heads), gather(cos), gather(sin))  # their own RoPE rows
+    rotated_keys = rotate(keys.view(units, num_tokens, heads, -1), cos.view(units, num_tokens, -1),
                            sin.view(units, num_tokens, -1))
     if units == 1:
         # One temporal patch: V̄ is V_ref with V_I swapped in, in place, and swapped back after
@@ -307,6 +307,7 @@ __all__ = [
     "eager_attention_for",
     "layer_inputs",
     "layer_keys",
+    "rotate",
     "refresh_forward",
     "selective_forward",
 ]
