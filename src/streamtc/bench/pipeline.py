@@ -139,6 +139,7 @@ DEFAULT_PIPELINE_VARIANTS: tuple[PipelineVariant, ...] = (
     PipelineVariant("pruner dual_anchor 30%", _pruner_only("dual_anchor", 0.3)),
     PipelineVariant("stc", _stc()),
     PipelineVariant("stc shared", _stc(selection="shared")),
+    PipelineVariant("stc merge blocks", _stc(granularity="merge_block")),  # Qwen-VL towers only
     PipelineVariant("stc adaptive", STCConfig(
         cacher=CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_signal="keys", refresh_threshold=0.92,
                             refresh_budget=2),
