@@ -190,3 +190,30 @@ def _cell_ids(rows: int, cols: int, merge: int) -> torch.Tensor:
     """Each patch's row-major cell id, in the order the processor lays patches out (merge blocks)."""
     grid = torch.arange(rows * cols, dtype=torch.float32).view(rows // merge, merge, cols // merge, merge)
     return grid.permute(0, 2, 1, 3).flatten()
+
+
+def test_serve_frame_events_map_a_qwen_streams_tokens(frames) -> None:
+    """Served Qwen2.5-VL stream: the frame completing a temporal patch carries the Pruner's kept
+    positions on the merged grid and the Cacher's per-cell recompute counts on the patch grid."""
+    from streamtc.serve.engine import Engine, StreamSpec
+
+    events: list[dict] = []
+    base = StreamingSession.from_preset("qwen2.5-vl-tiny", stc=None)
+    engine = Engine(base, STCConfig(cacher=CACHING, pruner=PrunerConfig(keep_ratio=0.5)),
+                    listener=lambda sid, event: events.append(event) if event["type"] == "frame" else None)
+    try:
+        stream = engine.create_stream(StreamSpec(fps=2)).result()["id"]
+        for i in range(4):
+            engine.push_frame(stream, frames[i], i / 2)
+        engine.ask(stream, QUESTION, max_new_tokens=1, sync=True).result(timeout=120)
+    finally:
+        engine.close()
+    assert [e["frame"] for e in events] == [0, 1, 2, 3]
+    assert events[0]["pruner"] is None and events[0]["cacher"]["recomputed"] is None  # waits for its pair
+    refresh, reuse = events[1], events[3]
+    assert refresh["pruner"] == {"kept": refresh["pruner"]["kept"], "tokens": 6, "grid": [2, 3]}
+    assert len(refresh["pruner"]["kept"]) == 3
+    assert refresh["cacher"]["refresh"] and refresh["cacher"]["recomputed"] is None
+    cacher = reuse["cacher"]
+    assert not cacher["refresh"] and cacher["grid"] == [4, 6] and cacher["layers"] == 4
+    assert len(cacher["recomputed"]) == 24 and sum(cacher["recomputed"]) == sum(cacher["recomputed_per_layer"]) == 4 * 6
