@@ -293,7 +293,7 @@ def test_bench_pipeline_on_a_qwen_preset() -> None:
     assert rows["none"]["tokens_per_frame"] == 6  # 640x272 -> 168x56 px -> 2x6 merged tokens per 2 frames
     assert rows["pruner gaussian 30%"]["visual_tokens"] < rows["none"]["visual_tokens"]
     assert len(rows["none"]["vit_frame_ms"]) == 4 and rows["pruner gaussian 30%"]["vit_cosine_mean"] == 1.0
-    assert rows["tome 25%"]["visual_tokens"] == rows["visionzip 25%"]["visual_tokens"] == 2 * 2  # 2 of 6, 2 patches
+    assert rows["tome 25%"]["visual_tokens"] == rows["visionzip 25%"]["visual_tokens"] == 2 * 3  # 3 of 12, 2 patches
 
 
 def test_eval_model_spec_builds_qwen_sessions() -> None:
