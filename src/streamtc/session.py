@@ -41,7 +41,8 @@ pre-fills every chunk at once.
 Baselines. `selector=` replaces the STC-Pruner by another token selector with the same
 interface (`streamtc.baselines`: uniform, random, VidCom2-style, VisionZip-style), and
 `encoder=` replaces the model's video path (ToMe merges tokens inside the ViT, so its tokens
-skip the grid pooling: `streamtc.baselines.tome_video_features`, LLaVA-OneVision only).
+skip the grid pooling: `streamtc.baselines.tome_video_features`, LLaVA-OneVision only; on Qwen-VL,
+ToMe runs on the merged tokens as a selector, `streamtc.baselines.ToMeTokenMerger`).
 
 STC. The Cacher patches the model's vision tower once (`STCCacher.attach`); the Pruner is a plain
 object. Both keep per-stream state in state objects the session owns, made active around each use

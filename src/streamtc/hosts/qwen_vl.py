@@ -286,7 +286,8 @@ class QwenVLHost(VideoHost):
     def encode(self, pixels: Sequence[Tensor], encoder: VideoEncoder | None = None) -> EncodedChunk:
         """Patchify the chunk (an odd last frame repeated), one tower forward, merged tokens [T, h * w, D]."""
         if encoder is not None:
-            raise UnsupportedModelError("custom video encoders (ToMe) run on LLaVA-OneVision hosts only")
+            raise UnsupportedModelError("custom video encoders (ToMe) run on LLaVA-OneVision hosts only; on Qwen-VL "
+                                        "use ToMe on the merged tokens: selector=ToMeTokenMerger(...)")
         vision = self.model.config.vision_config
         rows, (t, gh, gw) = patchify_video(torch.stack(list(pixels)), vision.patch_size, vision.temporal_patch_size,
                                            self.merge)
