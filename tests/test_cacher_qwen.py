@@ -128,8 +128,11 @@ def softmax_attention(q, k, v, scale):
     return torch.einsum("hqn,nhd->qhd", weights, v).reshape(q.shape[0], -1)
 
 
-def plain_block(block, x, cos, sin, cu_seqlens, tokens, ref, refresh, ratio):
-    """One block over U temporal patches [U * T, C]; returns the output and the (new) reference."""
+def plain_block(block, x, cos, sin, cu_seqlens, tokens, ref, refresh, ratio, group=1, record=None):
+    """One block over U temporal patches [U * T, C]; returns the output and the (new) reference.
+
+    group: select whole runs of `group` consecutive tokens (merge blocks) by mean key cosine, k // group
+    of them (at least one). record: a list that gets each temporal patch's recomputed token set."""
     attn = block.attn
     heads, width = attn.num_heads, x.shape[-1]
     head_dim = width // heads
@@ -156,7 +159,15 @@ def plain_block(block, x, cos, sin, cu_seqlens, tokens, ref, refresh, ratio):
     k = max(1, min(tokens, int(tokens * ratio)))
     for u in range(units):
         rows = slice(u * tokens, (u + 1) * tokens)
-        chosen = torch.argsort(TF.cosine_similarity(k_all[rows], k_ref, dim=-1))[:k]
+        similarity = TF.cosine_similarity(k_all[rows], k_ref, dim=-1)
+        if group == 1:
+            chosen = torch.argsort(similarity)[:k]
+        else:
+            blocks = torch.argsort(similarity.view(-1, group).mean(1))[: max(1, k // group)]
+            chosen = (blocks[:, None] * group + torch.arange(group)).flatten()
+            k = len(chosen)
+        if record is not None:
+            record.append(set(chosen.tolist()))
         v_mixed = v_ref.clone()
         v_mixed[chosen] = v_all[rows][chosen]
         seg = segment[rows]
@@ -173,8 +184,10 @@ def plain_block(block, x, cos, sin, cu_seqlens, tokens, ref, refresh, ratio):
     return out, ref
 
 
-def plain_stream(tower, chunks, interval: int, ratio: float, grid=(12, 10)):
-    """Last hidden states and DeepStack features of the stream under the semantics, chunk by chunk."""
+def plain_stream(tower, chunks, interval: int, ratio: float, grid=(12, 10), group: int = 1, record=None):
+    """Last hidden states and DeepStack features of the stream under the semantics, chunk by chunk.
+
+    record: a dict that gets, per chunk index, per block, each temporal patch's recomputed token set."""
     tokens = grid[0] * grid[1]
     refs = [None] * len(tower.blocks)
     taps = getattr(tower, "deepstack_visual_indexes", [])
@@ -184,7 +197,8 @@ def plain_stream(tower, chunks, interval: int, ratio: float, grid=(12, 10)):
             x, cos, sin, cu = block_inputs(tower, pixels, grid_thw(pixels.shape[0] // tokens, grid))
             refresh = c % interval == 0
             for i, block in enumerate(tower.blocks):
-                x, refs[i] = plain_block(block, x, cos, sin, cu[i], tokens, refs[i], refresh, ratio)
+                chosen = None if record is None or refresh else record.setdefault(c, {}).setdefault(i, [])
+                x, refs[i] = plain_block(block, x, cos, sin, cu[i], tokens, refs[i], refresh, ratio, group, chosen)
                 if i in taps:
                     features[taps.index(i)].append(tower.deepstack_merger_list[taps.index(i)](x))
             hiddens.append(x)

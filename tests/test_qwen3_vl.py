@@ -280,9 +280,10 @@ def test_run_bench_and_eval_run_on_the_preset(tmp_path) -> None:
 
     from typer.testing import CliRunner
 
-    from streamtc.bench.pipeline import VARIANTS_BY_NAME, PipelineSettings, load_video_frames, run_pipeline_benchmark
+    from streamtc.bench.pipeline import PipelineSettings, load_video_frames, run_pipeline_benchmark
+    from streamtc.variants import VARIANTS as VARIANTS_BY_NAME
     from streamtc.cli import app
-    from streamtc.eval.runner import ModelSpec
+    from streamtc.factory import SessionSpec as ModelSpec
 
     out = tmp_path / "run.json"
     result = CliRunner().invoke(app, ["run", "demo", "--preset", PRESET, "--compare", "--max-seconds", "2",

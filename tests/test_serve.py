@@ -161,7 +161,16 @@ def test_a_file_stream_plays_and_its_events_arrive(client: httpx.Client, server:
     assert [f["timestamp"] for f in frames] == expected and len(expected) == 6
     assert [f["cacher"]["refresh"] for f in frames] == [True, False] * 3  # cache_interval 2
     assert frames[1]["cacher"]["recomputed_per_layer"] == [12, 12]  # floor(49 * 0.25) of the 7x7 ViT grid
-    assert all(f["pruner"]["grid"] == 4 and len(f["pruner"]["kept"]) == f["tokens_kept"] == 5 for f in frames)
+    assert all(f["pruner"]["grid"] == [4, 4] and len(f["pruner"]["kept"]) == f["tokens_kept"] == 5 for f in frames)
+    # which ViT tokens the Cacher recomputed: per cell of the 7x7 grid, in how many of the 2 layers
+    for frame in frames:
+        cacher = frame["cacher"]
+        assert cacher["grid"] == [7, 7] and cacher["layers"] == 2
+        if cacher["refresh"]:
+            assert cacher["recomputed"] is None  # every token
+        else:
+            counts = cacher["recomputed"]
+            assert len(counts) == 49 and max(counts) <= 2 and sum(counts) == sum(cacher["recomputed_per_layer"])
     assert frames[-1]["cache_tokens"] > frames[0]["cache_tokens"]
     image = client.get(f"/v1/streams/{info['id']}/frame.jpg")
     assert image.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(image.content)).width > 0

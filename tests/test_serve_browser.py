@@ -62,6 +62,9 @@ def test_the_page_plays_a_file_stream_answers_and_pushes_the_camera(browser_page
         overlay = page.eval_on_selector("#overlay", "c => ({kept: c.dataset.kept, refresh: c.dataset.refresh, "
                                                     "w: c.width, h: c.height})")
         assert overlay["kept"] == "5" and overlay["refresh"] in ("true", "false") and overlay["w"] > 0
+        # the Cacher's recomputed ViT tokens are drawn on non-refresh frames (cache_interval 2)
+        page.wait_for_function("Number(document.querySelector('#overlay').dataset.recomputedSeen) >= 1",
+                               timeout=TIMEOUT_MS)
         assert "tokens in cache" in page.inner_text("#frame-info")
         streams = httpx.get(server.url + "/v1/streams").json()["streams"]
         assert sorted(s["stc"] is None for s in streams) == [False, True]

@@ -46,6 +46,10 @@ class CacherConfig:
         (the paper's R_Cacher is the reused share 1 - r); k = max(1, floor(T * r)).
     selection: "per_layer" (paper: each layer picks its own tokens from its own keys) or
         "shared" (pick once from the first layer's keys, reuse the index set in every layer).
+    granularity: what a non-refresh layer selects. "token" (paper: the k least similar tokens) or
+        "merge_block" (Qwen-VL towers only: whole 2x2 merge blocks, the 4 tokens the patch merger
+        fuses into one LLM token, ranked by their mean key cosine; k // 4 blocks, at least one, so
+        the same or up to 3 fewer tokens than "token"). Measured in docs/benchmarks.md.
     refresh: "fixed" (paper: chunk c refreshes when c % N == 0) or "adaptive": refresh when the
         reference is N chunks old, or earlier when refresh_signal says a frame of the chunk moved
         too far from the reference (scene cuts, fast motion).
@@ -91,6 +95,7 @@ class CacherConfig:
     cache_interval: int = 2
     update_ratio: float = 0.25
     selection: Literal["per_layer", "shared"] = "per_layer"
+    granularity: Literal["token", "merge_block"] = "token"
     refresh: Literal["fixed", "adaptive"] = "fixed"
     refresh_signal: Literal["pixels", "keys"] = "pixels"
     refresh_threshold: float | None = None
@@ -106,6 +111,7 @@ class CacherConfig:
         if not isinstance(self.update_ratio, (int, float)) or not 0.0 < float(self.update_ratio) <= 1.0:
             raise ConfigError(f"update_ratio must lie in (0, 1], got {self.update_ratio!r}")
         _check_choice("selection", self.selection, ("per_layer", "shared"))
+        _check_choice("granularity", self.granularity, ("token", "merge_block"))
         _check_choice("refresh", self.refresh, ("fixed", "adaptive"))
         _check_choice(
             "compile_mode", self.compile_mode,

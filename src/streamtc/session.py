@@ -43,15 +43,16 @@ pre-fills every chunk at once.
 Baselines. `selector=` replaces the STC-Pruner by another token selector with the same
 interface (`streamtc.baselines`: uniform, random, VidCom2-style, VisionZip-style), and
 `encoder=` replaces the model's video path (ToMe merges tokens inside the ViT, so its tokens
-skip the grid pooling: `streamtc.baselines.tome_video_features`, LLaVA-OneVision only).
+skip the grid pooling: `streamtc.baselines.tome_video_features`, LLaVA-OneVision only; on Qwen-VL,
+ToMe runs on the merged tokens as a selector, `streamtc.baselines.ToMeTokenMerger`).
 
 STC. The Cacher patches the model's vision tower once (`STCCacher.attach`); the Pruner is a plain
 object. Both keep per-stream state in state objects the session owns, made active around each use
 with their `stream(state)` context managers, so several sessions can share one model and one
 cacher (`session.spawn()`) and still never see each other's references or anchors. Each vision
 tower forward is one Cacher chunk, one Pruner call and one pre-fill forward: `chunk_frames` frames
-(default: one step of the host). A Qwen-VL tower is not supported by the Cacher yet: a session with
-`stc.cacher` on it raises `UnsupportedModelError` (use `STCConfig(cacher=None)` for the Pruner alone).
+(default: one step of the host): on Qwen-VL one Cacher chunk is one temporal patch (two frames),
+and LiveCC's first 6-frame chunk is one tower forward of three temporal patches.
 
 Questions are independent: each one sees the system prompt and the video so far, not the earlier
 questions and answers. The session calls the language model with explicit positions and never the
@@ -83,7 +84,7 @@ from .memory import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
 from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
-from .hosts import Deepstack, Placed, VideoEncoder, VideoHost, host_class_for, host_for
+from .hosts import Deepstack, EncodedChunk, Placed, RecomputedTokens, VideoEncoder, VideoHost, host_class_for, host_for
 from .preprocess import FrameInput
 from .presets import build_model, get_preset, load_pretrained
 from .pruner import KeptTokens, PrunerState, STCPruner, TokenSelector
@@ -424,6 +425,7 @@ class StreamingSession:
         self._frames = 0
         self._last_timestamp: float | None = None
         self._last_kept: list[list[int]] | None = None
+        self._last_chunk: EncodedChunk | None = None
         self._waiting: list[tuple[torch.Tensor, float | None]] = []  # frames (pixels [3, H, W]) not yet encoded
         self._pending: list[tuple[Placed, CacheBlock]] = []  # per pruner frame: its tokens and block
         if self._cacher_state is not None:
@@ -492,6 +494,7 @@ class StreamingSession:
         start = self._clock()
         chunk = self._encode(pixels)
         stats.vit_ms += self._clock() - start
+        self._last_chunk = chunk
         frames, per_frame, width = chunk.features.shape
         stats.visual_tokens_encoded += frames * per_frame
         start = self._clock()
@@ -670,6 +673,20 @@ class StreamingSession:
         """Per frame of the latest pushed chunk, the positions (ascending, in the frame's pooled token
         grid) the Pruner or selector kept; None when every token is kept (no pruning) or before a push."""
         return self._last_kept
+
+    @property
+    def last_recomputed(self) -> RecomputedTokens | None:
+        """Which vision-tower tokens the Cacher recomputed in the latest pushed chunk, per layer and
+        pruner frame, as cells of the frame's patch grid (`cells` None: the chunk refreshed, every
+        token); None without a Cacher or before a push."""
+        if self._cacher is None or self._last_chunk is None:
+            return None
+        return self.host.recomputed_tokens(self._last_chunk, self._cacher.last_recomputed(self._cacher_state))
+
+    @property
+    def last_pruner_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of the token grid `last_kept_indices` index (row-major); None before a push."""
+        return None if self._last_chunk is None else self.host.pruner_grid(self._last_chunk)
 
     @property
     def stats(self) -> SessionStats:

@@ -77,6 +77,8 @@ class Variant:
         parts = []
         if (c := self.stc.cacher) is not None:
             options = [c.selection, f"{c.refresh} refresh"]
+            if c.granularity != "token":
+                options.append(f"{c.granularity.replace('_', ' ')}s")
             if c.refresh == "adaptive":
                 options.append(f"threshold {c.refresh_threshold}, budget {c.refresh_budget}")
             if c.compile_mode:
@@ -95,11 +97,24 @@ class Variant:
 
     def unsupported_reason(self, host: VideoHost) -> str | None:
         """Why `host` cannot run this variant (None: it can). The Cacher needs a supported vision
-        tower; ToMe and VisionZip work on LLaVA-OneVision's fixed SigLIP grid."""
-        if self.stc is not None and self.stc.cacher is not None and not host.supports_cacher:
-            return f"STC-Cacher does not support {type(host.vision_tower).__name__}"
-        if self.baseline in ("tome", "visionzip") and getattr(host, "pooled_side", None) is None:
-            return f"{self.baseline} needs a LLaVA-OneVision host"
+        tower and options that tower supports (no compiled path for Qwen towers); ToMe and VisionZip
+        run on LLaVA-OneVision (in and on its SigLIP tower) and on Qwen2-VL / Qwen2.5-VL (ToMe on the
+        merged tokens, VisionZip from the tower's own attention), not on Qwen3-VL (its DeepStack
+        features would need merging too)."""
+        from .cacher.cacher import check_attachable
+        from .errors import UnsupportedModelError
+        from .hosts import LlavaOnevisionHost, Qwen3VLHost, QwenVLHost
+
+        if self.stc is not None and self.stc.cacher is not None:
+            if not host.supports_cacher:
+                return f"STC-Cacher does not support {type(host.vision_tower).__name__}"
+            try:
+                check_attachable(host.model, self.stc.cacher)
+            except UnsupportedModelError as error:
+                return str(error)
+        if self.baseline in ("tome", "visionzip") and (
+                not isinstance(host, (LlavaOnevisionHost, QwenVLHost)) or isinstance(host, Qwen3VLHost)):
+            return f"{self.baseline} needs a LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL host"
         return None
 
     def session_options(self, host: VideoHost) -> dict[str, Any]:
@@ -107,7 +122,9 @@ class Variant:
         baseline's `selector` or `encoder`); ToMe, VisionZip and the injected sleep are applied to
         `host.model` here, for good (the Cacher is attached by the session). ConfigError when the
         host cannot run it."""
-        from .baselines import RandomPruner, ToMe, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features
+        from .baselines import (
+            RandomPruner, ToMe, ToMeTokenMerger, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features,
+        )
         from .baselines.tome import min_keep_tokens
 
         reason = self.unsupported_reason(host)
@@ -116,7 +133,9 @@ class Variant:
         options: dict[str, Any] = {"stc": self.stc}
         tower = host.vision_tower
         pooled_side = getattr(host, "pooled_side", None)  # LLaVA-OneVision's pooled grid
-        if self.baseline == "tome":
+        if self.baseline == "tome" and pooled_side is None:  # Qwen-VL: ToMe on the merged tokens
+            options["selector"] = ToMeTokenMerger(keep_ratio=self.keep_ratio)
+        elif self.baseline == "tome":
             config = tower.config
             tokens, layers = (config.image_size // config.patch_size) ** 2, config.num_hidden_layers
             keep = max(1, round(self.keep_ratio * pooled_side**2))
@@ -173,6 +192,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("stc", _stc(), description="STC as the paper combines it (the default STCConfig)"),
         Variant("stc shared", _stc(selection="shared"),
                 description="STC with one token selection shared by every ViT layer"),
+        Variant("stc merge blocks", _stc(granularity="merge_block"),
+                description="STC whose Cacher recomputes whole 2x2 merge blocks (Qwen-VL towers only)"),
         Variant("stc adaptive", STCConfig(
             cacher=CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_signal="keys",
                                 refresh_threshold=0.92, refresh_budget=2),

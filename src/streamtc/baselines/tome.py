@@ -41,6 +41,9 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from ..errors import ConfigError, StreamStateError, UnsupportedModelError
+from ..pruner import Budget, KeptTokens
+from ..pruner.functional import check_features
+from ..tokens import gather_tokens
 
 # Supported layer classes, and whether their tower prepends a class token that must not merge.
 CLASS_TOKEN_BY_LAYER: dict[type[nn.Module], bool] = {SiglipEncoderLayer: False, CLIPEncoderLayer: True}
@@ -252,6 +255,51 @@ class ToMe:
         return forward
 
 
+class ToMeTokenMerger:
+    """ToMe on a frame's LLM tokens, for hosts whose ViT cannot merge tokens (Qwen2-VL, Qwen2.5-VL).
+
+    In a Qwen-VL tower every token must stay in place: the patch merger fuses fixed 2x2 blocks of
+    4 consecutive tokens into one LLM token, each token carries its own 2-D RoPE row, Qwen2.5-VL's
+    windowed blocks attend over window-contiguous runs, and each LLM token gets an M-RoPE (t, h, w)
+    position from its grid cell. In-ViT merging breaks all four, so this variant applies ToMe's
+    bipartite soft matching and size-weighted averaging to the merged tokens the Pruner sees
+    (features [F, P, D], one row per pruner frame), in rounds of at most half the tokens until k
+    remain, with the tokens themselves as the matching metric (ToMe uses the layer's keys). A
+    merged token sits at the position of the token it was merged into (ToMe's B token), so the
+    host places it at that cell's one-shot position. Same interface as the Pruner:
+    `prune(features) -> KeptTokens` (ascending positions), `reset()`.
+    """
+
+    def __init__(self, tokens_per_frame: int | None = None, keep_ratio: float | None = None) -> None:
+        self.budget = Budget(tokens_per_frame, keep_ratio)
+
+    def prune(self, features: Tensor) -> KeptTokens:
+        check_features(features)
+        frames, num_tokens, _ = features.shape
+        k = self.budget.resolve(num_tokens)
+        x = features
+        size = features.new_ones(frames, num_tokens, 1)
+        position = torch.arange(num_tokens, device=features.device, dtype=features.dtype)[None, :, None].expand(
+            frames, -1, -1)
+        while x.shape[1] > k:
+            tokens = x.shape[1]
+            r = min(tokens - k, tokens // 2)
+            merge = bipartite_merge(x, r, class_token=False)
+            # Output order: the unmerged A tokens (even slots), then every B token (odd slots), each
+            # B token keeping its own position; A positions are carried by a second pass.
+            is_a = (torch.arange(tokens, device=x.device) % 2 == 0)[None, :, None]
+            unmerged_a = (tokens + 1) // 2 - r
+            from_a = merge(position.masked_fill(~is_a, -1), "amax")
+            from_b = merge(position.masked_fill(is_a, -1), "amax")
+            position = torch.cat([from_a[:, :unmerged_a], from_b[:, unmerged_a:]], dim=1)
+            x, size = merge_weighted(merge, x, size)
+        order = position[..., 0].argsort(dim=1)
+        return KeptTokens(gather_tokens(x, order), torch.gather(position[..., 0].long(), 1, order))
+
+    def reset(self) -> None:
+        """Stateless: nothing to forget."""
+
+
 def tome_video_features(host: Any, pixel_values: Tensor) -> Tensor:
     """A host's video path for a tower with ToMe applied: the tower's (merged) tokens at the layer
     its projector reads -> projector, unpooled (merged tokens have no grid). [F, 3, S, S] ->
@@ -260,4 +308,7 @@ def tome_video_features(host: Any, pixel_values: Tensor) -> Tensor:
     return host.project(host.tower_hidden_states(pixel_values))
 
 
-__all__ = ["CLASS_TOKEN_BY_LAYER", "bipartite_merge", "merge_weighted", "min_keep_tokens", "tome_schedule", "tome_video_features", "ToMe"]
+__all__ = [
+    "CLASS_TOKEN_BY_LAYER", "bipartite_merge", "merge_weighted", "min_keep_tokens", "tome_schedule",
+    "tome_video_features", "ToMe", "ToMeTokenMerger",
+]

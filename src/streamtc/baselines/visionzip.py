@@ -15,6 +15,15 @@ heads and queries for SigLIP, the class token's row for CLIP, as VisionZip does)
 `pool_scores(scores, size)` applies LLaVA-OneVision's bilinear pooling (27x27 -> 14x14) so
 scores line up with the pooled tokens the pruner sees. VisionZip reads the penultimate layer.
 
+Qwen2-VL and Qwen2.5-VL towers (no class token, fused qkv, 2-D RoPE, attention per temporal patch
+or per window) take the SigLIP rule on their own attention: in the recorded block, each token's
+attention received is the mean over heads and over the queries of its attention segment (RoPE
+applied to q and k as the block does); a merged LLM token's score is the mean of its 2x2 merge
+block's four tokens, in the merged grid's row-major order, one row per temporal patch. The block
+is the penultimate one (Qwen2-VL), and in Qwen2.5-VL the last full-attention block before the final
+block: its windowed blocks normalise attention within 8x8-patch windows, so received attention is
+not comparable across windows there.
+
 Simplifications: selection runs on the projector outputs the other pruners see (VisionZip works
 on ViT tokens); target/token similarity uses those features instead of the layer's keys; a
 contextual token is the mean of its group, target included (VisionZip adds the target to the
@@ -29,12 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.vision_utils import get_vision_window_index
 
 from ..cacher import find_vision_tower
+from ..cacher.patch_qwen_vl import rotate
 from ..errors import ConfigError, InputError, StreamStateError
 from ..pruner import Budget, KeptTokens
 from ..pruner.functional import check_features
 from ..tokens import gather_tokens
+
+QWEN_TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel)
 
 # VisionZip's default split: 54 dominant + 10 contextual tokens of 64.
 DEFAULT_CONTEXTUAL_SHARE = 10 / 64
@@ -61,6 +76,23 @@ def pool_scores(scores: Tensor, size: int) -> Tensor:
         raise InputError(f"scores of {scores.shape[-1]} tokens do not form a square grid")
     grid = scores.view(-1, 1, side, side)
     return F.interpolate(grid, size=(size, size), mode="bilinear").flatten(1)
+
+
+def qwen_attention_received(block: nn.Module, hidden_states: Tensor, cu_seqlens: Tensor, cos: Tensor,
+                            sin: Tensor) -> Tensor:
+    """Attention each token receives in a Qwen-VL vision block, [S]: softmax(q k^T * scale) of the
+    block's RoPE-rotated queries and keys within each `cu_seqlens` segment, mean over heads and
+    over the segment's queries. hidden_states [S, C] is the block's input; cos/sin its RoPE rows."""
+    attn = block.attn
+    length = hidden_states.shape[0]
+    q, k, _ = attn.qkv(block.norm1(hidden_states)).view(length, 3, attn.num_heads, -1).unbind(1)
+    q, k = rotate(q, cos, sin).transpose(0, 1), rotate(k, cos, sin).transpose(0, 1)  # [H, S, D]
+    received = torch.empty(length, dtype=torch.float32, device=hidden_states.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        scores = q[:, start:end] @ k[:, start:end].transpose(-1, -2) * attn.scaling
+        received[start:end] = scores.float().softmax(dim=-1).mean(dim=(0, 1))
+    return received
 
 
 def visionzip_select(features: Tensor, attention: Tensor, dominant: int, contextual: int) -> KeptTokens:
@@ -115,10 +147,15 @@ class VisionZipPruner:
         """Record the attention each token receives in `layer` of the vision tower inside `model`
         (default: the penultimate, as VisionZip; the only one of a 1-layer tower) on every forward,
         pooled to pooled_size x pooled_size when the host pools its grid, as LLaVA-OneVision does
-        to 14 x 14. Returns self; `detach()` removes the hooks."""
+        to 14 x 14. Qwen2-VL / Qwen2.5-VL towers record one score per merged token (see the module
+        docstring for the block and the rule; pooled_size does not apply). Returns self; `detach()`
+        removes the hooks."""
         if self._hooks:
             raise StreamStateError("this VisionZipPruner is already attached; detach() first")
         tower = find_vision_tower(model)
+        if isinstance(tower, QWEN_TOWERS):
+            self._hooks = self._attach_qwen(tower, layer)
+            return self
         layers = tower.encoder.layers
         if layer is None:
             layer = -2 if len(layers) > 1 else -1
@@ -145,6 +182,35 @@ class VisionZipPruner:
             attention.k_proj.register_forward_hook(record),
         ]
         return self
+
+    def _attach_qwen(self, tower: nn.Module, layer: int | None) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks recording, per tower forward, the merged tokens' attention received [U, h * w]."""
+        blocks, config = tower.blocks, tower.config
+        if layer is None:
+            full = getattr(tower, "fullatt_block_indexes", None)
+            candidates = range(len(blocks) - 1) if full is None else [i for i in full if i < len(blocks) - 1]
+            layer = max(candidates, default=len(blocks) - 1)
+        if not -len(blocks) <= layer < len(blocks):
+            raise ConfigError(f"layer {layer} does not exist in a {len(blocks)}-block tower")
+        block, merge = blocks[layer], config.spatial_merge_size
+        grid: list[torch.Tensor] = []
+
+        def keep_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            grid[:] = [kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]]
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cos, sin = kwargs["position_embeddings"]
+            received = qwen_attention_received(block, hidden, kwargs["cu_seqlens"], cos, sin)
+            per_block = received.view(-1, merge * merge).mean(dim=1)  # the block's token order, whole merge blocks
+            if isinstance(tower, Qwen2_5_VisionTransformerPretrainedModel):  # window order -> row-major
+                window_index, _ = get_vision_window_index(grid[0].cpu(), merge, config.window_size, config.patch_size)
+                per_block = torch.empty_like(per_block).index_copy_(0, window_index.to(per_block.device), per_block)
+            units = int(grid[0][:, 0].sum())
+            self._recorded = per_block.view(units, -1)
+
+        return [tower.register_forward_pre_hook(keep_grid, with_kwargs=True),
+                block.register_forward_pre_hook(record, with_kwargs=True)]
 
     def detach(self) -> None:
         """Remove the hooks `attach` placed."""
@@ -175,4 +241,7 @@ class VisionZipPruner:
         """Stateless: nothing to forget."""
 
 
-__all__ = ["DEFAULT_CONTEXTUAL_SHARE", "attention_received", "pool_scores", "visionzip_select", "VisionZipPruner"]
+__all__ = [
+    "DEFAULT_CONTEXTUAL_SHARE", "attention_received", "pool_scores", "qwen_attention_received", "visionzip_select",
+    "VisionZipPruner",
+]

@@ -85,10 +85,14 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
 # The Qwen towers' variants (a temporal patch at checkpoint width is several seconds on a 2-core
 # CPU, so the paper's settings, the kernel-neutral row and the adaptive row; no compiled path:
 # the windowed blocks split attention on the host).
+# Beside each fixed schedule, the same r selecting whole 2x2 merge blocks (granularity="merge_block").
 QWEN_VARIANTS: tuple[Variant, ...] = tuple(
     v for v in DEFAULT_VARIANTS
     if v.name in ("full", "full (control)", "full, cacher kernels (N=1)", "stc N=2 r=0.25", "stc N=4 r=0.25")
     or v.config is not None and v.config.refresh == "adaptive"
+) + tuple(
+    Variant(f"stc N={n} r=0.25, merge blocks", CacherConfig(cache_interval=n, update_ratio=0.25, granularity="merge_block"))
+    for n in (2, 4)
 )
 
 
@@ -340,6 +344,8 @@ def summarise(
     n_refresh = sum(result.refresh_frames)
     if frame_flops is not None and result.config is not None:  # a tower model beyond the layers (Qwen towers)
         k = F.num_recomputed_tokens(tokens, result.config["update_ratio"])
+        if result.config.get("granularity") == "merge_block":
+            k = F.grouped_count(k, config.spatial_merge_size**2)
         full_flops, selective_flops = frame_flops(None), frame_flops(k)
         n = len(result.refresh_frames)
         flop = (n_refresh * full_flops + (n - n_refresh) * selective_flops) / (n * full_flops)

@@ -171,6 +171,8 @@ class ChunkPlan:
     shared_index: torch.Tensor | None = None  # [U, k] for selection="shared"
     first_layer_keys: torch.Tensor | None = None  # [U, T, C] when the planner already computed them
     subsample: Subsample | None = None  # over_budget="subsample": encode these tokens exactly, no reference
+    group: int = 1  # tokens selected together (granularity="merge_block": a 2x2 merge block)
+    recomputed: torch.Tensor | None = None  # [L, U, k] each non-refresh layer's selection, written as it runs
 
 
 class Subsample(NamedTuple):
@@ -202,6 +204,37 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
         names = ", ".join(type(t).__name__ for t in towers)
         raise UnsupportedModelError(f"{type(model).__name__} has several vision towers ({names}); attach to one of them")
     return towers[0]
+
+
+def _tower_spec(tower: nn.Module) -> TowerSpec:
+    return TOWERS[next(cls for cls in type(tower).__mro__ if cls in TOWERS)]
+
+
+def check_attachable(model: nn.Module, config: CacherConfig) -> list[nn.Module]:
+    """The layers an STCCacher with `config` would patch in the vision tower of `model`; raises
+    UnsupportedModelError naming the fix when it cannot attach (unsupported tower or layer,
+    accelerate hooks, an option the tower does not support). Tools call it to skip such settings."""
+    tower = find_vision_tower(model)
+    spec = _tower_spec(tower)
+    if config.granularity == "merge_block" and spec is not _QWEN_TOWER:
+        raise UnsupportedModelError(
+            f"granularity='merge_block' selects the 2x2 merge blocks of Qwen-VL towers; {type(tower).__name__} has "
+            "none: use CacherConfig(granularity='token')"
+        )
+    layers = list(spec.layers(tower))
+    for layer in layers:
+        if type(layer) not in LAYER_PATCHES:
+            supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
+            raise UnsupportedModelError(f"encoder layer {type(layer).__name__} is not supported; supported: {supported}")
+        if hasattr(layer, "_hf_hook"):
+            raise UnsupportedModelError(
+                "the vision tower is dispatched with accelerate hooks (device_map); load it on one device to use STC-Cacher"
+            )
+        if config.compile_mode is not None and not LAYER_PATCHES[type(layer)].COMPILABLE:
+            raise UnsupportedModelError(
+                f"compile_mode is not supported for {type(layer).__name__} yet; use CacherConfig(compile_mode=None)"
+            )
+    return layers
 
 
 def attached_cacher(model: nn.Module) -> STCCacher | None:
@@ -243,21 +276,7 @@ class STCCacher:
         tower = find_vision_tower(model)
         if attached_cacher(tower) is not None:
             raise StreamStateError(f"{type(tower).__name__} already has an STCCacher attached; detach that one first")
-        spec = TOWERS[next(cls for cls in type(tower).__mro__ if cls in TOWERS)]
-        layers = list(spec.layers(tower))
-        for layer in layers:
-            if type(layer) not in LAYER_PATCHES:
-                supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
-                raise UnsupportedModelError(f"encoder layer {type(layer).__name__} is not supported; supported: {supported}")
-            if hasattr(layer, "_hf_hook"):
-                raise UnsupportedModelError(
-                    "the vision tower is dispatched with accelerate hooks (device_map); load it on one device to use STC-Cacher"
-                )
-            if self.config.compile_mode is not None and not LAYER_PATCHES[type(layer)].COMPILABLE:
-                raise UnsupportedModelError(
-                    f"compile_mode is not supported for {type(layer).__name__} yet; use CacherConfig(compile_mode=None)"
-                )
-
+        spec, layers = _tower_spec(tower), check_attachable(tower, self.config)
         self._tower, self._layers, self._spec = tower, layers, spec
         self._mlp_width = mlp_width(layers[0])
         for index, layer in enumerate(layers):
@@ -337,6 +356,13 @@ class STCCacher:
         """Counters of the active stream: chunks, refresh chunks, tokens recomputed per layer."""
         return self._state.stats
 
+    def last_recomputed(self, state: CacherState | None = None) -> torch.Tensor | None:
+        """Which tokens each layer recomputed in the latest chunk of `state` (default: the active
+        stream): [L, U, k] token positions per layer and reuse unit, in the order the layers see
+        the tokens (Qwen2.5-VL: window order); None when the chunk refreshed (every token, every
+        layer) or before the first chunk. See `CacherState.last_recomputed`."""
+        return (self._state if state is None else state).last_recomputed
+
     # -- per chunk (host side) ---------------------------------------------------------------
 
     def _take_pixels(self, tower: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -370,7 +396,9 @@ class STCCacher:
             or state.reference_shape != (len(self._layers), layout.tokens, layout.width)
             or state.grid != layout.grid
         )
-        plan = ChunkPlan(state, layout, refresh, F.num_recomputed_tokens(layout.tokens, config.update_ratio))
+        group = self._tower.config.spatial_merge_size ** 2 if config.granularity == "merge_block" else 1
+        num_recomputed = F.grouped_count(F.num_recomputed_tokens(layout.tokens, config.update_ratio), group)
+        plan = ChunkPlan(state, layout, refresh, num_recomputed, group=group)
         pixels, self._chunk_pixels = self._chunk_pixels, None
         if pixels is not None:  # one row per reuse unit (a frame, or a temporal patch's flattened patches)
             pixels = pixels.reshape(layout.units, -1)
@@ -385,6 +413,9 @@ class STCCacher:
         if plan.refresh:
             state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid)
             state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
+        elif plan.subsample is None:
+            plan.recomputed = torch.empty(len(self._layers), layout.units, num_recomputed, dtype=torch.long,
+                                          device=hidden_states.device)
         self._plan = plan
 
     def _subsample(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> Subsample | None:
@@ -433,7 +464,7 @@ class STCCacher:
                 plan.refresh, plan.adaptive_refresh = True, True
                 return
         if self.config.selection == "shared":
-            plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed)
+            plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed, plan.group)
 
     def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         plan, self._plan, self._layout = self._plan, None, None
@@ -467,6 +498,10 @@ class STCCacher:
             state.has_reference = True
             state.last_refresh_chunk = state.chunk_index
         state.chunk_index += 1
+        if plan.subsample is not None:
+            state.last_recomputed = plan.subsample.rows.expand(len(self._layers), units, -1)
+        else:
+            state.last_recomputed = plan.recomputed  # None after a refresh: every token
 
     # -- per layer (device side) -------------------------------------------------------------
 
@@ -498,7 +533,7 @@ class STCCacher:
                     layer, hidden_states, *inputs, reference=reference, eager_fallback=eager_fallback, keys=keys,
                     onednn=self._onednn,
                 )
-            return paths.selective(
+            out, recomputed = paths.selective(
                 layer,
                 hidden_states,
                 *inputs,
@@ -508,7 +543,10 @@ class STCCacher:
                 index=plan.shared_index,
                 keys=keys,
                 onednn=self._onednn,
+                group=plan.group,
             )
+            plan.recomputed[index].copy_(recomputed)  # a device copy: no host sync
+            return out
         except BaseException:
             # The layer may have left its reference half-written (refresh) or holding the
             # chunk's values (selective, one frame): the stream's next chunk refreshes.
@@ -522,6 +560,7 @@ __all__ = [
     "ChunkLayout",
     "TowerSpec",
     "attached_cacher",
+    "check_attachable",
     "find_vision_tower",
     "encoder_layers",
     "mlp_width",

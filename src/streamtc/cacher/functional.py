@@ -40,9 +40,25 @@ def key_similarity(keys: torch.Tensor, reference_unit_keys: torch.Tensor, eps: f
     return dots / torch.linalg.vector_norm(keys, dim=-1).clamp_min(eps)
 
 
-def select_dynamic_tokens(similarity: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [F, k] of the k least similar tokens of each frame (unordered)."""
-    return torch.topk(similarity, k, dim=-1, largest=False, sorted=False).indices
+def grouped_count(k: int, group: int) -> int:
+    """Tokens recomputed when whole groups of `group` consecutive tokens are selected: k // group
+    groups, at least one."""
+    return max(1, k // group) * group
+
+
+def select_dynamic_tokens(similarity: torch.Tensor, k: int, group: int = 1) -> torch.Tensor:
+    """Indices [F, k] of the k least similar tokens of each frame (unordered).
+
+    group > 1: select whole groups of `group` consecutive tokens (T a multiple of group) by their
+    mean similarity, k // group groups (at least one): indices [F, grouped_count(k, group)].
+    """
+    if group == 1:
+        return torch.topk(similarity, k, dim=-1, largest=False, sorted=False).indices
+    frames, num_tokens = similarity.shape
+    scores = similarity.view(frames, num_tokens // group, group).mean(dim=-1)
+    chosen = torch.topk(scores, grouped_count(k, group) // group, dim=-1, largest=False, sorted=False).indices
+    offsets = torch.arange(group, device=similarity.device)
+    return (chosen[..., None] * group + offsets).flatten(1)
 
 
 def reused_similarity(similarity: torch.Tensor, k: int) -> torch.Tensor:
@@ -165,6 +181,7 @@ __all__ = [
     "num_recomputed_tokens",
     "unit_rows",
     "key_similarity",
+    "grouped_count",
     "select_dynamic_tokens",
     "reused_similarity",
     "relative_pixel_change",

@@ -90,7 +90,7 @@ def layer_keys(layer: nn.Module, hidden_states: torch.Tensor, onednn: bool = Fal
     return _qkv_rows(layer.attn.qkv, layer.norm1(hidden_states), 1, onednn)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """2-D vision RoPE on x [..., N, H, D] with cos/sin [..., N, D], in float32 as transformers does.
 
     x * cos + rotate_half(x) * sin, with rotate_half's halves added in place (no concatenated copy).
@@ -221,8 +221,8 @@ def refresh_forward(
     cos, sin = position_embeddings
     context = _segment_attention(
         attn,
-        _rotate(queries.view(seq_len, heads, -1), cos, sin),
-        _rotate(keys.view(seq_len, heads, -1), cos, sin),
+        rotate(queries.view(seq_len, heads, -1), cos, sin),
+        rotate(keys.view(seq_len, heads, -1), cos, sin),
         values.view(seq_len, heads, -1),
         cu_seqlens,
         eager_fallback,
@@ -251,12 +251,15 @@ def selective_forward(
     index: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     onednn: bool = False,
-) -> torch.Tensor:
+    group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The non-refresh block on [S, C] = U temporal patches of T tokens.
 
     index: [U, k] tokens to recompute; when None, chosen here from this block's key cosine.
     keys: this block's pre-RoPE keys if the caller already computed them ([U, T, C]), else computed here.
     onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
+    group: when choosing here, select whole groups of `group` consecutive tokens (4: a 2x2 merge block).
+    Returns the block's output [S, C] and the recomputed tokens `index` [U, k] (the caller records them).
     """
     attn = layer.attn
     seq_len, width = hidden_states.shape
@@ -268,7 +271,7 @@ def selective_forward(
         keys = _qkv_rows(attn.qkv, normed, 1, onednn)  # all tokens: every selected query attends to every key
     keys = keys.reshape(units, num_tokens, width)
     if index is None:
-        index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed)
+        index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed, group)
 
     rows = flat_token_index(index, num_tokens)  # [U * k] rows of the flat sequence, shared by every gather
 
@@ -279,8 +282,8 @@ def selective_forward(
     queries = _qkv_rows(attn.qkv, normed_selected, 0, onednn)
     selected_values = _qkv_rows(attn.qkv, normed_selected, 2, onednn)
     cos, sin = position_embeddings  # [S, D]
-    queries = _rotate(queries.view(units, -1, heads, width // heads), gather(cos), gather(sin))  # their own RoPE rows
-    rotated_keys = _rotate(keys.view(units, num_tokens, heads, -1), cos.view(units, num_tokens, -1),
+    queries = rotate(queries.view(units, -1, heads, width // heads), gather(cos), gather(sin))  # their own RoPE rows
+    rotated_keys = rotate(keys.view(units, num_tokens, heads, -1), cos.view(units, num_tokens, -1),
                            sin.view(units, num_tokens, -1))
     if units == 1:
         # One temporal patch: V̄ is V_ref with V_I swapped in, in place, and swapped back after
@@ -296,7 +299,7 @@ def selective_forward(
 
     selected = gather(hidden_states) + linear(attn.proj, context, onednn)  # X[I] + A_I
     selected = selected + _feed_forward(layer.mlp, layer.norm2(selected), onednn)  # + M_I
-    return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected).view(seq_len, width)
+    return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected).view(seq_len, width), index
 
 __all__ = [
     "COMPILABLE",
@@ -304,6 +307,7 @@ __all__ = [
     "eager_attention_for",
     "layer_inputs",
     "layer_keys",
+    "rotate",
     "refresh_forward",
     "selective_forward",
 ]

@@ -182,20 +182,23 @@ def selective_forward(
     index: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     onednn: bool = False,
-) -> torch.Tensor:
+    group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The non-refresh layer (docs/algorithms.md, section 2.2) on [F, T, C].
 
     index: [F, k] tokens to recompute; when None, chosen here from this layer's key cosine.
     keys: this layer's keys if the caller already computed them (the shared/adaptive planner does
         for the first layer), else computed here.
     onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
+    group: when choosing here, select whole groups of `group` consecutive tokens (1 for these towers).
+    Returns the layer's output [F, T, C] and the recomputed tokens `index` [F, k] (the caller records them).
     """
     parts = layer_parts(layer)
     normed = parts.norm1(hidden_states)  # [F, T, C]
     if keys is None:
         keys = linear(parts.k_proj, normed, onednn)  # all tokens: every selected query attends to every key
     if index is None:
-        index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed)
+        index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed, group)
 
     normed_selected = gather_tokens(normed, index)  # [F, k, C]
     queries = linear(parts.q_proj, normed_selected, onednn)
@@ -216,7 +219,7 @@ def selective_forward(
     # rows equals LN2 of all rows, then selecting.
     selected = gather_tokens(hidden_states, index) + _scaled(linear(parts.out_proj, context, onednn), parts.scale1)  # X[I] + A_I
     selected = selected + _scaled(feed_forward(parts.mlp, parts.norm2(selected), onednn), parts.scale2)  # + M_I
-    return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected)
+    return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected), index
 
 
 __all__ = [

@@ -79,6 +79,10 @@ class CacherState:
         self.residual_delta: torch.Tensor | None = None
         self.grid: tuple[int, ...] | None = None  # the reference's token grid, where the tower has one
         self.reference_pixels: torch.Tensor | None = None  # the reference frame's tower input (adaptive "pixels")
+        # [L, U, k] the tokens each layer recomputed in the latest chunk (None: a refresh, or no chunk
+        # yet). Per layer, since each layer selects from its own keys; one small tensor per chunk,
+        # written on the device (no host sync), read by tools on demand.
+        self.last_recomputed: torch.Tensor | None = None
         self.stats = CacherStats()
 
     @property

@@ -57,7 +57,8 @@ def run(
     output: Annotated[Path, typer.Option(help="Results file (JSON lines); an existing one is resumed")],
     protocol: Annotated[str, typer.Option(help="official: each benchmark's own prompt, reply rule, clip rule and "
                                                "metric; paper: what the STC paper's host did")] = "official",
-    model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision). "
+    model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision, "
+                                                   "Qwen2-VL, Qwen2.5-VL). "
                                                    "Overrides --preset.")] = None,
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (answers are meaningless)")]
     = "tiny-llava-ov",

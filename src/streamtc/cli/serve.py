@@ -16,7 +16,8 @@ from .common import read_stc_config
 
 
 def serve(
-    model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision). "
+    model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision, "
+                                                   "Qwen2-VL, Qwen2.5-VL). "
                                                    "Overrides --preset.")] = None,
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights")] = "tiny-llava-ov",
     host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --token")] = "127.0.0.1",

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from ..errors import UnsupportedModelError
-from .base import Deepstack, EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost
+from .base import Deepstack, EncodedChunk, HostStream, Placed, RecomputedTokens, VideoEncoder, VideoHost
 from .llava_onevision import LlavaOnevisionHost
 from .qwen3_vl import Qwen3VLHost
 from .qwen_vl import QwenVLHost
@@ -52,6 +52,6 @@ def host_for(model: PreTrainedModel, tokenizer: Any, protocol: str | None = None
 
 __all__ = [
     "Deepstack", "EncodedChunk", "HOST_CLASSES", "HostStream", "LlavaOnevisionHost", "Placed", "Qwen3VLHost",
-    "QwenVLHost", "VideoEncoder",
+    "QwenVLHost", "RecomputedTokens", "VideoEncoder",
     "VideoHost", "cacher_supports", "host_class_for", "host_for", "supported_model_classes",
 ]

@@ -87,6 +87,29 @@ class Deepstack:
 
 
 @dataclass(frozen=True)
+class RecomputedTokens:
+    """Which vision-tower tokens the Cacher recomputed in one chunk, on each pruner frame's patch grid.
+
+    grid: (rows, cols) of the tower's patch grid (before any pooling or merging).
+    cells: [L, F, k] per layer and pruner frame, the row-major grid cells of the recomputed tokens;
+        None when the chunk refreshed (every token in every layer).
+    """
+
+    grid: tuple[int, int]
+    cells: Tensor | None
+
+    def counts(self) -> Tensor | None:
+        """[F, rows * cols]: per pruner frame and cell, in how many layers the token was recomputed
+        (None for a refresh: every token in every layer)."""
+        if self.cells is None:
+            return None
+        layers, frames, k = self.cells.shape
+        counts = torch.zeros(frames, self.grid[0] * self.grid[1], dtype=torch.long)
+        return counts.scatter_add_(1, self.cells.transpose(0, 1).reshape(frames, -1),
+                                   torch.ones(frames, layers * k, dtype=torch.long))
+
+
+@dataclass(frozen=True)
 class Placed:
     """Tokens to append for one pruner frame: embeds [n, D] and their positions [R, n]; `text`
     of them are prompt text the protocol puts around the chunk (the rest are visual tokens);
@@ -219,6 +242,21 @@ class VideoHost(ABC):
     def encode(self, pixels: Sequence[Tensor], encoder: VideoEncoder | None = None) -> EncodedChunk:
         """One vision-tower forward on one chunk's per-frame pixels [3, H, W] (equal sizes)."""
 
+    def tower_cells(self, chunk: EncodedChunk) -> tuple[Tensor, tuple[int, int]]:
+        """For one pruner frame of `chunk`: the row-major patch-grid cell of each tower token, in the
+        order the tower's layers hold them ([T]), and the grid (rows, cols)."""
+        raise UnsupportedModelError(f"{type(self).__name__} does not map its tower tokens to the frame")
+
+    def pruner_grid(self, chunk: EncodedChunk) -> tuple[int, int]:
+        """(rows, cols) of the token grid the Pruner's positions index, row-major."""
+        raise UnsupportedModelError(f"{type(self).__name__} does not describe its pruner grid")
+
+    def recomputed_tokens(self, chunk: EncodedChunk, indices: Tensor | None) -> RecomputedTokens:
+        """The Cacher's record of one chunk (`STCCacher.last_recomputed`: [L, F, k] tower token
+        positions, None for a refresh) mapped to grid cells."""
+        cells, grid = self.tower_cells(chunk)
+        return RecomputedTokens(grid, None if indices is None else cells[indices.cpu()])
+
     def tower_hidden_states(self, pixel_values: Tensor) -> Tensor:
         """The tower's tokens at the layer the projector reads, [F, T, C] (token-merging baselines)."""
         raise UnsupportedModelError(f"{type(self).__name__} does not expose per-layer tower tokens")
@@ -258,4 +296,5 @@ def no_deepstack(host: VideoHost, deepstack: Deepstack | None) -> None:
         raise UnsupportedModelError(f"{type(host).__name__} has no DeepStack layers; got DeepStack inputs")
 
 
-__all__ = ["Deepstack", "EncodedChunk", "HostStream", "Placed", "VideoEncoder", "VideoHost", "no_deepstack"]
+__all__ = ["Deepstack", "EncodedChunk", "HostStream", "Placed", "RecomputedTokens", "VideoEncoder", "VideoHost",
+           "no_deepstack"]

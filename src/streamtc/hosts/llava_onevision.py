@@ -112,6 +112,15 @@ class LlavaOnevisionHost(VideoHost):
         output = self.model.model.get_video_features(pixel_values_videos=pixel_values[None], return_dict=True)
         return EncodedChunk(self.layout.frame_tokens(output.pooler_output[0]), len(pixels))  # [F, P, D]
 
+    def tower_cells(self, chunk: EncodedChunk) -> tuple[Tensor, tuple[int, int]]:
+        """SigLIP's tokens are the patch grid, row-major (no class token)."""
+        side = self.vision_tower.config.image_size // self.vision_tower.config.patch_size
+        return torch.arange(side * side), (side, side)
+
+    def pruner_grid(self, chunk: EncodedChunk) -> tuple[int, int]:
+        """The pooled grid (14 x 14 for 384-px frames)."""
+        return self.pooled_side, self.pooled_side
+
     def tower_hidden_states(self, pixel_values: Tensor) -> Tensor:
         """The tower's tokens at `vision_feature_layer` with the select strategy applied."""
         config = self.model.config

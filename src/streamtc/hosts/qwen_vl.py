@@ -44,6 +44,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 from transformers.cache_utils import Cache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.vision_utils import get_vision_window_index
 
 from ..errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
 from ..preprocess import QwenVLPreprocessor, patchify_video
@@ -265,6 +266,25 @@ class QwenVLHost(VideoHost):
         """Merger input [T * gh * gw, C] (Qwen2.5-VL: in window order) -> one [gh * gw, C] per temporal patch."""
         return list(tokens.view(int(tower_kwargs["grid_thw"][:, 0].sum()), -1, tokens.shape[-1]))
 
+    def tower_cells(self, chunk: EncodedChunk) -> tuple[Tensor, tuple[int, int]]:
+        """A temporal patch's tower tokens come in 2x2 merge-block order (block row-major, then the
+        patch within the block), and in Qwen2.5-VL permuted into window order by whole merge blocks."""
+        _, h, w = chunk.grid
+        m = self.merge
+        token = torch.arange(h * w * m * m)
+        block, inner = token // (m * m), token % (m * m)
+        cells = ((block // w) * m + inner // m) * (w * m) + (block % w) * m + inner % m
+        if isinstance(self.vision_tower, Qwen2_5_VisionTransformerPretrainedModel):
+            vision = self.model.config.vision_config
+            window_index, _ = get_vision_window_index(torch.tensor([[1, h * m, w * m]]), m, vision.window_size,
+                                                      vision.patch_size)
+            cells = cells.view(-1, m * m)[window_index].flatten()
+        return cells, (h * m, w * m)
+
+    def pruner_grid(self, chunk: EncodedChunk) -> tuple[int, int]:
+        """The merged grid: one LLM token per 2x2 merge block."""
+        return chunk.grid[1], chunk.grid[2]
+
     def default_preprocessor(self) -> QwenVLPreprocessor:
         preprocessor = QwenVLPreprocessor.from_model_config(self.model.config)
         if self.protocol == "livecc":
@@ -279,7 +299,8 @@ class QwenVLHost(VideoHost):
     def encode(self, pixels: Sequence[Tensor], encoder: VideoEncoder | None = None) -> EncodedChunk:
         """Patchify the chunk (an odd last frame repeated), one tower forward, merged tokens [T, h * w, D]."""
         if encoder is not None:
-            raise UnsupportedModelError("custom video encoders (ToMe) run on LLaVA-OneVision hosts only")
+            raise UnsupportedModelError("custom video encoders (ToMe) run on LLaVA-OneVision hosts only; on Qwen-VL "
+                                        "use ToMe on the merged tokens: selector=ToMeTokenMerger(...)")
         vision = self.model.config.vision_config
         rows, (t, gh, gw) = patchify_video(torch.stack(list(pixels)), vision.patch_size, vision.temporal_patch_size,
                                            self.merge)

@@ -197,13 +197,14 @@ function drawOverlay(event) {
   canvas.height = image.clientHeight;
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
+  // Pruner: kept tokens outlined in green, pruned ones dimmed, on the pruner's [rows, cols] grid
   const pruner = event.pruner;
   if (pruner && pruner.grid) {
-    const side = pruner.grid;
+    const [rows, cols] = pruner.grid;
     const kept = new Set(pruner.kept);
-    const w = canvas.width / side, h = canvas.height / side;
-    for (let i = 0; i < side * side; i++) {
-      const x = (i % side) * w, y = Math.floor(i / side) * h;
+    const w = canvas.width / cols, h = canvas.height / rows;
+    for (let i = 0; i < rows * cols; i++) {
+      const x = (i % cols) * w, y = Math.floor(i / cols) * h;
       if (kept.has(i)) {
         ctx.fillStyle = "rgba(32, 192, 112, 0.22)";
         ctx.fillRect(x, y, w, h);
@@ -216,12 +217,30 @@ function drawOverlay(event) {
       }
     }
   }
+  // Cacher: the ViT tokens it recomputed, as blue squares on the tower's patch grid, more opaque
+  // the more layers recomputed the token; a refresh (every token) gets an orange frame instead
   const cacher = event.cacher;
+  let recomputedCells = "none";
   if (cacher) {
     const share = cacher.recomputed_per_layer[0] / cacher.tokens;
     ctx.strokeStyle = cacher.refresh ? "#ff8c00" : "#3d7dff";
     ctx.lineWidth = 6;
     ctx.strokeRect(3, 3, canvas.width - 6, canvas.height - 6);
+    if (cacher.recomputed && cacher.grid) {
+      const [rows, cols] = cacher.grid;
+      const w = canvas.width / cols, h = canvas.height / rows;
+      let cells = 0;
+      cacher.recomputed.forEach((count, i) => {
+        if (!count) return;
+        cells += 1;
+        const x = (i % cols) * w, y = Math.floor(i / cols) * h;
+        ctx.fillStyle = `rgba(61, 125, 255, ${(0.25 + 0.6 * count / cacher.layers).toFixed(3)})`;
+        ctx.fillRect(x + w * 0.2, y + h * 0.2, w * 0.6, h * 0.6);
+      });
+      recomputedCells = String(cells);
+    } else if (cacher.refresh) {
+      recomputedCells = "all";
+    }
     // share of ViT tokens recomputed in this frame, as a bar along the bottom edge
     ctx.fillStyle = cacher.refresh ? "#ff8c00" : "#3d7dff";
     ctx.fillRect(0, canvas.height - 8, canvas.width * share, 8);
@@ -229,6 +248,10 @@ function drawOverlay(event) {
   canvas.dataset.frames = String(Number(canvas.dataset.frames) + 1);
   canvas.dataset.kept = pruner ? String(pruner.kept.length) : "all";
   canvas.dataset.refresh = cacher ? String(cacher.refresh) : "none";
+  canvas.dataset.recomputed = recomputedCells;
+  if (recomputedCells !== "none" && recomputedCells !== "all") {
+    canvas.dataset.recomputedSeen = String(Number(canvas.dataset.recomputedSeen || 0) + 1);
+  }
 }
 
 // -- charts -------------------------------------------------------------------------------------
