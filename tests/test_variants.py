@@ -11,6 +11,7 @@ import torch
 from streamtc import STCConfig
 from streamtc.errors import ConfigError
 from streamtc.factory import SessionSpec, derive_session
+from streamtc.memory import SlidingWindowCache
 from streamtc.sources import builtin_clip_path, open_source
 from streamtc.variants import VARIANTS, Variant, get_variant
 
@@ -53,7 +54,8 @@ def test_every_variant_runs_on_a_shared_model_and_leaves_it_untouched(clip):
 def test_a_built_session_equals_one_derived_from_the_loaded_model(clip):
     spec = SessionSpec(preset="tiny-llava-ov", variant="uniform 25%", window_tokens=8)
     built = spec.build()
-    derived = derive_session(SessionSpec(preset="tiny-llava-ov").load(), get_variant("uniform 25%"), window_tokens=8)
+    derived = derive_session(SessionSpec(preset="tiny-llava-ov").load(), get_variant("uniform 25%"),
+                             cache_policy=lambda: SlidingWindowCache(8))
     torch.testing.assert_close(logits_after(built, clip), logits_after(derived, clip), rtol=0, atol=0)
     assert built.stats.cache_tokens == built.stats.prompt_tokens + 2 * 4  # the window holds 2 frames of 4 tokens
 

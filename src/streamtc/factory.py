@@ -132,11 +132,13 @@ class SessionSpec:
         host = self.host_class()
         return host.default_fps if host.fps_in_prompt else None
 
-    def load(self, device: str | torch.device = "cpu") -> StreamingSession:
-        """The model, uncompressed, as a session (its tokenizer, preprocessor and host come with it)."""
+    def load(self, device: str | torch.device = "cpu", *, memory: bool = True) -> StreamingSession:
+        """The model, uncompressed, as a session (its tokenizer, preprocessor and host come with it);
+        memory=False gives it the default memory (a base for `derive_session`, which holds no
+        offloaded blocks of its own)."""
         from .session import StreamingSession
 
-        options = self._session_options()
+        options = self._session_options(memory)
         if self.model is not None:
             return StreamingSession.from_pretrained(self.model, stc=None, device=device, dtype=torch_dtype(self.dtype),
                                                     **options)
@@ -146,11 +148,12 @@ class SessionSpec:
 
     def build(self, device: str | torch.device = "cpu") -> StreamingSession:
         """A session running this spec's variant on a freshly loaded model (the model is its own)."""
-        return derive_session(self.load(device), self.resolved_variant(), cache_policy=self.cache_policy())
+        return derive_session(self.load(device, memory=False), self.resolved_variant(),
+                              cache_policy=self.cache_policy())
 
-    def _session_options(self) -> dict[str, Any]:
+    def _session_options(self, memory: bool) -> dict[str, Any]:
         options: dict[str, Any] = {}
-        if (policy := self.cache_policy()) is not None:
+        if memory and (policy := self.cache_policy()) is not None:
             options["cache_policy"] = policy
         if self.system_prompt is not None:
             options["system_prompt"] = self.system_prompt
