@@ -29,6 +29,11 @@ class WeightsError(StreamTCError, OSError):
     """Pretrained weights cannot be fetched, verified or converted."""
 
 
+class SnapshotError(StreamTCError, OSError):
+    """A saved stream cannot be written, or cannot be read back as saved (missing, torn, corrupt,
+    another format version, or saved on another model)."""
+
+
 __all__ = [
     "StreamTCError",
     "ConfigError",
@@ -37,4 +42,5 @@ __all__ = [
     "InputError",
     "VideoSourceError",
     "WeightsError",
+    "SnapshotError",
 ]
