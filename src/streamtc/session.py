@@ -803,6 +803,11 @@ class StreamingSession:
         return self._frames
 
     @property
+    def last_timestamp(self) -> float | None:
+        """Timestamp of the last encoded frame (None when it carried none, or before a push)."""
+        return self._last_timestamp
+
+    @property
     def last_kept_indices(self) -> list[list[int]] | None:
         """Per frame of the latest pushed chunk, the positions (ascending, in the frame's pooled token
         grid) the Pruner or selector kept; None when every token is kept (no pruning) or before a push."""
