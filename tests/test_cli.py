@@ -1,4 +1,5 @@
-"""`streamtc run` end to end on a real clip with the tiny preset, and its error handling."""
+"""`streamtc run` end to end on a real clip with the tiny preset, and its error handling; the command
+line's start-up imports nothing heavy; `streamtc bench pruner`."""
 
 from __future__ import annotations
 
@@ -53,3 +54,25 @@ def test_run_with_a_bounded_window_keeps_the_cache_small(tmp_path):
     per_token = 2 * 2 * 2 * 16 * 4  # keys and values x 2 layers x 2 KV heads x 16 dims x fp32 (tiny Qwen2)
     assert stats["kv_cache_bytes"] == per_token * (stats["prompt_tokens"] + 2 * 16)  # ... the cache: prefix + 2 frames
     assert stats["cache_tokens"] == stats["prompt_tokens"] + 2 * 16
+
+
+def test_the_command_line_and_the_preset_table_import_no_torch():
+    code = ("import sys, streamtc.cli, streamtc.presets as p; p.get_preset('tiny-llava-ov'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_bench_pruner_times_every_method_at_every_call_size(tmp_path):
+    out = tmp_path / "cost.json"
+    result = runner.invoke(app, ["bench", "pruner", "--frames", "1,2", "--tokens", "16", "--width", "8", "--keep",
+                                 "4", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["frames_per_call"]) for r in rows} == {
+        (m, f) for m in ("stc gaussian", "stc dual_anchor", "stc dual_anchor W=16", "uniform", "random", "visionzip",
+                         "vidcom2") for f in (1, 2)}
+    assert all(r["ms_per_frame"] > 0 for r in rows)
+    bad = runner.invoke(app, ["bench", "pruner", "--keep", "300"])
+    assert bad.exit_code != 0 and "--keep" in bad.output

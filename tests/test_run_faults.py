@@ -22,8 +22,9 @@ import av
 import pytest
 from typer.testing import CliRunner
 
-from streamtc import cli
-from streamtc.cli import EXIT_CODES, app, paired_ratio
+from streamtc.cli import app
+from streamtc.cli import run as cli
+from streamtc.cli.run import EXIT_CODES, paired_ratio
 from streamtc.errors import ConfigError
 from streamtc.sources import builtin_clip_path
 from test_sources import MpegTsSender, remux_to_transport_stream

@@ -5,6 +5,10 @@ mirrors a public checkpoint's architecture (sizes taken from the checkpoint's pu
 instantiated with a fixed seed. Real weights go through `load_pretrained(path_or_id)`, which is
 plain `from_pretrained` on the matching transformers class.
 
+The table itself is light: torch, transformers and the model classes are imported when a config or
+a model is built, so that naming or listing presets (`streamtc run --preset NAME` checks the name
+before anything else) costs no import.
+
 Presets:
     siglip-so400m-384   SigLIP-so400m/14 at 384 px as in LLaVA-OneVision (26 of its 27 layers)
     siglip-b16-224      SigLIP-B/16 at 224 px (google/siglip-base-patch16-224)
@@ -36,44 +40,54 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import (
-    AutoConfig,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2Config,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, UnsupportedModelError
-from .preprocess import QwenVLPreprocessor
-from .tokenizer import BPE_VOCAB_SIZE, QWEN_VL_SPECIAL_TOKENS
 
-# Model dtypes by the names the CLIs and saved configs use.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaOnevisionConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        Qwen2_5_VLConfig,
+        Qwen2Config,
+        Qwen2VLConfig,
+        SiglipVisionConfig,
+    )
+
+    from .preprocess import QwenVLPreprocessor
+
+# Model dtypes by the names the CLIs and saved configs use (`torch_dtype` gives the torch dtype).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # Qwen2 token ids of LLaVA-OneVision's <image> and <video> placeholders (llava-hf configs).
 LLAVA_OV_IMAGE_TOKEN_ID = 151646
 LLAVA_OV_VIDEO_TOKEN_ID = 151647
 
-# The tiny preset fits the built-in tokenizer unpadded (`streamtc.tokenizer`): 1024 BPE tokens, then
-# <|endoftext|> <|im_start|> <|im_end|> <image> <video> at 1024..1028, so 1029 vocabulary rows.
-TINY_IMAGE_TOKEN_ID = BPE_VOCAB_SIZE + 3
-TINY_VIDEO_TOKEN_ID = BPE_VOCAB_SIZE + 4
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called `name` (one of DTYPE_NAMES); a ConfigError naming them otherwise."""
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    import torch
+
+    return getattr(torch, name)
+
+
+def _tiny_llava_token_ids() -> tuple[int, int]:
+    """<image>, <video> ids of the tiny preset, which fits the built-in tokenizer unpadded
+    (`streamtc.tokenizer`): 1024 BPE tokens, then <|endoftext|> <|im_start|> <|im_end|> <image>
+    <video> at 1024..1028, so 1029 vocabulary rows."""
+    from .tokenizer import BPE_VOCAB_SIZE
+
+    return BPE_VOCAB_SIZE + 3, BPE_VOCAB_SIZE + 4
 
 
 def _siglip_so400m_384(num_layers: int | None) -> SiglipVisionConfig:
+    from transformers import SiglipVisionConfig
+
     # LLaVA-OneVision drops the last of so400m's 27 layers and has no pooling head.
     return SiglipVisionConfig(
         hidden_size=1152,
@@ -89,6 +103,8 @@ def _siglip_so400m_384(num_layers: int | None) -> SiglipVisionConfig:
 
 
 def _siglip_b16_224(num_layers: int | None) -> SiglipVisionConfig:
+    from transformers import SiglipVisionConfig
+
     return SiglipVisionConfig(
         hidden_size=768,
         intermediate_size=3072,
@@ -102,6 +118,8 @@ def _siglip_b16_224(num_layers: int | None) -> SiglipVisionConfig:
 
 
 def _clip_l14_336(num_layers: int | None) -> CLIPVisionConfig:
+    from transformers import CLIPVisionConfig
+
     return CLIPVisionConfig(
         hidden_size=1024,
         intermediate_size=4096,
@@ -116,6 +134,8 @@ def _clip_l14_336(num_layers: int | None) -> CLIPVisionConfig:
 
 
 def _tiny_siglip(num_layers: int | None) -> SiglipVisionConfig:
+    from transformers import SiglipVisionConfig
+
     return SiglipVisionConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -130,6 +150,8 @@ def _tiny_siglip(num_layers: int | None) -> SiglipVisionConfig:
 
 
 def _tiny_clip(num_layers: int | None) -> CLIPVisionConfig:
+    from transformers import CLIPVisionConfig
+
     return CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -144,6 +166,8 @@ def _tiny_clip(num_layers: int | None) -> CLIPVisionConfig:
 
 
 def _qwen2_0_5b() -> Qwen2Config:
+    from transformers import Qwen2Config
+
     # llava-hf pads Qwen2-0.5B's 151,936-token vocabulary (+<image>, <video>) to a multiple of 64.
     return Qwen2Config(
         vocab_size=152000,
@@ -161,6 +185,8 @@ def _qwen2_0_5b() -> Qwen2Config:
 
 
 def _qwen2_7b() -> Qwen2Config:
+    from transformers import Qwen2Config
+
     return Qwen2Config(
         vocab_size=152128,
         hidden_size=3584,
@@ -177,8 +203,10 @@ def _qwen2_7b() -> Qwen2Config:
 
 
 def _tiny_qwen2() -> Qwen2Config:
+    from transformers import Qwen2Config
+
     return Qwen2Config(
-        vocab_size=TINY_VIDEO_TOKEN_ID + 1,
+        vocab_size=_tiny_llava_token_ids()[1] + 1,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -194,15 +222,22 @@ def _tiny_qwen2() -> Qwen2Config:
 
 # Qwen2 / Qwen2-VL special token ids (<|endoftext|> = 151643, then <|im_start|>, ..., <|video_pad|>).
 QWEN_VL_FIRST_SPECIAL_ID = 151643
-# The tiny Qwen-VL presets put the same special tokens right after the built-in BPE.
-TINY_QWEN_VL_FIRST_SPECIAL_ID = BPE_VOCAB_SIZE
 # Frames of the tiny Qwen-VL presets stay small: a 60x80 frame becomes 56x84 (2x3 merged tokens).
 TINY_QWEN_VL_PIXELS = (56 * 56, 112 * 112)
 MROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
 
 
+def _tiny_qwen_vl_first_special_id() -> int:
+    """The tiny Qwen-VL presets put the Qwen-VL special tokens right after the built-in BPE."""
+    from .tokenizer import BPE_VOCAB_SIZE
+
+    return BPE_VOCAB_SIZE
+
+
 def _qwen_vl_ids(first_special: int) -> dict[str, int]:
     """image/video/vision_start/vision_end token ids for Qwen-VL special tokens starting at first_special."""
+    from .tokenizer import QWEN_VL_SPECIAL_TOKENS
+
     index = {name: first_special + i for i, name in enumerate(QWEN_VL_SPECIAL_TOKENS)}
     return {"image_token_id": index["<|image_pad|>"], "video_token_id": index["<|video_pad|>"],
             "vision_start_token_id": index["<|vision_start|>"], "vision_end_token_id": index["<|vision_end|>"]}
@@ -218,6 +253,8 @@ def _qwen_text(hidden: int, intermediate: int, layers: int, heads: int, kv_heads
 
 def _qwen2_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision: dict[str, Any] | None = None,
               first_special: int = QWEN_VL_FIRST_SPECIAL_ID) -> Qwen2VLConfig:
+    from transformers import Qwen2VLConfig
+
     tower = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_act": "quick_gelu",
              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, **(vision or {})}
     tower["depth"] = num_layers or tower["depth"]
@@ -228,6 +265,8 @@ def _qwen2_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision: d
 
 def _qwen2_5_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision: dict[str, Any] | None = None,
                 first_special: int = QWEN_VL_FIRST_SPECIAL_ID) -> Qwen2_5_VLConfig:
+    from transformers import Qwen2_5_VLConfig
+
     tower = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "hidden_act": "silu",
              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
              "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, **(vision or {})}
@@ -240,7 +279,9 @@ def _qwen2_5_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision:
 
 def _tiny_qwen_text() -> dict[str, Any]:
     # head_dim 16: M-RoPE sections (2, 3, 3) cover its 8 rotary frequencies as (16, 24, 24) cover 64
-    first = TINY_QWEN_VL_FIRST_SPECIAL_ID
+    from .tokenizer import QWEN_VL_SPECIAL_TOKENS
+
+    first = _tiny_qwen_vl_first_special_id()
     text = _qwen_text(64, 128, 2, 4, 2, first + len(QWEN_VL_SPECIAL_TOKENS), 32768,
                       {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
     return {**text, "bos_token_id": first, "eos_token_id": first + 2}  # <|endoftext|>, <|im_end|>
@@ -251,7 +292,17 @@ _TINY_QWEN2_5_VL_TOWER = {"depth": 4, "hidden_size": 32, "intermediate_size": 64
                           "fullatt_block_indexes": [1, 3]}
 
 
+def _tiny_qwen2_vl(num_layers: int | None) -> Qwen2VLConfig:
+    return _qwen2_vl(num_layers, _tiny_qwen_text(), True, _TINY_QWEN2_VL_TOWER, _tiny_qwen_vl_first_special_id())
+
+
+def _tiny_qwen2_5_vl(num_layers: int | None) -> Qwen2_5_VLConfig:
+    return _qwen2_5_vl(num_layers, _tiny_qwen_text(), True, _TINY_QWEN2_5_VL_TOWER, _tiny_qwen_vl_first_special_id())
+
+
 def _tiny_qwen_vl_preprocessor() -> QwenVLPreprocessor:
+    from .preprocess import QwenVLPreprocessor
+
     return QwenVLPreprocessor(min_pixels=TINY_QWEN_VL_PIXELS[0], max_pixels=TINY_QWEN_VL_PIXELS[1])
 
 
@@ -261,6 +312,8 @@ def _llava_onevision(
     image_token_id: int = LLAVA_OV_IMAGE_TOKEN_ID,
     video_token_id: int = LLAVA_OV_VIDEO_TOKEN_ID,
 ) -> LlavaOnevisionConfig:
+    from transformers import LlavaOnevisionConfig
+
     return LlavaOnevisionConfig(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
@@ -277,18 +330,34 @@ def _llava_onevision(
 
 @dataclass(frozen=True)
 class Preset:
-    """A named architecture: how to build its config and which model class runs it."""
+    """A named architecture: how to build its config and which model class runs it.
+
+    model_class_name: the transformers class, imported when `model_class` is first read.
+    """
 
     name: str
     description: str
-    model_class: type[PreTrainedModel]
+    model_class_name: str
     build_config: Callable[[int | None], PretrainedConfig]
     tiny: bool = False
     protocol: str | None = None  # the host's prompt protocol (None: the host's default)
     preprocessor: Callable[[], Any] | None = None  # frame preprocessing (None: the host's default)
 
+    @property
+    def model_class(self) -> type[PreTrainedModel]:
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
+
+    @property
+    def is_video_llm(self) -> bool:
+        """A VideoLLM (vision tower, projector, language model), not a vision tower alone."""
+        return self.model_class_name.endswith("ForConditionalGeneration")
+
     def parameter_count(self) -> int:
         """Parameters of the full-depth architecture (counted on the meta device, nothing allocated)."""
+        import torch
+
         with torch.device("meta"):
             model = self.model_class._from_config(self.build_config(None))
         return sum(p.numel() for p in model.parameters())
@@ -298,48 +367,48 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("siglip-so400m-384", "SigLIP-so400m/14-384 tower of LLaVA-OneVision (26 layers, 729 tokens)",
-               SiglipVisionModel, _siglip_so400m_384),
-        Preset("siglip-b16-224", "SigLIP-B/16-224 (12 layers, 196 tokens)", SiglipVisionModel, _siglip_b16_224),
-        Preset("clip-l14-336", "CLIP-L/14-336 (24 layers, 577 tokens)", CLIPVisionModel, _clip_l14_336),
-        Preset("tiny-siglip", "2-layer 64-wide SigLIP, 49 tokens (tests)", SiglipVisionModel, _tiny_siglip, tiny=True),
-        Preset("tiny-clip", "2-layer 64-wide CLIP, 50 tokens (tests)", CLIPVisionModel, _tiny_clip, tiny=True),
+               "SiglipVisionModel", _siglip_so400m_384),
+        Preset("siglip-b16-224", "SigLIP-B/16-224 (12 layers, 196 tokens)", "SiglipVisionModel", _siglip_b16_224),
+        Preset("clip-l14-336", "CLIP-L/14-336 (24 layers, 577 tokens)", "CLIPVisionModel", _clip_l14_336),
+        Preset("tiny-siglip", "2-layer 64-wide SigLIP, 49 tokens (tests)", "SiglipVisionModel", _tiny_siglip, tiny=True),
+        Preset("tiny-clip", "2-layer 64-wide CLIP, 50 tokens (tests)", "CLIPVisionModel", _tiny_clip, tiny=True),
         Preset("llava-ov-0.5b", "LLaVA-OneVision-0.5B: SigLIP-so400m + Qwen2-0.5B",
-               LlavaOnevisionForConditionalGeneration,
+               "LlavaOnevisionForConditionalGeneration",
                lambda n: _llava_onevision(_siglip_so400m_384(n), _qwen2_0_5b())),
         Preset("llava-ov-7b", "LLaVA-OneVision-7B: SigLIP-so400m + Qwen2-7B",
-               LlavaOnevisionForConditionalGeneration,
+               "LlavaOnevisionForConditionalGeneration",
                lambda n: _llava_onevision(_siglip_so400m_384(n), _qwen2_7b())),
         Preset("tiny-llava-ov", "tiny LLaVA-OneVision: tiny SigLIP + 2-layer Qwen2 (tests, demo)",
-               LlavaOnevisionForConditionalGeneration,
-               lambda n: _llava_onevision(_tiny_siglip(n), _tiny_qwen2(), TINY_IMAGE_TOKEN_ID, TINY_VIDEO_TOKEN_ID),
+               "LlavaOnevisionForConditionalGeneration",
+               lambda n: _llava_onevision(_tiny_siglip(n), _tiny_qwen2(), *_tiny_llava_token_ids()),
                tiny=True),
         Preset("qwen2-vl-2b", "Qwen2-VL-2B-Instruct: 32-block ViT (1280 wide) + Qwen2-1.5B LLM",
-               Qwen2VLForConditionalGeneration,
+               "Qwen2VLForConditionalGeneration",
                lambda n: _qwen2_vl(n, _qwen_text(1536, 8960, 28, 12, 2, 151936, 32768), tie=True)),
         Preset("qwen2-vl-7b", "Qwen2-VL-7B-Instruct: 32-block ViT (1280 wide) + Qwen2-7B LLM",
-               Qwen2VLForConditionalGeneration,
+               "Qwen2VLForConditionalGeneration",
                lambda n: _qwen2_vl(n, _qwen_text(3584, 18944, 28, 28, 4, 152064, 32768), tie=False)),
         Preset("livecc-7b", "LiveCC-7B: Qwen2-VL-7B, LiveCC protocol (2 fps, 1-s turns 'Time=t0-t1s', 384x28x28 px)",
-               Qwen2VLForConditionalGeneration,
+               "Qwen2VLForConditionalGeneration",
                lambda n: _qwen2_vl(n, _qwen_text(3584, 18944, 28, 28, 4, 152064, 32768), tie=False),
                protocol="livecc"),
         Preset("qwen2.5-vl-3b", "Qwen2.5-VL-3B-Instruct: 32-block windowed ViT + Qwen2.5-3B LLM",
-               Qwen2_5_VLForConditionalGeneration,
+               "Qwen2_5_VLForConditionalGeneration",
                lambda n: _qwen2_5_vl(n, _qwen_text(2048, 11008, 36, 16, 2, 151936, 128000), tie=True)),
         Preset("qwen2.5-vl-7b", "Qwen2.5-VL-7B-Instruct: 32-block windowed ViT + Qwen2.5-7B LLM",
-               Qwen2_5_VLForConditionalGeneration,
+               "Qwen2_5_VLForConditionalGeneration",
                lambda n: _qwen2_5_vl(n, _qwen_text(3584, 18944, 28, 28, 4, 152064, 128000), tie=False)),
         Preset("qwen2-vl-tiny", "tiny Qwen2-VL: 2-block 32-wide ViT + 2-layer 64-wide LLM (tests)",
-               Qwen2VLForConditionalGeneration,
-               lambda n: _qwen2_vl(n, _tiny_qwen_text(), True, _TINY_QWEN2_VL_TOWER, TINY_QWEN_VL_FIRST_SPECIAL_ID),
+               "Qwen2VLForConditionalGeneration",
+               _tiny_qwen2_vl,
                tiny=True, preprocessor=_tiny_qwen_vl_preprocessor),
         Preset("qwen2.5-vl-tiny", "tiny Qwen2.5-VL: 4-block windowed 32-wide ViT + 2-layer LLM (tests)",
-               Qwen2_5_VLForConditionalGeneration,
-               lambda n: _qwen2_5_vl(n, _tiny_qwen_text(), True, _TINY_QWEN2_5_VL_TOWER, TINY_QWEN_VL_FIRST_SPECIAL_ID),
+               "Qwen2_5_VLForConditionalGeneration",
+               _tiny_qwen2_5_vl,
                tiny=True, preprocessor=_tiny_qwen_vl_preprocessor),
         Preset("livecc-tiny", "qwen2-vl-tiny with LiveCC's protocol (tests)",
-               Qwen2VLForConditionalGeneration,
-               lambda n: _qwen2_vl(n, _tiny_qwen_text(), True, _TINY_QWEN2_VL_TOWER, TINY_QWEN_VL_FIRST_SPECIAL_ID),
+               "Qwen2VLForConditionalGeneration",
+               _tiny_qwen2_vl,
                tiny=True, protocol="livecc", preprocessor=_tiny_qwen_vl_preprocessor),
     ]
 }
@@ -378,14 +447,18 @@ def build_model(
     name: str,
     num_layers: int | None = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
     text_layers: int | None = None,
 ) -> PreTrainedModel:
-    """Instantiate a preset with random weights drawn from a fixed seed, in eval mode.
+    """Instantiate a preset with random weights drawn from a fixed seed, in eval mode (dtype None:
+    float32).
 
     The same (name, num_layers, text_layers, seed) always gives the same weights, on any machine.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     preset = get_preset(name)
     config = build_config(name, num_layers, text_layers)
     config._attn_implementation = attn_implementation
@@ -398,42 +471,49 @@ def build_model(
     return model.eval()
 
 
-_CLASS_BY_MODEL_TYPE: dict[str, type[PreTrainedModel]] = {
-    "siglip_vision_model": SiglipVisionModel,
-    "clip_vision_model": CLIPVisionModel,
-    "llava_onevision": LlavaOnevisionForConditionalGeneration,
-    "qwen2_vl": Qwen2VLForConditionalGeneration,
-    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+# The transformers class (by name) of each supported checkpoint model_type.
+_CLASS_BY_MODEL_TYPE: dict[str, str] = {
+    "siglip_vision_model": "SiglipVisionModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
 
 
 def pretrained_model_class(path_or_id: str | Path) -> type[PreTrainedModel]:
     """The transformers class of a checkpoint, from its saved config's model_type."""
-    config = AutoConfig.from_pretrained(path_or_id)
-    model_class = _CLASS_BY_MODEL_TYPE.get(config.model_type)
-    if model_class is None:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path_or_id)
+    class_name = _CLASS_BY_MODEL_TYPE.get(config.model_type)
+    if class_name is None:
         raise UnsupportedModelError(
             f"{path_or_id}: model_type {config.model_type!r} is not supported; "
             f"supported: {', '.join(sorted(_CLASS_BY_MODEL_TYPE))}"
         )
-    return model_class
+    return getattr(transformers, class_name)
 
 
 def load_pretrained(
     path_or_id: str | Path,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     attn_implementation: str = "sdpa",
     **kwargs,
 ) -> PreTrainedModel:
-    """Load real weights with `from_pretrained`, choosing the class from the saved config.
+    """Load real weights with `from_pretrained`, choosing the class from the saved config (dtype
+    None: float32).
 
     Works on a local directory written by `save_pretrained` or on a hub id (where the machine can
     reach the hub). Raises UnsupportedModelError for architectures streamtc has no adapter for.
     """
+    import torch
+
     model_class = pretrained_model_class(path_or_id)
+    dtype = torch.float32 if dtype is None else dtype
     model = model_class.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return model.eval()
 
 
-__all__ = ["DTYPES", "Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained",
-           "pretrained_model_class"]
+__all__ = ["DTYPE_NAMES", "Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained",
+           "pretrained_model_class", "torch_dtype"]

@@ -46,7 +46,7 @@ from ..cacher import STCCacher
 from ..config import CacherConfig, PrunerConfig, STCConfig
 from ..errors import ConfigError
 from ..hosts import VideoHost, host_for
-from ..presets import DTYPES, build_model, get_preset
+from ..presets import build_model, get_preset, torch_dtype
 from ..pruner import STCPruner
 from ..session import StreamingSession
 from ..tokenizer import tokenizer_for_config
@@ -174,8 +174,7 @@ class PipelineSettings:
             raise ConfigError(f"frames must be frame counts >= 1, got {self.frames!r}")
         if self.repeats < 1 or self.warmup_frames < 0 or self.max_new_tokens < 1:
             raise ConfigError("repeats and max_new_tokens must be >= 1, warmup_frames >= 0")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        torch_dtype(self.dtype)  # validates
         if self.model is not None and (self.vit_layers is not None or self.text_layers is not None):
             raise ConfigError("depth overrides apply to presets; real weights (model=...) run at their own depth")
         if self.model is None and self.preset in GPU_ONLY_PRESETS and not self.device.startswith("cuda"):
@@ -445,13 +444,13 @@ def run_pipeline_benchmark(
         raise ConfigError(f"variant names must be unique, got {names}")
     if settings.model is not None:  # real weights with their tokenizer, template and processor config
         loaded = StreamingSession.from_pretrained(settings.model, stc=None, device=settings.device,
-                                                  dtype=DTYPES[settings.dtype])
+                                                  dtype=torch_dtype(settings.dtype))
         host, preprocessor = loaded.host, loaded.preprocessor
         model = loaded.model
     else:
         preset = get_preset(settings.preset)
         model = build_model(settings.preset, num_layers=settings.vit_layers, text_layers=settings.text_layers,
-                            seed=settings.seed, dtype=DTYPES[settings.dtype]).to(settings.device)
+                            seed=settings.seed, dtype=torch_dtype(settings.dtype)).to(settings.device)
         host = host_for(model, tokenizer_for_config(model.config), preset.protocol)
         preprocessor = preset.preprocessor() if preset.preprocessor is not None else None
     skipped = {v.name: reason for v in variants if (reason := unsupported_reason(v, host)) is not None}

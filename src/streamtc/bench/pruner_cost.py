@@ -1,8 +1,8 @@
 """Pruning cost per frame of STC-Pruner's scorers and the token-selection baselines.
 
-    python -m streamtc.bench.pruner_cost                 # LLaVA-OV-0.5B width: D = 896, 196 -> 59
-    python -m streamtc.bench.pruner_cost --device cuda --frames 1 16 --json out.json
-    python -m streamtc.bench.pruner_cost --threads 1   # steadier on a busy CPU
+    streamtc bench pruner                            # LLaVA-OV-0.5B width: D = 896, 196 -> 59
+    streamtc bench pruner --device cuda --frames 1,16 --json out.json
+    streamtc bench pruner --threads 1                # steadier on a busy CPU
 
 Each method prunes the same drifting random stream, one call of F frames at a time (F = 1 is
 live streaming, F = 16 the paper's latency setting); a call's wall time (device synchronised) is
@@ -12,12 +12,9 @@ not here: it works inside the ViT and is measured by the ViT benchmark.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,7 +22,7 @@ from torch import Tensor
 from ..baselines import RandomPruner, UniformPruner, VidCom2Pruner, VisionZipPruner
 from ..config import PrunerConfig
 from ..pruner import KeptTokens, STCPruner
-from .timing import machine_info, timed
+from .timing import timed
 
 METHODS: dict[str, Callable[[int], object]] = {
     "stc gaussian": lambda k: STCPruner(PrunerConfig(scoring="gaussian", tokens_per_frame=k)),
@@ -89,29 +86,4 @@ def format_table(rows: list[CostRow]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, nargs="+", default=[1, 16], help="frames per prune call (one row each)")
-    parser.add_argument("--tokens", type=int, default=196, help="tokens per frame P (LLaVA-OV: 196)")
-    parser.add_argument("--width", type=int, default=896, help="feature width D (LLaVA-OV-0.5B: 896)")
-    parser.add_argument("--keep", type=int, default=59, help="tokens kept per frame (30%% of 196 = 59)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per method and call size")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
-    parser.add_argument("--device", type=str, default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--json", type=Path, default=None, help="also write rows and machine info here")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    rows = measure_pruner_cost(tuple(args.frames), args.tokens, args.width, args.keep, args.repeats, args.warmup,
-                               args.device)
-    info = machine_info(args.device)
-    print(f"pruning cost, P={args.tokens} -> {args.keep}, D={args.width}, {info['device']}, "
-          f"{info['torch_threads']} threads, median of {args.repeats} after {args.warmup} warm-up calls")
-    print(format_table(rows))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+__all__ = ["METHODS", "CostRow", "format_table", "measure_pruner_cost"]

@@ -5,7 +5,8 @@ Modules, in the order a run uses them: `datasets` (the common model: `Question`,
 `Problem`), `benchmarks` (one module per benchmark: loaders, the official and the paper protocol,
 registered in `benchmarks/__init__.py`), `streaming` (one video through one session), `results`
 (resumable JSON-lines files), `runner` (plan, run, summarise; one process), `ray_runner` (the same
-on Ray actors), `scoring` (judging and aggregation, pure), `report` and `cli` (`streamtc eval ...`).
+on Ray actors), `scoring` (judging and aggregation, pure), `report`; the commands (`streamtc eval ...`)
+are `streamtc.cli.eval`.
 """
 
 from .benchmarks import BENCHMARKS, BenchmarkSpec, Protocol, benchmark_spec, detect_benchmark, load_benchmark

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from ..config import STCConfig
-from ..errors import ConfigError
-from ..presets import DTYPES
+from ..presets import torch_dtype
 from .benchmarks import protocol_of
 from .benchmarks.base import Protocol
 from .datasets import Benchmark, VideoTask
@@ -62,8 +61,7 @@ class ModelSpec:
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        torch_dtype(self.dtype)  # validates
         if self.window_tokens is not None:
             from ..memory import SlidingWindowCache
 
@@ -90,7 +88,7 @@ class ModelSpec:
         from ..session import StreamingSession
 
         stc = None if self.stc is None else STCConfig.from_dict(self.stc)
-        dtype = DTYPES[self.dtype]
+        dtype = torch_dtype(self.dtype)
         policy: dict[str, Any] = {} if self.window_tokens is None else {
             "cache_policy": functools.partial(SlidingWindowCache, self.window_tokens)}
         if self.system_prompt is not None:

