@@ -203,6 +203,13 @@ def _load_chat_template(path_or_id: str | Path) -> str | None:
     return None
 
 
+def load_tokenizer(path_or_id: str | Path) -> Any:
+    """A checkpoint's tokenizer with its processor's chat template (see `from_pretrained`)."""
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    tokenizer.chat_template = _load_chat_template(path_or_id) or tokenizer.chat_template
+    return tokenizer
+
+
 class StreamingSession:
     """One video stream on a supported VideoLLM (`streamtc.hosts`), optionally with STC.
 
@@ -320,8 +327,7 @@ class StreamingSession:
             return cls.from_preset(preset, stc, device=device, dtype=dtype,
                                    attn_implementation=attn_implementation, **session_kwargs)
         model = load_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        tokenizer.chat_template = _load_chat_template(path_or_id) or tokenizer.chat_template
+        tokenizer = load_tokenizer(path_or_id)
         host_class = host_class_for(type(model))
         session_kwargs.setdefault("preprocessor", host_class.preprocessor_from_pretrained(
             path_or_id, session_kwargs.get("protocol")))

@@ -192,6 +192,34 @@ def _session(model: str | None, preset: str, stc: STCConfig | None, num_layers: 
         raise ConfigError(f"--model {model}: cannot be loaded ({str(error).splitlines()[0]})") from None
 
 
+VARIANT_FOLDERS = {"no STC": "no-stc", "STC": "stc"}  # --save DIR/<folder>, one save per variant
+
+
+def _saved_variants(directory: Path) -> dict[str, STCConfig | None]:
+    """The variants saved by `run --save` in `directory` and their STC settings (verified saves)."""
+    from ..memory.persist import open_snapshot, read_json
+
+    found = {}
+    for name, folder in VARIANT_FOLDERS.items():
+        if (directory / folder).is_dir():
+            stc = read_json(open_snapshot(directory / folder) / "session.json")["settings"]["stc"]
+            found[name] = None if stc is None else STCConfig.from_dict(stc)
+    if not found:
+        raise ConfigError(f"--resume {directory}: no stream saved by `run --save` there (no {' or '.join(VARIANT_FOLDERS.values())} folder)")
+    return found
+
+
+def _restored_session(path: Path, model: str | None, preset: str, num_layers: int | None,
+                      device: str) -> StreamingSession:
+    """A session continuing the stream saved at `path`, on the same model built again."""
+    from ..presets import build_model, load_pretrained
+    from ..session import StreamingSession, load_tokenizer
+
+    if model is None:
+        return StreamingSession.restore(path, build_model(preset, num_layers=num_layers).to(device))
+    return StreamingSession.restore(path, load_pretrained(model).to(device), load_tokenizer(model))
+
+
 # -- the run: its record, its summary -----------------------------------------------------------
 
 
@@ -345,6 +373,12 @@ def run(
                                            callback=_positive_seconds)] = 10.0,
     output: Annotated[Path | None, typer.Option(help="Write answers, stats and the config as JSON here (after "
                                                      "every answer, and at the end with the exit status)")] = None,
+    save: Annotated[Path | None, typer.Option(help="Save each variant's stream (its whole memory) under this "
+                                                   "directory when the run stops, for --resume")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the streams a `--save` run saved here (same "
+                                                     "--model / --preset; STC and memory settings as saved): a "
+                                                     "file's frames up to the saved time are skipped, a live "
+                                                     "stream's clock continues after it")] = None,
 ) -> None:
     """Stream a video through a VideoLLM with STC and answer questions at their timestamps.
 
@@ -353,6 +387,9 @@ def run(
     --output in every case."""
     if compare and no_stc:
         raise typer.BadParameter("--compare already runs the uncompressed model; drop --no-stc")
+    if resume is not None and (compare or no_stc or config is not None or window_tokens is not None):
+        raise typer.BadParameter("--resume continues the saved variants with their saved STC and memory "
+                                 "settings; drop --compare, --no-stc, --config and --window-tokens")
     questions = ask if ask is not None else (_parse_questions(DEMO_QUESTIONS) if video == "demo" else [])
     questions = sorted(questions, key=lambda q: q.seconds)
     try:
@@ -385,10 +422,12 @@ def run(
                     source.close()
                 raise
         stc = _runnable_stc(stc, _model_class(model, preset))
+        saved = None if resume is None else _saved_variants(resume)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
     variants = {"no STC": None, "STC": stc} if compare else ({"no STC": None} if no_stc else {"STC": stc})
+    variants = saved if saved is not None else variants
     record = RunRecord(
         header={"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
                 "questions": [q.to_dict() for q in questions],
@@ -396,13 +435,15 @@ def run(
         path=output, answers={name: [] for name in variants},
     )
     status = _stream(source or open_video, video, variants, questions, record, model=model, preset=preset,
-                     num_layers=num_layers, device=device, window_tokens=window_tokens, max_new_tokens=max_new_tokens)
+                     num_layers=num_layers, device=device, window_tokens=window_tokens, max_new_tokens=max_new_tokens,
+                     save=save, resume=resume, live=network or video.isdigit())
     raise typer.Exit(EXIT_CODES[status])
 
 
 def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, variants: dict[str, STCConfig | None],
             questions: list[TimedQuestion], record: RunRecord, *, model: str | None, preset: str,
-            num_layers: int | None, device: str, window_tokens: int | None, max_new_tokens: int) -> str:
+            num_layers: int | None, device: str, window_tokens: int | None, max_new_tokens: int,
+            save: Path | None = None, resume: Path | None = None, live: bool = False) -> str:
     """Build the sessions, stream the frames, ask the questions; returns the final status. Every
     way out (end, source failure, stall, Ctrl-C, error) prints the summary and writes the record.
     video_source: the open source, or how to open it once the models are built (live streams)."""
@@ -447,8 +488,14 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, v
         if model is None:
             console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
                           "Use --model PATH_OR_ID for real weights.[/]")
-        sessions.update({name: _session(model, preset, cfg, num_layers, device, window_tokens)
-                         for name, cfg in variants.items()})
+        if resume is None:
+            sessions.update({name: _session(model, preset, cfg, num_layers, device, window_tokens)
+                             for name, cfg in variants.items()})
+        else:
+            sessions.update({name: _restored_session(resume / VARIANT_FOLDERS[name], model, preset, num_layers, device)
+                             for name in variants})
+        resumed_at = max((s.last_timestamp for s in sessions.values() if s.last_timestamp is not None), default=None)
+        offset = resumed_at + 1.0 / record.header["fps"] if resumed_at is not None and live else 0.0
         source = source or video_source()
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                       TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(),
@@ -463,6 +510,11 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, v
                 except VideoSourceError as error:
                     status, failure = "source_failed", str(error)
                     break
+                if resumed_at is not None:  # a file resumes after the saved frames; a live clock runs on
+                    if live:
+                        frame = dataclasses.replace(frame, timestamp=frame.timestamp + offset)
+                    elif frame.timestamp <= resumed_at + 1e-9:
+                        continue
                 ctrl_c.check()
                 ask_due(frame.timestamp - 1e-9)
                 names = list(sessions) if frames_read % 2 == 0 else list(reversed(sessions))  # alternate order
@@ -508,6 +560,9 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, v
             source.close()
     with _sigint_deferred():  # a Ctrl-C now would only lose the summary: finish it first
         _finish(record, status, pending, sessions, costs, source, frames_read, last_time, failure)
+        if save is not None and sessions:
+            _save_sessions(save, sessions, status, record)
+            record.write()
         _print_summary(video, record, last_time, time.perf_counter() - started)
     return status
 
@@ -537,6 +592,21 @@ class _CtrlC:
     def check(self) -> None:
         if self.received:
             raise KeyboardInterrupt
+
+
+def _save_sessions(directory: Path, sessions: dict[str, StreamingSession], status: str, record: RunRecord) -> None:
+    """`--save`: each variant's stream under directory/<variant>, unless the run stopped somewhere a
+    frame may be half processed (Ctrl-C, an error): a torn stream is not worth resuming."""
+    if status in ("interrupted", "error"):
+        record.notes.append(f"not saved to {directory}: the run was {status} mid-way (use --max-seconds to stop cleanly)")
+        return
+    try:
+        for name, session in sessions.items():
+            session.save(directory / VARIANT_FOLDERS[name])
+    except (StreamTCError, OSError) as error:
+        record.notes.append(f"saving to {directory} failed: {error}")
+        return
+    record.notes.append(f"saved to {directory} (continue with --resume {directory})")
 
 
 def _finish(record: RunRecord, status: str, pending: list[TimedQuestion], sessions: dict[str, StreamingSession],
