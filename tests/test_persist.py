@@ -63,10 +63,12 @@ def test_a_restored_stream_continues_exactly_as_the_uninterrupted_one(tmp_path, 
     if window:
         assert first._policy.visual_tokens < first.stats.visual_tokens  # frames were evicted
     first.save(tmp_path / "stream")
+    assert first.last_timestamp == split - 1  # the last frame pushed (Qwen: the one waiting for its pair)
     expected = continue_stream(first, frames, split)
     first.close()
 
     restored = StreamingSession.restore(tmp_path / "stream", first.model)
+    assert restored.last_timestamp == split - 1
     got = continue_stream(restored, frames, split)
     restored.close()
     assert torch.equal(got[0], expected[0])

@@ -463,7 +463,7 @@ class StreamingSession:
         count = len(pixel_values)
         if timestamps is not None and len(timestamps) != count:
             raise InputError(f"got {count} frames but {len(timestamps)} timestamps")
-        previous = next((t for _, t in reversed(self._waiting) if t is not None), self._last_timestamp)
+        previous = self.last_timestamp
         for stamp in timestamps if timestamps is not None else ():
             if not math.isfinite(stamp) or (previous is not None and stamp <= previous):
                 after = "" if previous is None else f" after {previous}"
@@ -810,8 +810,9 @@ class StreamingSession:
 
     @property
     def last_timestamp(self) -> float | None:
-        """Timestamp of the last encoded frame (None when it carried none, or before a push)."""
-        return self._last_timestamp
+        """Timestamp of the last frame pushed, a frame waiting for its pair included (None when it
+        carried none, or before a push): where a resumed source continues."""
+        return next((t for _, t in reversed(self._waiting) if t is not None), self._last_timestamp)
 
     @property
     def last_kept_indices(self) -> list[list[int]] | None:
