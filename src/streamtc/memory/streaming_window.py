@@ -43,6 +43,7 @@ pre-filled, and a question sees the same window.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -126,7 +127,7 @@ class StreamingWindowCache(FullCache):
         self._prefix, self._next_turn = int(state["prefix"]), int(state["next_turn"])
         self._turns = [_Turn(**turn) for turn in state["turns"]]
 
-    def on_append(self, cache: Cache, blocks: list[CacheBlock]) -> int:
+    def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> int:
         for block in blocks:
             self._record(block)
         return self._evict(cache)
