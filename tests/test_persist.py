@@ -18,6 +18,7 @@ from streamtc.errors import SnapshotError, StreamStateError
 from streamtc.memory import FullCache, SlidingWindowCache, persist
 from streamtc.presets import build_model
 from streamtc.session import StreamingSession
+from streamtc.tokenizer import tokenizer_for_config
 
 from test_session import make_frames
 
@@ -111,6 +112,10 @@ def test_a_save_made_on_another_model_or_with_other_settings_is_refused(tmp_path
         StreamingSession.restore(tmp_path / "stream", other)
     with pytest.raises(SnapshotError, match="another model .dtype"):
         StreamingSession.restore(tmp_path / "stream", build_model("tiny-llava-ov", dtype=torch.bfloat16))
+    tokenizer = tokenizer_for_config(session.model.config)
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    with pytest.raises(SnapshotError, match="another tokenizer"):
+        StreamingSession.restore(tmp_path / "stream", session.model, tokenizer)
     qwen = build_model("qwen2-vl-tiny")
     with pytest.raises(SnapshotError, match="another model .class"):
         StreamingSession.restore(tmp_path / "stream", qwen)
