@@ -125,3 +125,27 @@ def test_run_compares_a_named_variant_with_the_uncompressed_model(tmp_path):
     assert bad.exit_code != 0 and "unknown variant 'warp drive'" in str(bad.exception)
     listing = runner.invoke(app, ["variants"])
     assert listing.exit_code == 0 and "visionzip 25%" in listing.output and "Cacher N=2" in listing.output
+
+
+def test_run_save_and_resume_continue_the_stream_as_one_run(tmp_path):
+    common = ["--fps", "1", "--max-new-tokens", "2", "--ask", "6:What is happening?|cars|bikes|people"]
+    whole = runner.invoke(app, ["run", "demo", "--max-seconds", "6", *common, "--output", str(tmp_path / "whole.json")])
+    assert whole.exit_code == 0, whole.output
+    first = runner.invoke(app, ["run", "demo", "--max-seconds", "3", "--fps", "1", "--ask", "1:What?",
+                                "--max-new-tokens", "2", "--save", str(tmp_path / "saved")])
+    assert first.exit_code == 0 and "note: saved to" in first.output, first.output
+    assert (tmp_path / "saved" / "stc" / "CURRENT").is_file()
+    second = runner.invoke(app, ["run", "demo", "--max-seconds", "6", *common, "--resume", str(tmp_path / "saved"),
+                                 "--output", str(tmp_path / "second.json")])
+    assert second.exit_code == 0, second.output
+    expected, got = (json.loads((tmp_path / name).read_text()) for name in ("whole.json", "second.json"))
+    assert got["stats"]["STC"]["frames"] == expected["stats"]["STC"]["frames"] == 7  # 0..6 s, none twice
+    assert got["stc"] == expected["stc"]
+    [want], [have] = expected["answers"]["STC"], got["answers"]["STC"]
+    assert have["token_ids"] == want["token_ids"]
+    for letter, value in want["option_logprobs"].items():
+        assert abs(have["option_logprobs"][letter] - value) <= 2e-4  # rounded to 4 decimals
+    refused = runner.invoke(app, ["run", "demo", "--resume", str(tmp_path / "saved"), "--no-stc"])
+    assert refused.exit_code != 0 and "drop --compare" in refused.output
+    missing = runner.invoke(app, ["run", "demo", "--resume", str(tmp_path / "nothing")])
+    assert "no stream saved by `run --save`" in str(missing.exception)  # a ConfigError: exit code 2 from `streamtc`

@@ -33,6 +33,11 @@ class OffloadError(StreamTCError, OSError):
     """Offloaded KV blocks of a stream cannot be read back intact (a file deleted, truncated or altered)."""
 
 
+class SnapshotError(StreamTCError, OSError):
+    """A saved stream cannot be written, or cannot be read back as saved (missing, torn, corrupt,
+    another format version, or saved on another model)."""
+
+
 __all__ = [
     "StreamTCError",
     "ConfigError",
@@ -42,4 +47,5 @@ __all__ = [
     "VideoSourceError",
     "WeightsError",
     "OffloadError",
+    "SnapshotError",
 ]

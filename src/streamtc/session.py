@@ -54,6 +54,14 @@ tower forward is one Cacher chunk, one Pruner call and one pre-fill forward: `ch
 (default: one step of the host): on Qwen-VL one Cacher chunk is one temporal patch (two frames),
 and LiveCC's first 6-frame chunk is one tower forward of three temporal patches.
 
+Persistence. `session.save(dir)` writes the stream's whole memory: the KV cache (through its cache
+policy), the Cacher's reference and schedule, the Pruner's history, the host stream's positions and
+protocol state, frames waiting for their pair, kept tokens waiting for their pre-fill, counters and
+stats, with the settings and a fingerprint of the model and tokenizer. `StreamingSession.restore(dir,
+model=...)` makes a session with those settings on the same model and loads it (`load` loads into
+an existing session made alike, e.g. a `spawn`); the next push and ask then give what the saving
+session would have given. Saves are atomic and verified (`streamtc.memory.persist`).
+
 Questions are independent: each one sees the system prompt and the video so far, not the earlier
 questions and answers. The session calls the language model with explicit positions and never the
 top-level model forward, so transformers' sticky `rope_deltas` of Qwen-VL models is neither read nor
@@ -81,11 +89,15 @@ from transformers.utils import cached_file
 from .checks import is_positive_int, positive_int
 from .measure import peak_memory_bytes, reset_peak_memory, synchronize
 from .memory import CacheBlock, CachePolicy, FullCache, SlidingWindowCache
+from .memory.persist import (
+    join_tensors, model_fingerprint, open_snapshot, read_json, read_tensors, split_tensors, tokenizer_fingerprint,
+    write_json, write_tensors, writing_snapshot,
+)
 from .cacher import STCCacher, attached_cacher
 from .config import STCConfig
-from .errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
+from .errors import ConfigError, InputError, SnapshotError, StreamStateError, UnsupportedModelError
 from .hosts import Deepstack, EncodedChunk, Placed, RecomputedTokens, VideoEncoder, VideoHost, host_class_for, host_for
-from .preprocess import FrameInput
+from .preprocess import FrameInput, FramePreprocessor, QwenVLPreprocessor
 from .presets import build_model, get_preset, load_pretrained
 from .pruner import KeptTokens, PrunerState, STCPruner, TokenSelector
 from .prompts import multiple_choice_question, parse_option_letter
@@ -184,6 +196,11 @@ class SessionStats:
 # -- the session ------------------------------------------------------------------------------
 
 
+def _saved_deepstack(saved: dict[str, torch.Tensor] | None, device: torch.device) -> Deepstack | None:
+    """A pending piece's DeepStack inputs as `session.save` wrote them (None: it had none)."""
+    return None if saved is None else Deepstack(saved["visual"].to(device), saved["features"].to(device))
+
+
 def _load_chat_template(path_or_id: str | Path) -> str | None:
     """The processor's chat template saved with a checkpoint (chat_template.jinja/.json), if any."""
     for name in ("chat_template.jinja", "chat_template.json"):
@@ -195,6 +212,13 @@ def _load_chat_template(path_or_id: str | Path) -> str | None:
             text = Path(resolved).read_text()
             return json.loads(text)["chat_template"] if name.endswith(".json") else text
     return None
+
+
+def load_tokenizer(path_or_id: str | Path) -> Any:
+    """A checkpoint's tokenizer with its processor's chat template (see `from_pretrained`)."""
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    tokenizer.chat_template = _load_chat_template(path_or_id) or tokenizer.chat_template
+    return tokenizer
 
 
 class StreamingSession:
@@ -309,8 +333,7 @@ class StreamingSession:
             return cls.from_preset(preset, stc, device=device, dtype=dtype,
                                    attn_implementation=attn_implementation, **session_kwargs)
         model = load_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        tokenizer.chat_template = _load_chat_template(path_or_id) or tokenizer.chat_template
+        tokenizer = load_tokenizer(path_or_id)
         host_class = host_class_for(type(model))
         session_kwargs.setdefault("preprocessor", host_class.preprocessor_from_pretrained(
             path_or_id, session_kwargs.get("protocol")))
@@ -452,7 +475,7 @@ class StreamingSession:
         count = len(pixel_values)
         if timestamps is not None and len(timestamps) != count:
             raise InputError(f"got {count} frames but {len(timestamps)} timestamps")
-        previous = next((t for _, t in reversed(self._waiting) if t is not None), self._last_timestamp)
+        previous = self.last_timestamp
         for stamp in timestamps if timestamps is not None else ():
             if not math.isfinite(stamp) or (previous is not None and stamp <= previous):
                 after = "" if previous is None else f" after {previous}"
@@ -506,7 +529,8 @@ class StreamingSession:
         pieces = self._stream.place(chunk, kept, self._frames, timestamps)
         for i, piece in enumerate(pieces):
             stamp = None if timestamps is None else timestamps[min(i * step, len(timestamps) - 1)]
-            block = CacheBlock("frame", 0, piece.embeds.shape[0], 0, frame=self._frames + i * step, timestamp=stamp)
+            block = CacheBlock("frame", 0, piece.embeds.shape[0], 0, frame=self._frames + i * step, timestamp=stamp,
+                               text_head=piece.lead, text_tail=piece.text - piece.lead)
             self._pending.append((piece, block))
         self._frames += chunk.frames
         stats.frames = self._frames
@@ -561,10 +585,11 @@ class StreamingSession:
     def _append(self, embeds: torch.Tensor, positions: torch.Tensor, blocks: Sequence[CacheBlock],
                 deepstack: Deepstack | None = None) -> None:
         """Pre-fill blocks of the stream (embeds [1, n, D] at positions [R, n] with their DeepStack
-        inputs, one forward) into the video cache and tell the cache policy."""
+        inputs, one forward) into the video cache and tell the cache policy (which may move the next
+        positions down)."""
         extra = {} if deepstack is None else {"deepstack": deepstack}  # hosts without DeepStack: as before
         self.host.forward(embeds, positions, self._cache, **extra)
-        self._policy.on_append(self._cache, blocks)
+        self._stream.next_position -= self._policy.on_append(self._cache, blocks) or 0
 
     def _forward_text(self, embeds: torch.Tensor, cache: Cache) -> torch.Tensor:
         """Pre-fill text embeds [1, n, D] at the stream's next text positions; last hidden state [1, D]."""
@@ -656,6 +681,141 @@ class StreamingSession:
         finally:
             self._stream.next_position = position
 
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Save this stream's whole memory to `directory` (see "Persistence"): an atomic, verified
+        save that replaces the directory's previous one only once complete. Returns the directory."""
+        self._check_open()
+        if self.selector is not None or self.encoder is not None:
+            raise StreamStateError("a session with a custom selector or encoder cannot be saved: their per-stream "
+                                   "state is not streamtc's to serialise")
+        tensors: dict[str, torch.Tensor] = {}
+        state = split_tensors(self._state_tree(), tensors)
+        with writing_snapshot(directory) as staging:
+            write_tensors(staging / "state.safetensors", tensors)
+            write_json(staging / "session.json", {"settings": self._settings_record(), "state": state})
+            (staging / "memory").mkdir()
+            self._policy.save(self._cache, staging / "memory")
+        return Path(directory)
+
+    def load(self, directory: str | Path) -> Self:
+        """Replace this session's stream by the one saved in `directory`. The session must have been
+        made like the saved one (same model and tokenizer, host and protocol, STC settings, chunking,
+        system prompt, memory policy class); `restore` makes such a session from the save itself."""
+        self._check_open()
+        snapshot = open_snapshot(directory)
+        return self._load_snapshot(snapshot, read_json(snapshot / "session.json"))
+
+    @classmethod
+    def restore(cls, directory: str | Path, model: PreTrainedModel, tokenizer: Any = None, *,
+                preprocessor: Callable[[FrameInput], Sequence[torch.Tensor]] | None = None,
+                cache_policy: Callable[[], CachePolicy] | None = None, **session_kwargs: Any) -> Self:
+        """A new session on `model` that resumes the stream saved in `directory`: the settings come
+        from the save, and the next push and ask behave as in the session that saved it.
+        tokenizer: default the built-in one (presets); real weights need theirs. preprocessor /
+        cache_policy: default as saved (a custom preprocessor or an unimported policy class must be
+        given). Raises SnapshotError for a damaged save or one made on another model or tokenizer."""
+        snapshot = open_snapshot(directory)
+        record = read_json(snapshot / "session.json")
+        settings = record["settings"]
+        tokenizer = tokenizer if tokenizer is not None else tokenizer_for_config(model.config)
+        _check_same_model(settings, model, tokenizer)
+        host_record = settings["host"]
+        session = cls(
+            model, tokenizer, None if settings["stc"] is None else STCConfig.from_dict(settings["stc"]),
+            preprocessor=preprocessor or _preprocessor_from_record(settings["preprocessor"]),
+            system_prompt=settings["system_prompt"], chunk_frames=settings["chunk_frames"],
+            prefill_min_tokens=settings["prefill_min_tokens"],
+            cache_policy=cache_policy or _policy_factory(settings["cache_policy"]),
+            host=host_for(model, tokenizer, host_record["protocol"], **host_record["settings"]), **session_kwargs,
+        )
+        try:
+            return session._load_snapshot(snapshot, record)
+        except BaseException:
+            session.close()
+            raise
+
+    def _settings_record(self) -> dict[str, Any]:
+        """What a save must match to be loaded into a session (JSON)."""
+        policy = self._policy
+        return {
+            "model": model_fingerprint(self.model),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "host": {"class": type(self.host).__name__, "protocol": self.host.protocol,
+                     "settings": self.host.settings()},
+            "stc": None if self.stc is None else self.stc.to_dict(),
+            "system_prompt": self.system_prompt,
+            "chunk_frames": self.chunk_frames,
+            "prefill_min_tokens": self.prefill_min_tokens,
+            "preprocessor": _preprocessor_record(self.preprocessor),
+            "cache_policy": {"class": f"{type(policy).__module__}.{type(policy).__qualname__}",
+                             "settings": policy.settings()},
+        }
+
+    def _state_tree(self) -> dict[str, Any]:
+        """The stream's state outside the KV cache: counters, protocol state, frames waiting for
+        their pair, kept tokens waiting for their pre-fill, the Cacher's and Pruner's state."""
+        return {
+            "frames": self._frames,
+            "last_timestamp": self._last_timestamp,
+            "last_kept": self._last_kept,
+            "stream": self._stream.state_dict(),
+            "stats": asdict(self._stats),
+            "waiting": [{"pixels": pixels, "timestamp": stamp} for pixels, stamp in self._waiting],
+            "pending": [{"embeds": piece.embeds, "positions": piece.positions, "text": piece.text,
+                         "lead": piece.lead, "block": asdict(block),
+                         "deepstack": None if piece.deepstack is None else {
+                             "visual": piece.deepstack.visual, "features": piece.deepstack.features}}
+                        for piece, block in self._pending],
+            "cacher": None if self._cacher_state is None else self._cacher_state.state_dict(),
+            "pruner": None if self._pruner_state is None else self._pruner_state.state_dict(),
+        }
+
+    def _load_snapshot(self, snapshot: Path, record: dict[str, Any]) -> Self:
+        """Load a verified snapshot into this session; nothing changes unless all of it loads."""
+        settings = record["settings"]
+        _check_same_model(settings, self.model, self.tokenizer)
+        expected = json.loads(json.dumps(self._settings_record(), default=str))
+        for key in ("host", "stc", "system_prompt", "chunk_frames", "prefill_min_tokens"):
+            if settings[key] != expected[key]:
+                raise SnapshotError(f"the stream was saved with {key}={settings[key]!r}, this session has "
+                                    f"{expected[key]!r}; make the session with the saved settings "
+                                    "(StreamingSession.restore does)")
+        if None not in (settings["preprocessor"], expected["preprocessor"]) and \
+                settings["preprocessor"] != expected["preprocessor"]:
+            raise SnapshotError(f"the stream was saved with preprocessor {settings['preprocessor']}, this session "
+                                f"has {expected['preprocessor']}")
+        policy = self._cache_policy_factory()
+        if settings["cache_policy"]["class"] != expected["cache_policy"]["class"]:
+            raise SnapshotError(f"the stream was saved with cache policy {settings['cache_policy']['class']}, this "
+                                f"session makes {expected['cache_policy']['class']}")
+        tree = join_tensors(record["state"], read_tensors(snapshot / "state.safetensors"))
+        cache = policy.restore(self.model.config, snapshot / "memory")
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.device != self._device:
+                layer.keys, layer.values, layer.device = layer.keys.to(self._device), layer.values.to(self._device), self._device
+        stream = self.host.new_stream(self.system_prompt)
+        stream.load_state_dict(tree["stream"])
+        if (tree["cacher"] is None) != (self._cacher_state is None) or (tree["pruner"] is None) != (self._pruner_state is None):
+            raise SnapshotError("the saved STC state does not fit this session's STC settings")
+        stats = SessionStats(**tree["stats"])
+        stats.memory_kind = "cuda" if self._device.type == "cuda" else "rss"
+        pending = [(Placed(item["embeds"].to(self._device), item["positions"], item["text"],
+                           _saved_deepstack(item.get("deepstack"), self._device), lead=item["lead"]),
+                    CacheBlock(**item["block"])) for item in tree["pending"]]
+        # everything read: switch the session over
+        if self._cacher_state is not None:
+            self._cacher_state.load_state_dict(tree["cacher"], self._device)
+        if self._pruner_state is not None:
+            self._pruner_state.load_state_dict(tree["pruner"], self._device)
+        self._policy, self._cache, self._stream = policy, cache, stream
+        self._frames, self._last_timestamp = int(tree["frames"]), tree["last_timestamp"]
+        self._last_kept = tree["last_kept"]
+        self._waiting = [(item["pixels"], item["timestamp"]) for item in tree["waiting"]]
+        self._pending, self._stats = pending, stats
+        return self
+
     # -- measurements ---------------------------------------------------------------------
 
     def _clock(self) -> float:
@@ -667,6 +827,12 @@ class StreamingSession:
     def frames(self) -> int:
         """Frames pushed since the last reset."""
         return self._frames
+
+    @property
+    def last_timestamp(self) -> float | None:
+        """Timestamp of the last frame pushed, a frame waiting for its pair included (None when it
+        carried none, or before a push): where a resumed source continues."""
+        return next((t for _, t in reversed(self._waiting) if t is not None), self._last_timestamp)
 
     @property
     def last_kept_indices(self) -> list[list[int]] | None:
@@ -703,6 +869,53 @@ class StreamingSession:
             for layer in self._cache.layers if getattr(layer, "keys", None) is not None
         )
         return stats
+
+
+# -- persistence helpers ------------------------------------------------------------------------
+
+_PREPROCESSORS = {cls.__name__: cls for cls in (FramePreprocessor, QwenVLPreprocessor)}
+
+
+def _preprocessor_record(preprocessor: Any) -> dict[str, Any] | None:
+    """A built-in preprocessor's class and fields (JSON); None for a custom one."""
+    if type(preprocessor) not in _PREPROCESSORS.values():
+        return None
+    return json.loads(json.dumps({"class": type(preprocessor).__name__, "fields": asdict(preprocessor)}))
+
+
+def _preprocessor_from_record(record: dict[str, Any] | None) -> Callable[[FrameInput], Sequence[torch.Tensor]] | None:
+    if record is None:
+        raise SnapshotError("the stream was saved with a custom preprocessor; pass the same one as preprocessor=")
+    return _PREPROCESSORS[record["class"]](**record["fields"])
+
+
+def _policy_factory(record: dict[str, Any]) -> Callable[[], CachePolicy]:
+    """A factory of the saved cache policy: its class (among the imported `CachePolicy` subclasses)
+    with its saved settings."""
+    classes, found = [CachePolicy], None
+    while classes:
+        cls = classes.pop()
+        if f"{cls.__module__}.{cls.__qualname__}" == record["class"]:
+            found = cls
+        classes.extend(cls.__subclasses__())
+    if found is None:
+        raise SnapshotError(f"the stream was saved with cache policy {record['class']}, which is not imported; "
+                            "import its module or pass cache_policy=")
+    settings = record["settings"]
+    return lambda: found(**settings)
+
+
+def _check_same_model(settings: dict[str, Any], model: PreTrainedModel, tokenizer: Any) -> None:
+    """SnapshotError unless `model` and `tokenizer` are the ones the stream was saved with."""
+    saved, now = settings["model"], model_fingerprint(model)
+    for key, what in (("class", "a"), ("dtype", "dtype"), ("config_sha256", "config"), ("weights_sha256", "weights")):
+        if saved[key] != now[key]:
+            detail = f"{saved[key]}, this model is {now[key]}" if key in ("class", "dtype") else "differ"
+            raise SnapshotError(f"the stream was saved on another model ({key.removesuffix('_sha256')}: {detail}); "
+                                "restore it on the model it was saved with")
+    if settings["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise SnapshotError("the stream was saved with another tokenizer (vocabulary, special tokens or chat "
+                            "template differ); pass the model's own tokenizer")
 
 
 __all__ = ["Answer", "CacheBlock", "CachePolicy", "FullCache", "SessionStats", "SlidingWindowCache", "StreamingSession"]

@@ -8,7 +8,7 @@ streams never read each other's reference. `reset()` returns it to the start of 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -84,6 +84,29 @@ class CacherState:
         # written on the device (no host sync), read by tools on demand.
         self.last_recomputed: torch.Tensor | None = None
         self.stats = CacherStats()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state (reference tensors, schedule, counters) for saving a stream; tensors as
+        they are, everything else JSON values."""
+        return {
+            "chunk_index": self.chunk_index, "last_refresh_chunk": self.last_refresh_chunk,
+            "has_reference": self.has_reference, "grid": None if self.grid is None else list(self.grid),
+            "unit_keys": self.unit_keys, "values": self.values, "residual_delta": self.residual_delta,
+            "reference_pixels": self.reference_pixels, "stats": asdict(self.stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None) -> None:
+        """Take back what `state_dict` returned, tensors moved to `device` (default: where they are)."""
+
+        def tensor(value: torch.Tensor | None) -> torch.Tensor | None:
+            return value if value is None or device is None else value.to(device)
+
+        self.chunk_index, self.last_refresh_chunk = int(state["chunk_index"]), int(state["last_refresh_chunk"])
+        self.has_reference = bool(state["has_reference"])
+        self.grid = None if state["grid"] is None else tuple(int(g) for g in state["grid"])
+        self.unit_keys, self.values = tensor(state["unit_keys"]), tensor(state["values"])
+        self.residual_delta, self.reference_pixels = tensor(state["residual_delta"]), tensor(state["reference_pixels"])
+        self.stats = CacherStats(**state["stats"])
 
     @property
     def reference_shape(self) -> tuple[int, int, int] | None:

@@ -30,7 +30,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +178,72 @@ def _session(spec: SessionSpec, device: str) -> StreamingSession:
     except (OSError, ValueError) as error:  # transformers' loading errors: name the model, keep it to one line
         raise ConfigError(f"--model {spec.model}: cannot be loaded ({str(error).splitlines()[0]})") from None
 
+
+VARIANT_FOLDERS = {"no STC": "no-stc", "STC": "stc"}  # --save DIR/<folder>, one save per variant
+
+
+def _saved_variants(directory: Path) -> dict[str, STCConfig | None]:
+    """The variants saved by `run --save` in `directory` and their STC settings (verified saves)."""
+    from ..memory.persist import open_snapshot, read_json
+
+    found = {}
+    for name, folder in VARIANT_FOLDERS.items():
+        if (directory / folder).is_dir():
+            stc = read_json(open_snapshot(directory / folder) / "session.json")["settings"]["stc"]
+            found[name] = None if stc is None else STCConfig.from_dict(stc)
+    if not found:
+        raise ConfigError(f"--resume {directory}: no stream saved by `run --save` there (no {' or '.join(VARIANT_FOLDERS.values())} folder)")
+    return found
+
+
+def _restored_session(path: Path, model: str | None, preset: str, num_layers: int | None,
+                      device: str) -> StreamingSession:
+    """A session continuing the stream saved at `path`, on the same model built again."""
+    from ..presets import build_model, load_pretrained
+    from ..session import StreamingSession, load_tokenizer
+
+    if model is None:
+        return StreamingSession.restore(path, build_model(preset, num_layers=num_layers).to(device))
+    return StreamingSession.restore(path, load_pretrained(model).to(device), load_tokenizer(model))
+
+
+
+VARIANT_FOLDERS = {"no STC": "no-stc", "STC": "stc"}  # --save DIR/<folder>, one save per variant
+
+
+def _saved_variants(directory: Path) -> dict[str, STCConfig | None]:
+    """The variants saved by `run --save` in `directory` and their STC settings (verified saves)."""
+    from ..memory.persist import open_snapshot, read_json
+
+    found = {}
+    for name, folder in VARIANT_FOLDERS.items():
+        if (directory / folder).is_dir():
+            stc = read_json(open_snapshot(directory / folder) / "session.json")["settings"]["stc"]
+            found[name] = None if stc is None else STCConfig.from_dict(stc)
+    if not found:
+        raise ConfigError(f"--resume {directory}: no stream saved by `run --save` there "
+                          f"(no {' or '.join(VARIANT_FOLDERS.values())} folder)")
+    return found
+
+
+def _restored_session(path: Path, spec: SessionSpec, device: str) -> StreamingSession:
+    """A session continuing the stream saved at `path`, on the same model built again."""
+    from ..presets import build_model, load_pretrained
+    from ..session import StreamingSession, load_tokenizer
+
+    if spec.model is None:
+        return StreamingSession.restore(path, build_model(spec.preset, num_layers=spec.num_layers).to(device))
+    return StreamingSession.restore(path, load_pretrained(spec.model).to(device), load_tokenizer(spec.model))
+
+
+def _after_resume(frames: Iterable[Frame], resumed_at: float, live: bool, interval: float) -> Iterator[Frame]:
+    """A resumed stream's frames: a file's from after the saved time; a live source's (whose clock
+    restarts at 0) shifted to run on after it."""
+    for frame in frames:
+        if live:
+            yield dataclasses.replace(frame, timestamp=frame.timestamp + resumed_at + interval)
+        elif frame.timestamp > resumed_at + 1e-9:
+            yield frame
 
 # -- the run: its record, its summary -----------------------------------------------------------
 
@@ -348,7 +414,8 @@ def run(
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
     memory: Annotated[str | None, typer.Option(
         help="The stream's LLM memory: full (every token), window (the newest --window-tokens, older frames "
-             "forgotten) or retrieval (ReKV: a window, older frames offloaded and retrieved per question). "
+             "forgotten), retrieval (ReKV: a window, older frames offloaded and retrieved per question) or "
+             "streaming-vlm (StreamingVLM's window of chunks and text rounds; the livecc protocol). "
              "Default: window when --window-tokens is given, else full")] = None,
     window_tokens: Annotated[int | None, typer.Option(
         help="Window of the window and retrieval memories, in visual tokens (default 15000)", min=1)] = None,
@@ -363,6 +430,12 @@ def run(
                                            callback=_positive_seconds)] = 10.0,
     output: Annotated[Path | None, typer.Option(help="Write answers, stats and the config as JSON here (after "
                                                      "every answer, and at the end with the exit status)")] = None,
+    save: Annotated[Path | None, typer.Option(help="Save each variant's stream (its whole memory) under this "
+                                                   "directory when the run stops, for --resume")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the streams a `--save` run saved here (same "
+                                                     "--model / --preset; STC and memory settings as saved): a "
+                                                     "file's frames up to the saved time are skipped, a live "
+                                                     "stream's clock continues after it")] = None,
 ) -> None:
     """Stream a video through a VideoLLM with STC and answer questions at their timestamps.
 
@@ -373,6 +446,10 @@ def run(
         raise typer.BadParameter("--compare already runs the uncompressed model; drop --no-stc")
     if variant is not None and (no_stc or config is not None):
         raise typer.BadParameter("--variant chooses the compression; drop --no-stc and --config")
+    if resume is not None and (compare or no_stc or config is not None or window_tokens is not None
+                               or variant is not None):
+        raise typer.BadParameter("--resume continues the saved variants with their saved STC and memory "
+                                 "settings; drop --compare, --no-stc, --config, --variant and --window-tokens")
     questions = ask if ask is not None else (_parse_questions(DEMO_QUESTIONS) if video == "demo" else [])
     questions = sorted(questions, key=lambda q: q.seconds)
     try:
@@ -405,6 +482,7 @@ def run(
         source = None if network or video.isdigit() else open_video()
         try:
             stc = _runnable_stc(stc, base.model_class())
+            saved = None if resume is None else _saved_variants(resume)
         except BaseException:
             if source is not None:
                 source.close()
@@ -415,6 +493,8 @@ def run(
     compressed = ({variant: dataclasses.replace(base, variant=variant)} if variant is not None
                   else {"STC": dataclasses.replace(base, stc=stc)})
     specs = {"no STC": base, **compressed} if compare else ({"no STC": base} if no_stc else compressed)
+    if saved is not None:
+        specs = {name: dataclasses.replace(base, stc=cfg) for name, cfg in saved.items()}
     from ..measure import environment
 
     header = {"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
@@ -427,16 +507,19 @@ def run(
     record = RunRecord(header={**header, "environment": environment(device, settings)}, path=output,
                        answers={name: [] for name in specs})
     status = _stream(source or open_video, video, specs, questions, record, device=device,
-                     max_new_tokens=max_new_tokens)
+                     max_new_tokens=max_new_tokens, save=save, resume=resume, live=network or video.isdigit())
     raise typer.Exit(EXIT_CODES[status])
 
 
 def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, specs: dict[str, SessionSpec],
-            questions: list[TimedQuestion], record: RunRecord, *, device: str, max_new_tokens: int) -> str:
+            questions: list[TimedQuestion], record: RunRecord, *, device: str, max_new_tokens: int,
+            save: Path | None = None, resume: Path | None = None, live: bool = False) -> str:
     """Build the sessions, stream the frames, ask the questions (`streamtc.loop`, inclusive: a
     question at t sees the frame at t); returns the final status. Every way out (end, source
     failure, stall, Ctrl-C, error) prints the summary and writes the record.
-    video_source: the open source, or how to open it once the models are built (live streams)."""
+    video_source: the open source, or how to open it once the models are built (live streams).
+    save / resume: `--save` / `--resume` directories; a resumed file skips the frames up to the
+    saved time, a resumed live source keeps its clock running after it (live)."""
     from ..loop import TIME_TOLERANCE, StreamLoop
 
     source = None if callable(video_source) else video_source
@@ -493,14 +576,20 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, s
             preset = next(iter(specs.values())).preset
             console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
                           "Use --model PATH_OR_ID for real weights.[/]")
-        sessions.update({name: _session(spec, device) for name, spec in specs.items()})
+        if resume is None:
+            sessions.update({name: _session(spec, device) for name, spec in specs.items()})
+        else:
+            sessions.update({name: _restored_session(resume / VARIANT_FOLDERS[name], spec, device)
+                             for name, spec in specs.items()})
+        resumed_at = max((s.last_timestamp for s in sessions.values() if s.last_timestamp is not None), default=None)
         source = source or video_source()
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                       TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
             task = progress.add_task(f"streaming {video}", total=source.expected_frames, clock="0.0 s")
             bar = (progress, task)
-            due = loop.play(source)
+            due = loop.play(source if resumed_at is None else
+                            _after_resume(source, resumed_at, live, 1.0 / record.header["fps"]))
             while True:
                 try:
                     index = next(due)
@@ -549,6 +638,9 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, s
     pending = [questions[i] for i in loop.pending]
     with _sigint_deferred():  # a Ctrl-C now would only lose the summary: finish it first
         _finish(record, status, pending, sessions, costs, source, frames_read, last_time, failure)
+        if save is not None and sessions:
+            _save_sessions(save, sessions, status, record)
+            record.write()
         _print_summary(video, record, last_time, time.perf_counter() - started)
     return status
 
@@ -578,6 +670,21 @@ class _CtrlC:
     def check(self) -> None:
         if self.received:
             raise KeyboardInterrupt
+
+
+def _save_sessions(directory: Path, sessions: dict[str, StreamingSession], status: str, record: RunRecord) -> None:
+    """`--save`: each variant's stream under directory/<variant>, unless the run stopped somewhere a
+    frame may be half processed (Ctrl-C, an error): a torn stream is not worth resuming."""
+    if status in ("interrupted", "error"):
+        record.notes.append(f"not saved to {directory}: the run was {status} mid-way (use --max-seconds to stop cleanly)")
+        return
+    try:
+        for name, session in sessions.items():
+            session.save(directory / VARIANT_FOLDERS[name])
+    except (StreamTCError, OSError) as error:
+        record.notes.append(f"saving to {directory} failed: {error}")
+        return
+    record.notes.append(f"saved to {directory} (continue with --resume {directory})")
 
 
 def _finish(record: RunRecord, status: str, pending: list[TimedQuestion], sessions: dict[str, StreamingSession],

@@ -50,6 +50,8 @@ def serve(
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray)")] = 2,
     ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster (default: a local one on "
                                                          "127.0.0.1)")] = None,
+    persist_dir: Annotated[Path | None, typer.Option(help="Save every stream's memory here at shutdown (and on "
+                                                          "SIGTERM) and resume the saved streams at start")] = None,
 ) -> None:
     """Serve live streams on one loaded model: HTTP/websocket API, a web page at /, OpenAI-style chat."""
     from ..serve.server import run
@@ -65,7 +67,7 @@ def serve(
         sources=SourcePolicy(allow_dirs=tuple(p.expanduser().resolve() for p in allow_dir or ()),
                              allow_schemes=frozenset(s.lower() for s in allow_scheme or ())),
         host=host, port=port, token=token, threads=threads, replicas=replicas if ray else None,
-        ray_address=ray_address,
+        ray_address=ray_address, persist_dir=persist_dir,
     )
     where = f"http://{host}:{port}/"
     typer.echo(f"streamtc serve: {settings.model_name} on {where}" + (" (token required)" if token else "")

@@ -112,13 +112,15 @@ class RecomputedTokens:
 @dataclass(frozen=True)
 class Placed:
     """Tokens to append for one pruner frame: embeds [n, D] and their positions [R, n]; `text`
-    of them are prompt text the protocol puts around the chunk (the rest are visual tokens);
-    `deepstack`: their DeepStack inputs (Qwen3-VL), else None."""
+    of them are prompt text the protocol puts around the chunk (the rest are visual tokens), the
+    first `lead` of them before the visual tokens, the others after; `deepstack`: their DeepStack
+    inputs (Qwen3-VL), else None."""
 
     embeds: Tensor
     positions: Tensor
     text: int = 0
     deepstack: Deepstack | None = None
+    lead: int = 0
 
 
 class HostStream(ABC):
@@ -149,6 +151,14 @@ class HostStream(ABC):
         positions = torch.arange(self.next_position, self.next_position + count)
         self.next_position += count
         return positions[None].expand(self.position_rows, -1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's protocol and position state as JSON values (a saved stream)."""
+        return {"next_position": self.next_position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (on a fresh stream of the same host and prompt)."""
+        self.next_position = int(state["next_position"])
 
     position_rows: ClassVar[int] = 1
 
@@ -199,6 +209,11 @@ class VideoHost(ABC):
     def chunk_frames(self, requested: int | None, first: bool) -> int:
         """Frames per vision forward: `requested` (default: one step), for the first chunk too."""
         return requested or self.frames_per_step
+
+    def settings(self) -> dict[str, Any]:
+        """Keyword options this host was built with beyond model, tokenizer and protocol (JSON
+        values; `host_for(model, tokenizer, protocol, **settings)` builds it again)."""
+        return {}
 
     @property
     @abstractmethod

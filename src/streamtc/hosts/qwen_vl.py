@@ -114,12 +114,14 @@ class _QwenStream(HostStream):
             first = pieces[0]
             pieces[0] = Placed(torch.cat([lead.embeds.to(first.embeds.dtype), first.embeds]),
                                torch.cat([lead.positions, first.positions], dim=1), first.text + lead.text,
-                               Deepstack.concat([(lead.text, None), (first.embeds.shape[0], first.deepstack)]))
+                               Deepstack.concat([(lead.text, None), (first.embeds.shape[0], first.deepstack)]),
+                               lead=first.lead + lead.text)
         if tail is not None:
             last = pieces[-1]
             pieces[-1] = Placed(torch.cat([last.embeds, tail.embeds.to(last.embeds.dtype)]),
                                 torch.cat([last.positions, tail.positions], dim=1), last.text + tail.text,
-                                Deepstack.concat([(last.embeds.shape[0], last.deepstack), (tail.text, None)]))
+                                Deepstack.concat([(last.embeds.shape[0], last.deepstack), (tail.text, None)]),
+                                lead=last.lead)
         return pieces
 
 
@@ -144,6 +146,15 @@ class QwenVideoStream(_QwenStream):
         ids = self._ids(self.prefix_text)
         self.next_position = self.video_start = len(ids)
         return ids
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "video_start": self.video_start, "patches": self.patches,
+                "grid": None if self.grid is None else list(self.grid)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.video_start, self.patches = int(state["video_start"]), int(state["patches"])
+        self.grid = None if state["grid"] is None else (int(state["grid"][0]), int(state["grid"][1]))
 
     def place(self, chunk: EncodedChunk, kept: KeptTokens | None, first_frame: int,
               timestamps: Sequence[float] | None) -> list[Placed]:
@@ -245,6 +256,9 @@ class QwenVLHost(VideoHost):
     @property
     def partial_chunks(self) -> bool:
         return self.protocol == "video"
+
+    def settings(self) -> dict[str, Any]:
+        return {"fps": self.fps}
 
     def chunk_frames(self, requested: int | None, first: bool) -> int:
         if self.protocol == "livecc" and first:

@@ -5,6 +5,8 @@
     retrieval   `RetrievalCache(window_tokens, retrieve_frames, offload_dir, offload_budget)`: the
                 window, older frames offloaded (host memory, or disk under offload_dir) and retrieved
                 per question.
+    streaming-vlm  `StreamingWindowCache()`: StreamingVLM's window of the last 16 chunks' vision and
+                16 rounds' text, positions re-indexed (the per-chunk-turn "livecc" protocol only).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 from ..errors import ConfigError
 from .policies import CachePolicy, FullCache, SlidingWindowCache
 from .retrieval import RetrievalCache
+from .streaming_window import StreamingWindowCache
 
-MEMORIES = ("full", "window", "retrieval")
+MEMORIES = ("full", "window", "retrieval", "streaming-vlm")
 
 
 def memory_policy(kind: str, window_tokens: int = 15_000, retrieve_frames: int = 64,
@@ -28,6 +31,8 @@ def memory_policy(kind: str, window_tokens: int = 15_000, retrieve_frames: int =
         raise ConfigError(f"offload_dir and offload_budget are for the retrieval memory, not {kind!r}")
     if kind == "full":
         return FullCache
+    if kind == "streaming-vlm":
+        return StreamingWindowCache
     if kind == "window":
         SlidingWindowCache(window_tokens)
         return lambda: SlidingWindowCache(window_tokens)

@@ -6,6 +6,12 @@ pending frames in one forward) and scopes each question (`with policy.question(c
 the video-only cache exactly as it was on exit, errors included. The session counts positions
 itself, so positions stay right when a policy evicts.
 
+Persistence: `save(cache, directory)` writes the cache and the policy's bookkeeping into a
+directory private to the policy (safetensors for tensors, JSON for bookkeeping; see
+`streamtc.memory.persist`), and `restore(config, directory)` on a fresh instance (built with the
+same `settings()`) returns the same cache with the bookkeeping restored. A policy holding state
+outside the cache saves and restores that too.
+
     FullCache            keep every token (the uncompressed baseline's memory).
     SlidingWindowCache   keep the chat prefix and the newest frames, at most N visual tokens.
 """
@@ -17,6 +23,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,6 +32,8 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache
 
 from ..checks import positive_int
+from ..errors import SnapshotError
+from .persist import load_cache_layers, read_json, save_cache_layers, write_json
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,8 @@ class CacheBlock:
     Frame blocks pending together (see "Pre-fill batching" in `streamtc.session`) are pre-filled in
     one forward. start: index of its first token in the cache when appended; length: its token
     count. position: RoPE position of its first token (the temporal/text row for M-RoPE hosts).
-    frame/timestamp: which (first) video frame, for frame blocks.
+    frame/timestamp: which (first) video frame, for frame blocks. text_head / text_tail: prompt text
+    at the block's start / end (a per-chunk turn's opening and closing text; the rest are visual tokens).
     """
 
     kind: Literal["prompt", "frame"]
@@ -46,6 +56,8 @@ class CacheBlock:
     position: int
     frame: int | None = None
     timestamp: float | None = None
+    text_head: int = 0
+    text_tail: int = 0
 
 
 class CachePolicy(ABC):
@@ -58,9 +70,11 @@ class CachePolicy(ABC):
     def new_cache(self, config: PretrainedConfig) -> Cache:
         """A fresh cache for a new stream (and forget the previous stream's bookkeeping)."""
 
-    def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> None:
+    def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> int | None:
         """Called after `blocks` (the chat prefix, or pending frames) were pre-filled into
-        `cache`, in one forward; bounded policies evict here."""
+        `cache`, in one forward; bounded policies evict here. Returns how many positions the
+        stream's next tokens move down (a policy that re-indexes positions after an eviction), or
+        None / 0 when positions run on."""
 
     @abstractmethod
     def question(self, cache: Cache) -> AbstractContextManager[Cache]:
@@ -77,6 +91,34 @@ class CachePolicy(ABC):
 
     def close(self) -> None:
         """Release what the policy holds outside the cache (files); the session calls it on close."""
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's keyword arguments (JSON values) that make this policy again; saved
+        with a stream so that a restore can rebuild the policy."""
+        return {}
+
+    def bookkeeping(self) -> dict[str, Any]:
+        """This policy's per-stream state besides the cache, as JSON (see `save`)."""
+        return {}
+
+    def load_bookkeeping(self, state: dict[str, Any]) -> None:
+        """Take back what `bookkeeping` returned."""
+
+    def save(self, cache: Cache, directory: Path) -> None:
+        """Write `cache`'s keys and values and this policy's bookkeeping under `directory`
+        (created, empty, private to this policy)."""
+        save_cache_layers(cache, directory)
+        write_json(directory / "policy.json", {"class": type(self).__name__, "bookkeeping": self.bookkeeping()})
+
+    def restore(self, config: PretrainedConfig, directory: Path) -> Cache:
+        """The inverse of `save`, on a fresh instance: the saved cache (tensors on the CPU; the
+        session moves them to the model's device) with the bookkeeping restored."""
+        record = read_json(directory / "policy.json")
+        if record.get("class") != type(self).__name__:
+            raise SnapshotError(f"this memory was saved by a {record.get('class')}, not a {type(self).__name__}")
+        cache = load_cache_layers(self.new_cache(config), directory)
+        self.load_bookkeeping(record["bookkeeping"])
+        return cache
 
 
 class FullCache(CachePolicy):
@@ -118,6 +160,17 @@ class SlidingWindowCache(FullCache):
     def new_cache(self, config: PretrainedConfig) -> Cache:
         self._prefix_tokens, self._frame_tokens, self.visual_tokens = 0, deque(), 0
         return super().new_cache(config)
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_visual_tokens": self.max_visual_tokens}
+
+    def bookkeeping(self) -> dict[str, Any]:
+        return {"prefix_tokens": self._prefix_tokens, "frame_tokens": list(self._frame_tokens)}
+
+    def load_bookkeeping(self, state: dict[str, Any]) -> None:
+        self._prefix_tokens = int(state["prefix_tokens"])
+        self._frame_tokens = deque(int(n) for n in state["frame_tokens"])
+        self.visual_tokens = sum(self._frame_tokens)
 
     def on_append(self, cache: Cache, blocks: Sequence[CacheBlock]) -> None:
         for block in blocks:

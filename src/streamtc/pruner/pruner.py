@@ -102,6 +102,16 @@ class PrunerState:
         for f in fields(self):
             setattr(self, f.name, f.default)
 
+    def state_dict(self) -> dict[str, Tensor | int | None]:
+        """Every field (tensors as they are), for saving a stream."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def load_state_dict(self, state: dict[str, Tensor | int | None], device: torch.device | str | None = None) -> None:
+        """Take back what `state_dict` returned in place, tensors moved to `device` (default: where they are)."""
+        for f in fields(self):
+            value = state[f.name]
+            setattr(self, f.name, value.to(device) if isinstance(value, Tensor) and device is not None else value)
+
     def check_width(self, width: int) -> None:
         """Raise StreamStateError if this stream was started with another feature width."""
         if self.width is not None and width != self.width:

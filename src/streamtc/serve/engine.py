@@ -30,10 +30,12 @@ Events. Each stream keeps its recent events (a frame processed, an answer, a sta
 numbered from 1; `events_after` returns those newer than a number, and the `listener` callback is
 called (from whichever thread produced the event) so an async front can wake its subscribers.
 
-Persistence. A stream's memory (KV cache, STC references) cannot be saved and restored yet: the
-runtime has no serialised form of a session. `on_close(info, session)` is the hook for it, called
-for every stream still open at shutdown (and on delete), with the stream's description and its
-session, so a store can be added without changing the engine.
+Persistence. With `persist_dir`, a graceful shutdown saves every stream's session and settings
+under persist_dir/<stream id> (`StreamStore`), and `resume()` registers the saved streams again
+under their ids, each session loaded from its save: a server-read file resumes after the last frame
+the stream processed (queued, unprocessed frames are read again), a push stream waits for its
+client, a finished stream stays finished with its memory. Deleting a stream removes its save.
+`on_close(info, session)` is called as well for every stream closed (at shutdown and on delete).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from ..memory import memory_policy
 from ..session import StreamingSession
 from ..sources import BUILTIN_CLIPS, FrameSampler, builtin_clip_path, open_source
 from ..variants import Variant
+from .store import StreamStore
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +291,8 @@ class Engine:
     base: a session on the loaded model without STC (`stc=None`); its model is never patched.
     default_stc: what a stream with stc="default" gets (None: no STC).
     listener: called as listener(stream_id, event) after every event (from any thread).
-    on_close: persistence hook, called as on_close(info, session) for each stream closed.
+    on_close: called as on_close(info, session) for each stream closed (shutdown or delete).
+    persist_dir: save streams here at shutdown (and `resume()` them at the next start); None: not saved.
     threads: torch intra-op threads for the worker (None: leave as is).
     """
 
@@ -301,6 +305,7 @@ class Engine:
         sources: SourcePolicy = SourcePolicy(),
         listener: Callable[[str, dict[str, Any]], None] | None = None,
         on_close: Callable[[dict[str, Any], StreamingSession], None] | None = None,
+        persist_dir: Path | str | None = None,
         threads: int | None = None,
         id_prefix: str = "",
     ) -> None:
@@ -312,6 +317,7 @@ class Engine:
         self.sources = sources
         self.listener = listener
         self.on_close = on_close
+        self.store = None if persist_dir is None else StreamStore(persist_dir)
         self.id_prefix = id_prefix
         self._roots: dict[tuple[STCConfig | None, int | None], StreamingSession] = {(None, None): base}
         text = base.model.config.text_config
@@ -426,8 +432,39 @@ class Engine:
             self._lock.notify_all()
         self._finish(stream)
         with self._lock:  # the hook runs on the worker, after the stream's last unit of work
-            self._control.append(lambda: self._closed(stream))
+            self._control.append(lambda: self._closed(stream, None))
             self._lock.notify_all()
+
+    def resume(self) -> list[Future]:
+        """Register the streams saved in `persist_dir` again (once, at start); each future resolves
+        to the stream's description once its session is loaded. A stream whose source is no longer
+        allowed, or past the stream limit, is skipped with a warning and its save kept."""
+        futures: list[Future] = []
+        for record, saved in self.store.saved() if self.store is not None else []:
+            data = record["spec"]
+            stc = None if data["stc"] is None else STCConfig.from_dict(data["stc"])
+            spec = StreamSpec(**{**data, "stc": stc})
+            try:
+                location = self.sources.resolve(spec.source) if spec.source is not None else None
+            except StreamTCError as error:
+                logger.warning("not resuming stream %s: %s", record["id"], error)
+                continue
+            finished = record["state"] if record["state"] in ("ended", "error") else None
+            with self._lock:
+                self._check_open()
+                if len(self._streams) >= self.limits.max_streams:
+                    logger.warning("not resuming stream %s: the server holds its limit of streams", record["id"])
+                    continue
+                stream = _Stream(id=record["id"], spec=spec, created=record["created"])
+                if spec.source is None:
+                    stream.sampler = FrameSampler(spec.fps)
+                self._streams[stream.id] = stream
+                self._control.append(lambda stream=stream, key=(stc, spec.window_tokens), saved=saved,
+                                     finished=finished, location=location:
+                                     self._start(stream, key, None if finished else location, saved, finished))
+                self._lock.notify_all()
+            futures.append(stream.ready)
+        return futures
 
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -455,13 +492,14 @@ class Engine:
                 return
             self._closing = True
             streams = list(self._streams.values())
+            records = {stream.id: self._record(stream) for stream in streams}
             self._streams.clear()
             self._lock.notify_all()
         for stream in streams:
             self._finish(stream)
         self._worker.join(timeout=60)  # its current unit of work, then it stops
         for stream in streams:
-            self._closed(stream)
+            self._closed(stream, records[stream.id])
         for root in self._roots.values():
             root.close()
         logger.info("shut down: closed %d open streams", len(streams))
@@ -490,6 +528,16 @@ class Engine:
             "questions_waiting": len(stream.questions), "last_timestamp": stream.last_timestamp,
             "stats": stream.stats,
         }
+
+    def _record(self, stream: _Stream) -> dict[str, Any]:
+        """(Lock held.) What `StreamStore` keeps of a stream besides its session: its settings
+        (STC resolved, so a restart with another default keeps them) and its state."""
+        spec = stream.spec
+        stc = self.default_stc if spec.stc == "default" else spec.stc
+        return {"id": stream.id, "created": stream.created, "state": stream.state, "spec": {
+            "source": spec.source, "fps": spec.fps, "stc": None if stc is None else stc.to_dict(),
+            "window_tokens": spec.window_tokens, "realtime": spec.realtime, "loop": spec.loop,
+            "max_seconds": spec.max_seconds, "name": spec.name}}
 
     def _emit(self, stream: _Stream, event: dict[str, Any]) -> None:
         """Record an event (lock held) and tell the listener."""
@@ -523,11 +571,20 @@ class Engine:
         if not stream.ready.done() and stream.ready.set_running_or_notify_cancel():
             stream.ready.set_exception(StreamClosed(f"stream {stream.id} was closed while starting"))
 
-    def _closed(self, stream: _Stream) -> None:
-        """The persistence hook for a finished stream (no model work on it runs any more), then the
-        session's close (the Cacher is detached once the last session sharing it closes)."""
+    def _closed(self, stream: _Stream, record: dict[str, Any] | None) -> None:
+        """A finished stream (no model work on it runs any more): saved with `record` at shutdown or
+        its save forgotten on delete (record None), the `on_close` hook, then the session's close
+        (the Cacher is detached once the last session sharing it closes)."""
         if stream.session is None:
             return
+        if self.store is not None:
+            try:
+                if record is None:
+                    self.store.forget(stream.id)
+                else:
+                    self.store.save(record, stream.session)
+            except Exception:  # one stream's failed save must not stop the others'
+                logger.exception("stream %s could not be saved", stream.id)
         if self.on_close is not None:
             with self._lock:
                 info = self._describe(stream)
@@ -579,14 +636,22 @@ class Engine:
             return stream.done >= question.after
         return stream.done > 0 or not stream.frames
 
-    def _start(self, stream: _Stream, key: tuple[STCConfig | None, int | None], location: str | Path | None) -> None:
-        """Worker: spawn the stream's session (making its model view first if needed)."""
+    def _start(self, stream: _Stream, key: tuple[STCConfig | None, int | None], location: str | Path | None,
+               saved: Path | None = None, finished: str | None = None) -> None:
+        """Worker: spawn the stream's session (making its model view first if needed), loaded from
+        `saved` for a resumed stream (`finished`: the state of a source that had ended)."""
         try:
             root = self._roots.get(key)
             if root is None:
                 root = self._make_root(*key)
                 self._roots[key] = root
             session = root.spawn()
+            if saved is not None:
+                try:
+                    session.load(saved)
+                except BaseException:
+                    session.close()
+                    raise
         except Exception as error:  # settings the model rejects: this stream fails, nothing else
             logger.exception("stream %s could not start", stream.id)
             with self._lock:
@@ -598,13 +663,20 @@ class Engine:
         with self._lock:
             if stream.state == "closed":
                 return
-            stream.session, stream.state = session, "playing"
+            stream.session, stream.state = session, finished or "playing"
+            if saved is not None:  # resumed: counters and the sampling grid continue
+                stream.queued = stream.done = session.frames
+                stream.last_timestamp = session.last_timestamp
+                if stream.sampler is not None and stream.last_timestamp is not None:
+                    stream.sampler.take(stream.last_timestamp)
+                if finished:
+                    stream.source_end = (finished, None)
             stream.stats = session.stats.to_dict()
-            self._emit(stream, {"type": "state", "state": "playing"})
+            self._emit(stream, {"type": "state", "state": stream.state})
             info = self._describe(stream)
         if location is not None:
-            threading.Thread(target=self._read, args=(stream, location), name=f"streamtc-read-{stream.id}",
-                             daemon=True).start()
+            threading.Thread(target=self._read, args=(stream, location, stream.last_timestamp),
+                             name=f"streamtc-read-{stream.id}", daemon=True).start()
         if stream.ready.set_running_or_notify_cancel():
             stream.ready.set_result(info)
 
@@ -703,8 +775,9 @@ class Engine:
 
     # -- server-read sources (one reader thread per stream) -----------------------------------
 
-    def _read(self, stream: _Stream, location: str | Path) -> None:
-        """Read the stream's source into its queue (waiting for space), paced when realtime."""
+    def _read(self, stream: _Stream, location: str | Path, resume_after: float | None = None) -> None:
+        """Read the stream's source into its queue (waiting for space), paced when realtime; a
+        resumed stream skips the frames up to stream time `resume_after` (already processed)."""
         spec, offset, reason = stream.spec, 0.0, None
         try:
             while not stream.stop.is_set():
@@ -713,6 +786,10 @@ class Engine:
                 try:
                     for frame in source:
                         last = frame.timestamp
+                        if resume_after is not None:
+                            if offset + frame.timestamp <= resume_after + 1e-9:
+                                continue
+                            resume_after, started = None, time.monotonic() - frame.timestamp  # paced from here
                         if spec.realtime and stream.stop.wait(max(0.0, started + frame.timestamp - time.monotonic())):
                             break
                         if not self._enqueue_blocking(stream, frame.image, offset + frame.timestamp):

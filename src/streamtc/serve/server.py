@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..checks import positive_int
@@ -38,7 +39,8 @@ class ServerSettings:
     required by `check` for a bind address other than loopback. threads: torch threads of the
     model worker. replicas: None runs in this process; N > 0 runs N Ray Serve replicas
     (ray_address: an existing cluster, else a local one on 127.0.0.1; replica_cpus: CPUs Ray
-    reserves per replica).
+    reserves per replica). persist_dir: save every stream there at shutdown and resume the saved
+    streams at start (in-process serving only).
     """
 
     model: str | None = None
@@ -55,6 +57,7 @@ class ServerSettings:
     replicas: int | None = None
     ray_address: str | None = None
     replica_cpus: float = 1.0
+    persist_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host) and not self.token:
@@ -63,6 +66,8 @@ class ServerSettings:
         if self.token is not None and len(self.token) < 8:
             raise ConfigError("--token must be at least 8 characters")
         positive_int(self.replicas, "replicas", optional=True)
+        if self.persist_dir is not None and self.replicas is not None:
+            raise ConfigError("--persist-dir saves streams of an in-process server; it does not apply with --ray")
 
     @property
     def model_name(self) -> str:
@@ -76,13 +81,17 @@ def load_base_session(settings: ServerSettings) -> StreamingSession:
 
 
 async def open_local_backend(settings: ServerSettings, id_prefix: str = "") -> Any:
-    """Load the model and start an engine on it, in this process."""
+    """Load the model and start an engine on it, in this process (resuming the streams saved in
+    `settings.persist_dir`)."""
     from .backend import LocalBackend
 
-    return await LocalBackend.start(
+    backend = await LocalBackend.start(
         lambda: load_base_session(settings), settings.model_name, default_stc=settings.default_stc,
         limits=settings.limits, sources=settings.sources, threads=settings.threads, id_prefix=id_prefix,
+        persist_dir=settings.persist_dir,
     )
+    backend.engine.resume()
+    return backend
 
 
 def make_app(settings: ServerSettings) -> Any:
