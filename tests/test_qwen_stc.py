@@ -99,7 +99,8 @@ def test_interleaved_qwen_streams_with_stc_equal_each_alone(protocol) -> None:
 
 
 def test_bench_pipeline_runs_every_cacher_variant_a_qwen_tower_supports() -> None:
-    from streamtc.bench.pipeline import VARIANTS_BY_NAME, PipelineSettings, load_video_frames, run_pipeline_benchmark
+    from streamtc.bench.pipeline import PipelineSettings, load_video_frames, run_pipeline_benchmark
+    from streamtc.variants import VARIANTS as VARIANTS_BY_NAME
 
     names = ("none", "cacher N=2", "stc", "stc shared", "stc adaptive", "stc compiled")
     settings = PipelineSettings(preset="qwen2-vl-tiny", frames=(4,), repeats=1, warmup_frames=0, max_new_tokens=1)

@@ -642,6 +642,8 @@ def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, s
             _save_sessions(save, sessions, status, record)
             record.write()
         _print_summary(video, record, last_time, time.perf_counter() - started)
+        for session in sessions.values():
+            session.close()  # releases what a memory holds outside the cache (offloaded block files)
     return status
 
 
