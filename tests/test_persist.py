@@ -20,7 +20,7 @@ from streamtc.presets import build_model
 from streamtc.session import StreamingSession
 from streamtc.tokenizer import tokenizer_for_config
 
-from test_session import make_frames
+from conftest import drifting_frames as make_frames
 
 QUESTION = "What is the man holding?"
 STC = STCConfig(cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5))

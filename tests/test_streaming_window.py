@@ -15,7 +15,7 @@ from streamtc.errors import ConfigError, StreamStateError
 from streamtc.memory import FullCache, StreamingWindowCache
 from streamtc.session import StreamingSession
 
-from test_session import make_frames
+from conftest import drifting_frames as make_frames
 
 QUESTION = "What is the man holding?"
 TOLERANCE = 1e-5
