@@ -37,9 +37,9 @@ def recorded_session(preset: str, policy, **kwargs) -> tuple[StreamingSession, l
     calls: list = []
     append = session._append
 
-    def recording(embeds, positions, blocks):
+    def recording(embeds, positions, blocks, deepstack=None):
         calls.append((embeds[0].clone(), positions.clone(), list(blocks)))
-        append(embeds, positions, blocks)
+        append(embeds, positions, blocks, deepstack)
 
     session._append = recording
     session.reset()  # the chat prefix, recorded
