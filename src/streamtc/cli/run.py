@@ -192,35 +192,6 @@ def _saved_variants(directory: Path) -> dict[str, STCConfig | None]:
             stc = read_json(open_snapshot(directory / folder) / "session.json")["settings"]["stc"]
             found[name] = None if stc is None else STCConfig.from_dict(stc)
     if not found:
-        raise ConfigError(f"--resume {directory}: no stream saved by `run --save` there (no {' or '.join(VARIANT_FOLDERS.values())} folder)")
-    return found
-
-
-def _restored_session(path: Path, model: str | None, preset: str, num_layers: int | None,
-                      device: str) -> StreamingSession:
-    """A session continuing the stream saved at `path`, on the same model built again."""
-    from ..presets import build_model, load_pretrained
-    from ..session import StreamingSession, load_tokenizer
-
-    if model is None:
-        return StreamingSession.restore(path, build_model(preset, num_layers=num_layers).to(device))
-    return StreamingSession.restore(path, load_pretrained(model).to(device), load_tokenizer(model))
-
-
-
-VARIANT_FOLDERS = {"no STC": "no-stc", "STC": "stc"}  # --save DIR/<folder>, one save per variant
-
-
-def _saved_variants(directory: Path) -> dict[str, STCConfig | None]:
-    """The variants saved by `run --save` in `directory` and their STC settings (verified saves)."""
-    from ..memory.persist import open_snapshot, read_json
-
-    found = {}
-    for name, folder in VARIANT_FOLDERS.items():
-        if (directory / folder).is_dir():
-            stc = read_json(open_snapshot(directory / folder) / "session.json")["settings"]["stc"]
-            found[name] = None if stc is None else STCConfig.from_dict(stc)
-    if not found:
         raise ConfigError(f"--resume {directory}: no stream saved by `run --save` there "
                           f"(no {' or '.join(VARIANT_FOLDERS.values())} folder)")
     return found
