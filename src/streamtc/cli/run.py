@@ -330,7 +330,7 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
         console.print("[dim]time ratios: frames timed in pairs (variants alternate per frame), 90% interval over "
                       "frames in brackets; 'within noise' when it contains 1×[/]")
     for name, stats in record.stats.items():
-        console.print(f"memory [{escape(name)}]: {_memory_line(record.header['memory']['kind'], stats)}")
+        console.print(f"memory {escape(f'[{name}]')}: {_memory_line(record.header['memory']['kind'], stats)}")
     for note in record.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     for item in record.unanswered:
