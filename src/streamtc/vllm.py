@@ -44,7 +44,8 @@ Registering. vLLM 0.33 has no registry of pruning methods: `--video-pruning-meth
 functions in vLLM's module of that method (so modules imported later bind STC's) and every
 reference to the original functions in vLLM modules already imported (those that bound them
 with `from ... import`); `uninstall()` restores them. Inside vLLM's processes the entry point
-`streamtc.vllm:register` (group `vllm.general_plugins`, declared in streamtc's packaging) does it
+`streamtc.vllm:register` (group `vllm.general_plugins`, declared by a one-file plugin package on
+the vLLM machine: docs/design.md) does it
 when `STREAMTC_VLLM_PRUNER` is set:
 
     STREAMTC_VLLM_PRUNER=gaussian vllm serve Qwen/Qwen2.5-VL-7B-Instruct \\
