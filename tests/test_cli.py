@@ -78,9 +78,13 @@ def test_bench_soak_writes_its_samples_and_plot(tmp_path):
     result = runner.invoke(app, ["bench", "soak", "--frames", "24", "--question-every", "12", "--sample-every", "6",
                                  "--warmup", "6", "--memory", "retrieval,full", "--window-tokens", "32",
                                  "--offload-dir", str(tmp_path / "blocks"), "--offload-budget", "1000000",
-                                 "--no-stc", "--output", str(tmp_path / "soak")])
+                                 "--no-stc", "--text-layers", "1", "--output", str(tmp_path / "soak")])
     assert result.exit_code == 0, result.output
+    assert "text layers 1" in result.output
     report = json.loads((tmp_path / "soak" / "soak.json").read_text())
+    assert report["config"]["text_layers"] == 1 and report["config"]["vit_layers"] is None
+    stats = report["runs"][1]["final_stats"]  # the full cache: K and V of 2 heads x 16 dims, fp32, one layer
+    assert stats["kv_cache_bytes"] == stats["cache_tokens"] * 2 * 2 * 16 * 4 * 1
     retrieval, full = report["runs"]
     assert [s["frames"] for s in retrieval["samples"]] == [6, 12, 18, 24] and len(retrieval["questions"]) == 2
     assert retrieval["final_stats"]["memory"]["offloaded_blocks"] == 22 and full["final_stats"]["memory"] is None

@@ -2,6 +2,8 @@
 
     streamtc bench soak --frames 10000 --question-every 500 --memory retrieval,full \\
         --window-tokens 1200 --offload-dir /tmp/soak --offload-budget 20000000
+    streamtc bench soak --preset llava-ov-0.5b --vit-layers 2 --text-layers 2 --frames 500 \\
+        --question-every 100 --warmup 100 --memory full,window,retrieval --window-tokens 15000
 
 One session per memory variant (`full`, `window`, `retrieval`; STC on unless `--no-stc`) streams
 the built-in street clip, looped, one frame per push at `fps` timestamps. Every `sample_every`
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError
 from ..memory import memory_policy
@@ -45,6 +48,8 @@ class SoakConfig:
     """One soak run's settings (every variant shares them)."""
 
     preset: str = "tiny-llava-ov"
+    vit_layers: int | None = None  # depth overrides: real widths at a depth that fits a CPU run
+    text_layers: int | None = None
     frames: int = 10_000
     question_every: int = 500
     sample_every: int = 100
@@ -62,6 +67,8 @@ class SoakConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("vit_layers", "text_layers"):
+            positive_int(getattr(self, name), name, optional=True)
         if not 0 <= self.warmup < self.frames:
             raise ConfigError(f"warmup must be in [0, frames), got {self.warmup!r}")
 
@@ -104,7 +111,8 @@ def soak_variant(config: SoakConfig, memory: str, progress: Callable[[str], None
     policy = memory_policy(memory, config.window_tokens, config.retrieve_frames,
                            offload_dir if memory == "retrieval" else None,
                            config.offload_budget if memory == "retrieval" and offload_dir else None)
-    session = StreamingSession.from_preset(config.preset, stc=STCConfig() if stc else None, cache_policy=policy)
+    session = StreamingSession.from_preset(config.preset, stc=STCConfig() if stc else None, cache_policy=policy,
+                                           num_layers=config.vit_layers, text_layers=config.text_layers)
     samples, questions = [], []
     interval_ms, start = 0.0, time.perf_counter()
     for index, frame in enumerate(looped_clip(config.frames), start=1):
@@ -172,6 +180,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    config = results["config"]
     figure, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     for run in results["runs"]:
         label = f"{run['memory']}{' + STC' if run['stc'] else ''}"
@@ -183,14 +192,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes[1].set_ylabel("ms per frame (push)")
     axes[2].set_ylabel("offload dir on disk (MiB)")
     axes[2].set_xlabel("frames streamed")
-    budget = results["config"]["offload_budget"]
+    budget = config["offload_budget"]
     if budget is not None:
         axes[2].axhline(budget / 2**20, color="grey", linestyle="--", label="budget")
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(f"soak: {results['config']['preset']}, {results['config']['frames']} frames, "
-                    f"question every {results['config']['question_every']}")
+    depth = "".join(f", {value} {name} layers" for name, value in (("vision", config["vit_layers"]),
+                                                                  ("text", config["text_layers"])) if value)
+    figure.suptitle(f"soak: {config['preset']}{depth}, {config['frames']} frames, "
+                    f"question every {config['question_every']}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

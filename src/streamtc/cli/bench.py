@@ -283,6 +283,10 @@ def bench_soak(
     offload_budget: Annotated[int | None, typer.Option(help="Bytes of offloaded files kept at most (the oldest "
                                                              "deleted first)", min=0)] = None,
     preset: Annotated[str, typer.Option(help="VideoLLM preset (random weights)")] = "tiny-llava-ov",
+    vit_layers: Annotated[int | None, typer.Option(help="Vision tower depth override (stated in the output)",
+                                                   min=1)] = None,
+    text_layers: Annotated[int | None, typer.Option(help="Language model depth override (stated in the output)",
+                                                    min=1)] = None,
     stc: Annotated[bool, typer.Option(help="STC (Cacher and Pruner) on the stream")] = True,
     sample_every: Annotated[int, typer.Option(help="Sample RSS, time, disk and handles every this many frames",
                                               min=1)] = 100,
@@ -299,12 +303,14 @@ def bench_soak(
 
     torch.set_num_threads(threads)
     config = SoakConfig(
-        preset=preset, frames=frames, question_every=question_every, sample_every=sample_every, warmup=warmup,
+        preset=preset, vit_layers=vit_layers, text_layers=text_layers, frames=frames, question_every=question_every, sample_every=sample_every, warmup=warmup,
         window_tokens=window_tokens, retrieve_frames=retrieve_frames,
         offload_dir=str(offload_dir) if offload_dir else None, offload_budget=offload_budget, stc=stc,
     )
     results = run_soak(config, [m.strip() for m in memory.split(",") if m.strip()], output, progress=console.print)
-    table = Table(title=f"soak: {frames} frames of {preset}")
+    depth = "".join(f", {name} {value}" for name, value in (("vision layers", vit_layers),
+                                                              ("text layers", text_layers)) if value is not None)
+    table = Table(title=f"soak: {frames} frames of {preset}{depth}")
     for column in ("memory", "RSS spread", "RSS growth MiB", "ms/frame first -> last", "disk peak MiB",
                    "open files", "TTFT ms (last)"):
         table.add_column(column)
