@@ -366,9 +366,13 @@ def test_save_and_restore_round_trip(llava: StreamingSession, tmp_path: Path, st
     saved._policy.save(saved._cache, directory)
     manifest = json.loads((directory / "policy.json").read_text())["store"]
     assert manifest["kind"] == store
-    if store == "disk":  # the files stay in place, recorded by name, size and checksums
-        assert [s["name"] for s in manifest["segments"]] == [f"segment-{i:08d}.safetensors" for i in range(3)]
-        assert all(s["crcs"] for s in manifest["segments"])
+    if store == "disk":  # the segment files, hard-linked into the save, by name, size and checksums
+        names = [s["name"] for s in manifest["segments"]]
+        assert names == [f"segment-{i:08d}.safetensors" for i in range(3)] and all(s["crcs"] for s in manifest["segments"])
+        live = saved._policy.store.directory
+        assert all((directory / "store" / n).stat().st_ino == (live / n).stat().st_ino for n in names)
+        saved._policy.close()  # the live stream's directory goes (a process that closes after saving)
+        assert not live.exists() and all((directory / "store" / n).is_file() for n in names)
     restored = policy()
     restored.bind(saved.host.language_model)
     cache = restored.restore(saved.model.config, directory)
@@ -379,6 +383,10 @@ def test_save_and_restore_round_trip(llava: StreamingSession, tmp_path: Path, st
         session.push(frames[7:])
     assert torch.equal(saved.next_token_logits(QUESTION), never_stopped.next_token_logits(QUESTION))
     assert restored.last_retrieved == never_stopped._policy.last_retrieved
+    if store == "disk":  # the restored stream writes and deletes in its own directory, never in the save
+        assert restored.store.directory != live and all((directory / "store" / n).is_file() for n in names)
+        restored.close()
+        assert all((directory / "store" / n).is_file() for n in names)
     with pytest.raises(ConfigError, match="offload store"):
         (RetrievalCache(2 * 16) if store == "disk" else RetrievalCache(2 * 16, offload_dir=tmp_path / "x")).restore(
             saved.model.config, directory)

@@ -1,7 +1,7 @@
 """Saving and restoring a stream (`session.save`, `StreamingSession.restore`, `session.load`): after a
 restore the next push and ask equal an uninterrupted session's, bit for bit, on LLaVA-OneVision and
-Qwen2-VL, with STC on (Cacher between refreshes, Pruner history, tokens pending) and off, with full
-and windowed memory after evictions; torn, truncated and foreign saves are refused."""
+Qwen2-VL, with STC on (Cacher between refreshes, Pruner history, tokens pending) and off, with full,
+windowed and retrieval memory (blocks on disk) after evictions; torn, truncated and foreign saves are refused."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from streamtc import CacherConfig, PrunerConfig, STCConfig
 from streamtc.errors import SnapshotError, StreamStateError
-from streamtc.memory import FullCache, SlidingWindowCache, persist
+from streamtc.memory import FullCache, RetrievalCache, SlidingWindowCache, persist
 from streamtc.presets import build_model
 from streamtc.session import StreamingSession
 from streamtc.tokenizer import tokenizer_for_config
@@ -49,10 +49,11 @@ def continue_stream(session: StreamingSession, frames: np.ndarray, split: int) -
 
 @pytest.mark.parametrize("preset", ["tiny-llava-ov", "qwen2-vl-tiny"])
 @pytest.mark.parametrize("stc", [None, STC], ids=["no-stc", "stc"])
-@pytest.mark.parametrize("window", [False, True], ids=["full", "window"])
-def test_a_restored_stream_continues_exactly_as_the_uninterrupted_one(tmp_path, frames, preset, stc, window) -> None:
+@pytest.mark.parametrize("memory", ["full", "window", "retrieval"])
+def test_a_restored_stream_continues_exactly_as_the_uninterrupted_one(tmp_path, frames, preset, stc, memory) -> None:
     size = WINDOW if preset == "tiny-llava-ov" else QWEN_WINDOW
-    policy = (lambda: SlidingWindowCache(size)) if window else FullCache
+    policy = {"full": FullCache, "window": lambda: SlidingWindowCache(size),  # retrieval: blocks on disk
+              "retrieval": lambda: RetrievalCache(size, 64, offload_dir=tmp_path / "blocks", segment_blocks=1)}[memory]
     first = StreamingSession.from_preset(preset, stc=stc, cache_policy=policy)
     split = 5 if preset == "tiny-llava-ov" else 7  # an odd number of chunks (one frame or two a chunk)
     first.push(frames[:split], stamps(0, split))
@@ -60,12 +61,14 @@ def test_a_restored_stream_continues_exactly_as_the_uninterrupted_one(tmp_path, 
         assert first._cacher_state.chunk_index % 2 == 1 and first._pruner_state.frames > 0
     if preset == "qwen2-vl-tiny":
         assert len(first._waiting) == 1  # the seventh frame waits for its pair
-    if window:
+    if memory == "window":
         assert first._policy.visual_tokens < first.stats.visual_tokens  # frames were evicted
+    if memory == "retrieval":  # frames were offloaded, and some blocks are in segment files
+        assert first._policy.stats.offloaded_blocks >= 1 and first._policy.stats.disk_bytes > 0
     first.save(tmp_path / "stream")
     assert first.last_timestamp == split - 1  # the last frame pushed (Qwen: the one waiting for its pair)
     expected = continue_stream(first, frames, split)
-    first.close()
+    first.close()  # a retrieval memory's own block files go with it; the save holds its own
 
     restored = StreamingSession.restore(tmp_path / "stream", first.model)
     assert restored.last_timestamp == split - 1

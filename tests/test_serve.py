@@ -28,6 +28,7 @@ from streamtc.cacher import attached_cacher
 from streamtc.errors import ConfigError
 from streamtc.serve import ServeLimits, ServerSettings, ServerThread, SourcePolicy
 from streamtc.factory import shared_weights_view
+from streamtc.memory import memory_policy
 from streamtc.serve.engine import Engine, StreamSpec
 from streamtc.sources import builtin_clip_path, open_source
 
@@ -244,16 +245,32 @@ def test_two_concurrent_streams_answer_as_the_same_streams_served_alone(client: 
         session.close()
 
 
-def test_per_stream_settings_window_memory_and_stc_off(client: httpx.Client) -> None:
+def test_per_stream_settings_window_and_retrieval_memory_and_stc_off(client: httpx.Client) -> None:
     frames = clip_frames("bikes", 6)
     window = client.post("/v1/streams", json={"fps": 2, "window_tokens": 10,
                                               "stc": {"cacher": None, "pruner": {"tokens_per_frame": 5}}}).json()
     full = client.post("/v1/streams", json={"fps": 2, "stc": None}).json()
+    retrieval = client.post("/v1/streams", json={"fps": 2, "stc": None, "memory": "retrieval",
+                                                 "window_tokens": 32}).json()
+    assert (window["memory"], full["memory"], retrieval["memory"]) == ("window", "full", "retrieval")
     for i, image in enumerate(frames):
-        push_raw(client, window["id"], image, i / 2)
-        push_raw(client, full["id"], image, i / 2)
-    for stream in (window, full):
-        client.post(f"/v1/streams/{stream['id']}/ask", json={"question": "?", "sync": True, "max_new_tokens": 1})
+        for stream in (window, full, retrieval):
+            push_raw(client, stream["id"], image, i / 2)
+    answers = [client.post(f"/v1/streams/{stream['id']}/ask", json={"question": "?", "sync": True, "max_new_tokens": 1,
+                                                                     "top_logprobs": 5}).json()
+               for stream in (window, full, retrieval)]
+    # retrieval holds 2 of the 6 frames (16 tokens each) in its window and offloads 4, and answers
+    # as a plain session with the same memory fed the same frames
+    retrieval_stats = client.get(f"/v1/streams/{retrieval['id']}").json()["stats"]
+    assert retrieval_stats["memory"]["offloaded_blocks"] == 4 and retrieval_stats["memory"]["window_frames"] == 2
+    session = StreamingSession.from_preset(PRESET, stc=None, cache_policy=memory_policy("retrieval", 32))
+    for i, image in enumerate(frames):
+        session.push(image[None], [i / 2])
+    logprobs = session.next_token_logits("?").log_softmax(-1).topk(5)
+    assert [t["token_id"] for t in answers[2]["top_logprobs"]] == logprobs.indices.tolist()
+    assert np.allclose([t["logprob"] for t in answers[2]["top_logprobs"]], logprobs.values.numpy(), atol=1e-5)
+    assert [t["token_id"] for t in answers[2]["top_logprobs"]] != [t["token_id"] for t in answers[1]["top_logprobs"]]
+    session.close()
     window_stats = client.get(f"/v1/streams/{window['id']}").json()
     full_stats = client.get(f"/v1/streams/{full['id']}").json()
     assert window_stats["stc"]["cacher"] is None and window_stats["window_tokens"] == 10
@@ -261,6 +278,9 @@ def test_per_stream_settings_window_memory_and_stc_off(client: httpx.Client) -> 
     per_token = full_stats["stats"]["kv_cache_bytes"] // (96 + full_stats["stats"]["prompt_tokens"])
     held = window_stats["stats"]["kv_cache_bytes"] // per_token - window_stats["stats"]["prompt_tokens"]
     assert held == 10  # the two newest frames of 5 kept tokens
+    for body, message in (({"memory": "full", "window_tokens": 10}, "has no window"), ({"memory": "recall"}, "memory")):
+        response = client.post("/v1/streams", json=body)
+        assert response.status_code in (400, 422) and message in response.text, response.text
 
 
 def test_openai_style_chat_completions(client: httpx.Client) -> None:

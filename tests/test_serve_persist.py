@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 
 from streamtc import StreamingSession
-from streamtc.serve import ServerSettings, ServerThread
+from streamtc.serve import ServeMemory, ServerSettings, ServerThread
 from streamtc.serve.store import StreamStore
 
 from test_serve import PRESET, clip_frames, push_raw, wait_for_state
@@ -41,10 +41,13 @@ def create(http: httpx.Client, body: dict) -> str:
 
 def test_a_restarted_server_resumes_its_streams_with_the_same_answers(tmp_path: Path) -> None:
     frames = clip_frames("bikes", 6)
-    pushed = [{"fps": 2.0}, {"fps": 2.0, "stc": None, "window_tokens": 40}]  # STC on (default) / off, windowed
+    # STC on (default) / off with a window / off with retrieval memory on disk (40 tokens: 2 of 16-token frames)
+    pushed = [{"fps": 2.0}, {"fps": 2.0, "stc": None, "window_tokens": 40},
+              {"fps": 2.0, "stc": None, "memory": "retrieval", "window_tokens": 40}]
+    memory = ServeMemory(offload_dir=tmp_path / "blocks")
 
     expected = []  # an uninterrupted server
-    with ServerThread(ServerSettings(preset=PRESET, port=0)) as server, \
+    with ServerThread(ServerSettings(preset=PRESET, port=0, memory=memory)) as server, \
             httpx.Client(base_url=server.url, timeout=300) as http:
         for body in pushed:
             sid = create(http, body)
@@ -56,7 +59,7 @@ def test_a_restarted_server_resumes_its_streams_with_the_same_answers(tmp_path: 
         wait_for_state(http, sid, {"ended"})
         expected_source = ask(http, sid)
 
-    settings = ServerSettings(preset=PRESET, port=0, persist_dir=tmp_path / "streams")
+    settings = ServerSettings(preset=PRESET, port=0, persist_dir=tmp_path / "streams", memory=memory)
     with ServerThread(settings) as server, httpx.Client(base_url=server.url, timeout=300) as http:
         ids = []
         for body, (before, _) in zip(pushed, expected):
@@ -83,6 +86,9 @@ def test_a_restarted_server_resumes_its_streams_with_the_same_answers(tmp_path: 
             assert ask(http, sid) == after
             response = push_raw(http, sid, frames[0], 0.5)  # the stream's clock continues: no going back
             assert response.status_code == 422 and "must not go back" in response.json()["error"]
+        retrieval = http.get(f"/v1/streams/{ids[2]}").json()
+        assert retrieval["memory"] == "retrieval" and retrieval["stats"]["memory"]["offloaded_blocks"] == 4
+        assert retrieval["stats"]["memory"]["disk_bytes"] > 0  # the save's segment, linked into the new stream's directory
         info = wait_for_state(http, source_id, {"ended"})
         assert info["frames_done"] == expected_source["frames"] > 3
         assert ask(http, source_id) == expected_source

@@ -786,11 +786,35 @@ class StreamingSession:
                 settings["preprocessor"] != expected["preprocessor"]:
             raise SnapshotError(f"the stream was saved with preprocessor {settings['preprocessor']}, this session "
                                 f"has {expected['preprocessor']}")
-        policy = self._cache_policy_factory()
         if settings["cache_policy"]["class"] != expected["cache_policy"]["class"]:
             raise SnapshotError(f"the stream was saved with cache policy {settings['cache_policy']['class']}, this "
                                 f"session makes {expected['cache_policy']['class']}")
         tree = join_tensors(record["state"], read_tensors(snapshot / "state.safetensors"))
+        policy = self._cache_policy_factory()
+        policy.bind(self.host.language_model)
+        try:
+            cache, stream, stats, pending = self._read_snapshot_state(snapshot, tree, policy)
+        except BaseException:
+            policy.close()  # what the new policy made outside the cache (a disk store's directory)
+            raise
+        # everything read: switch the session over
+        if self._cacher_state is not None:
+            self._cacher_state.load_state_dict(tree["cacher"], self._device)
+        if self._pruner_state is not None:
+            self._pruner_state.load_state_dict(tree["pruner"], self._device)
+        previous = self._policy
+        self._policy, self._cache, self._stream = policy, cache, stream
+        previous.close()  # the replaced stream's offloaded files
+        self._frames, self._last_timestamp = int(tree["frames"]), tree["last_timestamp"]
+        self._last_kept = tree["last_kept"]
+        self._waiting = [(item["pixels"], item["timestamp"]) for item in tree["waiting"]]
+        self._pending, self._stats = pending, stats
+        return self
+
+    def _read_snapshot_state(self, snapshot: Path, tree: dict[str, Any], policy: CachePolicy
+                             ) -> tuple[Cache, Any, SessionStats, list[tuple[Placed, CacheBlock]]]:
+        """The saved cache (through `policy`), protocol stream, stats and pending pieces, checked
+        against this session; the session itself is not touched."""
         cache = policy.restore(self.model.config, snapshot / "memory")
         for layer in cache.layers:
             if getattr(layer, "keys", None) is not None and layer.keys.device != self._device:
@@ -804,17 +828,7 @@ class StreamingSession:
         pending = [(Placed(item["embeds"].to(self._device), item["positions"], item["text"],
                            _saved_deepstack(item.get("deepstack"), self._device), lead=item["lead"]),
                     CacheBlock(**item["block"])) for item in tree["pending"]]
-        # everything read: switch the session over
-        if self._cacher_state is not None:
-            self._cacher_state.load_state_dict(tree["cacher"], self._device)
-        if self._pruner_state is not None:
-            self._pruner_state.load_state_dict(tree["pruner"], self._device)
-        self._policy, self._cache, self._stream = policy, cache, stream
-        self._frames, self._last_timestamp = int(tree["frames"]), tree["last_timestamp"]
-        self._last_kept = tree["last_kept"]
-        self._waiting = [(item["pixels"], item["timestamp"]) for item in tree["waiting"]]
-        self._pending, self._stats = pending, stats
-        return self
+        return cache, stream, stats, pending
 
     # -- measurements ---------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..config import STCConfig
-from ..serve.engine import ServeLimits, SourcePolicy
+from ..serve.engine import ServeLimits, ServeMemory, SourcePolicy
 from ..serve.server import ServerSettings
 from .common import read_stc_config
 
@@ -43,6 +43,17 @@ def serve(
     = ServeLimits.max_new_tokens,
     max_model_views: Annotated[int, typer.Option(help="Distinct STC settings (model views) at most")]
     = ServeLimits.max_model_views,
+    memory: Annotated[str, typer.Option(help="LLM memory of streams that choose none: full (every token), window "
+                                             "(the newest --window-tokens), retrieval (the window, older frames "
+                                             "offloaded and retrieved per question), streaming-vlm")] = "full",
+    window_tokens: Annotated[int, typer.Option(help="Window of the window and retrieval memories for streams "
+                                                    "that set none (tokens)", min=1)] = ServeMemory.window_tokens,
+    retrieve_frames: Annotated[int, typer.Option(help="Retrieval memory: frame blocks each LLM layer retrieves "
+                                                      "per question", min=1)] = ServeMemory.retrieve_frames,
+    offload_dir: Annotated[Path | None, typer.Option(help="Retrieval memory: offload each stream's blocks to disk "
+                                                          "under this directory (default: host memory)")] = None,
+    offload_budget: Annotated[int | None, typer.Option(help="Retrieval memory on disk: bytes of block files kept "
+                                                             "per stream, the oldest deleted first", min=0)] = None,
     num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads of the model worker")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
@@ -64,6 +75,8 @@ def serve(
                            max_upload_bytes=max_upload_bytes, max_frame_side=max_frame_side,
                            max_question_chars=max_question_chars, max_new_tokens=max_new_tokens,
                            max_model_views=max_model_views),
+        memory=ServeMemory(kind=memory, window_tokens=window_tokens, retrieve_frames=retrieve_frames,
+                           offload_dir=offload_dir, offload_budget=offload_budget),
         sources=SourcePolicy(allow_dirs=tuple(p.expanduser().resolve() for p in allow_dir or ()),
                              allow_schemes=frozenset(s.lower() for s in allow_scheme or ())),
         host=host, port=port, token=token, threads=threads, replicas=replicas if ray else None,

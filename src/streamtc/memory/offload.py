@@ -413,26 +413,46 @@ class DiskStore(OffloadStore):
             self._directory = None
 
     def save(self, directory: Path) -> dict[str, Any]:
-        """Flush the waiting blocks to a segment, then record the segment files by name, size and
-        checksums (the files stay where they are; the live stream keeps using them)."""
+        """Flush the waiting blocks to a segment, then put the segment files in `directory` as
+        hard links (no bytes copied; a copy on another file system), recorded by name, size and
+        checksums. The save owns its files: the live stream deleting its own (the budget, `close()`)
+        leaves the save whole. Segments already damaged are dropped first, as a question would."""
         self.flush()
+        self.check()
         self._save_representatives(directory)
+        for segment in self._segments:
+            link_or_copy(self.directory / segment.name, directory / segment.name)
         segments = [{"name": s.name, "size": s.size, "crcs": {str(i): c for i, c in s.crcs.items()}}
                     for s in self._segments]
-        return {"kind": "disk", "directory": str(self.directory), "next_segment": self._next_segment,
-                "segments": segments, **self._manifest()}
+        return {"kind": "disk", "next_segment": self._next_segment, "segments": segments, **self._manifest()}
 
     def restore(self, directory: Path, manifest: dict[str, Any], device: torch.device) -> None:
+        """Take the saved blocks back: the save's segment files are linked (or copied) into a new
+        private directory, so this stream's deletions never touch the save."""
         self._load_bookkeeping(directory, manifest, device)
-        self._directory = Path(manifest["directory"])
         self._next_segment = manifest["next_segment"]
         self._segments = [
             _Segment(s["name"], s["size"], {int(i): (c[0], c[1]) for i, c in s["crcs"].items()})
             for s in manifest["segments"]
         ]
+        for segment in self._segments:
+            if (directory / segment.name).is_file():
+                link_or_copy(directory / segment.name, self.directory / segment.name)
         self._segment_of = {i: s for s in self._segments for i in s.crcs}
         self._device = device
-        self.check()  # segments deleted since the save are dropped now, with a warning
+        self.check()  # segments missing from the save are dropped now, with a warning
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source`, or a copy where a link cannot be made (another file
+    system, or one without hard links). Segment files are never modified once written, so the
+    two names can share the bytes."""
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 __all__ = ["BlockInfo", "BlockReader", "DiskStore", "HostStore", "OffloadStore", "crc32"]

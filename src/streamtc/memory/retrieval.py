@@ -349,8 +349,8 @@ class RetrievalCache(CachePolicy):
 
     def save(self, cache: Cache, directory: Path) -> None:
         """Write the window (window.safetensors), the store (host: its blocks; disk: its segment
-        files recorded by name, size and checksums, left in place; under store/) and the
-        bookkeeping (policy.json) under `directory`."""
+        files, hard-linked, with their sizes and checksums; under store/) and the bookkeeping
+        (policy.json) under `directory`."""
         directory = Path(directory)
         save_file({f"{kind}.{i}": getattr(layer, name).contiguous().cpu()
                    for i, layer in enumerate(cache.layers) for kind, name in (("k", "keys"), ("v", "values"))},
@@ -362,7 +362,8 @@ class RetrievalCache(CachePolicy):
 
     def restore(self, config: PretrainedConfig, directory: Path) -> Cache:
         """The inverse of `save` on a fresh instance: the window cache (on the bound model's device),
-        the bookkeeping and the store; segment files deleted since the save are dropped with a warning."""
+        the bookkeeping and the store (a disk store links the saved segments into its own new
+        directory); segments missing from the save are dropped with a warning."""
         directory = Path(directory)
         record = json.loads((directory / "policy.json").read_text())
         if record.get("class") != type(self).__name__:

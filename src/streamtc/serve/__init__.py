@@ -7,7 +7,7 @@ HTML/JS in `static/`. FastAPI and uvicorn come with the `serve` extra; this pack
 only where used.
 """
 
-from .engine import Engine, ServeLimits, SourcePolicy, StreamSpec
+from .engine import Engine, ServeLimits, ServeMemory, SourcePolicy, StreamSpec
 from .server import ServerSettings, ServerThread
 
-__all__ = ["Engine", "ServeLimits", "ServerSettings", "ServerThread", "SourcePolicy", "StreamSpec"]
+__all__ = ["Engine", "ServeLimits", "ServeMemory", "ServerSettings", "ServerThread", "SourcePolicy", "StreamSpec"]

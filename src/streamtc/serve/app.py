@@ -57,6 +57,7 @@ class StreamRequest(BaseModel):
     source: str | None = None
     fps: float = 1.0
     stc: dict[str, Any] | None | Literal["default"] = "default"
+    memory: Literal["full", "window", "retrieval", "streaming-vlm"] | None = None
     window_tokens: int | None = None
     realtime: bool = True
     loop: bool = False
@@ -65,7 +66,7 @@ class StreamRequest(BaseModel):
 
     def to_spec(self) -> StreamSpec:
         stc = self.stc if self.stc in ("default", None) else STCConfig.from_dict(self.stc)
-        return StreamSpec(source=self.source, fps=self.fps, stc=stc, window_tokens=self.window_tokens,
+        return StreamSpec(source=self.source, fps=self.fps, stc=stc, memory=self.memory, window_tokens=self.window_tokens,
                           realtime=self.realtime, loop=self.loop, max_seconds=self.max_seconds, name=self.name)
 
 

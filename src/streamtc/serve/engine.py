@@ -63,7 +63,7 @@ from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamTCError
 from ..factory import derive_session
-from ..memory import memory_policy
+from ..memory import MEMORIES, memory_policy
 from ..session import StreamingSession
 from ..sources import BUILTIN_CLIPS, FrameSampler, builtin_clip_path, open_source
 from ..variants import Variant
@@ -130,6 +130,43 @@ class ServeLimits:
 
 
 @dataclass(frozen=True)
+class ServeMemory:
+    """The LLM memory of the server's streams.
+
+    kind, window_tokens: what a stream that chooses neither gets (`full`, `window`, `retrieval`;
+    a stream that sets only window_tokens gets a window). retrieve_frames, offload_dir and
+    offload_budget apply to every retrieval stream: offloaded blocks stay in host memory, or go to
+    a private directory per stream under offload_dir, at most offload_budget bytes each (the
+    oldest deleted first). Clients choose a memory and a window, never a server path.
+    """
+
+    kind: str = "full"
+    window_tokens: int = 15_000
+    retrieve_frames: int = 64
+    offload_dir: Path | None = None
+    offload_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        memory_policy(self.kind, self.window_tokens, self.retrieve_frames)
+        memory_policy("retrieval", self.window_tokens, self.retrieve_frames, self.offload_dir, self.offload_budget)
+
+    def resolve(self, spec: StreamSpec) -> tuple[str, int | None]:
+        """A stream's memory and window (None for memories without one)."""
+        kind = spec.memory or ("window" if spec.window_tokens is not None else self.kind)
+        if kind in ("full", "streaming-vlm"):
+            return kind, None
+        return kind, spec.window_tokens or self.window_tokens
+
+    def policy(self, kind: str, window_tokens: int | None) -> Callable[[], Any] | None:
+        """The cache-policy factory of a resolved memory (None: the session's default full cache)."""
+        if kind == "full":
+            return None
+        offload = kind == "retrieval" and self.offload_dir is not None
+        return memory_policy(kind, window_tokens or self.window_tokens, self.retrieve_frames,
+                             self.offload_dir if offload else None, self.offload_budget if offload else None)
+
+
+@dataclass(frozen=True)
 class SourcePolicy:
     """Which sources the server may read on a client's request.
 
@@ -172,8 +209,9 @@ class StreamSpec:
         built-in clip name, read by the server (checked against the `SourcePolicy`).
     fps: frames sampled per second of stream time (push streams: of the frames' timestamps).
     stc: the stream's STC settings; "default" takes the server's, None runs without STC.
-    window_tokens: memory policy; None keeps every token, an int keeps at most this many visual
-        tokens (newest frames; `SlidingWindowCache`).
+    memory: the stream's LLM memory (full, window, retrieval, streaming-vlm); None takes the
+        server's (`ServeMemory`), or a window when window_tokens is set.
+    window_tokens: the window of the window and retrieval memories (None: the server's).
     realtime: server-read files are paced at their own speed (True) or read as fast as the model
         takes them (False). loop: a file starts again at its end (stream time runs on).
     max_seconds: stop a server-read source after this much stream time. name: a label.
@@ -182,6 +220,7 @@ class StreamSpec:
     source: str | None = None
     fps: float = 1.0
     stc: STCConfig | None | str = "default"
+    memory: str | None = None
     window_tokens: int | None = None
     realtime: bool = True
     loop: bool = False
@@ -195,6 +234,10 @@ class StreamSpec:
         if self.stc != "default" and self.stc is not None and not isinstance(self.stc, STCConfig):
             raise ConfigError(f"stc must be 'default', None or an STCConfig, got {self.stc!r}")
         positive_int(self.window_tokens, "window_tokens", optional=True)
+        if self.memory is not None and self.memory not in MEMORIES:
+            raise ConfigError(f"memory must be one of {', '.join(MEMORIES)}, got {self.memory!r}")
+        if self.memory in ("full", "streaming-vlm") and self.window_tokens is not None:
+            raise ConfigError(f"window_tokens sizes the window and retrieval memories; {self.memory!r} has no window")
         if self.max_seconds is not None and not (isinstance(self.max_seconds, (int, float)) and self.max_seconds > 0):
             raise ConfigError(f"max_seconds must be None or > 0, got {self.max_seconds!r}")
         if self.source is None and (self.loop or self.max_seconds is not None):
@@ -292,6 +335,7 @@ class Engine:
     default_stc: what a stream with stc="default" gets (None: no STC).
     listener: called as listener(stream_id, event) after every event (from any thread).
     on_close: called as on_close(info, session) for each stream closed (shutdown or delete).
+    memory: the streams' LLM memory (`ServeMemory`: full by default).
     persist_dir: save streams here at shutdown (and `resume()` them at the next start); None: not saved.
     threads: torch intra-op threads for the worker (None: leave as is).
     """
@@ -303,6 +347,7 @@ class Engine:
         *,
         limits: ServeLimits = ServeLimits(),
         sources: SourcePolicy = SourcePolicy(),
+        memory: ServeMemory = ServeMemory(),
         listener: Callable[[str, dict[str, Any]], None] | None = None,
         on_close: Callable[[dict[str, Any], StreamingSession], None] | None = None,
         persist_dir: Path | str | None = None,
@@ -315,11 +360,12 @@ class Engine:
         self.default_stc = default_stc
         self.limits = limits
         self.sources = sources
+        self.memory = memory
         self.listener = listener
         self.on_close = on_close
         self.store = None if persist_dir is None else StreamStore(persist_dir)
         self.id_prefix = id_prefix
-        self._roots: dict[tuple[STCConfig | None, int | None], StreamingSession] = {(None, None): base}
+        self._roots: dict[tuple[STCConfig | None, str, int | None], StreamingSession] = {(None, "full", None): base}
         text = base.model.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         # keys and values of one token in every layer: turns the cache's bytes into tokens held
@@ -346,7 +392,7 @@ class Engine:
             if len(self._streams) >= self.limits.max_streams:
                 raise LimitExceeded(f"the server holds its limit of {self.limits.max_streams} streams "
                                     "(--max-streams); delete one first")
-            key = (stc, spec.window_tokens)
+            key = (stc, *self.memory.resolve(spec))
             views = sum(1 for k in self._roots if k[0] is not None and k[0].cacher is not None)
             if key not in self._roots and stc is not None and stc.cacher is not None and views >= self.limits.max_model_views:
                 raise LimitExceeded(f"the server holds its limit of {self.limits.max_model_views} distinct STC "
@@ -442,6 +488,7 @@ class Engine:
         futures: list[Future] = []
         for record, saved in self.store.saved() if self.store is not None else []:
             data = record["spec"]
+            data.setdefault("memory", "window" if data.get("window_tokens") else "full")  # saves before memories
             stc = None if data["stc"] is None else STCConfig.from_dict(data["stc"])
             spec = StreamSpec(**{**data, "stc": stc})
             try:
@@ -459,7 +506,7 @@ class Engine:
                 if spec.source is None:
                     stream.sampler = FrameSampler(spec.fps)
                 self._streams[stream.id] = stream
-                self._control.append(lambda stream=stream, key=(stc, spec.window_tokens), saved=saved,
+                self._control.append(lambda stream=stream, key=(stc, *self.memory.resolve(spec)), saved=saved,
                                      finished=finished, location=location:
                                      self._start(stream, key, None if finished else location, saved, finished))
                 self._lock.notify_all()
@@ -519,10 +566,11 @@ class Engine:
     def _describe(self, stream: _Stream) -> dict[str, Any]:
         spec = stream.spec
         stc = self.default_stc if spec.stc == "default" else spec.stc
+        memory, window_tokens = self.memory.resolve(spec)
         return {
             "id": stream.id, "name": spec.name, "source": spec.source, "kind": "push" if spec.source is None else "source",
             "state": stream.state, "error": stream.error, "created": stream.created, "fps": spec.fps,
-            "stc": None if stc is None else stc.to_dict(), "window_tokens": spec.window_tokens,
+            "stc": None if stc is None else stc.to_dict(), "memory": memory, "window_tokens": window_tokens,
             "realtime": spec.realtime, "loop": spec.loop, "frames_queued": stream.queued, "frames_done": stream.done,
             "frames_waiting": len(stream.frames), "frames_dropped": stream.dropped,
             "questions_waiting": len(stream.questions), "last_timestamp": stream.last_timestamp,
@@ -531,12 +579,13 @@ class Engine:
 
     def _record(self, stream: _Stream) -> dict[str, Any]:
         """(Lock held.) What `StreamStore` keeps of a stream besides its session: its settings
-        (STC resolved, so a restart with another default keeps them) and its state."""
+        (STC and memory resolved, so a restart with other defaults keeps them) and its state."""
         spec = stream.spec
         stc = self.default_stc if spec.stc == "default" else spec.stc
+        memory, window_tokens = self.memory.resolve(spec)
         return {"id": stream.id, "created": stream.created, "state": stream.state, "spec": {
             "source": spec.source, "fps": spec.fps, "stc": None if stc is None else stc.to_dict(),
-            "window_tokens": spec.window_tokens, "realtime": spec.realtime, "loop": spec.loop,
+            "memory": memory, "window_tokens": window_tokens, "realtime": spec.realtime, "loop": spec.loop,
             "max_seconds": spec.max_seconds, "name": spec.name}}
 
     def _emit(self, stream: _Stream, event: dict[str, Any]) -> None:
@@ -636,7 +685,7 @@ class Engine:
             return stream.done >= question.after
         return stream.done > 0 or not stream.frames
 
-    def _start(self, stream: _Stream, key: tuple[STCConfig | None, int | None], location: str | Path | None,
+    def _start(self, stream: _Stream, key: tuple[STCConfig | None, str, int | None], location: str | Path | None,
                saved: Path | None = None, finished: str | None = None) -> None:
         """Worker: spawn the stream's session (making its model view first if needed), loaded from
         `saved` for a resumed stream (`finished`: the state of a source that had ended)."""
@@ -680,9 +729,9 @@ class Engine:
         if stream.ready.set_running_or_notify_cancel():
             stream.ready.set_result(info)
 
-    def _make_root(self, stc: STCConfig | None, window_tokens: int | None) -> StreamingSession:
+    def _make_root(self, stc: STCConfig | None, memory: str, window_tokens: int | None) -> StreamingSession:
         """A root session for these settings: the loaded model without a Cacher, else a view."""
-        policy = None if window_tokens is None else memory_policy("window", window_tokens)
+        policy = self.memory.policy(memory, window_tokens)
         return derive_session(self.base, Variant("STC" if stc is not None else "no STC", stc=stc), share_weights=True,
                               cache_policy=policy)
 
@@ -835,6 +884,6 @@ def resident_memory_bytes() -> int:
 
 
 __all__ = [
-    "AccessDenied", "Engine", "LimitExceeded", "ServeError", "ServeLimits", "SourcePolicy", "StreamClosed",
+    "AccessDenied", "Engine", "LimitExceeded", "ServeError", "ServeLimits", "ServeMemory", "SourcePolicy", "StreamClosed",
     "StreamNotFound", "StreamSpec", "decode_frame", "encode_jpeg", "resident_memory_bytes",
 ]

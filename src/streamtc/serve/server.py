@@ -15,7 +15,7 @@ from ..config import STCConfig
 from ..errors import ConfigError
 from ..factory import SessionSpec
 from ..session import StreamingSession
-from .engine import ServeLimits, SourcePolicy
+from .engine import ServeLimits, ServeMemory, SourcePolicy
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -35,7 +35,8 @@ class ServerSettings:
     """Everything `streamtc serve` is configured with (the CLI builds exactly this).
 
     model: real weights (path or hub id) or None for `preset` (random weights). default_stc: the
-    STC settings of streams that do not choose their own (None: no STC). token: bearer token,
+    STC settings of streams that do not choose their own (None: no STC). memory: the streams' LLM
+    memory (`ServeMemory`: the default kind and window, and where retrieval offloads). token: bearer token,
     required by `check` for a bind address other than loopback. threads: torch threads of the
     model worker. replicas: None runs in this process; N > 0 runs N Ray Serve replicas
     (ray_address: an existing cluster, else a local one on 127.0.0.1; replica_cpus: CPUs Ray
@@ -49,6 +50,7 @@ class ServerSettings:
     device: str = "cpu"
     default_stc: STCConfig | None = field(default_factory=STCConfig)
     limits: ServeLimits = field(default_factory=ServeLimits)
+    memory: ServeMemory = field(default_factory=ServeMemory)
     sources: SourcePolicy = field(default_factory=SourcePolicy)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -87,7 +89,7 @@ async def open_local_backend(settings: ServerSettings, id_prefix: str = "") -> A
 
     backend = await LocalBackend.start(
         lambda: load_base_session(settings), settings.model_name, default_stc=settings.default_stc,
-        limits=settings.limits, sources=settings.sources, threads=settings.threads, id_prefix=id_prefix,
+        limits=settings.limits, sources=settings.sources, memory=settings.memory, threads=settings.threads, id_prefix=id_prefix,
         persist_dir=settings.persist_dir,
     )
     backend.engine.resume()

@@ -56,7 +56,8 @@ function track(info) {
 
 function label(info) {
   const stc = info.stc ? "STC" : "no STC";
-  return `${info.name || info.source || "push"} · ${stc}`;
+  const memory = info.memory === "full" ? "" : ` · ${info.memory}${info.window_tokens ? ` ${info.window_tokens}` : ""}`;
+  return `${info.name || info.source || "push"} · ${stc}${memory}`;
 }
 
 function renderStreams() {
@@ -118,7 +119,8 @@ async function createStreams(event) {
   const source = $("source").value.trim();
   const base = {
     source: source || null, fps: Number($("fps").value) || 1, realtime: $("realtime").checked,
-    loop: $("loop").checked, window_tokens: $("window").value ? Number($("window").value) : null,
+    loop: $("loop").checked, memory: $("memory").value || null,
+    window_tokens: $("window").value ? Number($("window").value) : null,
   };
   const variants = [{ ...base, stc: $("stc").value === "off" ? null : "default" }];
   if ($("compare").checked && $("stc").value !== "off") variants.push({ ...base, stc: null });
