@@ -334,6 +334,15 @@ def test_eval_cli_runs_a_named_variant_and_qwen_at_its_protocol_rate(videomme: P
     assert {r["frames"] for r in read_results(qwen).answers.values() if r["error"] is None} == {8}  # 4 s at 2 fps
     result = runner.invoke(app, [*common, "--output", str(tmp_path / "x.jsonl"), "--variant", "stc", "--no-stc"])
     assert result.exit_code != 0 and "--variant" in result.output
+    retrieval = tmp_path / "retrieval.jsonl"  # ReKV's memory, blocks on disk: recorded with the run's config
+    result = runner.invoke(app, [*common, "--output", str(retrieval), "--memory", "retrieval", "--window-tokens", "20",
+                                 "--offload-dir", str(tmp_path / "blocks"), "--offload-budget", "1000000"])
+    assert result.exit_code == 0, result.output
+    model = read_results(retrieval).header["config"]["model"]
+    assert (model["memory"], model["window_tokens"], model["offload_budget"]) == ("retrieval", 20, 1_000_000)
+    errors = [r["error"] for r in read_results(retrieval).answers.values()]
+    assert errors.count(None) == 3 and len(errors) == 4  # vid404 is missing, as in every run here
+    assert not any((tmp_path / "blocks").iterdir())  # every stream's block directory went with its stream
 
 
 def test_egoschema_full_set_writes_a_submission(tmp_path: Path) -> None:

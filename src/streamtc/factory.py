@@ -93,6 +93,8 @@ class SessionSpec:
         memory = {"window_tokens": self.window_tokens}
         if self.memory is not None:
             memory.update(memory=self.memory, retrieve_frames=self.retrieve_frames)
+        if self.offload_budget is not None:  # the budget deletes blocks a question could retrieve
+            memory.update(offload_budget=self.offload_budget)
         if self.model is not None:
             return {"id": self.model, "dtype": self.dtype, **memory, "system_prompt": self.system_prompt}
         depth = {} if self.text_layers is None else {"text_layers": self.text_layers}

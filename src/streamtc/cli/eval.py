@@ -33,7 +33,10 @@ from ..eval.runner import EvalRun
 from ..eval.streaming import EvalSettings
 from ..factory import SessionSpec
 from ..presets import DTYPE_NAMES
-from .common import console, read_stc_config
+from .common import (
+    MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption, console,
+    read_stc_config,
+)
 
 eval_app = typer.Typer(help="Benchmark accuracy: OVO-Bench, StreamingBench, MLVU, EgoSchema, Video-MME.",
                        no_args_is_help=True)
@@ -63,9 +66,11 @@ def run(
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights (answers are meaningless)")]
     = "tiny-llava-ov",
     num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
-    window_tokens: Annotated[int | None, typer.Option(
-        help="Keep at most this many visual tokens per stream (newest frames; the chat prefix stays), "
-             "e.g. 15000 as ReKV's window; default: keep all")] = None,
+    memory: MemoryOption = None,
+    window_tokens: WindowTokensOption = None,
+    retrieve_frames: RetrieveFramesOption = 64,
+    offload_dir: OffloadDirOption = None,
+    offload_budget: OffloadBudgetOption = None,
     seed: Annotated[int, typer.Option(help="Weight seed for presets")] = 0,
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Evaluate the uncompressed model")] = False,
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
@@ -100,7 +105,8 @@ def run(
         raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     stc = None if no_stc or variant is not None else (read_stc_config(config) if config else STCConfig())
     spec = SessionSpec(model=model, preset=preset, num_layers=num_layers, seed=seed, stc=stc, variant=variant,
-                       dtype=dtype, window_tokens=window_tokens)
+                       dtype=dtype, memory=memory, window_tokens=window_tokens, retrieve_frames=retrieve_frames,
+                       offload_dir=str(offload_dir) if offload_dir else None, offload_budget=offload_budget)
     loaded = limit_videos(load_benchmark(benchmark, annotations, videos), max_videos)
     if fps is None:  # the model's protocol rate wins over the benchmark's default: its prompt is built on it
         fps = spec.protocol_fps() or loaded.spec.default_fps

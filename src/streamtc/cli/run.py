@@ -44,7 +44,10 @@ from rich.table import Table
 
 from ..config import STCConfig
 from ..errors import ConfigError, StreamTCError, VideoSourceError
-from .common import console, read_stc_config
+from .common import (
+    MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption, console,
+    read_stc_config,
+)
 
 if TYPE_CHECKING:
     from ..factory import SessionSpec
@@ -383,19 +386,11 @@ def run(
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
                                                      "{...}})")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
-    memory: Annotated[str | None, typer.Option(
-        help="The stream's LLM memory: full (every token), window (the newest --window-tokens, older frames "
-             "forgotten), retrieval (ReKV: a window, older frames offloaded and retrieved per question) or "
-             "streaming-vlm (StreamingVLM's window of chunks and text rounds; the livecc protocol). "
-             "Default: window when --window-tokens is given, else full")] = None,
-    window_tokens: Annotated[int | None, typer.Option(
-        help="Window of the window and retrieval memories, in visual tokens (default 15000)", min=1)] = None,
-    retrieve_frames: Annotated[int, typer.Option(
-        help="Retrieval memory: frame blocks each LLM layer retrieves per question", min=1)] = 64,
-    offload_dir: Annotated[Path | None, typer.Option(
-        help="Retrieval memory: keep offloaded blocks on disk under this directory (default: host memory)")] = None,
-    offload_budget: Annotated[int | None, typer.Option(
-        help="Retrieval memory on disk: bytes of block files kept at most, the oldest deleted first", min=0)] = None,
+    memory: MemoryOption = None,
+    window_tokens: WindowTokensOption = None,
+    retrieve_frames: RetrieveFramesOption = 64,
+    offload_dir: OffloadDirOption = None,
+    offload_budget: OffloadBudgetOption = None,
     timeout: Annotated[float, typer.Option(help="Network streams: seconds to wait for the stream to open and "
                                                 "for each read before it counts as stalled",
                                            callback=_positive_seconds)] = 10.0,

@@ -12,7 +12,7 @@ import typer
 from ..config import STCConfig
 from ..serve.engine import ServeLimits, ServeMemory, SourcePolicy
 from ..serve.server import ServerSettings
-from .common import read_stc_config
+from .common import OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, read_stc_config
 
 
 def serve(
@@ -48,12 +48,9 @@ def serve(
                                              "offloaded and retrieved per question), streaming-vlm")] = "full",
     window_tokens: Annotated[int, typer.Option(help="Window of the window and retrieval memories for streams "
                                                     "that set none (tokens)", min=1)] = ServeMemory.window_tokens,
-    retrieve_frames: Annotated[int, typer.Option(help="Retrieval memory: frame blocks each LLM layer retrieves "
-                                                      "per question", min=1)] = ServeMemory.retrieve_frames,
-    offload_dir: Annotated[Path | None, typer.Option(help="Retrieval memory: offload each stream's blocks to disk "
-                                                          "under this directory (default: host memory)")] = None,
-    offload_budget: Annotated[int | None, typer.Option(help="Retrieval memory on disk: bytes of block files kept "
-                                                             "per stream, the oldest deleted first", min=0)] = None,
+    retrieve_frames: RetrieveFramesOption = ServeMemory.retrieve_frames,
+    offload_dir: OffloadDirOption = None,
+    offload_budget: OffloadBudgetOption = None,
     num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads of the model worker")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
