@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from streamtc import PrunerConfig, STCConfig
 from streamtc.errors import ConfigError, OffloadError
-from streamtc.memory import FullCache, RetrievalCache, SlidingWindowCache, select_blocks
+from streamtc.memory import FullCache, RetrievalCache, SlidingWindowCache, memory_policy, select_blocks
 from streamtc.memory.retrieval import ROTARY_FUNCTIONS, attention_layers
 from streamtc.session import StreamingSession
 
@@ -98,7 +98,12 @@ def test_select_blocks_is_a_plain_top_k_in_temporal_order() -> None:
     assert select_blocks(query, reps, 9).tolist() == list(range(7))
 
 
-def test_bad_settings_and_models_raise() -> None:
+def test_bad_settings_and_models_raise(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="offload_dir .*file/blocks cannot be made"):
+        memory_policy("retrieval", offload_dir=tmp_path / "file" / "blocks")
+    memory_policy("retrieval", offload_dir=tmp_path / "new" / "blocks")  # made now, checked writable
+    assert (tmp_path / "new" / "blocks").is_dir()
     with pytest.raises(ConfigError, match="window_tokens"):
         RetrievalCache(0)
     with pytest.raises(ConfigError, match="retrieve_frames"):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,20 @@ def memory_policy(kind: str, window_tokens: int = 15_000, retrieve_frames: int =
         return lambda: SlidingWindowCache(window_tokens)
     RetrievalCache(window_tokens, retrieve_frames, offload_budget=offload_budget,
                    offload_dir=offload_dir)  # validates; makes no directory before the first offload
+    if offload_dir is not None:
+        usable_directory(Path(offload_dir))
     return lambda: RetrievalCache(window_tokens, retrieve_frames, offload_dir=offload_dir, offload_budget=offload_budget)
+
+
+def usable_directory(path: Path) -> None:
+    """Make `path` if missing and check it takes files: a stream finds out now, not at its first
+    offload hours in."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"offload_dir {path} cannot be made: {error.strerror or error}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"offload_dir {path} is not writable")
 
 
 __all__ = ["MEMORIES", "memory_policy"]
