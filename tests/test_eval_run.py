@@ -255,6 +255,22 @@ def test_a_run_refuses_results_written_with_another_config(ovo: Path, reference:
     assert output.read_bytes() == reference[0].read_bytes()
 
 
+def test_results_written_before_a_setting_existed_resume_at_its_default(ovo: Path, reference: tuple[Path, int],
+                                                                       tmp_path: Path) -> None:
+    lines = reference[0].read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["config"]["stc"]["cacher"].pop("granularity") == "token"  # as before the setting existed
+    output = tmp_path / "older.jsonl"
+    output.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    benchmark = load_benchmark("ovobench", ovo / "ovo_bench_new.json", ovo / "videos")
+    evaluation = EvalRun(benchmark, SPEC, output, SETTINGS)
+    assert evaluation.resumed and evaluation.pending_questions == 0
+    header["config"]["stc"]["cacher"]["granularity"] = "merge_block"  # a different setting still differs
+    output.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(ResultsMismatchError, match="granularity"):
+        EvalRun(benchmark, SPEC, output, SETTINGS)
+
+
 @pytest.mark.slow  # a local Ray cluster and two actors, each building a session
 def test_ray_two_actor_run_equals_the_single_process_run(ovo: Path, reference: tuple[Path, int],
                                                          tmp_path: Path) -> None:

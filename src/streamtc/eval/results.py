@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -179,11 +179,13 @@ class ResultsWriter:
     """Appends records to a results file, one fsync'ed line each.
 
     Opening an existing file checks its header against `header` (same `config`, else
-    `ResultsMismatchError`), cuts off a partial last line, and exposes what was already there as
-    `existing` (None for a new file).
+    `ResultsMismatchError`; `upgrade` first brings the file's config to the current form, e.g.
+    settings added since it was written, at the defaults it ran with), cuts off a partial last line,
+    and exposes what was already there as `existing` (None for a new file).
     """
 
-    def __init__(self, path: str | Path, header: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, header: dict[str, Any],
+                 upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.path = Path(path)
         if header.get("type") != "header" or "config" not in header:
             raise ConfigError("a results header needs type 'header' and a 'config'")
@@ -191,7 +193,8 @@ class ResultsWriter:
         self._handle = None
         if self.path.exists() and self.path.stat().st_size > 0:
             self.existing = read_results(self.path)
-            differences = config_differences(self.existing.config, header["config"])
+            written = self.existing.config if upgrade is None else upgrade(self.existing.config)
+            differences = config_differences(written, header["config"])
             if differences:
                 raise ResultsMismatchError(
                     f"{self.path} was written with a different configuration ({', '.join(differences)}); "

@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..config import STCConfig
+from ..errors import ConfigError
 from ..factory import SessionSpec
 from ..measure import environment
 from .benchmarks import protocol_of
@@ -31,6 +33,21 @@ from .scoring import judge_record, score, timing_summary
 from .streaming import STREAM_VERSION, EvalSettings, problem_record, run_video
 
 logger = logging.getLogger(__name__)
+
+
+def with_current_stc_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A results file's config with STC settings added since it was written filled in at their
+    defaults, which is what that run used (settings that no longer exist stay, and differ)."""
+    def current(stc: dict[str, Any] | None) -> dict[str, Any] | None:
+        try:
+            return None if stc is None else STCConfig.from_dict(stc).to_dict()
+        except (ConfigError, TypeError):
+            return stc
+
+    upgraded = {**config, "stc": current(config.get("stc"))}
+    if isinstance(config.get("variant"), dict):
+        upgraded["variant"] = {**config["variant"], "stc": current(config["variant"].get("stc"))}
+    return upgraded
 
 
 def run_config(benchmark: Benchmark, spec: SessionSpec, settings: EvalSettings, protocol: str) -> dict[str, Any]:
@@ -86,7 +103,7 @@ class EvalRun:
             "videos": str(benchmark.videos),
             "environment": environment(device, config),
         }
-        self.writer = ResultsWriter(self.output, header)
+        self.writer = ResultsWriter(self.output, header, upgrade=with_current_stc_fields)
         existing = self.writer.existing
         if existing is not None and existing.planned != benchmark.questions:
             self.writer.write({"type": "plan", "questions": benchmark.questions})
