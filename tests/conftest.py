@@ -15,6 +15,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -115,17 +116,22 @@ def make_frames() -> Callable[..., np.ndarray]:
     return drifting_frames
 
 
-@pytest.fixture(scope="session")
-def transport_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bikes clip remuxed into an MPEG transport stream (.ts), which declares no duration; read only."""
-    path = tmp_path_factory.mktemp("footage") / "bikes.ts"
-    with av.open(str(builtin_clip_path())) as src, av.open(str(path), "w", format="mpegts") as out:
+def remux_bikes(path: Path, **output_options: Any) -> Path:
+    """The bikes clip's video packets, unchanged, in a new container at `path` (`av.open` options:
+    format=..., options={...})."""
+    with av.open(str(builtin_clip_path())) as src, av.open(str(path), "w", **output_options) as out:
         stream = out.add_stream_from_template(src.streams.video[0])
         for packet in src.demux(video=0):
             if packet.dts is not None:
                 packet.stream = stream
                 out.mux(packet)
     return path
+
+
+@pytest.fixture(scope="session")
+def transport_stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bikes clip remuxed into an MPEG transport stream (.ts), which declares no duration; read only."""
+    return remux_bikes(tmp_path_factory.mktemp("footage") / "bikes.ts", format="mpegts")
 
 
 # -- live streams on 127.0.0.1 ---------------------------------------------------------------------

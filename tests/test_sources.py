@@ -27,6 +27,8 @@ from streamtc import sources
 from streamtc.errors import ConfigError, InputError, StreamStateError, VideoSourceError
 from streamtc.sources import ArraySource, FrameSampler, PyAVSource, builtin_clip_path, open_source
 
+from conftest import remux_bikes
+
 RATE = 25  # frames per second of the clip and of the test streams
 
 
@@ -126,14 +128,7 @@ def test_missing_non_video_and_truncated_files_raise_naming_the_file(tmp_path: P
 @pytest.fixture(scope="module")
 def faststart_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bikes clip remuxed with its index first, as streaming-friendly files are."""
-    path = tmp_path_factory.mktemp("faststart") / "faststart.mp4"
-    with av.open(str(builtin_clip_path())) as src, av.open(str(path), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(video=0):
-            if packet.dts is not None:
-                packet.stream = stream
-                out.mux(packet)
-    return path
+    return remux_bikes(tmp_path_factory.mktemp("faststart") / "faststart.mp4", options={"movflags": "faststart"})
 
 
 def test_truncated_faststart_files_raise_mid_packet_and_at_a_packet_boundary(

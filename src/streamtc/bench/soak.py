@@ -64,13 +64,17 @@ class SoakConfig:
 
     def __post_init__(self) -> None:
         for name in ("frames", "question_every", "sample_every", "window_tokens", "retrieve_frames", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(getattr(self, name), name)
         for name in ("vit_layers", "text_layers"):
             positive_int(getattr(self, name), name, optional=True)
         if not 0 <= self.warmup < self.frames:
             raise ConfigError(f"warmup must be in [0, frames), got {self.warmup!r}")
+
+    @property
+    def depth(self) -> str:
+        """The depth overrides as a label, e.g. ", vision layers 2, text layers 2" ("" for none)."""
+        return "".join(f", {name} layers {value}" for name, value in (("vision", self.vit_layers),
+                                                                     ("text", self.text_layers)) if value)
 
 
 def resident_bytes() -> int:
@@ -198,9 +202,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    depth = "".join(f", {value} {name} layers" for name, value in (("vision", config["vit_layers"]),
-                                                                  ("text", config["text_layers"])) if value)
-    figure.suptitle(f"soak: {config['preset']}{depth}, {config['frames']} frames, "
+    figure.suptitle(f"soak: {config['preset']}{SoakConfig(**config).depth}, {config['frames']} frames, "
                     f"question every {config['question_every']}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -303,14 +303,13 @@ def bench_soak(
 
     torch.set_num_threads(threads)
     config = SoakConfig(
-        preset=preset, vit_layers=vit_layers, text_layers=text_layers, frames=frames, question_every=question_every, sample_every=sample_every, warmup=warmup,
+        preset=preset, vit_layers=vit_layers, text_layers=text_layers, frames=frames, question_every=question_every,
+        sample_every=sample_every, warmup=warmup,
         window_tokens=window_tokens, retrieve_frames=retrieve_frames,
         offload_dir=str(offload_dir) if offload_dir else None, offload_budget=offload_budget, stc=stc,
     )
     results = run_soak(config, [m.strip() for m in memory.split(",") if m.strip()], output, progress=console.print)
-    depth = "".join(f", {name} {value}" for name, value in (("vision layers", vit_layers),
-                                                              ("text layers", text_layers)) if value is not None)
-    table = Table(title=f"soak: {frames} frames of {preset}{depth}")
+    table = Table(title=f"soak: {frames} frames of {preset}{config.depth}")
     for column in ("memory", "RSS spread", "RSS growth MiB", "ms/frame first -> last", "disk peak MiB",
                    "open files", "TTFT ms (last)"):
         table.add_column(column)

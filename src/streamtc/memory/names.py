@@ -37,9 +37,8 @@ def memory_policy(kind: str, window_tokens: int = 15_000, retrieve_frames: int =
     if kind == "window":
         SlidingWindowCache(window_tokens)
         return lambda: SlidingWindowCache(window_tokens)
-    RetrievalCache(window_tokens, retrieve_frames, offload_budget=offload_budget,
-                   offload_dir=offload_dir)  # validates; makes no directory before the first offload
-    if offload_dir is not None:
+    RetrievalCache(window_tokens, retrieve_frames, offload_budget=offload_budget, offload_dir=offload_dir)  # validates
+    if offload_dir is not None:  # each stream's private directory is made in it at its first offload
         usable_directory(Path(offload_dir))
     return lambda: RetrievalCache(window_tokens, retrieve_frames, offload_dir=offload_dir, offload_budget=offload_budget)
 

@@ -66,8 +66,9 @@ class StreamRequest(BaseModel):
 
     def to_spec(self) -> StreamSpec:
         stc = self.stc if self.stc in ("default", None) else STCConfig.from_dict(self.stc)
-        return StreamSpec(source=self.source, fps=self.fps, stc=stc, memory=self.memory, window_tokens=self.window_tokens,
-                          realtime=self.realtime, loop=self.loop, max_seconds=self.max_seconds, name=self.name)
+        return StreamSpec(source=self.source, fps=self.fps, stc=stc, memory=self.memory,
+                          window_tokens=self.window_tokens, realtime=self.realtime, loop=self.loop,
+                          max_seconds=self.max_seconds, name=self.name)
 
 
 class AskRequest(BaseModel):

@@ -157,13 +157,11 @@ class ServeMemory:
             return kind, None
         return kind, spec.window_tokens or self.window_tokens
 
-    def policy(self, kind: str, window_tokens: int | None) -> Callable[[], Any] | None:
-        """The cache-policy factory of a resolved memory (None: the session's default full cache)."""
-        if kind == "full":
-            return None
-        offload = kind == "retrieval" and self.offload_dir is not None
+    def policy(self, kind: str, window_tokens: int | None) -> Callable[[], Any]:
+        """The cache-policy factory of a resolved memory (the offload settings go to retrieval only)."""
+        retrieval = kind == "retrieval"
         return memory_policy(kind, window_tokens or self.window_tokens, self.retrieve_frames,
-                             self.offload_dir if offload else None, self.offload_budget if offload else None)
+                             self.offload_dir if retrieval else None, self.offload_budget if retrieval else None)
 
 
 @dataclass(frozen=True)
@@ -884,6 +882,6 @@ def resident_memory_bytes() -> int:
 
 
 __all__ = [
-    "AccessDenied", "Engine", "LimitExceeded", "ServeError", "ServeLimits", "ServeMemory", "SourcePolicy", "StreamClosed",
-    "StreamNotFound", "StreamSpec", "decode_frame", "encode_jpeg", "resident_memory_bytes",
+    "AccessDenied", "Engine", "LimitExceeded", "ServeError", "ServeLimits", "ServeMemory", "SourcePolicy",
+    "StreamClosed", "StreamNotFound", "StreamSpec", "decode_frame", "encode_jpeg", "resident_memory_bytes",
 ]

@@ -89,8 +89,8 @@ async def open_local_backend(settings: ServerSettings, id_prefix: str = "") -> A
 
     backend = await LocalBackend.start(
         lambda: load_base_session(settings), settings.model_name, default_stc=settings.default_stc,
-        limits=settings.limits, sources=settings.sources, memory=settings.memory, threads=settings.threads, id_prefix=id_prefix,
-        persist_dir=settings.persist_dir,
+        limits=settings.limits, sources=settings.sources, memory=settings.memory, threads=settings.threads,
+        id_prefix=id_prefix, persist_dir=settings.persist_dir,
     )
     backend.engine.resume()
     return backend
