@@ -705,7 +705,9 @@ class StreamingSession:
         system prompt, memory policy class); `restore` makes such a session from the save itself."""
         self._check_open()
         snapshot = open_snapshot(directory)
-        return self._load_snapshot(snapshot, read_json(snapshot / "session.json"))
+        record = read_json(snapshot / "session.json")
+        _check_same_model(record["settings"], self.model, self.tokenizer)
+        return self._load_snapshot(snapshot, record)
 
     @classmethod
     def restore(cls, directory: str | Path, model: PreTrainedModel, tokenizer: Any = None, *,
@@ -737,11 +739,15 @@ class StreamingSession:
             raise
 
     def _settings_record(self) -> dict[str, Any]:
-        """What a save must match to be loaded into a session (JSON)."""
+        """What a save must match to be loaded into a session (JSON): the model and tokenizer, and
+        the stream settings."""
+        return {"model": model_fingerprint(self.model), "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                **self._stream_settings()}
+
+    def _stream_settings(self) -> dict[str, Any]:
+        """The settings a saved stream and the session it loads into must share (JSON-ready)."""
         policy = self._policy
         return {
-            "model": model_fingerprint(self.model),
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "host": {"class": type(self.host).__name__, "protocol": self.host.protocol,
                      "settings": self.host.settings()},
             "stc": None if self.stc is None else self.stc.to_dict(),
@@ -773,10 +779,10 @@ class StreamingSession:
         }
 
     def _load_snapshot(self, snapshot: Path, record: dict[str, Any]) -> Self:
-        """Load a verified snapshot into this session; nothing changes unless all of it loads."""
+        """Load a verified snapshot, saved on this session's model and tokenizer (checked by the
+        caller), into this session; nothing changes unless all of it loads."""
         settings = record["settings"]
-        _check_same_model(settings, self.model, self.tokenizer)
-        expected = json.loads(json.dumps(self._settings_record(), default=str))
+        expected = json.loads(json.dumps(self._stream_settings(), default=str))
         for key in ("host", "stc", "system_prompt", "chunk_frames", "prefill_min_tokens"):
             if settings[key] != expected[key]:
                 raise SnapshotError(f"the stream was saved with {key}={settings[key]!r}, this session has "
