@@ -17,7 +17,7 @@ from .common import OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption,
 
 def serve(
     model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision, "
-                                                   "Qwen2-VL, Qwen2.5-VL). "
+                                                   "Qwen2-VL, Qwen2.5-VL, Qwen3-VL). "
                                                    "Overrides --preset.")] = None,
     preset: Annotated[str, typer.Option(help="Built-in architecture with random weights")] = "tiny-llava-ov",
     host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --token")] = "127.0.0.1",
@@ -60,6 +60,9 @@ def serve(
                                                          "127.0.0.1)")] = None,
     persist_dir: Annotated[Path | None, typer.Option(help="Save every stream's memory here at shutdown (and on "
                                                           "SIGTERM) and resume the saved streams at start")] = None,
+    allow_origin: Annotated[list[str] | None, typer.Option(help="Browser origin (scheme://host:port) besides the "
+                                                                "server's own whose pages may open the websockets "
+                                                                "and change streams (repeatable)")] = None,
 ) -> None:
     """Serve live streams on one loaded model: HTTP/websocket API, a web page at /, OpenAI-style chat."""
     from ..serve.server import run
@@ -77,9 +80,9 @@ def serve(
         sources=SourcePolicy(allow_dirs=tuple(p.expanduser().resolve() for p in allow_dir or ()),
                              allow_schemes=frozenset(s.lower() for s in allow_scheme or ())),
         host=host, port=port, token=token, threads=threads, replicas=replicas if ray else None,
-        ray_address=ray_address, persist_dir=persist_dir,
+        ray_address=ray_address, persist_dir=persist_dir, allow_origins=tuple(allow_origin or ()),
     )
-    where = f"http://{host}:{port}/"
+    where = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     typer.echo(f"streamtc serve: {settings.model_name} on {where}" + (" (token required)" if token else "")
                + (f", {replicas} Ray Serve replicas" if ray else ""))
     if model is None:

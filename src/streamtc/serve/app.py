@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamStateError, StreamTCError, VideoSourceError
-from .engine import DEFAULT_NEW_TOKENS, LimitExceeded, ServeError, ServeLimits, StreamSpec
+from .engine import DEFAULT_NEW_TOKENS, LimitExceeded, ServeError, ServeLimits, StreamSpec, origin_of
 
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -113,23 +113,35 @@ def _chat_question(messages: list[ChatMessage]) -> str:
 # -- security ---------------------------------------------------------------------------------------
 
 
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 class Guard:
-    """ASGI middleware: bearer token on every HTTP request and websocket (when a token is set), and
-    request bodies capped at `max_body` bytes (413), whether or not they declare their length.
+    """ASGI middleware: the browser origin, the bearer token (when one is set) and the body size.
 
-    The token is taken from `Authorization: Bearer`, a `?token=` query parameter or the
-    `streamtc_token` cookie. A request authorised by the query parameter gets that cookie
-    (HttpOnly, SameSite=Strict), so the page opened as `/?token=...` can load its scripts and
-    images, which a browser fetches without headers."""
+    Origin: a websocket handshake, or a state-changing request (POST, PUT, PATCH, DELETE), that
+    carries an `Origin` header (every browser sends one) is refused (403) unless the origin is the
+    server's own (the request's `Host`) or one of `allow_origins`: a page on another origin, even
+    another port of the same host, whose requests a browser would send with the token cookie,
+    can neither open the websockets nor change streams. Clients that send no `Origin` (scripts,
+    the `openai` client, curl) are not affected.
 
-    def __init__(self, app: Any, token: str | None, max_body: int) -> None:
+    Token: taken from `Authorization: Bearer`, a `?token=` query parameter or the `streamtc_token`
+    cookie. A request authorised by the query parameter gets that cookie (HttpOnly,
+    SameSite=Strict), so the page opened as `/?token=...` can load its scripts and images, which a
+    browser fetches without headers.
+
+    Size: request bodies are capped at `max_body` bytes (413), whether or not they declare their
+    length."""
+
+    def __init__(self, app: Any, token: str | None, max_body: int, allow_origins: tuple[str, ...] = ()) -> None:
         self.app, self.token, self.max_body = app, token, max_body
+        self.allow_origins = frozenset(filter(None, map(origin_of, allow_origins)))
 
-    def _credentials(self, scope: dict[str, Any]) -> tuple[bool, bool]:
+    def _credentials(self, scope: dict[str, Any], headers: dict[str, str]) -> tuple[bool, bool]:
         """(authorised, authorised by the query parameter)."""
         if self.token is None:
             return True, False
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         scheme, _, value = headers.get("authorization", "").partition(" ")
         cookies = dict(part.strip().partition("=")[::2] for part in headers.get("cookie", "").split(";") if "=" in part)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
@@ -141,20 +153,40 @@ class Guard:
         return by_query or matches([value.strip()] if scheme.lower() == "bearer" else []) or matches(
             [cookies.get(COOKIE, "")]), by_query
 
+    def _foreign_origin(self, scope: dict[str, Any], headers: dict[str, str]) -> str | None:
+        """The request's `Origin` when it must be refused: a websocket or state-changing request
+        from a browser page on an origin that is neither the server's own nor allowed."""
+        if "origin" not in headers or (scope["type"] == "http" and scope["method"] not in STATE_CHANGING):
+            return None
+        offered = headers["origin"]
+        origin = origin_of(offered)
+        scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+        if origin is not None and (origin in self.allow_origins
+                                   or origin == origin_of(f"{scheme}://{headers.get('host', '')}")):
+            return None
+        return offered
+
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        authorised, by_query = self._credentials(scope)
-        if not authorised:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        foreign = self._foreign_origin(scope, headers)
+        authorised, by_query = self._credentials(scope, headers)
+        if foreign is not None or not authorised:
+            reason = (f"origin {foreign} is not this server's; start the server with --allow-origin {foreign} to "
+                      "allow pages from it" if foreign is not None else "missing or wrong bearer token")
             if scope["type"] == "websocket":
                 await receive()  # websocket.connect
-                await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong bearer token"})
+                await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
                 return
-            response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            if foreign is not None:
+                response = JSONResponse({"error": reason}, status_code=403)
+            else:
+                response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
         if scope["type"] == "http":
-            length = dict(scope.get("headers", [])).get(b"content-length")
+            length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 response = JSONResponse({"error": f"request body of {int(length)} bytes exceeds the limit of "
                                                   f"{self.max_body} bytes (--max-upload-bytes)"}, status_code=413)
@@ -217,7 +249,7 @@ def _validation_message(error: RequestValidationError) -> tuple[int, str]:
 
 
 def build_app(open_backend: Callable[[], Awaitable[Any]], *, token: str | None = None,
-              limits: ServeLimits = ServeLimits()) -> FastAPI:
+              limits: ServeLimits = ServeLimits(), allow_origins: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app; `open_backend()` is awaited at start-up (the model loads then) and the
     backend's `close()` at shutdown (streams closed)."""
 
@@ -230,7 +262,8 @@ def build_app(open_backend: Callable[[], Awaitable[Any]], *, token: str | None =
             await app.state.backend.close()
 
     app = FastAPI(title="streamtc serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.add_middleware(Guard, token=token, max_body=limits.max_upload_bytes + 64 * 1024)
+    app.add_middleware(Guard, token=token, max_body=limits.max_upload_bytes,
+                       allow_origins=allow_origins)
 
     def backend() -> Any:
         return app.state.backend

@@ -242,6 +242,21 @@ class StreamSpec:
             raise ConfigError("loop and max_seconds apply to server-read sources; a push stream has no source")
 
 
+def origin_of(url: str) -> str | None:
+    """`url` as an origin, "scheme://host:port" (default port written out, host lowercased), or
+    None when it is not an http(s) origin."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}"
+
+
+
 # -- frames -------------------------------------------------------------------------------------
 
 
@@ -883,5 +898,5 @@ def resident_memory_bytes() -> int:
 
 __all__ = [
     "AccessDenied", "Engine", "LimitExceeded", "ServeError", "ServeLimits", "ServeMemory", "SourcePolicy",
-    "StreamClosed", "StreamNotFound", "StreamSpec", "decode_frame", "encode_jpeg", "resident_memory_bytes",
+    "StreamClosed", "StreamNotFound", "StreamSpec", "decode_frame", "encode_jpeg", "origin_of", "resident_memory_bytes",
 ]

@@ -15,7 +15,7 @@ from ..config import STCConfig
 from ..errors import ConfigError
 from ..factory import SessionSpec
 from ..session import StreamingSession
-from .engine import ServeLimits, ServeMemory, SourcePolicy
+from .engine import ServeLimits, ServeMemory, SourcePolicy, origin_of
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -60,13 +60,18 @@ class ServerSettings:
     ray_address: str | None = None
     replica_cpus: float = 1.0
     persist_dir: Path | None = None
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.token is not None and (len(self.token) < 8 or self.token != self.token.strip()):
+            raise ConfigError("--token must be at least 8 characters, with no space at either end")
         if not is_loopback(self.host) and not self.token:
             raise ConfigError(f"binding {self.host} exposes the server to the network: give --token TOKEN "
                               "(bearer auth on every endpoint), or bind 127.0.0.1")
-        if self.token is not None and len(self.token) < 8:
-            raise ConfigError("--token must be at least 8 characters")
+        for origin in self.allow_origins:
+            if origin_of(origin) is None:
+                raise ConfigError(f"--allow-origin {origin!r} is not an origin; give scheme://host[:port], "
+                                  "e.g. http://127.0.0.1:9000")
         positive_int(self.replicas, "replicas", optional=True)
         if self.persist_dir is not None and self.replicas is not None:
             raise ConfigError("--persist-dir saves streams of an in-process server; it does not apply with --ray")
@@ -108,7 +113,7 @@ def make_app(settings: ServerSettings) -> Any:
             from .ray_backend import RayBackend
 
             return await RayBackend.start(settings, settings.model_name)
-    return build_app(opener, token=settings.token, limits=settings.limits)
+    return build_app(opener, token=settings.token, limits=settings.limits, allow_origins=settings.allow_origins)
 
 
 def _uvicorn_config(app: Any, settings: ServerSettings, **kwargs: Any) -> Any:
