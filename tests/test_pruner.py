@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamtc.config import PrunerConfig
+from streamtc.baselines.vit import FrameSkipping, UniformTokenDropping
+from streamtc.config import CacherConfig, PrunerConfig
 from streamtc.errors import ConfigError, InputError, StreamStateError
 from streamtc.pruner import Budget, PrunerState, STCPruner, TokenSelector
 from streamtc.pruner import functional as PF
+from streamtc.variants import Variant
 
 E = torch.eye(8)  # basis vectors e0..e7 of an 8-channel feature space
 
@@ -47,13 +49,37 @@ def test_budget_resolves_count_or_ratio(budget: Budget, num_tokens: int, expecte
 
 @pytest.mark.parametrize("kwargs", [
     {"tokens_per_frame": 0}, {"tokens_per_frame": -3}, {"tokens_per_frame": 2.5}, {"keep_ratio": 0.0},
-    {"keep_ratio": 1.5}, {"tokens_per_frame": 4, "keep_ratio": 0.5},
+    {"keep_ratio": 1.5}, {"keep_ratio": True}, {"tokens_per_frame": 4, "keep_ratio": 0.5},
 ])
 def test_bad_budget_raises_config_error(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         Budget(**kwargs)
     with pytest.raises(ConfigError):
         STCPruner(PrunerConfig(**kwargs))
+
+
+RATIO_SETTINGS = {  # every setting that is a share in (0, 1], built with the given value
+    "CacherConfig.update_ratio": lambda r: CacherConfig(update_ratio=r),
+    "CacherConfig.subsample_ratio": lambda r: CacherConfig(subsample_ratio=r),
+    "PrunerConfig.keep_ratio": lambda r: PrunerConfig(keep_ratio=r),
+    "Budget.keep_ratio": lambda r: Budget(keep_ratio=r),
+    "Variant.keep_ratio": lambda r: Variant("v", baseline="uniform", keep_ratio=r),
+    "FrameSkipping.rate": FrameSkipping,
+    "UniformTokenDropping.keep_ratio": UniformTokenDropping,
+}
+
+
+@pytest.mark.parametrize("setting", sorted(RATIO_SETTINGS))
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.0001, True, "0.5"])
+def test_every_ratio_setting_refuses_values_outside_zero_to_one(setting: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=r"must lie in \(0, 1\], got"):
+        RATIO_SETTINGS[setting](value)
+
+
+@pytest.mark.parametrize("setting", sorted(RATIO_SETTINGS))
+@pytest.mark.parametrize("value", [1, 1.0, 0.25, 1e-6])
+def test_every_ratio_setting_accepts_values_in_zero_to_one(setting: str, value: float) -> None:
+    RATIO_SETTINGS[setting](value)
 
 
 # --- pure functions -----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A count (frames, tokens, layers, streams, ...) is an `int` of at least 1; `bool` is refused although
 Python counts it as an int, and a float such as 2.0 is refused rather than silently truncated. The
-caller chooses the error type: `ConfigError` for settings, `InputError` for per-call input.
+caller chooses the error type: `ConfigError` for settings, `InputError` for per-call input. A ratio
+(a share of tokens, of frames, of a grid) is a real number in (0, 1], `bool` again refused.
 """
 
 from __future__ import annotations
@@ -30,4 +31,12 @@ def positive_int(
     raise error(f"{name} must be {expected}{f' ({hint})' if hint else ''}, got {value!r}")
 
 
-__all__ = ["is_positive_int", "positive_int"]
+def unit_ratio(value: Any, name: str, *, error: type[StreamTCError] = ConfigError) -> Any:
+    """Return value if it is an int or float in (0, 1] (not a bool); raise `error` naming `name`
+    otherwise, with one message form ("NAME must lie in (0, 1], got VALUE")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < float(value) <= 1.0:
+        return value
+    raise error(f"{name} must lie in (0, 1], got {value!r}")
+
+
+__all__ = ["is_positive_int", "positive_int", "unit_ratio"]

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
-from .checks import positive_int
+from .checks import positive_int, unit_ratio
 from .errors import ConfigError
 
 # The Pruner's default share of each frame's tokens: the paper's setting with the Cacher combined
@@ -108,8 +108,7 @@ class CacherConfig:
 
     def __post_init__(self) -> None:
         positive_int(self.cache_interval, "cache_interval", hint="1 refreshes every chunk")
-        if not isinstance(self.update_ratio, (int, float)) or not 0.0 < float(self.update_ratio) <= 1.0:
-            raise ConfigError(f"update_ratio must lie in (0, 1], got {self.update_ratio!r}")
+        unit_ratio(self.update_ratio, "update_ratio")
         _check_choice("selection", self.selection, ("per_layer", "shared"))
         _check_choice("granularity", self.granularity, ("token", "merge_block"))
         _check_choice("refresh", self.refresh, ("fixed", "adaptive"))
@@ -130,8 +129,7 @@ class CacherConfig:
         ):
             raise ConfigError(f"refresh_threshold is a relative pixel change >= 0 for refresh_signal='pixels', got {self.refresh_threshold!r}")
         _check_choice("over_budget", self.over_budget, ("reuse", "subsample"))
-        if not isinstance(self.subsample_ratio, (int, float)) or not 0.0 < float(self.subsample_ratio) <= 1.0:
-            raise ConfigError(f"subsample_ratio must lie in (0, 1], got {self.subsample_ratio!r}")
+        unit_ratio(self.subsample_ratio, "subsample_ratio")
         if not isinstance(self.subsample_threshold, (int, float)) or self.subsample_threshold < 0.0:
             raise ConfigError(f"subsample_threshold is a relative pixel change >= 0, got {self.subsample_threshold!r}")
         if self.over_budget == "subsample" and (self.refresh != "adaptive" or self.refresh_signal != "pixels"):
@@ -181,10 +179,8 @@ class PrunerConfig:
         if self.tokens_per_frame is None and self.keep_ratio is None:
             object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
         positive_int(self.tokens_per_frame, "tokens_per_frame", optional=True)
-        if self.keep_ratio is not None and (
-            not isinstance(self.keep_ratio, (int, float)) or not 0.0 < float(self.keep_ratio) <= 1.0
-        ):
-            raise ConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
+        if self.keep_ratio is not None:
+            unit_ratio(self.keep_ratio, "keep_ratio")
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha!r}")
         positive_int(self.history, "history", optional=True, hint="None is unbounded")

@@ -19,17 +19,85 @@ shared-weights view when the model is shared).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from .checks import unit_ratio
 from .config import DEFAULT_KEEP_RATIO, CacherConfig, PrunerConfig, STCConfig
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .hosts import VideoHost
 
-Baseline = Literal["uniform", "random", "vidcom2", "visionzip", "tome"]
-BASELINES: tuple[str, ...] = ("uniform", "random", "vidcom2", "visionzip", "tome")
+
+# -- the baselines: one entry each ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaselineEntry:
+    """One comparison method: what it is, and how it runs on a host.
+
+    options: (host, keep_ratio) -> the session arguments running it (a `selector` or an `encoder`),
+    applying any change of `host.model` for good. patches_model: whether it changes the model's
+    modules. merges_on_llava_or_qwen2: it only runs on LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL hosts
+    (on Qwen3-VL the DeepStack features would need merging too).
+    """
+
+    description: str
+    options: Callable[[VideoHost, float], dict[str, Any]]
+    patches_model: bool = False
+    merges_on_llava_or_qwen2: bool = False
+
+
+def _selector(class_name: str) -> Callable[[VideoHost, float], dict[str, Any]]:
+    """Options of a baseline that is a plain token selector from `streamtc.baselines`."""
+
+    def options(host: VideoHost, keep_ratio: float) -> dict[str, Any]:
+        from . import baselines
+
+        return {"selector": getattr(baselines, class_name)(keep_ratio=keep_ratio)}
+
+    return options
+
+
+def _visionzip_options(host: VideoHost, keep_ratio: float) -> dict[str, Any]:
+    """VisionZip's selector, hooked into the tower's last attention (LLaVA-OneVision: at the pooled grid)."""
+    from .baselines import VisionZipPruner
+
+    selector = VisionZipPruner(keep_ratio=keep_ratio)
+    return {"selector": selector.attach(host.model, pooled_size=getattr(host, "pooled_side", None))}
+
+
+def _tome_options(host: VideoHost, keep_ratio: float) -> dict[str, Any]:
+    """ToMe inside the ViT on LLaVA-OneVision (its tokens skip the pooling), on the merged tokens on Qwen-VL."""
+    from .baselines import ToMe, ToMeTokenMerger, tome_video_features
+    from .baselines.tome import min_keep_tokens
+
+    pooled_side = getattr(host, "pooled_side", None)  # LLaVA-OneVision's pooled grid
+    if pooled_side is None:
+        return {"selector": ToMeTokenMerger(keep_ratio=keep_ratio)}
+    config = host.vision_tower.config
+    tokens, layers = (config.image_size // config.patch_size) ** 2, config.num_hidden_layers
+    keep = max(1, round(keep_ratio * pooled_side**2))
+    ToMe(keep_tokens=max(keep, min_keep_tokens(tokens, layers))).apply(host.vision_tower)
+    return {"encoder": tome_video_features}
+
+
+BASELINE_REGISTRY: dict[str, BaselineEntry] = {
+    "uniform": BaselineEntry("evenly spaced tokens of each frame (the simplest selector)", _selector("UniformPruner")),
+    "random": BaselineEntry("tokens drawn at random per frame (seeded per stream)", _selector("RandomPruner")),
+    "vidcom2": BaselineEntry("VidCom2-style: frames that differ more from the video keep more tokens",
+                             _selector("VidCom2Pruner")),
+    "visionzip": BaselineEntry("VisionZip-style: the tokens the ViT's last attention looks at most, plus merged "
+                               "context tokens", _visionzip_options, patches_model=True, merges_on_llava_or_qwen2=True),
+    "tome": BaselineEntry("ToMe: tokens merged by similarity inside the ViT, layer by layer", _tome_options,
+                          patches_model=True, merges_on_llava_or_qwen2=True),
+}
+BASELINES: tuple[str, ...] = tuple(BASELINE_REGISTRY)
+
+
+# -- variants -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -45,7 +113,7 @@ class Variant:
 
     name: str
     stc: STCConfig | None = None
-    baseline: Baseline | None = None
+    baseline: str | None = None
     keep_ratio: float = 0.25
     delay_ms: float = 0.0
     description: str = ""
@@ -55,8 +123,7 @@ class Variant:
             raise ConfigError(f"unknown baseline {self.baseline!r}; choose from {', '.join(BASELINES)}")
         if self.baseline is not None and self.stc is not None:
             raise ConfigError(f"variant {self.name!r}: a baseline runs without STC")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
+        unit_ratio(self.keep_ratio, "keep_ratio")
 
     @property
     def uncompressed(self) -> bool:
@@ -66,7 +133,8 @@ class Variant:
     def patches_model(self) -> bool:
         """Whether running it changes the model's modules (see the module docstring)."""
         cacher = self.stc is not None and self.stc.cacher is not None
-        return cacher or self.baseline in ("tome", "visionzip") or self.delay_ms > 0
+        baseline = self.baseline is not None and BASELINE_REGISTRY[self.baseline].patches_model
+        return cacher or baseline or self.delay_ms > 0
 
     def describe(self) -> str:
         """One line: the exact settings the variant runs."""
@@ -112,7 +180,7 @@ class Variant:
                 check_attachable(host.model, self.stc.cacher)
             except UnsupportedModelError as error:
                 return str(error)
-        if self.baseline in ("tome", "visionzip") and (
+        if self.baseline is not None and BASELINE_REGISTRY[self.baseline].merges_on_llava_or_qwen2 and (
                 not isinstance(host, (LlavaOnevisionHost, QwenVLHost)) or isinstance(host, Qwen3VLHost)):
             return f"{self.baseline} needs a LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL host"
         return None
@@ -122,34 +190,15 @@ class Variant:
         baseline's `selector` or `encoder`); ToMe, VisionZip and the injected sleep are applied to
         `host.model` here, for good (the Cacher is attached by the session). ConfigError when the
         host cannot run it."""
-        from .baselines import (
-            RandomPruner, ToMe, ToMeTokenMerger, UniformPruner, VidCom2Pruner, VisionZipPruner, tome_video_features,
-        )
-        from .baselines.tome import min_keep_tokens
-
         reason = self.unsupported_reason(host)
         if reason is not None:
             raise ConfigError(f"variant {self.name!r}: {reason}")
         options: dict[str, Any] = {"stc": self.stc}
-        tower = host.vision_tower
-        pooled_side = getattr(host, "pooled_side", None)  # LLaVA-OneVision's pooled grid
-        if self.baseline == "tome" and pooled_side is None:  # Qwen-VL: ToMe on the merged tokens
-            options["selector"] = ToMeTokenMerger(keep_ratio=self.keep_ratio)
-        elif self.baseline == "tome":
-            config = tower.config
-            tokens, layers = (config.image_size // config.patch_size) ** 2, config.num_hidden_layers
-            keep = max(1, round(self.keep_ratio * pooled_side**2))
-            ToMe(keep_tokens=max(keep, min_keep_tokens(tokens, layers))).apply(tower)
-            options["encoder"] = tome_video_features
-        elif self.baseline == "visionzip":
-            selector = VisionZipPruner(keep_ratio=self.keep_ratio)
-            options["selector"] = selector.attach(host.model, pooled_size=pooled_side)
-        elif self.baseline is not None:
-            selector_class = {"uniform": UniformPruner, "random": RandomPruner, "vidcom2": VidCom2Pruner}[self.baseline]
-            options["selector"] = selector_class(keep_ratio=self.keep_ratio)
+        if self.baseline is not None:
+            options.update(BASELINE_REGISTRY[self.baseline].options(host, self.keep_ratio))
         if self.delay_ms > 0:
             delay = self.delay_ms / 1e3
-            tower.register_forward_hook(lambda module, args, output: time.sleep(delay))
+            host.vision_tower.register_forward_hook(lambda module, args, output: time.sleep(delay))
         return options
 
 
@@ -165,14 +214,6 @@ def _stc(**cacher_options: Any) -> STCConfig:
     return STCConfig(cacher=CacherConfig(cache_interval=2, update_ratio=0.25, **cacher_options),
                      pruner=PrunerConfig(keep_ratio=DEFAULT_KEEP_RATIO))
 
-
-_BASELINE_DESCRIPTIONS = {
-    "uniform": "evenly spaced tokens of each frame (the simplest selector)",
-    "random": "tokens drawn at random per frame (seeded per stream)",
-    "vidcom2": "VidCom2-style: frames that differ more from the video keep more tokens",
-    "visionzip": "VisionZip-style: the tokens the ViT's last attention looks at most, plus merged context tokens",
-    "tome": "ToMe: tokens merged by similarity inside the ViT, layer by layer",
-}
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -202,7 +243,8 @@ VARIANTS: dict[str, Variant] = {
                         "N=2 would, at least every 8 chunks)"),
         Variant("stc compiled", _stc(compile_mode="default"),
                 description="STC with the Cacher's patched forwards compiled by torch.compile"),
-        *(Variant(f"{name} 25%", baseline=name, description=_BASELINE_DESCRIPTIONS[name]) for name in BASELINES),
+        *(Variant(f"{name} 25%", baseline=name, description=entry.description)
+          for name, entry in BASELINE_REGISTRY.items()),
     ]
 }
 
@@ -216,4 +258,4 @@ def get_variant(name: str) -> Variant:
                           "(`streamtc variants` describes them)") from None
 
 
-__all__ = ["BASELINES", "VARIANTS", "Baseline", "Variant", "get_variant"]
+__all__ = ["BASELINES", "BASELINE_REGISTRY", "VARIANTS", "BaselineEntry", "Variant", "get_variant"]

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..cacher.cacher import encoder_layers, mlp_width, prefix_tokens
 from ..cacher.functional import layer_flops, nearest_kept, strided_grid_index
+from ..checks import unit_ratio
 from ..errors import ConfigError
 
 
@@ -28,9 +29,7 @@ class FrameSkipping:
     """Full forward on a share `rate` of the frames, the last full output reused for the others."""
 
     def __init__(self, rate: float) -> None:
-        if not 0.0 < rate <= 1.0:
-            raise ConfigError(f"rate must lie in (0, 1], got {rate!r}")
-        self.rate = rate
+        self.rate = unit_ratio(rate, "rate")
         self.reset()
 
     def reset(self) -> None:
@@ -65,9 +64,7 @@ class UniformTokenDropping:
     """Every frame encoded on an evenly strided subset of its patch tokens; dropped tokens copy the nearest kept one."""
 
     def __init__(self, keep_ratio: float) -> None:
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ConfigError(f"keep_ratio must lie in (0, 1], got {keep_ratio!r}")
-        self.keep_ratio = keep_ratio
+        self.keep_ratio = unit_ratio(keep_ratio, "keep_ratio")
         self.reset()
 
     def reset(self) -> None:

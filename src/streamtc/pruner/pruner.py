@@ -32,8 +32,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..checks import positive_int
-from ..config import DEFAULT_KEEP_RATIO, PrunerConfig
+from ..config import PrunerConfig
 from ..errors import ConfigError, StreamStateError
 from . import functional as PF
 from .functional import KeptTokens
@@ -42,23 +41,16 @@ from .functional import KeptTokens
 class Budget:
     """Per-frame token budget: a count (tokens_per_frame) or a share of P (keep_ratio).
 
-    Give at most one; with neither, keep_ratio is DEFAULT_KEEP_RATIO, as in PrunerConfig.
+    Give at most one; with neither, keep_ratio is DEFAULT_KEEP_RATIO. The rules are PrunerConfig's:
+    the budget is read from a PrunerConfig made of the two values, which validates them.
     """
 
     tokens_per_frame: int | None = None
     keep_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if self.tokens_per_frame is not None and self.keep_ratio is not None:
-            raise ConfigError("give either tokens_per_frame or keep_ratio, not both")
-        if self.tokens_per_frame is None and self.keep_ratio is None:
-            object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
-        positive_int(self.tokens_per_frame, "tokens_per_frame", optional=True, hint="the token budget per frame")
-        if self.keep_ratio is not None and (
-            isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float))
-            or not 0.0 < float(self.keep_ratio) <= 1.0
-        ):
-            raise ConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
+        config = PrunerConfig(tokens_per_frame=self.tokens_per_frame, keep_ratio=self.keep_ratio)
+        object.__setattr__(self, "keep_ratio", config.keep_ratio)
 
     def resolve(self, num_tokens: int) -> int:
         """Tokens to keep from a frame of num_tokens: the budget, at least 1, at most num_tokens."""
