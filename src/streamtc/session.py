@@ -610,10 +610,11 @@ class StreamingSession:
             return self.host.logits(hidden)[0].float().cpu()
 
     def ask(self, question: str, options: Sequence[str] | None = None, max_new_tokens: int = 64,
-            answer_prefix: str = "") -> Answer:
+            answer_prefix: str = "", on_token: Callable[[int], None] | None = None) -> Answer:
         """Answer `question` about the video so far, greedily; with options, a multiple-choice
         prompt and the parsed letter. answer_prefix: text the answer turn starts with (pre-filled,
-        not part of `text`; e.g. a benchmark's "Best option: ("). The cache is restored to the
+        not part of `text`; e.g. a benchmark's "Best option: ("). on_token: called with each answer
+        token id as soon as it is generated (streamed answers). The cache is restored to the
         video-only state afterwards. Pending visual tokens are pre-filled first (`flush`); that
         time counts in ttft_ms."""
         self._check_open()
@@ -632,6 +633,8 @@ class StreamingSession:
             first_token = self._clock()
             while token not in self._stop_ids:
                 generated.append(token)
+                if on_token is not None:
+                    on_token(token)
                 if len(generated) == max_new_tokens:
                     break
                 hidden = self._forward_text(self.host.embed([token])[None], cache)
