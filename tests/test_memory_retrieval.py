@@ -1,7 +1,9 @@
 """RetrievalCache (ReKV memory) on tiny presets: equal to FullCache when every offloaded block is
-retrieved or nothing was offloaded (LLaVA-OV and Qwen2-VL), the blocks chosen are a plain top-k of
-the stored representatives, eviction across questions, STC composes, host and disk stores, the disk
-budget, disk faults (skipped or a clear error, never a wrong block) and save/restore of the policy."""
+retrieved or nothing was offloaded (LLaVA-OV, Qwen2-VL, Qwen2.5-VL, Qwen3-VL), the blocks chosen are
+a plain top-k of the stored representatives (scored with a query computed here: Qwen3-VL's QK-norm
+included), eviction across questions, STC composes, host and disk stores, the disk budget, disk
+faults (skipped or a clear error, never a wrong block), save/restore of the policy, and memories a
+model cannot run refused when the session spec is made."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from transformers import DynamicCache
 
 from streamtc import PrunerConfig, STCConfig
 from streamtc.errors import ConfigError, OffloadError
+from streamtc.factory import SessionSpec
 from streamtc.memory import FullCache, RetrievalCache, SlidingWindowCache, memory_policy, select_blocks
-from streamtc.memory.retrieval import ROTARY_FUNCTIONS, attention_layers
+from streamtc.memory.retrieval import QUERY_FUNCTIONS, attention_layers
 from streamtc.session import StreamingSession
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-6  # float32 noise is about 1e-7; a token at a wrong position moves logits by 1e-4
 QUESTION = "What is the man holding?"
 ALL = 10**6  # pre-fill everything pending in one forward / retrieve every block
 
@@ -44,16 +47,26 @@ def qwen25() -> StreamingSession:
     return StreamingSession.from_preset("qwen2.5-vl-tiny", stc=None)
 
 
+@pytest.fixture(scope="module")
+def qwen3() -> StreamingSession:
+    return StreamingSession.from_preset("qwen3-vl-tiny", stc=None)
+
+
 def twin(base: StreamingSession, policy, **kwargs) -> StreamingSession:
     """A session on `base`'s model with another cache policy."""
     return StreamingSession(base.model, base.tokenizer, None, cache_policy=policy, **kwargs)
 
 
 def frame_tokens(base: StreamingSession) -> int:
-    """Tokens one pruner frame (a LLaVA-OV frame, a Qwen-VL temporal patch) appends, uncompressed."""
+    """Cache tokens one pruner frame (a LLaVA-OV frame, a Qwen-VL temporal patch; Qwen3-VL: with its
+    timestamp and vision start / end) appends, uncompressed: the cache's growth over one step."""
     probe = twin(base, FullCache, prefill_min_tokens=1)
-    probe.push(make_frames(probe.host.frames_per_step, seed=9))
-    return probe.stats.visual_tokens
+    step = probe.host.frames_per_step
+    frames = make_frames(2 * step, seed=9)
+    probe.push(frames[:step])
+    before = probe._cache.get_seq_length()
+    probe.push(frames[step:])
+    return probe._cache.get_seq_length() - before
 
 
 def read_blocks(policy: RetrievalCache, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,13 +127,24 @@ def test_bad_settings_and_models_raise(tmp_path: Path) -> None:
         RetrievalCache(10, offload_dir="x", offload_budget=-1)
     with pytest.raises(Exception, match="Qwen2Attention"):
         attention_layers(torch.nn.Linear(2, 2))
-    assert {cls.__name__ for cls in ROTARY_FUNCTIONS} == {"Qwen2Attention", "Qwen2VLAttention", "Qwen2_5_VLAttention"}
+    assert {cls.__name__ for cls in QUERY_FUNCTIONS} == {"Qwen2Attention", "Qwen2VLAttention", "Qwen2_5_VLAttention",
+                                                         "Qwen3VLTextAttention"}
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava-ov", "qwen2-vl-tiny", "qwen3-vl-tiny"])
+def test_a_memory_the_model_cannot_run_is_refused_when_the_spec_is_made(preset: str) -> None:
+    """StreamingVLM's window keeps per-chunk turns, which only the livecc protocol has: refused
+    before any model is built; retrieval runs on every host."""
+    with pytest.raises(ConfigError, match="streaming-vlm.*'livecc' prompt protocol.*runs protocol 'video'"):
+        SessionSpec(preset=preset, memory="streaming-vlm")
+    SessionSpec(preset=preset, memory="retrieval", window_tokens=100)
+    SessionSpec(preset="livecc-tiny", memory="streaming-vlm")
 
 
 # -- exactness against FullCache --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["llava", "qwen"])
+@pytest.mark.parametrize("host", ["llava", "qwen", "qwen3"])
 def test_a_window_larger_than_the_stream_equals_the_full_cache(host: str, request) -> None:
     base = request.getfixturevalue(host)
     frames = make_frames(8)
@@ -137,11 +161,12 @@ def test_a_window_larger_than_the_stream_equals_the_full_cache(host: str, reques
     assert memory._policy.last_retrieved == []
 
 
-@pytest.mark.parametrize("host", ["llava", "qwen", "qwen25"])
+@pytest.mark.parametrize("host", ["llava", "qwen", "qwen25", "qwen3"])
 def test_retrieving_every_offloaded_block_equals_the_full_cache(host: str, request) -> None:
     """All frames pre-filled in one forward (so the window's frames attended to every earlier frame,
     as in a full cache), then all but two evicted; a question retrieving every block sees the full
-    cache's tokens, in its order, at its positions (1-D RoPE; M-RoPE of Qwen2-VL and Qwen2.5-VL)."""
+    cache's tokens, in its order, at its positions (1-D RoPE; M-RoPE of Qwen2-VL, Qwen2.5-VL and
+    Qwen3-VL, whose blocks carry their timestamp text and DeepStack-added states)."""
     base = request.getfixturevalue(host)
     per_frame = frame_tokens(base)
     frames = make_frames(12)
@@ -170,9 +195,35 @@ def test_retrieving_every_offloaded_block_equals_the_full_cache(host: str, reque
     assert memory.stats.memory["questions"] == 2 and memory.stats.memory["last_retrieval_ms"] > 0
 
 
-def test_the_chosen_blocks_are_the_top_k_of_the_stored_representatives(llava: StreamingSession) -> None:
-    frames = make_frames(8, seed=3)
-    memory = twin(llava, lambda: RetrievalCache(2 * 16, 2), prefill_min_tokens=ALL)
+def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """RMS normalisation over the last dimension with `norm`'s weight and epsilon, written out."""
+    return norm.weight * (x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.variance_epsilon))
+
+
+def expected_choice(module: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    reps: torch.Tensor, k: int) -> list[int]:
+    """The test's own choice of blocks for one layer: its query (q_proj, split into heads, Qwen3's
+    q_norm where the layer has one, rotated at the question's positions), averaged over the question,
+    scored against every block's representative key of the query head's KV group; the top k."""
+    query = module.q_proj(hidden).view(1, hidden.shape[1], -1, module.head_dim)
+    if hasattr(module, "q_norm"):
+        query = rms_norm(query, module.q_norm)
+    query = query.transpose(1, 2)
+    half = query.shape[-1] // 2
+    query = query * cos[:, None] + torch.cat([-query[..., half:], query[..., :half]], dim=-1) * sin[:, None]
+    mean = query[0].mean(dim=1)
+    groups = mean.shape[0] // reps.shape[2]
+    scores = [float(sum(mean[h] @ reps[n, module.layer_idx, h // groups] for h in range(mean.shape[0])))
+              for n in range(reps.shape[0])]
+    return sorted(sorted(range(reps.shape[0]), key=lambda n: -scores[n])[:k])
+
+
+@pytest.mark.parametrize("host", ["llava", "qwen3"])
+def test_the_chosen_blocks_are_the_top_k_of_the_stored_representatives(host: str, request) -> None:
+    base = request.getfixturevalue(host)
+    per_frame = frame_tokens(base)
+    frames = make_frames(8 * base.host.frames_per_step, seed=3)
+    memory = twin(base, lambda: RetrievalCache(2 * per_frame, 2), prefill_min_tokens=ALL)
     memory.push(frames)
     memory.flush()
     policy = memory._policy
@@ -182,7 +233,7 @@ def test_the_chosen_blocks_are_the_top_k_of_the_stored_representatives(llava: St
         keys, _ = read_blocks(policy, 0, [block])
         assert torch.allclose(reps[block, 0], keys.float().mean(dim=1), atol=1e-6)
     captured: dict[int, tuple] = {}
-    layers = attention_layers(llava.host.language_model)
+    layers = attention_layers(base.host.language_model)
 
     def capture(module, args, kwargs):
         captured.setdefault(module.layer_idx, (kwargs["hidden_states"], kwargs["position_embeddings"]))
@@ -193,18 +244,9 @@ def test_the_chosen_blocks_are_the_top_k_of_the_stored_representatives(llava: St
     finally:
         for handle in handles:
             handle.remove()
-    expected_blocks = []
     with torch.inference_mode():
-        for module in layers:  # the test's own query: q_proj, rotated at the question's positions, mean
-            hidden, (cos, sin) = captured[module.layer_idx]
-            query = module.q_proj(hidden).view(1, hidden.shape[1], -1, module.head_dim).transpose(1, 2)
-            query = query * cos[:, None] + torch.cat([-query[..., query.shape[-1] // 2:],
-                                                      query[..., : query.shape[-1] // 2]], dim=-1) * sin[:, None]
-            mean = query[0].mean(dim=1)
-            groups = mean.shape[0] // reps.shape[2]
-            scores = [float(sum(mean[h] @ reps[n, module.layer_idx, h // groups] for h in range(mean.shape[0])))
-                      for n in range(len(ids))]
-            expected_blocks.append(sorted(sorted(ids, key=lambda n: -scores[n])[:2]))
+        expected_blocks = [expected_choice(module, *captured[module.layer_idx][:1], *captured[module.layer_idx][1],
+                                           reps, 2) for module in layers]
     assert policy.last_retrieved == expected_blocks
     assert max_diff(logits, reference_logits(memory, QUESTION, expected_blocks)) <= TOLERANCE
     # the check is sensitive: other blocks give other logits

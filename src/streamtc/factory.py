@@ -81,6 +81,10 @@ class SessionSpec:
             raise ConfigError("depth overrides apply to presets; real weights (model=...) run at their own depth")
         if self.memory is not None or self.window_tokens is not None:
             self.cache_policy()  # validates
+        if self.memory == "streaming-vlm" and self.protocol() != "livecc":
+            raise ConfigError(f"memory 'streaming-vlm' keeps per-chunk turns: it needs the 'livecc' prompt protocol (the "
+                              f"livecc-tiny and livecc-7b presets); {self.model or self.preset} runs protocol "
+                              f"{self.protocol()!r}: choose memory full, window or retrieval")
 
     @property
     def model_id(self) -> str:
@@ -126,6 +130,11 @@ class SessionSpec:
         from .hosts import host_class_for
 
         return host_class_for(self.model_class())
+
+    def protocol(self) -> str:
+        """The prompt protocol the session will run: the preset's, else the host's default."""
+        preset = get_preset(self.preset).protocol if self.model is None else None
+        return preset or self.host_class().protocols[0]
 
     def protocol_fps(self) -> float | None:
         """The sampling rate the model's prompt protocol is built on (Qwen-VL and LiveCC: 2 fps, in

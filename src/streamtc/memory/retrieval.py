@@ -15,8 +15,8 @@ What we do.
   segments on disk with a byte budget) with the mean key per layer and KV head.
 - Positions: keys sit in the cache rotated at the positions they were pre-filled at, and blocks
   keep them rotated, so a retrieved block is attended at its original positions: exact for 1-D
-  RoPE and for M-RoPE (Qwen2-VL / Qwen2.5-VL) alike, where the (t, h, w) positions are already in
-  the rotated keys. The session's position counter runs on, so a question comes after the last frame.
+  RoPE and for M-RoPE (Qwen2-VL / Qwen2.5-VL / Qwen3-VL) alike, where the (t, h, w) positions are
+  already in the rotated keys. The session's position counter runs on, so a question comes after the last frame.
 - Scoring: for a question pre-filled at positions p, a layer's queries are rotated at p (as its
   attention computes them) and averaged over the question tokens; a block's score is the mean over
   query heads of the dot product with the representative key of that head's KV group. With keys
@@ -28,11 +28,12 @@ What we do.
 
 The hook (transformers 5.x). The question's per-layer queries only exist inside the forward: layer
 l's query depends on what layers < l retrieved. Each supported attention class (`Qwen2Attention`,
-`Qwen2VLAttention`, `Qwen2_5_VLAttention`) is called by its decoder layer with keyword arguments
+`Qwen2VLAttention`, `Qwen2_5_VLAttention`, `Qwen3VLTextAttention`) is called by its decoder layer with keyword arguments
 only (hidden_states, position_embeddings, attention_mask, past_key_values, ...), so a forward
 pre-hook registered with `with_kwargs=True` sees everything the layer's attention will see, before
-it projects: the hook recomputes the layer's query with the module's own `q_proj` and the
-modeling file's own `apply_rotary_pos_emb` (a few question tokens; cheap), chooses the blocks,
+it projects: the hook recomputes the layer's query with the module's own `q_proj` (and `q_norm`,
+Qwen3-VL's QK-norm) and the modeling file's own `apply_rotary_pos_emb` (a few question tokens;
+cheap; `QUERY_FUNCTIONS`), chooses the blocks,
 splices them into that layer's `DynamicLayer` keys and values (the layer's `update` then appends
 the question's keys after them), and widens the attention mask the model built for the window-only
 length by copies of its first column (the prefix's first token, visible to every question token).
@@ -68,16 +69,36 @@ from transformers.cache_utils import Cache
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
+from transformers.models.qwen3_vl import modeling_qwen3_vl
 
 from ..errors import ConfigError, StreamStateError, UnsupportedModelError
 from .offload import BlockInfo, BlockReader, DiskStore, HostStore, OffloadStore
 from .policies import CacheBlock, CachePolicy
 
-# Attention classes the question hook supports, with the rotary function their modeling file applies.
-ROTARY_FUNCTIONS: dict[type[nn.Module], Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    modeling_qwen2.Qwen2Attention: modeling_qwen2.apply_rotary_pos_emb,
-    modeling_qwen2_vl.Qwen2VLAttention: modeling_qwen2_vl.apply_rotary_pos_emb,
-    modeling_qwen2_5_vl.Qwen2_5_VLAttention: modeling_qwen2_5_vl.apply_rotary_pos_emb,
+QueryFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _query(rotary: Callable, module: nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> torch.Tensor:
+    """The rotated query [B, Hq, q, D] of a Qwen2 / Qwen2-VL / Qwen2.5-VL attention, as its forward
+    computes it: `q_proj`, split into heads, the modeling file's own `apply_rotary_pos_emb`."""
+    query = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
+    return rotary(query, query, cos, sin)[0]
+
+
+def _qwen3_query(module: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotated query of a `Qwen3VLTextAttention`: as `_query`, with its per-head `q_norm`
+    between the split into heads and the rotation (Qwen3's QK-norm)."""
+    query = module.q_norm(module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim)).transpose(1, 2)
+    return modeling_qwen3_vl.apply_rotary_pos_emb(query, query, cos, sin)[0]
+
+
+# Attention classes the question hook supports, with the query their forward computes.
+QUERY_FUNCTIONS: dict[type[nn.Module], QueryFunction] = {
+    modeling_qwen2.Qwen2Attention: partial(_query, modeling_qwen2.apply_rotary_pos_emb),
+    modeling_qwen2_vl.Qwen2VLAttention: partial(_query, modeling_qwen2_vl.apply_rotary_pos_emb),
+    modeling_qwen2_5_vl.Qwen2_5_VLAttention: partial(_query, modeling_qwen2_5_vl.apply_rotary_pos_emb),
+    modeling_qwen3_vl.Qwen3VLTextAttention: _qwen3_query,
 }
 
 
@@ -95,9 +116,9 @@ def select_blocks(query: torch.Tensor, representatives: torch.Tensor, k: int) ->
 
 def attention_layers(language_model: nn.Module) -> list[nn.Module]:
     """The LLM's attention modules in layer order (by `layer_idx`); a clear error for other classes."""
-    layers = [m for m in language_model.modules() if type(m) in ROTARY_FUNCTIONS]
+    layers = [m for m in language_model.modules() if type(m) in QUERY_FUNCTIONS]
     if not layers:
-        names = ", ".join(cls.__name__ for cls in ROTARY_FUNCTIONS)
+        names = ", ".join(cls.__name__ for cls in QUERY_FUNCTIONS)
         raise UnsupportedModelError(
             f"RetrievalCache hooks the LLM's attention layers; {type(language_model).__name__} has none of {names}"
         )
@@ -264,7 +285,7 @@ class RetrievalCache(CachePolicy):
             with self.store.reader() as reader:
                 state = _Question(cache, reader, ids, representatives.to(self._device), {})
                 for index, module in enumerate(self._attention):
-                    hook = partial(self._question_hook, state, index, ROTARY_FUNCTIONS[type(module)])
+                    hook = partial(self._question_hook, state, index, QUERY_FUNCTIONS[type(module)])
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                 yield cache
         finally:
@@ -277,7 +298,7 @@ class RetrievalCache(CachePolicy):
         self._stats.last_retrieval_ms = state.ms
         self._stats.last_retrieved_blocks = max((len(b) for b in self.last_retrieved), default=0)
 
-    def _question_hook(self, state: _Question, index: int, rotary: Callable, module: nn.Module,
+    def _question_hook(self, state: _Question, index: int, query_of: QueryFunction, module: nn.Module,
                        args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         """Forward pre-hook of attention layer `index` during a question (see the module docstring)."""
         if kwargs.get("past_key_values") is not state.cache:
@@ -286,9 +307,7 @@ class RetrievalCache(CachePolicy):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if index not in state.loaded:  # the question's pre-fill: choose and load this layer's blocks
             start = time.perf_counter()
-            cos, sin = kwargs["position_embeddings"]
-            query = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
-            query, _ = rotary(query, query, cos, sin)
+            query = query_of(module, hidden, *kwargs["position_embeddings"])
             chosen = select_blocks(query[0].float().mean(dim=1), state.representatives[:, index], self.retrieve_frames)
             block_ids = [state.ids[i] for i in chosen.tolist()]
             keys, values = state.reader.read(index, block_ids)
@@ -384,4 +403,4 @@ class RetrievalCache(CachePolicy):
         self.store.close()
 
 
-__all__ = ["MemoryStats", "ROTARY_FUNCTIONS", "RetrievalCache", "attention_layers", "select_blocks"]
+__all__ = ["MemoryStats", "QUERY_FUNCTIONS", "RetrievalCache", "attention_layers", "select_blocks"]
