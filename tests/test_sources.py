@@ -257,6 +257,9 @@ def test_live_tcp_stream_is_read_to_its_end(clip_frames: list[np.ndarray], mpegt
     for frame in received:  # each is the frame sent at its timestamp (H.264 noise only) ...
         assert mean_abs_diff(frame.image, clip_frames[round(frame.timestamp * RATE)]) < 6
     assert mean_abs_diff(received[0].image, received[3].image) > 20  # ... and the shots differ
+    # Codec side data over the network too: every decoded frame counted, the shot change at frame 30 flagged.
+    assert source.side_data and [f.codec.decoded_frames for f in received] == [1, 25, 25, 25]
+    assert [f.codec.cut for f in received] == [False, False, True, False]
 
 
 def test_a_sender_that_stops_midway_ends_the_stream_cleanly(clip_frames: list[np.ndarray], mpegts_sender) -> None:

@@ -4,13 +4,18 @@
         for chunk in source.chunks(4):                       # or: for frame in source
             session.push(np.stack([f.image for f in chunk]), [f.timestamp for f in chunk])
 
-Every source yields `Frame(image [H, W, 3] uint8 RGB, timestamp seconds, index)`, sampled at a
+Every source yields `Frame(image [H, W, 3] uint8 RGB, timestamp seconds, index, codec)`, sampled at a
 target rate by presentation time, not by frame count, so variable-frame-rate video samples
 correctly: a frame is kept when its time reaches the next instant of the grid 0, 1/fps, 2/fps, ...
 (a gap skips the instants it covers). Timestamps count from the start of the video (a file's
 declared start, a stream's first frame, a webcam's first read). `max_seconds` (inclusive) and
 `max_frames` stop early. Metadata, where known: `duration`, `native_fps`, `width`, `height`, and
 `expected_frames` (an estimate of how many frames the iteration yields, for progress bars).
+
+Codec side data (`codec.CodecSideData`: motion, intra-coded cells, scene cuts) comes with the frames
+of a file or network stream whose decoder exports motion vectors (H.264, MPEG-1/2/4 Part 2, H.263),
+accumulated over every frame decoded since the previous sampled frame; in-memory frames, webcams,
+HEVC/VP9/AV1 streams and `side_data=False` give `codec=None`.
 
 Sources are read once, like the live streams they generalise; `close()` (or a `with` block, or the
 end of the iteration) releases the file, connection or camera.
@@ -46,6 +51,7 @@ import av
 import numpy as np
 
 from .checks import positive_int
+from .codec import EXPORT_MVS_OPTIONS, MOTION_VECTOR_CODECS, CodecAccumulator, CodecSideData
 from .errors import ConfigError, InputError, StreamStateError, VideoSourceError
 
 if TYPE_CHECKING:
@@ -70,6 +76,7 @@ class Frame:
     image: np.ndarray  # [H, W, 3] uint8 RGB
     timestamp: float  # seconds from the start of the video
     index: int  # position among the sampled frames: 0, 1, 2, ...
+    codec: CodecSideData | None = None  # the decoder's account of change since the previous sampled frame
 
 
 class FrameSampler:
@@ -141,6 +148,10 @@ class VideoSource(ABC):
     def close(self) -> None:
         """Release the underlying file, connection or device (idempotent)."""
 
+    def _sampled_codec(self) -> CodecSideData | None:
+        """The codec side data of the frame just sampled (None: this source has none)."""
+        return None
+
     def __iter__(self) -> Iterator[Frame]:
         if self._started:
             raise StreamStateError(f"{self.name}: a source is read once; open a new one to read it again")
@@ -155,7 +166,7 @@ class VideoSource(ABC):
                 if self.max_seconds is not None and timestamp > self.max_seconds + _EPS:
                     break
                 if self._sampler.take(timestamp):
-                    yield Frame(image(), float(timestamp), index)
+                    yield Frame(image(), float(timestamp), index, self._sampled_codec())
                     index += 1
                     if index == self.max_frames:
                         break
@@ -187,7 +198,9 @@ class PyAVSource(VideoSource):
 
     open_timeout, read_timeout: seconds to wait for a stream to answer and for each read (network
     only); a read timeout ends the stream early. options: FFmpeg demuxer/protocol options (for
-    rtsp, `rtsp_transport` defaults to "tcp", which survives NAT and packet loss).
+    rtsp, `rtsp_transport` defaults to "tcp", which survives NAT and packet loss). side_data: attach
+    `CodecSideData` to every sampled frame when the decoder exports motion vectors (`self.side_data`
+    says whether it does); the vectors are read from frames that are decoded anyway.
     """
 
     TRUNCATION_SLACK_S = 1.0  # a file whose frames stop earlier than this before its declared end is truncated
@@ -202,6 +215,7 @@ class PyAVSource(VideoSource):
         open_timeout: float = 10.0,
         read_timeout: float = 10.0,
         options: dict[str, str] | None = None,
+        side_data: bool = True,
     ) -> None:
         location = str(location)
         super().__init__(location, fps, max_seconds, max_frames)
@@ -234,6 +248,10 @@ class PyAVSource(VideoSource):
             raise VideoSourceError(f"{location}: not a video (no video stream found)")
         # Default (slice) threading: frame threading would hide a corrupt or cut packet's error.
         stream = self._container.streams.video[0]
+        self.side_data = bool(side_data) and stream.codec_context.name in MOTION_VECTOR_CODECS
+        self._codec = CodecAccumulator() if self.side_data else None
+        if self.side_data:
+            stream.codec_context.options = dict(EXPORT_MVS_OPTIONS)  # read by the decoder when it opens
         rate = stream.average_rate or stream.guessed_rate
         self.native_fps = float(rate) if rate else None
         self.width, self.height = stream.codec_context.width, stream.codec_context.height
@@ -249,6 +267,9 @@ class PyAVSource(VideoSource):
     def close(self) -> None:
         self._container.close()
 
+    def _sampled_codec(self) -> CodecSideData | None:
+        return None if self._codec is None else self._codec.take()
+
     def _timeline(self) -> Iterator[tuple[float, LazyImage]]:
         stream = self._container.streams.video[0]
         # Files count from their declared start; a stream joined mid-way from its first frame.
@@ -258,6 +279,8 @@ class PyAVSource(VideoSource):
         decoded, last_time = 0, None
         try:
             for frame in self._container.decode(stream):
+                if self._codec is not None:
+                    self._codec.add(frame)  # every decoded frame, sampled or not
                 if frame.time is None:
                     continue  # no presentation time: the frame cannot be placed on the timeline
                 origin = frame.time if origin is None else origin
@@ -423,7 +446,7 @@ def open_source(
     spec: a file path; a stream URL (rtsp://, rtmp://, tcp://, udp://, http(s)://, srt://); a webcam
     index (int or digit string); "demo" (the built-in street clip); or in-memory frames (numpy or
     torch [F, H, W, 3] uint8, or a list of PIL images).
-    kwargs: passed to the source class (`PyAVSource`: open_timeout, read_timeout, options;
+    kwargs: passed to the source class (`PyAVSource`: open_timeout, read_timeout, options, side_data;
     `ArraySource`: timestamps, native_fps).
     """
     limits: dict[str, Any] = {"max_seconds": max_seconds, "max_frames": max_frames, **kwargs}

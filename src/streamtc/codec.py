@@ -1,0 +1,269 @@
+"""Codec side data: what the video decoder already knows about change, at no extra decoding work.
+
+    with PyAVSource("street.mp4", fps=1.0) as source:          # side_data=True by default
+        for frame in source:
+            change = frame.codec.change_map((16, 16))         # [16, 16] in [0, 1], or frame.codec is None
+
+A decoder of H.264 or of the MPEG-1/2/4 Part 2 and H.263 family knows, for every frame it decodes,
+which blocks were copied from another frame (one motion vector each), which were coded anew (intra),
+and whether the whole frame was coded anew (an I-frame). PyAV exports the vectors with the decoder
+option `flags2=+export_mvs`; HEVC, VP9 and AV1 decoders export none, so their frames carry no side data
+(`MOTION_VECTOR_CODECS`). `CodecAccumulator` folds every decoded frame between two sampled frames into
+one `CodecSideData` on the 16-pixel macroblock grid, attached to the sampled frame by the source.
+
+Motion. A P-frame's vectors point at the previous anchor (I- or P-frame) in display order, so they span
+every frame since it; summed over the interval's P-frames they give, per cell, the distance its content
+travelled (in source pixels), each decoded frame counted once. B-frames re-measure the same motion
+against the same anchors, at reference distances the side data does not state (only past or future),
+so they add intra-coded cells but no motion; a stream without B-frames (most cameras) has a P-frame
+per frame. The sum can shift by up to one anchor spacing (3-4 frames for x264) across a sampling
+boundary, and a block predicted from an older anchor (multiple references) counts its longer span.
+
+Cuts. An interval holds a cut when (a) it holds an I-frame other than the stream's first, unless the
+distance in decoded frames from the previous I-frame equals a distance already seen between two
+earlier I-frames (the periodic keyframe cadence: x264's keyint, a camera's GOP; an encoder restarts its
+cadence at a cut, so the keyframe one GOP after a cut is recognised too), or (b) a P/B frame in it
+has more than `CUT_INTRA_SHARE` of its area intra-coded (encoders without scene-cut detection code a
+new shot as a mostly-intra P-frame). A pan codes as vectors, with only the entering strip intra, and
+is no cut. The first periodic keyframe of a stream has no cadence to match and so counts as a cut
+(one needless refresh per stream); a cut that falls exactly on the cadence is seen only through (b).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from av.video.frame import PictureType
+
+from .checks import positive_int
+from .errors import ConfigError, InputError, StreamStateError
+
+# Decoders (PyAV's codec_context.name) that export motion vectors with flags2=+export_mvs (checked with PyAV 18).
+MOTION_VECTOR_CODECS = frozenset(
+    {"h264", "mpeg1video", "mpeg2video", "mpeg4", "h263", "msmpeg4", "msmpeg4v2", "wmv2", "flv"}
+)
+EXPORT_MVS_OPTIONS = {"flags2": "+export_mvs"}
+# A P/B frame with more of its area intra-coded than this starts a new shot. On the street clip
+# re-encoded without scene-cut detection, P-frames at its five cuts are 0.99-1.0 intra, fast motion elsewhere <= 0.6.
+CUT_INTRA_SHARE = 0.75
+MACROBLOCK = 16  # pixels; the grid of CodecSideData
+_FINE = 4  # pixels; coverage is resolved on this grid (no exported block is smaller) and pooled
+_INTRA_TYPES = frozenset({PictureType.I, PictureType.SI, PictureType.BI})
+_MOTION_FIELDS = ("dst_x", "dst_y", "w", "h", "motion_x", "motion_y", "motion_scale")
+
+
+def _overlap(extent: int, block: int, parts: int) -> np.ndarray:
+    """[parts, cells]: the share of each of `parts` equal spans of [0, extent) pixels covered by each
+    `block`-pixel cell (the last cell is clipped to the extent); rows sum to 1."""
+    cells = -(-extent // block)
+    part_edges = np.linspace(0.0, extent, parts + 1)
+    cell_edges = np.minimum(np.arange(cells + 1) * block, extent).astype(np.float64)
+    low = np.maximum(part_edges[:-1, None], cell_edges[None, :-1])
+    high = np.minimum(part_edges[1:, None], cell_edges[None, 1:])
+    return np.clip(high - low, 0.0, None) / (extent / parts)
+
+
+@dataclass(frozen=True)
+class CodecSideData:
+    """What the decoder said about one sampled frame, accumulated over every decoded frame since the
+    previous sampled frame (this one included).
+
+    motion: [Hb, Wb] per macroblock cell of the frame (Hb = ceil(height / block)): the distance its
+        content travelled over the interval in source pixels (sum over the interval's P-frames of
+        |vector|; smaller blocks contribute by area, intra-coded area contributes 0).
+    intra: [Hb, Wb] in [0, 1]: the share of the interval's P/B frames in which the cell was intra-coded
+        (no vector covers it), by area; all ones when the interval holds only I-frames.
+    intra_share: the intra-coded share of frame area, mean over the interval's P/B frames (1.0 if none).
+    cut: the interval holds a scene cut (see the module docstring for the rule).
+    decoded_frames, keyframes: frames accumulated (>= 1) and the I-frames among them.
+    height, width: the decoded frame in pixels (the grid covers it, the last row/column partly).
+    """
+
+    motion: np.ndarray
+    intra: np.ndarray
+    intra_share: float
+    cut: bool
+    decoded_frames: int
+    keyframes: int
+    height: int
+    width: int
+    block: int = MACROBLOCK
+
+    def __post_init__(self) -> None:
+        cells = (-(-self.height // self.block), -(-self.width // self.block))
+        if self.motion.shape != cells or self.intra.shape != cells:
+            raise InputError(
+                f"motion {self.motion.shape} and intra {self.intra.shape} must both be {cells}: the "
+                f"{self.block}-pixel grid of a {self.height}x{self.width} frame"
+            )
+
+    def change_map(self, grid: tuple[int, int], motion_scale_px: float = 16.0) -> np.ndarray:
+        """[gh, gw] float32 in [0, 1]: how much each cell of a patch grid laid over the whole frame
+        changed, as the area-weighted mean of max(intra, min(1, motion / motion_scale_px)) over it.
+
+        The whole frame maps onto the grid (a tower's input is the frame resized without cropping).
+        motion_scale_px: accumulated travel, in source pixels, that counts as a full change.
+        """
+        rows, cols = (positive_int(n, "grid size", error=InputError) for n in grid)
+        if not motion_scale_px > 0:
+            raise ConfigError(f"motion_scale_px must be > 0, got {motion_scale_px!r}")
+        change = np.maximum(self.intra, np.minimum(1.0, self.motion / motion_scale_px))
+        down = _overlap(self.height, self.block, rows)
+        across = _overlap(self.width, self.block, cols)
+        return (down @ change @ across.T).astype(np.float32)
+
+
+@dataclass
+class _Interval:
+    """Sums over the decoded frames since the last sampled frame, on one frame size's grid."""
+
+    height: int
+    width: int
+    motion: np.ndarray = field(init=False)
+    intra: np.ndarray = field(init=False)
+    inter_frames: int = 0
+    intra_share: float = 0.0
+    decoded: int = 0
+    keyframes: int = 0
+    cut: bool = False
+
+    def __post_init__(self) -> None:
+        cells = (-(-self.height // MACROBLOCK), -(-self.width // MACROBLOCK))
+        self.motion = np.zeros(cells)
+        self.intra = np.zeros(cells)
+
+
+class CodecAccumulator:
+    """Folds the side data of each decoded frame into one `CodecSideData` per sampled frame.
+
+    `add(frame)` for every decoded frame in display order; `take()` when a frame is sampled returns the
+    data of the frames added since the previous `take()` and starts a new interval. The keyframe
+    cadence used by the cut rule belongs to the stream and lives across intervals. A change of frame
+    size starts the maps afresh on the new grid and counts as a cut.
+    """
+
+    def __init__(self, cut_intra_share: float = CUT_INTRA_SHARE) -> None:
+        if not 0.0 < cut_intra_share <= 1.0:
+            raise ConfigError(f"cut_intra_share must lie in (0, 1], got {cut_intra_share!r}")
+        self.cut_intra_share = cut_intra_share
+        self._interval: _Interval | None = None
+        self._frames = 0  # decoded frames added over the stream
+        self._last_keyframe: int | None = None
+        self._keyframe_gaps: set[int] = set()
+
+    def add(self, frame: av.VideoFrame) -> None:
+        """Accumulate one decoded frame (its type and, for P/B frames, its exported motion vectors)."""
+        side = frame.side_data.get("MOTION_VECTORS")
+        intra = frame.pict_type in _INTRA_TYPES or bool(frame.key_frame)
+        picture = "I" if intra else "B" if frame.pict_type == PictureType.B else "P"
+        self.add_decoded(frame.height, frame.width, picture, None if side is None else side.to_ndarray())
+
+    def add_decoded(self, height: int, width: int, picture: str, vectors: np.ndarray | None) -> None:
+        """Accumulate one decoded frame given as its size, type ("I", "P" or "B") and exported vectors
+        (the structured array of `MOTION_VECTORS.to_ndarray()`, None when the frame has none)."""
+        if picture not in ("I", "P", "B"):
+            raise InputError(f"picture type must be 'I', 'P' or 'B', got {picture!r}")
+        interval = self._interval
+        if interval is None or (interval.height, interval.width) != (height, width):
+            resized = interval is not None and interval.decoded > 0
+            self._interval = interval = self._restart(height, width, interval)
+            interval.cut |= resized
+        interval.decoded += 1
+        if picture == "I":
+            interval.keyframes += 1
+            interval.cut |= self._periodic_keyframe() is False
+        else:
+            covered, motion = self._rasterise(interval, vectors, with_motion=picture == "P")
+            intra_fine = 1.0 - covered
+            intra = intra_fine.reshape(interval.intra.shape[0], MACROBLOCK // _FINE, -1, MACROBLOCK // _FINE)
+            interval.intra += intra.mean(axis=(1, 3))
+            share = float(intra_fine.mean())
+            interval.intra_share += share
+            interval.inter_frames += 1
+            interval.cut |= share > self.cut_intra_share
+            if motion is not None:
+                fine = motion.reshape(interval.motion.shape[0], MACROBLOCK // _FINE, -1, MACROBLOCK // _FINE)
+                interval.motion += fine.mean(axis=(1, 3))
+        self._frames += 1
+
+    def take(self) -> CodecSideData:
+        """The side data of the frames added since the previous take (the sampled frame last); resets."""
+        interval = self._interval
+        if interval is None or interval.decoded == 0:
+            raise StreamStateError("no decoded frame was added since the last sampled frame")
+        inter = interval.inter_frames
+        data = CodecSideData(
+            motion=interval.motion.astype(np.float32),
+            intra=(interval.intra / inter if inter else np.ones_like(interval.intra)).astype(np.float32),
+            intra_share=interval.intra_share / inter if inter else 1.0,
+            cut=interval.cut,
+            decoded_frames=interval.decoded,
+            keyframes=interval.keyframes,
+            height=interval.height,
+            width=interval.width,
+        )
+        self._interval = _Interval(interval.height, interval.width)
+        return data
+
+    @staticmethod
+    def _restart(height: int, width: int, previous: _Interval | None) -> _Interval:
+        """A fresh interval on the grid of a new frame size, keeping the counts of `previous`."""
+        interval = _Interval(height, width)
+        if previous is not None:
+            interval.decoded, interval.keyframes, interval.cut = previous.decoded, previous.keyframes, previous.cut
+        return interval
+
+    def _periodic_keyframe(self) -> bool | None:
+        """Record an I-frame at the current position: None for the stream's first, else whether its
+        distance from the previous one matches the cadence seen so far."""
+        previous, self._last_keyframe = self._last_keyframe, self._frames
+        if previous is None:
+            return None
+        gap = self._frames - previous
+        periodic = gap in self._keyframe_gaps
+        self._keyframe_gaps.add(gap)
+        return periodic
+
+    @staticmethod
+    def _rasterise(
+        interval: _Interval, vectors: np.ndarray | None, with_motion: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per 4-pixel cell of the frame's grid: whether a vector covers it, and (for P-frames) the mean
+        |motion| in pixels of the vectors covering it (0 where none does). Vectorised over the vectors."""
+        rows, cols = interval.intra.shape[0] * MACROBLOCK // _FINE, interval.intra.shape[1] * MACROBLOCK // _FINE
+        if vectors is None or len(vectors) == 0:
+            return np.zeros((rows, cols)), np.zeros((rows, cols)) if with_motion else None
+        missing = [name for name in _MOTION_FIELDS if name not in (vectors.dtype.names or ())]
+        if missing:
+            raise InputError(f"motion vectors lack the fields {missing}")
+        width, height = vectors["w"].astype(np.int64), vectors["h"].astype(np.int64)
+        # dst is the block's centre; a block spans ceil(size / 4) fine cells from its top-left corner.
+        left = (vectors["dst_x"].astype(np.int64) - width // 2) // _FINE
+        top = (vectors["dst_y"].astype(np.int64) - height // 2) // _FINE
+        span_x, span_y = -(-width // _FINE), -(-height // _FINE)
+        offsets = np.arange(max(int(span_x.max()), int(span_y.max())))
+        xs, ys = left[:, None] + offsets, top[:, None] + offsets  # [V, K]
+        ok_x = (offsets < span_x[:, None]) & (xs >= 0) & (xs < cols)
+        ok_y = (offsets < span_y[:, None]) & (ys >= 0) & (ys < rows)
+        valid = ok_y[:, :, None] & ok_x[:, None, :]  # [V, K, K]
+        cells = (ys[:, :, None] * cols + xs[:, None, :])[valid]
+        counts = np.bincount(cells, minlength=rows * cols)
+        covered = (counts > 0).astype(np.float64).reshape(rows, cols)
+        if not with_motion:
+            return covered, None
+        scale = np.maximum(vectors["motion_scale"].astype(np.float64), 1.0)
+        magnitude = np.hypot(vectors["motion_x"], vectors["motion_y"]) / scale
+        weights = np.broadcast_to(magnitude[:, None, None], valid.shape)[valid]
+        sums = np.bincount(cells, weights=weights, minlength=rows * cols)
+        return covered, (sums / np.maximum(counts, 1)).reshape(rows, cols)
+
+
+__all__ = [
+    "CUT_INTRA_SHARE",
+    "EXPORT_MVS_OPTIONS",
+    "MOTION_VECTOR_CODECS",
+    "CodecAccumulator",
+    "CodecSideData",
+]
