@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from ..config import STCConfig
-from ..serve.engine import ServeLimits, ServeMemory, SourcePolicy
-from ..serve.server import ServerSettings
+from ..serve.server import ServerSettings, display_url
+from ..serve.settings import ServeLimits, ServeMemory, SourcePolicy
 from .common import OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, read_stc_config
 
 
@@ -60,6 +60,9 @@ def serve(
                                                          "127.0.0.1)")] = None,
     persist_dir: Annotated[Path | None, typer.Option(help="Save every stream's memory here at shutdown (and on "
                                                           "SIGTERM) and resume the saved streams at start")] = None,
+    checkpoint_every: Annotated[float | None, typer.Option(help="With --persist-dir, also save each changed stream "
+                                                                "this often (seconds; default 30; 0: only at "
+                                                                "shutdown): a crash loses at most this much")] = None,
     allow_origin: Annotated[list[str] | None, typer.Option(help="Browser origin (scheme://host:port) besides the "
                                                                 "server's own whose pages may open the websockets "
                                                                 "and change streams (repeatable)")] = None,
@@ -80,9 +83,10 @@ def serve(
         sources=SourcePolicy(allow_dirs=tuple(p.expanduser().resolve() for p in allow_dir or ()),
                              allow_schemes=frozenset(s.lower() for s in allow_scheme or ())),
         host=host, port=port, token=token, threads=threads, replicas=replicas if ray else None,
-        ray_address=ray_address, persist_dir=persist_dir, allow_origins=tuple(allow_origin or ()),
+        ray_address=ray_address, persist_dir=persist_dir, checkpoint_every=checkpoint_every,
+        allow_origins=tuple(allow_origin or ()),
     )
-    where = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    where = display_url(host, port)
     typer.echo(f"streamtc serve: {settings.model_name} on {where}" + (" (token required)" if token else "")
                + (f", {replicas} Ray Serve replicas" if ray else ""))
     if model is None:

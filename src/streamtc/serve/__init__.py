@@ -1,13 +1,18 @@
 """`streamtc serve`: several live streams on one loaded model, over HTTP/websockets, with a web page.
 
-Layers: `engine` (model side: sessions, scheduler, sources, limits; no web code), `backend` (its
-async face), `app` (FastAPI endpoints, auth), `ray_backend` (Ray Serve replicas), `server`
-(settings, running), `load` (load generator); the command is `streamtc.cli.serve`. The web page is plain
+Modules: `settings` (limits, memory, source policy, a stream's settings) and `errors` (typed errors
+and their HTTP statuses); the model side without web code: `engine` (scheduler, model views,
+checkpoints), `streams` (one stream's state), `reader` (server-read sources), `frames` (the frame
+codec), `events`, `store` (saved streams), `offload` (the server's offload folder); `backend` (the
+engine's async face), `guard` (origin, token, body size), `routes` (the HTTP and websocket
+handlers), `app` (the FastAPI app), `ray_backend` (Ray Serve replicas), `server` (settings,
+running), `load` (load generator); the command is `streamtc.cli.serve`. The web page is plain
 HTML/JS in `static/`. FastAPI and uvicorn come with the `serve` extra; this package imports them
 only where used.
 """
 
-from .engine import Engine, ServeLimits, ServeMemory, SourcePolicy, StreamSpec
+from .engine import Engine
 from .server import ServerSettings, ServerThread
+from .settings import ServeLimits, ServeMemory, SourcePolicy, StreamSpec
 
 __all__ = ["Engine", "ServeLimits", "ServeMemory", "ServerSettings", "ServerThread", "SourcePolicy", "StreamSpec"]

@@ -8,10 +8,49 @@ tick to the event loop, and every waiter re-reads its stream's events after a ti
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import AsyncIterator
 from typing import Any
 
+from ..factory import SessionSpec
 from ..session import StreamingSession
-from .engine import Engine, StreamSpec, decode_frame, encode_jpeg, resident_memory_bytes
+from .engine import Engine
+from .frames import decode_frame, encode_jpeg
+from .settings import StreamSpec
+
+
+def resident_memory_bytes() -> int:
+    """The process's resident memory now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class TextDeltas:
+    """Token ids to text deltas that add up to the decoded answer (`StreamingSession.ask`'s text:
+    special tokens skipped, stripped): whitespace at the end and an incomplete UTF-8 character wait
+    for the next token."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def add(self, token: int) -> str:
+        """The text token `token` adds (possibly empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+        return self._advance(text.rstrip("\ufffd"))
+
+    def finish(self, text: str) -> str:
+        """What is left of the answer's final `text`."""
+        return self._advance(text)
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.sent):  # decoding more tokens changed earlier text: send nothing more early
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
 
 
 class LocalBackend:
@@ -62,6 +101,24 @@ class LocalBackend:
                                  top_logprobs=top_logprobs)
         return await asyncio.wrap_future(future)  # cancelled with the request: the engine skips it
 
+    async def ask_stream(self, stream_id: str, question: str, *, max_new_tokens: int | None = None
+                         ) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+        """The answer as it is generated: (text delta, None) per token that adds text, then ("", the
+        answer's dict). The deltas add up to the answer's text."""
+        tokens: asyncio.Queue = asyncio.Queue()
+
+        def hand_over(token: int | None) -> None:  # on the model worker
+            self._loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+        future = self.engine.ask(stream_id, question, max_new_tokens=max_new_tokens, on_token=hand_over)
+        future.add_done_callback(lambda _: hand_over(None))
+        text = TextDeltas(self.engine.base.tokenizer)
+        while (token := await tokens.get()) is not None:
+            if delta := text.add(token):
+                yield delta, None
+        answer = await asyncio.wrap_future(future)
+        yield text.finish(answer["text"]), answer
+
     async def list(self) -> list[dict[str, Any]]:
         return self.engine.list()
 
@@ -93,4 +150,23 @@ class LocalBackend:
         await asyncio.to_thread(self.engine.close)
 
 
-__all__ = ["LocalBackend"]
+def load_base_session(settings: Any) -> StreamingSession:
+    """The loaded model of `settings` (a `ServerSettings`), as a session without STC (the engine
+    adds STC per stream)."""
+    spec = SessionSpec(model=settings.model, preset=settings.preset, num_layers=settings.num_layers)
+    return spec.load(settings.device)
+
+
+async def open_local_backend(settings: Any, id_prefix: str = "") -> LocalBackend:
+    """Load the model of `settings` (a `ServerSettings`) and start an engine on it, in this process,
+    resuming the streams saved in `settings.persist_dir`."""
+    backend = await LocalBackend.start(
+        lambda: load_base_session(settings), settings.model_name, default_stc=settings.default_stc,
+        limits=settings.limits, sources=settings.sources, memory=settings.memory, threads=settings.threads,
+        id_prefix=id_prefix, persist_dir=settings.persist_dir, checkpoint_every=settings.checkpoint_interval,
+    )
+    backend.engine.resume()
+    return backend
+
+
+__all__ = ["LocalBackend", "TextDeltas", "load_base_session", "open_local_backend", "resident_memory_bytes"]

@@ -19,17 +19,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ..errors import StreamTCError
-from .backend import LocalBackend
-from .engine import ServeError, StreamNotFound, StreamSpec
+from .backend import LocalBackend, open_local_backend
+from .errors import ReplicaUnavailable, ServeError, StreamNotFound, http_status
+from .settings import StreamSpec
 
 REPLICA_PREFIX = "streamtc-replica-"
-
-
-class ReplicaUnavailable(ServeError):
-    status = 503
 
 
 class StreamReplica:
@@ -47,8 +45,6 @@ class StreamReplica:
     async def _local(self) -> LocalBackend:
         async with self._starting:
             if self._backend is None:
-                from .server import open_local_backend
-
                 self._backend = await open_local_backend(self.settings, id_prefix=self.prefix)
         return self._backend
 
@@ -61,9 +57,7 @@ class StreamReplica:
             backend = await self._local()
             return ("ok", await getattr(backend, method)(*args, **kwargs))
         except StreamTCError as error:
-            from .app import _status
-
-            return ("error", _status(error), str(error))
+            return ("error", http_status(error), str(error))
 
     async def close(self) -> None:
         if self._backend is not None:
@@ -147,6 +141,12 @@ class RayBackend:
     async def ask(self, stream_id: str, question: str, options: list[str] | None = None, **kwargs: Any) -> dict:
         return await self._call(self._replica(stream_id), "ask", stream_id, question, options, **kwargs)
 
+    async def ask_stream(self, stream_id: str, question: str, **kwargs: Any
+                         ) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+        """The answer in one delta: a replica's tokens do not stream back through Ray Serve calls."""
+        answer = await self.ask(stream_id, question, **kwargs)
+        yield answer["text"], answer
+
     async def list(self) -> list[dict[str, Any]]:
         lists = await asyncio.gather(*(self._call(i, "list") for i in range(len(self.handles))),
                                      return_exceptions=True)
@@ -177,4 +177,4 @@ class RayBackend:
             await asyncio.to_thread(ray.shutdown)
 
 
-__all__ = ["RayBackend", "ReplicaUnavailable", "StreamReplica", "deploy"]
+__all__ = ["RayBackend", "StreamReplica", "deploy"]

@@ -4,6 +4,7 @@ for tests and the load tool)."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -13,11 +14,15 @@ from typing import Any
 from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError
-from ..factory import SessionSpec
-from ..session import StreamingSession
-from .engine import ServeLimits, ServeMemory, SourcePolicy, origin_of
+from .settings import ServeLimits, ServeMemory, SourcePolicy, origin_of
 
 LOOPBACK_NAMES = {"localhost"}
+DEFAULT_CHECKPOINT_EVERY = 30.0  # seconds between a changed stream's checkpoints, with a persist dir
+
+
+def display_url(host: str, port: int) -> str:
+    """The server's address as a browser takes it (an IPv6 host in brackets)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
 def is_loopback(host: str) -> bool:
@@ -60,6 +65,7 @@ class ServerSettings:
     ray_address: str | None = None
     replica_cpus: float = 1.0
     persist_dir: Path | None = None
+    checkpoint_every: float | None = None
     allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -75,30 +81,23 @@ class ServerSettings:
         positive_int(self.replicas, "replicas", optional=True)
         if self.persist_dir is not None and self.replicas is not None:
             raise ConfigError("--persist-dir saves streams of an in-process server; it does not apply with --ray")
+        if self.checkpoint_every is not None and (
+                isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, (int, float))
+                or not math.isfinite(self.checkpoint_every) or self.checkpoint_every < 0):
+            raise ConfigError(f"--checkpoint-every must be a number of seconds >= 0, got {self.checkpoint_every!r}")
+        if self.checkpoint_every and self.persist_dir is None:
+            raise ConfigError("--checkpoint-every saves streams into --persist-dir; give --persist-dir DIR too")
+
+    @property
+    def checkpoint_interval(self) -> float | None:
+        """Seconds between a changed stream's checkpoints, None when there are none."""
+        if self.persist_dir is None or self.checkpoint_every == 0:
+            return None
+        return DEFAULT_CHECKPOINT_EVERY if self.checkpoint_every is None else float(self.checkpoint_every)
 
     @property
     def model_name(self) -> str:
         return self.model or self.preset
-
-
-def load_base_session(settings: ServerSettings) -> StreamingSession:
-    """The loaded model, as a session without STC (the engine adds STC per stream)."""
-    spec = SessionSpec(model=settings.model, preset=settings.preset, num_layers=settings.num_layers)
-    return spec.load(settings.device)
-
-
-async def open_local_backend(settings: ServerSettings, id_prefix: str = "") -> Any:
-    """Load the model and start an engine on it, in this process (resuming the streams saved in
-    `settings.persist_dir`)."""
-    from .backend import LocalBackend
-
-    backend = await LocalBackend.start(
-        lambda: load_base_session(settings), settings.model_name, default_stc=settings.default_stc,
-        limits=settings.limits, sources=settings.sources, memory=settings.memory, threads=settings.threads,
-        id_prefix=id_prefix, persist_dir=settings.persist_dir,
-    )
-    backend.engine.resume()
-    return backend
 
 
 def make_app(settings: ServerSettings) -> Any:
@@ -107,6 +106,8 @@ def make_app(settings: ServerSettings) -> Any:
 
     if settings.replicas is None:
         async def opener() -> Any:
+            from .backend import open_local_backend
+
             return await open_local_backend(settings)
     else:
         async def opener() -> Any:
@@ -174,4 +175,4 @@ class ServerThread:
         self.stop()
 
 
-__all__ = ["ServerSettings", "ServerThread", "is_loopback", "load_base_session", "make_app", "open_local_backend", "run"]
+__all__ = ["ServerSettings", "ServerThread", "display_url", "is_loopback", "make_app", "run"]

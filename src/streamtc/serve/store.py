@@ -1,14 +1,17 @@
-"""Saved streams of `streamtc serve --persist-dir DIR`: what a graceful shutdown (or SIGTERM) writes
-and the next start with the same DIR resumes.
+"""Saved streams of `streamtc serve --persist-dir DIR`: what a graceful shutdown (or SIGTERM) and
+the periodic checkpoints write, and what the next start with the same DIR restores.
 
     DIR/<stream id>/stream.json    the stream's settings (source, fps, resolved STC settings, memory,
-                                   pacing, name), its creation time and its state at shutdown
+                                   pacing, name), its creation time, its state, and what the save
+                                   is: "shutdown" or "checkpoint", when, its frames and last
+                                   timestamp, and when a restart resumed it (if one did)
     DIR/<stream id>/session/       its session's save (`StreamingSession.save`: KV cache, STC state,
                                    positions, counters; atomic and verified)
 
 A deleted stream's folder is removed. The session's save is committed before stream.json is
-replaced (atomically), and stream.json never changes after the first save but for the state, so
-a crash between the two leaves a consistent pair.
+replaced (atomically), and stream.json changes only in its state and its save fields, so a crash
+between the two leaves a consistent pair: the settings of the save, the session one save newer at
+most (what is restored is always the session's own save; its frames and timestamp are logged).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,35 @@ logger = logging.getLogger(__name__)
 
 RECORD = "stream.json"
 SESSION = "session"
+
+
+def _clock(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def restored_note(record: dict[str, Any], session: StreamingSession) -> tuple[int, str, dict[str, Any]]:
+    """(log level, log line, API summary) of a stream restored from `record`'s save into `session`:
+    what was restored (frames, last timestamp, when saved) and what may be lost since.
+
+    A shutdown save never resumed before is current: nothing was lost. A checkpoint means the server
+    stopped without its shutdown save (a crash, `kill -9`): what the stream did after the checkpoint
+    is lost. A save that a restart already resumed is restored again only after the server stopped
+    without a newer save: what the stream did since that restart is lost."""
+    saved_at, resumed_at = record.get("saved_at"), record.get("resumed_at")
+    summary = {"saved": record.get("saved", "shutdown"), "saved_at": saved_at, "resumed_before": resumed_at,
+               "frames": session.frames, "last_timestamp": session.last_timestamp}
+    what = (f"stream {record['id']}: restored {session.frames} frames up to stream time "
+            f"{session.last_timestamp if session.last_timestamp is not None else '-'} s from its "
+            f"{summary['saved']} save" + (f" of {_clock(saved_at)}" if saved_at else ""))
+    if resumed_at is not None:
+        return logging.WARNING, (f"{what}, which a restart already resumed at {_clock(resumed_at)}: the server "
+                                 "then stopped without a newer save, so what the stream did after that restart "
+                                 "(frames, answers) is lost; push clients resend from the restored time"), summary
+    if summary["saved"] == "checkpoint":
+        return logging.WARNING, (f"{what}: the server stopped without saving (crash or kill), so what the stream "
+                                 "did after this checkpoint (at most the checkpoint interval: frames, answers) is "
+                                 "lost; push clients resend from the restored time"), summary
+    return logging.INFO, f"{what}: nothing lost", summary
 
 
 class StreamStore:
@@ -42,10 +76,22 @@ class StreamStore:
         return self.directory / stream_id
 
     def save(self, record: dict[str, Any], session: StreamingSession) -> None:
-        """Save one stream: its session's memory, then its record."""
+        """Save one stream: its session's memory, then its record (with the save's time, frames and
+        last timestamp)."""
         folder = self._folder(record["id"])
         folder.mkdir(exist_ok=True)
+        record = {**record, "saved_at": time.time(), "frames": session.frames,
+                  "last_timestamp": session.last_timestamp}
         session.save(folder / SESSION)
+        self._write(folder, record)
+
+    def mark_resumed(self, record: dict[str, Any]) -> None:
+        """Record that a restart resumed this save, so that restoring it again (after a crash with no
+        newer save) says that what happened since is lost, instead of passing it off as current."""
+        self._write(self._folder(record["id"]), {**record, "resumed_at": time.time()})
+
+    @staticmethod
+    def _write(folder: Path, record: dict[str, Any]) -> None:
         temporary = folder / f".{RECORD}.tmp"
         write_json(temporary, record)
         os.replace(temporary, folder / RECORD)
@@ -68,4 +114,4 @@ class StreamStore:
         return sorted(found, key=lambda item: item[0].get("created", 0.0))
 
 
-__all__ = ["StreamStore"]
+__all__ = ["StreamStore", "restored_note"]
