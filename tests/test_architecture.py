@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "hosts": ("hosts", "preprocess", "tokenizer", "prompts", "presets", "weights", "vllm"),
     # "streamtc": the package root's facade; factory, loop, variants: the session factory, the one
     # streaming loop and the variant registry (issue 16)
-    "runtime": ("session", "memory", "sources", "codec", "factory", "loop", "variants", "streamtc"),
+    "runtime": ("session", "memory", "sources", "codec", "clips", "factory", "loop", "variants", "streamtc"),
     "tools": ("bench", "eval", "serve"),
     "entry": ("cli",),
 }
