@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu-check.sh --wheels gpu-wheels --out gpu-results [--python python3]
 #   bash scripts/gpu-check.sh --dry-run --out /tmp/gpu-dry [--wheels gpu-wheels]    # on a CPU machine
+#   bash scripts/gpu-check.sh --dry-run --no-install      # CI: this Python's packages, results in a temp dir
 #
 # It never installs from the network. It makes a virtual environment under OUT that sees the
 # given Python's packages (so its CUDA torch is used as it is) and installs into it, from the local
@@ -39,7 +40,10 @@ while [ $# -gt 0 ]; do
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-if [ -z "$out" ]; then
+if [ -z "$out" ] && [ $dry_run -eq 1 ]; then
+  out="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-dry-XXXXXX")"
+  echo "gpu-check: results in $out"
+elif [ -z "$out" ]; then
   echo "gpu-check: give a directory for the results: --out DIR" >&2
   exit 2
 fi

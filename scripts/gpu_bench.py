@@ -31,7 +31,7 @@ from streamtc.variants import VARIANTS
 from streamtc.bench.vit import Variant, load_benchmark_frames, run_vit_benchmark
 from streamtc.config import CacherConfig
 from streamtc.measure import environment
-from streamtc.presets import DTYPES, build_model
+from streamtc.presets import DTYPE_NAMES, build_model, torch_dtype
 
 STC = {"cache_interval": 2, "update_ratio": 0.25}
 EAGER = (Variant("full", None), Variant("full (control)", None), Variant("stc N=2 eager", CacherConfig(**STC)))
@@ -43,7 +43,7 @@ COMPILED = (
 
 
 def vit(args: argparse.Namespace) -> dict[str, Any]:
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     preset, layers, frames = ("tiny-siglip", None, 4) if args.dry_run else ("siglip-so400m-384", None, args.frames)
     pixels = load_benchmark_frames("demo", frames, 56 if args.dry_run else 384)
     tower = build_model(preset, num_layers=layers, dtype=dtype)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("part", choices=("vit", "prefill", "table"))
     parser.add_argument("directory", nargs="?", type=Path, help="for 'table': the output directory")
     parser.add_argument("--out", type=Path, help="directory for bench-<part>-<dtype>.json")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
