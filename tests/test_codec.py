@@ -226,6 +226,36 @@ def test_change_map_weights_cells_by_the_area_they_cover() -> None:
         CodecSideData(motion[:1], intra, 0.2, False, 3, 0, height=20, width=40)
 
 
+VECTOR = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
+                   ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")])
+
+
+def vectors(*blocks: tuple[int, int, int, int, int, int, int]) -> np.ndarray:
+    """(source, x, y, w, h, motion_x, motion_y) per block, top-left corner in pixels, motion in quarter pixels."""
+    array = np.zeros(len(blocks), VECTOR)
+    for row, (source, x, y, w, h, mx, my) in zip(array, blocks):
+        row["source"], row["w"], row["h"], row["dst_x"], row["dst_y"] = source, w, h, x + w // 2, y + h // 2
+        row["motion_x"], row["motion_y"], row["motion_scale"] = mx, my, 4
+    return array
+
+
+def test_blocks_are_weighted_by_area_and_a_block_predicted_twice_counts_once() -> None:
+    """A 32 x 48 frame (2 x 3 macroblocks). P-frame: a 16 x 16 block moved 2 px (8/4) over cell (0, 0);
+    two 8 x 8 blocks moved 5 px (3-4-5 triangle) over half of cell (0, 1); the rest intra-coded. Then a
+    B-frame predicting cell (1, 2) from both directions (two vectors for one block)."""
+    accumulator = CodecAccumulator()
+    accumulator.add_decoded(32, 48, "I", None)
+    accumulator.take()
+    accumulator.add_decoded(32, 48, "P", vectors((-1, 0, 0, 16, 16, 8, 0), (-1, 16, 0, 8, 8, 12, 16), (-1, 24, 8, 8, 8, 12, 16)))
+    accumulator.add_decoded(32, 48, "B", vectors((-1, 32, 16, 16, 16, 40, 0), (1, 32, 16, 16, 16, -40, 0)))
+    data = accumulator.take()
+    assert data.motion == pytest.approx(np.array([[2.0, 2.5, 0.0], [0.0, 0.0, 0.0]]))  # B-frames add no motion
+    p_intra, b_intra = np.array([[0.0, 0.5, 1.0], [1.0, 1.0, 1.0]]), np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert data.intra == pytest.approx((p_intra + b_intra) / 2)
+    assert data.intra_share == pytest.approx((p_intra.mean() + b_intra.mean()) / 2)
+    assert (data.decoded_frames, data.keyframes, data.cut) == (2, 0, False)  # the B-frame is 5/6 intra: no cut
+
+
 def test_accumulator_rejects_misuse() -> None:
     accumulator = CodecAccumulator()
     with pytest.raises(StreamStateError):

@@ -50,7 +50,7 @@ EXPORT_MVS_OPTIONS = {"flags2": "+export_mvs"}
 # fast motion reaches 0.60 and an exposure step on a static camera (OpenCV's cup.mp4) 0.77.
 CUT_INTRA_SHARE = 0.9
 MACROBLOCK = 16  # pixels; the grid of CodecSideData
-_FINE = 4  # pixels; coverage is resolved on this grid (no exported block is smaller) and pooled
+_FINEST = 4  # pixels; the smallest block any of these codecs exports
 _INTRA_TYPES = frozenset({PictureType.I, PictureType.SI, PictureType.BI})
 _MOTION_FIELDS = ("dst_x", "dst_y", "w", "h", "motion_x", "motion_y", "motion_scale")
 
@@ -176,17 +176,14 @@ class CodecAccumulator:
             interval.keyframes += 1
             interval.cut |= self._periodic_keyframe() is False
         else:
-            covered, motion = self._rasterise(interval, vectors, with_motion=picture == "P")
-            intra_fine = 1.0 - covered
-            intra = intra_fine.reshape(interval.intra.shape[0], MACROBLOCK // _FINE, -1, MACROBLOCK // _FINE)
-            interval.intra += intra.mean(axis=(1, 3))
-            share = float(intra_fine.mean())
+            intra, motion = _rasterise(interval.intra.shape, vectors, with_motion=picture == "P")
+            interval.intra += intra
+            share = float(intra.mean())
             interval.intra_share += share
             interval.inter_frames += 1
             interval.cut |= share > self.cut_intra_share
             if motion is not None:
-                fine = motion.reshape(interval.motion.shape[0], MACROBLOCK // _FINE, -1, MACROBLOCK // _FINE)
-                interval.motion += fine.mean(axis=(1, 3))
+                interval.motion += motion
         self._frames += 1
 
     def take(self) -> CodecSideData:
@@ -227,38 +224,48 @@ class CodecAccumulator:
         self._keyframe_gaps.add(gap)
         return periodic
 
-    @staticmethod
-    def _rasterise(
-        interval: _Interval, vectors: np.ndarray | None, with_motion: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per 4-pixel cell of the frame's grid: whether a vector covers it, and (for P-frames) the mean
-        |motion| in pixels of the vectors covering it (0 where none does). Vectorised over the vectors."""
-        rows, cols = interval.intra.shape[0] * MACROBLOCK // _FINE, interval.intra.shape[1] * MACROBLOCK // _FINE
-        if vectors is None or len(vectors) == 0:
-            return np.zeros((rows, cols)), np.zeros((rows, cols)) if with_motion else None
-        missing = [name for name in _MOTION_FIELDS if name not in (vectors.dtype.names or ())]
-        if missing:
-            raise InputError(f"motion vectors lack the fields {missing}")
-        width, height = vectors["w"].astype(np.int64), vectors["h"].astype(np.int64)
-        # dst is the block's centre; a block spans ceil(size / 4) fine cells from its top-left corner.
-        left = (vectors["dst_x"].astype(np.int64) - width // 2) // _FINE
-        top = (vectors["dst_y"].astype(np.int64) - height // 2) // _FINE
-        span_x, span_y = -(-width // _FINE), -(-height // _FINE)
-        offsets = np.arange(max(int(span_x.max()), int(span_y.max())))
-        xs, ys = left[:, None] + offsets, top[:, None] + offsets  # [V, K]
-        ok_x = (offsets < span_x[:, None]) & (xs >= 0) & (xs < cols)
-        ok_y = (offsets < span_y[:, None]) & (ys >= 0) & (ys < rows)
-        valid = ok_y[:, :, None] & ok_x[:, None, :]  # [V, K, K]
-        cells = (ys[:, :, None] * cols + xs[:, None, :])[valid]
-        counts = np.bincount(cells, minlength=rows * cols)
-        covered = (counts > 0).astype(np.float64).reshape(rows, cols)
-        if not with_motion:
-            return covered, None
-        scale = np.maximum(vectors["motion_scale"].astype(np.float64), 1.0)
-        magnitude = np.hypot(vectors["motion_x"], vectors["motion_y"]) / scale
-        weights = np.broadcast_to(magnitude[:, None, None], valid.shape)[valid]
-        sums = np.bincount(cells, weights=weights, minlength=rows * cols)
-        return covered, (sums / np.maximum(counts, 1)).reshape(rows, cols)
+
+def _rasterise(
+    cells: tuple[int, int], vectors: np.ndarray | None, with_motion: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One frame's vectors on its macroblock grid `cells`: the intra-coded (uncovered) share of each
+    cell's area, and for P-frames the area-weighted mean |motion| in pixels (0 where intra-coded).
+
+    Blocks are laid on the coarsest grid of 16, 8 or 4 pixels that they all align to (16 when every block
+    is a whole macroblock, 8 for H.264's partitions) so that blocks exported twice (B-frames' two
+    directions) count once, then pooled to macroblocks. Vectorised: no Python loop per vector.
+    """
+    if vectors is None or len(vectors) == 0:
+        return np.ones(cells), np.zeros(cells) if with_motion else None
+    missing = [name for name in _MOTION_FIELDS if name not in (vectors.dtype.names or ())]
+    if missing:
+        raise InputError(f"motion vectors lack the fields {missing}")
+    width, height = vectors["w"].astype(np.int64), vectors["h"].astype(np.int64)
+    # dst is the block's centre; its top-left corner on the pixel grid.
+    left, top = vectors["dst_x"] - width // 2, vectors["dst_y"] - height // 2
+    # The lowest set bit of the OR of all sizes and corners is the largest power of two dividing them all.
+    aligned, fine = int(np.bitwise_or.reduce(width | height | left | top)), MACROBLOCK
+    while fine > _FINEST and aligned % fine:
+        fine //= 2
+    pool = MACROBLOCK // fine
+    rows, cols = cells[0] * pool, cells[1] * pool
+    span_x, span_y = -(-width // fine), -(-height // fine)
+    offsets = np.arange(max(int(span_x.max()), int(span_y.max())))
+    xs, ys = left[:, None] // fine + offsets, top[:, None] // fine + offsets  # [V, K] fine columns / rows
+    ok_x = (offsets < span_x[:, None]) & (xs >= 0) & (xs < cols)
+    ok_y = (offsets < span_y[:, None]) & (ys >= 0) & (ys < rows)
+    valid = ok_y[:, :, None] & ok_x[:, None, :]  # [V, K, K]
+    indices = (ys[:, :, None] * cols + xs[:, None, :])[valid]
+    counts = np.bincount(indices, minlength=rows * cols)
+    intra = (counts == 0).reshape(cells[0], pool, cells[1], pool).mean(axis=(1, 3))
+    if not with_motion:
+        return intra, None
+    scale = np.maximum(vectors["motion_scale"].astype(np.float64), 1.0)
+    magnitude = np.hypot(vectors["motion_x"], vectors["motion_y"]) / scale
+    weights = np.broadcast_to(magnitude[:, None, None], valid.shape)[valid]
+    sums = np.bincount(indices, weights=weights, minlength=rows * cols)
+    motion = (sums / np.maximum(counts, 1)).reshape(cells[0], pool, cells[1], pool).mean(axis=(1, 3))
+    return intra, motion
 
 
 __all__ = [
