@@ -442,9 +442,9 @@ class Engine:
             if stream.state == "closed":
                 return
             stream.session, stream.state = session, finished or "playing"
-            if saved is not None:  # resumed: counters and the sampling grid continue
+            if saved is not None:  # resumed: counters and the sampling grid continue; its save is current
                 self._restored(stream, session, saved[0], finished)
-            stream.saved, stream.saved_at = stream.mark, time.monotonic()
+                stream.saved, stream.saved_at = stream.mark, time.monotonic()
             stream.stats = session.stats.to_dict()
             self._emit(stream, {"type": "state", "state": stream.state})
             info = stream.describe()

@@ -3,6 +3,7 @@ scheduler reads and the front describes. Fields are guarded by the engine's lock
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -64,7 +65,7 @@ class ServedStream:
     stop: threading.Event = field(default_factory=threading.Event)
     ready: Future = field(default_factory=Future)
     saved: tuple[int, str] | None = None  # (frames done, state) of the last save
-    saved_at: float = field(default_factory=time.monotonic)  # when it was written (or the stream started)
+    saved_at: float = -math.inf  # time.monotonic() of the last save; none yet: a new stream's first is due at once
     restored: dict[str, Any] | None = None  # what a restart restored (see `store.restored_note`)
     checkpoint_ms: float | None = None  # how long the last checkpoint held the stream
 
