@@ -253,7 +253,7 @@ def test_blocks_are_weighted_by_area_and_a_block_predicted_twice_counts_once() -
     p_intra, b_intra = np.array([[0.0, 0.5, 1.0], [1.0, 1.0, 1.0]]), np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     assert data.intra == pytest.approx((p_intra + b_intra) / 2)
     assert data.intra_share == pytest.approx((p_intra.mean() + b_intra.mean()) / 2)
-    assert (data.decoded_frames, data.keyframes, data.cut) == (2, 0, False)  # the B-frame is 5/6 intra: no cut
+    assert (data.decoded_frames, data.keyframes, data.cut) == (2, 0, True)  # the B-frame is 5/6 intra: a cut
 
 
 def test_accumulator_rejects_misuse() -> None:

@@ -45,10 +45,12 @@ MOTION_VECTOR_CODECS = frozenset(
     {"h264", "mpeg1video", "mpeg2video", "mpeg4", "h263", "msmpeg4", "msmpeg4v2", "wmv2", "flv"}
 )
 EXPORT_MVS_OPTIONS = {"flags2": "+export_mvs"}
-# A P/B frame with more of its area intra-coded than this starts a new shot. Measured: the P-frames at
-# the street clip's five cuts (re-encoded without scene-cut detection) are 0.998-1.0 intra; elsewhere
-# fast motion reaches 0.60 and an exposure step on a static camera (OpenCV's cup.mp4) 0.77.
-CUT_INTRA_SHARE = 0.9
+# A P/B frame with more of its area intra-coded than this starts a new shot. Measured on the street clip
+# re-encoded by x264 without scene-cut detection at 160-640 px wide: its P-frames at cuts are 0.75-0.90
+# intra with the ultrafast preset (live encoders' choice), 0.92-1.0 with veryfast or medium; elsewhere
+# at most 0.60. An exposure step on a static camera (OpenCV's cup.mp4) reaches 0.77 and counts as a
+# cut: a needless refresh costs FLOPs, a missed cut costs accuracy.
+CUT_INTRA_SHARE = 0.7
 MACROBLOCK = 16  # pixels; the grid of CodecSideData
 _FINEST = 4  # pixels; the smallest block any of these codecs exports
 _INTRA_TYPES = frozenset({PictureType.I, PictureType.SI, PictureType.BI})
