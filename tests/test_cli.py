@@ -150,6 +150,6 @@ def test_run_save_and_resume_continue_the_stream_as_one_run(tmp_path):
     for letter, value in want["option_logprobs"].items():
         assert abs(have["option_logprobs"][letter] - value) <= 2e-4  # rounded to 4 decimals
     refused = runner.invoke(app, ["run", "demo", "--resume", str(tmp_path / "saved"), "--no-stc"])
-    assert refused.exit_code != 0 and "drop --compare" in refused.output
+    assert refused.exit_code != 0 and "drop --no-stc" in refused.output
     missing = runner.invoke(app, ["run", "demo", "--resume", str(tmp_path / "nothing")])
     assert "no stream saved by `run --save`" in str(missing.exception)  # a ConfigError: exit code 2 from `streamtc`

@@ -67,3 +67,11 @@ def test_a_failing_source_has_its_frames_pushed_before_the_error():
     with pytest.raises(VideoSourceError, match="cut file"):
         list(loop.play(failing()))
     assert events == [[0, 1, 2]] and loop.pending == [0] and loop.last_time == 2
+
+
+def test_steps_reports_each_pushed_chunk_where_it_was_pushed():
+    pushed: list[list[float]] = []
+    loop = StreamLoop([2.5], lambda chunk: pushed.append([f.timestamp for f in chunk]), chunk_frames=2)
+    steps = [s if isinstance(s, int) else [f.timestamp for f in s] for s in loop.steps(frames(0, 1, 2, 3, 4))]
+    assert steps == [[0, 1], [2], 0, [3, 4]]  # each chunk right after its push, the question where it fell due
+    assert [s for s in steps if not isinstance(s, int)] == pushed

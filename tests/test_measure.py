@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -86,3 +89,32 @@ def test_token_cosine_per_frame_and_for_one_frame() -> None:
     assert torch.allclose(token_cosine(a, a), torch.ones(3))
     assert torch.allclose(token_cosine(a, -a), -torch.ones(3))
     assert token_cosine(a[0], a[0]).shape == ()
+
+
+# -- the paired time ratio of `run --compare` --------------------------------------------------------
+
+
+def test_paired_ratio_marks_noise_and_real_differences() -> None:
+    rng = random.Random(3)
+    base = [10.0 + rng.uniform(-3, 3) for _ in range(12)]
+    noisy = [b * (1.6 if i % 2 else 0.6) for i, b in enumerate(base)]  # as often slower as faster
+    assert measure.paired_ratio(base, noisy)["noise"]
+    faster = measure.paired_ratio(base, [0.4 * b * rng.uniform(0.9, 1.1) for b in base])
+    assert not faster["noise"] and faster["low"] <= faster["ratio"] <= faster["high"] < 1.0
+    assert measure.paired_ratio(base[:2], [b / 2 for b in base[:2]])["noise"]  # two frames say nothing
+
+
+@pytest.mark.parametrize("factor, noise", [(1.004, True), (0.996, True), (1.006, False), (0.994, False)])
+def test_an_interval_printed_as_one_is_within_noise(factor: float, noise: bool) -> None:
+    """Every frame `factor` times slower: the interval is [factor, factor]; printed to two decimals,
+    1.004 reads "1.00", which shows no difference, while 1.006 reads "1.01"."""
+    base = [10.0 + i for i in range(8)]
+    ratio = measure.paired_ratio(base, [factor * b for b in base])
+    assert ratio["low"] == pytest.approx(factor) and ratio["high"] == pytest.approx(factor)
+    assert ratio["noise"] is noise
+
+
+def test_importing_the_measurement_layer_imports_no_torch() -> None:
+    code = "import sys, streamtc.measure; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

@@ -23,8 +23,8 @@ import pytest
 from typer.testing import CliRunner
 
 from streamtc.cli import app
-from streamtc.cli import run as cli
-from streamtc.cli.run import EXIT_CODES, paired_ratio
+from streamtc.cli import common
+from streamtc.cli.run import EXIT_CODES
 from streamtc.errors import ConfigError
 from streamtc.sources import builtin_clip_path
 
@@ -124,9 +124,9 @@ def test_bad_models_configs_and_sources_are_one_line_errors(tmp_path: Path, args
 
 
 def test_a_hub_id_without_network_fails_at_once_and_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(common, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ConfigError, match="cannot be reached to download it.*--model DIR"):
-        cli._check_model("streamtc-tests/no-such-model")
+        common.check_model("streamtc-tests/no-such-model")
     result = runner.invoke(app, ["run", "demo", "--model", "streamtc-tests/no-such-model"])
     assert isinstance(result.exception, ConfigError) and "random weights" not in result.output
 
@@ -150,8 +150,17 @@ def test_a_question_past_the_end_is_asked_at_the_end_with_a_note(tmp_path: Path)
     assert [(a["seconds"], a["frames"], a["note"]) for a in answers[:2]] == [(2.0, 3, None), (3.0, 4, None)]
     late = answers[2]
     assert late["seconds"] == 30.0 and late["frames"] == 4
-    assert late["note"] == "asked at 3.0 s, the last frame received: the video ends before 30 s"
+    assert late["note"] == "asked at 3.0 s, the last frame received: --max-seconds 3 ends the stream before 30 s"
     assert late["note"] in " ".join(result.output.split())
+
+
+def test_a_question_past_the_end_of_the_whole_video_says_the_video_ends(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    result = runner.invoke(app, ["run", "demo", "--no-stc", "--fps", "0.5", "--max-seconds", "60", "--ask", "30:late?",
+                                 "--max-new-tokens", "1", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    [late] = json.loads(out.read_text())["answers"]["no STC"]
+    assert late["note"] == "asked at 8.0 s, the last frame received: the video ends before 30 s"  # not --max-seconds
 
 
 # -- faults over the whole run -----------------------------------------------------------------------
@@ -261,16 +270,3 @@ def test_ctrl_c_at_a_random_moment_leaves_a_valid_record(tmp_path: Path, seed: i
     assert result.returncode in (0, 130), (delay, result.stdout, result.stderr)
     check_record(out, result.stdout, result.returncode)
     assert "Traceback" not in result.stdout + result.stderr
-
-
-# -- the --compare summary ------------------------------------------------------------------------
-
-
-def test_paired_ratio_marks_noise_and_real_differences() -> None:
-    rng = random.Random(3)
-    base = [10.0 + rng.uniform(-3, 3) for _ in range(12)]
-    noisy = [b * (1.6 if i % 2 else 0.6) for i, b in enumerate(base)]  # as often slower as faster
-    assert paired_ratio(base, noisy)["noise"]
-    faster = paired_ratio(base, [0.4 * b * rng.uniform(0.9, 1.1) for b in base])
-    assert not faster["noise"] and faster["low"] <= faster["ratio"] <= faster["high"] < 1.0
-    assert paired_ratio(base[:2], [b / 2 for b in base[:2]])["noise"]  # two frames say nothing

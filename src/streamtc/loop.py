@@ -68,34 +68,45 @@ class StreamLoop:
         """Whether the next pending question must be asked before a frame at `frame_time` is pushed."""
         return bool(self.pending) and not self.sees(frame_time, self.times[self.pending[0]])
 
-    def flush(self) -> None:
-        """Push the frames waiting for a full chunk."""
-        if self._buffer:
-            chunk, self._buffer = self._buffer, []
+    def flush(self) -> list[Frame]:
+        """Push the frames waiting for a full chunk; returns them (empty when none waited)."""
+        chunk, self._buffer = self._buffer, []
+        if chunk:
             self._push(chunk)
             self.frames_pushed += len(chunk)
             self.last_time = chunk[-1].timestamp
+        return chunk
 
     def play(self, source: Iterable[Frame], *, stop_when_answered: bool = False) -> Iterator[int]:
         """Push `source`'s frames; yield each question's index when it falls due (ask it before
         resuming). Ends with every frame pushed; questions the stream did not pass stay in
         `pending`. stop_when_answered: stop reading once no question is left (every frame after
         the last question is skipped)."""
+        for step in self.steps(source, stop_when_answered=stop_when_answered):
+            if isinstance(step, int):
+                yield step
+
+    def steps(self, source: Iterable[Frame], *, stop_when_answered: bool = False) -> Iterator[int | list[Frame]]:
+        """`play`, also yielding each chunk once it is pushed (a list of frames), so that a caller
+        can report progress between questions."""
         try:
             for frame in source:
                 self.frames_read += 1
                 while self.due(frame.timestamp):
-                    self.flush()
+                    if chunk := self.flush():
+                        yield chunk
                     yield self.pending.pop(0)
                 if stop_when_answered and not self.pending:
                     break
                 self._buffer.append(frame)
-                if len(self._buffer) >= self._chunk_frames:
-                    self.flush()
+                if len(self._buffer) >= self._chunk_frames and (chunk := self.flush()):
+                    yield chunk
         except VideoSourceError:
-            self.flush()  # frames read before the failure are sound
+            if chunk := self.flush():  # frames read before the failure are sound
+                yield chunk
             raise
-        self.flush()
+        if chunk := self.flush():
+            yield chunk
 
     def reached(self, until: float) -> Iterator[int]:
         """Yield (and remove) the pending questions a stream that ended at `until` has reached."""

@@ -1,4 +1,5 @@
-"""Measurement at the bottom of the stack: clock, peak memory and the run's environment record.
+"""Measurement at the bottom of the stack: clock, peak memory, the run's environment record, and
+the paired time ratio with its bootstrap interval.
 
 The session, `run --output`, the benchmarks and the evaluation all measure through this module (it
 imports nothing from streamtc, so every layer may use it; see docs/architecture.md). Every clock
@@ -7,6 +8,8 @@ measurement. Peak memory is CUDA's max allocated on a GPU and the process's peak
 CPU; both are process-wide and can be reset, so a measurement covers what ran since the reset.
 Every result file carries one `environment(device, config)` record: package versions, machine,
 torch threads, git revision, date and the run's settings, the same keys for every kind of result.
+torch is imported by the functions that use it, so that importing this module (as every command
+does) stays quick.
 """
 
 from __future__ import annotations
@@ -17,22 +20,26 @@ import gc
 import importlib.metadata
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
     """Wait for queued work on `device` (a no-op on CPU)."""
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device is None or str(device).split(":")[0] != "cuda":
+        return
+    import torch
+
+    torch.cuda.synchronize(torch.device(device))
 
 
 def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[Any, float]:
@@ -47,6 +54,8 @@ def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tu
 def reset_peak_memory(device: torch.device | str) -> None:
     """Start a new peak: CUDA's peak statistics, or the process's peak RSS (after handing freed heap
     back to the OS, so that earlier garbage does not count; where Linux allows the reset)."""
+    import torch
+
     device = torch.device(device)
     gc.collect()
     if device.type == "cuda":
@@ -64,6 +73,8 @@ def reset_peak_memory(device: torch.device | str) -> None:
 
 def peak_memory_bytes(device: torch.device | str) -> int:
     """Peak memory since the last `reset_peak_memory`: CUDA max allocated, or peak RSS."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -97,6 +108,29 @@ def _git_hash() -> str | None:
     return out.stdout.strip() or None
 
 
+def paired_ratio(base: list[float], fast: list[float], resamples: int = 400) -> dict[str, Any]:
+    """Ratio sum(fast) / sum(base) over frames timed in pairs, with a 90% bootstrap interval over
+    the frames. `noise` is True when the interval, at the two decimals it is printed with, contains
+    1 (no difference shown by this run: "0.97-1.00" is noise), or when fewer than 3 frames were timed."""
+    if len(base) != len(fast):
+        raise ValueError(f"paired timings need as many frames on both sides, got {len(base)} and {len(fast)}")
+    if not base or sum(base) <= 0:
+        return {"ratio": None, "low": None, "high": None, "noise": True, "frames": len(base)}
+    ratio = sum(fast) / sum(base)
+    rng = random.Random(0)
+    count = len(base)
+    draws = []
+    for _ in range(resamples):
+        picks = [rng.randrange(count) for _ in range(count)]
+        denominator = sum(base[i] for i in picks)
+        if denominator > 0:
+            draws.append(sum(fast[i] for i in picks) / denominator)
+    draws.sort()
+    low, high = draws[int(0.05 * len(draws))], draws[int(0.95 * len(draws)) - 1]
+    noise = count < 3 or round(low, 2) <= 1.0 <= round(high, 2)
+    return {"ratio": ratio, "low": low, "high": high, "noise": noise, "frames": count}
+
+
 # Packages whose version can change a number or an answer; a missing one is recorded as None.
 RECORDED_PACKAGES = ("transformers", "numpy", "av")
 
@@ -104,6 +138,8 @@ RECORDED_PACKAGES = ("transformers", "numpy", "av")
 def package_versions() -> dict[str, str | None]:
     """Versions of the running streamtc and torch (the imported build, e.g. "+cpu"), of
     `RECORDED_PACKAGES` as installed, and of Python."""
+    import torch
+
     # the package this module belongs to is imported by now; reading it here imports nothing upward
     running = sys.modules.get(__package__ or "streamtc")
     versions: dict[str, str | None] = {
@@ -121,6 +157,8 @@ def package_versions() -> dict[str, str | None]:
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     """The machine a measurement ran on: CPU model and count, platform, device (and GPU name)."""
+    import torch
+
     device = torch.device(device)
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
@@ -137,6 +175,8 @@ def environment(device: torch.device | str = "cpu", config: Any = None) -> dict[
     """One record of what produced a result: date (UTC), package versions, machine, torch threads,
     git revision and the run's `config` (any JSON-able value). Every result kind writes it under
     the key "environment"."""
+    import torch
+
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(),
@@ -152,6 +192,7 @@ __all__ = [
     "environment",
     "machine_info",
     "package_versions",
+    "paired_ratio",
     "peak_memory_bytes",
     "reset_peak_memory",
     "synchronize",

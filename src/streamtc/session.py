@@ -100,7 +100,7 @@ from .hosts import Deepstack, EncodedChunk, Placed, RecomputedTokens, VideoEncod
 from .preprocess import FrameInput, FramePreprocessor, QwenVLPreprocessor
 from .presets import build_model, get_preset, load_pretrained
 from .pruner import KeptTokens, PrunerState, STCPruner, TokenSelector
-from .prompts import multiple_choice_question, parse_option_letter
+from .prompts import multiple_choice_question, option_letter_token_ids, parse_option_letter
 from .tokenizer import tokenizer_for_config
 
 logger = logging.getLogger(__name__)
@@ -608,6 +608,16 @@ class StreamingSession:
         with torch.inference_mode(), self._question_scope() as cache:
             hidden = self._forward_text(embeds, cache)
             return self.host.logits(hidden)[0].float().cpu()
+
+    def option_logprobs(self, question: str, options: Sequence[str] | None = None, *, letters: int | None = None,
+                        answer_prefix: str = "") -> dict[str, float]:
+        """Log-probability of each option letter (A, B, ...) as the first answer token, on the prompt
+        `ask` pre-fills for the same arguments (the cache is left as before); letters: how many
+        (default len(options); give it when `question` already lists its options). A letter the
+        tokenizer splits into several tokens is left out."""
+        count = len(options or ()) if letters is None else letters
+        log_softmax = torch.log_softmax(self.next_token_logits(question, options, answer_prefix), dim=-1)
+        return {letter: float(log_softmax[i]) for letter, i in option_letter_token_ids(self.tokenizer, count).items()}
 
     def ask(self, question: str, options: Sequence[str] | None = None, max_new_tokens: int = 64,
             answer_prefix: str = "", on_token: Callable[[int], None] | None = None) -> Answer:

@@ -1,11 +1,14 @@
-"""What the command modules share: the console, reading an `STCConfig` from a --config file, and
-the memory options of `run` and `eval run` (`serve` takes the retrieval ones)."""
+"""What the command modules share: the console, reading an `STCConfig` from a --config file, the
+checks of --model and --preset (quick: nothing heavy is imported), and the memory options of `run`
+and `eval run` (`serve` takes the retrieval ones)."""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -47,5 +50,56 @@ def read_stc_config(path: Path) -> STCConfig:
         raise ConfigError(f"--config {path}: {error}") from None
 
 
+def check_preset(name: str) -> None:
+    """Refuse a preset that cannot stream (a vision tower alone), listing those that can (with a language model)."""
+    from ..presets import PRESETS
+
+    runnable = [name for name, preset in PRESETS.items() if preset.is_video_llm]
+    if name not in runnable:
+        kind = "is a vision tower only (for `bench vit`)" if name in PRESETS else "is not a preset"
+        raise ConfigError(f"--preset {name!r} {kind}; `run` takes: {', '.join(runnable)}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds."""
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_model(model: str) -> None:
+    """A --model directory must hold a saved model; a hub id must be downloadable or cached.
+
+    Without a network, transformers retries the hub for half a minute before it fails; here a
+    missing hub fails at once with what to do, and a cached copy is used offline."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"--model {model}: is a file; give the directory written by save_pretrained")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {model}: no config.json in this directory; give a directory written by "
+                              "save_pretrained (config.json, weights, tokenizer and processor files) or a hub id")
+        return
+    parts = model.split("/")
+    if model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
+        raise ConfigError(f"--model {model}: no such directory (and not a hub id such as ORG/NAME)")
+    if hub_reachable():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        constants.HF_HUB_OFFLINE = True  # the hub is unreachable: read the cached copy without retrying
+        console.print(f"[yellow]the Hugging Face hub cannot be reached: using the cached copy of {model}[/]")
+        return
+    raise ConfigError(f"--model {model}: not a local directory, and the Hugging Face hub ({constants.ENDPOINT}) "
+                      "cannot be reached to download it. Download it where there is a network (`hf download "
+                      f"{model} --local-dir DIR`) and pass --model DIR, or run a built-in --preset")
+
+
 __all__ = ["MemoryOption", "OffloadBudgetOption", "OffloadDirOption", "RetrieveFramesOption", "WindowTokensOption",
-           "console", "read_stc_config"]
+           "check_model", "check_preset", "console", "hub_reachable", "read_stc_config"]

@@ -29,8 +29,6 @@ from typer.core import TyperCommand
 from ..config import STCConfig
 from ..eval.benchmarks import BENCHMARKS, PAPER_OFFLINE_AVERAGE, PROTOCOLS, limit_videos, load_benchmark
 from ..eval.report import check_comparable, load_run, render_comparison, render_run, render_timing
-from ..eval.runner import EvalRun
-from ..eval.streaming import EvalSettings
 from ..factory import SessionSpec
 from ..presets import DTYPE_NAMES
 from .common import (
@@ -110,6 +108,9 @@ def run(
     loaded = limit_videos(load_benchmark(benchmark, annotations, videos), max_videos)
     if fps is None:  # the model's protocol rate wins over the benchmark's default: its prompt is built on it
         fps = spec.protocol_fps() or loaded.spec.default_fps
+    from ..eval.runner import EvalRun  # imports torch: only once the arguments and annotations are sound
+    from ..eval.streaming import EvalSettings
+
     settings = EvalSettings(fps=fps, max_new_tokens=max_new_tokens, option_logprobs=option_logprobs)
     if model is None:
         console.print(f"[yellow]preset {preset!r} has random weights: its answers are meaningless. "

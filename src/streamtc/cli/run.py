@@ -1,8 +1,10 @@
 """`streamtc run`: watch a video with a VideoLLM and answer questions at their timestamps.
 
-`run` checks every argument (times, sizes, the preset, the `--model` directory, the `--config`
-file, the video) before it builds a model; torch, transformers and the models are imported only
-once the arguments are sound.
+The watching itself is `streamtc.watch` (sessions, frames, questions, the end of the stream); this
+module checks the arguments, prints the watch's events and writes the `--output` record. Every
+argument (times, sizes, the preset, the `--model` directory, the `--config` file, the video, that
+`--output` can be written) is checked before a model is built; torch, transformers and the models
+are imported only once the arguments are sound, so a refusal and `--help` answer at once.
 
 `run` exit codes (also written as `status` / `exit_code` in the `--output` JSON):
 
@@ -16,7 +18,9 @@ once the arguments are sound.
     130  interrupted: Ctrl-C (SIGINT); questions not yet asked are listed as unanswered
 
 Every answer is written to `--output` as soon as it is given (the file is replaced atomically, so it
-is valid JSON at any moment), and once more with the final status and statistics.
+is valid JSON at any moment), and once more with the final status and statistics; a run refused
+for its arguments or input (exit code 2 once the command line parsed) or stopped by Ctrl-C before
+the stream started writes its record too.
 """
 
 from __future__ import annotations
@@ -25,13 +29,11 @@ import dataclasses
 import json
 import math
 import os
-import random
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -43,59 +45,34 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..config import STCConfig
-from ..errors import ConfigError, StreamTCError, VideoSourceError
+from ..errors import ConfigError, InputError, StreamTCError
+from ..watch import Answered, Note, Started, StreamWatch, TimedQuestion
 from .common import (
-    MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption, console,
-    read_stc_config,
+    MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption, check_model,
+    check_preset, console, read_stc_config,
 )
 
 if TYPE_CHECKING:
     from ..factory import SessionSpec
-    from ..session import Answer, StreamingSession
-    from ..sources import Frame, VideoSource
+    from ..sources import VideoSource
+    from ..watch import Event
 
 # Exit codes of `run`, by the status written to --output (see the module docstring).
 EXIT_CODES = {"completed": 0, "crashed": 1, "error": 2, "source_failed": 3, "ended_early": 4, "interrupted": 130}
 
 DEMO_QUESTIONS = ["3:What is happening in the street?",
                   "8:How many people are riding bikes?|none|one|two|three or more"]
+RESUMED_OPTIONS = ("compare", "no_stc", "config", "variant", "memory", "window_tokens", "retrieve_frames",
+                   "offload_dir", "offload_budget")  # settings a --resume takes from the save
 
 # -- arguments ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TimedQuestion:
-    """A question to ask when the stream reaches `seconds`; `options` make it multiple choice."""
-
-    seconds: float
-    text: str
-    options: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, spec: str) -> TimedQuestion:
-        """'SECONDS:QUESTION' or 'SECONDS:QUESTION|OPTION|OPTION...'."""
-        seconds, sep, rest = spec.partition(":")
-        text, *options = (part.strip() for part in rest.split("|"))
-        try:
-            value = float(seconds)
-        except ValueError:
-            value = None
-        if not sep or value is None or not text or not all(options):
-            raise typer.BadParameter(f"--ask takes 'SECONDS:QUESTION' or 'SECONDS:QUESTION|OPTION|OPTION...' "
-                                     f"(e.g. '12:What is he holding?'), got {spec!r}")
-        if not math.isfinite(value) or value < 0:
-            raise typer.BadParameter(f"the time of --ask {spec!r} must be a finite number of seconds >= 0, "
-                                     f"got {seconds.strip()!r}")
-        if len(options) == 1:
-            raise typer.BadParameter(f"--ask {spec!r}: a multiple-choice question needs two options or more")
-        return cls(value, text, tuple(options))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "question": self.text, "options": list(self.options) or None}
-
-
 def _parse_questions(specs: list[str] | None) -> list[TimedQuestion] | None:
-    return None if specs is None else [TimedQuestion.parse(spec) for spec in specs]
+    try:
+        return None if specs is None else [TimedQuestion.parse(spec) for spec in specs]
+    except InputError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def _positive_seconds(value: float | None) -> float | None:
@@ -110,57 +87,6 @@ def _seconds(value: float | None) -> float | None:
     return value
 
 
-def _check_preset(name: str) -> None:
-    """Refuse a preset `run` cannot stream, listing the ones it can (those with a language model)."""
-    from ..presets import PRESETS
-
-    runnable = [name for name, preset in PRESETS.items() if preset.is_video_llm]
-    if name not in runnable:
-        kind = "is a vision tower only (for `bench vit`)" if name in PRESETS else "is not a preset"
-        raise ConfigError(f"--preset {name!r} {kind}; `run` takes: {', '.join(runnable)}")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds."""
-    from huggingface_hub import constants
-
-    endpoint = urlsplit(constants.ENDPOINT)
-    try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _check_model(model: str) -> None:
-    """A --model directory must hold a saved model; a hub id must be downloadable or cached.
-
-    Without a network, transformers retries the hub for half a minute before it fails; here a
-    missing hub fails at once with what to do, and a cached copy is used offline."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"--model {model}: is a file; give the directory written by save_pretrained")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"--model {model}: no config.json in this directory; give a directory written by "
-                              "save_pretrained (config.json, weights, tokenizer and processor files) or a hub id")
-        return
-    parts = model.split("/")
-    if model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
-        raise ConfigError(f"--model {model}: no such directory (and not a hub id such as ORG/NAME)")
-    if _hub_reachable():
-        return
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(model, "config.json"), str):
-        constants.HF_HUB_OFFLINE = True  # the hub is unreachable: read the cached copy without retrying
-        console.print(f"[yellow]the Hugging Face hub cannot be reached: using the cached copy of {model}[/]")
-        return
-    raise ConfigError(f"--model {model}: not a local directory, and the Hugging Face hub ({constants.ENDPOINT}) "
-                      "cannot be reached to download it. Download it where there is a network (`hf download "
-                      f"{model} --local-dir DIR`) and pass --model DIR, or run a built-in --preset")
-
-
 def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
     """`stc` without the Cacher when the model's vision tower has no Cacher support (a printed note):
     the demo command runs the Pruner alone there; the library raises instead."""
@@ -173,53 +99,7 @@ def _runnable_stc(stc: STCConfig | None, model_class: type) -> STCConfig | None:
     return dataclasses.replace(stc, cacher=None) if stc.pruner is not None else None
 
 
-def _session(spec: SessionSpec, device: str) -> StreamingSession:
-    try:
-        return spec.build(device)
-    except StreamTCError:
-        raise
-    except (OSError, ValueError) as error:  # transformers' loading errors: name the model, keep it to one line
-        raise ConfigError(f"--model {spec.model}: cannot be loaded ({str(error).splitlines()[0]})") from None
-
-
-VARIANT_FOLDERS = {"no STC": "no-stc", "STC": "stc"}  # --save DIR/<folder>, one save per variant
-
-
-def _saved_variants(directory: Path) -> dict[str, STCConfig | None]:
-    """The variants saved by `run --save` in `directory` and their STC settings (verified saves)."""
-    from ..memory.persist import open_snapshot, read_json
-
-    found = {}
-    for name, folder in VARIANT_FOLDERS.items():
-        if (directory / folder).is_dir():
-            stc = read_json(open_snapshot(directory / folder) / "session.json")["settings"]["stc"]
-            found[name] = None if stc is None else STCConfig.from_dict(stc)
-    if not found:
-        raise ConfigError(f"--resume {directory}: no stream saved by `run --save` there "
-                          f"(no {' or '.join(VARIANT_FOLDERS.values())} folder)")
-    return found
-
-
-def _restored_session(path: Path, spec: SessionSpec, device: str) -> StreamingSession:
-    """A session continuing the stream saved at `path`, on the same model built again."""
-    from ..presets import build_model, load_pretrained
-    from ..session import StreamingSession, load_tokenizer
-
-    if spec.model is None:
-        return StreamingSession.restore(path, build_model(spec.preset, num_layers=spec.num_layers).to(device))
-    return StreamingSession.restore(path, load_pretrained(spec.model).to(device), load_tokenizer(spec.model))
-
-
-def _after_resume(frames: Iterable[Frame], resumed_at: float, live: bool, interval: float) -> Iterator[Frame]:
-    """A resumed stream's frames: a file's from after the saved time; a live source's (whose clock
-    restarts at 0) shifted to run on after it."""
-    for frame in frames:
-        if live:
-            yield dataclasses.replace(frame, timestamp=frame.timestamp + resumed_at + interval)
-        elif frame.timestamp > resumed_at + 1e-9:
-            yield frame
-
-# -- the run: its record, its summary -----------------------------------------------------------
+# -- the record ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -248,48 +128,84 @@ class RunRecord:
         partial.write_text(json.dumps(record, indent=2))
         os.replace(partial, self.path)
 
+    def start(self) -> None:
+        """The first write: an --output that cannot be written is refused before anything is built."""
+        try:
+            self.write()
+        except OSError as error:
+            path, self.path = self.path, None  # nothing more is written there
+            raise ConfigError(f"--output {path}: cannot be written ({error.strerror or error})") from None
 
-def _option_logprobs(session: StreamingSession, question: TimedQuestion) -> dict[str, float] | None:
-    """Log-probabilities of the option letters as the first answer token (multiple choice only)."""
-    if not question.options:
-        return None
-    import torch
+    def stop(self, status: str, note: str, questions: list[TimedQuestion]) -> None:
+        """End before the stream started (refused, or Ctrl-C): the reason, every question unasked."""
+        self.status = status
+        self.notes.append(note)
+        self.unanswered = [{**q.to_dict(), "reason": note} for q in questions]
+        self.write()
 
-    from ..prompts import option_letter_token_ids
+    def answer(self, event: Answered) -> dict[str, Any]:
+        """Keep an answer (log-probabilities to 4 decimals) and write the record; returns its entry."""
+        logprobs = event.option_logprobs and {letter: round(v, 4) for letter, v in event.option_logprobs.items()}
+        entry = {"seconds": event.question.seconds, **event.answer.to_dict(), "option_logprobs": logprobs,
+                 "note": event.note}
+        self.answers[event.variant].append(entry)
+        self.write()
+        return entry
 
-    log_softmax = torch.log_softmax(session.next_token_logits(question.text, question.options), dim=-1)
-    return {letter: round(float(log_softmax[i]), 4)
-            for letter, i in option_letter_token_ids(session.tokenizer, len(question.options)).items()}
+    def finish(self, watch: StreamWatch, status: str) -> None:
+        """Final status, unasked questions, statistics and (with --compare) ratios, written to --output."""
+        self.status = status
+        reason = self.notes[-1] if self.notes else status
+        self.unanswered = [{**q.to_dict(), "reason": reason} for q in watch.pending]
+        self.stream = watch.stream_record(status)
+        self.stats = watch.stats()
+        self.ratios = watch.ratios()
+        self.write()
 
 
-def _empty_answer_reason(session: StreamingSession, answer: Answer) -> str:
-    """Why an answer's text is empty: a stop token first, or tokens that print as nothing."""
-    if not answer.token_ids:
-        return "the model's first token was its stop token"
-    if session.tokenizer.decode(answer.token_ids, skip_special_tokens=True):
-        return f"its {len(answer.token_ids)} tokens decode to whitespace only"
-    return f"its {len(answer.token_ids)} tokens are special tokens, which are not printed"
+# -- printing ------------------------------------------------------------------------------------
 
 
-def paired_ratio(base: list[float], fast: list[float], resamples: int = 400) -> dict[str, Any]:
-    """Ratio sum(fast) / sum(base) over frames timed in pairs, with a 90% bootstrap interval over
-    the frames; `noise` is True when the interval contains 1 (no difference shown by this run)."""
-    if len(base) != len(fast):
-        raise ValueError(f"paired timings need as many frames on both sides, got {len(base)} and {len(fast)}")
-    if not base or sum(base) <= 0:
-        return {"ratio": None, "low": None, "high": None, "noise": True, "frames": len(base)}
-    ratio = sum(fast) / sum(base)
-    rng = random.Random(0)
-    count = len(base)
-    draws = []
-    for _ in range(resamples):
-        picks = [rng.randrange(count) for _ in range(count)]
-        denominator = sum(base[i] for i in picks)
-        if denominator > 0:
-            draws.append(sum(fast[i] for i in picks) / denominator)
-    draws.sort()
-    low, high = draws[int(0.05 * len(draws))], draws[int(0.95 * len(draws)) - 1]
-    return {"ratio": ratio, "low": low, "high": high, "noise": count < 3 or low <= 1.0 <= high, "frames": count}
+class _Screen:
+    """Prints the watch's events as they come, keeping each in the record; the progress bar lives
+    from the sessions' start to the end of the stream (in `stack`)."""
+
+    def __init__(self, record: RunRecord, video: str, random_weights: bool, stack: ExitStack) -> None:
+        self.record, self.video, self.random_weights, self.stack = record, video, random_weights, stack
+        self.explained_empty = False
+        self.bar: tuple[Progress, Any] | None = None
+
+    def show(self, event: Event) -> None:
+        if isinstance(event, Answered):
+            self.answered(event)
+        elif isinstance(event, Note):
+            self.record.notes.append(event.text)
+            console.print(f"[yellow]{escape(event.text)}; answering with what was received[/]")
+        elif isinstance(event, Started):
+            progress = self.stack.enter_context(Progress(
+                TextColumn("[progress.description]{task.description}"), BarColumn(),
+                TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(), console=console,
+                transient=True))
+            self.bar = (progress, progress.add_task(f"streaming {self.video}", total=event.expected_frames,
+                                                    clock="0.0 s"))
+        elif self.bar is not None:  # Progress
+            self.bar[0].update(self.bar[1], advance=event.pushed, clock=f"{event.timestamp:.1f} s")
+
+    def answered(self, event: Answered) -> None:
+        entry = self.record.answer(event)
+        console.print(f"[bold]{event.question.seconds:>7.1f}s[/] {escape(f'[{event.variant}]')} "
+                      f"Q: {escape(event.question.text)}\n          A: {event.answer.text!r} "
+                      f"({event.answer.total_ms:.0f} ms)")
+        if entry["option_logprobs"]:
+            console.print("          option log-probabilities: " + ", ".join(
+                f"{letter} {value:.3f}" for letter, value in entry["option_logprobs"].items()))
+        if event.note:
+            console.print(f"          [yellow]{escape(event.note)}[/]")
+        if self.random_weights and event.empty_reason and not self.explained_empty:
+            self.explained_empty = True
+            console.print(f"          [dim](empty: {event.empty_reason}; a random-weight model rarely says anything "
+                          "readable. Multiple-choice questions also record the option log-probabilities, which "
+                          "show how STC changes the model's output.)[/]")
 
 
 def _ratio_cell(ratio: dict[str, Any]) -> str:
@@ -361,7 +277,54 @@ def _memory_line(kind: str, stats: dict[str, Any]) -> str:
 # -- run ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The parsed command line of `run` (its parameters by name) and which of them were given."""
+
+    video: str
+    model: str | None
+    preset: str
+    ask: list[TimedQuestion] | None
+    no_stc: bool
+    compare: bool
+    variant: str | None
+    fps: float | None
+    max_seconds: float | None
+    num_layers: int | None
+    max_new_tokens: int
+    config: Path | None
+    device: str
+    memory: str | None
+    window_tokens: int | None
+    retrieve_frames: int
+    offload_dir: Path | None
+    offload_budget: int | None
+    timeout: float
+    output: Path | None
+    save: Path | None
+    resume: Path | None
+    given: frozenset[str] = frozenset()
+
+    @property
+    def live(self) -> bool:
+        """A network stream or a camera (opened once the models are built), not a file."""
+        from ..sources import NETWORK_SCHEMES
+
+        return urlsplit(self.video).scheme.lower() in NETWORK_SCHEMES or self.video.isdigit()
+
+
+@dataclass
+class RunPlan:
+    """What the checked arguments resolve to: the variants' specs, the sampling rate and the source
+    (open, or how to open it once the models are built)."""
+
+    specs: dict[str, SessionSpec]
+    fps: float
+    source: VideoSource | Callable[[], VideoSource]
+
+
 def run(
+    ctx: typer.Context,
     video: Annotated[str, typer.Argument(help="Video file, stream URL (rtsp/tcp/udp/http), webcam index, or 'demo' "
                                               "for the built-in street clip")] = "demo",
     model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id "
@@ -408,208 +371,145 @@ def run(
     Exit codes: 0 completed, 1 crashed, 2 bad input or error, 3 the video failed mid-way,
     4 a live stream ended early, 130 interrupted (Ctrl-C); answers given so far are kept in
     --output in every case."""
-    if compare and no_stc:
-        raise typer.BadParameter("--compare already runs the uncompressed model; drop --no-stc")
-    if variant is not None and (no_stc or config is not None):
-        raise typer.BadParameter("--variant chooses the compression; drop --no-stc and --config")
-    if resume is not None and (compare or no_stc or config is not None or window_tokens is not None
-                               or variant is not None):
-        raise typer.BadParameter("--resume continues the saved variants with their saved STC and memory "
-                                 "settings; drop --compare, --no-stc, --config, --variant and --window-tokens")
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    given = frozenset(name for name, source in sources.items() if source is not None and source.name == "COMMANDLINE")
+    options = RunOptions(**ctx.params, given=given)
     questions = ask if ask is not None else (_parse_questions(DEMO_QUESTIONS) if video == "demo" else [])
     questions = sorted(questions, key=lambda q: q.seconds)
+    record = RunRecord(header=_header(options, questions), path=output)
+    record.start()
     try:
-        stc = read_stc_config(config) if config is not None else STCConfig()
-        if variant is not None:
-            from ..variants import get_variant
-
-            get_variant(variant)  # a typo fails before anything is loaded
-        if model is not None:
-            _check_model(model)
-        else:
-            _check_preset(preset)  # the preset table imports nothing: this is quick
-        from ..factory import SessionSpec
-        from ..sources import NETWORK_SCHEMES, open_source
-
-        memory = memory or ("window" if window_tokens is not None else "full")
-        base = SessionSpec(model=model, preset=preset, num_layers=num_layers, window_tokens=window_tokens,
-                           memory=memory, retrieve_frames=retrieve_frames,
-                           offload_dir=None if offload_dir is None else str(offload_dir), offload_budget=offload_budget)
-        network = urlsplit(video).scheme.lower() in NETWORK_SCHEMES
-        timeouts = {"open_timeout": timeout, "read_timeout": timeout} if network else {}
-        if fps is None:  # the model's protocol sets the rate
-            fps = base.host_class().default_fps
-
-        def open_video() -> VideoSource:
-            return open_source(video, fps=fps, max_seconds=max_seconds, **timeouts)
-
-        # A file is opened now, so that a bad one is refused at once; a live stream or camera once
-        # the models are built, so that its frames do not pile up meanwhile.
-        source = None if network or video.isdigit() else open_video()
-        try:
-            stc = _runnable_stc(stc, base.model_class())
-            saved = None if resume is None else _saved_variants(resume)
-        except BaseException:
-            if source is not None:
-                source.close()
-            raise
+        plan = _plan(options, record)
+    except (StreamTCError, typer.BadParameter) as error:
+        record.stop("error", f"refused before the stream started: {error}", questions)
+        raise
     except KeyboardInterrupt:
+        record.stop("interrupted", "interrupted (Ctrl-C) before the stream started", questions)
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
+        console.print(f"status: interrupted (exit code {EXIT_CODES['interrupted']})")
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
-    compressed = ({variant: dataclasses.replace(base, variant=variant)} if variant is not None
-                  else {"STC": dataclasses.replace(base, stc=stc)})
-    specs = {"no STC": base, **compressed} if compare else ({"no STC": base} if no_stc else compressed)
-    if saved is not None:
-        specs = {name: dataclasses.replace(base, stc=cfg) for name, cfg in saved.items()}
+    watch = StreamWatch(plan.specs, questions, device=device, max_new_tokens=max_new_tokens, resume=resume,
+                        live=options.live, interval=1.0 / plan.fps)
+    raise typer.Exit(EXIT_CODES[_watch(watch, plan.source, record, video, save)])
+
+
+def _header(options: RunOptions, questions: list[TimedQuestion]) -> dict[str, Any]:
+    """The record's settings as given; `_plan` fills in what they resolve to (rate, STC, a save's memory)."""
+    return {"video": options.video, "model": options.model or options.preset, "fps": options.fps,
+            "window_tokens": options.window_tokens,
+            "memory": {"kind": options.memory, "window_tokens": options.window_tokens,
+                       "retrieve_frames": options.retrieve_frames,
+                       "offload_dir": None if options.offload_dir is None else str(options.offload_dir),
+                       "offload_budget": options.offload_budget},
+            "questions": [q.to_dict() for q in questions], "variant": options.variant, "stc": {}}
+
+
+def _plan(o: RunOptions, record: RunRecord) -> RunPlan:
+    """Check every argument, cheapest first (nothing heavy is imported before the video is checked),
+    and resolve them into the variants to run; completes the record's header."""
+    if o.compare and o.no_stc:
+        raise typer.BadParameter("--compare already runs the uncompressed model; drop --no-stc")
+    if o.variant is not None and (o.no_stc or o.config is not None):
+        raise typer.BadParameter("--variant chooses the compression; drop --no-stc and --config")
+    if o.resume is not None and (refused := [name for name in RESUMED_OPTIONS if name in o.given]):
+        raise typer.BadParameter("--resume continues the saved variants with their saved STC and memory settings; "
+                                 f"drop {', '.join('--' + name.replace('_', '-') for name in refused)}")
+    stc = read_stc_config(o.config) if o.config is not None else STCConfig()
+    if o.variant is not None:
+        from ..variants import get_variant
+
+        get_variant(o.variant)  # a typo fails before anything is loaded
+    if o.model is not None:
+        check_model(o.model)
+    else:
+        check_preset(o.preset)  # the preset table imports nothing: this is quick
+    from ..sources import open_source
+
+    if not o.live:  # a missing file, a directory, a bad URL, not a video: refused before transformers is
+        open_source(o.video).close()  # imported for the default rate (opened again at the rate below)
+    from ..factory import SessionSpec
+
+    base = SessionSpec(model=o.model, preset=o.preset, num_layers=o.num_layers, window_tokens=o.window_tokens,
+                       memory=o.memory or ("window" if o.window_tokens is not None else "full"),
+                       retrieve_frames=o.retrieve_frames,
+                       offload_dir=None if o.offload_dir is None else str(o.offload_dir),
+                       offload_budget=o.offload_budget)
+    fps = o.fps or base.host_class().default_fps  # default: the model's protocol sets the rate
+    specs = _specs(o, base, _runnable_stc(stc, base.model_class()), record)
     from ..measure import environment
 
-    header = {"video": video, "model": model or preset, "fps": fps, "window_tokens": window_tokens,
-              "memory": {"kind": memory, "window_tokens": window_tokens, "retrieve_frames": retrieve_frames,
-                         "offload_dir": None if offload_dir is None else str(offload_dir),
-                         "offload_budget": offload_budget},
-              "questions": [q.to_dict() for q in questions], "variant": variant,
-              "stc": {name: (None if spec.stc is None else spec.stc.to_dict()) for name, spec in specs.items()}}
-    settings = {**header, "num_layers": num_layers, "device": device, "max_new_tokens": max_new_tokens}
-    record = RunRecord(header={**header, "environment": environment(device, settings)}, path=output,
-                       answers={name: [] for name in specs})
-    status = _stream(source or open_video, video, specs, questions, record, device=device,
-                     max_new_tokens=max_new_tokens, save=save, resume=resume, live=network or video.isdigit())
-    raise typer.Exit(EXIT_CODES[status])
+    def open_video() -> VideoSource:
+        timeouts = {"open_timeout": o.timeout, "read_timeout": o.timeout} if o.live and not o.video.isdigit() else {}
+        return open_source(o.video, fps=fps, max_seconds=o.max_seconds, **timeouts)
+
+    header = record.header
+    header.update(fps=fps, stc={name: (None if s.stc is None else s.stc.to_dict()) for name, s in specs.items()})
+    settings = {**header, "num_layers": o.num_layers, "device": o.device, "max_new_tokens": o.max_new_tokens}
+    header["environment"] = environment(o.device, settings)
+    record.answers = {name: [] for name in specs}
+    record.write()
+    # a file is opened now, a live stream or camera once the models are built (its frames would pile up)
+    return RunPlan(specs, fps, open_video if o.live else open_video())
 
 
-def _stream(video_source: VideoSource | Callable[[], VideoSource], video: str, specs: dict[str, SessionSpec],
-            questions: list[TimedQuestion], record: RunRecord, *, device: str, max_new_tokens: int,
-            save: Path | None = None, resume: Path | None = None, live: bool = False) -> str:
-    """Build the sessions, stream the frames, ask the questions (`streamtc.loop`, inclusive: a
-    question at t sees the frame at t); returns the final status. Every way out (end, source
-    failure, stall, Ctrl-C, error) prints the summary and writes the record.
-    video_source: the open source, or how to open it once the models are built (live streams).
-    save / resume: `--save` / `--resume` directories; a resumed file skips the frames up to the
-    saved time, a resumed live source keeps its clock running after it (live)."""
-    from ..loop import TIME_TOLERANCE, StreamLoop
+def _specs(o: RunOptions, base: SessionSpec, stc: STCConfig | None, record: RunRecord) -> dict[str, SessionSpec]:
+    """The variants to run: the uncompressed model and/or STC (or --variant), or a save's variants
+    with the STC and memory settings they were saved with (recorded as such)."""
+    if o.resume is not None:
+        from ..watch import saved_memory, saved_stc, saved_variants
 
-    source = None if callable(video_source) else video_source
+        saved = saved_variants(o.resume)
+        memory = saved_memory(next(iter(saved.values())))
+        record.header.update(window_tokens=memory["window_tokens"], memory=memory)
+        return {name: dataclasses.replace(base, stc=saved_stc(settings)) for name, settings in saved.items()}
+    record.header["memory"]["kind"] = base.memory
+    compressed = ({o.variant: dataclasses.replace(base, variant=o.variant)} if o.variant is not None
+                  else {"STC": dataclasses.replace(base, stc=stc)})
+    return {"no STC": base, **compressed} if o.compare else ({"no STC": base} if o.no_stc else compressed)
+
+
+def _watch(watch: StreamWatch, source: VideoSource | Callable[[], VideoSource], record: RunRecord, video: str,
+           save: Path | None) -> str:
+    """Run the watch, printing its events; returns the final status. Every way out (end, source
+    failure, stall, Ctrl-C, error) prints the summary and writes the record."""
     started = time.perf_counter()
-    sessions: dict[str, StreamingSession] = {}
-    costs: dict[str, dict[str, list[float]]] = {name: {"vit_ms": [], "prefill_ms": []} for name in specs}
-    random_weights = next(iter(specs.values())).model is None
-    explained_empty = False
-    bar: tuple[Progress, Any] | None = None  # the progress bar and its task, once shown
-
-    def push(frames: list[Frame]) -> None:
-        (frame,) = frames
-        ctrl_c.check()
-        names = list(sessions) if loop.frames_pushed % 2 == 0 else list(reversed(sessions))  # alternate order
-        for name in names:
-            before = sessions[name].stats
-            sessions[name].push(frame.image[None], [frame.timestamp])
-            after = sessions[name].stats
-            costs[name]["vit_ms"].append(after.vit_ms - before.vit_ms)
-            costs[name]["prefill_ms"].append(after.prefill_ms - before.prefill_ms)
-        if bar is not None:
-            bar[0].update(bar[1], advance=1, clock=f"{frame.timestamp:.1f} s")
-
-    loop = StreamLoop([q.seconds for q in questions], push, chunk_frames=1, inclusive=True)
-
-    def ask_question(question: TimedQuestion, note: str | None = None) -> None:
-        nonlocal explained_empty
-        for name, session in sessions.items():
-            ctrl_c.check()
-            answer = session.ask(question.text, options=question.options or None, max_new_tokens=max_new_tokens)
-            entry = {"seconds": question.seconds, **answer.to_dict(),
-                     "option_logprobs": _option_logprobs(session, question), "note": note}
-            record.answers[name].append(entry)
-            console.print(f"[bold]{question.seconds:>7.1f}s[/] {escape(f'[{name}]')} Q: {escape(question.text)}\n"
-                          f"          A: {answer.text!r} ({answer.total_ms:.0f} ms)")
-            if entry["option_logprobs"]:
-                console.print("          option log-probabilities: " + ", ".join(
-                    f"{letter} {value:.3f}" for letter, value in entry["option_logprobs"].items()))
-            if note:
-                console.print(f"          [yellow]{escape(note)}[/]")
-            if random_weights and not answer.text and not explained_empty:
-                explained_empty = True
-                console.print(f"          [dim](empty: {_empty_answer_reason(session, answer)}; a random-weight model "
-                              "rarely says anything readable. Multiple-choice questions also record the option "
-                              "log-probabilities, which show how STC changes the model's output.)[/]")
-            record.write()
-
-    status, failure = "completed", None
+    random_weights = next(iter(watch.specs.values())).model is None
+    status = "completed"
     ctrl_c = _CtrlC()
+    watch.check = ctrl_c.check
     try:
         ctrl_c.install()
-        record.write()
         if random_weights:
-            preset = next(iter(specs.values())).preset
+            preset = next(iter(watch.specs.values())).preset
             console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
                           "Use --model PATH_OR_ID for real weights.[/]")
-        if resume is None:
-            sessions.update({name: _session(spec, device) for name, spec in specs.items()})
-        else:
-            sessions.update({name: _restored_session(resume / VARIANT_FOLDERS[name], spec, device)
-                             for name, spec in specs.items()})
-        resumed_at = max((s.last_timestamp for s in sessions.values() if s.last_timestamp is not None), default=None)
-        source = source or video_source()
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                      TextColumn("{task.completed} frames · {task.fields[clock]}"), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
-            task = progress.add_task(f"streaming {video}", total=source.expected_frames, clock="0.0 s")
-            bar = (progress, task)
-            due = loop.play(source if resumed_at is None else
-                            _after_resume(source, resumed_at, live, 1.0 / record.header["fps"]))
-            while True:
-                try:
-                    index = next(due)
-                except StopIteration:
-                    break
-                except VideoSourceError as error:
-                    status, failure = "source_failed", str(error)
-                    break
-                ask_question(questions[index])
-        frames_read, last_time = loop.frames_pushed, loop.last_time or 0.0
-        if status == "completed" and source.ended_early:
-            status, failure = "ended_early", source.error
-        if failure is not None:
-            record.notes.append(f"the video ended early after {frames_read} frames ({last_time:.1f} s): {failure}")
-            console.print(f"[yellow]the video ended early: {escape(failure)}; answering with what was received[/]")
-        for index in loop.reached(last_time):  # questions whose frames were all received, at their own moment
-            ask_question(questions[index])
-        end = _video_end(source, last_time, status)
-        while loop.pending:
-            question = questions[loop.pending.pop(0)]
-            why = "the stream stopped" if failure is not None else "the video ends"
-            note = None if question.seconds <= end + TIME_TOLERANCE else (
-                f"asked at {last_time:.1f} s, the last frame received: {why} before {question.seconds:g} s")
-            ask_question(question, note)
-        for session in sessions.values():
-            session.flush()  # the stream ended: pre-fill what is pending, so the summary counts every frame
-        ctrl_c.check()
+        with ExitStack() as stack:
+            screen = _Screen(record, video, random_weights, stack)
+            for event in watch.events(source):
+                screen.show(event)
+        status = watch.status
     except KeyboardInterrupt:
         status = "interrupted"
-        frames_read, last_time = loop.frames_pushed, loop.last_time or 0.0
-        record.notes.append(f"interrupted (Ctrl-C) after {frames_read} frames ({last_time:.1f} s)")
+        record.notes.append(f"interrupted (Ctrl-C) after {watch.where()}")
     except StreamTCError as error:
         status = "error"
-        frames_read, last_time = loop.frames_pushed, loop.last_time or 0.0
-        record.notes.append(f"stopped by an error after {frames_read} frames ({last_time:.1f} s): {error}")
+        record.notes.append(f"stopped by an error after {watch.where()}: {error}")
         console.print(f"[red]error:[/] {escape(str(error))}")
     except BaseException:
         record.status = "crashed"
-        record.unanswered = [{**questions[i].to_dict(), "reason": "the run crashed"} for i in loop.pending]
+        record.unanswered = [{**q.to_dict(), "reason": "the run crashed"} for q in watch.pending]
         record.write()
+        watch.close()
         raise
     finally:
         ctrl_c.uninstall()
-        if source is not None:
-            source.close()
-    pending = [questions[i] for i in loop.pending]
     with _sigint_deferred():  # a Ctrl-C now would only lose the summary: finish it first
-        _finish(record, status, pending, sessions, costs, source, frames_read, last_time, failure)
-        if save is not None and sessions:
-            _save_sessions(save, sessions, status, record)
+        record.finish(watch, status)
+        if save is not None and watch.sessions:
+            record.notes.append(watch.save(save, status))
             record.write()
-        _print_summary(video, record, last_time, time.perf_counter() - started)
-        for session in sessions.values():
-            session.close()  # releases what a memory holds outside the cache (offloaded block files)
+        _print_summary(video, record, watch.last_time, time.perf_counter() - started)
+        watch.close()
     return status
 
 
@@ -640,38 +540,6 @@ class _CtrlC:
             raise KeyboardInterrupt
 
 
-def _save_sessions(directory: Path, sessions: dict[str, StreamingSession], status: str, record: RunRecord) -> None:
-    """`--save`: each variant's stream under directory/<variant>, unless the run stopped somewhere a
-    frame may be half processed (Ctrl-C, an error): a torn stream is not worth resuming."""
-    if status in ("interrupted", "error"):
-        record.notes.append(f"not saved to {directory}: the run was {status} mid-way (use --max-seconds to stop cleanly)")
-        return
-    try:
-        for name, session in sessions.items():
-            session.save(directory / VARIANT_FOLDERS[name])
-    except (StreamTCError, OSError) as error:
-        record.notes.append(f"saving to {directory} failed: {error}")
-        return
-    record.notes.append(f"saved to {directory} (continue with --resume {directory})")
-
-
-def _finish(record: RunRecord, status: str, pending: list[TimedQuestion], sessions: dict[str, StreamingSession],
-            costs: dict[str, dict[str, list[float]]], source: VideoSource | None, frames_read: int, last_time: float,
-            failure: str | None) -> None:
-    """Final status, unasked questions, statistics and (with --compare) ratios, written to --output."""
-    record.status = status
-    record.unanswered = [{**q.to_dict(), "reason": record.notes[-1] if record.notes else status} for q in pending]
-    record.stream = {"frames": frames_read, "last_time": last_time, "duration": source and source.duration,
-                     "ended_early": status in ("ended_early", "source_failed"), "error": failure}
-    record.stats = {name: s.stats.to_dict() for name, s in sessions.items()}
-    if len(sessions) == 2 and frames_read:
-        base, fast = costs.values()  # the uncompressed model first (--compare)
-        paired = min(len(side[key]) for side in (base, fast) for key in side)  # Ctrl-C may split a frame
-        record.ratios = {key: paired_ratio(base[key][:paired], fast[key][:paired]) for key in ("vit_ms", "prefill_ms")}
-        record.ratios["visual_tokens"] = _token_ratio(record.stats)
-    record.write()
-
-
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Run the block to its end even if Ctrl-C comes meanwhile (main thread only; elsewhere a no-op)."""
@@ -685,23 +553,5 @@ def _sigint_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _video_end(source: VideoSource, last_time: float, status: str) -> float:
-    """Seconds up to which a question is still "in" the video: its declared end (or --max-seconds)
-    when it played to the end, the last frame received when it stopped early."""
-    if status != "completed":
-        return last_time
-    bounds = [t for t in (source.duration, source.max_seconds) if t is not None]
-    return max(last_time, min(bounds)) if bounds else last_time
 
-
-def _token_ratio(stats: dict[str, Any]) -> dict[str, Any]:
-    """Kept visual tokens, the compressed variant over the uncompressed one (counted, not timed: no noise)."""
-    def kept(name: str) -> int:
-        return stats[name]["visual_tokens"] + stats[name]["pending_tokens"]
-
-    base, fast = stats
-    ratio = kept(fast) / kept(base) if kept(base) else None
-    return {"ratio": ratio, "low": ratio, "high": ratio, "noise": False, "frames": stats[fast]["frames"]}
-
-
-__all__ = ["EXIT_CODES", "RunRecord", "TimedQuestion", "paired_ratio", "run"]
+__all__ = ["EXIT_CODES", "RunRecord", "run"]

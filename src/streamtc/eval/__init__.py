@@ -9,12 +9,37 @@ on Ray actors), `scoring` (judging and aggregation, pure), `report`; the command
 are `streamtc.cli.eval`.
 """
 
-from .benchmarks import BENCHMARKS, BenchmarkSpec, Protocol, benchmark_spec, detect_benchmark, load_benchmark
-from .datasets import AnnotationError, Benchmark, Problem, Question, VideoTask
-from .results import ResultsMismatchError, ResultsWriter, RunResults, read_results
-from .runner import EvalRun, summarize
-from .scoring import Score, judge_record, score, timing_summary
-from .streaming import EvalSettings, run_video
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .benchmarks import BENCHMARKS, BenchmarkSpec, Protocol, benchmark_spec, detect_benchmark, load_benchmark
+    from .datasets import AnnotationError, Benchmark, Problem, Question, VideoTask
+    from .results import ResultsMismatchError, ResultsWriter, RunResults, read_results
+    from .runner import EvalRun, summarize
+    from .scoring import Score, judge_record, score, timing_summary
+    from .streaming import EvalSettings, run_video
+
+# name -> submodule it is imported from when first used: the streaming loop and the runner import
+# torch, which `streamtc eval --help` and the argument checks must not wait for
+_LAZY = {
+    **dict.fromkeys(("BENCHMARKS", "BenchmarkSpec", "Protocol", "benchmark_spec", "detect_benchmark",
+                     "load_benchmark"), "benchmarks"),
+    **dict.fromkeys(("AnnotationError", "Benchmark", "Problem", "Question", "VideoTask"), "datasets"),
+    **dict.fromkeys(("ResultsMismatchError", "ResultsWriter", "RunResults", "read_results"), "results"),
+    **dict.fromkeys(("EvalRun", "summarize"), "runner"),
+    **dict.fromkeys(("Score", "judge_record", "score", "timing_summary"), "scoring"),
+    **dict.fromkeys(("EvalSettings", "run_video"), "streaming"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AnnotationError",

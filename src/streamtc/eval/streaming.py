@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..checks import positive_int
 from ..errors import ConfigError, InputError, VideoSourceError
@@ -45,7 +44,7 @@ from ..loop import StreamLoop
 from ..session import StreamingSession
 from ..sources import Frame, PyAVSource
 from .benchmarks.base import Protocol
-from .datasets import Problem, Question, VideoTask, option_letter
+from .datasets import Problem, Question, VideoTask
 from .results import Key
 from .scoring import judge_record
 
@@ -75,16 +74,6 @@ class EvalSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _letter_token_ids(tokenizer: Any, count: int) -> dict[str, int]:
-    """Single-token ids of the letters A.. (letters that are not one token are left out)."""
-    ids = {}
-    for letter in (option_letter(i) for i in range(count)):
-        encoded = tokenizer(letter, add_special_tokens=False)["input_ids"]
-        if len(encoded) == 1:
-            ids[letter] = encoded[0]
-    return ids
 
 
 _NOT_ASKED = {"response": None, "prediction": None, "frames": None, "stream_time": None, "ttft_ms": None,
@@ -136,10 +125,8 @@ def ask(session: StreamingSession, question: Question, protocol: Protocol, setti
         return error_record(question, protocol, f"question refused: {refused}", kind="question")
     logprobs = None
     if settings.option_logprobs and question.options:
-        logits = session.next_token_logits(prompt.text, answer_prefix=prompt.answer_prefix)
-        log_softmax = torch.log_softmax(logits, dim=-1)
-        logprobs = {letter: float(log_softmax[i])
-                    for letter, i in _letter_token_ids(session.tokenizer, len(question.options)).items()}
+        logprobs = session.option_logprobs(prompt.text, letters=len(question.options),
+                                           answer_prefix=prompt.answer_prefix)
     record = {
         **question_record(question, protocol),
         "response": answer.text,
