@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def layer_parts(layer: torch.nn.Module) -> tuple:
@@ -74,6 +75,22 @@ def reference_layer(layer: torch.nn.Module, x: torch.Tensor, keys: torch.Tensor 
     return x + M_bar, None
 
 
+def counted_flop_ratio(layer: torch.nn.Module, tokens: int, ratio: float, interval: int) -> float:
+    """A frame's average cost under the fixed schedule relative to a full frame, from the FLOPs
+    torch's `FlopCounterMode` counts (matrix products) in `reference_layer` on a random frame of
+    `tokens` tokens: one refresh every `interval` frames, non-refresh frames recomputing `ratio`."""
+    width = layer_parts(layer)[1].weight.shape[1]
+    x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            _, ref = reference_layer(layer, x, None)
+        full = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            reference_layer(layer, x + 0.1, None, ref, ratio)
+        reused = counter.get_total_flops()
+    return (full + (interval - 1) * reused) / (interval * full)
+
+
 def tower_stages(tower: torch.nn.Module) -> tuple[Any, list[torch.nn.Module], Any]:
     """(embed: tower inputs -> ([F, T, C], key mask [F, T] or None), layers, final norm) of a tower."""
     def embed(inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -117,4 +134,4 @@ def reference_stream(tower: torch.nn.Module, chunks: list[dict], interval: int, 
     return torch.stack(outputs)
 
 
-__all__ = ["attention", "layer_norm", "layer_parts", "linear", "reference_layer", "reference_stream", "tower_stages"]
+__all__ = ["attention", "counted_flop_ratio", "layer_norm", "layer_parts", "linear", "reference_layer", "reference_stream", "tower_stages"]
