@@ -4,6 +4,7 @@ line's start-up imports nothing heavy; `streamtc bench pruner`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -153,3 +154,15 @@ def test_run_save_and_resume_continue_the_stream_as_one_run(tmp_path):
     assert refused.exit_code != 0 and "drop --no-stc" in refused.output
     missing = runner.invoke(app, ["run", "demo", "--resume", str(tmp_path / "nothing")])
     assert "no stream saved by `run --save`" in str(missing.exception)  # a ConfigError: exit code 2 from `streamtc`
+
+
+def test_bench_vit_without_matplotlib_writes_the_json_and_says_how_to_get_the_plots(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; from streamtc.cli import main; sys.argv = ['streamtc', "
+            "'bench', 'vit', '--preset', 'tiny-siglip', '--num-layers', '1', '--frames', '2', '--repeats', '1', "
+            f"'--warmup', '0', '--suite', 'fidelity', '--output', {str(tmp_path / 'vit.json')!r}]; main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert json.loads((tmp_path / "vit.json").read_text())["variants"]
+    assert "no plots: they need matplotlib, `pip install 'streamtc[plots]'`" in result.stdout
+    assert not list(tmp_path.glob("*.png"))

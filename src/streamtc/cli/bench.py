@@ -53,7 +53,17 @@ def bench_vit(
              "random weights; 448x448 frames at 2 fps, two frames per temporal patch and chunk; --frames must be even)")] = None,
 ) -> None:
     """ViT encode time and fidelity of STC-Cacher variants against the unpatched tower."""
-    import torch
+    if weights not in (None, "dinov2-s"):
+        raise typer.BadParameter(f"--weights takes 'dinov2-s', got {weights!r}")
+    suite = suite or ("fidelity" if weights else "speed")
+    if suite not in ("speed", "fidelity"):
+        raise typer.BadParameter(f"--suite takes 'speed' or 'fidelity', got {suite!r}")
+    fps = fps or ("0.5,1,2" if weights else None)
+    try:
+        rates = None if fps is None else [float(r) for r in fps.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--fps takes comma-separated numbers, got {fps!r}") from None
+    import torch  # after the checks: a refusal answers at once
 
     from ..bench.vit import (
         QWEN_VARIANTS,
@@ -73,16 +83,6 @@ def bench_vit(
     from ..preprocess import FramePreprocessor
     from ..presets import build_config
 
-    if weights not in (None, "dinov2-s"):
-        raise typer.BadParameter(f"--weights takes 'dinov2-s', got {weights!r}")
-    suite = suite or ("fidelity" if weights else "speed")
-    if suite not in ("speed", "fidelity"):
-        raise typer.BadParameter(f"--suite takes 'speed' or 'fidelity', got {suite!r}")
-    fps = fps or ("0.5,1,2" if weights else None)
-    try:
-        rates = None if fps is None else [float(r) for r in fps.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"--fps takes comma-separated numbers, got {fps!r}") from None
     if threads is not None:
         torch.set_num_threads(threads)
     if qwen_tower is not None:
@@ -94,7 +94,7 @@ def bench_vit(
         print_report(report)
         if output is not None:
             console.print(f"wrote {write_report(report, output)}")
-            for path in write_plots(report, output):
+            for path in write_plots(report, output) if _can_plot() else []:
                 console.print(f"wrote {path}")
         return
 
@@ -145,10 +145,21 @@ def bench_vit(
         pooled = summarise_signal_study({key: sum((v[key] for v in studies), []) for key in studies[0]}, 3)
         console.print("pooled over every rate:")
         print_signal_study(pooled, console)
-    if output is not None:
+    if output is not None and _can_plot():
         plots = [plot_fidelity(reports, Path(output).with_suffix(".fidelity.png"))] if suite == "fidelity" else []
         for path in plots + [p for report in reports for p in write_plots(report, output)]:
             console.print(f"wrote {path}")
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib (the `plots` extra) is installed; if not, say how to get the plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        console.print("[yellow]no plots: they need matplotlib, `pip install 'streamtc\\[plots]'` (the JSON report "
+                      "holds every number)[/]")
+        return False
+    return True
 
 
 @bench_app.command("pipeline")
@@ -178,11 +189,6 @@ def bench_pipeline(
 ) -> None:
     """Every stage of every variant (no compression, Cacher, Pruner, STC, baselines), interleaved,
     with fidelity beside speed."""
-    from ..bench.pipeline import (
-        DEFAULT_PIPELINE_VARIANTS, PipelineSettings, print_report, run_pipeline_benchmark, write_outputs,
-    )
-    from ..variants import VARIANTS
-
     if list_variants:
         print_variants("pipeline variants (--variants takes the names, comma-separated)")
         return
@@ -190,6 +196,11 @@ def bench_pipeline(
         counts = tuple(int(n) for n in frames.split(","))
     except ValueError:
         raise typer.BadParameter(f"--frames takes comma-separated integers, got {frames!r}") from None
+    from ..bench.pipeline import (  # imports torch: after the checks that need nothing
+        DEFAULT_PIPELINE_VARIANTS, PipelineSettings, print_report, run_pipeline_benchmark, write_outputs,
+    )
+    from ..variants import VARIANTS
+
     if variants == "all":
         chosen = list(DEFAULT_PIPELINE_VARIANTS)
     else:
