@@ -1,4 +1,4 @@
-"""Codec side data: what the video decoder already knows about change, at no extra decoding work.
+"""Codec side data: what the video decoder already knows about change, read from frames decoded anyway.
 
     with PyAVSource("street.mp4", fps=1.0) as source:          # side_data=True by default
         for frame in source:
