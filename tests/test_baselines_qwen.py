@@ -11,8 +11,8 @@ from streamtc.baselines import ToMeTokenMerger, VisionZipPruner
 from streamtc.errors import InputError
 from streamtc.session import StreamingSession
 
-from test_cacher_qwen import build_tower, grid_thw, patch_stream, rope
-from test_qwen_vl import QUESTION, push_one_by_one, video_protocol_inputs
+from helpers import build_tower, grid_thw, patch_stream, rope
+from helpers import QUESTION, push_one_by_one, video_protocol_inputs
 from conftest import drifting_frames as make_frames
 
 E = torch.eye(8)

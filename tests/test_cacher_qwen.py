@@ -10,199 +10,23 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn import functional as TF
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLVisionConfig,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLVisionConfig,
-)
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig, Qwen3VLVisionConfig
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLVisionModel
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration
 
 from streamtc.cacher import STCCacher
 from streamtc.config import CacherConfig
 from streamtc.errors import InputError, UnsupportedModelError
-
-PATCH = 4
-TOWERS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-
-
-def vision_config(kind: str, attn: str = "sdpa"):
-    if kind == "qwen2-vl":
-        config = Qwen2VLVisionConfig(depth=3, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=48, patch_size=PATCH)
-    elif kind == "qwen2.5-vl":
-        # window 16 px = 4x4 patches = 2x2 merge blocks; block 1 attends over the whole temporal patch
-        config = Qwen2_5_VLVisionConfig(depth=3, hidden_size=32, intermediate_size=40, num_heads=4, out_hidden_size=48,
-                                        patch_size=PATCH, window_size=16, fullatt_block_indexes=[1])
-    else:
-        config = Qwen3VLVisionConfig(depth=4, hidden_size=32, intermediate_size=40, num_heads=4, out_hidden_size=48,
-                                     patch_size=PATCH, num_position_embeddings=16, deepstack_visual_indexes=[0, 2])
-    config._attn_implementation = attn
-    return config
-
-
-TOWER_CLASSES = {
-    "qwen2-vl": Qwen2VisionTransformerPretrainedModel,
-    "qwen2.5-vl": Qwen2_5_VisionTransformerPretrainedModel,
-    "qwen3-vl": Qwen3VLVisionModel,
-}
-
-
-def build_tower(kind: str, attn: str = "sdpa", seed: int = 0):
-    torch.manual_seed(seed)
-    return TOWER_CLASSES[kind](vision_config(kind, attn)).eval()
-
-
-def patch_stream(count: int, grid: tuple[int, int] = (12, 10), seed: int = 0, motion: float = 0.3) -> list[torch.Tensor]:
-    """`count` temporal patches as flattened pixel patches [h * w, 3 * 2 * p * p]: a still scene
-    where a moving quarter of the patches changes from one to the next."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = grid[0] * grid[1]
-    base = torch.randn(tokens, 3 * 2 * PATCH * PATCH, generator=g)
-    out = []
-    for i in range(count):
-        x = base + 0.05 * torch.randn(base.shape, generator=g)
-        moving = torch.randperm(tokens, generator=g)[: tokens // 4]
-        x[moving] += motion * (i + 1) * torch.randn(len(moving), base.shape[1], generator=g)
-        out.append(x)
-    return out
-
-
-def grid_thw(units: int, grid: tuple[int, int] = (12, 10)) -> torch.Tensor:
-    return torch.tensor([[units, *grid]])
-
-
-def encode(tower, chunks: list[torch.Tensor], grid=(12, 10)):
-    """One tower forward per chunk (a chunk = one or more temporal patches)."""
-    outputs = []
-    with torch.no_grad():
-        for chunk in chunks:
-            units = chunk.shape[0] // (grid[0] * grid[1])
-            outputs.append(tower(chunk, grid_thw=grid_thw(units, grid)))
-    return outputs
-
-
-def hidden(outputs) -> torch.Tensor:
-    return torch.cat([o.last_hidden_state for o in outputs])
-
+from helpers import (
+    TOWERS, assert_close_rel, block_inputs, build_tower, encode, grid_thw, hidden, patch_stream, plain_stream, rope,
+    vision_config,
+)
 
 def deepstack(outputs) -> list[torch.Tensor]:
     return [torch.cat(f) for f in zip(*(o.deepstack_features for o in outputs))] if hasattr(outputs[0], "deepstack_features") else []
 
 
-def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
-    assert (got - want).abs().max() <= rel * want.abs().max(), float((got - want).abs().max() / want.abs().max())
-
-
 # -- the plain implementation -------------------------------------------------------------------
-
-
-def block_inputs(tower, pixels: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """From an unpatched forward: the first block's input [S, C], RoPE cos/sin [S, D], every block's cu_seqlens."""
-    seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True) for b in tower.blocks]
-    try:
-        with torch.no_grad():
-            tower(pixels, grid_thw=grid)
-    finally:
-        for h in hooks:
-            h.remove()
-    (x,), kwargs = seen[0]
-    cos, sin = kwargs["position_embeddings"]
-    return x, cos, sin, [k["cu_seqlens"] for _, k in seen]
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, H, D]; rotate-half RoPE with per-token cos/sin [N, D]."""
-    d = x.shape[-1] // 2
-    return x * cos[:, None] + torch.cat([-x[..., d:], x[..., :d]], -1) * sin[:, None]
-
-
-def softmax_attention(q, k, v, scale):
-    """q [Q, H, D], k/v [N, H, D] -> [Q, H * D]."""
-    weights = torch.softmax(torch.einsum("qhd,nhd->hqn", q, k) * scale, dim=-1)
-    return torch.einsum("hqn,nhd->qhd", weights, v).reshape(q.shape[0], -1)
-
-
-def plain_block(block, x, cos, sin, cu_seqlens, tokens, ref, refresh, ratio, group=1, record=None):
-    """One block over U temporal patches [U * T, C]; returns the output and the (new) reference.
-
-    group: select whole runs of `group` consecutive tokens (merge blocks) by mean key cosine, k // group
-    of them (at least one). record: a list that gets each temporal patch's recomputed token set."""
-    attn = block.attn
-    heads, width = attn.num_heads, x.shape[-1]
-    head_dim = width // heads
-    w, b = attn.qkv.weight, attn.qkv.bias
-    segment = torch.zeros(x.shape[0], dtype=torch.long)
-    for start in cu_seqlens[1:-1].tolist():
-        segment[start:] += 1
-    h1 = block.norm1(x)
-    q_all, k_all, v_all = (h1 @ w[i * width:(i + 1) * width].T + b[i * width:(i + 1) * width] for i in range(3))
-    qr, kr = (rope(t.view(-1, heads, head_dim), cos, sin) for t in (q_all, k_all))
-    out = torch.empty_like(x)
-    units = x.shape[0] // tokens
-    if refresh:
-        attn_out = torch.empty_like(x)
-        for s in segment.unique():
-            rows = segment == s
-            attn_out[rows] = attn.proj(softmax_attention(qr[rows], kr[rows], v_all[rows].view(-1, heads, head_dim),
-                                                         attn.scaling))
-        mid = x + attn_out
-        mlp_out = block.mlp(block.norm2(mid))
-        last = slice(x.shape[0] - tokens, x.shape[0])
-        return mid + mlp_out, (k_all[last], v_all[last], attn_out[last] + mlp_out[last])
-    k_ref, v_ref, delta_ref = ref
-    k = max(1, min(tokens, int(tokens * ratio)))
-    for u in range(units):
-        rows = slice(u * tokens, (u + 1) * tokens)
-        similarity = TF.cosine_similarity(k_all[rows], k_ref, dim=-1)
-        if group == 1:
-            chosen = torch.argsort(similarity)[:k]
-        else:
-            blocks = torch.argsort(similarity.view(-1, group).mean(1))[: max(1, k // group)]
-            chosen = (blocks[:, None] * group + torch.arange(group)).flatten()
-            k = len(chosen)
-        if record is not None:
-            record.append(set(chosen.tolist()))
-        v_mixed = v_ref.clone()
-        v_mixed[chosen] = v_all[rows][chosen]
-        seg = segment[rows]
-        a = torch.empty(k, width)
-        for j, i in enumerate(chosen.tolist()):
-            window = seg == seg[i]
-            a[j] = softmax_attention(qr[rows][i:i + 1], kr[rows][window], v_mixed[window].view(-1, heads, head_dim),
-                                     attn.scaling)[0]
-        xi = x[rows][chosen] + attn.proj(a)
-        xi = xi + block.mlp(block.norm2(xi))
-        y = x[rows] + delta_ref
-        y[chosen] = xi
-        out[rows] = y
-    return out, ref
-
-
-def plain_stream(tower, chunks, interval: int, ratio: float, grid=(12, 10), group: int = 1, record=None):
-    """Last hidden states and DeepStack features of the stream under the semantics, chunk by chunk.
-
-    record: a dict that gets, per chunk index, per block, each temporal patch's recomputed token set."""
-    tokens = grid[0] * grid[1]
-    refs = [None] * len(tower.blocks)
-    taps = getattr(tower, "deepstack_visual_indexes", [])
-    hiddens, features = [], [[] for _ in taps]
-    with torch.no_grad():
-        for c, pixels in enumerate(chunks):
-            x, cos, sin, cu = block_inputs(tower, pixels, grid_thw(pixels.shape[0] // tokens, grid))
-            refresh = c % interval == 0
-            for i, block in enumerate(tower.blocks):
-                chosen = None if record is None or refresh else record.setdefault(c, {}).setdefault(i, [])
-                x, refs[i] = plain_block(block, x, cos, sin, cu[i], tokens, refs[i], refresh, ratio, group, chosen)
-                if i in taps:
-                    features[taps.index(i)].append(tower.deepstack_merger_list[taps.index(i)](x))
-            hiddens.append(x)
-    return torch.cat(hiddens), [torch.cat(f) for f in features]
 
 
 # -- exactness -----------------------------------------------------------------------------------

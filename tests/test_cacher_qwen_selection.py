@@ -13,7 +13,7 @@ from streamtc.config import CacherConfig
 from streamtc.errors import ConfigError, UnsupportedModelError
 from streamtc.presets import build_model
 
-from test_cacher_qwen import TOWERS, assert_close_rel, build_tower, encode, hidden, patch_stream, plain_stream
+from helpers import TOWERS, assert_close_rel, build_tower, encode, hidden, patch_stream, plain_stream
 
 
 def test_grouped_selection_picks_the_least_similar_blocks() -> None:

@@ -17,14 +17,9 @@ from streamtc.eval.benchmarks.videomme import duration_category
 from streamtc.eval.datasets import AnnotationError, parse_timestamp
 from streamtc.eval.results import ResultsMismatchError, ResultsWriter, read_results
 from streamtc.eval.scoring import retention, score, timing_summary
+from helpers import mlvu_published, write_json
 
 OPTIONS = ["a red cup", "a phone", "a blue umbrella", "nothing"]
-
-
-def write_json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-    return path
 
 
 def touch(path: Path) -> Path:
@@ -157,25 +152,6 @@ def test_streamingbench_rows_that_break_its_prompt_are_problems(tmp_path: Path) 
     assert len(messages) == 4 and benchmark.questions == 5
     assert "exactly four options, got 3" in messages[0] and "time_stamp" in messages[1]
     assert "'E' is not an option letter" in messages[2] and "is not '..._sample_<n>_<k>'" in messages[3]
-
-
-def mlvu_published(folder: Path) -> Path:
-    """MLVU-dev's task files with the published quirks: an answer that is no candidate (2_needle),
-    an answer that appears twice (1_plotQA), an empty topic_reasoning item, a generation task."""
-    write_json(folder / "1_plotQA.json", [
-        {"video": "movie101_21.mp4", "duration": 289, "question": "How many people are on the pirate ship?",
-         "candidates": ["Six", "Three", "Three", "Eight"], "answer": "Three", "question_type": "plotQA"}])
-    write_json(folder / "2_needle.json", [
-        {"video": "needle_4.mp4", "duration": 510.0, "question": "What is the man doing on the lake shore?",
-         "candidates": ["Fishing", "Catching the drone", "Launching the drone", "Sunbathing"],
-         "answer": "Catching a flying drone quadcopter", "question_type": "findNeedle"},
-        {"video": "needle_4.mp4", "duration": 510.0, "question": "What is the weather?",
-         "candidates": ["Sunny", "Rain"], "answer": "Sunny", "question_type": "findNeedle"}])
-    write_json(folder / "7_topic_reasoning.json", [
-        {"video": "movie101_89.mp4", "duration": 677, "question": "", "candidates": ["", "", "", ""], "answer": "",
-         "question_type": "topic_reasoning"}])
-    write_json(folder / "8_sub_scene.json", [{"video": "s.mp4", "question": "Describe.", "answer": "text"}])
-    return folder
 
 
 def test_mlvu_dev_as_published_loads_with_its_quirks(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import math
 import shutil
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -31,32 +30,13 @@ from streamtc.eval.streaming import EvalSettings, run_video
 from streamtc.factory import SessionSpec as ModelSpec
 from streamtc.session import StreamingSession
 from streamtc.sources import PyAVSource
+from helpers import OPTIONS, write_clip
 
 runner = CliRunner()
 TIMINGS = {"ttft_ms", "total_ms", "prefill_ms"}
 SETTINGS = EvalSettings(fps=1.0, max_new_tokens=4, option_logprobs=True)
 SPEC = ModelSpec(preset="tiny-llava-ov", stc=STCConfig().to_dict())
 OVO_OFFICIAL = protocol_of("ovobench", "official")
-OPTIONS = ["a red cup", "a phone", "a blue umbrella", "nothing"]
-
-
-def write_clip(path: Path, seconds: float, seed: int, rate: int = 4, size: tuple[int, int] = (48, 64)) -> Path:
-    rng = np.random.default_rng(seed)
-    count = int(seconds * rate)
-    scene = rng.integers(0, 256, (size[0], size[1] + 2 * count, 3)).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv420p"
-        for i in range(count):
-            image = np.clip(scene[:, 2 * i : 2 * i + size[1]] + rng.integers(-10, 11, (*size, 3)), 0, 255)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image.astype(np.uint8), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
-
-
 @pytest.fixture(scope="module")
 def ovo(tmp_path_factory) -> Path:
     """An OVO-Bench fixture: two clips, one missing video, one file that is not a video."""
@@ -485,7 +465,7 @@ def test_a_question_the_session_refuses_is_an_error_line(ovo: Path, monkeypatch:
 def test_mlvu_as_published_runs_to_the_end_with_its_own_prompt(tmp_path: Path) -> None:
     """MLVU-dev's quirks (an answer that is no candidate, one that appears twice, an empty question)
     load and run; the official system turn and answer prefix reach the model."""
-    from test_eval import mlvu_published  # the published-format fixture (tests/ is on the path)
+    from helpers import mlvu_published  # the published-format fixture (tests/ is on the path)
 
     folder = mlvu_published(tmp_path / "MLVU" / "data")
     write_clip(tmp_path / "MLVU" / "video" / "2_needle" / "needle_4.mp4", 4, seed=5)
@@ -512,4 +492,4 @@ def test_the_answer_prefix_is_prefilled_before_the_reply() -> None:
     assert not np.allclose(plain.numpy(), prefixed.numpy())  # the prefix is part of the pre-fill
     answer = session.ask(prompt, max_new_tokens=1, answer_prefix="Best option: (")
     assert answer.token_ids == [int(prefixed.argmax())] or (answer.token_ids == [] and int(prefixed.argmax()) in
-                                                           session._stop_ids)
+                                                           session.stop_token_ids)

@@ -64,9 +64,9 @@ def frame_tokens(base: StreamingSession) -> int:
     step = probe.host.frames_per_step
     frames = make_frames(2 * step, seed=9)
     probe.push(frames[:step])
-    before = probe._cache.get_seq_length()
+    before = probe.cache.get_seq_length()
     probe.push(frames[step:])
-    return probe._cache.get_seq_length() - before
+    return probe.cache.get_seq_length() - before
 
 
 def read_blocks(policy: RetrievalCache, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,10 +77,10 @@ def read_blocks(policy: RetrievalCache, layer: int, ids: list[int]) -> tuple[tor
 def reference_logits(session: StreamingSession, question: str, blocks: list[list[int]]) -> torch.Tensor:
     """The unhooked model on a cache built by hand: per layer the prefix, then `blocks[layer]` read
     from the store, then the window; the question at the session's next positions."""
-    policy = session._policy
+    policy = session.memory
     prefix = policy._prefix_tokens
     cache = DynamicCache(config=session.model.config)
-    for index, layer in enumerate(session._cache.layers):
+    for index, layer in enumerate(session.cache.layers):
         keys, values = layer.keys, layer.values
         if blocks[index]:
             extra_k, extra_v = read_blocks(policy, index, blocks[index])
@@ -89,9 +89,9 @@ def reference_logits(session: StreamingSession, question: str, blocks: list[list
         cache.update(keys, values, index)
     with torch.inference_mode():
         embeds = session._question_embeds(question, None)
-        position = session._stream.next_position
-        hidden = session.host.forward(embeds, session._stream.text_positions(embeds.shape[1]), cache)
-        session._stream.next_position = position
+        position = session.host_stream.next_position
+        hidden = session.host.forward(embeds, session.host_stream.text_positions(embeds.shape[1]), cache)
+        session.host_stream.next_position = position
         return session.host.logits(hidden)[0].float().cpu()
 
 
@@ -158,7 +158,7 @@ def test_a_window_larger_than_the_stream_equals_the_full_cache(host: str, reques
     assert max_diff(full.next_token_logits("And now?"), memory.next_token_logits("And now?")) <= TOLERANCE
     stats = memory.stats.memory
     assert stats["offloaded_blocks"] == 0 and stats["window_frames"] == 8 // base.host.frames_per_step
-    assert memory._policy.last_retrieved == []
+    assert memory.memory.last_retrieved == []
 
 
 @pytest.mark.parametrize("host", ["llava", "qwen", "qwen25", "qwen3"])
@@ -176,22 +176,22 @@ def test_retrieving_every_offloaded_block_equals_the_full_cache(host: str, reque
         session.push(frames)
         session.flush()
     expected = full.next_token_logits(QUESTION)
-    window = [(layer.keys, layer.values) for layer in memory._cache.layers]
+    window = [(layer.keys, layer.values) for layer in memory.cache.layers]
     steps = 12 // base.host.frames_per_step
     stats = memory.stats.memory
     assert stats["offloaded_blocks"] == steps - 2 and stats["window_frames"] == 2
-    assert memory._cache.get_seq_length() == full._cache.get_seq_length() - (steps - 2) * per_frame
+    assert memory.cache.get_seq_length() == full.cache.get_seq_length() - (steps - 2) * per_frame
     assert max_diff(memory.next_token_logits(QUESTION), expected) <= TOLERANCE
-    assert memory._policy.last_retrieved == [list(range(steps - 2))] * len(memory._cache.layers)
+    assert memory.memory.last_retrieved == [list(range(steps - 2))] * len(memory.cache.layers)
     # the question left the window-only cache as it was: same tensors, nothing lost or duplicated
-    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(memory._cache.layers, window))
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(memory.cache.layers, window))
     assert full.ask(QUESTION, max_new_tokens=4).token_ids == memory.ask(QUESTION, max_new_tokens=4).token_ids
     # the stored blocks hold exactly the full cache's keys and values of the evicted frames
-    prefix = memory._policy._prefix_tokens
-    keys, values = read_blocks(memory._policy, 1, list(range(steps - 2)))
+    prefix = memory.memory._prefix_tokens
+    keys, values = read_blocks(memory.memory, 1, list(range(steps - 2)))
     stop = prefix + (steps - 2) * per_frame
-    assert torch.equal(keys, full._cache.layers[1].keys[0, :, prefix:stop])
-    assert torch.equal(values, full._cache.layers[1].values[0, :, prefix:stop])
+    assert torch.equal(keys, full.cache.layers[1].keys[0, :, prefix:stop])
+    assert torch.equal(values, full.cache.layers[1].values[0, :, prefix:stop])
     assert memory.stats.memory["questions"] == 2 and memory.stats.memory["last_retrieval_ms"] > 0
 
 
@@ -226,7 +226,7 @@ def test_the_chosen_blocks_are_the_top_k_of_the_stored_representatives(host: str
     memory = twin(base, lambda: RetrievalCache(2 * per_frame, 2), prefill_min_tokens=ALL)
     memory.push(frames)
     memory.flush()
-    policy = memory._policy
+    policy = memory.memory
     ids, reps = policy.store.representatives()
     assert ids == list(range(6))
     for block in ids:  # representatives are the blocks' mean keys, per layer and KV head
@@ -265,16 +265,16 @@ def test_eviction_across_question_boundaries(llava: StreamingSession) -> None:
         for session in (memory, window, full):
             session.push(frames[first:last])
         memory.ask(QUESTION, max_new_tokens=2)
-        for ours, theirs in zip(memory._cache.layers, window._cache.layers):
+        for ours, theirs in zip(memory.cache.layers, window.cache.layers):
             assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
-        stored = [b.frame for b in memory._policy.store.blocks]
-        in_window = [b.frame for b in memory._policy._window]
+        stored = [b.frame for b in memory.memory.store.blocks]
+        in_window = [b.frame for b in memory.memory._window]
         assert stored + in_window == list(range(last))
     # layer-0 keys depend only on a token and its position: the store holds the full cache's
-    prefix = memory._policy._prefix_tokens
-    keys, _ = read_blocks(memory._policy, 0, list(range(6)))
-    assert torch.equal(keys, full._cache.layers[0].keys[0, :, prefix:prefix + 6 * 16])
-    every = [list(range(6))] * len(memory._cache.layers)
+    prefix = memory.memory._prefix_tokens
+    keys, _ = read_blocks(memory.memory, 0, list(range(6)))
+    assert torch.equal(keys, full.cache.layers[0].keys[0, :, prefix:prefix + 6 * 16])
+    every = [list(range(6))] * len(memory.cache.layers)
     assert max_diff(memory.next_token_logits(QUESTION), reference_logits(memory, QUESTION, every)) <= TOLERANCE
 
 
@@ -284,10 +284,10 @@ def test_a_question_before_anything_was_evicted(llava: StreamingSession) -> None
     for session in (full, memory):
         session.push(frames[:2])
     assert max_diff(full.next_token_logits(QUESTION), memory.next_token_logits(QUESTION)) <= TOLERANCE
-    assert memory._policy.last_retrieved == [] and memory.stats.memory["questions"] == 0
+    assert memory.memory.last_retrieved == [] and memory.stats.memory["questions"] == 0
     memory.push(frames[2:])  # now two frames leave the window; the next question retrieves them
     memory.ask(QUESTION, max_new_tokens=2)
-    assert memory._policy.last_retrieved == [[0, 1]] * len(memory._cache.layers)
+    assert memory.memory.last_retrieved == [[0, 1]] * len(memory.cache.layers)
 
 
 def test_stc_composes_pruned_frames_make_smaller_blocks(llava: StreamingSession) -> None:
@@ -305,7 +305,7 @@ def test_stc_composes_pruned_frames_make_smaller_blocks(llava: StreamingSession)
         assert kept_full == kept_memory
         expected = owner.next_token_logits(QUESTION)
         assert max_diff(memory.next_token_logits(QUESTION), expected) <= TOLERANCE
-        lengths = [b.length for b in memory._policy.store.blocks] + [b.length for b in memory._policy._window]
+        lengths = [b.length for b in memory.memory.store.blocks] + [b.length for b in memory.memory._window]
         assert lengths == [len(k[0]) for k in kept_full] and max(lengths) < 16
         memory.close()
     finally:
@@ -328,11 +328,11 @@ def test_the_disk_store_answers_as_the_host_store(llava: StreamingSession, tmp_p
     for session in (host, disk):
         session.push(frames)
     assert torch.equal(host.next_token_logits(QUESTION), disk.next_token_logits(QUESTION))
-    assert host._policy.last_retrieved == disk._policy.last_retrieved
+    assert host.memory.last_retrieved == disk.memory.last_retrieved
     stats = disk.stats.memory
     # 7 blocks: three segments of two on disk, the newest block waiting in host memory
     assert stats["offloaded_blocks"] == 7 and stats["disk_bytes"] > 0 and stats["host_bytes"] > 0
-    directory = disk._policy.store.directory
+    directory = disk.memory.store.directory
     assert sorted(p.name for p in directory.iterdir()) == [f"segment-{i:08d}.safetensors" for i in range(3)]
     assert stats["disk_bytes"] == sum(p.stat().st_size for p in directory.iterdir())
     disk.close()
@@ -351,10 +351,10 @@ def test_the_disk_budget_deletes_the_oldest_segments(llava: StreamingSession, tm
     stats = memory.stats.memory
     # 14 frames: 2 in the window, 12 offloaded = 6 segments, of which the newest 2 fit the budget
     assert stats["deleted_blocks"] == 8 and stats["offloaded_blocks"] == 4
-    assert [b.frame for b in memory._policy.store.blocks] == [8, 9, 10, 11]
-    assert len(list(memory._policy.store.directory.iterdir())) == 2
+    assert [b.frame for b in memory.memory.store.blocks] == [8, 9, 10, 11]
+    assert len(list(memory.memory.store.directory.iterdir())) == 2
     memory.ask(QUESTION, max_new_tokens=2)
-    assert memory._policy.last_retrieved[0] == [8, 9, 10, 11]
+    assert memory.memory.last_retrieved[0] == [8, 9, 10, 11]
 
 
 @pytest.mark.parametrize("fault", ["deleted", "truncated"])
@@ -362,35 +362,35 @@ def test_a_lost_segment_is_skipped_and_the_stream_goes_on(llava: StreamingSessio
                                                          caplog) -> None:
     memory = disk_session(llava, tmp_path)
     memory.push(make_frames(8, seed=10))  # blocks 0-5 in three segments
-    segment = memory._policy.store.directory / "segment-00000001.safetensors"
+    segment = memory.memory.store.directory / "segment-00000001.safetensors"
     if fault == "deleted":
         segment.unlink()
     else:
         segment.write_bytes(segment.read_bytes()[:-100])
     logits = memory.next_token_logits(QUESTION)
     assert "segment-00000001" in caplog.text
-    assert memory._policy.last_retrieved[0] == [0, 1, 4, 5]  # blocks 2 and 3 were skipped, no others
+    assert memory.memory.last_retrieved[0] == [0, 1, 4, 5]  # blocks 2 and 3 were skipped, no others
     assert memory.stats.memory["lost_blocks"] == 2
-    assert max_diff(logits, reference_logits(memory, QUESTION, [[0, 1, 4, 5]] * len(memory._cache.layers))) <= TOLERANCE
+    assert max_diff(logits, reference_logits(memory, QUESTION, [[0, 1, 4, 5]] * len(memory.cache.layers))) <= TOLERANCE
     memory.push(make_frames(2, seed=11))
     memory.ask(QUESTION, max_new_tokens=2)
-    assert memory._policy.last_retrieved[0] == [0, 1, 4, 5, 6, 7]
+    assert memory.memory.last_retrieved[0] == [0, 1, 4, 5, 6, 7]
 
 
 def test_a_corrupted_segment_fails_that_question_only(llava: StreamingSession, tmp_path: Path) -> None:
     memory = disk_session(llava, tmp_path)
     memory.push(make_frames(8, seed=12))
-    segment = memory._policy.store.directory / "segment-00000000.safetensors"
+    segment = memory.memory.store.directory / "segment-00000000.safetensors"
     data = bytearray(segment.read_bytes())
     data[-64:] = bytes(64)  # same size, other bytes: only the checksums can tell
     segment.write_bytes(bytes(data))
-    length = memory._cache.get_seq_length()
+    length = memory.cache.get_seq_length()
     with pytest.raises(OffloadError, match="segment-00000000.*checksum.*ask the question again"):
         memory.ask(QUESTION, max_new_tokens=2)
-    assert memory._cache.get_seq_length() == length  # the window is intact
+    assert memory.cache.get_seq_length() == length  # the window is intact
     assert memory.stats.memory["lost_blocks"] == 2
     memory.ask(QUESTION, max_new_tokens=2)
-    assert memory._policy.last_retrieved[0] == [2, 3, 4, 5]
+    assert memory.memory.last_retrieved[0] == [2, 3, 4, 5]
 
 
 # -- persistence --------------------------------------------------------------------------------------
@@ -410,26 +410,26 @@ def test_save_and_restore_round_trip(llava: StreamingSession, tmp_path: Path, st
         session.push(frames[:7])
     directory = tmp_path / "save"
     directory.mkdir()
-    saved._policy.save(saved._cache, directory)
+    saved.memory.save(saved.cache, directory)
     manifest = json.loads((directory / "policy.json").read_text())["store"]
     assert manifest["kind"] == store
     if store == "disk":  # the segment files, hard-linked into the save, by name, size and checksums
         names = [s["name"] for s in manifest["segments"]]
         assert names == [f"segment-{i:08d}.safetensors" for i in range(3)] and all(s["crcs"] for s in manifest["segments"])
-        live = saved._policy.store.directory
+        live = saved.memory.store.directory
         assert all((directory / "store" / n).stat().st_ino == (live / n).stat().st_ino for n in names)
-        saved._policy.close()  # the live stream's directory goes (a process that closes after saving)
+        saved.memory.close()  # the live stream's directory goes (a process that closes after saving)
         assert not live.exists() and all((directory / "store" / n).is_file() for n in names)
     restored = policy()
     restored.bind(saved.host.language_model)
     cache = restored.restore(saved.model.config, directory)
-    saved._policy, saved._cache = restored, cache
-    assert restored.stats.offloaded_blocks == never_stopped._policy.stats.offloaded_blocks == 5
+    saved.load_state_dict(saved.state_dict(), restored, cache)  # the stream over the restored memory
+    assert restored.stats.offloaded_blocks == never_stopped.memory.stats.offloaded_blocks == 5
     assert torch.equal(saved.next_token_logits(QUESTION), never_stopped.next_token_logits(QUESTION))
     for session in (saved, never_stopped):
         session.push(frames[7:])
     assert torch.equal(saved.next_token_logits(QUESTION), never_stopped.next_token_logits(QUESTION))
-    assert restored.last_retrieved == never_stopped._policy.last_retrieved
+    assert restored.last_retrieved == never_stopped.memory.last_retrieved
     if store == "disk":  # the restored stream writes and deletes in its own directory, never in the save
         assert restored.store.directory != live and all((directory / "store" / n).is_file() for n in names)
         restored.close()

@@ -5,6 +5,7 @@ windowed and retrieval memory (blocks on disk) after evictions; torn, truncated 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -58,13 +59,13 @@ def test_a_restored_stream_continues_exactly_as_the_uninterrupted_one(tmp_path, 
     split = 5 if preset == "tiny-llava-ov" else 7  # an odd number of chunks (one frame or two a chunk)
     first.push(frames[:split], stamps(0, split))
     if stc is not None:  # the save lands between two refreshes, with Pruner history
-        assert first._cacher_state.chunk_index % 2 == 1 and first._pruner_state.frames > 0
+        assert first.cacher_state.chunk_index % 2 == 1 and first.pruner_state.frames > 0
     if preset == "qwen2-vl-tiny":
-        assert len(first._waiting) == 1  # the seventh frame waits for its pair
+        assert first.waiting_frames == 1  # the seventh frame waits for its pair
     if memory == "window":
-        assert first._policy.visual_tokens < first.stats.visual_tokens  # frames were evicted
+        assert first.memory.visual_tokens < first.stats.visual_tokens  # frames were evicted
     if memory == "retrieval":  # frames were offloaded, and some blocks are in segment files
-        assert first._policy.stats.offloaded_blocks >= 1 and first._policy.stats.disk_bytes > 0
+        assert first.memory.stats.offloaded_blocks >= 1 and first.memory.stats.disk_bytes > 0
     first.save(tmp_path / "stream")
     assert first.last_timestamp == split - 1  # the last frame pushed (Qwen: the one waiting for its pair)
     expected = continue_stream(first, frames, split)
@@ -241,3 +242,45 @@ def test_the_save_directory_holds_a_manifest_of_every_file(tmp_path, frames) -> 
                                         "settings": {"max_visual_tokens": WINDOW}}
     assert os.path.getsize(snapshot / "memory" / "cache.safetensors") > 0
     session.close()
+
+
+# -- the session's own state, without files ---------------------------------------------------------
+
+
+def test_state_dict_and_a_copied_cache_carry_a_stream_into_a_session_made_alike(frames) -> None:
+    """`load_state_dict` alone (no save directory): a session made alike continues the stream exactly,
+    Cacher between refreshes, Pruner history and kept tokens waiting for their pre-fill included."""
+    first = StreamingSession.from_preset("tiny-llava-ov", stc=STC, prefill_min_tokens=10_000)
+    first.push(frames[:5], stamps(0, 5))
+    assert first.stats.pending_tokens > 0 and first.cacher_state.chunk_index % 2 == 1
+    state = copy.deepcopy(first.state_dict())  # its tensors are the live ones: the Cacher writes in place
+    memory = first.cache_policy()
+    memory.bind(first.host.language_model)
+    cache = memory.new_cache(first.model.config)
+    for index, layer in enumerate(first.cache.layers):  # a copy of the video-only cache
+        cache.update(layer.keys.clone(), layer.values.clone(), index)
+    second = first.spawn()
+    second.load_state_dict(state, memory, cache)
+    assert second.memory is memory and second.cache is cache and second.frames == 5
+    expected = continue_stream(first, frames, 5)
+    got = continue_stream(second, frames, 5)
+    assert torch.equal(got[0], expected[0])
+    assert got[1:] == expected[1:]
+    second.close()
+    first.close()
+
+
+def test_load_state_dict_refuses_a_state_of_other_stc_settings_and_changes_nothing(frames) -> None:
+    with_pruner = StreamingSession.from_preset("tiny-llava-ov", stc=STCConfig(cacher=None))
+    with_pruner.push(frames[:2], stamps(0, 2))
+    plain = StreamingSession(with_pruner.model, with_pruner.tokenizer, None)
+    memory, cache = plain.memory, plain.cache
+    other = plain.cache_policy()
+    other.bind(plain.host.language_model)
+    with pytest.raises(SnapshotError, match="STC settings"):
+        plain.load_state_dict(with_pruner.state_dict(), other, other.new_cache(plain.model.config))
+    assert plain.memory is memory and plain.cache is cache and plain.frames == 0
+    with_pruner.close()
+    plain.close()
+    with pytest.raises(StreamStateError, match="closed"):
+        plain.state_dict()

@@ -21,7 +21,7 @@ from transformers.video_utils import VideoMetadata
 from streamtc import CacherConfig, PrunerConfig, STCConfig
 from streamtc.hosts import Qwen3VLHost
 from streamtc.hosts.qwen3_vl import patch_times
-from streamtc.preprocess import QWEN3_VL_VIDEO_MAX_PIXELS, QWEN3_VL_VIDEO_MIN_PIXELS, patchify_video
+from streamtc.hosts.qwen_preprocess import QWEN3_VL_VIDEO_MAX_PIXELS, QWEN3_VL_VIDEO_MIN_PIXELS, patchify_video
 from streamtc.presets import PRESETS, build_config
 from streamtc.session import StreamingSession
 from streamtc.tokenizer import save_processor

@@ -11,7 +11,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from streamtc.errors import ConfigError
-from streamtc.preprocess import QwenVLPreprocessor, patchify_video, smart_resize
+from streamtc.hosts.qwen_preprocess import QwenVLPreprocessor, patchify_video, smart_resize
 from streamtc.sources import builtin_clip_path, open_source
 
 # (clip, min_pixels, max_pixels): bikes 640x272 kept near its size; carphone 176x144 scaled up to the

@@ -11,11 +11,11 @@ import torch
 
 from streamtc import CacherConfig, PrunerConfig, STCConfig
 from streamtc.cacher import STCCacher
-from streamtc.preprocess import patchify_video
+from streamtc.hosts.qwen_preprocess import patchify_video
 from streamtc.presets import build_model
 from streamtc.session import StreamingSession
 
-from test_qwen_vl import QUESTION, TOLERANCE, push_one_by_one
+from helpers import QUESTION, TOLERANCE, push_one_by_one
 from conftest import drifting_frames as make_frames
 
 PRESETS = ["qwen2-vl-tiny", "qwen2.5-vl-tiny"]
@@ -125,7 +125,7 @@ def test_eval_run_answers_with_the_cacher_on_a_qwen_preset(tmp_path) -> None:
     from streamtc.factory import SessionSpec as ModelSpec
     from streamtc.eval.streaming import EvalSettings
 
-    from test_eval_run import OPTIONS, write_clip
+    from helpers import OPTIONS, write_clip
 
     write_clip(tmp_path / "videos" / "a.mp4", 6, seed=1)
     items = [{"id": i, "task": "EPM", "video": "a.mp4", "realtime": t, "question": "What was taken?",
@@ -185,7 +185,7 @@ def test_recomputed_tokens_map_to_the_cells_transformers_puts_them_in(preset, fr
     assert grid == (rows, cols) and torch.equal(cells, seen[0].round().long())
     counts = record.counts()
     assert counts.shape == (1, 24) and int(counts.sum()) == layers * 6 and int(counts.max()) <= layers
-    assert torch.equal(record.cells, cells[session._cacher.last_recomputed(session._cacher_state)])
+    assert torch.equal(record.cells, cells[session.cacher.last_recomputed(session.cacher_state)])
 
 
 def _cell_ids(rows: int, cols: int, merge: int) -> torch.Tensor:

@@ -14,49 +14,17 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from streamtc import PrunerConfig, STCConfig
 from streamtc.errors import ConfigError, InputError, UnsupportedModelError
 from streamtc.hosts import QwenVLHost
-from streamtc.preprocess import patchify_video
 from streamtc.presets import build_model
 from streamtc.prompts import split_video_prompt
 from streamtc.session import StreamingSession
 from streamtc.tokenizer import save_processor
+from helpers import FPS, QUESTION, TOLERANCE, expand_videos, push_one_by_one, video_protocol_inputs
 
 
-TOLERANCE = 1e-4
-QUESTION = "What is the man holding?"
 PRESETS = ["qwen2-vl-tiny", "qwen2.5-vl-tiny"]
 PRUNER = STCConfig(cacher=None, pruner=PrunerConfig(keep_ratio=0.5))
-FPS = 2.0
-
-
 def stamps(first: int, count: int) -> list[float]:
     return [(first + i) / FPS for i in range(count)]
-
-
-def push_one_by_one(session: StreamingSession, frames: np.ndarray, first: int = 0) -> None:
-    for i, frame in enumerate(frames):
-        session.push(frame[None], [(first + i) / FPS])
-
-
-def expand_videos(session: StreamingSession, text: str, videos: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """transformers' processor contract by hand: each <|video_pad|> of `text` expanded to its video's
-    merged-token count, pixel rows concatenated, one video_grid_thw row (and second_per_grid_ts
-    entry) per video, mm_token_type_ids marking video tokens with 2."""
-    tokenizer, config = session.tokenizer, session.model.config
-    parts = text.split("<|video_pad|>")
-    assert len(parts) == len(videos) + 1
-    ids, rows, grids = tokenizer(parts[0], add_special_tokens=False)["input_ids"], [], []
-    for video, part in zip(videos, parts[1:]):
-        pixels, grid = patchify_video(torch.stack(session.preprocessor(video)))
-        rows.append(pixels)
-        grids.append(grid)
-        ids += [config.video_token_id] * (grid[0] * grid[1] * grid[2] // 4)
-        ids += tokenizer(part, add_special_tokens=False)["input_ids"]
-    input_ids = torch.tensor([ids])
-    inputs = {"input_ids": input_ids, "pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids),
-              "mm_token_type_ids": (input_ids == config.video_token_id).int() * 2}
-    if isinstance(session.model, Qwen2_5_VLForConditionalGeneration):
-        inputs["second_per_grid_ts"] = torch.tensor([2 / FPS] * len(videos))
-    return inputs
 
 
 def one_shot_logits(session: StreamingSession, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -65,15 +33,6 @@ def one_shot_logits(session: StreamingSession, inputs: dict[str, torch.Tensor]) 
     session.model.model.rope_deltas = None
     with torch.inference_mode():
         return session.model(**inputs).logits[0, -1].float()
-
-
-def video_protocol_inputs(session: StreamingSession, videos: list[np.ndarray], question: str) -> dict:
-    """One user turn: the videos, then the question (what the 'video' protocol streams)."""
-    content = [{"type": "video"} for _ in videos] + [{"type": "text", "text": question}]
-    messages = [{"role": "system", "content": [{"type": "text", "text": session.system_prompt}]},
-                {"role": "user", "content": content}]
-    text = session.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return expand_videos(session, text, videos)
 
 
 def livecc_inputs(session: StreamingSession, frames: np.ndarray, question: str) -> dict:
@@ -129,7 +88,7 @@ def test_livecc_protocol_matches_the_one_shot_conversation(preset: str, frames: 
     assert (session.next_token_logits(QUESTION) - expected).abs().max().item() <= TOLERANCE
     answer = session.ask(QUESTION, max_new_tokens=2)
     assert answer.token_ids[:1] in ([int(expected.argmax())], [])
-    assert session._cache.get_seq_length() == session.stats.cache_tokens  # turns counted as prompt text
+    assert session.cache.get_seq_length() == session.stats.cache_tokens  # turns counted as prompt text
 
 
 def test_frame_size_change_starts_a_new_video_with_right_positions(frames: np.ndarray, make_frames) -> None:

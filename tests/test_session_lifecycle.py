@@ -22,7 +22,7 @@ def test_cache_tokens_counts_what_a_window_holds_not_everything_ever_kept(make_f
     session.push(make_frames(8), [float(t) for t in range(8)])
     stats = session.stats
     assert stats.visual_tokens == 8 * 16  # pre-filled over the stream ...
-    held = session._cache.get_seq_length()
+    held = session.cache.get_seq_length()
     assert held == stats.prompt_tokens + 16  # ... but a 20-token window holds one 16-token frame
     assert stats.cache_tokens == held == stats.to_dict()["cache_tokens"]
     text = session.model.config.text_config

@@ -85,9 +85,9 @@ def test_the_window_equals_a_one_shot_forward_of_the_surviving_tokens(frames, pr
     assert len(calls) == 5
     embeds, where, freed = surviving(calls, vision_chunks, text_rounds, positions == "shrink")
     assert freed > 0 and session.stats.cache_tokens == len(embeds)  # something was evicted
-    question = session._stream.question_embeds(QUESTION)
-    start = session._stream.next_position
-    assert start == full._stream.next_position - (freed if positions == "shrink" else 0)
+    question = session.host_stream.question_embeds(QUESTION)
+    start = session.host_stream.next_position
+    assert start == full.host_stream.next_position - (freed if positions == "shrink" else 0)
     text = torch.arange(start, start + question.shape[1])[None].expand(3, -1)
     with torch.inference_mode():  # the one-shot forward: survivors then the question, on a fresh cache
         hidden = session.host.forward(torch.cat([embeds, question[0]])[None], torch.cat([where, text], dim=1),
@@ -108,7 +108,7 @@ def test_shrink_keeps_positions_bounded_and_keep_lets_them_grow(frames) -> None:
     for start in range(0, 14, 2):
         for name, session in (("shrink", shrink), ("keep", keep), ("full", full)):
             session.push(frames[start:start + 2], stamps(start, start + 2))
-            seen[name].append((session._stream.next_position, session.stats.cache_tokens))
+            seen[name].append((session.host_stream.next_position, session.stats.cache_tokens))
     # turns of 2 frames from frame 6 on: the window is in its steady state
     assert seen["shrink"][-1] == seen["shrink"][-2] == seen["shrink"][-3]
     assert seen["keep"][-1][1] == seen["shrink"][-1][1] and seen["keep"][-1][0] == seen["full"][-1][0]
@@ -135,13 +135,13 @@ def test_a_saved_window_resumes_exactly(tmp_path, frames) -> None:
     policy = lambda: StreamingWindowCache(2, 3)  # noqa: E731
     first = StreamingSession.from_preset("livecc-tiny", stc=STCConfig(), cache_policy=policy)
     first.push(frames[:10], stamps(0, 10))
-    assert not first._policy._turns[0].vision_kept  # evicted before the save
+    assert not first.memory._turns[0].vision_kept  # evicted before the save
     first.save(tmp_path / "stream")
     first.push(frames[10:], stamps(10, 14))
     expected = first.next_token_logits(QUESTION)
     first.close()
     restored = StreamingSession.restore(tmp_path / "stream", first.model)
-    assert isinstance(restored._policy, StreamingWindowCache) and restored._policy.settings() == {
+    assert isinstance(restored.memory, StreamingWindowCache) and restored.memory.settings() == {
         "vision_chunks": 2, "text_rounds": 3, "positions": "shrink"}
     restored.push(frames[10:], stamps(10, 14))
     assert torch.equal(restored.next_token_logits(QUESTION), expected)

@@ -8,9 +8,11 @@ caller chooses the error type: `ConfigError` for settings, `InputError` for per-
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
-from .errors import ConfigError, StreamTCError
+from .errors import ConfigError, InputError, StreamTCError
 
 
 def is_positive_int(value: Any) -> bool:
@@ -39,4 +41,20 @@ def unit_ratio(value: Any, name: str, *, error: type[StreamTCError] = ConfigErro
     raise error(f"{name} must lie in (0, 1], got {value!r}")
 
 
-__all__ = ["is_positive_int", "positive_int", "unit_ratio"]
+def frame_timestamps(timestamps: Sequence[float] | None, count: int, *, after: float | None = None) -> list[float | None]:
+    """Per-frame timestamps of `count` frames as floats (None each when none are given); InputError
+    unless there is one per frame, each finite and later than the previous one (and than `after`)."""
+    if timestamps is None:
+        return [None] * count
+    if len(timestamps) != count:
+        raise InputError(f"got {count} frames but {len(timestamps)} timestamps")
+    previous = after
+    for stamp in timestamps:
+        if not math.isfinite(stamp) or (previous is not None and stamp <= previous):
+            raise InputError(f"timestamps must be finite and increasing; got {stamp}"
+                             + ("" if previous is None else f" after {previous}"))
+        previous = stamp
+    return [float(t) for t in timestamps]
+
+
+__all__ = ["frame_timestamps", "is_positive_int", "positive_int", "unit_ratio"]

@@ -71,7 +71,8 @@ from torch import Tensor
 
 from .config import PrunerConfig
 from .errors import ConfigError, InputError
-from .pruner import Budget, QwenVLLayout, STCPruner
+from .hosts.qwen_vl import QwenVLLayout
+from .pruner import Budget, STCPruner
 
 # Where vLLM keeps each method's functions, newest layout first (module names only, never imported
 # unless vLLM is installed).

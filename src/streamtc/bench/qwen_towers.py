@@ -1,7 +1,7 @@
 """Qwen-VL vision towers for `streamtc bench vit --tower`: real widths, random weights, a depth override.
 
-The vision configs mirror the `vision_config` of the public checkpoints' config.json:
-Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen3-VL-8B-Instruct. Frames become
+The vision configs are those of the checkpoint presets (`streamtc.presets`: the `vision_config` of
+Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen3-VL-8B-Instruct). Frames become
 the towers' input as their image processors lay it out: two consecutive frames per temporal patch,
 flattened patches in 2x2 merge-block order, with a `grid_thw` row per temporal patch.
 """
@@ -13,47 +13,24 @@ from torch import nn
 from transformers import Qwen2_5_VLVisionConfig, Qwen2VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from ..checks import positive_int
 from ..errors import ConfigError, InputError
+from ..hosts.qwen_preprocess import QWEN3_VL_MEAN, QWEN3_VL_STD, QWEN_VL_MEAN, QWEN_VL_STD
+from ..presets import build_config
 
-QWEN_TOWERS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-
-# The image processors' normalisation: OpenAI CLIP's for Qwen2-VL and Qwen2.5-VL, 0.5 for Qwen3-VL.
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-HALF = (0.5, 0.5, 0.5)
+# The checkpoint preset (`streamtc.presets`) whose vision tower each family name runs.
+QWEN_TOWERS = {"qwen2-vl": "qwen2-vl-7b", "qwen2.5-vl": "qwen2.5-vl-7b", "qwen3-vl": "qwen3-vl-8b"}
 
 
 def qwen_vision_config(name: str, depth: int | None = None, attn_implementation: str = "sdpa"):
-    """The vision config of the named checkpoint family, optionally cut to `depth` blocks."""
-    if name == "qwen2-vl":  # Qwen2-VL-7B-Instruct
-        config = Qwen2VLVisionConfig(
-            depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_channels=3, hidden_size=3584, hidden_act="quick_gelu",
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-        )
-    elif name == "qwen2.5-vl":  # Qwen2.5-VL-7B-Instruct
-        config = Qwen2_5_VLVisionConfig(
-            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, out_hidden_size=3584,
-            hidden_act="silu", patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
-        )
-    elif name == "qwen3-vl":  # Qwen3-VL-8B-Instruct
-        config = Qwen3VLVisionConfig(
-            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, out_hidden_size=4096,
-            hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-            num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
-        )
-    else:
+    """The vision config of the named checkpoint family (the preset's), optionally cut to `depth`
+    blocks (the full-attention blocks and DeepStack taps within that depth are kept)."""
+    if name not in QWEN_TOWERS:
         raise ConfigError(f"unknown Qwen tower {name!r}; choose one of {', '.join(QWEN_TOWERS)}")
-    if depth is not None:
-        config.depth = positive_int(depth, "depth")
-        if name == "qwen2.5-vl":
-            # Keep the checkpoint's pattern (every 8th block full attention) within the cut depth.
-            config.fullatt_block_indexes = [i for i in range(7, depth, 8)] or [depth - 1]
-        if name == "qwen3-vl":
-            config.deepstack_visual_indexes = [i for i in config.deepstack_visual_indexes if i < depth]
+    positive_int(depth, "depth", optional=True)
+    config = build_config(QWEN_TOWERS[name], num_layers=depth).vision_config
     config._attn_implementation = attn_implementation
     return config
 
@@ -71,7 +48,7 @@ def build_qwen_tower(name: str, depth: int | None = None, dtype: torch.dtype = t
 
 def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of the family's image processor."""
-    return (HALF, HALF) if name == "qwen3-vl" else (CLIP_MEAN, CLIP_STD)
+    return (QWEN3_VL_MEAN, QWEN3_VL_STD) if name == "qwen3-vl" else (QWEN_VL_MEAN, QWEN_VL_STD)
 
 
 def temporal_patches(pixel_values: torch.Tensor, config) -> tuple[list[torch.Tensor], torch.Tensor]:

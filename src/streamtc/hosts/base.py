@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from ..cacher.cacher import find_vision_tower
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..pruner import KeptTokens
 
 # (host, pixel_values [F, 3, S, S]) -> visual tokens [F, P, D]: a replacement for the video path.
@@ -296,6 +296,18 @@ class VideoHost(ABC):
         """Pre-fill embeds [1, n, D] at positions [R, n] into `cache`, with their DeepStack inputs
         (hosts without DeepStack take None); returns the last hidden state [1, D]."""
 
+    def stop_token_ids(self) -> set[int]:
+        """Ids that end an answer: the generation config's eos, the tokenizer's eos and <|im_end|>."""
+        ids: set[int] = set()
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return ids
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits [1, V] of a final hidden state [1, D]."""
         return self.model.lm_head(hidden)
@@ -305,6 +317,21 @@ class VideoHost(ABC):
         """Fresh prompt and position state for one stream."""
 
 
+def frames_in_sequence(sequence: Tensor, layout: str, special: int, block: int, description: str) -> int:
+    """Number of frames in a visual sequence [F * block + special, D]; InputError naming `layout`
+    and the expected `description` if it does not fit."""
+    if not isinstance(sequence, Tensor) or sequence.dim() != 2:
+        shape = tuple(sequence.shape) if isinstance(sequence, Tensor) else type(sequence).__name__
+        raise InputError(f"{layout}: the visual sequence must be a [N, D] tensor, got {shape}")
+    n = sequence.shape[0] - special
+    if n < block or n % block:
+        raise InputError(
+            f"{layout}: a sequence of {sequence.shape[0]} tokens does not match the layout "
+            f"({description}); check tokens per frame and the number of frames"
+        )
+    return n // block
+
+
 def no_deepstack(host: VideoHost, deepstack: Deepstack | None) -> None:
     """Raise for DeepStack inputs handed to a host without DeepStack (a programming error upstream)."""
     if deepstack is not None:
@@ -312,4 +339,4 @@ def no_deepstack(host: VideoHost, deepstack: Deepstack | None) -> None:
 
 
 __all__ = ["Deepstack", "EncodedChunk", "HostStream", "Placed", "RecomputedTokens", "VideoEncoder", "VideoHost",
-           "no_deepstack"]
+           "frames_in_sequence", "no_deepstack"]

@@ -18,7 +18,9 @@ bilinear pooling of the 27x27 grid to 14x14 (`get_video_features`), one frame = 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,45 @@ from torch import Tensor, nn
 from transformers import LlavaOnevisionForConditionalGeneration, SiglipVisionModel
 from transformers.cache_utils import Cache
 
+from ..checks import positive_int
 from ..errors import InputError, StreamStateError, UnsupportedModelError
 from ..preprocess import FramePreprocessor
 from ..prompts import split_video_prompt
-from ..pruner import KeptTokens, LlavaOnevisionVideoLayout
-from .base import Deepstack, EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost, no_deepstack
+from ..pruner import KeptTokens
+from .base import (
+    Deepstack, EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost, frames_in_sequence, no_deepstack,
+)
+
+
+@dataclass(frozen=True)
+class LlavaOnevisionVideoLayout:
+    """HF LLaVA-OneVision video: F * tokens_per_frame pooled tokens, then one image_newline token.
+
+    `LlavaOnevisionModel.get_video_features(...).pooler_output[b]` is this sequence; the newline is
+    not prunable (the stream places it before the question).
+    """
+
+    tokens_per_frame: int = 196
+
+    def __post_init__(self) -> None:
+        positive_int(self.tokens_per_frame, "tokens_per_frame")
+
+    @classmethod
+    def for_config(cls, config: Any) -> LlavaOnevisionVideoLayout:
+        """The layout of a LlavaOnevisionConfig: `apply_pooling` halves the ViT grid, rounding up."""
+        return cls(tokens_per_frame=cls.pooled_side(config) ** 2)
+
+    @staticmethod
+    def pooled_side(config: Any) -> int:
+        """Side of the pooled grid of a LlavaOnevisionConfig (14 for SigLIP-so400m at 384 px)."""
+        vision = config.vision_config
+        return math.ceil(vision.image_size // vision.patch_size / 2)
+
+    def frame_tokens(self, sequence: Tensor) -> Tensor:
+        """[F * P + 1, D] -> [F, P, D] (the trailing newline left out)."""
+        p = self.tokens_per_frame
+        frames = frames_in_sequence(sequence, "LlavaOnevisionVideoLayout", 1, p, f"F * {p} + 1 newline")
+        return sequence[:-1].view(frames, p, -1)
 
 
 class LlavaOnevisionStream(HostStream):
@@ -149,4 +185,4 @@ class LlavaOnevisionHost(VideoHost):
         return LlavaOnevisionStream(self, system_prompt)
 
 
-__all__ = ["LlavaOnevisionHost", "LlavaOnevisionStream"]
+__all__ = ["LlavaOnevisionHost", "LlavaOnevisionStream", "LlavaOnevisionVideoLayout"]

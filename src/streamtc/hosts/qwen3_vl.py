@@ -34,7 +34,7 @@ from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-from ..preprocess import (
+from .qwen_preprocess import (
     QWEN3_VL_MEAN,
     QWEN3_VL_STD,
     QWEN3_VL_VIDEO_MAX_PIXELS,

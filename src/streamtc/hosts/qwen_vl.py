@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,17 +47,124 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.vision_utils import get_vision_window_index
 
+from ..checks import positive_int
 from ..errors import ConfigError, InputError, StreamStateError, UnsupportedModelError
-from ..preprocess import QwenVLPreprocessor, patchify_video
 from ..prompts import split_video_prompt
-from ..pruner import KeptTokens, QwenVLLayout
-from .base import Deepstack, EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost, no_deepstack
+from ..pruner import KeptTokens
+from .base import (
+    Deepstack, EncodedChunk, HostStream, Placed, VideoEncoder, VideoHost, frames_in_sequence, no_deepstack,
+)
+from .qwen_preprocess import QwenVLPreprocessor, patchify_video
 
 VIDEO_PLACEHOLDER = "<|video_pad|>"
 DEFAULT_FPS = 2.0  # Qwen2.5-VL's processor default and LiveCC's sampling rate
 LIVECC_FIRST_CHUNK_FRAMES = 6  # LiveCC's first turn: 3 s at 2 fps
 LIVECC_MAX_PIXELS = 384 * 28 * 28  # LiveCC's per-frame pixel bound
 _MARK = "\ue000"  # a private-use character standing for per-turn text while the template renders
+
+
+# -- where a chunk's merged tokens sit -------------------------------------------------------------
+
+
+def _valid_mask(indices: Tensor, lengths: Tensor | None, tokens_per_frame: int) -> Tensor:
+    """[F, k] mask of real kept indices; InputError if indices are not [F, k] within [0, P)."""
+    if not isinstance(indices, Tensor) or indices.dim() != 2:
+        shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
+        raise InputError(f"kept indices must be a [frames, k] tensor, got {shape}")
+    mask = torch.ones_like(indices, dtype=torch.bool)
+    if lengths is not None:
+        mask = torch.arange(indices.shape[1], device=indices.device)[None, :] < lengths[:, None]
+    real = indices[mask]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= tokens_per_frame):
+        raise InputError(
+            f"kept indices must lie in [0, {tokens_per_frame}) for this layout, "
+            f"got values in [{int(real.min())}, {int(real.max())}]"
+        )
+    return mask
+
+
+def _flat_positions(local: Tensor, mask: Tensor, frame_stride: int) -> Tensor:
+    """Positions f * frame_stride + local[f, i] of the real kept tokens, frame by frame."""
+    offsets = torch.arange(local.shape[0], device=local.device)[:, None] * frame_stride
+    return (local + offsets)[mask]
+
+
+
+@dataclass(frozen=True)
+class QwenVLLayout:
+    """Qwen2-VL / Qwen2.5-VL video tokens after the 2x2 patch merger.
+
+    grid_thw is the video's `video_grid_thw` row (temporal patches, height and width in ViT
+    patches). The LLM sees T = grid_t blocks of (grid_h / m) * (grid_w / m) merged tokens
+    (m = spatial_merge_size), row-major, no separators; the pruner treats each temporal patch as
+    one frame.
+    """
+
+    grid_thw: tuple[int, int, int]
+    spatial_merge_size: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.grid_thw) != 3:
+            raise ConfigError(f"grid_thw must be (t, h, w), got {self.grid_thw!r}")
+        for name, value in zip(("grid_t", "grid_h", "grid_w"), self.grid_thw):
+            positive_int(value, name)
+        positive_int(self.spatial_merge_size, "spatial_merge_size")
+        _, h, w = self.grid_thw
+        if h % self.spatial_merge_size or w % self.spatial_merge_size:
+            raise ConfigError(f"grid {h}x{w} is not divisible by spatial_merge_size {self.spatial_merge_size}")
+
+    @property
+    def merged_hw(self) -> tuple[int, int]:
+        return self.grid_thw[1] // self.spatial_merge_size, self.grid_thw[2] // self.spatial_merge_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        h, w = self.merged_hw
+        return h * w
+
+    def frame_tokens(self, sequence: Tensor) -> Tensor:
+        """[T * h * w, D] -> [T, h * w, D]."""
+        p, t = self.tokens_per_frame, self.grid_thw[0]
+        frames = frames_in_sequence(sequence, "QwenVLLayout", 0, p, f"{t} temporal patches * {p} merged tokens")
+        if frames != t:
+            raise InputError(f"QwenVLLayout: the sequence holds {frames} temporal patches but grid_thw says {t}")
+        return sequence.view(t, p, -1)
+
+    def kept_positions(self, indices: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Ascending positions of the kept merged tokens in the video's token block."""
+        mask = _valid_mask(indices, lengths, self.tokens_per_frame)
+        if indices.shape[0] != self.grid_thw[0]:
+            raise InputError(
+                f"QwenVLLayout: indices cover {indices.shape[0]} temporal patches, grid_thw says {self.grid_thw[0]}"
+            )
+        return _flat_positions(indices, mask, self.tokens_per_frame)
+
+    def mrope_positions(
+        self,
+        indices: Tensor,
+        lengths: Tensor | None = None,
+        start_position: int = 0,
+        time_interval: float | Tensor = 1.0,
+        first_patch: int = 0,
+    ) -> Tensor:
+        """[3, M] (t, h, w) M-RoPE positions of the kept tokens, in `kept_positions` order.
+
+        Same values the model gives these tokens in the unpruned sequence
+        (`get_vision_position_ids` in transformers 5.x): t = start + floor(t_patch * time_interval),
+        h = start + row, w = start + column. time_interval is 1 for Qwen2-VL and
+        tokens_per_second * second_per_grid_t for Qwen2.5-VL. first_patch: index of this grid's
+        first temporal patch in its video (a stream appends a video's patches chunk by chunk).
+        """
+        positions = self.kept_positions(indices, lengths)
+        p = self.tokens_per_frame
+        w = self.merged_hw[1]
+        t_patch = torch.div(positions, p, rounding_mode="floor") + first_patch
+        within = positions % p
+        temporal = (t_patch * time_interval).long() + start_position
+        return torch.stack([temporal, within // w + start_position, within % w + start_position])
+
+
+# -- prompts and streams ---------------------------------------------------------------------------
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
@@ -350,4 +458,4 @@ class QwenVLHost(VideoHost):
 
 
 __all__ = ["DEFAULT_FPS", "LIVECC_FIRST_CHUNK_FRAMES", "LIVECC_MAX_PIXELS", "LiveCCStream", "QwenVLHost",
-           "QwenVideoStream"]
+           "QwenVLLayout", "QwenVideoStream"]

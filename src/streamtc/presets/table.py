@@ -1,64 +1,18 @@
-"""Built-in model presets: randomly initialised configs of real architectures, built locally.
+"""The preset table: randomly initialised configs of real architectures (see `streamtc.presets`).
 
-No weights can be downloaded for tests or the default demo, so every preset here is a config that
-mirrors a public checkpoint's architecture (sizes taken from the checkpoint's public config.json),
-instantiated with a fixed seed. Real weights go through `load_pretrained(path_or_id)`, which is
-plain `from_pretrained` on the matching transformers class.
-
-The table itself is light: torch, transformers and the model classes are imported when a config or
-a model is built, so that naming or listing presets (`streamtc run --preset NAME` checks the name
-before anything else) costs no import.
-
-Presets:
-    siglip-so400m-384   SigLIP-so400m/14 at 384 px as in LLaVA-OneVision (26 of its 27 layers)
-    siglip-b16-224      SigLIP-B/16 at 224 px (google/siglip-base-patch16-224)
-    clip-l14-336        CLIP-L/14 at 336 px (openai/clip-vit-large-patch14-336)
-    tiny-siglip         2-layer, 64-wide SigLIP for tests
-    tiny-clip           2-layer, 64-wide CLIP for tests
-    llava-ov-0.5b       LLaVA-OneVision-0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf)
-    llava-ov-7b         LLaVA-OneVision-7B (llava-hf/llava-onevision-qwen2-7b-ov-hf)
-    tiny-llava-ov       tiny LLaVA-OneVision (tiny SigLIP + 2-layer Qwen2) for tests and the demo
-    qwen2-vl-2b         Qwen2-VL-2B-Instruct (Qwen/Qwen2-VL-2B-Instruct)
-    qwen2-vl-7b         Qwen2-VL-7B-Instruct (Qwen/Qwen2-VL-7B-Instruct)
-    livecc-7b           LiveCC-7B (chenjoya/LiveCC-7B-Instruct: a Qwen2-VL-7B), LiveCC's prompt protocol
-    qwen2.5-vl-3b       Qwen2.5-VL-3B-Instruct (Qwen/Qwen2.5-VL-3B-Instruct)
-    qwen2.5-vl-7b       Qwen2.5-VL-7B-Instruct (Qwen/Qwen2.5-VL-7B-Instruct)
-    qwen2-vl-tiny       tiny Qwen2-VL (2-layer tower, 2-layer LLM) for tests
-    qwen2.5-vl-tiny     tiny Qwen2.5-VL (4-layer windowed tower, 2-layer LLM) for tests
-    livecc-tiny         qwen2-vl-tiny with LiveCC's prompt protocol
-    qwen3-vl-2b         Qwen3-VL-2B-Instruct (Qwen/Qwen3-VL-2B-Instruct)
-    qwen3-vl-4b         Qwen3-VL-4B-Instruct (Qwen/Qwen3-VL-4B-Instruct)
-    qwen3-vl-8b         Qwen3-VL-8B-Instruct (Qwen/Qwen3-VL-8B-Instruct)
-    qwen3-vl-tiny       tiny Qwen3-VL (4-block tower with 3 DeepStack taps, 3-layer LLM) for tests
-
-The Qwen-VL presets mirror the checkpoints' config.json: Qwen2-VL towers are 32 blocks of width
-1280 (16 heads, MLP ratio 4, QuickGELU, LayerNorm) with a merger to the LLM width; Qwen2.5-VL towers
-are 32 blocks of width 1280 (RMSNorm, gated SiLU MLP 3420, window attention of 112 px with full
-attention in blocks 7, 15, 23, 31, 2 tokens per second); patch 14, merge 2x2, temporal patch 2;
-M-RoPE sections (16, 24, 24), RoPE theta 1e6. A vision depth override keeps the full-attention
-blocks that still exist (or makes the last block one).
-
-Qwen3-VL (config.json of the Instruct checkpoints): patch 16, merge 2x2, temporal patch 2, a
-learned 48x48 position grid (2304 entries), GELU-tanh MLPs; DeepStack mergers after vision blocks
-5, 11, 17 (2B, 4B: 24 blocks of width 1024, MLP 4096) or 8, 16, 24 (8B: 27 blocks of width 1152,
-MLP 4304); Qwen3 LLMs with head_dim 128, 8 KV heads, interleaved M-RoPE sections (24, 20, 20),
-RoPE theta 5e6, 262,144 positions: 2B 2048 wide, MLP 6144, 28 layers, 16 heads, tied embeddings;
-4B 2560, 9728, 36 layers, 32 heads, tied; 8B 4096, 12288, 36 layers, 32 heads, untied. A vision
-depth override keeps the DeepStack taps that still exist.
+Each builder mirrors a public checkpoint's config.json; transformers is imported when a config is
+built, so the table itself imports nothing heavy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checks import positive_int
-from .errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    import torch
     from transformers import (
         CLIPVisionConfig,
         LlavaOnevisionConfig,
@@ -71,30 +25,18 @@ if TYPE_CHECKING:
         SiglipVisionConfig,
     )
 
-    from .preprocess import QwenVLPreprocessor
-
-# Model dtypes by the names the CLIs and saved configs use (`torch_dtype` gives the torch dtype).
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+    from ..hosts.qwen_preprocess import QwenVLPreprocessor
 
 # Qwen2 token ids of LLaVA-OneVision's <image> and <video> placeholders (llava-hf configs).
 LLAVA_OV_IMAGE_TOKEN_ID = 151646
 LLAVA_OV_VIDEO_TOKEN_ID = 151647
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype called `name` (one of DTYPE_NAMES); a ConfigError naming them otherwise."""
-    if name not in DTYPE_NAMES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
-    import torch
-
-    return getattr(torch, name)
-
-
 def _tiny_llava_token_ids() -> tuple[int, int]:
     """<image>, <video> ids of the tiny preset, which fits the built-in tokenizer unpadded
     (`streamtc.tokenizer`): 1024 BPE tokens, then <|endoftext|> <|im_start|> <|im_end|> <image>
     <video> at 1024..1028, so 1029 vocabulary rows."""
-    from .tokenizer import BPE_VOCAB_SIZE
+    from ..tokenizer import BPE_VOCAB_SIZE
 
     return BPE_VOCAB_SIZE + 3, BPE_VOCAB_SIZE + 4
 
@@ -243,14 +185,14 @@ MROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 
 
 def _tiny_qwen_vl_first_special_id() -> int:
     """The tiny Qwen-VL presets put the Qwen-VL special tokens right after the built-in BPE."""
-    from .tokenizer import BPE_VOCAB_SIZE
+    from ..tokenizer import BPE_VOCAB_SIZE
 
     return BPE_VOCAB_SIZE
 
 
 def _qwen_vl_ids(first_special: int) -> dict[str, int]:
     """image/video/vision_start/vision_end token ids for Qwen-VL special tokens starting at first_special."""
-    from .tokenizer import QWEN_VL_SPECIAL_TOKENS
+    from ..tokenizer import QWEN_VL_SPECIAL_TOKENS
 
     index = {name: first_special + i for i, name in enumerate(QWEN_VL_SPECIAL_TOKENS)}
     return {"image_token_id": index["<|image_pad|>"], "video_token_id": index["<|video_pad|>"],
@@ -293,7 +235,7 @@ def _qwen2_5_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision:
 
 def _tiny_qwen_text() -> dict[str, Any]:
     # head_dim 16: M-RoPE sections (2, 3, 3) cover its 8 rotary frequencies as (16, 24, 24) cover 64
-    from .tokenizer import QWEN_VL_SPECIAL_TOKENS
+    from ..tokenizer import QWEN_VL_SPECIAL_TOKENS
 
     first = _tiny_qwen_vl_first_special_id()
     text = _qwen_text(64, 128, 2, 4, 2, first + len(QWEN_VL_SPECIAL_TOKENS), 32768,
@@ -315,7 +257,7 @@ def _tiny_qwen2_5_vl(num_layers: int | None) -> Qwen2_5_VLConfig:
 
 
 def _tiny_qwen_vl_preprocessor() -> QwenVLPreprocessor:
-    from .preprocess import QwenVLPreprocessor
+    from ..hosts.qwen_preprocess import QwenVLPreprocessor
 
     return QwenVLPreprocessor(min_pixels=TINY_QWEN_VL_PIXELS[0], max_pixels=TINY_QWEN_VL_PIXELS[1])
 
@@ -358,7 +300,7 @@ def _tiny_qwen3_vl(num_layers: int | None) -> Qwen3VLConfig:
 
 
 def _tiny_qwen3_vl_preprocessor() -> QwenVLPreprocessor:
-    from .preprocess import QWEN3_VL_MEAN, QWEN3_VL_STD, QwenVLPreprocessor
+    from ..hosts.qwen_preprocess import QWEN3_VL_MEAN, QWEN3_VL_STD, QwenVLPreprocessor
 
     return QwenVLPreprocessor(min_pixels=TINY_QWEN3_VL_PIXELS[0], max_pixels=TINY_QWEN3_VL_PIXELS[1], patch_size=16,
                               image_mean=QWEN3_VL_MEAN, image_std=QWEN3_VL_STD, upscale_small_frames=True)
@@ -493,94 +435,4 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}") from None
 
 
-def build_config(name: str, num_layers: int | None = None, text_layers: int | None = None) -> PretrainedConfig:
-    """The preset's transformers config; `num_layers` overrides the vision tower's depth and
-    `text_layers` the language model's (VLM presets only)."""
-    positive_int(num_layers, "num_layers", optional=True)
-    positive_int(text_layers, "text_layers", optional=True)
-    config = get_preset(name).build_config(num_layers)
-    if text_layers is not None:
-        text = getattr(config, "text_config", None)
-        if text is None:
-            raise ConfigError(f"preset {name!r} has no language model; text_layers applies to VLM presets")
-        text.num_hidden_layers = text_layers
-        if getattr(text, "layer_types", None) is not None:
-            text.layer_types = text.layer_types[:text_layers]
-    return config
-
-
-def build_model(
-    name: str,
-    num_layers: int | None = None,
-    seed: int = 0,
-    dtype: torch.dtype | None = None,
-    attn_implementation: str = "sdpa",
-    text_layers: int | None = None,
-) -> PreTrainedModel:
-    """Instantiate a preset with random weights drawn from a fixed seed, in eval mode (dtype None:
-    float32).
-
-    The same (name, num_layers, text_layers, seed) always gives the same weights, on any machine.
-    """
-    import torch
-
-    dtype = torch.float32 if dtype is None else dtype
-    preset = get_preset(name)
-    config = build_config(name, num_layers, text_layers)
-    config._attn_implementation = attn_implementation
-    for sub in ("vision_config", "text_config"):
-        if hasattr(config, sub):
-            getattr(config, sub)._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):  # seed locally, leave the caller's RNG as it was
-        torch.manual_seed(seed)
-        model = preset.model_class._from_config(config, dtype=dtype)
-    return model.eval()
-
-
-# The transformers class (by name) of each supported checkpoint model_type.
-_CLASS_BY_MODEL_TYPE: dict[str, str] = {
-    "siglip_vision_model": "SiglipVisionModel",
-    "clip_vision_model": "CLIPVisionModel",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-}
-
-
-def pretrained_model_class(path_or_id: str | Path) -> type[PreTrainedModel]:
-    """The transformers class of a checkpoint, from its saved config's model_type."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path_or_id)
-    class_name = _CLASS_BY_MODEL_TYPE.get(config.model_type)
-    if class_name is None:
-        raise UnsupportedModelError(
-            f"{path_or_id}: model_type {config.model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(_CLASS_BY_MODEL_TYPE))}"
-        )
-    return getattr(transformers, class_name)
-
-
-def load_pretrained(
-    path_or_id: str | Path,
-    dtype: torch.dtype | str | None = None,
-    attn_implementation: str = "sdpa",
-    **kwargs,
-) -> PreTrainedModel:
-    """Load real weights with `from_pretrained`, choosing the class from the saved config (dtype
-    None: float32).
-
-    Works on a local directory written by `save_pretrained` or on a hub id (where the machine can
-    reach the hub). Raises UnsupportedModelError for architectures streamtc has no adapter for.
-    """
-    import torch
-
-    model_class = pretrained_model_class(path_or_id)
-    dtype = torch.float32 if dtype is None else dtype
-    model = model_class.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
-    return model.eval()
-
-
-__all__ = ["DTYPE_NAMES", "Preset", "PRESETS", "get_preset", "build_config", "build_model", "load_pretrained",
-           "pretrained_model_class", "torch_dtype"]
+__all__ = ["PRESETS", "Preset", "get_preset"]
