@@ -46,17 +46,24 @@ PREPROCESSORS = {cls.__name__: cls for cls in (FramePreprocessor, QwenVLPreproce
 
 def save_session(session: Any, directory: str | Path) -> Path:
     """Write `session`'s stream to `directory`, replacing a previous save only once complete."""
+    with writing_snapshot(directory) as staging:
+        write_session(session, staging)
+    return Path(directory)
+
+
+def write_session(session: Any, staging: Path) -> None:
+    """Write `session`'s stream into the empty staging directory of a `writing_snapshot`: the files
+    of a save, not yet committed (a server writes them between two frames and commits them, which
+    hashes and fsyncs, on another thread)."""
     if session.selector is not None or session.encoder is not None:
         raise StreamStateError("a session with a custom selector or encoder cannot be saved: their per-stream "
                                "state is not streamtc's to serialise")
     tensors: dict[str, torch.Tensor] = {}
     state = split_tensors(session.state_dict(), tensors)
-    with writing_snapshot(directory) as staging:
-        write_tensors(staging / "state.safetensors", tensors)
-        write_json(staging / "session.json", {"settings": settings_record(session), "state": state})
-        (staging / "memory").mkdir()
-        session.memory.save(session.cache, staging / "memory")
-    return Path(directory)
+    write_tensors(staging / "state.safetensors", tensors)
+    write_json(staging / "session.json", {"settings": settings_record(session), "state": state})
+    (staging / "memory").mkdir()
+    session.memory.save(session.cache, staging / "memory")
 
 
 def load_session(session: Session, directory: str | Path) -> Session:
