@@ -54,6 +54,7 @@ EXPORT_MVS_OPTIONS = {"flags2": "+export_mvs"}
 CUT_INTRA_SHARE = 0.7
 MACROBLOCK = 16  # pixels; the grid of CodecSideData
 _FINEST = 4  # pixels; the smallest block any of these codecs exports
+_BATCH = 32  # P/B frames whose vectors are rasterised together (numpy calls per batch, not per frame)
 _INTRA_TYPES = frozenset({PictureType.I, PictureType.SI, PictureType.BI})
 _MOTION_FIELDS = ("dst_x", "dst_y", "w", "h", "motion_x", "motion_y", "motion_scale")
 
@@ -121,12 +122,14 @@ class CodecSideData:
 
 @dataclass
 class _Interval:
-    """Sums over the decoded frames since the last sampled frame, on one frame size's grid."""
+    """Sums over the decoded frames since the last sampled frame, on one frame size's grid; the vectors
+    of the latest P/B frames wait in `pending` (is a P-frame, a copy of its vectors) to be rasterised."""
 
     height: int
     width: int
     motion: np.ndarray = field(init=False)
     intra: np.ndarray = field(init=False)
+    pending: list[tuple[bool, np.ndarray | None]] = field(default_factory=list)
     inter_frames: int = 0
     intra_share: float = 0.0
     decoded: int = 0
@@ -134,9 +137,25 @@ class _Interval:
     cut: bool = False
 
     def __post_init__(self) -> None:
-        cells = (-(-self.height // MACROBLOCK), -(-self.width // MACROBLOCK))
-        self.motion = np.zeros(cells)
-        self.intra = np.zeros(cells)
+        self.motion = np.zeros(self.cells)
+        self.intra = np.zeros(self.cells)
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        return -(-self.height // MACROBLOCK), -(-self.width // MACROBLOCK)
+
+    def fold(self, cut_intra_share: float) -> None:
+        """Rasterise the pending frames into the sums (a frame over `cut_intra_share` intra is a cut)."""
+        if not self.pending:
+            return
+        intra, motion = _rasterise(self.cells, self.pending)
+        shares = intra.mean(axis=(1, 2))
+        self.intra += intra.sum(axis=0)
+        self.motion += motion
+        self.intra_share += float(shares.sum())
+        self.inter_frames += len(self.pending)
+        self.cut |= bool((shares > cut_intra_share).any())
+        self.pending = []
 
 
 class CodecAccumulator:
@@ -181,14 +200,10 @@ class CodecAccumulator:
             interval.keyframes += 1
             interval.cut |= self._periodic_keyframe() is False
         else:
-            intra, motion = _rasterise(interval.intra.shape, vectors, with_motion=picture == "P")
-            interval.intra += intra
-            share = float(intra.sum()) / intra.size
-            interval.intra_share += share
-            interval.inter_frames += 1
-            interval.cut |= share > self.cut_intra_share
-            if motion is not None:
-                interval.motion += motion
+            # A copy: the exported array is a view that would keep the decoded frame alive.
+            interval.pending.append((picture == "P", None if vectors is None else vectors.copy()))
+            if len(interval.pending) == _BATCH:
+                interval.fold(self.cut_intra_share)
         self._frames += 1
 
     def take(self) -> CodecSideData:
@@ -196,6 +211,7 @@ class CodecAccumulator:
         interval = self._interval
         if interval is None or interval.decoded == 0:
             raise StreamStateError("no decoded frame was added since the last sampled frame")
+        interval.fold(self.cut_intra_share)
         inter = interval.inter_frames
         data = CodecSideData(
             motion=interval.motion.astype(np.float32),
@@ -231,20 +247,26 @@ class CodecAccumulator:
 
 
 def _rasterise(
-    cells: tuple[int, int], vectors: np.ndarray | None, with_motion: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """One frame's vectors on its macroblock grid `cells`: the intra-coded (uncovered) share of each
-    cell's area, and for P-frames the area-weighted mean |motion| in pixels (0 where intra-coded).
+    cells: tuple[int, int], frames: list[tuple[bool, np.ndarray | None]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """P/B frames (is a P-frame, its vectors or None) on their macroblock grid `cells`: per frame the
+    intra-coded (uncovered) share of each cell's area [F, Hb, Wb], and the sum over the P-frames of each
+    cell's area-weighted mean |motion| in pixels [Hb, Wb] (0 where intra-coded).
 
     Blocks are laid on the coarsest grid of 16, 8 or 4 pixels that they all align to (16 when every block
     is a whole macroblock, 8 for H.264's partitions) so that blocks exported twice (B-frames' two
-    directions) count once, then pooled to macroblocks. Vectorised: no Python loop per vector.
+    directions) count once, then pooled to macroblocks. Vectorised over all frames and vectors at once.
     """
-    if vectors is None or len(vectors) == 0:
-        return np.ones(cells), np.zeros(cells) if with_motion else None
+    arrays = [v for _, v in frames if v is not None and len(v)]
+    if not arrays:
+        return np.ones((len(frames), *cells)), np.zeros(cells)
+    # Concatenated as bytes: numpy's concatenate of structured arrays goes field by field, 100x slower.
+    vectors = np.concatenate([v.view(np.uint8) for v in arrays]).view(arrays[0].dtype)
     missing = [name for name in _MOTION_FIELDS if name not in (vectors.dtype.names or ())]
     if missing:
         raise InputError(f"motion vectors lack the fields {missing}")
+    sizes = [0 if v is None else len(v) for _, v in frames]
+    frame_of = np.repeat(np.arange(len(frames)), sizes)
     width, height = vectors["w"].astype(np.int64), vectors["h"].astype(np.int64)
     # dst is the block's centre; its top-left corner on the pixel grid.
     left, top = vectors["dst_x"] - width // 2, vectors["dst_y"] - height // 2
@@ -260,23 +282,24 @@ def _rasterise(
     ok_x = (offsets < span_x[:, None]) & (xs >= 0) & (xs < cols)
     ok_y = (offsets < span_y[:, None]) & (ys >= 0) & (ys < rows)
     valid = ok_y[:, :, None] & ok_x[:, None, :]  # [V, K, K]
-    indices = (ys[:, :, None] * cols + xs[:, None, :])[valid]
-    counts = np.bincount(indices, minlength=rows * cols)
-    intra = _pool(counts == 0, cells, pool)
-    if not with_motion:
-        return intra, None
+    indices = ((frame_of[:, None, None] * rows + ys[:, :, None]) * cols + xs[:, None, :])[valid]
+    bins = len(frames) * rows * cols
+    counts = np.bincount(indices, minlength=bins)
+    intra = _pool(counts == 0, (len(frames), *cells), pool)
+    is_p = np.repeat(np.array([p for p, _ in frames]), sizes)
     scale = np.maximum(vectors["motion_scale"].astype(np.float64), 1.0)
-    magnitude = np.hypot(vectors["motion_x"], vectors["motion_y"]) / scale
+    magnitude = np.hypot(vectors["motion_x"], vectors["motion_y"]) / scale * is_p  # B-frames add no motion
     weights = np.broadcast_to(magnitude[:, None, None], valid.shape)[valid]
-    sums = np.bincount(indices, weights=weights, minlength=rows * cols)
-    return intra, _pool(sums / np.maximum(counts, 1), cells, pool)
+    sums = np.bincount(indices, weights=weights, minlength=bins)
+    return intra, _pool(sums / np.maximum(counts, 1), (len(frames), *cells), pool).sum(axis=0)
 
 
-def _pool(fine: np.ndarray, cells: tuple[int, int], pool: int) -> np.ndarray:
-    """Flat fine-grid values [cells[0] * pool * cells[1] * pool] -> their means per macroblock [cells]."""
+def _pool(fine: np.ndarray, cells: tuple[int, int, int], pool: int) -> np.ndarray:
+    """Flat fine-grid values of F frames [F * Hb * pool * Wb * pool] -> their means per macroblock [F, Hb, Wb]."""
+    frames, rows, cols = cells
     if pool == 1:
         return fine.reshape(cells).astype(np.float64)
-    return fine.reshape(cells[0], pool, cells[1], pool).sum(axis=(1, 3), dtype=np.float64) / (pool * pool)
+    return fine.reshape(frames, rows, pool, cols, pool).sum(axis=(2, 4), dtype=np.float64) / (pool * pool)
 
 
 __all__ = [
