@@ -18,7 +18,19 @@ from ..errors import ConfigError
 
 console = Console()
 
+# The `--memory` names of `streamtc.memory.MEMORIES`, here so that a bad name is refused without
+# importing the memories (and torch); tests/test_cli_startup.py holds the two equal.
+MEMORY_KINDS = ("full", "window", "retrieval", "streaming-vlm")
+
+
+def _memory_kind(value: str | None) -> str | None:
+    if value is not None and value not in MEMORY_KINDS:
+        raise typer.BadParameter(f"choose from {', '.join(MEMORY_KINDS)}, got {value!r}")
+    return value
+
+
 MemoryOption = Annotated[str | None, typer.Option(
+    callback=_memory_kind,
     help="The stream's LLM memory: full (every token), window (the newest --window-tokens, older frames "
          "forgotten), retrieval (ReKV: a window, older frames offloaded and retrieved per question) or "
          "streaming-vlm (StreamingVLM's window of chunks and text rounds; the livecc protocol). "
@@ -101,5 +113,5 @@ def check_model(model: str) -> None:
                       f"{model} --local-dir DIR`) and pass --model DIR, or run a built-in --preset")
 
 
-__all__ = ["MemoryOption", "OffloadBudgetOption", "OffloadDirOption", "RetrieveFramesOption", "WindowTokensOption",
+__all__ = ["MEMORY_KINDS", "MemoryOption", "OffloadBudgetOption", "OffloadDirOption", "RetrieveFramesOption", "WindowTokensOption",
            "check_model", "check_preset", "console", "hub_reachable", "read_stc_config"]

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..config import STCConfig
-from ..serve.server import ServerSettings, display_url
+from ..serve.server import ServerSettings, check_access, display_url
 from ..serve.settings import ServeLimits, ServeMemory, SourcePolicy
 from .common import OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, read_stc_config
 
@@ -71,6 +71,7 @@ def serve(
     from ..serve.server import run
 
     logging.getLogger("streamtc.serve").setLevel(logging.INFO)  # start-up and shutdown lines
+    check_access(host, token)  # refused at once: the memory settings below import torch
     default_stc = None if no_stc else (read_stc_config(config) if config else STCConfig())
     settings = ServerSettings(
         model=model, preset=preset, num_layers=num_layers, device=device, default_stc=default_stc,

@@ -11,8 +11,26 @@ HTML/JS in `static/`. FastAPI and uvicorn come with the `serve` extra; this pack
 only where used.
 """
 
-from .engine import Engine
-from .server import ServerSettings, ServerThread
-from .settings import ServeLimits, ServeMemory, SourcePolicy, StreamSpec
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .server import ServerSettings, ServerThread
+    from .settings import ServeLimits, ServeMemory, SourcePolicy, StreamSpec
+
+# name -> module it is imported from when first used: the engine imports torch, which
+# `streamtc serve --help` and the argument checks must not wait for
+_LAZY = {"Engine": "engine", "ServerSettings": "server", "ServerThread": "server", "ServeLimits": "settings",
+         "ServeMemory": "settings", "SourcePolicy": "settings", "StreamSpec": "settings"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["Engine", "ServeLimits", "ServeMemory", "ServerSettings", "ServerThread", "SourcePolicy", "StreamSpec"]

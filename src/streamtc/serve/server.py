@@ -35,6 +35,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_access(host: str, token: str | None) -> None:
+    """ConfigError unless the token is sound and a bind address other than loopback has one (the
+    command checks this first, before anything heavy is imported)."""
+    if token is not None and (len(token) < 8 or token != token.strip()):
+        raise ConfigError("--token must be at least 8 characters, with no space at either end")
+    if not is_loopback(host) and not token:
+        raise ConfigError(f"binding {host} exposes the server to the network: give --token TOKEN "
+                          "(bearer auth on every endpoint), or bind 127.0.0.1")
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Everything `streamtc serve` is configured with (the CLI builds exactly this).
@@ -69,11 +79,7 @@ class ServerSettings:
     allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.token is not None and (len(self.token) < 8 or self.token != self.token.strip()):
-            raise ConfigError("--token must be at least 8 characters, with no space at either end")
-        if not is_loopback(self.host) and not self.token:
-            raise ConfigError(f"binding {self.host} exposes the server to the network: give --token TOKEN "
-                              "(bearer auth on every endpoint), or bind 127.0.0.1")
+        check_access(self.host, self.token)
         for origin in self.allow_origins:
             if origin_of(origin) is None:
                 raise ConfigError(f"--allow-origin {origin!r} is not an origin; give scheme://host[:port], "
@@ -175,4 +181,4 @@ class ServerThread:
         self.stop()
 
 
-__all__ = ["ServerSettings", "ServerThread", "display_url", "is_loopback", "make_app", "run"]
+__all__ = ["ServerSettings", "check_access", "ServerThread", "display_url", "is_loopback", "make_app", "run"]

@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError, InputError
-from ..memory import MEMORIES, memory_policy
 from ..sources import BUILTIN_CLIPS, builtin_clip_path
 from .errors import AccessDenied, LimitExceeded
 
@@ -82,6 +81,8 @@ class ServeMemory:
     offload_budget: int | None = None
 
     def __post_init__(self) -> None:
+        from ..memory import memory_policy  # imports torch: only once a server is configured
+
         memory_policy(self.kind, self.window_tokens, self.retrieve_frames)
         memory_policy("retrieval", self.window_tokens, self.retrieve_frames, self.offload_dir, self.offload_budget)
 
@@ -94,6 +95,8 @@ class ServeMemory:
 
     def policy(self, kind: str, window_tokens: int | None) -> Callable[[], Any]:
         """The cache-policy factory of a resolved memory (the offload settings go to retrieval only)."""
+        from ..memory import memory_policy
+
         retrieval = kind == "retrieval"
         return memory_policy(kind, window_tokens or self.window_tokens, self.retrieve_frames,
                              self.offload_dir if retrieval else None, self.offload_budget if retrieval else None)
@@ -167,6 +170,8 @@ class StreamSpec:
         if self.stc != "default" and self.stc is not None and not isinstance(self.stc, STCConfig):
             raise ConfigError(f"stc must be 'default', None or an STCConfig, got {self.stc!r}")
         positive_int(self.window_tokens, "window_tokens", optional=True)
+        from ..memory import MEMORIES
+
         if self.memory is not None and self.memory not in MEMORIES:
             raise ConfigError(f"memory must be one of {', '.join(MEMORIES)}, got {self.memory!r}")
         if self.memory in ("full", "streaming-vlm") and self.window_tokens is not None:
