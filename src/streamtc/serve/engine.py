@@ -31,15 +31,12 @@ Events. Each stream keeps its recent events (a frame processed, an answer, a sta
 numbered from 1; `events_after` returns those newer than a number, and the `listener` callback is
 called (from whichever thread produced the event) so an async front can wake its subscribers.
 
-Persistence. With `persist_dir`, a graceful shutdown saves every stream's session and settings
-under persist_dir/<stream id> (`StreamStore`); with `checkpoint_every` seconds as well, each stream
-that changed (frames processed, state) is saved that often, as one unit of its own turn, so a crash
-loses at most that interval. `resume()` registers the saved streams again under their ids, each
-session loaded from its newest complete save, and logs what it restored and what may be lost: a
-server-read file resumes after the last frame the stream processed (queued, unprocessed frames are
-read again), a push stream waits for its client, a finished stream stays finished with its memory.
-Deleting a stream removes its save. `on_close(info, session)` is called as well for every stream
-closed (at shutdown and on delete).
+Persistence (docs/persistence.md). With `persist_dir`, a graceful shutdown saves every stream
+(`StreamStore`); with `checkpoint_every` as well, each stream that changed is saved that often: its
+files are written as one unit of its turn and committed (hashed, fsynced) by a writer thread while
+it goes on. `resume()` restores every saved stream's newest complete save under its id and logs what
+it restored and what may be lost. Deleting a stream removes its save. `on_close(info, session)` is
+called for every stream closed (at shutdown and on delete).
 """
 
 from __future__ import annotations
@@ -70,7 +67,7 @@ from .frames import check_side
 from .offload import OwnedOffloadDir
 from .reader import read_source
 from .settings import ServeLimits, ServeMemory, SourcePolicy, StreamSpec
-from .store import StreamStore, restored_note
+from .store import PendingSave, SaveWriter, StreamStore, restored_note
 from .streams import Question, ServedStream, ViewKey
 
 logger = logging.getLogger(__name__)
@@ -121,6 +118,7 @@ class Engine:
         self.listener = listener
         self.on_close = on_close
         self.store = None if persist_dir is None else StreamStore(persist_dir)
+        self._writer = SaveWriter()
         self.checkpoint_every = checkpoint_every
         self.id_prefix = id_prefix
         self._base_key: ViewKey = (None, "full", None)
@@ -284,6 +282,7 @@ class Engine:
         for stream in streams:
             self._finish(stream)
         self._worker.join(timeout=60)  # its current unit of work, then it stops
+        self._writer.close()  # the checkpoints in flight are committed before the shutdown saves
         for stream in streams:
             self._closed(stream, records[stream.id])
         for root in self._roots.values():
@@ -341,12 +340,11 @@ class Engine:
         if stream.session is None:
             self._release_views()
             return
-        if self.store is not None:
+        if self.store is not None and record is None:
+            self._writer.submit(lambda: self.store.forget(stream.id))  # after its checkpoints' commits
+        elif self.store is not None:
             try:
-                if record is None:
-                    self.store.forget(stream.id)
-                else:
-                    self.store.save(record, stream.session)
+                self.store.save(record, stream.session)
             except Exception:  # one stream's failed save must not stop the others'
                 logger.exception("stream %s could not be saved", stream.id)
         if self.on_close is not None:
@@ -401,10 +399,10 @@ class Engine:
 
     def _turn_job(self, stream: ServedStream, now: float) -> Callable[[], None] | None:
         """(Lock held.) A stream's unit of work: a due checkpoint, a ready question, or a frame."""
-        if (self.checkpoint_every is not None and stream.mark != stream.saved
+        if (self.checkpoint_every is not None and stream.mark != stream.saved and not stream.writing
                 and now - stream.saved_at >= self.checkpoint_every):
             return lambda: self._checkpoint(stream)
-        question = next((q for q in stream.questions if self._ready(stream, q)), None)
+        question = next((q for q in stream.questions if stream.can_answer(q)), None)
         if question is not None:
             stream.questions.remove(question)
             return lambda: self._answer(stream, question)
@@ -413,14 +411,6 @@ class Engine:
             self._lock.notify_all()  # a reader waiting for queue space
             return lambda: self._process(stream, *frame)
         return None
-
-    @staticmethod
-    def _ready(stream: ServedStream, question: Question) -> bool:
-        """Whether a question can be answered now: a sync question once the frames queued before
-        it are processed; any other once the stream has a frame (or none is coming yet)."""
-        if question.sync:
-            return stream.done >= question.after
-        return stream.done > 0 or not stream.frames
 
     def _start(self, stream: ServedStream, location: str | Path | None,
                saved: tuple[dict[str, Any], Path] | None = None) -> None:
@@ -491,21 +481,36 @@ class Engine:
             logger.exception("stream %s: could not mark its save as resumed", stream.id)
 
     def _checkpoint(self, stream: ServedStream) -> None:
-        """Worker: save a stream that changed since its last save (between two of its units of work,
-        so the save is consistent); a failed save is logged and tried again an interval later."""
+        """Worker: write the save of a stream that changed since its last one, between two of its
+        units of work (so it is consistent); the writer thread commits it (hashes, fsyncs) while the
+        stream goes on. A failed save is logged and tried again an interval later."""
         with self._lock:
             if stream.state == "closed":
                 return
-            record, mark = stream.record("checkpoint"), stream.mark
+            record, mark, stream.writing = stream.record("checkpoint"), stream.mark, True
         started = time.perf_counter()
         try:
-            self.store.save(record, stream.session)
+            pending = self.store.begin(record, stream.session)
         except Exception:
             logger.exception("stream %s: checkpoint failed; trying again in %s s", stream.id, self.checkpoint_every)
-            mark = stream.saved
+            pending, mark = None, stream.saved
         with self._lock:
-            stream.saved, stream.saved_at = mark, time.monotonic()
+            stream.saved, stream.saved_at, stream.writing = mark, time.monotonic(), pending is not None
             stream.checkpoint_ms = (time.perf_counter() - started) * 1e3
+        if pending is not None:
+            self._writer.submit(lambda: self._commit(stream, pending))
+
+    def _commit(self, stream: ServedStream, pending: PendingSave) -> None:
+        """Writer thread: commit a checkpoint (a failed one is written again at the next interval)."""
+        try:
+            pending.commit()
+        except Exception:
+            logger.exception("stream %s: checkpoint failed; trying again in %s s", stream.id, self.checkpoint_every)
+            with self._lock:
+                stream.saved = None
+        finally:
+            with self._lock:
+                stream.writing = False
 
     def _process(self, stream: ServedStream, image: np.ndarray, timestamp: float, number: int) -> None:
         """Worker: one frame through the stream's session, and its event."""
@@ -537,7 +542,7 @@ class Engine:
         queue_ms = (time.perf_counter() - question.queued) * 1e3
         try:
             if stream.session.frames == 0:
-                raise InputError(self._nothing_to_answer(stream))
+                raise InputError(stream.nothing_to_answer())
             answer = stream.session.ask(question.text, question.options, max_new_tokens=question.max_new_tokens,
                                         on_token=question.on_token)
             top = None
@@ -556,17 +561,6 @@ class Engine:
             stream.stats = stream.session.stats.to_dict()
             self._emit(stream, {"type": "answer", **result})
         question.future.set_result(result)
-
-    @staticmethod
-    def _nothing_to_answer(stream: ServedStream) -> str:
-        """Why a stream without a processed frame cannot be answered, and what to do, in the API's words."""
-        if stream.spec.source is None:
-            return (f"stream {stream.id} has no processed frame to answer on yet: push one first "
-                    f"(POST /v1/streams/{stream.id}/frames or the push websocket)")
-        if stream.state == "error":
-            return (f"stream {stream.id} failed before its first frame ({stream.error}); there is nothing to answer "
-                    "on: delete it and open the source again")
-        return f"stream {stream.id} has no processed frame to answer on yet: its source has not delivered one"
 
     # -- server-read sources (one reader thread per stream) -----------------------------------
 

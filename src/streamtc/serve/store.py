@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import SnapshotError
-from ..memory.persist import read_json, write_json
+from ..memory.persist import read_json, write_json, writing_snapshot
 from ..session import StreamingSession
+from ..session_persist import write_session
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,44 @@ def restored_note(record: dict[str, Any], session: StreamingSession) -> tuple[in
     return logging.INFO, f"{what}: nothing lost", summary
 
 
+class PendingSave:
+    """A stream's save whose files are written but not yet committed (`StreamStore.begin`)."""
+
+    def __init__(self, folder: Path, record: dict[str, Any], snapshot: AbstractContextManager) -> None:
+        self.folder, self.record, self._snapshot = folder, record, snapshot
+
+    def commit(self) -> None:
+        """Commit the session's save (manifest, fsync, CURRENT), then the record; on an error the
+        staging directory is removed and the previous save stays."""
+        self._snapshot.__exit__(None, None, None)
+        StreamStore.write_record(self.folder, self.record)
+
+
+class SaveWriter:
+    """One background thread that runs a server's disk work in order: commits of pending saves and
+    removals of deleted streams' saves (a removal queued after a commit runs after it)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="streamtc-saves", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Run the queued jobs, then stop."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # each job reports its own errors; this keeps the writer alive regardless
+                logger.exception("background save failed")
+
+
 class StreamStore:
     """The streams saved under one directory (one folder per stream id)."""
 
@@ -78,20 +121,34 @@ class StreamStore:
     def save(self, record: dict[str, Any], session: StreamingSession) -> None:
         """Save one stream: its session's memory, then its record (with the save's time, frames and
         last timestamp)."""
+        self.begin(record, session).commit()
+
+    def begin(self, record: dict[str, Any], session: StreamingSession) -> PendingSave:
+        """Write a stream's save without committing it: the session's files go into a staging
+        directory (memory copies into the page cache, hard links); `commit()` on the returned
+        save, from any thread, hashes, fsyncs and commits them, then writes the record. The
+        session may go on changing in between."""
         folder = self._folder(record["id"])
         folder.mkdir(exist_ok=True)
         record = {**record, "saved_at": time.time(), "frames": session.frames,
                   "last_timestamp": session.last_timestamp}
-        session.save(folder / SESSION)
-        self._write(folder, record)
+        snapshot = writing_snapshot(folder / SESSION)
+        staging = snapshot.__enter__()
+        try:
+            write_session(session, staging)
+        except BaseException as error:
+            snapshot.__exit__(type(error), error, error.__traceback__)  # removes the staging directory
+            raise
+        return PendingSave(folder, record, snapshot)
 
     def mark_resumed(self, record: dict[str, Any]) -> None:
         """Record that a restart resumed this save, so that restoring it again (after a crash with no
         newer save) says that what happened since is lost, instead of passing it off as current."""
-        self._write(self._folder(record["id"]), {**record, "resumed_at": time.time()})
+        self.write_record(self._folder(record["id"]), {**record, "resumed_at": time.time()})
 
     @staticmethod
-    def _write(folder: Path, record: dict[str, Any]) -> None:
+    def write_record(folder: Path, record: dict[str, Any]) -> None:
+        """Replace a stream's record atomically."""
         temporary = folder / f".{RECORD}.tmp"
         write_json(temporary, record)
         os.replace(temporary, folder / RECORD)
@@ -114,4 +171,4 @@ class StreamStore:
         return sorted(found, key=lambda item: item[0].get("created", 0.0))
 
 
-__all__ = ["StreamStore", "restored_note"]
+__all__ = ["PendingSave", "SaveWriter", "StreamStore", "restored_note"]

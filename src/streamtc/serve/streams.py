@@ -68,6 +68,7 @@ class ServedStream:
     saved_at: float = -math.inf  # time.monotonic() of the last save; none yet: a new stream's first is due at once
     restored: dict[str, Any] | None = None  # what a restart restored (see `store.restored_note`)
     checkpoint_ms: float | None = None  # how long the last checkpoint held the stream
+    writing: bool = False  # a checkpoint of it is being committed
 
     def __post_init__(self) -> None:
         if self.spec.source is None:
@@ -77,6 +78,13 @@ class ServedStream:
     def mark(self) -> tuple[int, str]:
         """What a save of the stream now would hold: its processed frames and its state."""
         return self.done, self.state
+
+    def can_answer(self, question: Question) -> bool:
+        """Whether a question can be answered now: a sync question once the frames queued before
+        it are processed; any other once the stream has a frame (or none is coming yet)."""
+        if question.sync:
+            return self.done >= question.after
+        return self.done > 0 or not self.frames
 
     def emit(self, event: dict[str, Any]) -> dict[str, Any]:
         """Number and keep an event; returns it as subscribers see it."""
@@ -97,6 +105,16 @@ class ServedStream:
             "questions_waiting": len(self.questions), "last_timestamp": self.last_timestamp,
             "stats": self.stats, "restored": self.restored, "checkpoint_ms": self.checkpoint_ms,
         }
+
+    def nothing_to_answer(self) -> str:
+        """Why the stream, without a processed frame, cannot be answered, and what to do, in the API's words."""
+        if self.spec.source is None:
+            return (f"stream {self.id} has no processed frame to answer on yet: push one first "
+                    f"(POST /v1/streams/{self.id}/frames or the push websocket)")
+        if self.state == "error":
+            return (f"stream {self.id} failed before its first frame ({self.error}); there is nothing to answer "
+                    "on: delete it and open the source again")
+        return f"stream {self.id} has no processed frame to answer on yet: its source has not delivered one"
 
     def record(self, saved: str) -> dict[str, Any]:
         """What `StreamStore` keeps of the stream besides its session: its settings (STC and memory
