@@ -20,6 +20,7 @@ from conftest import drifting_frames as make_frames
 
 PRESETS = ["qwen2-vl-tiny", "qwen2.5-vl-tiny"]
 CACHING = CacherConfig(cache_interval=2, update_ratio=0.25)
+STC = STCConfig(cacher=CACHING, pruner=PrunerConfig(keep_ratio=0.5))
 
 
 def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -201,7 +202,7 @@ def test_serve_frame_events_map_a_qwen_streams_tokens(frames) -> None:
 
     events: list[dict] = []
     base = StreamingSession.from_preset("qwen2.5-vl-tiny", stc=None)
-    engine = Engine(base, STCConfig(cacher=CACHING, pruner=PrunerConfig(keep_ratio=0.5)),
+    engine = Engine(base, STC,
                     listener=lambda sid, event: events.append(event) if event["type"] == "frame" else None)
     try:
         stream = engine.create_stream(StreamSpec(fps=2)).result()["id"]
@@ -213,8 +214,14 @@ def test_serve_frame_events_map_a_qwen_streams_tokens(frames) -> None:
     assert [e["frame"] for e in events] == [0, 1, 2, 3]
     assert events[0]["pruner"] is None and events[0]["cacher"]["recomputed"] is None  # waits for its pair
     refresh, reuse = events[1], events[3]
-    assert refresh["pruner"] == {"kept": refresh["pruner"]["kept"], "tokens": 6, "grid": [2, 3]}
-    assert len(refresh["pruner"]["kept"]) == 3
+    # the kept positions are what a session with the same settings keeps on the same temporal patches
+    alone, kept = StreamingSession.from_preset("qwen2.5-vl-tiny", stc=STC), []
+    for i in range(4):
+        alone.push(frames[i][None], [i / 2])
+        if i % 2:
+            kept.append([int(k) for k in alone.last_kept_indices[0]])
+    assert refresh["pruner"] == {"kept": kept[0], "tokens": 6, "grid": [2, 3]} and len(kept[0]) == 3
+    assert reuse["pruner"]["kept"] == kept[1]
     assert refresh["cacher"]["refresh"] and refresh["cacher"]["recomputed"] is None
     cacher = reuse["cacher"]
     assert not cacher["refresh"] and cacher["grid"] == [4, 6] and cacher["layers"] == 4
