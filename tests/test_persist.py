@@ -19,7 +19,7 @@ from streamtc.errors import SnapshotError, StreamStateError
 from streamtc.memory import FullCache, RetrievalCache, SlidingWindowCache, persist
 from streamtc.presets import build_model
 from streamtc.session import StreamingSession
-from streamtc.tokenizer import tokenizer_for_config
+from streamtc.presets.tokenizer import tokenizer_for_config
 
 from conftest import drifting_frames as make_frames
 

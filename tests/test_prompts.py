@@ -14,7 +14,7 @@ from streamtc.prompts import (
     parse_option_letter,
     split_video_prompt,
 )
-from streamtc.tokenizer import BPE_VOCAB_SIZE, SPECIAL_TOKENS, build_tokenizer, save_processor, tokenizer_for_config
+from streamtc.presets.tokenizer import BPE_VOCAB_SIZE, SPECIAL_TOKENS, build_tokenizer, save_processor, tokenizer_for_config
 
 OPTIONS = ["a red cup", "a phone", "a blue umbrella", "nothing"]
 

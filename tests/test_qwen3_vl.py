@@ -24,7 +24,7 @@ from streamtc.hosts.qwen3_vl import patch_times
 from streamtc.hosts.qwen_preprocess import QWEN3_VL_VIDEO_MAX_PIXELS, QWEN3_VL_VIDEO_MIN_PIXELS, patchify_video
 from streamtc.presets import PRESETS, build_config
 from streamtc.session import StreamingSession
-from streamtc.tokenizer import save_processor
+from streamtc.presets.tokenizer import save_processor
 
 from exactness import max_question_diff
 

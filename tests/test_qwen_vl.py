@@ -17,7 +17,7 @@ from streamtc.hosts import QwenVLHost
 from streamtc.presets import build_model
 from streamtc.prompts import split_video_prompt
 from streamtc.session import StreamingSession
-from streamtc.tokenizer import save_processor
+from streamtc.presets.tokenizer import save_processor
 from helpers import FPS, QUESTION, TOLERANCE, expand_videos, push_one_by_one, video_protocol_inputs
 from exactness import max_question_diff
 

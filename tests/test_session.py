@@ -15,7 +15,7 @@ from streamtc.presets import build_model
 from streamtc.prompts import multiple_choice_question, parse_option_letter, split_video_prompt
 from streamtc.memory import CacheBlock, FullCache, SlidingWindowCache
 from streamtc.session import StreamingSession
-from streamtc.tokenizer import save_processor, tokenizer_for_config
+from streamtc.presets.tokenizer import save_processor, tokenizer_for_config
 
 logger = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ class StreamingSession(SessionViews):
     chunk_frames: frames per vision-tower forward, i.e. per Cacher chunk and Pruner call
         (default: one host step: 1 frame for LLaVA-OneVision, 2 for Qwen-VL; a multiple of it).
     prefill_min_tokens: pre-fill kept tokens once at least this many are pending (None: one
-        uncompressed frame's tokens; 1: every chunk at once). See "Pre-fill batching".
+        uncompressed frame's tokens; 1: every chunk at once); docs/session.md, "Pre-fill batching".
     cache_policy: factory of the per-session `CachePolicy` (default `FullCache`).
     selector: a token selector in place of the STC-Pruner (a baseline; `prune(features)`,
         `reset()`); not with `stc.pruner`. It serves this session's stream only (no `spawn`).

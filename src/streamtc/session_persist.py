@@ -35,7 +35,7 @@ from .memory.persist import (
     write_json, write_tensors, writing_snapshot,
 )
 from .preprocess import FrameInput, FramePreprocessor
-from .tokenizer import tokenizer_for_config
+from .presets.tokenizer import tokenizer_for_config
 
 # A `StreamingSession` (this module does not import the session: the session imports it).
 Session = TypeVar("Session")
@@ -188,7 +188,7 @@ def _policy_factory(record: dict[str, Any]) -> Callable[[], CachePolicy]:
 def _check_same_model(settings: dict[str, Any], model: PreTrainedModel, tokenizer: Any) -> None:
     """SnapshotError unless `model` and `tokenizer` are the ones the stream was saved with."""
     saved, now = settings["model"], model_fingerprint(model)
-    for key, what in (("class", "a"), ("dtype", "dtype"), ("config_sha256", "config"), ("weights_sha256", "weights")):
+    for key in ("class", "dtype", "config_sha256", "weights_sha256"):
         if saved[key] != now[key]:
             detail = f"{saved[key]}, this model is {now[key]}" if key in ("class", "dtype") else "differ"
             raise SnapshotError(f"the stream was saved on another model ({key.removesuffix('_sha256')}: {detail}); "

@@ -166,7 +166,7 @@ def load_preset(name: str, *, num_layers: int | None = None, text_layers: int | 
     """(model on `device`, built-in tokenizer, the preset's session settings: its prompt `protocol`
     and `preprocessor` where it sets them) of a VideoLLM preset with random weights."""
     from ..hosts import host_class_for
-    from ..tokenizer import tokenizer_for_config
+    from .tokenizer import tokenizer_for_config
 
     preset = get_preset(name)
     try:

@@ -34,9 +34,9 @@ LLAVA_OV_VIDEO_TOKEN_ID = 151647
 
 def _tiny_llava_token_ids() -> tuple[int, int]:
     """<image>, <video> ids of the tiny preset, which fits the built-in tokenizer unpadded
-    (`streamtc.tokenizer`): 1024 BPE tokens, then <|endoftext|> <|im_start|> <|im_end|> <image>
+    (`streamtc.presets.tokenizer`): 1024 BPE tokens, then <|endoftext|> <|im_start|> <|im_end|> <image>
     <video> at 1024..1028, so 1029 vocabulary rows."""
-    from ..tokenizer import BPE_VOCAB_SIZE
+    from .tokenizer import BPE_VOCAB_SIZE
 
     return BPE_VOCAB_SIZE + 3, BPE_VOCAB_SIZE + 4
 
@@ -185,14 +185,14 @@ MROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 
 
 def _tiny_qwen_vl_first_special_id() -> int:
     """The tiny Qwen-VL presets put the Qwen-VL special tokens right after the built-in BPE."""
-    from ..tokenizer import BPE_VOCAB_SIZE
+    from .tokenizer import BPE_VOCAB_SIZE
 
     return BPE_VOCAB_SIZE
 
 
 def _qwen_vl_ids(first_special: int) -> dict[str, int]:
     """image/video/vision_start/vision_end token ids for Qwen-VL special tokens starting at first_special."""
-    from ..tokenizer import QWEN_VL_SPECIAL_TOKENS
+    from .tokenizer import QWEN_VL_SPECIAL_TOKENS
 
     index = {name: first_special + i for i, name in enumerate(QWEN_VL_SPECIAL_TOKENS)}
     return {"image_token_id": index["<|image_pad|>"], "video_token_id": index["<|video_pad|>"],
@@ -235,7 +235,7 @@ def _qwen2_5_vl(num_layers: int | None, text: dict[str, Any], tie: bool, vision:
 
 def _tiny_qwen_text() -> dict[str, Any]:
     # head_dim 16: M-RoPE sections (2, 3, 3) cover its 8 rotary frequencies as (16, 24, 24) cover 64
-    from ..tokenizer import QWEN_VL_SPECIAL_TOKENS
+    from .tokenizer import QWEN_VL_SPECIAL_TOKENS
 
     first = _tiny_qwen_vl_first_special_id()
     text = _qwen_text(64, 128, 2, 4, 2, first + len(QWEN_VL_SPECIAL_TOKENS), 32768,

@@ -43,9 +43,9 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .errors import ConfigError
-from .hosts.qwen_preprocess import QWEN3_VL_MEAN, QWEN3_VL_STD
-from .preprocess import LLAVA_OV_MEAN, LLAVA_OV_STD
+from ..errors import ConfigError
+from ..hosts.qwen_preprocess import QWEN3_VL_MEAN, QWEN3_VL_STD
+from ..preprocess import LLAVA_OV_MEAN, LLAVA_OV_STD
 
 # Size of the trained byte-level BPE (256 byte symbols + 768 merges); special tokens follow it.
 BPE_VOCAB_SIZE = 1024
