@@ -13,7 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
+from av.video.frame import PictureType
 from skimage import data as skimage_data
 
 from streamtc.codec import CUT_INTRA_SHARE, CodecAccumulator, CodecSideData
@@ -43,7 +43,9 @@ def encode(path: Path, frames: list[np.ndarray], codec: str = "libx264", **optio
     return path
 
 
-def pan(count: int, speed: int, height: int = 144, width: int = 176, scene: np.ndarray | None = None) -> list[np.ndarray]:
+def pan(
+    count: int, speed: int, height: int = 144, width: int = 176, scene: np.ndarray | None = None
+) -> list[np.ndarray]:
     """A scene (by default random texture) seen through a window sliding right by `speed` pixels per frame."""
     scene = texture(height, width + speed * count, 1) if scene is None else scene
     return [scene[:height, i * speed : i * speed + width].copy() for i in range(count)]
@@ -137,7 +139,7 @@ def test_periodic_keyframes_are_not_cuts_once_their_cadence_is_seen(tmp_path: Pa
         out.mux(stream.encode())
     data = read(tmp_path / "gop.avi")
     with av.open(str(tmp_path / "gop.avi")) as container:
-        keyframes = [i for i, f in enumerate(container.decode(video=0)) if f.pict_type == av.video.frame.PictureType.I]
+        keyframes = [i for i, f in enumerate(container.decode(video=0)) if f.pict_type == PictureType.I]
     assert keyframes == [0, 12, 24, 36, 48, 60, 64, 76, 88, 100]
     assert [d.keyframes for d in data] == [1, 2, 2, 2, 3]  # frames 0 | 1-25 | 26-50 | 51-75 | 76-100
     # Frames 1-25 hold the first periodic keyframe, which no cadence yet explains: a cut by the rule.
@@ -176,7 +178,8 @@ def test_sources_without_codec_data_give_none(tmp_path: Path) -> None:
     off = PyAVSource(path, side_data=False)
     assert not off.side_data and all(f.codec is None for f in off)
     if "libx265" in av.codecs_available:  # HEVC decoders export no motion vectors
-        hevc = PyAVSource(encode(tmp_path / "pan.hevc.mp4", frames, codec="libx265", **{"x265-params": "log-level=none"}))
+        hevc_path = encode(tmp_path / "pan.hevc.mp4", frames, codec="libx265", **{"x265-params": "log-level=none"})
+        hevc = PyAVSource(hevc_path)
         assert not hevc.side_data and all(f.codec is None for f in hevc)
 
 
@@ -226,8 +229,9 @@ def test_change_map_weights_cells_by_the_area_they_cover() -> None:
         CodecSideData(motion[:1], intra, 0.2, False, 3, 0, height=20, width=40)
 
 
-VECTOR = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
-                   ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")])
+VECTOR = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"),
+                   ("dst_x", "<i2"), ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"),
+                   ("motion_scale", "<u2")])  # PyAV's MotionVectors.to_ndarray()
 
 
 def vectors(*blocks: tuple[int, int, int, int, int, int, int]) -> np.ndarray:
@@ -241,16 +245,18 @@ def vectors(*blocks: tuple[int, int, int, int, int, int, int]) -> np.ndarray:
 
 def test_blocks_are_weighted_by_area_and_a_block_predicted_twice_counts_once() -> None:
     """A 32 x 48 frame (2 x 3 macroblocks). P-frame: a 16 x 16 block moved 2 px (8/4) over cell (0, 0);
-    two 8 x 8 blocks moved 5 px (3-4-5 triangle) over half of cell (0, 1); the rest intra-coded. Then a
-    B-frame predicting cell (1, 2) from both directions (two vectors for one block)."""
+    an 8 x 8 block (top left) and a 16 x 8 block (bottom) moved 5 px (3-4-5 triangle) over 3/4 of cell
+    (0, 1); the rest intra-coded. Then a B-frame predicting cell (1, 2) from both directions (two vectors
+    for one block)."""
     accumulator = CodecAccumulator()
     accumulator.add_decoded(32, 48, "I", None)
     accumulator.take()
-    accumulator.add_decoded(32, 48, "P", vectors((-1, 0, 0, 16, 16, 8, 0), (-1, 16, 0, 8, 8, 12, 16), (-1, 24, 8, 8, 8, 12, 16)))
+    moved = vectors((-1, 0, 0, 16, 16, 8, 0), (-1, 16, 0, 8, 8, 12, 16), (-1, 16, 8, 16, 8, 12, 16))
+    accumulator.add_decoded(32, 48, "P", moved)
     accumulator.add_decoded(32, 48, "B", vectors((-1, 32, 16, 16, 16, 40, 0), (1, 32, 16, 16, 16, -40, 0)))
     data = accumulator.take()
-    assert data.motion == pytest.approx(np.array([[2.0, 2.5, 0.0], [0.0, 0.0, 0.0]]))  # B-frames add no motion
-    p_intra, b_intra = np.array([[0.0, 0.5, 1.0], [1.0, 1.0, 1.0]]), np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert data.motion == pytest.approx(np.array([[2.0, 3.75, 0.0], [0.0, 0.0, 0.0]]))  # B-frames add no motion
+    p_intra, b_intra = np.array([[0.0, 0.25, 1.0], [1.0, 1.0, 1.0]]), np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     assert data.intra == pytest.approx((p_intra + b_intra) / 2)
     assert data.intra_share == pytest.approx((p_intra.mean() + b_intra.mean()) / 2)
     assert (data.decoded_frames, data.keyframes, data.cut) == (2, 0, True)  # the B-frame is 5/6 intra: a cut

@@ -53,7 +53,6 @@ EXPORT_MVS_OPTIONS = {"flags2": "+export_mvs"}
 # cut: a needless refresh costs FLOPs, a missed cut costs accuracy.
 CUT_INTRA_SHARE = 0.7
 MACROBLOCK = 16  # pixels; the grid of CodecSideData
-_FINEST = 4  # pixels; the smallest block any of these codecs exports
 _BATCH = 32  # P/B frames whose vectors are rasterised together (numpy calls per batch, not per frame)
 _INTRA_TYPES = frozenset({PictureType.I, PictureType.SI, PictureType.BI})
 _MOTION_FIELDS = ("dst_x", "dst_y", "w", "h", "motion_x", "motion_y", "motion_scale")
@@ -246,60 +245,56 @@ class CodecAccumulator:
         return periodic
 
 
+def _popcount16(x: np.ndarray) -> np.ndarray:
+    """Set bits of each 16-bit value (integer array)."""
+    x = x - ((x >> 1) & 0x5555)
+    x = (x & 0x3333) + ((x >> 2) & 0x3333)
+    x = (x + (x >> 4)) & 0x0F0F
+    return (x + (x >> 8)) & 0x1F
+
+
 def _rasterise(
     cells: tuple[int, int], frames: list[tuple[bool, np.ndarray | None]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """P/B frames (is a P-frame, its vectors or None) on their macroblock grid `cells`: per frame the
     intra-coded (uncovered) share of each cell's area [F, Hb, Wb], and the sum over the P-frames of each
-    cell's area-weighted mean |motion| in pixels [Hb, Wb] (0 where intra-coded).
+    cell's area-weighted |motion| in pixels [Hb, Wb] (intra-coded area counts 0).
 
-    Blocks are laid on the coarsest grid of 16, 8 or 4 pixels that they all align to (16 when every block
-    is a whole macroblock, 8 for H.264's partitions) so that blocks exported twice (B-frames' two
-    directions) count once, then pooled to macroblocks. Vectorised over all frames and vectors at once.
+    Each block becomes a 16-bit mask of the 4 x 4-pixel squares it covers in its macroblock. One
+    direction's blocks tile a macroblock without overlap (H.264 partitions, MPEG-4's four 8 x 8
+    vectors), so summing a direction's masks is their union; the union of both directions counts a
+    block a B-frame predicts from both sides once. A block reaching past its macroblock (no codec in
+    `MOTION_VECTOR_CODECS` exports one) is clipped to it. Vectorised over all frames and vectors at once.
     """
+    count, (rows, cols) = len(frames), cells
     arrays = [v for _, v in frames if v is not None and len(v)]
     if not arrays:
-        return np.ones((len(frames), *cells)), np.zeros(cells)
+        return np.ones((count, rows, cols)), np.zeros(cells)
     # Concatenated as bytes: numpy's concatenate of structured arrays goes field by field, 100x slower.
     vectors = np.concatenate([v.view(np.uint8) for v in arrays]).view(arrays[0].dtype)
-    missing = [name for name in _MOTION_FIELDS if name not in (vectors.dtype.names or ())]
+    missing = [name for name in ("source", *_MOTION_FIELDS) if name not in (vectors.dtype.names or ())]
     if missing:
         raise InputError(f"motion vectors lack the fields {missing}")
     sizes = [0 if v is None else len(v) for _, v in frames]
-    frame_of = np.repeat(np.arange(len(frames)), sizes)
     width, height = vectors["w"].astype(np.int64), vectors["h"].astype(np.int64)
-    # dst is the block's centre; its top-left corner on the pixel grid.
-    left, top = vectors["dst_x"] - width // 2, vectors["dst_y"] - height // 2
-    # The lowest set bit of the OR of all sizes and corners is the largest power of two dividing them all.
-    aligned, fine = int(np.bitwise_or.reduce(width | height | left | top)), MACROBLOCK
-    while fine > _FINEST and aligned % fine:
-        fine //= 2
-    pool = MACROBLOCK // fine
-    rows, cols = cells[0] * pool, cells[1] * pool
-    span_x, span_y = -(-width // fine), -(-height // fine)
-    offsets = np.arange(max(int(span_x.max()), int(span_y.max())))
-    xs, ys = left[:, None] // fine + offsets, top[:, None] // fine + offsets  # [V, K] fine columns / rows
-    ok_x = (offsets < span_x[:, None]) & (xs >= 0) & (xs < cols)
-    ok_y = (offsets < span_y[:, None]) & (ys >= 0) & (ys < rows)
-    valid = ok_y[:, :, None] & ok_x[:, None, :]  # [V, K, K]
-    indices = ((frame_of[:, None, None] * rows + ys[:, :, None]) * cols + xs[:, None, :])[valid]
-    bins = len(frames) * rows * cols
-    counts = np.bincount(indices, minlength=bins)
-    intra = _pool(counts == 0, (len(frames), *cells), pool)
-    is_p = np.repeat(np.array([p for p, _ in frames]), sizes)
+    left, top = vectors["dst_x"] - width // 2, vectors["dst_y"] - height // 2  # dst is the block's centre
+    mb_x, mb_y = left >> 4, top >> 4
+    inside = (mb_x >= 0) & (mb_x < cols) & (mb_y >= 0) & (mb_y < rows)
+    at_x, at_y = (left & 15) >> 2, (top & 15) >> 2  # the block's first 4-pixel square in its macroblock
+    span_x, span_y = np.minimum((width + 3) >> 2, 4 - at_x), np.minimum((height + 3) >> 2, 4 - at_y)
+    # Bit 4 * row + column: a row of span_x bits, repeated on span_y rows (0x1111 >> ... picks the rows).
+    mask = (((1 << span_x) - 1) << at_x) * (((1 << (4 * span_y)) - 1) // 15 << (4 * at_y))
+    frame_of = np.repeat(np.arange(count), sizes)
+    cell = ((frame_of * rows + mb_y) * cols + mb_x)[inside]
+    bins = count * rows * cols
+    later = (vectors["source"] > 0)[inside]  # predicted from a later frame: B-frames' second direction
+    masks = np.bincount(cell * 2 + later, weights=mask[inside], minlength=2 * bins).astype(np.int64)
+    covered = _popcount16(masks[0::2] | masks[1::2])
+    intra = 1.0 - covered.reshape(count, rows, cols) / 16.0
+    is_p = np.repeat(np.array([p for p, _ in frames]), sizes)  # B-frames add no motion
     scale = np.maximum(vectors["motion_scale"].astype(np.float64), 1.0)
-    magnitude = np.hypot(vectors["motion_x"], vectors["motion_y"]) / scale * is_p  # B-frames add no motion
-    weights = np.broadcast_to(magnitude[:, None, None], valid.shape)[valid]
-    sums = np.bincount(indices, weights=weights, minlength=bins)
-    return intra, _pool(sums / np.maximum(counts, 1), (len(frames), *cells), pool).sum(axis=0)
-
-
-def _pool(fine: np.ndarray, cells: tuple[int, int, int], pool: int) -> np.ndarray:
-    """Flat fine-grid values of F frames [F * Hb * pool * Wb * pool] -> their means per macroblock [F, Hb, Wb]."""
-    frames, rows, cols = cells
-    if pool == 1:
-        return fine.reshape(cells).astype(np.float64)
-    return fine.reshape(frames, rows, pool, cols, pool).sum(axis=(2, 4), dtype=np.float64) / (pool * pool)
+    motion = np.hypot(vectors["motion_x"], vectors["motion_y"]) / scale * is_p * (_popcount16(mask) / 16.0)
+    return intra, np.bincount(cell, weights=motion[inside], minlength=bins).reshape(count, rows, cols).sum(axis=0)
 
 
 __all__ = [
