@@ -32,7 +32,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer
 
-from ..tokens import gather_tokens
 from . import functional as F
 from .kernels import feed_forward, linear
 from .state import LayerReference
@@ -79,6 +78,11 @@ def layer_parts(layer: nn.Module) -> LayerParts:
 
 def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else x * scale
+
+
+def _residual(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x + scale * branch (x + branch without a layer scale), in one op."""
+    return x + branch if scale is None else torch.addcmul(x, branch, scale)
 
 
 # The refresh and selective forwards hold no host syncs or data-dependent branches: one full graph.
@@ -194,31 +198,34 @@ def selective_forward(
     Returns the layer's output [F, T, C] and the recomputed tokens `index` [F, k] (the caller records them).
     """
     parts = layer_parts(layer)
+    frames, num_tokens, width = hidden_states.shape
     normed = parts.norm1(hidden_states)  # [F, T, C]
     if keys is None:
         keys = linear(parts.k_proj, normed, onednn)  # all tokens: every selected query attends to every key
     if index is None:
         index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed, group)
+    rows = F.token_rows(index, num_tokens)  # [F * k] rows of the frames flattened to [F * T, C]
 
-    normed_selected = gather_tokens(normed, index)  # [F, k, C]
+    normed_selected = normed.view(-1, width).index_select(0, rows).view(frames, -1, width)  # [F, k, C]
     queries = linear(parts.q_proj, normed_selected, onednn)
     selected_values = linear(parts.v_proj, normed_selected, onednn)
     mask = _mask_rows(attention_mask, index)
-    if hidden_states.shape[0] == 1:
+    if frames == 1:
         # One frame: V̄ is V_ref with V_I swapped in, in place, and swapped back after attending
         # (bit-exact; saves a [T, C] copy per layer). A layer that raises in between leaves the
         # stream without a reference: STCCacher._layer_forward marks it for a refresh.
-        replaced = F.swap_rows(reference.values, index[0], selected_values[0])
+        replaced = F.swap_rows(reference.values, rows, selected_values[0])
         context = _attention(parts, queries, keys, reference.values.unsqueeze(0), mask, eager_fallback)
-        F.swap_rows(reference.values, index[0], replaced)
+        reference.values.index_copy_(0, rows, replaced)
     else:
         values = F.mix_with_reference(reference.values, index, selected_values)  # V̄ [F, T, C]
         context = _attention(parts, queries, keys, values, mask, eager_fallback)
 
     # Both residual steps for the selected rows; LayerNorm is per token, so LN2 of the selected
     # rows equals LN2 of all rows, then selecting.
-    selected = gather_tokens(hidden_states, index) + _scaled(linear(parts.out_proj, context, onednn), parts.scale1)  # X[I] + A_I
-    selected = selected + _scaled(feed_forward(parts.mlp, parts.norm2(selected), onednn), parts.scale2)  # + M_I
+    selected = hidden_states.view(-1, width).index_select(0, rows).view(frames, -1, width)  # X[I]
+    selected = _residual(selected, linear(parts.out_proj, context, onednn), parts.scale1)  # + A_I
+    selected = _residual(selected, feed_forward(parts.mlp, parts.norm2(selected), onednn), parts.scale2)  # + M_I
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected), index
 
 
