@@ -13,7 +13,7 @@ from streamtc.errors import ConfigError
 from streamtc.factory import SessionSpec, derive_session
 from streamtc.memory import SlidingWindowCache
 from streamtc.sources import builtin_clip_path, open_source
-from streamtc.variants import VARIANTS, Variant, get_variant
+from streamtc.variants import BASELINE_REGISTRY, BASELINES, VARIANTS, Variant, get_variant
 
 QUESTION = ("What is the person doing?", ("riding", "walking"))
 
@@ -86,3 +86,22 @@ def test_the_protocol_rate_is_the_hosts_where_its_prompt_is_built_on_one():
     assert SessionSpec(preset="tiny-llava-ov").protocol_fps() is None
     assert SessionSpec(preset="qwen2-vl-tiny").protocol_fps() == 2.0
     assert SessionSpec(preset="livecc-tiny").protocol_fps() == 2.0
+
+
+def module_state(model: torch.nn.Module) -> list[tuple]:
+    """What a baseline may change in a model's modules: classes, rebound forwards, hooks."""
+    return [(name, type(m), "forward" in m.__dict__, len(m._forward_hooks), len(m._forward_pre_hooks))
+            for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_each_baseline_is_one_registry_entry_whose_patches_model_flag_tells_the_truth(name):
+    entry = BASELINE_REGISTRY[name]
+    variant = get_variant(f"{name} 25%")  # the registry makes the variant, with the entry's description
+    assert variant.baseline == name and variant.description == entry.description
+    assert variant.patches_model == entry.patches_model
+    base = SessionSpec(preset="tiny-llava-ov").load()  # a model of its own: the baseline may change it
+    before = module_state(base.model)
+    options = variant.session_options(base.host)
+    assert set(options) - {"stc"} == ({"encoder"} if name == "tome" else {"selector"})
+    assert (module_state(base.model) != before) == entry.patches_model
