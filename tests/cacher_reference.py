@@ -134,4 +134,5 @@ def reference_stream(tower: torch.nn.Module, chunks: list[dict], interval: int, 
     return torch.stack(outputs)
 
 
-__all__ = ["attention", "counted_flop_ratio", "layer_norm", "layer_parts", "linear", "reference_layer", "reference_stream", "tower_stages"]
+__all__ = ["attention", "counted_flop_ratio", "layer_norm", "layer_parts", "linear", "reference_layer",
+           "reference_stream", "tower_stages"]

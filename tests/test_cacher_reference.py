@@ -57,7 +57,8 @@ def padded_chunks(count: int = 7) -> tuple[list[dict], torch.Tensor]:
     """One-frame SigLIP2 chunks of 16 patch slots, 12 real (a 3 x 4 grid) and 4 padding, drifting;
     and the real-token mask [count, 16]."""
     g = torch.Generator().manual_seed(2)
-    patches = torch.randn(1, 16, 3 * 8 * 8, generator=g) + 0.1 * torch.randn(count, 16, 3 * 8 * 8, generator=g).cumsum(0)
+    drift = 0.1 * torch.randn(count, 16, 3 * 8 * 8, generator=g).cumsum(0)
+    patches = torch.randn(1, 16, 3 * 8 * 8, generator=g) + drift
     mask = torch.ones(count, 16, dtype=torch.long)
     mask[:, 12:] = 0
     chunks = [{"pixel_values": patches[i : i + 1], "pixel_attention_mask": mask[i : i + 1],
@@ -83,7 +84,8 @@ def test_the_cacher_equals_the_reference(kind: str, attn: str, chunk: int) -> No
     tower, chunks = tower_and_chunks(kind, attn, chunk)
     assert tower.config._attn_implementation == attn
     unpatched = run_tower(tower, chunks)
-    assert (reference_stream(tower, chunks, 1, 0.25) - unpatched).abs().max() <= TOL  # the reference reads the tower right
+    # the reference reads the tower right: every chunk refreshing, it is the unpatched tower
+    assert (reference_stream(tower, chunks, 1, 0.25) - unpatched).abs().max() <= TOL
     expected = reference_stream(tower, chunks, 2, 0.25)
     got = run_tower(tower, chunks, CacherConfig(cache_interval=2, update_ratio=0.25))
     assert (got - expected).abs().max() <= TOL

@@ -82,8 +82,8 @@ class SessionSpec:
         if self.memory is not None or self.window_tokens is not None:
             self.cache_policy()  # validates
         if self.memory == "streaming-vlm" and self.protocol() != "livecc":
-            raise ConfigError(f"memory 'streaming-vlm' keeps per-chunk turns: it needs the 'livecc' prompt protocol (the "
-                              f"livecc-tiny and livecc-7b presets); {self.model or self.preset} runs protocol "
+            raise ConfigError(f"memory 'streaming-vlm' keeps per-chunk turns: it needs the 'livecc' prompt protocol "
+                              f"(the livecc-tiny and livecc-7b presets); {self.model or self.preset} runs protocol "
                               f"{self.protocol()!r}: choose memory full, window or retrieval")
 
     @property
