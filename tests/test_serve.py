@@ -5,7 +5,6 @@ affects only its own request or stream."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import shutil
@@ -279,7 +278,9 @@ def test_openai_style_chat_completions(client: httpx.Client) -> None:
     by_header = client.post("/v1/chat/completions", headers={"X-Stream-Id": stream},
                             json={**body, "model": "anything", "stream": True})
     chunks = [line[6:] for line in by_header.text.splitlines() if line.startswith("data: ")]
-    assert chunks[-1] == "[DONE]" and json.loads(chunks[0])["choices"][0]["delta"]["content"] == direct["text"]
+    assert chunks[-1] == "[DONE]" and json.loads(chunks[0])["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(json.loads(c)["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert streamed == direct["text"]
     no_question = client.post("/v1/chat/completions", json={"model": stream, "messages": [{"role": "system",
                                                                                            "content": "x"}]})
     assert no_question.status_code == 422 and "user message" in no_question.json()["error"]
@@ -306,7 +307,9 @@ def test_bad_input_gets_a_clear_error_and_leaves_other_streams_intact(client, se
     assert corrupt.status_code == 422 and "frame" in corrupt.json()["error"]
     empty = client.post("/v1/streams", json={"fps": 1}).json()["id"]
     no_frames = client.post(f"/v1/streams/{empty}/ask", json={"question": "?"})
-    assert no_frames.status_code == 422 and "no frame" in no_frames.json()["error"]
+    # the server's words (its endpoints), not the Python API's ("push(frames)")
+    assert no_frames.status_code == 422 and f"/v1/streams/{empty}/frames" in no_frames.json()["error"]
+    assert "push(" not in no_frames.json()["error"]
 
     broken = client.post("/v1/streams", json={"source": str(video_dir / "broken.mp4"), "realtime": False}).json()
     refused = client.post("/v1/streams", json={"source": str(video_dir / "bikes.mp4")}).json()  # fine
@@ -328,6 +331,8 @@ def test_a_source_that_never_connects_fails_its_stream_only(tmp_path) -> None:
         other = http.post("/v1/streams", json={"fps": 1}).json()["id"]
         gone = http.post("/v1/streams", json={"source": "tcp://127.0.0.1:9"}).json()["id"]  # nothing listens
         assert "127.0.0.1:9" in wait_for_state(http, gone, {"error"})["error"]
+        failed = http.post(f"/v1/streams/{gone}/ask", json={"question": "?"}).json()["error"]
+        assert "failed before its first frame" in failed and "127.0.0.1:9" in failed and "push(" not in failed
         assert push_raw(http, other, clip_frames("bikes", 1)[0], 0.0).json()["accepted"]
         assert http.post(f"/v1/streams/{other}/ask", json={"question": "?", "sync": True}).status_code == 200
         deleted = http.delete(f"/v1/streams/{gone}")
@@ -431,19 +436,26 @@ def test_server_shutdown_closes_open_streams_and_their_subscribers() -> None:
     assert sorted(closed) == sorted([(ids[0], 1), (ids[1], 0)])
 
 
-def test_the_command_serves_and_the_load_tool_measures_it() -> None:
-    from streamtc.serve.load import SpawnedServer, run_load
+def test_the_command_serves_and_the_loadtest_command_measures_it(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from streamtc.cli.serve import serve_app
+    from streamtc.serve.load import SpawnedServer
 
     server = SpawnedServer(["--no-stc", "--max-streams", "3"])
     try:
         server.wait_ready()
         info = httpx.get(server.url + "/v1/info").json()
         assert info["default_stc"] is None and info["limits"]["max_streams"] == 3
-        result = asyncio.run(run_load(server.url, streams=2, duration=4, question_every=2, source="carphone", fps=2,
-                                      realtime=False, stc="off", max_new_tokens=2))
+        run = CliRunner().invoke(serve_app, ["loadtest", "--url", server.url, "--streams", "2", "--duration", "4",
+                                             "--question-every", "2", "--source", "carphone", "--stc", "off",
+                                             "--max-new-tokens", "2", "--output", str(tmp_path / "load.json")])
     finally:
         server.stop()
+    assert run.exit_code == 0, run.output
     assert "shut down: closed 0 open streams" in server.process.stderr.read()  # SIGTERM: a graceful shutdown
-    assert result["errors"] == [] and result["questions"] >= 2
+    [result] = json.loads((tmp_path / "load.json").read_text())["results"]
+    assert result["errors"] == [] and result["questions"] >= 2 and result["streams"] == 2
     assert result["frames_per_s_per_stream"]["min"] > 0 and result["rss_mb"][-1][1] > 100
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"]
+    assert "frames/s/stream" in run.output and "off" in run.output  # the printed report

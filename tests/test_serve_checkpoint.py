@@ -132,7 +132,8 @@ def test_kill_9_after_a_checkpoint_restores_every_frame_and_refuses_old_timestam
                 assert time.monotonic() < deadline, "no checkpoint of the six frames"
                 time.sleep(0.1)
             killed_folders = sorted(offload.glob("serve-*"))
-            assert len(killed_folders) == 1 and list(killed_folders[0].glob("stream-*"))  # blocks were offloaded
+            assert len(killed_folders) == 1 and (killed_folders[0] / MARKER).is_file()  # the server's own
+            assert list(killed_folders[0].glob("stream-*"))  # the stream's offloaded blocks
         servers.kill()
         assert killed_folders[0].exists()  # left behind by the kill
 
@@ -185,7 +186,7 @@ def test_twenty_random_kills_never_lose_more_than_the_interval_and_never_silentl
     rng = random.Random(26)
     servers = Servers(["--persist-dir", str(tmp_path / "streams"), "--checkpoint-every", str(INTERVAL)], tmp_path)
     pushed = 0  # frames accepted so far (timestamps 0.5 s apart: every one is sampled at 2 fps)
-    sid = None
+    sid, killed_at = None, 0.0
     started = time.monotonic()
     try:
         for life in range(21):

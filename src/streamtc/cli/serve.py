@@ -16,6 +16,7 @@ from .common import OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption,
 
 
 def serve(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Option(help="Real weights: a local directory or hub id (LLaVA-OneVision, "
                                                    "Qwen2-VL, Qwen2.5-VL, Qwen3-VL). "
                                                    "Overrides --preset.")] = None,
@@ -68,8 +69,8 @@ def serve(
                                                                 "and change streams (repeatable)")] = None,
 ) -> None:
     """Serve live streams on one loaded model: HTTP/websocket API, a web page at /, OpenAI-style chat."""
-    from ..serve.server import run
-
+    if ctx.invoked_subcommand is not None:  # `streamtc serve loadtest ...`
+        return
     logging.getLogger("streamtc.serve").setLevel(logging.INFO)  # start-up and shutdown lines
     check_access(host, token)  # refused at once: the memory settings below import torch
     default_stc = None if no_stc else (read_stc_config(config) if config else STCConfig())
@@ -87,16 +88,59 @@ def serve(
         ray_address=ray_address, persist_dir=persist_dir, checkpoint_every=checkpoint_every,
         allow_origins=tuple(allow_origin or ()),
     )
-    where = display_url(host, port)
-    typer.echo(f"streamtc serve: {settings.model_name} on {where}" + (" (token required)" if token else "")
-               + (f", {replicas} Ray Serve replicas" if ray else ""))
-    if model is None:
-        typer.echo(f"preset {preset!r} has random weights: answers are meaningless. Use --model for real weights.")
+    _start(settings)
+
+
+def _start(settings: ServerSettings) -> None:
+    """Say where the server listens, then serve until interrupted."""
+    from ..serve.server import run
+
+    typer.echo(f"streamtc serve: {settings.model_name} on {display_url(settings.host, settings.port)}"
+               + (" (token required)" if settings.token else "")
+               + (f", {settings.replicas} Ray Serve replicas" if settings.replicas else ""))
+    if settings.model is None:
+        typer.echo(f"preset {settings.preset!r} has random weights: answers are meaningless. Use --model for real "
+                   "weights.")
     run(settings)
 
 
-# The command as its own app, so that `streamtc serve` is imported on first use (streamtc.cli).
-serve_app = typer.Typer(add_completion=False)
-serve_app.command()(serve)
+def loadtest(
+    url: Annotated[str | None, typer.Option(help="A running server (default: start one per variant on a free "
+                                                 "port of 127.0.0.1)")] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token of --url", envvar="STREAMTC_TOKEN")] = None,
+    streams: Annotated[int, typer.Option(help="Concurrent streams", min=1)] = 8,
+    duration: Annotated[float, typer.Option(help="Seconds per variant", min=0.1)] = 120.0,
+    question_every: Annotated[float, typer.Option(help="Seconds between a stream's questions", min=0.1)] = 10.0,
+    source: Annotated[str, typer.Option(help="Clip every stream reads (looped)")] = "demo",
+    fps: Annotated[float, typer.Option(help="Frames sampled per second of video")] = 2.0,
+    realtime: Annotated[bool, typer.Option("--realtime", help="Pace the clip at its own speed (default: as fast "
+                                                              "as the model takes frames)")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length", min=1)] = 16,
+    stc: Annotated[str, typer.Option(help="STC of the streams: default (the server's) or off")] = "default",
+    compare: Annotated[bool, typer.Option("--compare", help="Run with STC, then without (a server each)")] = False,
+    preset: Annotated[str, typer.Option(help="Preset of a started server")] = "tiny-llava-ov",
+    num_layers: Annotated[int | None, typer.Option(help="Vision tower depth of a started server's preset")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads of a started server")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the results as JSON here")] = None,
+) -> None:
+    """Load test: N concurrent looping file streams and a question per stream every few seconds;
+    reports per variant errors, answer latency p50/p95, frames per second per stream and server RSS."""
+    from ..serve.load import LoadSpec, run_loadtest
 
-__all__ = ["serve", "serve_app"]
+    if stc not in ("default", "off"):
+        raise typer.BadParameter(f"--stc must be default or off, got {stc!r}")
+    spec = LoadSpec(streams=streams, duration=duration, question_every=question_every, source=source, fps=fps,
+                    realtime=realtime, max_new_tokens=max_new_tokens)
+    server_args = ["--preset", preset] + (["--num-layers", str(num_layers)] if num_layers else []) + (
+        ["--threads", str(threads)] if threads else [])
+    run_loadtest(spec, ["default", "off"] if compare else [stc], url=url, token=token, server_args=server_args,
+                 output=output)
+
+
+# The command as its own app, so that `streamtc serve` is imported on first use (streamtc.cli); its
+# callback serves, `streamtc serve loadtest` measures a server.
+serve_app = typer.Typer(add_completion=False)
+serve_app.callback(invoke_without_command=True)(serve)
+serve_app.command("loadtest")(loadtest)
+
+__all__ = ["loadtest", "serve", "serve_app"]

@@ -1,7 +1,7 @@
 """Load test of `streamtc serve`: N concurrent file streams and a question per stream every few
 seconds, against a running server (--url) or servers it starts itself, one per variant.
 
-    python -m streamtc.serve.load --streams 8 --duration 120 --question-every 10 --compare
+    streamtc serve loadtest --streams 8 --duration 120 --question-every 10 --compare
 
 Reports per variant: errors, question latency (p50/p95, as the client sees it, and the server's
 own queue wait), frames per second per stream, and the server's resident memory over time; with
@@ -11,15 +11,14 @@ fast as the model takes frames, so frames/s is the throughput each stream gets.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,51 +153,43 @@ def print_report(results: list[dict[str, Any]]) -> None:
         print(f"RSS over time, STC {r['stc']} (s, MB): " + ", ".join(f"{t:g}:{mb}" for t, mb in r["rss_mb"]))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running server (default: start one per variant on a free port)")
-    parser.add_argument("--token", default=os.environ.get("STREAMTC_TOKEN"), help="bearer token of --url")
-    parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
-    parser.add_argument("--duration", type=float, default=120.0, help="seconds per variant")
-    parser.add_argument("--question-every", type=float, default=10.0, help="seconds between a stream's questions")
-    parser.add_argument("--source", default="demo", help="clip every stream reads (looped)")
-    parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
-    parser.add_argument("--realtime", action="store_true", help="pace the clip at its own speed")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length")
-    parser.add_argument("--stc", choices=("default", "off"), default="default", help="STC of the streams")
-    parser.add_argument("--compare", action="store_true", help="run with STC, then without (own server each)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of a started server")
-    parser.add_argument("--output", type=Path, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class LoadSpec:
+    """What each variant's load is: streams, how long, how often each asks, what they read."""
 
-    variants = ["default", "off"] if args.compare else [args.stc]
+    streams: int = 8
+    duration: float = 120.0
+    question_every: float = 10.0
+    source: str = "demo"
+    fps: float = 2.0
+    realtime: bool = False
+    max_new_tokens: int = 16
+
+
+def run_loadtest(spec: LoadSpec, variants: list[str], *, url: str | None = None, token: str | None = None,
+                 server_args: list[str] = (), output: Path | None = None) -> list[dict[str, Any]]:
+    """Run `spec` once per variant ("default": the server's STC, "off"), against `url` or a server
+    started per variant (`streamtc serve` with `server_args`), print the report and write `output`."""
     results = []
     for stc in variants:
         server = None
-        url = args.url
         if url is None:
-            server = SpawnedServer(["--max-streams", str(max(16, args.streams))]
-                                   + (["--threads", str(args.threads)] if args.threads else []))
+            server = SpawnedServer(["--max-streams", str(max(16, spec.streams)), *server_args])
             server.wait_ready()
-            url = server.url
         try:
             results.append(asyncio.run(run_load(
-                url, streams=args.streams, duration=args.duration, question_every=args.question_every,
-                source=args.source, fps=args.fps, realtime=args.realtime, stc=stc,
-                max_new_tokens=args.max_new_tokens, token=args.token)))
+                url or server.url, streams=spec.streams, duration=spec.duration, question_every=spec.question_every,
+                source=spec.source, fps=spec.fps, realtime=spec.realtime, stc=stc,
+                max_new_tokens=spec.max_new_tokens, token=token)))
         finally:
             if server is not None:
                 server.stop()
     print_report(results)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
-        print(f"wrote {args.output}")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
+        print(f"wrote {output}")
+    return results
 
 
-__all__ = ["percentile", "run_load", "main"]
-
-
-if __name__ == "__main__":
-    main()
+__all__ = ["LoadSpec", "SpawnedServer", "percentile", "print_report", "run_load", "run_loadtest"]
