@@ -69,3 +69,17 @@ def test_checkpoint_settings(tmp_path: Path) -> None:
         ServerSettings(checkpoint_every=5)
     with pytest.raises(ConfigError, match="--checkpoint-every"):
         ServerSettings(persist_dir=tmp_path, checkpoint_every=-1)
+
+
+def test_every_error_has_one_http_status() -> None:
+    from streamtc.errors import ConfigError, InputError, StreamStateError, VideoSourceError
+    from streamtc.serve.errors import (
+        AccessDenied, LimitExceeded, ReplicaUnavailable, StreamClosed, StreamNotFound, http_status,
+    )
+
+    expected = {StreamNotFound("x"): 404, AccessDenied("x"): 403, LimitExceeded("x"): 429,
+                LimitExceeded("x", status=413): 413, StreamClosed("x"): 409, ReplicaUnavailable("x"): 503,
+                InputError("x"): 422, ConfigError("x"): 422, StreamStateError("x"): 409, VideoSourceError("x"): 400,
+                RuntimeError("x"): 500}
+    for error, status in expected.items():
+        assert http_status(error) == status, repr(error)
