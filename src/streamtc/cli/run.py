@@ -377,8 +377,8 @@ def run(
     questions = ask if ask is not None else (_parse_questions(DEMO_QUESTIONS) if video == "demo" else [])
     questions = sorted(questions, key=lambda q: q.seconds)
     record = RunRecord(header=_header(options, questions), path=output)
-    record.start()
     try:
+        record.start()
         plan = _plan(options, record)
     except (StreamTCError, typer.BadParameter) as error:
         record.stop("error", f"refused before the stream started: {error}", questions)
@@ -388,9 +388,7 @@ def run(
         console.print("[yellow]interrupted (Ctrl-C) before the stream started[/]")
         console.print(f"status: interrupted (exit code {EXIT_CODES['interrupted']})")
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
-    watch = StreamWatch(plan.specs, questions, device=device, max_new_tokens=max_new_tokens, resume=resume,
-                        live=options.live, interval=1.0 / plan.fps)
-    raise typer.Exit(EXIT_CODES[_watch(watch, plan.source, record, video, save)])
+    raise typer.Exit(EXIT_CODES[_watch(plan, options, questions, record)])
 
 
 def _header(options: RunOptions, questions: list[TimedQuestion]) -> dict[str, Any]:
@@ -468,24 +466,23 @@ def _specs(o: RunOptions, base: SessionSpec, stc: STCConfig | None, record: RunR
     return {"no STC": base, **compressed} if o.compare else ({"no STC": base} if o.no_stc else compressed)
 
 
-def _watch(watch: StreamWatch, source: VideoSource | Callable[[], VideoSource], record: RunRecord, video: str,
-           save: Path | None) -> str:
-    """Run the watch, printing its events; returns the final status. Every way out (end, source
+def _watch(plan: RunPlan, o: RunOptions, questions: list[TimedQuestion], record: RunRecord) -> str:
+    """Watch the stream, printing the events; returns the final status. Every way out (end, source
     failure, stall, Ctrl-C, error) prints the summary and writes the record."""
     started = time.perf_counter()
-    random_weights = next(iter(watch.specs.values())).model is None
+    random_weights = o.model is None
     status = "completed"
     ctrl_c = _CtrlC()
-    watch.check = ctrl_c.check
+    watch = StreamWatch(plan.specs, questions, device=o.device, max_new_tokens=o.max_new_tokens,
+                        check=ctrl_c.check, resume=o.resume, live=o.live, interval=1.0 / plan.fps)
     try:
         ctrl_c.install()
         if random_weights:
-            preset = next(iter(watch.specs.values())).preset
-            console.print(f"[yellow]preset {preset!r} has random weights: answers are meaningless (often empty). "
+            console.print(f"[yellow]preset {o.preset!r} has random weights: answers are meaningless (often empty). "
                           "Use --model PATH_OR_ID for real weights.[/]")
         with ExitStack() as stack:
-            screen = _Screen(record, video, random_weights, stack)
-            for event in watch.events(source):
+            screen = _Screen(record, o.video, random_weights, stack)
+            for event in watch.events(plan.source):
                 screen.show(event)
         status = watch.status
     except KeyboardInterrupt:
@@ -505,10 +502,10 @@ def _watch(watch: StreamWatch, source: VideoSource | Callable[[], VideoSource], 
         ctrl_c.uninstall()
     with _sigint_deferred():  # a Ctrl-C now would only lose the summary: finish it first
         record.finish(watch, status)
-        if save is not None and watch.sessions:
-            record.notes.append(watch.save(save, status))
+        if o.save is not None and watch.sessions:
+            record.notes.append(watch.save(o.save, status))
             record.write()
-        _print_summary(video, record, watch.last_time, time.perf_counter() - started)
+        _print_summary(o.video, record, watch.last_time, time.perf_counter() - started)
         watch.close()
     return status
 
@@ -551,7 +548,6 @@ def _sigint_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
 
 
 __all__ = ["EXIT_CODES", "RunRecord", "run"]
