@@ -40,7 +40,7 @@ def test_upload_limits_quote_the_flag_value(server: ServerThread) -> None:
 
 
 def test_the_page_has_a_favicon(server: ServerThread) -> None:
-    icon = httpx.get(server.url + "/favicon.ico")
+    icon = httpx.get(server.url + "/favicon.ico", timeout=60)
     assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
     with Image.open(io.BytesIO(icon.content)) as image:
         assert image.format == "ICO" and image.size == (32, 32)

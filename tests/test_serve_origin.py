@@ -29,12 +29,13 @@ def server():
 
 def ws(server: ServerThread, path: str, origin: str | None, cookie: bool = True):
     headers = {"Cookie": f"streamtc_token={TOKEN}"} if cookie else {}
-    return connect(server.url.replace("http://", "ws://") + path, origin=origin, additional_headers=headers)
+    return connect(server.url.replace("http://", "ws://") + path, origin=origin, additional_headers=headers,
+                   open_timeout=120)
 
 
 def test_a_foreign_page_with_the_cookie_cannot_open_the_websockets(server: ServerThread) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    stream = httpx.post(server.url + "/v1/streams", json={}, headers=auth).json()["id"]
+    stream = httpx.post(server.url + "/v1/streams", json={}, headers=auth, timeout=120).json()["id"]
     for path in (f"/v1/streams/{stream}/events", f"/v1/streams/{stream}/push"):
         with pytest.raises(InvalidStatus) as refused:
             ws(server, path, FOREIGN)
@@ -45,13 +46,13 @@ def test_a_foreign_page_with_the_cookie_cannot_open_the_websockets(server: Serve
         with ws(server, path, "http://localhost:7000"):  # named by --allow-origin
             pass
     with connect(server.url.replace("http://", "ws://") + f"/v1/streams/{stream}/events",
-                 additional_headers=auth) as script:  # bearer token, no browser origin
+                 additional_headers=auth, open_timeout=120) as script:  # bearer token, no browser origin
         assert json.loads(script.recv(timeout=30))["type"] in ("state", "keepalive")
 
 
 def test_a_foreign_page_cannot_change_streams_with_the_cookie(server: ServerThread) -> None:
     cookies = {"streamtc_token": TOKEN}
-    with httpx.Client(base_url=server.url, cookies=cookies, timeout=60) as browser:
+    with httpx.Client(base_url=server.url, cookies=cookies, timeout=120) as browser:
         refused = browser.post("/v1/streams", json={}, headers={"Origin": FOREIGN})
         assert refused.status_code == 403 and "--allow-origin" in refused.json()["error"]
         created = browser.post("/v1/streams", json={}, headers={"Origin": server.url})
@@ -62,7 +63,7 @@ def test_a_foreign_page_cannot_change_streams_with_the_cookie(server: ServerThre
         assert browser.delete(f"/v1/streams/{stream}", headers={"Origin": server.url}).status_code == 200
     # a script with the bearer token and no Origin header is not a browser page
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert httpx.post(server.url + "/v1/streams", json={}, headers=auth).status_code == 201
+    assert httpx.post(server.url + "/v1/streams", json={}, headers=auth, timeout=120).status_code == 201
 
 
 def test_origins_and_tokens_are_checked_when_the_server_is_configured() -> None:
