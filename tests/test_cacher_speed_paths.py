@@ -149,8 +149,9 @@ def test_one_frame_selective_layer_runs_fused_kernels_and_no_index_arithmetic():
 
 @pytest.mark.parametrize("name", ["gelu", "gelu_pytorch_tanh", "quick_gelu", "gelu_new"])
 def test_feed_forward_fuses_exactly_pytorchs_gelu_and_keeps_other_activations(name):
-    mlp = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=48, hidden_act=name, num_hidden_layers=1,
-                                                num_attention_heads=2)).encoder.layers[0].mlp
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=48, hidden_act=name, num_hidden_layers=1,
+                                num_attention_heads=2)
+    mlp = SiglipVisionModel(config).encoder.layers[0].mlp
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         expected = mlp(x)

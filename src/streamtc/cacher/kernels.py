@@ -125,4 +125,6 @@ def feed_forward(mlp: nn.Module, x: torch.Tensor, onednn: bool) -> torch.Tensor:
     return linear(mlp.fc2, hidden, onednn)
 
 
-__all__ = ["ONEDNN_DTYPES", "onednn_available", "packed_weight", "linear", "linear_rows", "gelu_algorithm", "feed_forward"]
+__all__ = [
+    "ONEDNN_DTYPES", "onednn_available", "packed_weight", "linear", "linear_rows", "gelu_algorithm", "feed_forward",
+]
