@@ -120,10 +120,10 @@ def test_baselines_place_their_tokens_at_one_shot_positions(preset: str, name: s
     session = StreamingSession(base.model, base.tokenizer, None, selector=selector, preprocessor=base.preprocessor,
                                prefill_min_tokens=1)
     calls, kept = [], []
-    forward, select = session.host.forward, session._select
+    forward, select = session.host.forward, session.selector.prune
     session.host.forward = lambda embeds, positions, cache: calls.append((embeds, positions)) or forward(
         embeds, positions, cache)
-    session._select = lambda features: kept.append(select(features)) or kept[-1]
+    session.selector.prune = lambda features: kept.append(select(features)) or kept[-1]
     push_one_by_one(session, frames)
     got_positions = torch.cat([p for _, p in calls], dim=1)
     got_tokens = torch.cat([e[0] for e, _ in calls])

@@ -28,14 +28,14 @@ def recording_session(preset: str) -> tuple[StreamingSession, list, list]:
     session = StreamingSession.from_preset(preset, stc=STCConfig(cacher=None, pruner=PrunerConfig(keep_ratio=0.5)),
                                            prefill_min_tokens=1)
     calls, kept = [], []
-    forward, select = session.host.forward, session._select
+    forward, select = session.host.forward, session.pruner.prune
 
     def record_forward(embeds, positions, cache, deepstack=None):
         calls.append((embeds[0], positions, deepstack))
         return forward(embeds, positions, cache, deepstack)
 
     session.host.forward = record_forward
-    session._select = lambda features: kept.append(select(features)) or kept[-1]
+    session.pruner.prune = lambda features: kept.append(select(features)) or kept[-1]
     return session, calls, kept
 
 

@@ -143,10 +143,10 @@ def test_pruned_stream_equals_a_one_shot_forward_of_the_kept_tokens(scoring: str
     stc = STCConfig(cacher=None, pruner=PrunerConfig(scoring=scoring, keep_ratio=0.5))
     session = StreamingSession.from_preset(PRESET, stc=stc, prefill_min_tokens=1)
     calls, kept = [], []
-    forward, select = session.host.forward, session._select
+    forward, select = session.host.forward, session.pruner.prune
     session.host.forward = lambda embeds, positions, cache, deepstack=None: calls.append(
         (positions, deepstack)) or forward(embeds, positions, cache, deepstack)
-    session._select = lambda features: kept.append(select(features)) or kept[-1]
+    session.pruner.prune = lambda features: kept.append(select(features)) or kept[-1]
     session.reset()  # the chat prefix is pre-filled through the wrapper too
     push_one_by_one(session, frames[:8])
 

@@ -114,10 +114,10 @@ def test_kept_tokens_keep_their_one_shot_positions(preset: str, scoring: str, fr
     stc = STCConfig(cacher=None, pruner=PrunerConfig(scoring=scoring, keep_ratio=0.5))
     session = StreamingSession.from_preset(preset, stc=stc, prefill_min_tokens=1)
     calls, kept = [], []
-    forward, select = session.host.forward, session._select
+    forward, select = session.host.forward, session.pruner.prune
     session.host.forward = lambda embeds, positions, cache: calls.append((embeds, positions)) or forward(
         embeds, positions, cache)
-    session._select = lambda features: kept.append(select(features)) or kept[-1]
+    session.pruner.prune = lambda features: kept.append(select(features)) or kept[-1]
     push_one_by_one(session, frames[:8])  # the chat prefix was pre-filled before the wrappers
     got_positions = torch.cat([p for _, p in calls], dim=1)
     got_tokens = torch.cat([e[0] for e, _ in calls])
