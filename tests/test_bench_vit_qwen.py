@@ -1,15 +1,18 @@
 """`streamtc bench vit --tower`: Qwen-VL towers at checkpoint widths, temporal patches as the
-processors lay them out, the block FLOP model, and a short paired run on real footage."""
+processors lay them out, the block FLOP model (against what torch counts in the towers), and a
+short paired run on real footage."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from streamtc.bench import qwen_towers as Q
 from streamtc.bench.vit import Variant, load_qwen_frames, run_vit_benchmark
+from streamtc.cacher import STCCacher
 from streamtc.cacher import functional as F
 from streamtc.config import CacherConfig
 from streamtc.errors import ConfigError, InputError
@@ -46,6 +49,39 @@ def test_configs_mirror_the_checkpoints_and_cut_depth_keeps_the_pattern():
         Q.qwen_vision_config("qwen4-vl")
 
 
+def counted_tower_flops(name: str, depth: int, side: int, ratio: float = 0.25) -> tuple[float, float, int]:
+    """(full, non-refresh, tokens): multiply-accumulates torch's FlopCounterMode counts in the tower's
+    forward on one temporal patch of side x side merged tokens, unpatched and then under a Cacher
+    (N = 2, r = ratio) on the next patch; eager attention and torch kernels, whose products it sees."""
+    tower = Q.build_qwen_tower(name, depth)
+    tower.config._attn_implementation = "eager"
+    size = tower.config.patch_size * tower.config.spatial_merge_size * side
+    patches, grid = Q.temporal_patches(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)),
+                                       tower.config)
+    cacher = STCCacher(CacherConfig(cache_interval=2, update_ratio=ratio, cpu_kernels="torch")).attach(tower)
+    counts = []
+    try:
+        for rows in patches:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                tower(rows, grid_thw=grid)
+            counts.append(counter.get_total_flops() / 2)
+    finally:
+        cacher.detach()
+    assert cacher.stats.refresh_chunks == 1
+    return counts[0], counts[1], patches[0].shape[0]
+
+
+@pytest.mark.parametrize("name,depth", [("qwen2-vl", 2), ("qwen2.5-vl", 2), ("qwen3-vl", 9)])
+def test_the_flop_model_is_what_torch_counts_in_the_tower(name, depth):
+    """Full and non-refresh forwards at checkpoint widths (Qwen2.5-VL: a windowed and a full-attention
+    block; Qwen3-VL: a DeepStack tap) against the FLOP model. The grid is a whole number of Qwen2.5-VL
+    windows (the model counts every windowed token against a full window)."""
+    full, reused, tokens = counted_tower_flops(name, depth, side=8)
+    config = Q.qwen_vision_config(name, depth)
+    assert full == Q.tower_flops(config, tokens)
+    assert reused == Q.tower_flops(config, tokens, F.num_recomputed_tokens(tokens, 0.25))
+
+
 @pytest.mark.parametrize("name", Q.QWEN_TOWERS)
 def test_the_flop_model_of_recomputing_every_token_is_the_full_block(name):
     config = Q.qwen_vision_config(name, depth=8)
@@ -63,6 +99,5 @@ def test_a_short_paired_run_on_the_street_clip():
     full, stc = report["variants"]
     assert full["time_ratio"] == 1.0 and stc["refresh_frames"] == 1
     assert stc["per_frame_token_cosine"][0] == pytest.approx(1.0, abs=1e-5)
-    config = Q.qwen_vision_config("qwen2.5-vl", depth=1)
-    k = F.num_recomputed_tokens(16, 0.25)
-    assert stc["flop_ratio"] == pytest.approx(0.5 + 0.5 * Q.tower_flops(config, 16, k) / Q.tower_flops(config, 16))
+    full, reused, tokens = counted_tower_flops("qwen2.5-vl", 1, side=2)  # what torch counts in this tower
+    assert tokens == 16 and stc["flop_ratio"] == pytest.approx((full + reused) / (2 * full), rel=1e-9)
