@@ -109,7 +109,8 @@ def real_mode_report():
     import numpy as np
     import torch
 
-    from streamtc.bench.vit import load_frames_at_rate, real_weights_variants
+    from streamtc.bench.real_footage import real_weights_variants
+    from streamtc.bench.vit import load_frames_at_rate
     from streamtc.weights import normalize_frames
 
     tower, head = tiny_dinov2_and_head()
@@ -161,7 +162,7 @@ def test_token_dropping_that_keeps_every_token_is_the_tower_and_frame_skipping_f
 def test_refresh_signal_study_correlates_both_signals_with_the_reused_cosine():
     import torch
 
-    from streamtc.bench.vit import refresh_signal_study
+    from streamtc.bench.real_footage import refresh_signal_study
 
     tower, _ = tiny_dinov2_and_head()
     g = torch.Generator().manual_seed(0)

@@ -50,9 +50,27 @@ class CacherConfig:
         "merge_block" (Qwen-VL towers only: whole 2x2 merge blocks, the 4 tokens the patch merger
         fuses into one LLM token, ranked by their mean key cosine; k // 4 blocks, at least one, so
         the same or up to 3 fewer tokens than "token"). Measured in docs/benchmarks.md.
-    refresh: "fixed" (paper: chunk c refreshes when c % N == 0) or "adaptive": refresh when the
+    refresh: "fixed" (paper: chunk c refreshes when c % N == 0), "adaptive": refresh when the
         reference is N chunks old, or earlier when refresh_signal says a frame of the chunk moved
-        too far from the reference (scene cuts, fast motion).
+        too far from the reference (scene cuts, fast motion), or "budget": spend a per-stream FLOP
+        budget (flop_budget) chunk by chunk on the best of refresh, reuse and a downscaled encode,
+        driven by codec hints where the source has them and by pixel change otherwise
+        (docs/algorithms.md, "Budget refresh"; `CacherConfig.robust()`).
+    flop_budget: refresh="budget" only: the share of the unpatched tower's encoder FLOPs the stream
+        may spend, on every prefix of the stream; None: what the fixed schedule with this
+        cache_interval and update_ratio spends.
+    stale_threshold: refresh="budget" only: the relative pixel change to the reference (see
+        refresh_signal "pixels") above which reusing it is not worth its cost; with codec hints,
+        the share of the patch area that changed since the reference above which the same holds
+        is stale_share.
+    stale_share: refresh="budget", with codec hints: see stale_threshold.
+    cut_threshold: refresh="budget" only, without codec hints: the relative pixel change to the
+        previous frame from which a chunk counts as a scene cut (codec hints flag cuts themselves).
+    token_signal: how a non-refresh chunk that has codec hints chooses the tokens it recomputes:
+        "keys" (the paper: each layer its own least similar keys), "codec" (the tokens that changed
+        most since the reference by the decoder's motion vectors and intra-coded blocks, one set
+        for every layer) or "codec+keys" (the first layer's key cosine lowered by that change,
+        one set for every layer). Without hints every signal selects by keys.
     refresh_signal: what an adaptive cacher watches. "pixels" (default): the relative pixel
         change of the tower's input to the reference frame, mean |x - x_ref| / mean |x_ref - mean
         x_ref|, free to compute and the best predictor of the cached output's error we measured
@@ -61,9 +79,12 @@ class CacherConfig:
         similar); refresh when it falls below refresh_threshold.
     refresh_threshold: the trigger level; None picks the signal's default (pixels: a change of
         0.35; keys: a cosine of 0.92).
-    over_budget: adaptive "pixels" only: what a chunk does when the signal asks for a refresh that
-        refresh_budget cannot pay for. "reuse" (the selective path against the old reference, what a
-        fixed schedule does) or "subsample": encode the frame exactly but on an evenly strided
+    over_budget: adaptive "pixels" and budget only: what a chunk does when the signal asks for a refresh
+        that the budget cannot pay for. "reuse" (the selective path against the old reference, what a
+        fixed schedule does), "downscale" (refresh="budget" only: encode the frame whole at a lower
+        resolution, as many patches as the remaining budget pays for, and resize the tower's output
+        tokens back to its grid bilinearly; SigLIP/CLIP/DINOv2-style towers without padding, else
+        as "subsample") or "subsample": encode the frame exactly but on an evenly strided
         subset of its patch tokens (class and register tokens kept; subsample_ratio of the grid),
         each dropped token taking the output of the nearest kept one, and leave the reference as
         it is. After a cut the old reference is worth little and the frame's own tokens are
@@ -96,11 +117,16 @@ class CacherConfig:
     update_ratio: float = 0.25
     selection: Literal["per_layer", "shared"] = "per_layer"
     granularity: Literal["token", "merge_block"] = "token"
-    refresh: Literal["fixed", "adaptive"] = "fixed"
+    refresh: Literal["fixed", "adaptive", "budget"] = "fixed"
     refresh_signal: Literal["pixels", "keys"] = "pixels"
     refresh_threshold: float | None = None
     refresh_budget: int | None = None
-    over_budget: Literal["reuse", "subsample"] = "reuse"
+    flop_budget: float | None = None
+    stale_threshold: float = 0.5
+    stale_share: float = 0.5
+    cut_threshold: float = 0.6
+    token_signal: Literal["keys", "codec", "codec+keys"] = "keys"
+    over_budget: Literal["reuse", "subsample", "downscale"] = "reuse"
     subsample_ratio: float = 0.32
     subsample_threshold: float = 0.5
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
@@ -111,7 +137,8 @@ class CacherConfig:
         unit_ratio(self.update_ratio, "update_ratio")
         _check_choice("selection", self.selection, ("per_layer", "shared"))
         _check_choice("granularity", self.granularity, ("token", "merge_block"))
-        _check_choice("refresh", self.refresh, ("fixed", "adaptive"))
+        _check_choice("refresh", self.refresh, ("fixed", "adaptive", "budget"))
+        _check_choice("token_signal", self.token_signal, ("keys", "codec", "codec+keys"))
         _check_choice(
             "compile_mode", self.compile_mode,
             (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -128,11 +155,14 @@ class CacherConfig:
             not isinstance(self.refresh_threshold, (int, float)) or self.refresh_threshold < 0.0
         ):
             raise ConfigError(f"refresh_threshold is a relative pixel change >= 0 for refresh_signal='pixels', got {self.refresh_threshold!r}")
-        _check_choice("over_budget", self.over_budget, ("reuse", "subsample"))
+        _check_choice("over_budget", self.over_budget, ("reuse", "subsample", "downscale"))
+        self._check_budget()
         unit_ratio(self.subsample_ratio, "subsample_ratio")
         if not isinstance(self.subsample_threshold, (int, float)) or self.subsample_threshold < 0.0:
             raise ConfigError(f"subsample_threshold is a relative pixel change >= 0, got {self.subsample_threshold!r}")
-        if self.over_budget == "subsample" and (self.refresh != "adaptive" or self.refresh_signal != "pixels"):
+        if self.over_budget == "subsample" and self.refresh == "fixed":
+            raise ConfigError("over_budget='subsample' needs refresh='adaptive' (refresh_signal='pixels') or 'budget'")
+        if self.over_budget == "subsample" and self.refresh == "adaptive" and self.refresh_signal != "pixels":
             raise ConfigError("over_budget='subsample' needs refresh='adaptive' with refresh_signal='pixels'")
         if self.refresh_budget is not None:
             positive_int(self.refresh_budget, "refresh_budget", optional=True)
@@ -143,6 +173,39 @@ class CacherConfig:
                     f"refresh_budget ({self.refresh_budget}) must not exceed cache_interval ({self.cache_interval}), "
                     "the longest an adaptive cacher keeps a reference"
                 )
+
+    def _check_budget(self) -> None:
+        """The refresh="budget" settings: a budget in (0, 1], thresholds >= 0, downscale only there."""
+        if self.flop_budget is not None:
+            if self.refresh != "budget":
+                raise ConfigError("flop_budget only applies to refresh='budget'")
+            unit_ratio(self.flop_budget, "flop_budget")
+        for name in ("stale_threshold", "stale_share", "cut_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if self.over_budget == "downscale" and self.refresh != "budget":
+            raise ConfigError("over_budget='downscale' needs refresh='budget'")
+
+    @classmethod
+    def robust(cls, cache_interval: int = 2, **overrides: Any) -> Self:
+        """The best policy measured on real footage (docs/benchmarks.md, issue 24): a FLOP budget equal
+        to the paper's fixed schedule with this cache_interval (N=2 by default), spent chunk by chunk
+        on refreshes where the scene changed, reuse where it did not, and a downscaled encode for cuts
+        the budget cannot refresh; codec hints where the source has them. `CacherConfig()` stays the
+        paper's fixed schedule; overrides replace any field (e.g. flop_budget=0.5)."""
+        settings: dict[str, Any] = dict(
+            cache_interval=cache_interval, update_ratio=0.25, refresh="budget", over_budget="downscale",
+            token_signal="keys",
+        )
+        return cls(**{**settings, **overrides})
+
+    @property
+    def profile(self) -> str:
+        """"paper", "robust" or "custom": which named setting this is, for summaries and results headers."""
+        if self == CacherConfig(cache_interval=self.cache_interval, update_ratio=self.update_ratio):
+            return "paper" if self.update_ratio == 0.25 and self.cache_interval in (2, 4) else "custom"
+        return "robust" if self == CacherConfig.robust(self.cache_interval) else "custom"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:

@@ -169,7 +169,7 @@ class Variant:
         run on LLaVA-OneVision (in and on its SigLIP tower) and on Qwen2-VL / Qwen2.5-VL (ToMe on the
         merged tokens, VisionZip from the tower's own attention), not on Qwen3-VL (its DeepStack
         features would need merging too)."""
-        from .cacher.cacher import check_attachable
+        from .cacher.towers import check_attachable
         from .errors import UnsupportedModelError
         from .hosts import LlavaOnevisionHost, Qwen3VLHost, QwenVLHost
 

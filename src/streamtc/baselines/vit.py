@@ -6,6 +6,8 @@
 - `UniformTokenDropping(keep_ratio)`: encode every frame, but only an evenly strided subset of its
   patch tokens (class and register tokens are always kept); each dropped token takes the output of
   the nearest kept token in the patch grid, so the result has the full [F, T, C] shape.
+- `CodecSkipping(threshold)`: encode only the patches the video decoder saw change (codec hints),
+  the others keep their last output: codec-guided skipping before the ViT.
 
 Both work on the towers STC-Cacher supports (SigLIP/CLIP/DINOv2 families: `embeddings`, an encoder
 with its layers, a final norm) and return the tower's `last_hidden_state`. A cost model in FLOPs
@@ -19,9 +21,10 @@ import math
 import torch
 from torch import nn
 
-from ..cacher.cacher import encoder_layers, mlp_width, prefix_tokens
+from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
 from ..cacher.functional import layer_flops, nearest_kept, strided_grid_index
 from ..checks import unit_ratio
+from ..cacher.hints import ChunkHints
 from ..errors import ConfigError
 
 
@@ -93,6 +96,56 @@ class UniformTokenDropping:
         return layer_flops(self.kept_tokens, self.width, self.mlp_width) / layer_flops(self.total_tokens, self.width, self.mlp_width)
 
 
+class CodecSkipping:
+    """Codec-guided patch skipping before the ViT (the idea of CoStream, arXiv 2604.06036, which
+    publishes no code): a patch whose decoder-reported change since it was last encoded stays below
+    `threshold` is not encoded and keeps its last output; the changed patches, with the class and
+    register tokens, go through the exact layers together. The first frame, a cut and a frame
+    without codec hints are encoded whole."""
+
+    uses_hints = True
+
+    def __init__(self, threshold: float) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"threshold must lie in [0, 1], got {threshold!r}")
+        self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        self.last: torch.Tensor | None = None
+        self.change: torch.Tensor | None = None  # [P] change since each patch was last encoded
+        self.flops = self.full_flops = 0.0
+
+    def __call__(self, tower: nn.Module, pixel_values: torch.Tensor, hints: ChunkHints | None = None) -> torch.Tensor:
+        """One frame [1, 3, H, W] and its hints -> last_hidden_state [1, T, C]."""
+        x = tower.embeddings(pixel_values)
+        prefix, width = prefix_tokens(tower), x.shape[-1]
+        layer = encoder_layers(tower)[0]
+        full = layer_flops(x.shape[1], width, mlp_width(layer))
+        whole = self.last is None or hints is None or bool(hints.cut.any()) or hints.patches != x.shape[1] - prefix
+        if not whole:
+            self.change = 1.0 - (1.0 - self.change) * (1.0 - hints.change[0].to(x.device).clamp(0.0, 1.0))
+        changed = torch.arange(x.shape[1] - prefix, device=x.device) if whole else (
+            (self.change > self.threshold).nonzero().flatten())
+        self.full_flops += full
+        if not len(changed):  # nothing changed enough: the last output as it is, for free
+            return self.last
+        rows = torch.cat([torch.arange(prefix, device=x.device), changed + prefix])
+        h = x.index_select(1, rows)
+        for layer in encoder_layers(tower):
+            h = layer(h, None)
+        h = _final_norm(tower)(h)
+        out = h if whole else self.last.index_copy(1, rows, h)
+        self.change = torch.zeros(x.shape[1] - prefix, device=x.device) if whole else self.change.index_fill(0, changed, 0.0)
+        self.last = out
+        self.flops += layer_flops(len(rows), width, mlp_width(layer))
+        return out
+
+    def flop_ratio(self) -> float:
+        """Encoder FLOPs spent so far relative to encoding every frame whole."""
+        return self.flops / self.full_flops if self.full_flops else 1.0
+
+
 def keep_ratio_for_flops(target: float, num_tokens: int, prefix: int, width: int, mlp_width: int) -> float:
     """The grid keep ratio whose strided subset costs closest to `target` of a full frame (FLOP model)."""
     side = math.isqrt(num_tokens - prefix)
@@ -101,4 +154,4 @@ def keep_ratio_for_flops(target: float, num_tokens: int, prefix: int, width: int
     return (best / side) ** 2
 
 
-__all__ = ["FrameSkipping", "UniformTokenDropping", "keep_ratio_for_flops"]
+__all__ = ["CodecSkipping", "FrameSkipping", "UniformTokenDropping", "keep_ratio_for_flops"]

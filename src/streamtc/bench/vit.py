@@ -32,7 +32,7 @@ import functools
 import json
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..baselines.vit import FrameSkipping, UniformTokenDropping, keep_ratio_for_flops
+from ..baselines.vit import FrameSkipping
 from ..cacher import STCCacher
 from ..cacher import functional as F
-from ..cacher.cacher import prefix_tokens
+from ..cacher.towers import prefix_tokens
+from ..cacher.hints import ChunkHints
 from ..config import CacherConfig
 from ..errors import InputError
 from ..measure import environment, timed
@@ -58,13 +59,15 @@ from . import qwen_towers
 class Variant:
     """A named cacher setting, or a baseline encoder; neither (config None) is the unpatched tower.
 
-    baseline: a factory of a per-stream baseline encoder (`FrameSkipping`, `UniformTokenDropping`),
-        called as encoder(tower, frame) -> last_hidden_state.
+    baseline: a factory of a per-stream baseline encoder (`FrameSkipping`, `UniformTokenDropping`,
+        `CodecSkipping`), called as encoder(tower, frame) -> last_hidden_state, or with hints=the
+        frame's codec hints where the encoder has `uses_hints`.
     """
 
     name: str
     config: CacherConfig | None
     baseline: Callable[[], Any] | None = None
+    hints: bool = True  # given the frames' codec hints where the run has them (False: as from a source without)
 
 
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
@@ -96,35 +99,6 @@ QWEN_VARIANTS: tuple[Variant, ...] = tuple(
 )
 
 
-def real_weights_variants(tokens: int, width: int, mlp_width: int, prefix: int) -> tuple[Variant, ...]:
-    """The Cacher's fixed schedules and options beside frame skipping and token dropping at their FLOP cost."""
-    fixed2, fixed4 = (CacherConfig(cache_interval=n, update_ratio=0.25) for n in (2, 4))
-    cost2, cost4 = (F.flop_ratio(tokens, width, mlp_width, 0.25, n) for n in (2, 4))
-    keep2, keep4 = (keep_ratio_for_flops(cost, tokens, prefix, width, mlp_width) for cost in (cost2, cost4))
-    return (
-        Variant("full", None),
-        Variant("full (control)", None),
-        Variant("stc N=2 r=0.25", fixed2),
-        Variant("stc N=4 r=0.25", fixed4),
-        Variant("shared N=2 r=0.25", CacherConfig(cache_interval=2, update_ratio=0.25, selection="shared")),
-        Variant("adaptive keys N=8 budget 2", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
-                                                           refresh_signal="keys", refresh_budget=2)),
-        Variant("adaptive pixels N=8 budget 2", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
-                                                             refresh_budget=2)),
-        Variant("adaptive pixels N=8 budget 4", CacherConfig(cache_interval=8, update_ratio=0.25, refresh="adaptive",
-                                                             refresh_budget=4)),
-        Variant("adaptive pixels budget 2, subsample over budget", CacherConfig(
-            cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_budget=2, over_budget="subsample")),
-        Variant("adaptive pixels budget 4, subsample over budget", CacherConfig(
-            cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_budget=4, over_budget="subsample")),
-        Variant(f"skip frames, rate {cost2:.3f} (= N=2)", None, functools.partial(FrameSkipping, cost2)),
-        Variant("skip frames, every 2nd", None, functools.partial(FrameSkipping, 0.5)),
-        Variant(f"skip frames, rate {cost4:.3f} (= N=4)", None, functools.partial(FrameSkipping, cost4)),
-        Variant(f"drop tokens, keep {keep2:.2f} (= N=2)", None, functools.partial(UniformTokenDropping, keep2)),
-        Variant(f"drop tokens, keep {keep4:.2f} (= N=4)", None, functools.partial(UniformTokenDropping, keep4)),
-    )
-
-
 @dataclass
 class VariantResult:
     name: str
@@ -137,7 +111,7 @@ class VariantResult:
     cls_cosine: list[float] = field(default_factory=list)  # per frame, class token (towers that have one)
     saliency_corr: list[float] = field(default_factory=list)  # per frame, with a saliency head
     saliency_kl: list[float] = field(default_factory=list)
-    frame_kinds: str = ""  # per frame: R refresh (or a full frame), S subsampled, . reused
+    frame_kinds: str = ""  # per frame: R refresh (or a full frame), S subsampled, D downscaled, . reused
     flop_ratio: float | None = None  # cachers and baselines report their own cost
 
 
@@ -199,6 +173,7 @@ def run_vit_benchmark(
     model: torch.nn.Module | None = None,
     head: torch.nn.Module | None = None,
     progress: Callable[[str], None] | None = None,
+    hints: Sequence[ChunkHints | None] | None = None,
 ) -> dict[str, Any]:
     """Stream `pixel_values` [F, 3, H, W] frame by frame through every variant at once; the report dict.
 
@@ -215,6 +190,8 @@ def run_vit_benchmark(
 
     tower: a Qwen-VL tower name instead of `preset`; `pixel_values` then holds pairs of frames, each
     pair one temporal patch and one tower forward.
+    hints: per frame, the codec hints a session would hand the Cacher (`ChunkHints.from_side_data`),
+    given to every cacher (settings that do not use them ignore them) and to baselines that take them.
     """
     if variants[0].config is not None:
         raise ValueError("the first variant must be the unpatched baseline (config None)")
@@ -266,19 +243,23 @@ def run_vit_benchmark(
                     cacher, encoder = cachers.get(variant.name), encoders.get(variant.name)
                     if cacher is not None:
                         cacher.attach(model)
-                    before = (cacher.stats.refresh_chunks, cacher.stats.subsampled_chunks) if cacher else (0, 0)
+                    hint = None if hints is None or not variant.hints else hints[i]
+                    if cacher is not None:
+                        cacher.hint(hint)
+                    before = _chunk_counts(cacher)
                     computes = not isinstance(encoder, FrameSkipping) or encoder.encodes_next()
                     if encoder is not None:
-                        out, elapsed = timed(lambda: encoder(model, frame[None]), device)
+                        extra = {"hints": hint} if getattr(encoder, "uses_hints", False) else {}
+                        out, elapsed = timed(lambda: encoder(model, frame[None], **extra), device)
                     else:
                         out, elapsed = timed(lambda: encode(frame), device)
                     if cacher is not None:
                         cacher.detach()
                     ms[variant.name].append(elapsed)
                     outputs[variant.name].append(out)
-                    if cacher is not None:  # R: refresh, S: over-budget subsample, .: non-refresh
-                        refreshed[variant.name].append("R" if cacher.stats.refresh_chunks > before[0] else
-                                                       "S" if cacher.stats.subsampled_chunks > before[1] else ".")
+                    if cacher is not None:  # R: refresh, S: subsample, D: downscale, .: non-refresh
+                        after = _chunk_counts(cacher)
+                        refreshed[variant.name].append(next((kind for kind, b, a in zip("RSD", before, after) if a > b), "."))
                     else:
                         refreshed[variant.name].append("R" if computes else ".")
             if repeat < warmup:
@@ -324,6 +305,13 @@ def run_vit_benchmark(
     }
 
 
+def _chunk_counts(cacher: STCCacher | None) -> tuple[int, int, int]:
+    """Refresh, subsampled and downscaled chunks so far (zeros for a baseline)."""
+    if cacher is None:
+        return 0, 0, 0
+    return cacher.stats.refresh_chunks, cacher.stats.subsampled_chunks, cacher.stats.downscaled_chunks
+
+
 def summarise(
     result: VariantResult, full: VariantResult, tokens: int, config: Any, frame_flops: Any = None
 ) -> dict[str, Any]:
@@ -334,13 +322,11 @@ def summarise(
     """
     totals = [sum(run) for run in result.frame_ms]
     time_ratios = [sum(run) / sum(base) for run, base in zip(result.frame_ms, full.frame_ms)]
-    paired = [
-        (ms / base_ms, is_refresh)
-        for run, base in zip(result.frame_ms, full.frame_ms)
-        for ms, base_ms, is_refresh in zip(run, base, result.refresh_frames)
-    ]
-    refresh = [ratio for ratio, is_refresh in paired if is_refresh]
-    selective = [ratio for ratio, is_refresh in paired if not is_refresh]
+    kinds = result.frame_kinds or "".join("R" if r else "." for r in result.refresh_frames)
+    paired = [(ms / base_ms, kind) for run, base in zip(result.frame_ms, full.frame_ms)
+              for ms, base_ms, kind in zip(run, base, kinds)]
+    refresh = [ratio for ratio, kind in paired if kind == "R"]
+    selective = [ratio for ratio, kind in paired if kind == "."]  # the non-refresh (reuse) frames only
     n_refresh = sum(result.refresh_frames)
     if frame_flops is not None and result.config is not None:  # a tower model beyond the layers (Qwen towers)
         k = F.num_recomputed_tokens(tokens, result.config["update_ratio"])
@@ -363,6 +349,7 @@ def summarise(
         "refresh_frame_ratio": statistics.median(refresh) if refresh else math.nan,
         "selective_frame_ratio": statistics.median(selective) if selective else math.nan,
         "token_cosine_mean": statistics.fmean(result.token_cosine),
+        "token_cosine_p10": float(np.percentile(result.token_cosine, 10)),
         "token_cosine_min": min(result.token_cosine),
         "flat_cosine_mean": statistics.fmean(result.flat_cosine),
         "flat_cosine_min": min(result.flat_cosine),
@@ -379,74 +366,9 @@ def summarise(
     }
 
 
-def refresh_signal_study(tower: torch.nn.Module, pixel_values: torch.Tensor, max_gap: int = 3) -> dict[str, Any]:
-    """How well each adaptive refresh signal predicts a reused frame's error, over frame pairs.
-
-    For every pair (reference r, target r + d), d = 1..max_gap: the patch-token cosine to the full
-    forward of frame r + d encoded as a non-refresh chunk against frame r's reference (N = 2,
-    r = 0.25), and both signals the adaptive cacher can watch (the relative pixel change; the
-    median first-layer key cosine of the reused tokens). Returns Pearson and Spearman
-    correlations of each signal with that cosine, signed so that higher means "more similar".
-    """
-    from ..cacher.patch_vit import layer_parts
-    from ..cacher.cacher import encoder_layers
-
-    prefix = prefix_tokens(tower)
-    first = layer_parts(encoder_layers(tower)[0])
-    cosines, pixels, keys = [], [], []
-    with torch.inference_mode():
-        full = torch.cat([tower(pixel_values=f[None]).last_hidden_state for f in pixel_values])
-        embedded = tower.embeddings(pixel_values)
-        first_keys = first.k_proj(first.norm1(embedded))
-        for r in range(len(pixel_values)):
-            for c in range(r + 1, min(len(pixel_values), r + max_gap + 1)):
-                cacher = STCCacher(CacherConfig(cache_interval=100, update_ratio=0.25)).attach(tower)
-                tower(pixel_values=pixel_values[r][None])
-                out = tower(pixel_values=pixel_values[c][None]).last_hidden_state
-                cacher.detach()
-                cosines.append(float(token_cosine(out[:, prefix:], full[c:c + 1, prefix:])))
-                pixels.append(-float(F.relative_pixel_change(pixel_values[c][None], pixel_values[r])))
-                similarity = F.key_similarity(first_keys[c][None], F.unit_rows(first_keys[r]))
-                k = F.num_recomputed_tokens(similarity.shape[-1], 0.25)
-                keys.append(float(F.reused_similarity(similarity, k)))
-
-    return summarise_signal_study({"cosine": cosines, "pixels": pixels, "keys": keys}, max_gap)
-
-
-def summarise_signal_study(values: dict[str, list[float]], max_gap: int) -> dict[str, Any]:
-    """Correlations of each signal with the reused cosine; `values` may pool the pairs of several runs."""
-    cosines = np.array(values["cosine"])
-
-    def correlations(signal: list[float]) -> dict[str, float]:
-        x = np.array(signal)
-        rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
-        return {"pearson": float(np.corrcoef(x, cosines)[0, 1]), "spearman": float(np.corrcoef(rank(x), rank(cosines))[0, 1])}
-
-    return {
-        "pairs": len(cosines),
-        "max_gap": max_gap,
-        "signals": {"pixels (minus relative change)": correlations(values["pixels"]),
-                    "keys (reused median)": correlations(values["keys"])},
-        "keys_range": [min(values["keys"]), max(values["keys"])],
-        "cosine_range": [float(cosines.min()), float(cosines.max())],
-        "values": values,
-    }
-
-
 def _cell(value: float | None, digits: int) -> str:
     """A number for the table; "-" where the variant has no such frames (NaN) or no such measure (None)."""
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def print_signal_study(study: dict[str, Any] | None, console: Any) -> None:
-    """One line: how well each adaptive refresh signal tracks a reused frame's cosine."""
-    if not study:
-        return
-    parts = ", ".join(f"{name}: Pearson {c['pearson']:.2f}, Spearman {c['spearman']:.2f}" for name, c in study["signals"].items())
-    console.print(f"adaptive refresh signals against a reused frame's cosine over {study['pairs']} frame pairs "
-                  f"(gaps 1-{study['max_gap']}): {parts}; key medians span {study['keys_range'][0]:.3f}-"
-                  f"{study['keys_range'][1]:.3f} while the cosine spans {study['cosine_range'][0]:.3f}-"
-                  f"{study['cosine_range'][1]:.3f}")
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -462,7 +384,7 @@ def print_report(report: dict[str, Any]) -> None:
     )
     table = Table(title=title)
     columns = ["variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame", "cos mean",
-               "cos min"]
+               "cos p10", "cos min"]
     real = report["variants"][0]["saliency_corr_mean"] is not None
     if real:
         columns += ["CLS cos", "saliency r mean", "saliency r min", "saliency KL mean"]
@@ -471,7 +393,7 @@ def print_report(report: dict[str, Any]) -> None:
     for v in report["variants"]:
         row = [v["name"], f"{v['total_ms']:.0f}", _cell(v["time_ratio"], 3), _cell(v["flop_ratio"], 3),
                _cell(v["refresh_frame_ratio"], 3), _cell(v["selective_frame_ratio"], 3),
-               _cell(v["token_cosine_mean"], 4), _cell(v["token_cosine_min"], 4)]
+               _cell(v["token_cosine_mean"], 4), _cell(v.get("token_cosine_p10"), 4), _cell(v["token_cosine_min"], 4)]
         if real:
             row += [_cell(v["cls_cosine_mean"], 4), _cell(v["saliency_corr_mean"], 3), _cell(v["saliency_corr_min"], 3),
                     _cell(v["saliency_kl_mean"], 4)]
@@ -483,45 +405,10 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(table)
     env = report["environment"]
     m = {**env["versions"], **env["machine"], "torch_threads": env["torch_threads"], "date": env["date"]}
-    print_signal_study(report.get("refresh_signal_study"), console)
     console.print(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']} · transformers "
                   f"{m['transformers']} · {m['date']}; ratios are medians of paired ratios to the full frame "
                   "encoded alongside; 'full (control)' is the unpatched tower again: its distance from 1 "
                   "is the measurement's noise; cos = patch tokens' cosine to the full forward")
-
-
-def plot_fidelity(reports: list[dict[str, Any]], path: str | Path) -> Path:
-    """Fidelity (patch-token cosine mean and worst frame; saliency r where measured) against FLOP ratio, one panel per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [("token_cosine_mean", "cos mean"), ("token_cosine_min", "cos worst frame")]
-    if reports[0]["variants"][0]["saliency_corr_mean"] is not None:
-        metrics += [("saliency_corr_mean", "saliency r mean"), ("saliency_corr_min", "saliency r worst frame")]
-    figure, axes = plt.subplots(len(metrics), len(reports), figsize=(max(10.0, 4.5 * len(reports)), 3.2 * len(metrics) + 1.5), squeeze=False)
-    markers = {"cacher": "o", "FrameSkipping": "s", "UniformTokenDropping": "^", "full": "*"}
-    for col, report in enumerate(reports):
-        for row, (key, label) in enumerate(metrics):
-            ax = axes[row][col]
-            for v in report["variants"]:
-                if v["name"] == "full (control)":
-                    continue
-                ax.scatter(v["flop_ratio"], v[key], marker=markers.get(v["kind"], "o"), label=v["name"])
-            ax.set_xlabel("FLOP ratio to the full tower")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            if row == 0:
-                ax.set_title(report.get("title", report["preset"]), fontsize=9)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    figure.tight_layout(rect=(0, 1.5 / (3.2 * len(metrics) + 1.5), 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
@@ -576,7 +463,6 @@ def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
 
 
 
-__all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "real_weights_variants", "load_frames_at_rate",
-           "load_qwen_frames", "plot_fidelity", "saliency_agreement", "refresh_signal_study", "summarise_signal_study",
-           "print_signal_study", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_plots",
+__all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "load_frames_at_rate", "load_qwen_frames",
+           "saliency_agreement", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_plots",
            "write_report", "flat_cosine"]

@@ -33,130 +33,25 @@ from typing import Any, NamedTuple, Self
 
 import torch
 from torch import nn
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
-from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
-from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
-    Dinov2WithRegistersLayer,
-    Dinov2WithRegistersModel,
-)
-from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionTransformer
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLVisionBlock,
-)
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, Qwen2VLVisionBlock
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock, Qwen3VLVisionModel
-from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionModel
-from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer, Siglip2VisionModel
 
 from ..config import CacherConfig
-from ..errors import InputError, StreamStateError, UnsupportedModelError
+from ..errors import InputError, StreamStateError
+from . import budget, downscale, kernels
 from . import functional as F
-from . import kernels, patch_qwen_vl, patch_vit
+from .downscale import Downscale
+from .hints import ChunkHints
 from .state import CacherState, CacherStats
-
-
-class ChunkLayout(NamedTuple):
-    """Geometry of one tower forward (one chunk): `units` reuse units of `tokens` tokens, `width` wide.
-
-    frames: video frames the chunk covers (units x frames per unit).
-    grid: the units' spatial token grid where the token count alone does not fix every token's
-        position (Qwen towers: 16x32 and 32x16 have the same count); a new grid forces a refresh.
-    """
-
-    units: int
-    tokens: int
-    width: int
-    frames: int
-    grid: tuple[int, ...] | None = None
-
-
-class TowerSpec(NamedTuple):
-    """How the cacher finds its way around one vision tower class."""
-
-    layers: Callable[[nn.Module], nn.ModuleList]  # the tower's layers (blocks), in order
-    chunk_module: Callable[[nn.Module], nn.Module]  # the module whose one forward encodes one chunk
-    chunk_layout: Callable[[nn.Module, tuple, dict], ChunkLayout]  # (tower, its args, kwargs) -> geometry
-
-
-def mlp_width(layer: nn.Module) -> int:
-    """The hidden width of a layer's MLP (its first projection's output size), for the FLOP model."""
-    return next(m for m in layer.mlp.modules() if isinstance(m, nn.Linear)).out_features
-
-
-def encoder_layers(tower: nn.Module) -> list[nn.Module]:
-    """The encoder layers of a supported tower, in order."""
-    encoder = tower.encoder
-    return list(encoder.layers if hasattr(encoder, "layers") else encoder.layer)
-
-
-def prefix_tokens(tower: nn.Module) -> int:
-    """Class and register tokens before the patch grid (0 for SigLIP, 1 for CLIP and DINOv2, more with registers)."""
-    embeddings = tower.embeddings
-    registers = getattr(embeddings, "register_tokens", None)
-    has_class = getattr(embeddings, "cls_token", None) is not None or hasattr(embeddings, "class_embedding")
-    return int(has_class) + (0 if registers is None else registers.shape[1])
-
-
-def _encoder_layout(tower: nn.Module, args: tuple, kwargs: dict) -> ChunkLayout:
-    """SigLIP/CLIP-style encoders: inputs_embeds [frames, tokens, width], one frame per unit."""
-    hidden_states = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
-    if hidden_states.dim() != 3:
-        raise InputError(f"the encoder expects hidden states [frames, tokens, width], got shape {tuple(hidden_states.shape)}")
-    frames, tokens, width = hidden_states.shape
-    return ChunkLayout(frames, tokens, width, frames)
-
-
-def _qwen_layout(tower: nn.Module, args: tuple, kwargs: dict) -> ChunkLayout:
-    """Qwen-VL towers: forward(pixel patches, grid_thw); one temporal patch (t = 1 of the grid) per unit.
-
-    The chunk's grid rows must share one (h, w): a stream's chunk is one stream's frames.
-    """
-    grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-    grids = {(int(h), int(w)) for _, h, w in grid_thw.tolist()}
-    if len(grids) != 1:
-        raise InputError(
-            f"a cached chunk must hold frames of one size, got token grids {sorted(grids)}; encode one video "
-            "(frames resized alike) per tower forward"
-        )
-    (grid,) = grids
-    units = int(grid_thw[:, 0].sum())
-    frames = units * tower.config.temporal_patch_size
-    return ChunkLayout(units, grid[0] * grid[1], tower.patch_embed.proj.out_channels, frames, grid)
-
-
-_ENCODER_TOWER = TowerSpec(encoder_layers, lambda tower: tower.encoder, _encoder_layout)
-_QWEN_TOWER = TowerSpec(lambda tower: tower.blocks, lambda tower: tower, _qwen_layout)
-
-# Vision tower class -> how to find its layers and read a chunk's geometry.
-TOWERS: dict[type[nn.Module], TowerSpec] = {
-    SiglipVisionModel: _ENCODER_TOWER,
-    Siglip2VisionModel: _ENCODER_TOWER,
-    CLIPVisionModel: _ENCODER_TOWER,
-    Idefics3VisionTransformer: _ENCODER_TOWER,
-    Dinov2Model: _ENCODER_TOWER,
-    Dinov2WithRegistersModel: _ENCODER_TOWER,
-    Qwen2VisionTransformerPretrainedModel: _QWEN_TOWER,
-    Qwen2_5_VisionTransformerPretrainedModel: _QWEN_TOWER,
-    Qwen3VLVisionModel: _QWEN_TOWER,
-}
-SUPPORTED_TOWERS: tuple[type[nn.Module], ...] = tuple(TOWERS)
-
-# Layer class -> the module implementing its refresh and selective forwards. A patch module
-# provides eager_attention_for(layer), layer_inputs(*args, **kwargs) (the layer's inputs after the
-# hidden states, in the order its forwards take them), layer_keys(layer, hidden_states, onednn),
-# refresh_forward, selective_forward, and COMPILABLE.
-LAYER_PATCHES: dict[type[nn.Module], Any] = {
-    SiglipEncoderLayer: patch_vit,
-    Siglip2EncoderLayer: patch_vit,
-    CLIPEncoderLayer: patch_vit,
-    Idefics3EncoderLayer: patch_vit,
-    Qwen2VLVisionBlock: patch_qwen_vl,
-    Qwen2_5_VLVisionBlock: patch_qwen_vl,
-    Qwen3VLVisionBlock: patch_qwen_vl,
-    Dinov2Layer: patch_vit,
-    Dinov2WithRegistersLayer: patch_vit,
-}
+from .towers import (
+    ENCODER_TOWER,
+    LAYER_PATCHES,
+    ChunkLayout,
+    TowerSpec,
+    check_attachable,
+    find_vision_tower,
+    mlp_width,
+    prefix_tokens,
+    tower_spec,
+)
 
 
 @dataclass
@@ -171,6 +66,7 @@ class ChunkPlan:
     shared_index: torch.Tensor | None = None  # [U, k] for selection="shared"
     first_layer_keys: torch.Tensor | None = None  # [U, T, C] when the planner already computed them
     subsample: Subsample | None = None  # over_budget="subsample": encode these tokens exactly, no reference
+    downscale: Downscale | None = None  # over_budget="downscale": the whole frame on a smaller grid, no reference
     group: int = 1  # tokens selected together (granularity="merge_block": a 2x2 merge block)
     recomputed: torch.Tensor | None = None  # [L, U, k] each non-refresh layer's selection, written as it runs
 
@@ -188,53 +84,6 @@ class LayerPaths(NamedTuple):
 
     refresh: Callable[..., torch.Tensor]
     selective: Callable[..., torch.Tensor]
-
-
-def find_vision_tower(model: nn.Module) -> nn.Module:
-    """The single supported vision tower inside `model` (or `model` itself)."""
-    towers = [m for m in model.modules() if isinstance(m, SUPPORTED_TOWERS)]
-    if not towers:
-        supported = ", ".join(cls.__name__ for cls in SUPPORTED_TOWERS)
-        raise UnsupportedModelError(
-            f"no supported vision tower found in {type(model).__name__}; STC-Cacher supports {supported} "
-            "and models that contain one (e.g. LlavaOnevisionForConditionalGeneration, Idefics3/SmolVLM, "
-            "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)"
-        )
-    if len(towers) > 1:
-        names = ", ".join(type(t).__name__ for t in towers)
-        raise UnsupportedModelError(f"{type(model).__name__} has several vision towers ({names}); attach to one of them")
-    return towers[0]
-
-
-def _tower_spec(tower: nn.Module) -> TowerSpec:
-    return TOWERS[next(cls for cls in type(tower).__mro__ if cls in TOWERS)]
-
-
-def check_attachable(model: nn.Module, config: CacherConfig) -> list[nn.Module]:
-    """The layers an STCCacher with `config` would patch in the vision tower of `model`; raises
-    UnsupportedModelError naming the fix when it cannot attach (unsupported tower or layer,
-    accelerate hooks, an option the tower does not support). Tools call it to skip such settings."""
-    tower = find_vision_tower(model)
-    spec = _tower_spec(tower)
-    if config.granularity == "merge_block" and spec is not _QWEN_TOWER:
-        raise UnsupportedModelError(
-            f"granularity='merge_block' selects the 2x2 merge blocks of Qwen-VL towers; {type(tower).__name__} has "
-            "none: use CacherConfig(granularity='token')"
-        )
-    layers = list(spec.layers(tower))
-    for layer in layers:
-        if type(layer) not in LAYER_PATCHES:
-            supported = ", ".join(cls.__name__ for cls in LAYER_PATCHES)
-            raise UnsupportedModelError(f"encoder layer {type(layer).__name__} is not supported; supported: {supported}")
-        if hasattr(layer, "_hf_hook"):
-            raise UnsupportedModelError(
-                "the vision tower is dispatched with accelerate hooks (device_map); load it on one device to use STC-Cacher"
-            )
-        if config.compile_mode is not None and not LAYER_PATCHES[type(layer)].COMPILABLE:
-            raise UnsupportedModelError(
-                f"compile_mode is not supported for {type(layer).__name__} yet; use CacherConfig(compile_mode=None)"
-            )
-    return layers
 
 
 def attached_cacher(model: nn.Module) -> STCCacher | None:
@@ -257,6 +106,7 @@ class STCCacher:
         self._saved_forwards: list[Any] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._chunk_pixels: torch.Tensor | None = None  # the tower's input of the chunk being encoded
+        self._downscale_pixels: torch.Tensor | None = None  # the same, while the chunk is planned
         self._paths: dict[Any, LayerPaths] = {}
         # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
         self._onednn = (
@@ -276,7 +126,7 @@ class STCCacher:
         tower = find_vision_tower(model)
         if attached_cacher(tower) is not None:
             raise StreamStateError(f"{type(tower).__name__} already has an STCCacher attached; detach that one first")
-        spec, layers = _tower_spec(tower), check_attachable(tower, self.config)
+        spec, layers = tower_spec(tower), check_attachable(tower, self.config)
         self._tower, self._layers, self._spec = tower, layers, spec
         self._mlp_width = mlp_width(layers[0])
         for index, layer in enumerate(layers):
@@ -347,6 +197,13 @@ class STCCacher:
         """The active stream's state."""
         return self._state
 
+    def hint(self, hints: ChunkHints | None) -> None:
+        """Codec hints for the active stream's next chunk (refresh="budget" uses them; other settings
+        ignore them). They are consumed by that chunk; a chunk without hints falls back to pixels."""
+        if hints is not None and not isinstance(hints, ChunkHints):
+            raise InputError(f"hint() takes ChunkHints or None, got {type(hints).__name__}")
+        self._state.next_hints = hints
+
     def reset(self) -> None:
         """Start a new stream on the active state: drop the reference, counter back to 0."""
         self._state.reset()
@@ -382,66 +239,204 @@ class STCCacher:
         hidden_states = args[0] if args else kwargs["hidden_states"]
         state, config = self._state, self.config
         state.check_compatible(hidden_states)
-        adaptive = config.refresh == "adaptive"
-        if adaptive:
+        needs_reference = (
+            not state.has_reference
+            or state.reference_shape != (len(self._layers), layout.tokens, layout.width)
+            or state.grid != layout.grid
+        )
+        group = self._tower.config.spatial_merge_size ** 2 if config.granularity == "merge_block" else 1
+        num_recomputed = F.grouped_count(F.num_recomputed_tokens(layout.tokens, config.update_ratio), group)
+        plan = ChunkPlan(state, layout, needs_reference, num_recomputed, group=group)
+        self._downscale_pixels, self._chunk_pixels = self._chunk_pixels, None
+        pixels = self._downscale_pixels
+        if pixels is not None:  # one row per reuse unit (a frame, or a temporal patch's flattened patches)
+            pixels = pixels.reshape(layout.units, -1)
+        hints, state.next_hints = state.next_hints, None
+        if hints is not None:
+            self._check_hints(hints, layout)
+            state.stats.hinted_chunks += 1
+        if config.refresh == "budget":
+            self._plan_budget(plan, hidden_states, pixels, hints, args[1:], kwargs)
+        else:
+            self._plan_schedule(plan, hidden_states, pixels, args[1:], kwargs)
+        if plan.refresh:
+            state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid)
+            state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
+        elif plan.subsample is None and plan.downscale is None:
+            plan.recomputed = torch.empty(len(self._layers), layout.units, plan.num_recomputed, dtype=torch.long,
+                                          device=hidden_states.device)
+        self._downscale_pixels = None
+        self._plan = plan
+
+    def _plan_schedule(self, plan: ChunkPlan, hidden_states: torch.Tensor, pixels: torch.Tensor | None,
+                       args: tuple, kwargs: dict) -> None:
+        """refresh="fixed" and "adaptive": the paper's schedule and its pixel/key triggers."""
+        state, config, layout = plan.state, self.config, plan.layout
+        if config.refresh == "adaptive":
             affordable = config.refresh_budget is None or F.within_refresh_budget(
                 state.chunk_index, state.stats.refresh_chunks, config.refresh_budget
             )
             on_schedule = affordable and state.chunk_index - state.last_refresh_chunk >= config.cache_interval
         else:
             affordable, on_schedule = False, state.chunk_index % config.cache_interval == 0
-        refresh = (
-            not state.has_reference
-            or on_schedule
-            or state.reference_shape != (len(self._layers), layout.tokens, layout.width)
-            or state.grid != layout.grid
-        )
-        group = self._tower.config.spatial_merge_size ** 2 if config.granularity == "merge_block" else 1
-        num_recomputed = F.grouped_count(F.num_recomputed_tokens(layout.tokens, config.update_ratio), group)
-        plan = ChunkPlan(state, layout, refresh, num_recomputed, group=group)
-        pixels, self._chunk_pixels = self._chunk_pixels, None
-        if pixels is not None:  # one row per reuse unit (a frame, or a temporal patch's flattened patches)
-            pixels = pixels.reshape(layout.units, -1)
-        change = self._pixel_change(pixels, state) if not refresh and adaptive and config.refresh_signal == "pixels" else 0.0
+        plan.refresh = plan.refresh or on_schedule
+        adaptive = config.refresh == "adaptive"
+        change = (self._pixel_change(pixels, state.reference_pixels)
+                  if not plan.refresh and adaptive and config.refresh_signal == "pixels" else 0.0)
         if change > config.refresh_threshold and affordable:
             plan.refresh = plan.adaptive_refresh = True
         elif change > config.subsample_threshold and config.over_budget == "subsample":
-            plan.subsample = self._subsample(hidden_states, args[1:], kwargs)
+            plan.subsample = self._subsample(hidden_states, args, kwargs)
         if not plan.refresh and (config.selection == "shared" or (affordable and config.refresh_signal == "keys")):
             units = hidden_states.reshape(layout.units, layout.tokens, layout.width)
             self._plan_from_first_layer(plan, units, trigger=affordable and config.refresh_signal == "keys")
-        if plan.refresh:
-            state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid)
-            state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
-        elif plan.subsample is None:
-            plan.recomputed = torch.empty(len(self._layers), layout.units, num_recomputed, dtype=torch.long,
-                                          device=hidden_states.device)
-        self._plan = plan
 
-    def _subsample(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> Subsample | None:
+    def _plan_budget(self, plan: ChunkPlan, hidden_states: torch.Tensor, pixels: torch.Tensor | None,
+                     hints: ChunkHints | None, args: tuple, kwargs: dict) -> None:
+        """refresh="budget": spend the stream's FLOP budget on this chunk (see `budget`)."""
+        state, config, layout = plan.state, self.config, plan.layout
+        full = F.layer_flops(layout.tokens, layout.width, self._mlp_width)
+        target = config.flop_budget or F.flop_ratio(
+            layout.tokens, layout.width, self._mlp_width, config.update_ratio, config.cache_interval)
+        change = self._change_since_reference(state, hints, plan.refresh, layout)
+        signals = self._budget_signals(plan, pixels, hints, change)
+        wide = F.num_recomputed_tokens(layout.tokens, min(1.0, 2 * config.update_ratio))
+        chunk_full = layout.units * len(self._layers) * full
+        decision = budget.decide(
+            signals, budget.credit(target, state.stats.flops, state.stats.full_flops, chunk_full), target,
+            config.update_ratio, F.layer_flops(layout.tokens, layout.width, self._mlp_width, wide) / full,
+        )
+        state.previous_cut = signals.cut
+        state.previous_pixels = None if pixels is None else pixels[-1].detach().clone()
+        if plan.refresh or decision.action == "refresh":
+            plan.adaptive_refresh = not plan.refresh
+            plan.refresh = True
+            state.change_since_reference = None if hints is None else torch.zeros_like(hints.change)
+            return
+        if decision.action == "downscale" and config.over_budget != "reuse":
+            plan.downscale = self._downscale(hidden_states, args, kwargs, decision.spend) if (
+                config.over_budget == "downscale") else None
+            if plan.downscale is None:
+                plan.subsample = self._subsample(hidden_states, args, kwargs, decision.spend)
+            if plan.downscale is not None or plan.subsample is not None:
+                return
+        plan.num_recomputed = F.grouped_count(
+            F.num_recomputed_tokens(layout.tokens, decision.update_ratio or config.update_ratio), plan.group)
+        if change is not None and config.token_signal != "keys" and self._spec is ENCODER_TOWER:
+            units = hidden_states.reshape(layout.units, layout.tokens, layout.width)
+            self._select_by_change(plan, units, self._token_change(change, layout))
+        elif config.selection == "shared":
+            self._plan_from_first_layer(plan, hidden_states.reshape(layout.units, layout.tokens, layout.width),
+                                        trigger=False)
+
+    def _budget_signals(self, plan: ChunkPlan, pixels: torch.Tensor | None, hints: ChunkHints | None,
+                        change: torch.Tensor | None) -> budget.BudgetSignals:
+        """Stale and cut, from codec hints where the chunk has them, else from pixel change."""
+        state, config = plan.state, self.config
+        if hints is not None:
+            cut = bool(hints.cut.any())
+        else:  # the stream's first frame cuts from nothing
+            cut = state.previous_pixels is not None and (
+                self._pixel_change(pixels, state.previous_pixels) > config.cut_threshold)
+        if plan.refresh or (hints is not None and cut):
+            stale = True
+        else:
+            moved = self._pixel_change(pixels, state.reference_pixels)
+            changed = None if change is None else float(change.mean(dim=1).max())
+            stale = budget.is_stale(moved, changed, config.stale_threshold, config.stale_share)
+        age = state.chunk_index - state.last_refresh_chunk if state.has_reference else 0
+        return budget.BudgetSignals(stale, cut, state.previous_cut, age, not plan.refresh)
+
+    @staticmethod
+    def _change_since_reference(state: CacherState, hints: ChunkHints | None, refresh: bool,
+                                layout: ChunkLayout) -> torch.Tensor | None:
+        """Accumulate the chunk's codec change into the change since the reference ([U, P]: each
+        patch's share changed, combined as independent events; a cut changes everything). None when
+        this chunk or one since the reference came without hints: the pixels decide then."""
+        if hints is None or refresh:
+            state.change_since_reference = None
+            return None
+        change = hints.change.to(device=state.values.device, dtype=torch.float32).clamp(0.0, 1.0)
+        change = torch.where(hints.cut.to(change.device)[:, None], torch.ones_like(change), change)
+        previous = state.change_since_reference
+        if previous is not None and previous.shape == change.shape:
+            change = 1.0 - (1.0 - previous) * (1.0 - change)
+        elif state.last_refresh_chunk != state.chunk_index - 1:
+            state.change_since_reference = None  # an earlier chunk since the reference had no hints
+            return None
+        state.change_since_reference = change
+        return change
+
+    def _token_change(self, change: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+        """[U, P] patch change -> [U, T] token change; class and register tokens count as changed
+        (they summarise the whole frame)."""
+        prefix = layout.tokens - change.shape[1]
+        return torch.cat([change.new_ones(change.shape[0], prefix), change], dim=1)
+
+    def _select_by_change(self, plan: ChunkPlan, hidden_states: torch.Tensor, token_change: torch.Tensor) -> None:
+        """token_signal "codec" / "codec+keys": one index set for every layer, the tokens that changed
+        most since the reference (by the first layer's key cosine, lowered by twice the change)."""
+        if self.config.token_signal == "codec":
+            plan.shared_index = F.select_dynamic_tokens(-token_change, plan.num_recomputed, plan.group)
+            return
+        first = self._layers[0]
+        keys = LAYER_PATCHES[type(first)].layer_keys(first, hidden_states, self._onednn)
+        plan.first_layer_keys = keys
+        similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys) - 2.0 * token_change
+        plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed, plan.group)
+
+    def _check_hints(self, hints: ChunkHints, layout: ChunkLayout) -> None:
+        if hints.units != layout.units or hints.patches > layout.tokens:
+            raise InputError(
+                f"codec hints for {hints.units} units of {hints.patches} patches do not fit a chunk of "
+                f"{layout.units} units of {layout.tokens} tokens"
+            )
+
+    def _downscale(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict, spend: float) -> Downscale | None:
+        """The chunk's downscaled encode within `spend` of its full cost, or None where it does not
+        apply (see `downscale.supports_downscale`; also padded inputs, non-square prefixes)."""
+        mask = kwargs.get("attention_mask", args[0] if args else None)
+        pixels = self._downscale_pixels
+        if (self._spec is not ENCODER_TOWER or mask is not None or pixels is None
+                or not downscale.supports_downscale(self._tower)):
+            return None
+        prefix = prefix_tokens(self._tower)
+        patch = self._tower.config.patch_size
+        full_grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+        if full_grid[0] * full_grid[1] + prefix != hidden_states.shape[1]:
+            return None
+        grid = downscale.downscale_grid(full_grid, prefix, hidden_states.shape[-1], self._mlp_width, spend)
+        embedded = downscale.embed_downscaled(self._tower, pixels, grid, patch)
+        return Downscale(grid, full_grid, prefix, embedded.to(hidden_states.dtype))
+
+    def _subsample(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict,
+                   ratio: float | None = None) -> Subsample | None:
         """The strided token subset of an over-budget chunk (first layer's inputs), or None where it
         does not apply: towers other than the [frames, tokens, width] encoders, an attention mask
-        (padded inputs), no square patch grid."""
+        (padded inputs), no square patch grid. ratio: the share of the grid kept (default
+        subsample_ratio; refresh="budget" passes what the budget pays for)."""
         mask = kwargs.get("attention_mask", args[0] if args else None)
-        if self._spec is not _ENCODER_TOWER or hidden_states.dim() != 3 or mask is not None:
+        if self._spec is not ENCODER_TOWER or hidden_states.dim() != 3 or mask is not None:
             return None
         num_tokens, device = hidden_states.shape[1], hidden_states.device
         prefix = prefix_tokens(self._tower)
         side = math.isqrt(num_tokens - prefix)
         if side * side != num_tokens - prefix:
             return None
-        kept = F.strided_grid_index(side, self.config.subsample_ratio)
+        ratio = self.config.subsample_ratio if ratio is None else min(1.0, max(ratio, 1.0 / (side * side)))
+        kept = F.strided_grid_index(side, ratio)
         rows = torch.cat([torch.arange(prefix), kept + prefix])
         fill = torch.cat([torch.arange(prefix), F.nearest_kept(side, kept) + prefix])
         return Subsample(rows.to(device), fill.to(device))
 
-    def _pixel_change(self, pixels: torch.Tensor | None, state: CacherState) -> float:
-        """Adaptive "pixels" signal: the largest relative pixel change of the chunk's frames to the reference.
+    @staticmethod
+    def _pixel_change(pixels: torch.Tensor | None, reference: torch.Tensor | None) -> float:
+        """The "pixels" signal: the largest relative pixel change of the chunk's frames to `reference`
+        (the reference frame's, or for refresh="budget"'s cut signal the previous frame's, tower input).
 
         A chunk whose pixels cannot be compared (the encoder called without its tower, a new frame
         size) counts as infinitely moved. One host sync per chunk, here, outside the layers.
         """
-        reference = state.reference_pixels
         if pixels is None or reference is None or pixels.shape[1:] != reference.shape:
             return math.inf
         return float(F.relative_pixel_change(pixels, reference).max())
@@ -478,6 +473,9 @@ class STCCacher:
         elif plan.subsample is not None:
             recomputed = len(plan.subsample.rows)
             flops = F.layer_flops(recomputed, width, self._mlp_width)
+        elif plan.downscale is not None:
+            recomputed = plan.downscale.tokens
+            flops = downscale.downscale_flops(plan.downscale, width, self._mlp_width)
         else:
             recomputed = plan.num_recomputed
             flops = F.layer_flops(num_tokens, width, self._mlp_width, recomputed)
@@ -492,6 +490,7 @@ class STCCacher:
         stats.refresh_chunks += int(plan.refresh)
         stats.adaptive_refreshes += int(plan.adaptive_refresh)
         stats.subsampled_chunks += int(plan.subsample is not None)
+        stats.downscaled_chunks += int(plan.downscale is not None)
         stats.flops += units * len(self._layers) * flops
         stats.full_flops += units * len(self._layers) * full_flops
         if plan.refresh:
@@ -500,6 +499,8 @@ class STCCacher:
         state.chunk_index += 1
         if plan.subsample is not None:
             state.last_recomputed = plan.subsample.rows.expand(len(self._layers), units, -1)
+        elif plan.downscale is not None:
+            state.last_recomputed = None  # every token, encoded afresh at a lower resolution
         else:
             state.last_recomputed = plan.recomputed  # None after a refresh: every token
 
@@ -523,6 +524,9 @@ class STCCacher:
             rows, fill = plan.subsample
             out = type(layer).forward(layer, hidden_states.index_select(1, rows), *args, **kwargs)
             return out.index_select(1, fill)
+        if plan.downscale is not None:  # the exact layer on the small grid, handed on at full size
+            plan.downscale.hidden = type(layer).forward(layer, plan.downscale.hidden, *args, **kwargs)
+            return plan.downscale.to_full(plan.downscale.hidden)
         reference = plan.state.layer(index)
         hidden_states = hidden_states.contiguous()  # embeddings arrive transposed: one layout, one compiled graph
         inputs = patch.layer_inputs(*args, **kwargs)
@@ -554,18 +558,4 @@ class STCCacher:
             raise
 
 
-__all__ = [
-    "STCCacher",
-    "ChunkPlan",
-    "ChunkLayout",
-    "TowerSpec",
-    "attached_cacher",
-    "check_attachable",
-    "find_vision_tower",
-    "encoder_layers",
-    "mlp_width",
-    "prefix_tokens",
-    "TOWERS",
-    "SUPPORTED_TOWERS",
-    "LAYER_PATCHES",
-]
+__all__ = ["STCCacher", "ChunkPlan", "Subsample", "attached_cacher"]

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import StreamStateError
+from .hints import ChunkHints
 
 
 class LayerReference(NamedTuple):
@@ -35,6 +36,8 @@ class CacherStats:
     refresh_chunks: int = 0  # also what an adaptive refresh_budget has spent
     adaptive_refreshes: int = 0
     subsampled_chunks: int = 0  # over-budget chunks encoded on a strided token subset
+    downscaled_chunks: int = 0  # over-budget chunks encoded whole at a lower resolution (refresh="budget")
+    hinted_chunks: int = 0  # chunks that came with codec hints
     flops: float = 0.0  # multiply-accumulates of the encoder layers (FLOP model), per the chunks run
     full_flops: float = 0.0  # what the same chunks cost without the cacher
     tokens_per_frame: int = 0
@@ -79,6 +82,13 @@ class CacherState:
         self.residual_delta: torch.Tensor | None = None
         self.grid: tuple[int, ...] | None = None  # the reference's token grid, where the tower has one
         self.reference_pixels: torch.Tensor | None = None  # the reference frame's tower input (adaptive "pixels")
+        # refresh="budget": the previous chunk's last frame (its tower input: the cut signal without
+        # codec hints), whether that chunk was a cut, the codec change of every patch accumulated
+        # since the reference [U, P] (None: no hints since), and the hints for the next chunk.
+        self.previous_pixels: torch.Tensor | None = None
+        self.previous_cut = False
+        self.change_since_reference: torch.Tensor | None = None
+        self.next_hints: ChunkHints | None = None
         # [L, U, k] the tokens each layer recomputed in the latest chunk (None: a refresh, or no chunk
         # yet). Per layer, since each layer selects from its own keys; one small tensor per chunk,
         # written on the device (no host sync), read by tools on demand.
@@ -93,6 +103,10 @@ class CacherState:
             "has_reference": self.has_reference, "grid": None if self.grid is None else list(self.grid),
             "unit_keys": self.unit_keys, "values": self.values, "residual_delta": self.residual_delta,
             "reference_pixels": self.reference_pixels, "stats": asdict(self.stats),
+            "previous_pixels": self.previous_pixels, "previous_cut": self.previous_cut,
+            "change_since_reference": self.change_since_reference,
+            "next_hints_change": None if self.next_hints is None else self.next_hints.change,
+            "next_hints_cut": None if self.next_hints is None else self.next_hints.cut,
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None) -> None:
@@ -107,6 +121,12 @@ class CacherState:
         self.unit_keys, self.values = tensor(state["unit_keys"]), tensor(state["values"])
         self.residual_delta, self.reference_pixels = tensor(state["residual_delta"]), tensor(state["reference_pixels"])
         self.stats = CacherStats(**state["stats"])
+        # Saves made before refresh="budget" existed carry none of these: a new stream's values.
+        self.previous_pixels = tensor(state.get("previous_pixels"))
+        self.previous_cut = bool(state.get("previous_cut", False))
+        self.change_since_reference = tensor(state.get("change_since_reference"))
+        change, cut = tensor(state.get("next_hints_change")), tensor(state.get("next_hints_cut"))
+        self.next_hints = None if change is None else ChunkHints(change, cut)
 
     @property
     def reference_shape(self) -> tuple[int, int, int] | None:

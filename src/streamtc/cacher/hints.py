@@ -1,0 +1,71 @@
+"""What a video decoder says about a chunk's frames, handed to STC-Cacher on the tower's token grid.
+
+A decoded H.264/HEVC stream already knows what changed between frames: motion vectors, intra-coded
+(new) blocks, key frames inserted at scene cuts. The runtime reads that side data while decoding
+(`streamtc.codec`) and maps it onto the vision tower's patch grid with the same resize as the pixels;
+the Cacher receives it per chunk as `ChunkHints` and may use it to refresh at a cut and to choose the
+tokens it recomputes. Sources without codec data (pushed images, raw frames, webcams) give no hints,
+and the Cacher then falls back to pixel signals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class ChunkHints:
+    """Codec side data of one chunk, one row per reuse unit (a frame; a Qwen temporal patch).
+
+    change: [U, P] float in [0, 1]: how much each patch token changed since the previous sampled
+        frame (P = the tower's patch tokens in row-major grid order, class and register tokens
+        excluded); 0 where the decoder saw no motion and no new content.
+    cut: [U] bool: a scene cut happened since the previous sampled frame.
+    """
+
+    change: torch.Tensor
+    cut: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.change.dim() != 2:
+            raise InputError(f"ChunkHints.change must be [units, patch tokens], got shape {tuple(self.change.shape)}")
+        if self.cut.shape != self.change.shape[:1]:
+            raise InputError(f"ChunkHints.cut must be [units] = [{self.change.shape[0]}], got shape {tuple(self.cut.shape)}")
+
+    @property
+    def units(self) -> int:
+        return self.change.shape[0]
+
+    @property
+    def patches(self) -> int:
+        return self.change.shape[1]
+
+    @classmethod
+    def from_side_data(cls, units: Sequence[Sequence[Any]], grid: tuple[int, int]) -> "ChunkHints | None":
+        """Hints for a chunk from each unit's frames' decoder side data (`streamtc.codec.CodecSideData`:
+        `change_map(grid, motion_scale_px)`, `cut`, `width`), on a patch grid laid over the whole frame;
+        None when any frame has none (the Cacher then uses pixels for the chunk).
+
+        A block whose content travelled one patch (the frame's width over the grid's columns) counts as
+        fully changed; the frames of one unit (a Qwen temporal patch) combine as independent changes.
+        """
+        if not units or any(data is None for frames in units for data in frames):
+            return None
+        change = np.zeros((len(units), grid[0] * grid[1]), dtype=np.float32)
+        cut = np.zeros(len(units), dtype=bool)
+        for i, frames in enumerate(units):
+            for data in frames:
+                frame_change = data.change_map(grid, motion_scale_px=data.width / grid[1]).reshape(-1)
+                change[i] = 1.0 - (1.0 - change[i]) * (1.0 - frame_change)
+                cut[i] |= bool(data.cut)
+        return cls(torch.from_numpy(change), torch.from_numpy(cut))
+
+
+__all__ = ["ChunkHints"]

@@ -1,0 +1,282 @@
+"""refresh="budget" (the robust profile), codec hints and the downscaled encode, on tiny towers.
+
+Independent references: the downscaled encode is recomputed here from the tower's own modules
+(resize, embeddings, layers, bilinear resize, final norm); the budget is checked against FLOPs
+counted here from the layer shapes; the tokens a codec-guided chunk recomputes against the patches
+the hints say changed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as TF
+from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+
+from streamtc.baselines.vit import CodecSkipping
+from streamtc.cacher import ChunkHints, STCCacher
+from streamtc.cacher.budget import BudgetSignals, decide, is_stale
+from streamtc.cacher.downscale import Downscale, downscale_grid, embed_downscaled, supports_downscale
+from streamtc.cacher.state import CacherState
+from streamtc.config import CacherConfig
+from streamtc.errors import ConfigError, InputError
+
+SIDE = 7  # patches per side of the tiny towers (56 px, patch 8)
+
+
+def tiny_dinov2() -> Dinov2Model:
+    torch.manual_seed(0)
+    return Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+                                    patch_size=8, attn_implementation="eager")).eval()
+
+
+def tiny_siglip() -> SiglipVisionModel:
+    torch.manual_seed(0)
+    return SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, image_size=56, patch_size=8,
+                                                attn_implementation="eager")).eval()
+
+
+def frames(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+
+
+def hints(change: float | torch.Tensor, cut: bool = False) -> ChunkHints:
+    change = torch.full((1, SIDE * SIDE), change) if isinstance(change, float) else change.reshape(1, -1)
+    return ChunkHints(change.float(), torch.tensor([cut]))
+
+
+def layer_macs(tokens: int, width: int = 32, mlp: int = 128) -> int:
+    """Multiply-accumulates of one pre-LN layer on `tokens` tokens: q, k, v, o projections, QK^T and AV, MLP."""
+    return 4 * tokens * width * width + 2 * tokens * tokens * width + 2 * tokens * width * mlp
+
+
+# -- the decisions ---------------------------------------------------------------------------------
+
+
+def signals(stale=False, cut=False, previous_cut=False, age=1, has_reference=True) -> BudgetSignals:
+    return BudgetSignals(stale, cut, previous_cut, age, has_reference)
+
+
+def test_budget_decisions_follow_the_credit():
+    assert decide(signals(has_reference=False), -5.0, 0.5, 0.25, 0.5).action == "refresh"
+    assert decide(signals(), 0.4, 0.5, 0.25, 0.5) == ("reuse", 0.25, 0.0, "")
+    assert decide(signals(), 0.9, 0.5, 0.25, 0.5).update_ratio == 0.5  # spare credit: twice the tokens
+    assert decide(signals(age=2), 1.3, 0.5, 0.25, 0.5).action == "refresh"  # surplus spent on a refresh
+    assert decide(signals(age=1), 1.3, 0.5, 0.25, 0.5).action == "reuse"  # not on a one-chunk-old reference
+    assert decide(signals(stale=True), 1.0, 0.5, 0.25, 0.5).action == "refresh"
+    assert decide(signals(stale=True, cut=True, previous_cut=True), 1.0, 0.5, 0.25, 0.5).action == "downscale"
+    at_cut = decide(signals(stale=True, cut=True), 0.7, 0.5, 0.25, 0.5)
+    assert at_cut.action == "downscale" and at_cut.spend == pytest.approx(0.7)  # a cut spends all it has
+    in_shot = decide(signals(stale=True), 0.7, 0.5, 0.25, 0.5)
+    assert in_shot.action == "downscale" and in_shot.spend == pytest.approx(0.2)  # keeps a refresh for the next chunk
+
+
+def test_stale_needs_the_pixels_to_agree_with_a_codec_change():
+    assert is_stale(0.6, None, 0.5, 0.5) and not is_stale(0.4, None, 0.5, 0.5)
+    assert is_stale(0.0, 1.0, 0.5, 0.5)  # a cut since the reference
+    assert not is_stale(0.2, 0.9, 0.5, 0.5)  # a hand-held camera: every block moved a little
+    assert is_stale(0.35, 0.9, 0.5, 0.5) and not is_stale(0.35, 0.4, 0.5, 0.5)
+    assert is_stale(0.65, 0.0, 0.5, 0.5)  # a large pixel change on its own
+
+
+# -- the downscaled encode -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [tiny_dinov2, tiny_siglip])
+def test_downscale_at_the_full_grid_is_the_tower(build):
+    tower, x = build(), frames(2)
+    assert supports_downscale(tower)
+    with torch.no_grad():
+        embedded = embed_downscaled(tower, x, (SIDE, SIDE), 8)
+        assert torch.equal(embedded, tower.embeddings(x))
+        prefix = embedded.shape[1] - SIDE * SIDE
+        assert torch.equal(Downscale((SIDE, SIDE), (SIDE, SIDE), prefix, embedded).to_full(embedded), embedded)
+
+
+def test_downscale_grid_stays_within_what_it_may_spend():
+    for spend in (0.3, 0.5, 0.75, 0.95):
+        rows, cols = downscale_grid((16, 16), 1, 384, 1536, spend)
+        assert rows == cols and layer_macs(1 + rows * cols, 384, 1536) <= spend * layer_macs(257, 384, 1536)
+        assert layer_macs(1 + (rows + 1) ** 2, 384, 1536) > spend * layer_macs(257, 384, 1536) or rows == 15
+    assert downscale_grid((16, 16), 1, 384, 1536, 0.01) == (8, 8)  # never below half the side
+
+
+def reference_downscale(tower, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The downscaled encode written out: resize, embed, layers, patch tokens resized back, final norm."""
+    small = TF.interpolate(x, size=(grid[0] * 8, grid[1] * 8), mode="bilinear", antialias=True, align_corners=False)
+    h = tower.embeddings(small) if isinstance(tower, Dinov2Model) else tower.embeddings(small, interpolate_pos_encoding=True)
+    layers = tower.encoder.layer if isinstance(tower, Dinov2Model) else tower.encoder.layers
+    for layer in layers:
+        h = layer(h, None)
+    prefix = h.shape[1] - grid[0] * grid[1]
+    patches = h[:, prefix:].reshape(1, *grid, -1).permute(0, 3, 1, 2)
+    full = TF.interpolate(patches, size=(SIDE, SIDE), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    h = torch.cat([h[:, :prefix], full.reshape(1, SIDE * SIDE, -1)], dim=1)
+    return tower.layernorm(h) if isinstance(tower, Dinov2Model) else tower.post_layernorm(h)
+
+
+@pytest.mark.parametrize("build", [tiny_dinov2, tiny_siglip])
+def test_a_cut_without_refresh_credit_is_encoded_downscaled(build):
+    tower, x = build(), frames(2)
+    config = CacherConfig.robust(2, flop_budget=0.45)
+    cacher = STCCacher(config).attach(tower)
+    with torch.no_grad():
+        tower(pixel_values=x[:1])  # the first chunk refreshes (and runs the budget into debt)
+        cacher.hint(hints(1.0, cut=True))
+        out = tower(pixel_values=x[1:]).last_hidden_state
+        assert cacher.stats.downscaled_chunks == 1 and cacher.stats.refresh_chunks == 1
+        grid = downscale_grid((SIDE, SIDE), out.shape[1] - SIDE * SIDE, 32, tower.config.intermediate_size
+                              if hasattr(tower.config, "intermediate_size") else 128, 0.0)
+        assert torch.allclose(out, reference_downscale(tower, x[1:], grid), atol=1e-5)
+    cacher.detach()
+
+
+def test_the_budget_holds_on_every_prefix_of_a_stream():
+    tower, x = tiny_dinov2(), frames(24, seed=3)
+    macs_full = 2 * layer_macs(SIDE * SIDE + 1)
+    for budget in (0.35, 0.5, 0.7):
+        cacher = STCCacher(CacherConfig.robust(2, flop_budget=budget)).attach(tower)
+        with torch.no_grad():
+            for i, frame in enumerate(x):
+                cacher.hint(hints(0.8, cut=i % 5 == 3) if i % 2 else None)  # with and without hints
+                tower(pixel_values=frame[None])
+                # The stream never runs ahead of its budget by more than the first refresh.
+                assert cacher.stats.flops <= budget * macs_full * (i + 1) + (1 - budget) * macs_full + 1e-6
+                assert cacher.stats.full_flops == pytest.approx(macs_full * (i + 1))
+        assert cacher.stats.flop_ratio > budget - 0.2  # and spends most of it
+        cacher.detach()
+
+
+def test_a_cut_hint_refreshes_where_the_pixels_say_nothing_moved():
+    tower, x = tiny_dinov2(), frames(1)
+    for cut, refreshes in ((False, 1), (True, 2)):
+        cacher = STCCacher(CacherConfig.robust(2, flop_budget=0.8)).attach(tower)
+        with torch.no_grad():
+            tower(pixel_values=x)
+            tower(pixel_values=x)  # credit for one refresh banked (1.11 chunks), the same picture
+            cacher.hint(hints(1.0 if cut else 0.0, cut=cut))
+            tower(pixel_values=x)
+        assert cacher.stats.refresh_chunks == refreshes, cut
+        cacher.detach()
+
+
+def test_codec_token_signal_recomputes_the_patches_that_changed():
+    tower, x = tiny_dinov2(), frames(2)
+    changed = torch.tensor([3, 10, 17, 24, 31, 38, 45, 46, 47, 48, 11])  # 11 of 49 patches
+    change = torch.zeros(SIDE * SIDE)
+    change[changed] = 1.0
+    cacher = STCCacher(CacherConfig.robust(2, token_signal="codec", flop_budget=0.4)).attach(tower)
+    with torch.no_grad():
+        tower(pixel_values=x[:1])
+        cacher.hint(hints(change))
+        tower(pixel_values=x[:1] + 0.01 * x[1:])  # a small change: reuse, not stale
+    recomputed = cacher.last_recomputed()
+    assert recomputed is not None and recomputed.shape[-1] == 12  # k = floor(50 * 0.25)
+    expected = {0} | {int(i) + 1 for i in changed}  # the class token and the changed patches
+    for layer in recomputed:
+        assert set(layer[0].tolist()) == expected
+    cacher.detach()
+
+
+def test_hints_leave_every_other_setting_bit_identical():
+    tower, x = tiny_dinov2(), frames(5, seed=1)
+    outputs = []
+    for give_hints in (False, True):
+        cacher = STCCacher(CacherConfig(cache_interval=2)).attach(tower)
+        with torch.no_grad():
+            run = []
+            for frame in x:
+                if give_hints:
+                    cacher.hint(hints(1.0, cut=True))
+                run.append(tower(pixel_values=frame[None]).last_hidden_state)
+        outputs.append(torch.cat(run))
+        cacher.detach()
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_budget_state_and_pending_hints_survive_state_dict():
+    tower, x = tiny_dinov2(), frames(8, seed=2)
+    cacher = STCCacher(CacherConfig.robust(2, flop_budget=0.5)).attach(tower)
+    with torch.no_grad():
+        for i in range(4):
+            cacher.hint(hints(0.3 * (i % 2)))
+            tower(pixel_values=x[i:i + 1])
+        cacher.hint(hints(0.6, cut=True))
+        saved = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cacher.state.state_dict().items()}
+        restored = CacherState()
+        restored.load_state_dict(saved)
+        assert restored.next_hints is not None and torch.equal(restored.next_hints.change, cacher.state.next_hints.change)
+        runs = []
+        for state in (cacher.state, restored):
+            with cacher.stream(state):
+                runs.append(torch.cat([tower(pixel_values=f[None]).last_hidden_state for f in x[4:]]))
+    assert torch.equal(runs[0], runs[1])
+    cacher.detach()
+
+
+def test_hints_must_fit_the_chunk():
+    tower = tiny_dinov2()
+    cacher = STCCacher(CacherConfig.robust(2)).attach(tower)
+    with torch.no_grad():
+        tower(pixel_values=frames(1))
+        cacher.hint(ChunkHints(torch.zeros(2, SIDE * SIDE), torch.zeros(2, dtype=torch.bool)))
+        with pytest.raises(InputError, match="do not fit"):
+            tower(pixel_values=frames(1))
+    with pytest.raises(InputError):
+        cacher.hint("cut")
+    cacher.detach()
+
+
+# -- the profile, the hints and the codec-only baseline -----------------------------------------------
+
+
+def test_robust_profile_is_a_budget_at_the_fixed_schedules_cost_and_says_so():
+    robust = CacherConfig.robust()
+    assert (robust.refresh, robust.over_budget, robust.cache_interval, robust.flop_budget) == ("budget", "downscale", 2, None)
+    assert robust.profile == "robust" and CacherConfig().profile == "paper"
+    assert CacherConfig(cache_interval=4).profile == "paper" and CacherConfig(cache_interval=3).profile == "custom"
+    assert CacherConfig.robust(4).profile == "robust" and CacherConfig.robust(2, flop_budget=0.3).profile == "custom"
+    with pytest.raises(ConfigError, match="flop_budget"):
+        CacherConfig(flop_budget=0.5)
+    with pytest.raises(ConfigError, match="downscale"):
+        CacherConfig(over_budget="downscale")
+    with pytest.raises(ConfigError):
+        CacherConfig.robust(flop_budget=1.5)
+
+
+class FakeSideData:
+    def __init__(self, change: float, cut: bool = False, width: int = 64) -> None:
+        self.value, self.cut, self.width = change, cut, width
+        self.scales: list[float] = []
+
+    def change_map(self, grid, motion_scale_px):
+        self.scales.append(motion_scale_px)
+        return torch.full(grid, self.value).numpy()
+
+
+def test_hints_from_side_data_combine_a_units_frames_and_scale_motion_to_a_patch():
+    a, b = FakeSideData(0.5), FakeSideData(0.5, cut=True)
+    built = ChunkHints.from_side_data([[a, b], [FakeSideData(0.0)]], (4, 8))
+    assert built.change.shape == (2, 32) and torch.allclose(built.change[0], torch.tensor(0.75))
+    assert built.cut.tolist() == [True, False] and a.scales == [64 / 8]
+    assert ChunkHints.from_side_data([[a, None]], (4, 8)) is None
+
+
+def test_codec_skipping_keeps_unchanged_patches_and_encodes_cuts_whole():
+    tower, x = tiny_dinov2(), frames(3, seed=4)
+    skip = CodecSkipping(0.5)
+    with torch.no_grad():
+        first = skip(tower, x[:1], hints(0.0))
+        assert torch.allclose(first, tower(pixel_values=x[:1]).last_hidden_state, atol=1e-6)
+        assert torch.equal(skip(tower, x[1:2], hints(0.1)), first)  # nothing changed enough: all kept
+        cut = skip(tower, x[2:3], hints(0.0, cut=True))
+        assert torch.allclose(cut, tower(pixel_values=x[2:3]).last_hidden_state, atol=1e-6)
+        assert skip(tower, x[:1], hints(0.0)) is cut  # still nothing to encode
+        change = torch.zeros(SIDE * SIDE)
+        change[[4, 9]] = 0.6
+        partial = skip(tower, x[:1], hints(change))  # two patches changed: they and the class token re-encoded
+        assert torch.equal(partial[:, [i for i in range(50) if i not in (0, 5, 10)]],
+                           cut[:, [i for i in range(50) if i not in (0, 5, 10)]])
+        assert not torch.equal(partial[:, 5], cut[:, 5])
+    assert skip.flop_ratio() == pytest.approx((2 * layer_macs(50) + layer_macs(3)) / (5 * layer_macs(50)))
