@@ -257,7 +257,7 @@ class FakeSideData:
 
 def test_hints_from_side_data_combine_a_units_frames_and_scale_motion_to_a_patch():
     a, b = FakeSideData(0.5), FakeSideData(0.5, cut=True)
-    built = ChunkHints.from_side_data([[a, b], [FakeSideData(0.0)]], (4, 8))
+    built = ChunkHints.from_side_data([[a, b], [FakeSideData(0.0), FakeSideData(0.0)]], (4, 8))
     assert built.change.shape == (2, 32) and torch.allclose(built.change[0], torch.tensor(0.75))
     assert built.cut.tolist() == [True, False] and a.scales == [64 / 8]
     assert ChunkHints.from_side_data([[a, None]], (4, 8)) is None

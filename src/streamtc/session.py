@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Self
@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from .cacher import STCCacher, attached_cacher
+from .cacher.hints import ChunkHints, FrameHint
 from .checks import frame_timestamps, is_positive_int, positive_int
 from .config import STCConfig
 from .errors import ConfigError, InputError, SnapshotError, StreamStateError, UnsupportedModelError
@@ -241,7 +242,8 @@ class StreamingSession(SessionViews):
         self._last_timestamp: float | None = None
         self._last_kept: list[list[int]] | None = None
         self._last_chunk: EncodedChunk | None = None
-        self._waiting: list[tuple[torch.Tensor, float | None]] = []  # frames (pixels [3, H, W]) not yet encoded
+        # frames not yet encoded: pixels [3, H, W], timestamp, codec hint on the tower's grid
+        self._waiting: list[tuple[torch.Tensor, float | None, FrameHint | None]] = []
         self._pending: list[tuple[Placed, CacheBlock]] = []  # per pruner frame: its tokens and block
         if self._cacher_state is not None:
             self._cacher_state.reset()
@@ -256,23 +258,38 @@ class StreamingSession(SessionViews):
             self._append(self.host.embed(ids)[None], positions, [CacheBlock("prompt", 0, len(ids), 0)])
         self._stats.prompt_tokens = len(ids)
 
-    def push(self, frames: FrameInput, timestamps: Sequence[float] | None = None) -> int:
+    def push(self, frames: FrameInput, timestamps: Sequence[float] | None = None,
+             codec: Sequence[Any] | None = None) -> int:
         """Encode `frames` and append their (kept) visual tokens to the stream; returns the tokens
         kept. They are pre-filled into the cache once enough are pending (`prefill_min_tokens`).
         frames: uint8 [F, H, W, 3] numpy/torch or a list of PIL images; timestamps: seconds, one
-        per frame (optional; finite and increasing, also across pushes). Frames short of a host
-        step (Qwen-VL: an unpaired frame) wait for the next push."""
+        per frame (optional; finite and increasing, also across pushes); codec: per frame, the
+        decoder's side data (`streamtc.codec.CodecSideData`, a source's `Frame.codec`) or None, which
+        a budget Cacher uses to find cuts and changed patches (frames without it: pixel change).
+        Frames short of a host step (Qwen-VL: an unpaired frame) wait for the next push."""
         self.check_open()
         pixel_values = self.preprocessor(frames)  # per frame [3, H, W]
         stamps = frame_timestamps(timestamps, len(pixel_values), after=self.last_timestamp)
-        self._waiting.extend(zip(pixel_values, stamps))
+        self._waiting.extend(zip(pixel_values, stamps, self._frame_hints(codec, pixel_values)))
         added = 0
         with torch.inference_mode():
             while chunk := self._next_chunk():
-                pixels = [p for p, _ in chunk]
-                chunk_stamps = None if any(t is None for _, t in chunk) else [t for _, t in chunk]
-                added += self._push_chunk(pixels, chunk_stamps)
+                pixels = [p for p, _, _ in chunk]
+                chunk_stamps = None if any(t is None for _, t, _ in chunk) else [t for _, t, _ in chunk]
+                hints = ChunkHints.from_frames([h for _, _, h in chunk], self.host.frames_per_step)
+                added += self._push_chunk(pixels, chunk_stamps, hints)
         return added
+
+    def _frame_hints(self, codec: Sequence[Any] | None, pixel_values: Sequence[torch.Tensor]) -> list[FrameHint | None]:
+        """Each frame's codec side data on the tower's patch grid (None for frames without it, and
+        for every frame when no Cacher would read it)."""
+        if codec is None or self._cacher is None:
+            return [None] * len(pixel_values)
+        if len(codec) != len(pixel_values):
+            raise InputError(f"got {len(pixel_values)} frames but codec side data for {len(codec)}")
+        patch = self.host.vision_tower.config.patch_size
+        return [None if data is None else FrameHint.from_side_data(data, (p.shape[-2] // patch, p.shape[-1] // patch))
+                for data, p in zip(codec, pixel_values)]
 
     def _next_chunk(self) -> list[tuple[torch.Tensor, float | None]]:
         """Take the next chunk of waiting frames, or [] when none is ready: `chunk_frames` frames
@@ -281,7 +298,7 @@ class StreamingSession(SessionViews):
         size = self.host.chunk_frames(self.chunk_frames, first=self._stats.chunks == 0)
         waiting, step = self._waiting, self.host.frames_per_step
         shape = waiting[0][0].shape if waiting else None
-        same = next((i for i, (p, _) in enumerate(waiting) if p.shape != shape), len(waiting))
+        same = next((i for i, (p, _, _) in enumerate(waiting) if p.shape != shape), len(waiting))
         if same >= size:
             take = size
         elif same < len(waiting):
@@ -293,12 +310,13 @@ class StreamingSession(SessionViews):
         chunk, self._waiting = waiting[:take], waiting[take:]
         return chunk
 
-    def _push_chunk(self, pixels: list[torch.Tensor], timestamps: list[float] | None) -> int:
-        """ViT (+Cacher) -> projector -> pooling -> Pruner for one chunk; its kept tokens join the
-        pending buffer, pre-filled once it holds `prefill_min_tokens`."""
+    def _push_chunk(self, pixels: list[torch.Tensor], timestamps: list[float] | None,
+                    hints: ChunkHints | None = None) -> int:
+        """ViT (+Cacher, given the chunk's codec hints) -> projector -> pooling -> Pruner for one
+        chunk; its kept tokens join the pending buffer, pre-filled once it holds `prefill_min_tokens`."""
         stats = self._stats
         start = self._clock()
-        chunk = self._encode(pixels)
+        chunk = self._encode(pixels, hints)
         stats.vit_ms += self._clock() - start
         self._last_chunk = chunk
         frames, per_frame, width = chunk.features.shape
@@ -354,11 +372,14 @@ class StreamingSession(SessionViews):
         self._stats.prompt_tokens += text  # per-chunk turn text (LiveCC protocol) is chat prompt
         return count
 
-    def _encode(self, pixels: list[torch.Tensor]):
+    def _encode(self, pixels: list[torch.Tensor], hints: ChunkHints | None = None):
         """The host's video path on one chunk (per-frame pixels [3, H, W]) with the Cacher's
-        stream state active, or the custom encoder's tokens: an `EncodedChunk`."""
-        context = self._cacher.stream(self._cacher_state) if self._cacher is not None else nullcontext()
-        with context:
+        stream state active and the chunk's hints handed to it, or the custom encoder's tokens: an
+        `EncodedChunk`."""
+        if self._cacher is None:
+            return self.host.encode(pixels, self.encoder)
+        with self._cacher.stream(self._cacher_state):
+            self._cacher.hint(hints)
             return self.host.encode(pixels, self.encoder)
 
     def _append(self, embeds: torch.Tensor, positions: torch.Tensor, blocks: Sequence[CacheBlock],
@@ -515,7 +536,7 @@ class StreamingSession(SessionViews):
             "last_kept": self._last_kept,
             "stream": self._stream.state_dict(),
             "stats": asdict(self._stats),
-            "waiting": [{"pixels": pixels, "timestamp": stamp} for pixels, stamp in self._waiting],
+            "waiting": [{"pixels": pixels, "timestamp": stamp, "hint": hint} for pixels, stamp, hint in self._waiting],
             "pending": [{"embeds": piece.embeds, "positions": piece.positions, "text": piece.text,
                          "lead": piece.lead, "block": asdict(block),
                          "deepstack": None if piece.deepstack is None else {
@@ -553,7 +574,8 @@ class StreamingSession(SessionViews):
         previous.close()  # the replaced stream's offloaded files
         self._frames, self._last_timestamp = int(state["frames"]), state["last_timestamp"]
         self._last_kept = state["last_kept"]
-        self._waiting = [(item["pixels"], item["timestamp"]) for item in state["waiting"]]
+        self._waiting = [(item["pixels"], item["timestamp"], None if item.get("hint") is None else FrameHint(*item["hint"]))
+                         for item in state["waiting"]]
         self._pending, self._stats = pending, stats
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -38,7 +39,7 @@ class SessionViews:
     _last_timestamp: float | None
     _last_kept: list[list[int]] | None
     _last_chunk: EncodedChunk | None
-    _waiting: list[tuple[torch.Tensor, float | None]]
+    _waiting: list[tuple[torch.Tensor, float | None, Any]]
     _pending: list[tuple[Placed, CacheBlock]]
     _stats: SessionStats
 
@@ -108,7 +109,7 @@ class SessionViews:
     def last_timestamp(self) -> float | None:
         """Timestamp of the last frame pushed, a frame waiting for its pair included (None when it
         carried none, or before a push): where a resumed source continues."""
-        return next((t for _, t in reversed(self._waiting) if t is not None), self._last_timestamp)
+        return next((t for _, t, _ in reversed(self._waiting) if t is not None), self._last_timestamp)
 
     @property
     def last_kept_indices(self) -> list[list[int]] | None:

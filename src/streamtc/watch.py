@@ -223,7 +223,7 @@ class StreamWatch:
         for name in names:
             session = self.sessions[name]
             before = session.stats
-            session.push(frame.image[None], [frame.timestamp])
+            session.push(frame.image[None], [frame.timestamp], codec=[frame.codec])
             after = session.stats
             self.costs[name]["vit_ms"].append(after.vit_ms - before.vit_ms)
             self.costs[name]["prefill_ms"].append(after.prefill_ms - before.prefill_ms)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,24 +48,40 @@ class ChunkHints:
         return self.change.shape[1]
 
     @classmethod
-    def from_side_data(cls, units: Sequence[Sequence[Any]], grid: tuple[int, int]) -> "ChunkHints | None":
-        """Hints for a chunk from each unit's frames' decoder side data (`streamtc.codec.CodecSideData`:
-        `change_map(grid, motion_scale_px)`, `cut`, `width`), on a patch grid laid over the whole frame;
-        None when any frame has none (the Cacher then uses pixels for the chunk).
-
-        A block whose content travelled one patch (the frame's width over the grid's columns) counts as
-        fully changed; the frames of one unit (a Qwen temporal patch) combine as independent changes.
-        """
-        if not units or any(data is None for frames in units for data in frames):
+    def from_frames(cls, frames: Sequence[FrameHint | None], frames_per_unit: int = 1) -> ChunkHints | None:
+        """Hints for a chunk from its frames' `FrameHint`s, `frames_per_unit` frames per reuse unit (a
+        Qwen temporal patch: 2), combined as independent changes; None when any frame has none (the
+        Cacher then uses pixels for the chunk)."""
+        if not frames or any(frame is None for frame in frames) or len(frames) % frames_per_unit:
             return None
-        change = np.zeros((len(units), grid[0] * grid[1]), dtype=np.float32)
-        cut = np.zeros(len(units), dtype=bool)
-        for i, frames in enumerate(units):
-            for data in frames:
-                frame_change = data.change_map(grid, motion_scale_px=data.width / grid[1]).reshape(-1)
-                change[i] = 1.0 - (1.0 - change[i]) * (1.0 - frame_change)
-                cut[i] |= bool(data.cut)
-        return cls(torch.from_numpy(change), torch.from_numpy(cut))
+        change = torch.stack([frame.change for frame in frames]).float().clamp(0.0, 1.0)
+        cut = torch.stack([torch.as_tensor(frame.cut, dtype=torch.bool) for frame in frames])
+        units = len(frames) // frames_per_unit
+        unchanged = (1.0 - change).reshape(units, frames_per_unit, -1).prod(dim=1)
+        return cls(1.0 - unchanged, cut.reshape(units, frames_per_unit).any(dim=1))
+
+    @classmethod
+    def from_side_data(cls, units: Sequence[Sequence[Any]], grid: tuple[int, int]) -> ChunkHints | None:
+        """Hints for a chunk from each unit's frames' decoder side data (see `FrameHint.from_side_data`);
+        None when any frame has none."""
+        frames = [None if data is None else FrameHint.from_side_data(data, grid) for unit in units for data in unit]
+        return cls.from_frames(frames, len(units[0])) if units and units[0] else None
 
 
-__all__ = ["ChunkHints"]
+class FrameHint(NamedTuple):
+    """One frame's codec side data on the tower's patch grid: change [P] in [0, 1] (row-major), cut (bool tensor)."""
+
+    change: torch.Tensor
+    cut: torch.Tensor
+
+    @classmethod
+    def from_side_data(cls, data: Any, grid: tuple[int, int]) -> FrameHint:
+        """From a frame's decoder side data (`streamtc.codec.CodecSideData`: `change_map(grid,
+        motion_scale_px)`, `cut`, `width`) on a patch grid laid over the whole frame (the frame is
+        resized to the tower's input without cropping). A block whose content travelled one patch
+        (the frame's width over the grid's columns) counts as fully changed."""
+        change = np.asarray(data.change_map(grid, motion_scale_px=data.width / grid[1]), dtype=np.float32)
+        return cls(torch.from_numpy(change.reshape(-1)), torch.tensor(bool(data.cut)))
+
+
+__all__ = ["ChunkHints", "FrameHint"]

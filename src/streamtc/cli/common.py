@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 
-from ..config import STCConfig
+from ..config import CacherConfig, STCConfig
 from ..errors import ConfigError
 
 console = Console()
@@ -44,6 +44,31 @@ OffloadDirOption = Annotated[Path | None, typer.Option(
          "(default: host memory)")]
 OffloadBudgetOption = Annotated[int | None, typer.Option(
     help="Retrieval memory on disk: bytes of block files kept per stream at most, the oldest deleted first", min=0)]
+
+
+CacherProfileOption = Annotated[str | None, typer.Option(
+    "--cacher", help="STC-Cacher setting: 'robust' (the default; a FLOP budget equal to the paper's N=2 schedule, "
+                     "spent where the video changes, guided by the decoder's motion vectors; docs/algorithms.md) or "
+                     "'paper' (the paper's fixed N=2 schedule); --config sets it instead")]
+CACHER_PROFILES = ("robust", "paper")
+
+
+def stc_setting(profile: str | None, config: Path | None, default: str = "robust") -> STCConfig:
+    """The STCConfig a command runs: a --config file's, else the --cacher profile's (default
+    `default`) with the paper's Pruner."""
+    if profile is not None and profile not in CACHER_PROFILES:
+        raise typer.BadParameter(f"--cacher takes {' or '.join(CACHER_PROFILES)}, got {profile!r}")
+    if config is not None:
+        if profile is not None:
+            raise typer.BadParameter("--config sets the Cacher; drop --cacher")
+        return read_stc_config(config)
+    return STCConfig(cacher=CacherConfig.robust()) if (profile or default) == "robust" else STCConfig()
+
+
+def cacher_profile(stc: STCConfig | None) -> str | None:
+    """"robust", "paper" or "custom": which Cacher setting a variant runs (None: no Cacher), for
+    summaries and results headers."""
+    return None if stc is None or stc.cacher is None else stc.cacher.profile
 
 
 def read_stc_config(path: Path) -> STCConfig:

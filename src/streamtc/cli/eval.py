@@ -26,14 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperCommand
 
-from ..config import STCConfig
 from ..eval.benchmarks import BENCHMARKS, PAPER_OFFLINE_AVERAGE, PROTOCOLS, limit_videos, load_benchmark
 from ..eval.report import check_comparable, load_run, render_comparison, render_run, render_timing
 from ..factory import SessionSpec
 from ..presets import DTYPE_NAMES
 from .common import (
-    MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption, console,
-    read_stc_config,
+    CacherProfileOption, MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption,
+    cacher_profile, console, stc_setting,
 )
 
 eval_app = typer.Typer(help="Benchmark accuracy: OVO-Bench, StreamingBench, MLVU, EgoSchema, Video-MME.",
@@ -72,7 +71,9 @@ def run(
     seed: Annotated[int, typer.Option(help="Weight seed for presets")] = 0,
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Evaluate the uncompressed model")] = False,
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
-                                                     "{...}}); default: the paper's combined setting")] = None,
+                                                     "{...}}); default: --cacher's profile with the paper's Pruner")]
+    = None,
+    cacher: CacherProfileOption = None,
     variant: Annotated[str | None, typer.Option(help="A named variant in place of STC: a baseline (e.g. 'tome 25%'), "
                                                      "half of STC, ... (see `streamtc variants`)")] = None,
     fps: Annotated[float | None, typer.Option(help="Frames sampled per second of video (default: the model's "
@@ -95,13 +96,14 @@ def run(
 ) -> None:
     """Stream every video of a benchmark through the model, asking each question when the stream
     reaches it; append one JSON line per answer to --output; print the benchmark's scores."""
-    if no_stc and config is not None:
-        raise typer.BadParameter("--config sets up STC; drop --no-stc")
-    if variant is not None and (no_stc or config is not None):
-        raise typer.BadParameter("--variant chooses the compression; drop --no-stc and --config")
+    if no_stc and (config is not None or cacher is not None):
+        raise typer.BadParameter("--config and --cacher set up STC; drop --no-stc")
+    if variant is not None and (no_stc or config is not None or cacher is not None):
+        raise typer.BadParameter("--variant chooses the compression; drop --no-stc, --config and --cacher")
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    stc = None if no_stc or variant is not None else (read_stc_config(config) if config else STCConfig())
+    # the paper protocol reproduces the paper, so its Cacher is the paper's unless asked otherwise
+    stc = None if no_stc or variant is not None else stc_setting(cacher, config, "paper" if protocol == "paper" else "robust")
     spec = SessionSpec(model=model, preset=preset, num_layers=num_layers, seed=seed, stc=stc, variant=variant,
                        dtype=dtype, memory=memory, window_tokens=window_tokens, retrieve_frames=retrieve_frames,
                        offload_dir=str(offload_dir) if offload_dir else None, offload_budget=offload_budget)
@@ -126,7 +128,8 @@ def run(
         console.print(f"resuming {output}: {done} of {loaded.questions} questions already answered, none asked again"
                       + (f" except {evaluation.retried} recorded with an error (--retry-errors)"
                          if evaluation.retried else ""))
-    console.print(f"{loaded.spec.title}, {protocol} protocol")
+    profile = cacher_profile(stc)
+    console.print(f"{loaded.spec.title}, {protocol} protocol" + (f", STC-Cacher {profile}" if profile else ""))
     console.print(f"{len(evaluation.jobs)} video(s), {evaluation.pending_questions} question(s) to ask at "
                   f"{settings.fps:g} fps" + (f" on Ray ({ray})" if ray else ""))
     answered = 0

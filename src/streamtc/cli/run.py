@@ -48,8 +48,8 @@ from ..config import STCConfig
 from ..errors import ConfigError, InputError, StreamTCError
 from ..watch import Answered, Note, Started, StreamWatch, TimedQuestion
 from .common import (
-    MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption, check_model,
-    check_preset, console, read_stc_config,
+    CacherProfileOption, MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption,
+    cacher_profile, check_model, check_preset, console, stc_setting,
 )
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ EXIT_CODES = {"completed": 0, "crashed": 1, "error": 2, "source_failed": 3, "end
 
 DEMO_QUESTIONS = ["3:What is happening in the street?",
                   "8:How many people are riding bikes?|none|one|two|three or more"]
-RESUMED_OPTIONS = ("compare", "no_stc", "config", "variant", "memory", "window_tokens", "retrieve_frames",
+RESUMED_OPTIONS = ("compare", "no_stc", "config", "cacher", "variant", "memory", "window_tokens", "retrieve_frames",
                    "offload_dir", "offload_budget")  # settings a --resume takes from the save
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -245,6 +245,10 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
         table.add_row(f"{fast} / {base}", "", _ratio_cell(record.ratios["visual_tokens"]),
                       _ratio_cell(record.ratios["vit_ms"]), _ratio_cell(record.ratios["prefill_ms"]), "")
     console.print(table)
+    profiles = {name: p for name, p in record.header.get("cacher_profile", {}).items() if p is not None}
+    if profiles:
+        console.print("[dim]STC-Cacher setting: " + ", ".join(f"{escape(name)} {p}" for name, p in profiles.items())
+                      + " (robust: a FLOP budget spent where the video changes; paper: fixed N=2)[/]")
     if record.ratios:
         console.print("[dim]time ratios: frames timed in pairs (variants alternate per frame), 90% interval over "
                       "frames in brackets; 'within noise' when it contains 1×[/]")
@@ -293,6 +297,7 @@ class RunOptions:
     num_layers: int | None
     max_new_tokens: int
     config: Path | None
+    cacher: str | None
     device: str
     memory: str | None
     window_tokens: int | None
@@ -348,6 +353,7 @@ def run(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit", min=1)] = 32,
     config: Annotated[Path | None, typer.Option(help="JSON file with an STCConfig ({'cacher': {...}, 'pruner': "
                                                      "{...}})")] = None,
+    cacher: CacherProfileOption = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
     memory: MemoryOption = None,
     window_tokens: WindowTokensOption = None,
@@ -412,7 +418,7 @@ def _plan(o: RunOptions, record: RunRecord) -> RunPlan:
     if o.resume is not None and (refused := [name for name in RESUMED_OPTIONS if name in o.given]):
         raise typer.BadParameter("--resume continues the saved variants with their saved STC and memory settings; "
                                  f"drop {', '.join('--' + name.replace('_', '-') for name in refused)}")
-    stc = read_stc_config(o.config) if o.config is not None else STCConfig()
+    stc = stc_setting(o.cacher, o.config)
     if o.variant is not None:
         from ..variants import get_variant
 
@@ -441,7 +447,8 @@ def _plan(o: RunOptions, record: RunRecord) -> RunPlan:
         return open_source(o.video, fps=fps, max_seconds=o.max_seconds, **timeouts)
 
     header = record.header
-    header.update(fps=fps, stc={name: (None if s.stc is None else s.stc.to_dict()) for name, s in specs.items()})
+    header.update(fps=fps, stc={name: (None if s.stc is None else s.stc.to_dict()) for name, s in specs.items()},
+                  cacher_profile={name: cacher_profile(s.stc) for name, s in specs.items()})
     settings = {**header, "num_layers": o.num_layers, "device": o.device, "max_new_tokens": o.max_new_tokens}
     header["environment"] = environment(o.device, settings)
     record.answers = {name: [] for name in specs}

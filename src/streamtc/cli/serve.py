@@ -9,10 +9,11 @@ from typing import Annotated
 
 import typer
 
-from ..config import STCConfig
 from ..serve.server import ServerSettings, check_access, display_url
 from ..serve.settings import ServeLimits, ServeMemory, SourcePolicy
-from .common import OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, read_stc_config
+from .common import (
+    CacherProfileOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, cacher_profile, stc_setting,
+)
 
 
 def serve(
@@ -32,6 +33,7 @@ def serve(
     = None,
     no_stc: Annotated[bool, typer.Option("--no-stc", help="Streams run without STC unless they ask for it")] = False,
     config: Annotated[Path | None, typer.Option(help="JSON STCConfig for streams that do not set their own")] = None,
+    cacher: CacherProfileOption = None,
     max_streams: Annotated[int, typer.Option(help="Open streams at most")] = ServeLimits.max_streams,
     max_queue_frames: Annotated[int, typer.Option(help="Frames waiting per stream at most")]
     = ServeLimits.max_queue_frames,
@@ -73,7 +75,9 @@ def serve(
         return
     logging.getLogger("streamtc.serve").setLevel(logging.INFO)  # start-up and shutdown lines
     check_access(host, token)  # refused at once: the memory settings below import torch
-    default_stc = None if no_stc else (read_stc_config(config) if config else STCConfig())
+    if no_stc and (config is not None or cacher is not None):
+        raise typer.BadParameter("--config and --cacher set up STC; drop --no-stc")
+    default_stc = None if no_stc else stc_setting(cacher, config)
     settings = ServerSettings(
         model=model, preset=preset, num_layers=num_layers, device=device, default_stc=default_stc,
         limits=ServeLimits(max_streams=max_streams, max_queue_frames=max_queue_frames,
@@ -98,6 +102,10 @@ def _start(settings: ServerSettings) -> None:
     typer.echo(f"streamtc serve: {settings.model_name} on {display_url(settings.host, settings.port)}"
                + (" (token required)" if settings.token else "")
                + (f", {settings.replicas} Ray Serve replicas" if settings.replicas else ""))
+    profile = cacher_profile(settings.default_stc)
+    typer.echo("streams without their own STC setting: " + ("no STC" if settings.default_stc is None else
+               f"STC-Cacher {profile or 'off'}" + (" (a FLOP budget spent where the video changes)" if profile == "robust"
+                                                    else "")))
     if settings.model is None:
         typer.echo(f"preset {settings.preset!r} has random weights: answers are meaningless. Use --model for real "
                    "weights.")

@@ -98,6 +98,8 @@ class EvalRun:
             "config": config,
             "questions": benchmark.questions,
             "model_id": spec.model_id,
+            # which named Cacher setting `stc` is (robust / paper / custom; None: no Cacher)
+            "cacher_profile": None if spec.stc is None or spec.stc.cacher is None else spec.stc.cacher.profile,
             "benchmark_title": benchmark.spec.title,
             "annotations": str(benchmark.annotations),
             "videos": str(benchmark.videos),

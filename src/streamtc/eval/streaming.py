@@ -166,7 +166,7 @@ def run_video(
     at_end = [q for q in questions if q.time is None or protocol.cut is None]
 
     def push(frames: list[Frame]) -> None:
-        session.push(np.stack([f.image for f in frames]), [f.timestamp for f in frames])
+        session.push(np.stack([f.image for f in frames]), [f.timestamp for f in frames], codec=[f.codec for f in frames])
 
     # a question sees the frames strictly before its cut, as the benchmark cuts its clip
     loop = StreamLoop(cuts, push, chunk_frames=session.chunk_frames, inclusive=False)

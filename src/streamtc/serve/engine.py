@@ -312,8 +312,9 @@ class Engine:
             except Exception:  # a broken listener must not stop the model
                 logger.exception("event listener failed")
 
-    def _enqueue_locked(self, stream: ServedStream, image: np.ndarray, timestamp: float) -> None:
-        stream.frames.append((image, timestamp, stream.queued))
+    def _enqueue_locked(self, stream: ServedStream, image: np.ndarray, timestamp: float, codec: Any = None) -> None:
+        """(Lock held.) Queue a frame with its number and the decoder's side data (None for pushed images)."""
+        stream.frames.append((image, timestamp, stream.queued, codec))
         stream.queued += 1
         self._lock.notify_all()
 
@@ -512,12 +513,13 @@ class Engine:
             with self._lock:
                 stream.writing = False
 
-    def _process(self, stream: ServedStream, image: np.ndarray, timestamp: float, number: int) -> None:
-        """Worker: one frame through the stream's session, and its event."""
+    def _process(self, stream: ServedStream, image: np.ndarray, timestamp: float, number: int, codec: Any) -> None:
+        """Worker: one frame (with its codec side data, if the server decoded it) through the stream's
+        session, and its event."""
         session = stream.session
         before = session.stats
         try:
-            session.push(image[None], [timestamp])
+            session.push(image[None], [timestamp], codec=[codec])
             after = session.stats
         except Exception as error:  # a frame the model rejects fails alone
             logger.warning("stream %s: frame %d failed: %s", stream.id, number, error)
@@ -566,8 +568,8 @@ class Engine:
 
     def _read(self, stream: ServedStream, location: str | Path, resume_after: float | None = None) -> None:
         """Reader thread: the stream's source into its queue (`read_source`), then its end."""
-        reason = read_source(stream.spec, location, stream.stop, lambda image, timestamp:
-                             self._enqueue_blocking(stream, image, timestamp), resume_after)
+        reason = read_source(stream.spec, location, stream.stop, lambda image, timestamp, codec:
+                             self._enqueue_blocking(stream, image, timestamp, codec), resume_after)
         with self._lock:
             stream.source_end = ("error", reason) if reason else ("ended", None)
             self._end_if_drained(stream)
@@ -579,14 +581,14 @@ class Engine:
         stream.state, stream.error = stream.source_end
         self._emit(stream, {"type": "state", "state": stream.state, "error": stream.error})
 
-    def _enqueue_blocking(self, stream: ServedStream, image: np.ndarray, timestamp: float) -> bool:
+    def _enqueue_blocking(self, stream: ServedStream, image: np.ndarray, timestamp: float, codec: Any) -> bool:
         """Queue a frame read by the server, waiting while the queue is full; False once stopped."""
         with self._lock:
             while len(stream.frames) >= self.limits.max_queue_frames and not stream.stop.is_set():
                 self._lock.wait(0.5)
             if stream.stop.is_set():
                 return False
-            self._enqueue_locked(stream, image, timestamp)
+            self._enqueue_locked(stream, image, timestamp, codec)
             return True
 
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,8 @@ from .settings import StreamSpec
 
 
 def read_source(spec: StreamSpec, location: str | Path, stop: threading.Event,
-                enqueue: Callable[[np.ndarray, float], bool], resume_after: float | None = None) -> str | None:
-    """Read `location` into `enqueue(image, stream_time)` until the source ends, `stop` is set or
+                enqueue: Callable[[np.ndarray, float, Any], bool], resume_after: float | None = None) -> str | None:
+    """Read `location` into `enqueue(image, stream_time, codec side data or None)` until the source ends, `stop` is set or
     `enqueue` returns False (the stream stopped). A resumed stream skips the frames up to stream
     time `resume_after` (already processed) and is paced from the first frame after it. Returns
     None when the source ended normally, else why it stopped early (cannot open, decode error)."""
@@ -37,7 +38,7 @@ def read_source(spec: StreamSpec, location: str | Path, stop: threading.Event,
                         resume_after, started = None, time.monotonic() - frame.timestamp  # paced from here
                     if spec.realtime and stop.wait(max(0.0, started + frame.timestamp - time.monotonic())):
                         break
-                    if not enqueue(frame.image, offset + frame.timestamp):
+                    if not enqueue(frame.image, offset + frame.timestamp, frame.codec):
                         break
             finally:
                 source.close()
