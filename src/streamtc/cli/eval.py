@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -34,6 +34,11 @@ from .common import (
     CacherProfileOption, MemoryOption, OffloadBudgetOption, OffloadDirOption, RetrieveFramesOption, WindowTokensOption,
     cacher_profile, console, stc_setting,
 )
+
+if TYPE_CHECKING:
+    from ..config import STCConfig
+    from ..eval.datasets import Benchmark
+    from ..eval.runner import EvalRun
 
 eval_app = typer.Typer(help="Benchmark accuracy: OVO-Bench, StreamingBench, MLVU, EgoSchema, Video-MME.",
                        no_args_is_help=True)
@@ -96,14 +101,7 @@ def run(
 ) -> None:
     """Stream every video of a benchmark through the model, asking each question when the stream
     reaches it; append one JSON line per answer to --output; print the benchmark's scores."""
-    if no_stc and (config is not None or cacher is not None):
-        raise typer.BadParameter("--config and --cacher set up STC; drop --no-stc")
-    if variant is not None and (no_stc or config is not None or cacher is not None):
-        raise typer.BadParameter("--variant chooses the compression; drop --no-stc, --config and --cacher")
-    if protocol not in PROTOCOLS:
-        raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    # the paper protocol reproduces the paper, so its Cacher is the paper's unless asked otherwise
-    stc = None if no_stc or variant is not None else stc_setting(cacher, config, "paper" if protocol == "paper" else "robust")
+    stc = _stc_choice(no_stc, config, cacher, variant, protocol)
     spec = SessionSpec(model=model, preset=preset, num_layers=num_layers, seed=seed, stc=stc, variant=variant,
                        dtype=dtype, memory=memory, window_tokens=window_tokens, retrieve_frames=retrieve_frames,
                        offload_dir=str(offload_dir) if offload_dir else None, offload_budget=offload_budget)
@@ -118,6 +116,36 @@ def run(
         console.print(f"[yellow]preset {preset!r} has random weights: its answers are meaningless. "
                       "Use --model PATH_OR_ID for real weights.[/]")
     evaluation = EvalRun(loaded, spec, output, settings, protocol=protocol, device=device, retry_errors=retry_errors)
+    _announce(evaluation, loaded, output, f"{loaded.spec.title}, {protocol} protocol", stc)
+    console.print(f"{len(evaluation.jobs)} video(s), {evaluation.pending_questions} question(s) to ask at "
+                  f"{settings.fps:g} fps" + (f" on Ray ({ray})" if ray else ""))
+    summary = _answer_all(evaluation, loaded, output, ray, actors)
+    report = load_run(output)
+    render_run(console, report)
+    render_timing(console, [report])
+    if "submission" in summary:
+        console.print(f"EgoSchema submission: {', '.join(summary['submission'])}")
+    console.print(f"results: {output}")
+
+
+def _stc_choice(no_stc: bool, config: Path | None, cacher: str | None, variant: str | None,
+                protocol: str) -> STCConfig | None:
+    """The STC setting `eval run` streams with (None: uncompressed or a named variant); refuses
+    options that contradict each other and an unknown protocol."""
+    if no_stc and (config is not None or cacher is not None):
+        raise typer.BadParameter("--config and --cacher set up STC; drop --no-stc")
+    if variant is not None and (no_stc or config is not None or cacher is not None):
+        raise typer.BadParameter("--variant chooses the compression; drop --no-stc, --config and --cacher")
+    if protocol not in PROTOCOLS:
+        raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    # the paper protocol reproduces the paper, so its Cacher is the paper's unless asked otherwise
+    return None if no_stc or variant is not None else stc_setting(cacher, config,
+                                                                  "paper" if protocol == "paper" else "robust")
+
+
+def _announce(evaluation: EvalRun, loaded: Benchmark, output: Path, title: str, stc: STCConfig | None) -> None:
+    """Print what a run starts from: unreadable annotation records, the resumed answers, the
+    benchmark, protocol and Cacher profile."""
     if loaded.problems:
         console.print(f"[yellow]{len(loaded.problems)} record(s) of the annotations cannot be read; each gets an "
                       "error line (scored wrong):[/]")
@@ -129,9 +157,13 @@ def run(
                       + (f" except {evaluation.retried} recorded with an error (--retry-errors)"
                          if evaluation.retried else ""))
     profile = cacher_profile(stc)
-    console.print(f"{loaded.spec.title}, {protocol} protocol" + (f", STC-Cacher {profile}" if profile else ""))
-    console.print(f"{len(evaluation.jobs)} video(s), {evaluation.pending_questions} question(s) to ask at "
-                  f"{settings.fps:g} fps" + (f" on Ray ({ray})" if ray else ""))
+    console.print(title + (f", STC-Cacher {profile}" if profile else ""))
+
+
+def _answer_all(evaluation: EvalRun, loaded: Benchmark, output: Path, ray: str | None,
+                actors: int | None) -> dict[str, Any]:
+    """Ask every pending question under a progress bar and return the run's summary; Ctrl-C says
+    how many answers are saved and exits 130 (the same command resumes)."""
     answered = 0
     try:
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -145,18 +177,12 @@ def run(
                     answered += 1
                     progress.update(bar, advance=1, video=record["video"])
 
-            summary = evaluation.run(ray_address=ray, actors=actors, on_record=advance)
+            return evaluation.run(ray_address=ray, actors=actors, on_record=advance)
     except KeyboardInterrupt:
         done = loaded.questions - evaluation.pending_questions + answered
         console.print(f"\n[yellow]interrupted: {done} of {loaded.questions} questions answered and saved in "
                       f"{output}.[/] Run the same command again to resume; answered questions are not asked again.")
         raise typer.Exit(130) from None
-    report = load_run(output)
-    render_run(console, report)
-    render_timing(console, [report])
-    if "submission" in summary:
-        console.print(f"EgoSchema submission: {', '.join(summary['submission'])}")
-    console.print(f"results: {output}")
 
 
 @eval_app.command()
