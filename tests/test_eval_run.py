@@ -91,9 +91,9 @@ def reference(ovo: Path, tmp_path_factory) -> tuple[Path, int]:
     pushed = []
     original = StreamingSession.push
 
-    def counting_push(self, frames, timestamps=None):
+    def counting_push(self, frames, timestamps=None, **kwargs):
         pushed.append(len(frames))
-        return original(self, frames, timestamps)
+        return original(self, frames, timestamps, **kwargs)
 
     output = tmp_path_factory.mktemp("runs") / "reference.jsonl"
     benchmark = load_benchmark("ovobench", ovo / "ovo_bench_new.json", ovo / "videos")
@@ -258,7 +258,7 @@ def test_ray_two_actor_run_equals_the_single_process_run(ovo: Path, reference: t
     output = tmp_path / "ray.jsonl"
     result = runner.invoke(app, ["eval", "run", "ovobench", str(ovo / "ovo_bench_new.json"), "--videos",
                                  str(ovo / "videos"), "--output", str(output), "--max-new-tokens", "4",
-                                 "--option-logprobs", "--ray", "--actors", "2"])
+                                 "--option-logprobs", "--cacher", "paper", "--ray", "--actors", "2"])
     assert result.exit_code == 0, result.output
     assert "on Ray (local)" in result.output and "could not be read" in result.output
     assert "1 record(s) of the annotations cannot be read" in result.output
