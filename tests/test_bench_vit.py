@@ -109,8 +109,7 @@ def real_mode_report():
     import numpy as np
     import torch
 
-    from streamtc.bench.real_footage import real_weights_variants
-    from streamtc.bench.vit import load_frames_at_rate
+    from streamtc.bench.vit import load_frames_at_rate, real_weights_variants
     from streamtc.weights import normalize_frames
 
     tower, head = tiny_dinov2_and_head()

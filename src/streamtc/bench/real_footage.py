@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..baselines.vit import CodecSkipping, FrameSkipping, UniformTokenDropping, keep_ratio_for_flops
 from ..cacher import STCCacher
 from ..cacher import functional as F
 from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
@@ -40,7 +39,7 @@ from ..errors import InputError
 from ..measure import environment
 from ..sources import BUILTIN_CLIPS, builtin_clip_path, open_source
 from ..tokens import token_cosine
-from .vit import Variant, run_vit_benchmark
+from .vit import real_weights_variants, run_vit_benchmark
 
 DEFAULT_STREAMS = "demo@0.5,demo@1,demo@2,carphone@2,bigbuckbunny@2,vtest@1,box@1,cup@2"
 # What kind of footage each named clip is, and whether the budget policy was tuned on it.
@@ -101,34 +100,6 @@ def load_stream(spec: StreamSpec, grid: tuple[int, int]) -> tuple[np.ndarray, li
                         "codec": None if codec is None else {"cut": codec.cut, "intra_share": codec.intra_share,
                                                              "decoded_frames": codec.decoded_frames}})
     return np.stack([f.image for f in frames]), hints, records
-
-
-def real_weights_variants(tokens: int, width: int, mlp_width: int, prefix: int) -> tuple[Variant, ...]:
-    """The paper's schedules, the robust profile at their budgets, and the trivial baselines at their cost."""
-    fixed2, fixed4 = (CacherConfig(cache_interval=n, update_ratio=0.25) for n in (2, 4))
-    cost2, cost4 = (F.flop_ratio(tokens, width, mlp_width, 0.25, n) for n in (2, 4))
-    keep2, keep4 = (keep_ratio_for_flops(cost, tokens, prefix, width, mlp_width) for cost in (cost2, cost4))
-    return (
-        Variant("full", None),
-        Variant("full (control)", None),
-        Variant("stc N=2 r=0.25", fixed2),
-        Variant("stc N=4 r=0.25", fixed4),
-        Variant("robust (N=2 budget)", CacherConfig.robust(2)),
-        Variant("robust (N=4 budget)", CacherConfig.robust(4)),
-        Variant("robust (N=2 budget), no hints", CacherConfig.robust(2), hints=False),
-        Variant("robust (N=4 budget), no hints", CacherConfig.robust(4), hints=False),
-        Variant("robust (N=2 budget), codec tokens", CacherConfig.robust(2, token_signal="codec")),
-        Variant("robust (N=2 budget), codec+keys tokens", CacherConfig.robust(2, token_signal="codec+keys")),
-        Variant("adaptive pixels budget 2, subsample over budget", CacherConfig(
-            cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_budget=2, over_budget="subsample")),
-        Variant(f"skip frames, rate {cost2:.3f} (= N=2)", None, functools.partial(FrameSkipping, cost2)),
-        Variant("skip frames, every 2nd", None, functools.partial(FrameSkipping, 0.5)),
-        Variant(f"skip frames, rate {cost4:.3f} (= N=4)", None, functools.partial(FrameSkipping, cost4)),
-        Variant(f"drop tokens, keep {keep2:.2f} (= N=2)", None, functools.partial(UniformTokenDropping, keep2)),
-        Variant(f"drop tokens, keep {keep4:.2f} (= N=4)", None, functools.partial(UniformTokenDropping, keep4)),
-        Variant("codec skip, change > 0.25", None, functools.partial(CodecSkipping, 0.25)),
-        Variant("codec skip, change > 0.5", None, functools.partial(CodecSkipping, 0.5)),
-    )
 
 
 def run_real_footage(

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..baselines.vit import FrameSkipping
+from ..baselines.vit import CodecSkipping, FrameSkipping, UniformTokenDropping, keep_ratio_for_flops
 from ..cacher import STCCacher
 from ..cacher import functional as F
-from ..cacher.towers import prefix_tokens
+from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
 from ..cacher.hints import ChunkHints
 from ..config import CacherConfig
 from ..errors import InputError
@@ -97,6 +97,34 @@ QWEN_VARIANTS: tuple[Variant, ...] = tuple(
     Variant(f"stc N={n} r=0.25, merge blocks", CacherConfig(cache_interval=n, update_ratio=0.25, granularity="merge_block"))
     for n in (2, 4)
 )
+
+
+def real_weights_variants(tokens: int, width: int, mlp_width: int, prefix: int) -> tuple[Variant, ...]:
+    """The paper's schedules, the robust profile at their budgets, and the trivial baselines at their cost."""
+    fixed2, fixed4 = (CacherConfig(cache_interval=n, update_ratio=0.25) for n in (2, 4))
+    cost2, cost4 = (F.flop_ratio(tokens, width, mlp_width, 0.25, n) for n in (2, 4))
+    keep2, keep4 = (keep_ratio_for_flops(cost, tokens, prefix, width, mlp_width) for cost in (cost2, cost4))
+    return (
+        Variant("full", None),
+        Variant("full (control)", None),
+        Variant("stc N=2 r=0.25", fixed2),
+        Variant("stc N=4 r=0.25", fixed4),
+        Variant("robust (N=2 budget)", CacherConfig.robust(2)),
+        Variant("robust (N=4 budget)", CacherConfig.robust(4)),
+        Variant("robust (N=2 budget), no hints", CacherConfig.robust(2), hints=False),
+        Variant("robust (N=4 budget), no hints", CacherConfig.robust(4), hints=False),
+        Variant("robust (N=2 budget), codec tokens", CacherConfig.robust(2, token_signal="codec")),
+        Variant("robust (N=2 budget), codec+keys tokens", CacherConfig.robust(2, token_signal="codec+keys")),
+        Variant("adaptive pixels budget 2, subsample over budget", CacherConfig(
+            cache_interval=8, update_ratio=0.25, refresh="adaptive", refresh_budget=2, over_budget="subsample")),
+        Variant(f"skip frames, rate {cost2:.3f} (= N=2)", None, functools.partial(FrameSkipping, cost2)),
+        Variant("skip frames, every 2nd", None, functools.partial(FrameSkipping, 0.5)),
+        Variant(f"skip frames, rate {cost4:.3f} (= N=4)", None, functools.partial(FrameSkipping, cost4)),
+        Variant(f"drop tokens, keep {keep2:.2f} (= N=2)", None, functools.partial(UniformTokenDropping, keep2)),
+        Variant(f"drop tokens, keep {keep4:.2f} (= N=4)", None, functools.partial(UniformTokenDropping, keep4)),
+        Variant("codec skip, change > 0.25", None, functools.partial(CodecSkipping, 0.25)),
+        Variant("codec skip, change > 0.5", None, functools.partial(CodecSkipping, 0.5)),
+    )
 
 
 @dataclass
@@ -188,102 +216,38 @@ def run_vit_benchmark(
     frame encoded moments before or after it, so machine drift (other tenants, memory bandwidth,
     clocks) cancels in the paired ratios instead of landing on whichever variant ran during it.
 
-    tower: a Qwen-VL tower name instead of `preset`; `pixel_values` then holds pairs of frames, each
-    pair one temporal patch and one tower forward.
-    hints: per frame, the codec hints a session would hand the Cacher (`ChunkHints.from_side_data`),
-    given to every cacher (settings that do not use them ignore them) and to baselines that take them.
+    tower: a Qwen-VL tower name instead of `preset` (`pixel_values` then pairs of frames, one temporal
+    patch each). hints: per frame, the codec hints a session would hand the Cacher, given to every
+    cacher (settings that do not use them ignore them) and to baselines that take them.
     """
-    if variants[0].config is not None:
-        raise ValueError("the first variant must be the unpatched baseline (config None)")
     if variants[0].config is not None or variants[0].baseline is not None:
         raise ValueError("the first variant must be the unpatched baseline (no config, no baseline)")
     if tower is not None and (model is not None or head is not None or any(v.baseline for v in variants)):
         raise ValueError("tower= runs Cacher variants on a random-init Qwen tower: no model, head or baselines")
     pixel_values = pixel_values.to(device=device, dtype=dtype)
-    if tower is None:
-        if model is None:
-            model = build_model(preset, num_layers=num_layers, dtype=dtype)
-        model = model.to(device=device, dtype=dtype)
-        inputs = list(pixel_values)
-
-        def encode(frame: torch.Tensor) -> torch.Tensor:
-            return model(pixel_values=frame[None]).last_hidden_state
-    else:
-        model = qwen_towers.build_qwen_tower(tower, num_layers, dtype).to(device)
-        inputs, grid_thw = qwen_towers.temporal_patches(pixel_values, model.config)
-
-        def encode(patch: torch.Tensor) -> torch.Tensor:
-            return model(patch, grid_thw=grid_thw).last_hidden_state[None]
-    cachers = {v.name: STCCacher(v.config) for v in variants if v.config is not None}
-    encoders = {v.name: v.baseline() for v in variants if v.baseline is not None}
-    results = {
-        v.name: VariantResult(
-            v.name, None if v.config is None else v.config.to_dict(),
-            "cacher" if v.config is not None else type(encoders[v.name]).__name__ if v.name in encoders else "full",
-        )
-        for v in variants
-    }
-    baseline = variants[0].name
+    model, inputs, encode = _tower_inputs(pixel_values, preset, num_layers, tower, model, device, dtype)
+    streams = _Streams(model, encode, {v.name: STCCacher(v.config) for v in variants if v.config is not None},
+                       {v.name: v.baseline() for v in variants if v.baseline is not None}, hints, device)
+    results = {v.name: VariantResult(v.name, None if v.config is None else v.config.to_dict(), streams.kind(v.name))
+               for v in variants}
     prefix = 0 if tower is not None else prefix_tokens(model)
     with torch.inference_mode():
         reference = torch.cat([encode(x) for x in inputs])
         reference_maps = None if head is None else head(reference.float())
         for repeat in range(warmup + repeats):
-            for stream in (*cachers.values(), *encoders.values()):
-                stream.reset()
-            ms = {v.name: [] for v in variants}
-            outputs = {v.name: [] for v in variants}
-            refreshed = {v.name: [] for v in variants}
-            for i, frame in enumerate(inputs):
-                if progress is not None:
-                    label = f"warm-up {repeat + 1}/{warmup}" if repeat < warmup else f"repeat {repeat - warmup + 1}/{repeats}"
-                    progress(f"{label} · frame {i + 1}/{len(inputs)}")
-                shift = i % len(variants)
-                for variant in variants[shift:] + variants[:shift]:
-                    cacher, encoder = cachers.get(variant.name), encoders.get(variant.name)
-                    if cacher is not None:
-                        cacher.attach(model)
-                    hint = None if hints is None or not variant.hints else hints[i]
-                    if cacher is not None:
-                        cacher.hint(hint)
-                    before = _chunk_counts(cacher)
-                    computes = not isinstance(encoder, FrameSkipping) or encoder.encodes_next()
-                    if encoder is not None:
-                        extra = {"hints": hint} if getattr(encoder, "uses_hints", False) else {}
-                        out, elapsed = timed(lambda: encoder(model, frame[None], **extra), device)
-                    else:
-                        out, elapsed = timed(lambda: encode(frame), device)
-                    if cacher is not None:
-                        cacher.detach()
-                    ms[variant.name].append(elapsed)
-                    outputs[variant.name].append(out)
-                    if cacher is not None:  # R: refresh, S: subsample, D: downscale, .: non-refresh
-                        after = _chunk_counts(cacher)
-                        refreshed[variant.name].append(next((kind for kind, b, a in zip("RSD", before, after) if a > b), "."))
-                    else:
-                        refreshed[variant.name].append("R" if computes else ".")
+            label = f"warm-up {repeat + 1}/{warmup}" if repeat < warmup else f"repeat {repeat - warmup + 1}/{repeats}"
+            ms, outputs, kinds = streams.run_pass(variants, inputs, None if progress is None else (
+                lambda i: progress(f"{label} · frame {i + 1}/{len(inputs)}")))
             if repeat < warmup:
                 continue
             for variant in variants:
                 result = results[variant.name]
                 result.frame_ms.append(ms[variant.name])
-                result.refresh_frames = [kind == "R" for kind in refreshed[variant.name]]
-                result.frame_kinds = "".join(refreshed[variant.name])
-                got = torch.cat(outputs[variant.name])
-                result.token_cosine = token_cosine(got[:, prefix:], reference[:, prefix:]).tolist()
-                result.flat_cosine = flat_cosine(got, reference).tolist()
-                if prefix:
-                    result.cls_cosine = token_cosine(got[:, :1], reference[:, :1]).tolist()
-                if head is not None:
-                    corr, kl = saliency_agreement(head(got.float()), reference_maps)
-                    result.saliency_corr, result.saliency_kl = corr.tolist(), kl.tolist()
-                encoder, cacher = encoders.get(variant.name), cachers.get(variant.name)
-                if cacher is not None:
-                    result.flop_ratio = cacher.stats.flop_ratio
-                if encoder is not None:
-                    result.flop_ratio = encoder.flop_ratio()
-    config = model.config
-    tokens = reference.shape[1]
+                result.frame_kinds = "".join(kinds[variant.name])
+                result.refresh_frames = [kind == "R" for kind in result.frame_kinds]
+                _record_fidelity(result, torch.cat(outputs[variant.name]), reference, reference_maps, head, prefix)
+                result.flop_ratio = streams.flop_ratio(variant.name)
+    config, tokens = model.config, reference.shape[1]
     frame_flops = None if tower is None else functools.partial(qwen_towers.tower_flops, config, tokens)
     return {
         "benchmark": "vit",
@@ -301,8 +265,138 @@ def run_vit_benchmark(
             "warmup": warmup, "dtype": str(dtype).removeprefix("torch."), "variants": [v.name for v in variants],
             "saliency_head": head is not None,
         }),
-        "variants": [summarise(results[v.name], results[baseline], tokens, config, frame_flops) for v in variants],
+        "variants": [summarise(results[v.name], results[variants[0].name], tokens, config, frame_flops)
+                     for v in variants],
     }
+
+
+def _tower_inputs(pixel_values: torch.Tensor, preset: str, num_layers: int | None, tower: str | None,
+                  model: torch.nn.Module | None, device: str, dtype: torch.dtype
+                  ) -> tuple[torch.nn.Module, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """The tower, the stream's inputs (frames, or Qwen temporal patches) and how one is encoded
+    into [1, T, C]."""
+    if tower is None:
+        model = (model if model is not None else build_model(preset, num_layers=num_layers, dtype=dtype)).to(
+            device=device, dtype=dtype)
+        return model, list(pixel_values), lambda frame: model(pixel_values=frame[None]).last_hidden_state
+    model = qwen_towers.build_qwen_tower(tower, num_layers, dtype).to(device)
+    inputs, grid_thw = qwen_towers.temporal_patches(pixel_values, model.config)
+    return model, inputs, lambda patch: model(patch, grid_thw=grid_thw).last_hidden_state[None]
+
+
+@dataclass
+class _Streams:
+    """Every variant's own stream on one tower: a cacher (attached for its frame) or a baseline encoder."""
+
+    model: torch.nn.Module
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    cachers: dict[str, STCCacher]
+    encoders: dict[str, Any]
+    hints: Sequence[ChunkHints | None] | None
+    device: str
+
+    def kind(self, name: str) -> str:
+        """"cacher", the baseline's class name, or "full"."""
+        return "cacher" if name in self.cachers else type(self.encoders[name]).__name__ if name in self.encoders else "full"
+
+    def run_pass(self, variants: tuple[Variant, ...], inputs: list[torch.Tensor],
+                 progress: Callable[[int], None] | None) -> tuple[dict, dict, dict]:
+        """One pass over the stream, every variant taking frame i (in an order rotated per frame)
+        before any takes frame i + 1; per variant: ms, outputs and frame kinds per frame."""
+        for stream in (*self.cachers.values(), *self.encoders.values()):
+            stream.reset()
+        ms, outputs, kinds = ({v.name: [] for v in variants} for _ in range(3))
+        for i, frame in enumerate(inputs):
+            if progress is not None:
+                progress(i)
+            shift = i % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                hint = None if self.hints is None or not variant.hints else self.hints[i]
+                out, elapsed, kind = self.encode_frame(variant.name, frame, hint)
+                ms[variant.name].append(elapsed)
+                outputs[variant.name].append(out)
+                kinds[variant.name].append(kind)
+        return ms, outputs, kinds
+
+    def encode_frame(self, name: str, frame: torch.Tensor, hint: ChunkHints | None) -> tuple[torch.Tensor, float, str]:
+        """One variant's frame: its output, milliseconds, and kind (R refresh or a full frame, S
+        subsampled, D downscaled, . reused)."""
+        cacher, encoder = self.cachers.get(name), self.encoders.get(name)
+        if encoder is not None:
+            computes = not isinstance(encoder, FrameSkipping) or encoder.encodes_next()
+            extra = {"hints": hint} if getattr(encoder, "uses_hints", False) else {}
+            out, elapsed = timed(lambda: encoder(self.model, frame[None], **extra), self.device)
+            return out, elapsed, "R" if computes else "."
+        if cacher is None:
+            out, elapsed = timed(lambda: self.encode(frame), self.device)
+            return out, elapsed, "R"
+        cacher.attach(self.model)
+        cacher.hint(hint)
+        before = _chunk_counts(cacher)
+        out, elapsed = timed(lambda: self.encode(frame), self.device)
+        cacher.detach()
+        after = _chunk_counts(cacher)
+        return out, elapsed, next((kind for kind, b, a in zip("RSD", before, after) if a > b), ".")
+
+    def flop_ratio(self, name: str) -> float | None:
+        """The variant's own cost count (cachers and baselines), None for the unpatched tower."""
+        if name in self.cachers:
+            return self.cachers[name].stats.flop_ratio
+        return self.encoders[name].flop_ratio() if name in self.encoders else None
+
+
+def _record_fidelity(result: VariantResult, got: torch.Tensor, reference: torch.Tensor,
+                     reference_maps: torch.Tensor | None, head: torch.nn.Module | None, prefix: int) -> None:
+    """Per-frame cosines (patch tokens, whole frame, class token) and saliency agreement against the full forward."""
+    result.token_cosine = token_cosine(got[:, prefix:], reference[:, prefix:]).tolist()
+    result.flat_cosine = flat_cosine(got, reference).tolist()
+    if prefix:
+        result.cls_cosine = token_cosine(got[:, :1], reference[:, :1]).tolist()
+    if head is not None:
+        corr, kl = saliency_agreement(head(got.float()), reference_maps)
+        result.saliency_corr, result.saliency_kl = corr.tolist(), kl.tolist()
+
+
+def bench_random_tower(name: str, num_layers: int | None, video: str, frames: int, rates: list[float] | None,
+                       suite: str, repeats: int, warmup: int, device: str, output: Any, console: Any,
+                       can_plot: Callable[[], bool], qwen: bool = False) -> list[dict[str, Any]]:
+    """`streamtc bench vit` on a random-init tower: a preset (`name`; frames spread over `video`, or one
+    stream per rate) or, with qwen, a Qwen-VL tower; prints a table per stream, writes JSON and plots."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..preprocess import FramePreprocessor
+    from ..presets import build_config
+
+    if qwen:
+        runs = [(f"{frames} frames of {video} at 2 fps", None, load_qwen_frames(video, name, frames))]
+        model, variants = None, QWEN_VARIANTS
+    else:
+        model, size = build_model(name, num_layers=num_layers), build_config(name).image_size
+        runs = [(f"{video} at {rate:g} fps", rate, FramePreprocessor(size=size)(load_frames_at_rate(video, rate)))
+                for rate in rates] if rates else [(f"{frames} frames spread over {video}", None,
+                                                   load_benchmark_frames(video, frames, size))]
+    reports = []
+    for label, rate, pixel_values in runs:
+        if not qwen:
+            variants = DEFAULT_VARIANTS if suite == "speed" else real_weights_variants(
+                model.embeddings(pixel_values[:1]).shape[1], model.config.hidden_size,
+                mlp_width(encoder_layers(model)[0]), prefix_tokens(model))
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(label, total=(warmup + repeats) * len(pixel_values) // (2 if qwen else 1))
+            report = run_vit_benchmark(
+                pixel_values, preset=name, num_layers=num_layers, model=model, variants=variants, repeats=repeats,
+                warmup=warmup, device=device, tower=name if qwen else None,
+                progress=lambda step: bar.update(task, description=f"{label}: {step}", advance=1))
+        report.update(video=video, fps=rate, title=None if qwen else (
+            f"{name} random weights, {report['num_layers']} layers, {label}, {len(pixel_values)} frames"))
+        print_report(report)
+        reports.append(report)
+    if output is not None:
+        console.print(f"wrote {write_report(reports[0] if len(reports) == 1 else {'benchmark': 'vit', 'runs': reports}, output)}")
+        for path in [p for report in reports for p in write_plots(report, output)] if can_plot() else []:
+            console.print(f"wrote {path}")
+    return reports
 
 
 def _chunk_counts(cacher: STCCacher | None) -> tuple[int, int, int]:
@@ -463,6 +557,6 @@ def write_plots(report: dict[str, Any], path: str | Path) -> list[Path]:
 
 
 
-__all__ = ["Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "load_frames_at_rate", "load_qwen_frames",
+__all__ = ["bench_random_tower", "real_weights_variants", "Variant", "DEFAULT_VARIANTS", "QWEN_VARIANTS", "load_frames_at_rate", "load_qwen_frames",
            "saliency_agreement", "load_benchmark_frames", "run_vit_benchmark", "print_report", "write_plots",
            "write_report", "flat_cosine"]

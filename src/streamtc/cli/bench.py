@@ -67,71 +67,22 @@ def bench_vit(
         rates = None if fps is None else [float(r) for r in fps.split(",")]
     except ValueError:
         raise typer.BadParameter(f"--fps takes comma-separated numbers, got {fps!r}") from None
+    if qwen_tower is not None and weights:
+        raise typer.BadParameter("--tower runs random-init Qwen towers; it does not combine with --weights")
     import torch  # after the checks: a refusal answers at once
-
-    from ..bench.vit import (
-        QWEN_VARIANTS,
-        load_benchmark_frames,
-        load_frames_at_rate,
-        load_qwen_frames,
-        print_report,
-        run_vit_benchmark,
-        write_plots,
-        write_report,
-    )
-    from ..preprocess import FramePreprocessor
-    from ..presets import build_config
 
     if threads is not None:
         torch.set_num_threads(threads)
-    if qwen_tower is not None:
-        if weights:
-            raise typer.BadParameter("--tower runs random-init Qwen towers; it does not combine with --weights")
-        report = run_vit_benchmark(load_qwen_frames(video, qwen_tower, frames), num_layers=num_layers, repeats=repeats,
-                                   warmup=warmup, device=device, tower=qwen_tower, variants=QWEN_VARIANTS)
-        report["video"] = video
-        print_report(report)
-        if output is not None:
-            console.print(f"wrote {write_report(report, output)}")
-            for path in write_plots(report, output) if _can_plot() else []:
-                console.print(f"wrote {path}")
-        return
-
     if weights:
         from ..bench.real_footage import bench_real_footage, parse_streams
 
         specs = parse_streams(streams or ",".join(f"{video}@{rate:g}" for rate in rates))
         bench_real_footage(specs, repeats, warmup, device, output, console, _can_plot)
         return
-    from ..bench.real_footage import real_weights_variants
-    from ..bench.vit import DEFAULT_VARIANTS
-    from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
-    from ..presets import build_model
+    from ..bench.vit import bench_random_tower
 
-    tower = build_model(preset, num_layers=num_layers)
-    name, description = preset, f"{preset} random weights, {tower.config.num_hidden_layers} layers"
-    runs = [(f"{video} at {rate:g} fps", rate, load_frames_at_rate(video, rate)) for rate in rates] if rates else [
-        (f"{frames} frames spread over {video}", None, None)]
-    reports = []
-    for label, rate, images in runs:
-        size = build_config(preset).image_size
-        pixel_values = FramePreprocessor(size=size)(images) if images is not None else load_benchmark_frames(video, frames, size)
-        variants = DEFAULT_VARIANTS if suite == "speed" else real_weights_variants(
-            tower.embeddings(pixel_values[:1]).shape[1], tower.config.hidden_size, mlp_width(encoder_layers(tower)[0]),
-            prefix_tokens(tower))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
-            task = progress.add_task(f"{label}: {len(variants)} variants", total=(warmup + repeats) * len(pixel_values))
-            report = run_vit_benchmark(pixel_values, preset=name, model=tower, variants=variants, repeats=repeats,
-                                       warmup=warmup, device=device,
-                                       progress=lambda description: progress.update(task, description=f"{label}: {description}", advance=1))
-        report.update(video=video, fps=rate, title=f"{description}, {label}, {len(pixel_values)} frames")
-        print_report(report)
-        reports.append(report)
-    if output is not None:
-        console.print(f"wrote {write_report(reports[0] if len(reports) == 1 else {'benchmark': 'vit', 'runs': reports}, output)}")
-        for path in [p for report in reports for p in write_plots(report, output)] if _can_plot() else []:
-            console.print(f"wrote {path}")
+    bench_random_tower(qwen_tower or preset, num_layers, video, frames, rates, suite, repeats, warmup, device, output,
+                       console, _can_plot, qwen=qwen_tower is not None)
 
 
 def _can_plot() -> bool:
