@@ -280,3 +280,13 @@ def test_codec_skipping_keeps_unchanged_patches_and_encodes_cuts_whole():
                            cut[:, [i for i in range(50) if i not in (0, 5, 10)]])
         assert not torch.equal(partial[:, 5], cut[:, 5])
     assert skip.flop_ratio() == pytest.approx((2 * layer_macs(50) + layer_macs(3)) / (5 * layer_macs(50)))
+
+
+def test_a_forward_with_gradients_on_runs_and_leaves_the_reference_out_of_the_graph():
+    tower, x = tiny_dinov2(), frames(2)
+    cacher = STCCacher(CacherConfig(cache_interval=2)).attach(tower)
+    out = torch.cat([tower(pixel_values=f[None]).last_hidden_state for f in x])  # a refresh, then a reuse
+    out.sum().backward()
+    assert tower.embeddings.patch_embeddings.projection.weight.grad is not None
+    assert not cacher.state.values.requires_grad and not cacher.state.residual_delta.requires_grad
+    cacher.detach()

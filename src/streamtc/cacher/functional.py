@@ -139,7 +139,7 @@ def add_reference_delta(
     so its two residual adds collapse into one add of A_ref + M_ref, stored at refresh: one pass
     over [F, T, C] per layer instead of two, and no Ā or M̄ materialised.
     """
-    out = torch.add(x, reference_delta, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+    out = (x + reference_delta).contiguous()  # one contiguous pass; autograd can follow it
     frames, num_tokens, width = out.shape
     out.view(-1, width).index_copy_(0, token_rows(index, num_tokens), recomputed_rows.reshape(-1, width))
     return out

@@ -234,9 +234,11 @@ def refresh_forward(
     hidden_states = hidden_states + mlp_out
 
     last = slice(seq_len - num_tokens, seq_len)  # the chunk's last temporal patch
-    reference.unit_keys.copy_(F.unit_rows(keys[last]))
-    reference.values.copy_(values[last])
-    torch.add(attn_out[last], mlp_out[last], out=reference.residual_delta)
+    # The reference is stream state, not part of any graph: written from detached rows, so a forward
+    # with gradients on (fine-tuning through the tower) works and never backpropagates into it.
+    reference.unit_keys.copy_(F.unit_rows(keys[last].detach()))
+    reference.values.copy_(values[last].detach())
+    torch.add(attn_out[last].detach(), mlp_out[last].detach(), out=reference.residual_delta)
     return hidden_states
 
 
@@ -285,10 +287,10 @@ def selective_forward(
     queries = rotate(queries.view(units, -1, heads, width // heads), gather(cos), gather(sin))  # their own RoPE rows
     rotated_keys = rotate(keys.view(units, num_tokens, heads, -1), cos.view(units, num_tokens, -1),
                            sin.view(units, num_tokens, -1))
-    if units == 1:
+    if units == 1 and not torch.is_grad_enabled():
         # One temporal patch: V̄ is V_ref with V_I swapped in, in place, and swapped back after
-        # attending (bit-exact). A block that raises in between leaves the stream without a
-        # reference: STCCacher._layer_forward marks it for a refresh.
+        # attending (bit-exact; with gradients on, the copy below). A block that raises in between
+        # leaves the stream without a reference: STCCacher._layer_forward marks it for a refresh.
         replaced = F.swap_rows(reference.values, rows, selected_values[0])
         values = reference.values.view(1, num_tokens, heads, -1)
         context = _selected_attention(attn, queries, rows, rotated_keys, values, cu_seqlens, eager_fallback)

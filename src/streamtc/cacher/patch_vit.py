@@ -170,9 +170,11 @@ def refresh_forward(
     mlp_out = _scaled(feed_forward(parts.mlp, parts.norm2(hidden_states), onednn), parts.scale2)
     hidden_states = hidden_states + mlp_out
 
-    reference.unit_keys.copy_(F.unit_rows(keys[-1]))
-    reference.values.copy_(values[-1])
-    torch.add(attn_out[-1], mlp_out[-1], out=reference.residual_delta)
+    # The reference is stream state, not part of any graph: written from detached rows, so a forward
+    # with gradients on (fine-tuning through the tower) works and never backpropagates into it.
+    reference.unit_keys.copy_(F.unit_rows(keys[-1].detach()))
+    reference.values.copy_(values[-1].detach())
+    torch.add(attn_out[-1].detach(), mlp_out[-1].detach(), out=reference.residual_delta)
     return hidden_states
 
 
@@ -210,10 +212,11 @@ def selective_forward(
     queries = linear(parts.q_proj, normed_selected, onednn)
     selected_values = linear(parts.v_proj, normed_selected, onednn)
     mask = _mask_rows(attention_mask, index)
-    if frames == 1:
+    if frames == 1 and not torch.is_grad_enabled():
         # One frame: V̄ is V_ref with V_I swapped in, in place, and swapped back after attending
-        # (bit-exact; saves a [T, C] copy per layer). A layer that raises in between leaves the
-        # stream without a reference: STCCacher._layer_forward marks it for a refresh.
+        # (bit-exact; saves a [T, C] copy per layer; with gradients on, autograd needs V̄ kept as it
+        # was, so the copy below). A layer that raises in between leaves the stream without a
+        # reference: STCCacher._layer_forward marks it for a refresh.
         replaced = F.swap_rows(reference.values, rows, selected_values[0])
         context = _attention(parts, queries, keys, reference.values.unsqueeze(0), mask, eager_fallback)
         reference.values.index_copy_(0, rows, replaced)
