@@ -447,15 +447,25 @@ def test_the_command_serves_and_the_loadtest_command_measures_it(tmp_path: Path)
         server.wait_ready()
         info = httpx.get(server.url + "/v1/info").json()
         assert info["default_stc"] is None and info["limits"]["max_streams"] == 3
-        run = CliRunner().invoke(serve_app, ["loadtest", "--url", server.url, "--streams", "2", "--duration", "4",
+        run = CliRunner().invoke(serve_app, ["loadtest", "--url", server.url, "--streams", "2", "--streams", "1",
+                                             "--duration", "4",
                                              "--question-every", "2", "--source", "carphone", "--stc", "off",
                                              "--max-new-tokens", "2", "--output", str(tmp_path / "load.json")])
     finally:
         server.stop()
     assert run.exit_code == 0, run.output
     assert "shut down: closed 0 open streams" in server.process.stderr.read()  # SIGTERM: a graceful shutdown
-    [result] = json.loads((tmp_path / "load.json").read_text())["results"]
-    assert result["errors"] == [] and result["questions"] >= 2 and result["streams"] == 2
+    result, single = json.loads((tmp_path / "load.json").read_text())["results"]  # the sweep, in the order asked
+    assert (result["streams"], single["streams"]) == (2, 1) and single["errors"] == [] and single["questions"] >= 1
+    assert result["errors"] == [] and result["questions"] >= 2
     assert result["frames_per_s_per_stream"]["min"] > 0 and result["rss_mb"][-1][1] > 100
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"]
     assert "frames/s/stream" in run.output and "off" in run.output  # the printed report
+
+
+def test_the_servers_language_model_depth_can_be_reduced() -> None:
+    from streamtc.serve.backend import load_base_session
+
+    session = load_base_session(ServerSettings(preset="tiny-llava-ov", num_layers=1, text_layers=1))
+    assert len(session.model.model.language_model.layers) == 1  # the preset's own depth is 2
+    assert session.model.config.vision_config.num_hidden_layers == 1

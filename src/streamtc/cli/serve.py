@@ -55,6 +55,8 @@ def serve(
     offload_dir: OffloadDirOption = None,
     offload_budget: OffloadBudgetOption = None,
     num_layers: Annotated[int | None, typer.Option(help="Vision tower depth override for presets")] = None,
+    text_layers: Annotated[int | None, typer.Option(help="Language model depth override for VLM presets",
+                                                    min=1)] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads of the model worker")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
     ray: Annotated[bool, typer.Option("--ray", help="Run the model as Ray Serve replicas")] = False,
@@ -79,7 +81,8 @@ def serve(
         raise typer.BadParameter("--config and --cacher set up STC; drop --no-stc")
     default_stc = None if no_stc else stc_setting(cacher, config)
     settings = ServerSettings(
-        model=model, preset=preset, num_layers=num_layers, device=device, default_stc=default_stc,
+        model=model, preset=preset, num_layers=num_layers, text_layers=text_layers, device=device,
+        default_stc=default_stc,
         limits=ServeLimits(max_streams=max_streams, max_queue_frames=max_queue_frames,
                            max_upload_bytes=max_upload_bytes, max_frame_side=max_frame_side,
                            max_question_chars=max_question_chars, max_new_tokens=max_new_tokens,
@@ -116,7 +119,8 @@ def loadtest(
     url: Annotated[str | None, typer.Option(help="A running server (default: start one per variant on a free "
                                                  "port of 127.0.0.1)")] = None,
     token: Annotated[str | None, typer.Option(help="Bearer token of --url", envvar="STREAMTC_TOKEN")] = None,
-    streams: Annotated[int, typer.Option(help="Concurrent streams", min=1)] = 8,
+    streams: Annotated[list[int] | None, typer.Option(help="Concurrent streams (repeatable: a sweep, each count "
+                                                           "on the same servers) [default: 8]", min=1)] = None,
     duration: Annotated[float, typer.Option(help="Seconds per variant", min=0.1)] = 120.0,
     question_every: Annotated[float, typer.Option(help="Seconds between a stream's questions", min=0.1)] = 10.0,
     source: Annotated[str, typer.Option(help="Clip every stream reads (looped)")] = "demo",
@@ -128,6 +132,8 @@ def loadtest(
     compare: Annotated[bool, typer.Option("--compare", help="Run with STC, then without (a server each)")] = False,
     preset: Annotated[str, typer.Option(help="Preset of a started server")] = "tiny-llava-ov",
     num_layers: Annotated[int | None, typer.Option(help="Vision tower depth of a started server's preset")] = None,
+    text_layers: Annotated[int | None, typer.Option(help="Language model depth of a started server's preset")] = None,
+    cacher: CacherProfileOption = None,
     threads: Annotated[int | None, typer.Option(help="torch threads of a started server")] = None,
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here")] = None,
 ) -> None:
@@ -137,12 +143,13 @@ def loadtest(
 
     if stc not in ("default", "off"):
         raise typer.BadParameter(f"--stc must be default or off, got {stc!r}")
-    spec = LoadSpec(streams=streams, duration=duration, question_every=question_every, source=source, fps=fps,
+    spec = LoadSpec(duration=duration, question_every=question_every, source=source, fps=fps,
                     realtime=realtime, max_new_tokens=max_new_tokens)
     server_args = ["--preset", preset] + (["--num-layers", str(num_layers)] if num_layers else []) + (
+        ["--text-layers", str(text_layers)] if text_layers else []) + (["--cacher", cacher] if cacher else []) + (
         ["--threads", str(threads)] if threads else [])
     run_loadtest(spec, ["default", "off"] if compare else [stc], url=url, token=token, server_args=server_args,
-                 output=output)
+                 output=output, stream_counts=streams or [LoadSpec.streams])
 
 
 # The command as its own app, so that `streamtc serve` is imported on first use (streamtc.cli); its

@@ -153,7 +153,8 @@ class LocalBackend:
 def load_base_session(settings: Any) -> StreamingSession:
     """The loaded model of `settings` (a `ServerSettings`), as a session without STC (the engine
     adds STC per stream)."""
-    spec = SessionSpec(model=settings.model, preset=settings.preset, num_layers=settings.num_layers)
+    spec = SessionSpec(model=settings.model, preset=settings.preset, num_layers=settings.num_layers,
+                       text_layers=settings.text_layers)
     return spec.load(settings.device)
 
 

@@ -2,6 +2,7 @@
 seconds, against a running server (--url) or servers it starts itself, one per variant.
 
     streamtc serve loadtest --streams 8 --duration 120 --question-every 10 --compare
+    streamtc serve loadtest --streams 1 --streams 4 --streams 8 --streams 16 --duration 45 --compare
 
 Reports per variant: errors, question latency (p50/p95, as the client sees it, and the server's
 own queue wait), frames per second per stream, and the server's resident memory over time; with
@@ -139,18 +140,18 @@ def print_report(results: list[dict[str, Any]]) -> None:
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    print(f"{'STC':<8}{'questions':>10}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}{'queue p50':>11}"
+    print(f"{'streams':<8}{'STC':<8}{'questions':>10}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}{'queue p50':>11}"
           f"{'frames/s/stream':>17}{'RSS MB start→end':>20}")
     for r in results:
         rate = r["frames_per_s_per_stream"]
-        print(f"{r['stc']:<8}{r['questions']:>10}{len(r['errors']):>8}{fmt(r['latency_ms']['p50']):>9}"
+        print(f"{r['streams']:<8}{r['stc']:<8}{r['questions']:>10}{len(r['errors']):>8}{fmt(r['latency_ms']['p50']):>9}"
               f"{fmt(r['latency_ms']['p95']):>9}{fmt(r['queue_wait_ms']['p50']):>11}"
               f"{rate['mean']:>11.2f} ({rate['min']:.2f}-{rate['max']:.2f})"
               f"{r['rss_mb'][0][1]:>11}→{r['rss_mb'][-1][1]}")
         for error in r["errors"][:5]:
             print(f"  error: {error}")
     for r in results:
-        print(f"RSS over time, STC {r['stc']} (s, MB): " + ", ".join(f"{t:g}:{mb}" for t, mb in r["rss_mb"]))
+        print(f"RSS over time, {r['streams']} streams, STC {r['stc']} (s, MB): " + ", ".join(f"{t:g}:{mb}" for t, mb in r["rss_mb"]))
 
 
 @dataclass(frozen=True)
@@ -167,23 +168,29 @@ class LoadSpec:
 
 
 def run_loadtest(spec: LoadSpec, variants: list[str], *, url: str | None = None, token: str | None = None,
-                 server_args: list[str] = (), output: Path | None = None) -> list[dict[str, Any]]:
-    """Run `spec` once per variant ("default": the server's STC, "off"), against `url` or a server
-    started per variant (`streamtc serve` with `server_args`), print the report and write `output`."""
+                 server_args: list[str] = (), output: Path | None = None,
+                 stream_counts: list[int] | None = None) -> list[dict[str, Any]]:
+    """Run `spec` once per variant ("default": the server's STC, "off") and per count of
+    `stream_counts` (default: spec.streams), against `url` or a server started per variant
+    (`streamtc serve` with `server_args`), print the report and write `output`. Variants take
+    turns at each count, so that a loaded machine's drift falls on both alike."""
+    counts = stream_counts or [spec.streams]
+    servers: dict[str, SpawnedServer] = {}
     results = []
-    for stc in variants:
-        server = None
+    try:
         if url is None:
-            server = SpawnedServer(["--max-streams", str(max(16, spec.streams)), *server_args])
-            server.wait_ready()
-        try:
-            results.append(asyncio.run(run_load(
-                url or server.url, streams=spec.streams, duration=spec.duration, question_every=spec.question_every,
-                source=spec.source, fps=spec.fps, realtime=spec.realtime, stc=stc,
-                max_new_tokens=spec.max_new_tokens, token=token)))
-        finally:
-            if server is not None:
-                server.stop()
+            for stc in variants:
+                servers[stc] = SpawnedServer(["--max-streams", str(max(16, *counts)), *server_args])
+                servers[stc].wait_ready()
+        for count in counts:
+            for stc in variants:
+                results.append(asyncio.run(run_load(
+                    url or servers[stc].url, streams=count, duration=spec.duration,
+                    question_every=spec.question_every, source=spec.source, fps=spec.fps, realtime=spec.realtime,
+                    stc=stc, max_new_tokens=spec.max_new_tokens, token=token)))
+    finally:
+        for server in servers.values():
+            server.stop()
     print_report(results)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,7 @@ class ServerSettings:
     model: str | None = None
     preset: str = "tiny-llava-ov"
     num_layers: int | None = None
+    text_layers: int | None = None
     device: str = "cpu"
     default_stc: STCConfig | None = field(default_factory=STCConfig)
     limits: ServeLimits = field(default_factory=ServeLimits)
