@@ -323,3 +323,16 @@ def write_clip(path: Path, seconds: float, seed: int, rate: int = 4, size: tuple
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def tiny_dinov2_and_head():
+    """A tiny random DINOv2 (56 px, patch 8: a 7x7 grid) and a saliency head reading its tokens."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from streamtc.weights import SaliencyHead
+
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+                                     patch_size=8, use_mask_token=False)).eval()
+    head = SaliencyHead((32, 8, 8, 8), output_size=56).eval()
+    return tower, head

@@ -11,6 +11,7 @@ from streamtc.measure import environment
 from streamtc.presets import build_config, build_model
 
 from cacher_reference import counted_flop_ratio
+from helpers import tiny_dinov2_and_head
 
 FRAMES = 4
 
@@ -91,17 +92,6 @@ def test_plots_are_written_beside_the_report(report, tmp_path):
 # saliency fidelity (the published weights run in `streamtc bench vit --weights dinov2-s`).
 
 
-def tiny_dinov2_and_head():
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    from streamtc.weights import SaliencyHead
-
-    torch.manual_seed(0)
-    tower = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=56,
-                                     patch_size=8, use_mask_token=False)).eval()
-    head = SaliencyHead((32, 8, 8, 8), output_size=56).eval()
-    return tower, head
 
 
 @pytest.fixture(scope="module")
