@@ -22,7 +22,7 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 # Layers, bottom first; keep in step with the picture in docs/architecture.md.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "foundation": ("errors", "checks", "tokens", "config", "measure"),
+    "foundation": ("errors", "checks", "tokens", "config", "measure", "lazy"),
     "algorithms": ("cacher", "pruner", "baselines"),
     "hosts": ("hosts", "preprocess", "prompts", "presets", "weights", "vllm"),
     # "streamtc": the package root's facade; factory, loop, variants: the session factory, the one

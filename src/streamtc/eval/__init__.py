@@ -9,8 +9,9 @@ on Ray actors), `scoring` (judging and aggregation, pure), `report`; the command
 are `streamtc.cli.eval`.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:
     from .benchmarks import BENCHMARKS, BenchmarkSpec, Protocol, benchmark_spec, detect_benchmark, load_benchmark
@@ -33,12 +34,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = [

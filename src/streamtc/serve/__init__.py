@@ -11,8 +11,9 @@ HTML/JS in `static/`. FastAPI and uvicorn come with the `serve` extra; this pack
 only where used.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -25,12 +26,7 @@ _LAZY = {"Engine": "engine", "ServerSettings": "server", "ServerThread": "server
          "ServeMemory": "settings", "SourcePolicy": "settings", "StreamSpec": "settings"}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = ["Engine", "ServeLimits", "ServeMemory", "ServerSettings", "ServerThread", "SourcePolicy", "StreamSpec"]
