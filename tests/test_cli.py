@@ -27,9 +27,23 @@ def test_run_compare_on_a_real_clip_writes_answers_and_stats(tmp_path):
     base, stc = report["stats"]["no STC"], report["stats"]["STC"]
     assert base["frames"] == stc["frames"] == 5
     assert stc["visual_tokens"] < base["visual_tokens"] == base["visual_tokens_encoded"]
-    assert stc["cacher"]["refresh_chunks"] == 3  # N = 2 over 5 one-frame chunks
+    # the default Cacher is the robust profile, given the file's codec side data with every frame
+    assert report["cacher_profile"] == {"no STC": None, "STC": "robust"} and "STC robust" in result.output
+    assert report["stc"]["STC"]["cacher"]["refresh"] == "budget" and stc["cacher"]["hinted_chunks"] == 5
+    assert stc["cacher"]["refresh_chunks"] >= 1 and stc["cacher"]["flop_ratio"] < 1.0
     assert [a["question"] for a in report["answers"]["STC"]] == ["What is happening?"]
     assert report["stc"]["STC"]["cacher"]["cache_interval"] == 2
+
+
+def test_run_with_the_papers_cacher_refreshes_every_other_chunk(tmp_path):
+    out = tmp_path / "run.json"
+    result = runner.invoke(app, ["run", str(builtin_clip_path()), "--cacher", "paper", "--fps", "1", "--max-seconds",
+                                 "4", "--max-new-tokens", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["cacher_profile"] == {"STC": "paper"} and report["stc"]["STC"]["cacher"]["refresh"] == "fixed"
+    assert report["stats"]["STC"]["cacher"]["refresh_chunks"] == 3  # N = 2 over 5 one-frame chunks
+    assert runner.invoke(app, ["run", "demo", "--cacher", "fast"]).exit_code == 2
 
 
 def test_missing_video_is_a_one_line_error(tmp_path):

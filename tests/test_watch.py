@@ -64,10 +64,10 @@ def test_an_interrupted_run_counts_its_frames_as_the_summary_does(tmp_path: Path
     note says so, as the table does."""
     push = StreamingSession.push
 
-    def interrupted(self, images, timestamps):
+    def interrupted(self, images, timestamps, codec=None):
         if self.stc is not None and self.stats.frames == 2:
             raise KeyboardInterrupt
-        return push(self, images, timestamps)
+        return push(self, images, timestamps, codec)
 
     monkeypatch.setattr(StreamingSession, "push", interrupted)
     out = tmp_path / "run.json"
