@@ -313,10 +313,10 @@ class STCCacher:
             plan.refresh = True
             state.change_since_reference = None if hints is None else torch.zeros_like(hints.change)
             return
-        if decision.action == "downscale" and config.over_budget != "reuse":
-            plan.downscale = self._downscale(hidden_states, args, kwargs, decision.spend) if (
-                config.over_budget == "downscale") else None
-            if plan.downscale is None:
+        if decision.action == "downscale":  # what the tower allows of over_budget, else reuse below
+            if config.over_budget == "downscale":
+                plan.downscale = self._downscale(hidden_states, args, kwargs, decision.spend)
+            if plan.downscale is None and config.over_budget != "reuse":
                 plan.subsample = self._subsample(hidden_states, args, kwargs, decision.spend)
             if plan.downscale is not None or plan.subsample is not None:
                 return
