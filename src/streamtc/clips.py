@@ -1,15 +1,16 @@
-"""Real static-camera clips for benchmarks, fetched on first use from Debian's package archive.
+"""Real clips for benchmarks from OpenCV's samples, fetched on first use from Debian's package archive.
 
-    from streamtc.clips import static_clip_path
-    path = static_clip_path("vtest")        # a verified copy in $STREAMTC_CACHE (default ~/.cache/streamtc)
+    from streamtc.clips import opencv_clip_path
+    path = opencv_clip_path("vtest")        # a verified copy in $STREAMTC_CACHE (default ~/.cache/streamtc)
 
 Debian's `opencv-doc` package (OpenCV's documentation and samples; 4.6.0+dfsg-12 in Debian 12, licensed
-"Apache-2.0 AND BSD-3-Clause" by its copyright file) ships OpenCV's sample videos. Three of them are
-fixed-camera footage with things moving in the scene (`STATIC_CLIPS`). They are never committed here: on
-first use the package (96 MB) is fetched with `apt-get download` (Debian's own client; it needs the
-package lists, `apt-get update`), the clips are read out of it with `dpkg-deb`, and each clip's SHA-256
-is checked before it is stored. The clips' hashes, not the package version, are pinned, so any package
-version that carries the same files will do. Later calls only check the cached copies.
+"Apache-2.0 AND BSD-3-Clause" by its copyright file) ships OpenCV's sample videos (`OPENCV_CLIPS`):
+three fixed-camera clips with things moving in the scene, an edited film scene with cuts, and a fixed
+camera on a tree in the wind whose codec (Cinepak) exports no motion vectors. They are never committed
+here: on first use the package (96 MB) is fetched with `apt-get download` (Debian's own client; it
+needs the package lists, `apt-get update`), the clips are read out of it with `dpkg-deb`, and each
+clip's SHA-256 is checked before it is stored. The clips' hashes, not the package version, are pinned,
+so any package version that carries the same files will do. Later calls only check the cached copies.
 """
 
 from __future__ import annotations
@@ -32,38 +33,52 @@ APT_TIMEOUT_S = 600  # the whole `apt-get download` (about 96 MB); a stalled arc
 
 
 @dataclass(frozen=True)
-class StaticClip:
+class OpenCVClip:
     """One clip inside the Debian package: its member path, whether it is gzip-compressed there, its SHA-256."""
 
     member: str
     sha256: str
     description: str
     gzipped: bool = False
+    kind: str = "static camera"  # the kind of footage, as benchmarks group it
 
     @property
     def file_name(self) -> str:
         return Path(self.member).name.removesuffix(".gz")
 
 
-STATIC_CLIPS = {
-    "vtest": StaticClip(
+OPENCV_CLIPS = {
+    "vtest": OpenCVClip(
         "./usr/share/doc/opencv-doc/examples/data/vtest.avi",
         "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf",
         "79.5 s, 768x576, 10 fps MS-MPEG-4 v3: a fixed camera over a campus path and lawn, people walking "
         "(OpenCV's sample vtest.avi)",
     ),
-    "box": StaticClip(
+    "box": OpenCVClip(
         "./usr/share/doc/opencv-doc/opencv4/html/box.mp4.gz",
         "62b744b99403f899707c43398a3822441add6160379ab6dd6c12bde9e3075f8d",
         "15.2 s, 640x480, 30 fps H.264: a fixed camera over a table, two hands move a printed box about",
         gzipped=True,
     ),
-    "cup": StaticClip(
+    "cup": OpenCVClip(
         "./usr/share/doc/opencv-doc/opencv4/html/cup.mp4.gz",
         "37db9cee98f70b1458985a15ad2e5b0183e90e24c281b534afcf812e5986154f",
         "8.1 s, 640x480, 26.8 fps H.264: a fixed camera facing a white wall, a hand turns a dark cup "
         "(the camera's exposure follows it)",
         gzipped=True,
+    ),
+    "megamind": OpenCVClip(
+        "./usr/share/doc/opencv-doc/examples/data/Megamind.avi",
+        "0057387cb7e75c8fd1663b62cfdc51fa53f527795d0fe3c1fea2fd159d3130b5",
+        "11.3 s, 720x528, 24 fps MPEG-4 Part 2: an animated film's dialogue scene cut between two "
+        "characters, opening from black (OpenCV's sample Megamind.avi)",
+        kind="film, cuts",
+    ),
+    "tree": OpenCVClip(
+        "./usr/share/doc/opencv-doc/examples/data/tree.avi",
+        "4666099d0f704e310047b2f0a5ec9f936cb76a7271de9a2e70a0c57f82ac82dc",
+        "29.6 s, 320x240, 15 fps Cinepak (no motion vectors): a fixed camera on a tree in the wind, a "
+        "hand entering at the end (OpenCV's sample tree.avi)",
     ),
 }
 
@@ -90,8 +105,8 @@ def _download_package(directory: Path) -> Path:
 
 
 def _extract_clips(package: Path, target: Path) -> None:
-    """Read every clip of `STATIC_CLIPS` out of the .deb into `target`, each verified before it is stored."""
-    wanted = {clip.member: clip for clip in STATIC_CLIPS.values()}
+    """Read every clip of `OPENCV_CLIPS` out of the .deb into `target`, each verified before it is stored."""
+    wanted = {clip.member: clip for clip in OPENCV_CLIPS.values()}
     found: set[str] = set()
     unpack = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(package)], stdout=subprocess.PIPE)
     stream = unpack.stdout
@@ -114,7 +129,7 @@ def _extract_clips(package: Path, target: Path) -> None:
         raise VideoSourceError(f"{package.name} could not be read or lacks {missing}")
 
 
-def _store(archive: tarfile.TarFile, entry: tarfile.TarInfo, clip: StaticClip, target: Path, package: str) -> None:
+def _store(archive: tarfile.TarFile, entry: tarfile.TarInfo, clip: OpenCVClip, target: Path, package: str) -> None:
     """Write one clip from the package's archive into `target`, if its SHA-256 is the expected one."""
     staged = target / f".{clip.file_name}.partial"
     source = archive.extractfile(entry)
@@ -128,14 +143,14 @@ def _store(archive: tarfile.TarFile, entry: tarfile.TarInfo, clip: StaticClip, t
     os.replace(staged, target / clip.file_name)
 
 
-def static_clip_path(name: str, root: Path | None = None) -> Path:
-    """Path of a verified static-camera clip (`STATIC_CLIPS`), fetched into the cache on first use.
+def opencv_clip_path(name: str, root: Path | None = None) -> Path:
+    """Path of a verified OpenCV sample clip (`OPENCV_CLIPS`), fetched into the cache on first use.
 
     root: the cache directory (default $STREAMTC_CACHE, else ~/.cache/streamtc).
     """
-    if name not in STATIC_CLIPS:
-        raise ConfigError(f"unknown static-camera clip {name!r}; choose from {sorted(STATIC_CLIPS)}")
-    clip = STATIC_CLIPS[name]
+    if name not in OPENCV_CLIPS:
+        raise ConfigError(f"unknown OpenCV sample clip {name!r}; choose from {sorted(OPENCV_CLIPS)}")
+    clip = OPENCV_CLIPS[name]
     target = (cache_dir() if root is None else Path(root)) / CLIPS_DIR
     path = target / clip.file_name
     if path.is_file() and sha256_of(path) == clip.sha256:
@@ -146,4 +161,4 @@ def static_clip_path(name: str, root: Path | None = None) -> Path:
     return path
 
 
-__all__ = ["STATIC_CLIPS", "StaticClip", "static_clip_path"]
+__all__ = ["OPENCV_CLIPS", "OpenCVClip", "opencv_clip_path"]

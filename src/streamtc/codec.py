@@ -13,7 +13,9 @@ one `CodecSideData` on the 16-pixel macroblock grid, attached to the sampled fra
 
 Motion. A P-frame's vectors point at the previous anchor (I- or P-frame) in display order, so they span
 every frame since it; summed over the interval's P-frames they give, per cell, the distance its content
-travelled (in source pixels), each decoded frame counted once. B-frames re-measure the same motion
+travelled across and down (in source pixels), each decoded frame counted once. The two axes stay apart
+until `change_map` measures them in the patch grid's own units (a patch of a wide frame resized to a
+square input is wider than it is tall). B-frames re-measure the same motion
 against the same anchors, at reference distances the side data does not state (only past or future),
 so they add intra-coded cells but no motion; a stream without B-frames (most cameras) has a P-frame
 per frame. The sum can shift by up to one anchor spacing (3-4 frames for x264) across a sampling
@@ -74,9 +76,11 @@ class CodecSideData:
     """What the decoder said about one sampled frame, accumulated over every decoded frame since the
     previous sampled frame (this one included).
 
-    motion: [Hb, Wb] per macroblock cell of the frame (Hb = ceil(height / block)): the distance its
-        content travelled over the interval in source pixels (sum over the interval's P-frames of
-        |vector|; smaller blocks contribute by area, intra-coded area contributes 0).
+    motion_x, motion_y: [Hb, Wb] per macroblock cell of the frame (Hb = ceil(height / block)): how
+        far its content travelled over the interval across and down, in source pixels (sums over the
+        interval's P-frames of |vector x| and |vector y|; smaller blocks contribute by area,
+        intra-coded area contributes 0). Kept apart because a tower's patch is rarely square in
+        source pixels: a 640 x 272 frame resized to 16 x 16 patches has patches 40 wide and 17 tall.
     intra: [Hb, Wb] in [0, 1]: the share of the interval's P/B frames in which the cell was intra-coded
         (no vector covers it), by area; all ones when the interval holds only I-frames.
     intra_share: the intra-coded share of frame area, mean over the interval's P/B frames (1.0 if none).
@@ -85,7 +89,8 @@ class CodecSideData:
     height, width: the decoded frame in pixels (the grid covers it, the last row/column partly).
     """
 
-    motion: np.ndarray
+    motion_x: np.ndarray
+    motion_y: np.ndarray
     intra: np.ndarray
     intra_share: float
     cut: bool
@@ -97,23 +102,32 @@ class CodecSideData:
 
     def __post_init__(self) -> None:
         cells = (-(-self.height // self.block), -(-self.width // self.block))
-        if self.motion.shape != cells or self.intra.shape != cells:
+        shapes = {"motion_x": self.motion_x.shape, "motion_y": self.motion_y.shape, "intra": self.intra.shape}
+        if any(shape != cells for shape in shapes.values()):
             raise InputError(
-                f"motion {self.motion.shape} and intra {self.intra.shape} must both be {cells}: the "
+                f"{', '.join(f'{name} {shape}' for name, shape in shapes.items())} must all be {cells}: the "
                 f"{self.block}-pixel grid of a {self.height}x{self.width} frame"
             )
 
-    def change_map(self, grid: tuple[int, int], motion_scale_px: float = 16.0) -> np.ndarray:
-        """[gh, gw] float32 in [0, 1]: how much each cell of a patch grid laid over the whole frame
-        changed, as the area-weighted mean of max(intra, min(1, motion / motion_scale_px)) over it.
+    @property
+    def motion(self) -> np.ndarray:
+        """[Hb, Wb]: the distance each cell's content travelled, in source pixels."""
+        return np.hypot(self.motion_x, self.motion_y)
 
-        The whole frame maps onto the grid (a tower's input is the frame resized without cropping).
-        motion_scale_px: accumulated travel, in source pixels, that counts as a full change.
+    def change_map(self, grid: tuple[int, int], motion_scale: float = 1.0) -> np.ndarray:
+        """[gh, gw] float32 in [0, 1]: how much each cell of a patch grid laid over the whole frame
+        changed, as the area-weighted mean of max(intra, min(1, travel / motion_scale)) over it.
+
+        The whole frame maps onto the grid (a tower's input is the frame resized without cropping), so
+        a patch spans width / gw by height / gh source pixels; travel is measured in those patches
+        along each axis (the hypotenuse of the two). motion_scale: the travel, in patches, that counts
+        as a full change.
         """
         rows, cols = (positive_int(n, "grid size", error=InputError) for n in grid)
-        if not motion_scale_px > 0:
-            raise ConfigError(f"motion_scale_px must be > 0, got {motion_scale_px!r}")
-        change = np.maximum(self.intra, np.minimum(1.0, self.motion / motion_scale_px))
+        if not motion_scale > 0:
+            raise ConfigError(f"motion_scale must be > 0, got {motion_scale!r}")
+        travel = np.hypot(self.motion_x * (cols / self.width), self.motion_y * (rows / self.height))
+        change = np.maximum(self.intra, np.minimum(1.0, travel / motion_scale))
         down = _overlap(self.height, self.block, rows)
         across = _overlap(self.width, self.block, cols)
         return (down @ change @ across.T).astype(np.float32)
@@ -136,7 +150,7 @@ class _Interval:
     cut: bool = False
 
     def __post_init__(self) -> None:
-        self.motion = np.zeros(self.cells)
+        self.motion = np.zeros((2, *self.cells))  # across, down
         self.intra = np.zeros(self.cells)
 
     @property
@@ -213,7 +227,8 @@ class CodecAccumulator:
         interval.fold(self.cut_intra_share)
         inter = interval.inter_frames
         data = CodecSideData(
-            motion=interval.motion.astype(np.float32),
+            motion_x=interval.motion[0].astype(np.float32),
+            motion_y=interval.motion[1].astype(np.float32),
             intra=(interval.intra / inter if inter else np.ones_like(interval.intra)).astype(np.float32),
             intra_share=interval.intra_share / inter if inter else 1.0,
             cut=interval.cut,
@@ -257,8 +272,8 @@ def _rasterise(
     cells: tuple[int, int], frames: list[tuple[bool, np.ndarray | None]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """P/B frames (is a P-frame, its vectors or None) on their macroblock grid `cells`: per frame the
-    intra-coded (uncovered) share of each cell's area [F, Hb, Wb], and the sum over the P-frames of each
-    cell's area-weighted |motion| in pixels [Hb, Wb] (intra-coded area counts 0).
+    intra-coded (uncovered) share of each cell's area [F, Hb, Wb], and the sums over the P-frames of each
+    cell's area-weighted |motion x| and |motion y| in pixels [2, Hb, Wb] (intra-coded area counts 0).
 
     Each block becomes a 16-bit mask of the 4 x 4-pixel squares it covers in its macroblock. One
     direction's blocks tile a macroblock without overlap (H.264 partitions, MPEG-4's four 8 x 8
@@ -269,7 +284,7 @@ def _rasterise(
     count, (rows, cols) = len(frames), cells
     arrays = [v for _, v in frames if v is not None and len(v)]
     if not arrays:
-        return np.ones((count, rows, cols)), np.zeros(cells)
+        return np.ones((count, rows, cols)), np.zeros((2, *cells))
     # Concatenated as bytes: numpy's concatenate of structured arrays goes field by field, 100x slower.
     vectors = np.concatenate([v.view(np.uint8) for v in arrays]).view(arrays[0].dtype)
     missing = [name for name in ("source", *_MOTION_FIELDS) if name not in (vectors.dtype.names or ())]
@@ -293,8 +308,10 @@ def _rasterise(
     intra = 1.0 - covered.reshape(count, rows, cols) / 16.0
     is_p = np.repeat(np.array([p for p, _ in frames]), sizes)  # B-frames add no motion
     scale = np.maximum(vectors["motion_scale"].astype(np.float64), 1.0)
-    motion = np.hypot(vectors["motion_x"], vectors["motion_y"]) / scale * is_p * (_popcount16(mask) / 16.0)
-    return intra, np.bincount(cell, weights=motion[inside], minlength=bins).reshape(count, rows, cols).sum(axis=0)
+    weight = is_p * (_popcount16(mask) / 16.0) / scale
+    motion = [np.bincount(cell, weights=(np.abs(vectors[axis]) * weight)[inside], minlength=bins)
+              .reshape(count, rows, cols).sum(axis=0) for axis in ("motion_x", "motion_y")]
+    return intra, np.stack(motion)
 
 
 __all__ = [

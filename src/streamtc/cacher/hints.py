@@ -76,11 +76,11 @@ class FrameHint(NamedTuple):
 
     @classmethod
     def from_side_data(cls, data: Any, grid: tuple[int, int]) -> FrameHint:
-        """From a frame's decoder side data (`streamtc.codec.CodecSideData`: `change_map(grid,
-        motion_scale_px)`, `cut`, `width`) on a patch grid laid over the whole frame (the frame is
-        resized to the tower's input without cropping). A block whose content travelled one patch
-        (the frame's width over the grid's columns) counts as fully changed."""
-        change = np.asarray(data.change_map(grid, motion_scale_px=data.width / grid[1]), dtype=np.float32)
+        """From a frame's decoder side data (`streamtc.codec.CodecSideData`: `change_map(grid)`, `cut`)
+        on a patch grid laid over the whole frame (the frame is resized to the tower's input without
+        cropping). A block whose content travelled one patch (along either axis, in that axis's patch
+        size) counts as fully changed."""
+        change = np.asarray(data.change_map(grid), dtype=np.float32)
         return cls(torch.from_numpy(change.reshape(-1)), torch.tensor(bool(data.cut)))
 
 

@@ -38,8 +38,9 @@ def bench_vit(
              "0.5,1,2)")] = None,
     streams: Annotated[str | None, typer.Option(
         help="With --weights: streams as CLIP@FPS, comma-separated (a clip is demo, bikes, carphone, bigbuckbunny, "
-             "a static-camera clip vtest, box or cup, or a video file), instead of --video and --fps; e.g. "
-             "the issue-24 suite: demo@0.5,demo@1,demo@2,carphone@2,bigbuckbunny@2,vtest@1,box@1,cup@2")] = None,
+             "an OpenCV sample clip vtest, box, cup, megamind or tree, or a video file), instead of --video and --fps; "
+             "e.g. the real-footage suite: demo@0.5,demo@1,demo@2,carphone@2,bigbuckbunny@2,vtest@0.5,box@1,cup@2,"
+             "megamind@1,tree@1")] = None,
     suite: Annotated[str | None, typer.Option(
         help="'speed' (kernel, compiled and option rows) or 'fidelity' (the Cacher's schedules and options beside "
              "frame skipping and token dropping at matched FLOPs); default: fidelity with --weights, else speed")]
