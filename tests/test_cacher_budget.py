@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as TF
 from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
 
-from streamtc.baselines.vit import CodecSkipping
+from streamtc.baselines.vit import CodecSkipping, UniformDownscaling
 from streamtc.cacher import ChunkHints, STCCacher
 from streamtc.cacher.budget import BudgetSignals, decide, is_stale
 from streamtc.cacher.downscale import Downscale, downscale_grid, embed_downscaled, supports_downscale
@@ -261,6 +261,24 @@ def test_hints_from_side_data_combine_a_units_frames_and_scale_motion_to_a_patch
     assert torch.equal(built.change[1], torch.zeros(32)) and built.cut.tolist() == [True, False]
     assert torch.allclose(ChunkHints.from_side_data([[side_data(4.0)]], (2, 8)).change, torch.tensor(0.25))
     assert ChunkHints.from_side_data([[a, None]], (4, 8)) is None
+
+
+def test_uniform_downscaling_is_the_towers_own_forward_on_the_resized_frame_with_tokens_resized_back():
+    """Independent reference: the unpatched tower run on the frame resized to a 5 x 5 grid (40 px), its
+    last layer's output (before the final norm) resized bilinearly to 7 x 7 patches, then the norm.
+    5 x 5 is the largest grid a spend of 0.55 pays for (by the layer cost model)."""
+    tower, x = tiny_dinov2(), frames(2, seed=9)
+    assert layer_macs(1 + 25) <= 0.55 * layer_macs(1 + 49) < layer_macs(1 + 36)
+    with torch.no_grad():
+        encoder = UniformDownscaling(0.55)
+        got = encoder(tower, x)
+        small = TF.interpolate(x, size=(40, 40), mode="bilinear", antialias=True, align_corners=False)
+        last = tower(pixel_values=small, output_hidden_states=True).hidden_states[-1]
+        patches = last[:, 1:].reshape(2, 5, 5, -1).permute(0, 3, 1, 2)
+        resized = TF.interpolate(patches, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+        expected = tower.layernorm(torch.cat([last[:, :1], resized.permute(0, 2, 3, 1).reshape(2, SIDE * SIDE, -1)], 1))
+    assert got.shape == (2, 1 + SIDE * SIDE, 32) and torch.allclose(got, expected, atol=1e-5)
+    assert encoder.grid == (5, 5) and encoder.flop_ratio() == pytest.approx(layer_macs(26) / layer_macs(50))
 
 
 def test_codec_skipping_keeps_unchanged_patches_and_encodes_cuts_whole():

@@ -1,14 +1,16 @@
-"""Static-camera clips fetched from Debian's archive: the real fetch (skipped when the archive cannot be
+"""OpenCV's sample clips fetched from Debian's archive: the real fetch (skipped when the archive cannot be
 reached), and the extraction and verification on a package built here."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import shutil
 import subprocess
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -49,6 +51,23 @@ def test_fetched_clips_are_fixed_camera_footage_with_codec_side_data(
     # after frame (medians of 3, 7 and 8 grey levels; the street clip's moving camera gives over 30).
     first = frames[0].image.astype(np.float32)
     assert np.median([np.median(np.abs(f.image - first)) for f in frames[1:]]) < 10
+
+
+def test_fetched_film_clip_has_cuts_and_the_tree_clip_has_no_motion_vectors(fetched: dict[str, Path]) -> None:
+    """megamind: MPEG-4 Part 2 with vectors, a dialogue scene opening from black and cut between two
+    characters; its shots change at decoded frames 1, 98, 154 and 200 (from the pixels below), which
+    at 1 fps of 23.976 fps video fall into the intervals of sampled frames 1, 5, 7 and 9. tree:
+    Cinepak, which exports no vectors, so its frames carry no codec data and the Cacher runs on pixels."""
+    with av.open(str(fetched["megamind"])) as container:
+        grey = [f.to_ndarray(format="gray").astype(np.float32) for f in container.decode(video=0)]
+    jumps = [i for i in range(1, len(grey)) if np.abs(grey[i] - grey[i - 1]).mean() > 30]
+    assert jumps == [1, 98, 154, 200]
+    film = PyAVSource(fetched["megamind"], fps=1.0)
+    assert (film.width, film.height) == (720, 528) and film.side_data
+    assert [i for i, f in enumerate(film) if f.codec.cut] == sorted({math.ceil(j / 23.976) for j in jumps})
+    tree = PyAVSource(fetched["tree"], fps=1.0)
+    assert (tree.width, tree.height) == (320, 240) and not tree.side_data
+    assert all(f.codec is None for f in tree)
 
 
 def test_unknown_clip_names_are_refused() -> None:

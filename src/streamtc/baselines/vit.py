@@ -6,10 +6,13 @@
 - `UniformTokenDropping(keep_ratio)`: encode every frame, but only an evenly strided subset of its
   patch tokens (class and register tokens are always kept); each dropped token takes the output of
   the nearest kept token in the patch grid, so the result has the full [F, T, C] shape.
+- `UniformDownscaling(spend)`: encode every frame whole at a lower resolution (the largest patch grid
+  whose encode costs at most `spend` of a full one), its output tokens resized back to the full grid:
+  fewer tokens, every part of the picture seen.
 - `CodecSkipping(threshold)`: encode only the patches the video decoder saw change (codec hints),
   the others keep their last output: codec-guided skipping before the ViT.
 
-Both work on the towers STC-Cacher supports (SigLIP/CLIP/DINOv2 families: `embeddings`, an encoder
+They work on the towers STC-Cacher supports (SigLIP/CLIP/DINOv2 families: `embeddings`, an encoder
 with its layers, a final norm) and return the tower's `last_hidden_state`. A cost model in FLOPs
 (`flop_ratio`) matches them to a Cacher setting.
 """
@@ -24,6 +27,7 @@ from torch import nn
 from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
 from ..cacher.functional import layer_flops, nearest_kept, strided_grid_index
 from ..checks import unit_ratio
+from ..cacher.downscale import Downscale, downscale_grid, embed_downscaled, supports_downscale
 from ..cacher.hints import ChunkHints
 from ..errors import ConfigError
 
@@ -96,6 +100,39 @@ class UniformTokenDropping:
         return layer_flops(self.kept_tokens, self.width, self.mlp_width) / layer_flops(self.total_tokens, self.width, self.mlp_width)
 
 
+class UniformDownscaling:
+    """Every frame encoded whole on a smaller patch grid (the frame resized, position embeddings
+    interpolated), the output's patch tokens resized back to the full grid (bilinear): the Cacher's
+    downscaled encode applied to every frame (`streamtc.cacher.downscale`). SigLIP/CLIP/DINOv2 towers."""
+
+    def __init__(self, spend: float) -> None:
+        self.spend = unit_ratio(spend, "spend")
+        self.reset()
+
+    def reset(self) -> None:
+        self.grid: tuple[int, int] | None = None
+        self.ratio = 1.0
+
+    def __call__(self, tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not supports_downscale(tower):
+            raise ConfigError(f"{type(tower).__name__} cannot embed a smaller input; downscaling needs SigLIP, CLIP or DINOv2")
+        patch, prefix = tower.config.patch_size, prefix_tokens(tower)
+        full_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        layers = encoder_layers(tower)
+        width, mlp = tower.config.hidden_size, mlp_width(layers[0])
+        self.grid = downscale_grid(full_grid, prefix, width, mlp, self.spend)
+        h = embed_downscaled(tower, pixel_values, self.grid, patch)
+        for layer in layers:
+            h = layer(h, None)
+        small = Downscale(self.grid, full_grid, prefix, h)
+        self.ratio = layer_flops(small.tokens, width, mlp) / layer_flops(prefix + full_grid[0] * full_grid[1], width, mlp)
+        return _final_norm(tower)(small.to_full(h))
+
+    def flop_ratio(self) -> float:
+        """Cost of the last frame relative to a full one (FLOP model of the encoder layers)."""
+        return self.ratio
+
+
 class CodecSkipping:
     """Codec-guided patch skipping before the ViT (the idea of CoStream, arXiv 2604.06036, which
     publishes no code): a patch whose decoder-reported change since it was last encoded stays below
@@ -154,4 +191,4 @@ def keep_ratio_for_flops(target: float, num_tokens: int, prefix: int, width: int
     return (best / side) ** 2
 
 
-__all__ = ["CodecSkipping", "FrameSkipping", "UniformTokenDropping", "keep_ratio_for_flops"]
+__all__ = ["CodecSkipping", "FrameSkipping", "UniformDownscaling", "UniformTokenDropping", "keep_ratio_for_flops"]

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..baselines.vit import CodecSkipping, FrameSkipping, UniformTokenDropping, keep_ratio_for_flops
+from ..baselines.vit import CodecSkipping, FrameSkipping, UniformDownscaling, UniformTokenDropping, keep_ratio_for_flops
 from ..cacher import STCCacher
 from ..cacher import functional as F
 from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
@@ -124,7 +124,22 @@ def real_weights_variants(tokens: int, width: int, mlp_width: int, prefix: int) 
         Variant(f"drop tokens, keep {keep4:.2f} (= N=4)", None, functools.partial(UniformTokenDropping, keep4)),
         Variant("codec skip, change > 0.25", None, functools.partial(CodecSkipping, 0.25)),
         Variant("codec skip, change > 0.5", None, functools.partial(CodecSkipping, 0.5)),
+        *downscaling_variants(tokens, width, mlp_width, prefix, cost2),
     )
+
+
+def downscaling_variants(tokens: int, width: int, mlp_width: int, prefix: int, most: float) -> tuple[Variant, ...]:
+    """Every frame downscaled (`UniformDownscaling`), one row per square grid from 9/16 of the full
+    side up to the largest costing at most `most` of a full frame: at the same cost, one grid can beat
+    a larger one, so every grid below a policy's cost is a baseline for it."""
+    side, full = math.isqrt(tokens - prefix), F.layer_flops(tokens, width, mlp_width)
+    rows = []
+    for small in range(math.ceil(side * 9 / 16), side):
+        spend = F.layer_flops(prefix + small * small, width, mlp_width) / full
+        if spend <= most:
+            rows.append(Variant(f"downscale every frame, {small}x{small} ({spend:.2f})", None,
+                                functools.partial(UniformDownscaling, spend)))
+    return tuple(rows)
 
 
 @dataclass
@@ -326,7 +341,7 @@ class _Streams:
             computes = not isinstance(encoder, FrameSkipping) or encoder.encodes_next()
             extra = {"hints": hint} if getattr(encoder, "uses_hints", False) else {}
             out, elapsed = timed(lambda: encoder(self.model, frame[None], **extra), self.device)
-            return out, elapsed, "R" if computes else "."
+            return out, elapsed, "D" if isinstance(encoder, UniformDownscaling) else "R" if computes else "."
         if cacher is None:
             out, elapsed = timed(lambda: self.encode(frame), self.device)
             return out, elapsed, "R"
