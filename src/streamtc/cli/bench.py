@@ -2,6 +2,7 @@
 times, are what carry over between machines) with fidelity beside speed.
 
     streamtc bench vit         ViT encode time and fidelity of STC-Cacher variants
+    streamtc bench bound       the best any policy could do with the budget Cacher's actions (real footage)
     streamtc bench pipeline    every stage of every variant (no compression, Cacher, Pruner, STC, baselines)
     streamtc bench pruner      pruning cost per frame of the Pruner's scorers and the selection baselines
     streamtc bench soak        a long stream per memory: RSS, per-frame time, disk, open files vs frames
@@ -84,6 +85,51 @@ def bench_vit(
 
     bench_random_tower(qwen_tower or preset, num_layers, video, frames, rates, suite, repeats, warmup, device, output,
                        console, _can_plot, qwen=qwen_tower is not None)
+
+
+@bench_app.command("bound")
+def bench_bound(
+    streams: Annotated[str, typer.Option(
+        help="Streams as CLIP@FPS, comma-separated (as `bench vit --streams`)")] = "demo@1,carphone@2,cup@2",
+    budgets: Annotated[str, typer.Option(
+        help="FLOP budgets (shares of full), comma-separated; 0.479 and 0.653 are the paper's N=4 and N=2 costs "
+             "on DINOv2-S")] = "0.35,0.479,0.653,0.75",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
+) -> None:
+    """On real DINOv2-S weights, every action of the budget Cacher on every frame, and the best schedule
+    under each FLOP budget knowing every outcome in advance: what no policy with these actions can beat."""
+    from ..bench.real_footage import parse_streams
+
+    specs = parse_streams(streams)
+    try:
+        levels = tuple(float(b) for b in budgets.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--budgets takes comma-separated numbers, got {budgets!r}") from None
+    if not levels or not all(0.0 < b <= 1.0 for b in levels):
+        raise typer.BadParameter(f"every budget must lie in (0, 1], got {budgets!r}")
+    import torch  # after the checks: a refusal answers at once
+
+    from ..bench.bound import run_bound
+    from ..measure import environment
+    from ..weights import load_dinov2_small, normalize_frames
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tower, _ = load_dinov2_small()
+    with console.status("measuring every action") as status:
+        result = run_bound(specs, levels, tower, normalize_frames, progress=lambda label: status.update(f"measuring {label}"))
+    result["environment"] = environment("cpu", {"streams": [s.label for s in specs], "budgets": list(levels)})
+    table = Table(title="best schedule knowing every outcome (cos mean / p10 / worst; best worst frame)")
+    for column in ("stream", *(f"budget {b:g}" for b in levels)):
+        table.add_column(column, justify="left" if column == "stream" else "right", no_wrap=True)
+    for entry in [*result["streams"], {"stream": "all streams pooled", "rows": result["pooled"]}]:
+        table.add_row(entry["stream"], *(f"{r['cosine_mean']:.3f} / {r['cosine_p10']:.3f} / {r['cosine_min']:.3f}; "
+                                         f"{r['best_worst_frame']:.3f}" for r in entry["rows"]))
+    console.print(table)
+    if output is not None:
+        output.write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {output}")
 
 
 def _can_plot() -> bool:

@@ -1,0 +1,114 @@
+"""The clairvoyant bound (`streamtc.bench.bound`): its schedule search against exhaustive enumeration
+on small made-up tables, and its action measurements against forwards run here."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+from torch.nn import functional as TF
+from transformers import Dinov2Config, Dinov2Model
+
+from streamtc.bench.bound import ActionTable, best_mean_schedule, best_worst_frame, bound_rows, measure_actions
+from streamtc.tokens import token_cosine
+
+
+def made_up_table(frames: int, seed: int) -> ActionTable:
+    """Random cosines; reuse at one ratio (cost 0.3), skip, and two downscale grids (0.35 and 0.55)."""
+    rng = random.Random(seed)
+    table = ActionTable(frames, reuse_cost={0.25: 0.3})
+    for reference in range(frames):
+        for frame in range(reference + 1, frames):
+            table.reuse[(reference, frame, 0.25)] = rng.uniform(0.3, 1.0)
+            table.skip[(reference, frame)] = rng.uniform(0.2, 1.0)
+    table.downscale = [[(rng.uniform(0.7, 0.95), 0.35, "a"), (rng.uniform(0.8, 0.97), 0.55, "b")] for _ in range(frames)]
+    return table
+
+
+def every_schedule(table: ActionTable) -> list[tuple[list[float], float]]:
+    """(cosines, total cost) of every sequence of actions, by brute force."""
+    out = []
+
+    def walk(frame: int, reference: int | None, cosines: list[float], cost: float) -> None:
+        if frame == table.frames:
+            out.append((cosines, cost))
+            return
+        for cosine, action_cost, after, _ in table.options(frame, reference):
+            walk(frame + 1, after, cosines + [cosine], cost + action_cost)
+
+    walk(0, None, [], 0.0)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
+def test_the_schedule_search_finds_what_exhaustive_enumeration_finds(seed: int, budget: float) -> None:
+    table = made_up_table(5, seed)
+    schedules = every_schedule(table)
+    affordable = [(c, cost) for c, cost in schedules if cost <= budget * table.frames + 1e-9]
+    best_mean = max(sum(c) / len(c) for c, _ in affordable)
+    best = best_mean_schedule(table, budget, step=0.01)
+    assert best.cost <= budget + 1e-9 and len(best.cosines) == table.frames
+    # Costs are counted in buckets of 0.01 rounded up, so the search may miss a schedule that fits
+    # only by less than a bucket per frame; with these costs (multiples of 0.05) it misses none.
+    assert sum(best.cosines) / table.frames == pytest.approx(best_mean, abs=1e-12)
+    assert best_worst_frame(table, budget, tolerance=1e-6) == pytest.approx(max(min(c) for c, _ in affordable), abs=1e-5)
+
+
+def test_without_skipping_the_search_never_uses_it_and_does_no_better() -> None:
+    table = made_up_table(5, 7)
+    with_skip, without = best_mean_schedule(table, 0.4, step=0.01), best_mean_schedule(table, 0.4, skip=False, step=0.01)
+    assert "skip" not in without.actions and sum(without.cosines) <= sum(with_skip.cosines) + 1e-12
+    assert best_mean_schedule(table, 1.0, step=0.01).actions == ["R"] * 5  # everything affordable: refresh all
+
+
+def tiny_dinov2() -> Dinov2Model:
+    torch.manual_seed(0)
+    return Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+                                    patch_size=8, attn_implementation="eager")).eval()
+
+
+def test_measured_actions_match_forwards_run_here() -> None:
+    """Reuse at update ratio 1 recomputes every token (the full forward again); skip is the cosine of
+    two full forwards; a downscale is the tower's forward on the resized frame, resized back."""
+    tower = tiny_dinov2()
+    x = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    table = measure_actions(tower, x, ratios=(1.0, 0.25), max_gap=1)
+    with torch.no_grad():
+        full = tower(pixel_values=x).last_hidden_state[:, 1:]
+        small = TF.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)  # a 4 x 4 grid
+        last = tower(pixel_values=small, output_hidden_states=True).hidden_states[-1]
+        grid = TF.interpolate(last[:, 1:].reshape(3, 4, 4, -1).permute(0, 3, 1, 2), size=(7, 7), mode="bilinear",
+                              align_corners=False).permute(0, 2, 3, 1).reshape(3, 49, -1)
+        downscaled = tower.layernorm(torch.cat([last[:, :1], grid], 1))[:, 1:]
+    assert set(table.reuse) == {(0, 1, 1.0), (1, 2, 1.0), (0, 1, 0.25), (1, 2, 0.25)} and set(table.skip) == {(0, 1), (1, 2)}
+    assert table.reuse[(0, 1, 1.0)] == pytest.approx(1.0, abs=1e-5) and table.reuse[(0, 1, 0.25)] < 0.999
+    assert table.reuse_cost[1.0] == pytest.approx(1.0, abs=0.05) and 0.1 < table.reuse_cost[0.25] < 0.5
+    for reference, frame in ((0, 1), (1, 2)):
+        assert table.skip[(reference, frame)] == pytest.approx(float(token_cosine(full[reference], full[frame])), abs=1e-6)
+    assert [label for _, _, label in table.downscale[0]] == ["4x4", "5x5", "6x6"]  # from half the side up
+    assert table.downscale[2][0][0] == pytest.approx(float(token_cosine(downscaled[2], full[2])), abs=1e-5)
+    rows = bound_rows(table, (0.5, 1.0))
+    assert rows[1]["cosine_mean"] == pytest.approx(1.0) and rows[1]["best_worst_frame"] == pytest.approx(1.0, abs=1e-3)
+    assert rows[0]["cost"] <= 0.5 + 1e-9 and math.isfinite(rows[0]["best_worst_frame"])
+    assert rows[0]["cosine_mean_without_skip"] <= rows[0]["cosine_mean"] + 1e-12
+
+
+def test_a_reference_serves_only_within_the_gap() -> None:
+    table = made_up_table(4, 1)
+    assert all(label not in ("skip", "reuse 0.25") for *_, label in table.options(2, None))
+    assert any(label == "skip" for *_, label in table.options(3, 0))
+    assert not any(label == "skip" for *_, label in made_up_table(12, 1).options(10, 0))  # 10 frames back
+
+
+@pytest.mark.parametrize("budgets", ["0.5,x", "0,0.5", "1.5"])
+def test_the_command_refuses_bad_budgets_before_loading_anything(budgets: str) -> None:
+    from typer.testing import CliRunner
+
+    from streamtc.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "bound", "--streams", "demo@1", "--budgets", budgets])
+    assert result.exit_code == 2 and "budget" in result.output
