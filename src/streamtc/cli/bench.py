@@ -122,7 +122,7 @@ def bench_bound(
     result["environment"] = environment("cpu", {"streams": [s.label for s in specs], "budgets": list(levels)})
     table = Table(title="best schedule knowing every outcome (cos mean / p10 / worst; best worst frame)")
     for column in ("stream", *(f"budget {b:g}" for b in levels)):
-        table.add_column(column, justify="left" if column == "stream" else "right", no_wrap=True)
+        table.add_column(column, justify="left" if column == "stream" else "right")
     for entry in [*result["streams"], {"stream": "all streams pooled", "rows": result["pooled"]}]:
         table.add_row(entry["stream"], *(f"{r['cosine_mean']:.3f} / {r['cosine_p10']:.3f} / {r['cosine_min']:.3f}; "
                                          f"{r['best_worst_frame']:.3f}" for r in entry["rows"]))
