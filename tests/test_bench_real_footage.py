@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from streamtc.bench.real_footage import StreamSpec, load_stream, parse_streams, run_real_footage
+from streamtc.bench.real_footage import StreamSpec, load_stream, parse_streams, run_real_footage, stream_path
 from streamtc.errors import InputError
 from streamtc.weights import normalize_frames
 
@@ -50,3 +52,10 @@ def test_the_pooled_table_pools_every_frame_of_every_stream():
     assert robust["token_cosine_min"] == pytest.approx(cosines.min())
     assert pooled["full"]["token_cosine_min"] == pytest.approx(1.0)
     assert pooled["robust (N=2 budget), no hints"]["frames"] == 9
+
+
+def test_each_stream_gets_its_own_plot_files():
+    """Two streams of one run must not overwrite each other's plots."""
+    names = {stream_path(Path("out/real.json"), {"video": video, "fps": fps}).name
+             for video, fps in (("demo", 1.0), ("demo", 0.5), ("/clips/walk.mp4", 2.0))}
+    assert names == {"real.demo@1.json", "real.demo@0.5.json", "real.walk@2.json"}

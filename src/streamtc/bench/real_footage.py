@@ -160,9 +160,16 @@ def bench_real_footage(streams: list[StreamSpec], repeats: int, warmup: int, dev
         console.print(f"wrote {write_report(result, output)}")
         if can_plot():
             plots = [plot_fidelity(result["runs"], Path(output).with_suffix(".fidelity.png"))]
-            for path in plots + [p for report in result["runs"] for p in write_plots(report, output)]:
+            for path in plots + [p for report in result["runs"] for p in write_plots(report, stream_path(output, report))]:
                 console.print(f"wrote {path}")
     return result
+
+
+def stream_path(output: Path, report: dict[str, Any]) -> Path:
+    """The report path with the stream in its stem (real.json -> real.demo@1.json), so that each stream's
+    plots get their own files."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.{Path(report['video']).stem}@{report['fps']:g}{output.suffix}")
 
 
 def pooled_summary(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -300,6 +307,6 @@ def plot_fidelity(reports: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 
-__all__ = ["bench_real_footage", "CLIP_KINDS", "DEFAULT_STREAMS", "StreamSpec", "TUNED_ON", "load_stream", "parse_streams", "plot_fidelity",
+__all__ = ["bench_real_footage", "CLIP_KINDS", "stream_path", "DEFAULT_STREAMS", "StreamSpec", "TUNED_ON", "load_stream", "parse_streams", "plot_fidelity",
            "pooled_summary", "print_pooled", "print_signal_study", "real_weights_variants", "refresh_signal_study",
            "run_real_footage", "summarise_signal_study"]
