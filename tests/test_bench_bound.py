@@ -3,7 +3,7 @@ on small made-up tables, and its action measurements against forwards run here."
 
 from __future__ import annotations
 
-import itertools
+import json
 import math
 import random
 
@@ -12,7 +12,8 @@ import torch
 from torch.nn import functional as TF
 from transformers import Dinov2Config, Dinov2Model
 
-from streamtc.bench.bound import ActionTable, best_mean_schedule, best_worst_frame, bound_rows, measure_actions
+from streamtc.bench.bound import ActionTable, best_mean_schedule, best_worst_frame, bound_rows, curves, measure_actions
+from streamtc.errors import InputError
 from streamtc.tokens import token_cosine
 
 
@@ -112,3 +113,45 @@ def test_the_command_refuses_bad_budgets_before_loading_anything(budgets: str) -
 
     result = CliRunner().invoke(app, ["bench", "bound", "--streams", "demo@1", "--budgets", budgets])
     assert result.exit_code == 2 and "budget" in result.output
+
+
+def vit_run(video: str, fps: float, kind: str, robust: list[float], robust_flops: float) -> dict:
+    return {"video": video, "fps": fps, "kind": kind, "variants": [
+        {"name": "full", "per_frame_token_cosine": [1.0] * len(robust), "flop_ratio": 1.0},
+        {"name": "robust", "per_frame_token_cosine": robust, "flop_ratio": robust_flops}]}
+
+
+def bound_stream(label: str, kind: str, cosines: list[float], cost: float, best_worst: float) -> dict:
+    return {"stream": label, "kind": kind, "frames": len(cosines),
+            "rows": [{"per_frame_cosine": cosines, "cost": cost, "best_worst_frame": best_worst}]}
+
+
+def test_curves_pool_each_kind_and_each_stream_over_their_frames() -> None:
+    vit = {"runs": [vit_run("a", 1.0, "steady", [0.9, 0.7], 0.6), vit_run("b", 2.0, "steady", [1.0, 0.8, 0.6, 0.5], 0.3),
+                    vit_run("c", 1.0, "cuts", [0.4], 0.9)]}
+    bound = {"budgets": [0.5], "streams": [bound_stream("a at 1 fps", "steady", [1.0, 0.9], 0.5, 0.9),
+                                           bound_stream("b at 2 fps", "steady", [1.0, 1.0, 0.9, 0.8], 0.45, 0.8)]}
+    (steady,) = curves(vit, bound)  # "c" is not in the bound: not shown
+    assert steady["group"] == "steady" and steady["frames"] == 6 and steady["streams"] == ["a at 1 fps", "b at 2 fps"]
+    robust, best = steady["rows"]
+    assert robust["name"] == "robust" and robust["flop_ratio"] == pytest.approx((2 * 0.6 + 4 * 0.3) / 6)
+    assert robust["cosine_mean"] == pytest.approx(4.5 / 6) and robust["cosine_min"] == 0.5
+    assert robust["cosine_p10"] == pytest.approx(0.55)  # numpy's linear 10th percentile of the six
+    assert best["name"] == "bound, budget 0.5" and best["best_worst_frame"] == 0.8 and best["cosine_mean"] == pytest.approx(5.6 / 6)
+    assert [group["group"] for group in curves(vit, bound, by="stream")] == ["a at 1 fps", "b at 2 fps"]
+    with pytest.raises(InputError, match="lacks the streams"):
+        curves({"runs": vit["runs"][:1]}, bound)
+
+
+def test_the_command_refuses_a_report_without_its_streams(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from streamtc.cli import app
+
+    report = tmp_path / "real.json"
+    report.write_text(json.dumps({"runs": [vit_run("demo", 1.0, "cuts", [1.0], 1.0)]}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "bound", "--streams", "demo@2", "--against", str(report)])
+    assert result.exit_code == 2 and "lacks the streams" in result.output
+    result = runner.invoke(app, ["bench", "bound", "--streams", "demo@1", "--against", str(tmp_path / "none.json")])
+    assert result.exit_code == 2 and "cannot read" in result.output

@@ -36,6 +36,7 @@ from ..cacher import functional as F
 from ..cacher.downscale import MIN_SIDE_SHARE
 from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
 from ..config import CacherConfig
+from ..errors import InputError
 from ..tokens import token_cosine
 from .real_footage import CLIP_KINDS, StreamSpec, load_stream
 
@@ -206,5 +207,41 @@ def run_bound(streams: list[StreamSpec], budgets: tuple[float, ...], tower: torc
             "pooled": pooled_bound(results, budgets)}
 
 
+def curves(vit_report: dict[str, Any], bound_report: dict[str, Any], by: str = "kind") -> list[dict[str, Any]]:
+    """Every variant of a `bench vit --weights` report beside the bound at each budget, over the frames
+    of each kind of footage (`by="kind"`) or each stream (`by="stream"`) pooled: FLOP ratio
+    (frame-weighted), cosine mean, 10th percentile and worst; the bound's rows also carry the best worst
+    frame. Streams are matched by their label ("demo at 1 fps"); the vit report must hold every stream
+    of the bound."""
+    runs = {f"{run['video']} at {run['fps']:g} fps": run for run in vit_report["runs"]}
+    missing = [s["stream"] for s in bound_report["streams"] if s["stream"] not in runs]
+    if missing:
+        raise InputError(f"the vit report lacks the streams {missing}; run both on the same --streams")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for stream in bound_report["streams"]:
+        groups.setdefault(stream["kind"] if by == "kind" else stream["stream"], []).append(stream)
+    out = []
+    for name, streams in groups.items():
+        variants = [v["name"] for v in runs[streams[0]["stream"]]["variants"] if v["name"] != "full"]
+        rows = []
+        for variant in variants:
+            picked = [next(v for v in runs[s["stream"]]["variants"] if v["name"] == variant) for s in streams]
+            rows.append(_pooled_row(variant, [v["per_frame_token_cosine"] for v in picked], [v["flop_ratio"] for v in picked]))
+        for index, budget in enumerate(bound_report["budgets"]):
+            picked = [s["rows"][index] for s in streams]
+            row = _pooled_row(f"bound, budget {budget:g}", [r["per_frame_cosine"] for r in picked], [r["cost"] for r in picked])
+            rows.append(row | {"best_worst_frame": min(r["best_worst_frame"] for r in picked)})
+        out.append({"group": name, "streams": [s["stream"] for s in streams], "frames": sum(s["frames"] for s in streams),
+                    "rows": rows})
+    return out
+
+
+def _pooled_row(name: str, cosines: list[list[float]], costs: list[float]) -> dict[str, Any]:
+    pooled = np.concatenate([np.asarray(c, dtype=np.float64) for c in cosines])
+    return {"name": name, "flop_ratio": float(np.average(costs, weights=[len(c) for c in cosines])),
+            "cosine_mean": float(pooled.mean()), "cosine_p10": float(np.percentile(pooled, 10)),
+            "cosine_min": float(pooled.min())}
+
+
 __all__ = ["ActionTable", "COST_STEP", "MAX_GAP", "REUSE_RATIOS", "Schedule", "best_mean_schedule", "best_worst_frame",
-           "bound_rows", "measure_actions", "pooled_bound", "run_bound"]
+           "bound_rows", "curves", "measure_actions", "pooled_bound", "run_bound"]

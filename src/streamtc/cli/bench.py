@@ -94,6 +94,9 @@ def bench_bound(
     budgets: Annotated[str, typer.Option(
         help="FLOP budgets (shares of full), comma-separated; 0.479 and 0.653 are the paper's N=4 and N=2 costs "
              "on DINOv2-S")] = "0.35,0.479,0.653,0.75",
+    against: Annotated[Path | None, typer.Option(
+        help="A `bench vit --weights` JSON report on the same streams: print every variant beside the bound, "
+             "per kind of footage and per stream (also written to the JSON)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
 ) -> None:
@@ -102,6 +105,16 @@ def bench_bound(
     from ..bench.real_footage import parse_streams
 
     specs = parse_streams(streams)
+    vit_report = None
+    if against is not None:
+        try:
+            vit_report = json.loads(against.read_text())
+        except (OSError, ValueError) as error:
+            raise typer.BadParameter(f"--against: cannot read {against}: {error}") from None
+        labels = {f"{run.get('video')} at {run.get('fps', 0):g} fps" for run in vit_report.get("runs", [])}
+        missing = [spec.label for spec in specs if spec.label not in labels]
+        if missing:
+            raise typer.BadParameter(f"--against: {against} lacks the streams {missing}; run `bench vit` on the same --streams")
     try:
         levels = tuple(float(b) for b in budgets.split(","))
     except ValueError:
@@ -127,9 +140,29 @@ def bench_bound(
         table.add_row(entry["stream"], *(f"{r['cosine_mean']:.3f} / {r['cosine_p10']:.3f} / {r['cosine_min']:.3f}; "
                                          f"{r['best_worst_frame']:.3f}" for r in entry["rows"]))
     console.print(table)
+    if vit_report is not None:
+        from ..bench.bound import curves
+
+        for by in ("kind", "stream"):
+            result[f"curves_by_{by}"] = curves(vit_report, result, by=by)
+            for group in result[f"curves_by_{by}"]:
+                _print_curve(group)
     if output is not None:
         output.write_text(json.dumps(result, indent=1))
         console.print(f"wrote {output}")
+
+
+def _print_curve(group: dict) -> None:
+    """One kind's or stream's rows: every variant and the bound, FLOP ratio and cosine statistics."""
+    table = Table(title=f"{group['group']} ({', '.join(group['streams'])}; {group['frames']} frames)")
+    for column in ("variant", "FLOP ratio", "cos mean / p10 / worst", "best worst"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in group["rows"]:
+        best = row.get("best_worst_frame")
+        table.add_row(row["name"], f"{row['flop_ratio']:.3f}",
+                      f"{row['cosine_mean']:.3f} / {row['cosine_p10']:.3f} / {row['cosine_min']:.3f}",
+                      "" if best is None else f"{best:.3f}")
+    console.print(table)
 
 
 def _can_plot() -> bool:
