@@ -27,7 +27,7 @@ from torch import nn
 from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
 from ..cacher.functional import layer_flops, nearest_kept, strided_grid_index
 from ..checks import unit_ratio
-from ..cacher.downscale import Downscale, downscale_grid, embed_downscaled, supports_downscale
+from ..cacher.downscale import Downscale, downscale_cost, downscale_grid, embed_downscaled, supports_downscale
 from ..cacher.hints import ChunkHints
 from ..errors import ConfigError
 
@@ -124,9 +124,8 @@ class UniformDownscaling:
         h = embed_downscaled(tower, pixel_values, self.grid, patch)
         for layer in layers:
             h = layer(h, None)
-        small = Downscale(self.grid, full_grid, prefix, h)
-        self.ratio = layer_flops(small.tokens, width, mlp) / layer_flops(prefix + full_grid[0] * full_grid[1], width, mlp)
-        return _final_norm(tower)(small.to_full(h))
+        self.ratio = downscale_cost(self.grid, full_grid, prefix, width, mlp)
+        return _final_norm(tower)(Downscale(self.grid, full_grid, prefix, h).to_full(h))
 
     def flop_ratio(self) -> float:
         """Cost of the last frame relative to a full one (FLOP model of the encoder layers)."""

@@ -32,13 +32,12 @@ import torch
 
 from ..baselines.vit import UniformDownscaling
 from ..cacher import STCCacher
-from ..cacher import functional as F
-from ..cacher.downscale import MIN_SIDE_SHARE
+from ..cacher.downscale import MIN_SIDE_SHARE, downscale_cost
 from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
 from ..config import CacherConfig
 from ..errors import InputError
 from ..tokens import token_cosine
-from .real_footage import CLIP_KINDS, StreamSpec, load_stream
+from .real_footage import CLIP_KINDS, StreamSpec, load_stream, tower_grid
 
 MAX_GAP = 8  # frames a reference may serve
 REUSE_RATIOS = (0.1, 0.25, 0.5)
@@ -90,7 +89,7 @@ def measure_actions(tower: torch.nn.Module, pixel_values: torch.Tensor, ratios: 
         side = math.isqrt(full.shape[1])
         width, mlp = full.shape[-1], mlp_width(encoder_layers(tower)[0])
         for small in range(math.ceil(side * MIN_SIDE_SHARE), side):
-            encoder = UniformDownscaling(F.layer_flops(prefix + small * small, width, mlp) / F.layer_flops(prefix + side * side, width, mlp))
+            encoder = UniformDownscaling(downscale_cost((small, small), (side, side), prefix, width, mlp))
             out = encoder(tower, pixel_values)[:, prefix:]
             for frame, cosine in enumerate(token_cosine(out, full).tolist()):
                 table.downscale[frame].append((cosine, encoder.flop_ratio(), f"{small}x{small}"))
@@ -197,9 +196,7 @@ def run_bound(streams: list[StreamSpec], budgets: tuple[float, ...], tower: torc
     for spec in streams:
         if progress is not None:
             progress(spec.label)
-        size = normalize(torch.zeros(1, 8, 8, 3, dtype=torch.uint8)).shape[-2:]
-        grid = (size[0] // tower.config.patch_size, size[1] // tower.config.patch_size)
-        images, _, records = load_stream(spec, grid)
+        images, _, records = load_stream(spec, tower_grid(tower, normalize))
         table = measure_actions(tower, normalize(torch.from_numpy(images)))
         results.append({"stream": spec.label, "kind": CLIP_KINDS.get(spec.clip, "user clip"), "frames": table.frames,
                         "frames_record": records, "rows": bound_rows(table, budgets)})
@@ -213,7 +210,7 @@ def curves(vit_report: dict[str, Any], bound_report: dict[str, Any], by: str = "
     (frame-weighted), cosine mean, 10th percentile and worst; the bound's rows also carry the best worst
     frame. Streams are matched by their label ("demo at 1 fps"); the vit report must hold every stream
     of the bound."""
-    runs = {f"{run['video']} at {run['fps']:g} fps": run for run in vit_report["runs"]}
+    runs = {StreamSpec(run["video"], run["fps"]).label: run for run in vit_report["runs"]}
     missing = [s["stream"] for s in bound_report["streams"] if s["stream"] not in runs]
     if missing:
         raise InputError(f"the vit report lacks the streams {missing}; run both on the same --streams")

@@ -103,16 +103,19 @@ def load_stream(spec: StreamSpec, grid: tuple[int, int]) -> tuple[np.ndarray, li
     return np.stack([f.image for f in frames]), hints, records
 
 
+def tower_grid(tower: torch.nn.Module, normalize: Callable) -> tuple[int, int]:
+    """The tower's patch grid: the size `normalize` resizes every frame to, over the patch size."""
+    size = normalize(torch.zeros(1, 8, 8, 3, dtype=torch.uint8)).shape[-2:]
+    return size[0] // tower.config.patch_size, size[1] // tower.config.patch_size
+
+
 def run_real_footage(
     streams: list[StreamSpec], tower: torch.nn.Module, head: torch.nn.Module | None, normalize: Callable,
     repeats: int = 3, warmup: int = 1, device: str = "cpu", progress: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Every stream through every variant; the per-stream reports and the pooled summary."""
-    patch = tower.config.patch_size
-    reports = []
+    reports, grid = [], tower_grid(tower, normalize)
     for spec in streams:
-        size = normalize(torch.zeros(1, 8, 8, 3, dtype=torch.uint8)).shape[-2:]  # the tower's input size
-        grid = (size[0] // patch, size[1] // patch)
         images, hints, records = load_stream(spec, grid)
         pixel_values = normalize(torch.from_numpy(images))
         tokens = prefix_tokens(tower) + grid[0] * grid[1]
@@ -309,4 +312,4 @@ def plot_fidelity(reports: list[dict[str, Any]], path: str | Path) -> Path:
 
 __all__ = ["bench_real_footage", "CLIP_KINDS", "stream_path", "DEFAULT_STREAMS", "StreamSpec", "TUNED_ON", "load_stream", "parse_streams", "plot_fidelity",
            "pooled_summary", "print_pooled", "print_signal_study", "real_weights_variants", "refresh_signal_study",
-           "run_real_footage", "summarise_signal_study"]
+           "run_real_footage", "summarise_signal_study", "tower_grid"]

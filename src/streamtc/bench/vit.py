@@ -43,6 +43,7 @@ import torch
 from ..baselines.vit import CodecSkipping, FrameSkipping, UniformDownscaling, UniformTokenDropping, keep_ratio_for_flops
 from ..cacher import STCCacher
 from ..cacher import functional as F
+from ..cacher.downscale import downscale_cost
 from ..cacher.towers import encoder_layers, mlp_width, prefix_tokens
 from ..cacher.hints import ChunkHints
 from ..config import CacherConfig
@@ -132,10 +133,10 @@ def downscaling_variants(tokens: int, width: int, mlp_width: int, prefix: int, m
     """Every frame downscaled (`UniformDownscaling`), one row per square grid from 9/16 of the full
     side up to the largest costing at most `most` of a full frame: at the same cost, one grid can beat
     a larger one, so every grid below a policy's cost is a baseline for it."""
-    side, full = math.isqrt(tokens - prefix), F.layer_flops(tokens, width, mlp_width)
+    side = math.isqrt(tokens - prefix)
     rows = []
     for small in range(math.ceil(side * 9 / 16), side):
-        spend = F.layer_flops(prefix + small * small, width, mlp_width) / full
+        spend = downscale_cost((small, small), (side, side), prefix, width, mlp_width)
         if spend <= most:
             rows.append(Variant(f"downscale every frame, {small}x{small} ({spend:.2f})", None,
                                 functools.partial(UniformDownscaling, spend)))

@@ -67,13 +67,17 @@ def downscale_grid(grid: tuple[int, int], prefix: int, width: int, mlp_width: in
     """The largest grid with the frame's aspect whose encode costs at most `spend` of the full one
     (FLOP model), never smaller than MIN_SIDE_SHARE of each side."""
     rows, cols = grid
-    full = layer_flops(prefix + rows * cols, width, mlp_width)
     smallest = max(1, math.ceil(rows * MIN_SIDE_SHARE))
     for small_rows in range(rows - 1, smallest - 1, -1):
         small = (small_rows, max(1, round(cols * small_rows / rows)))
-        if layer_flops(prefix + small[0] * small[1], width, mlp_width) <= spend * full:
+        if downscale_cost(small, grid, prefix, width, mlp_width) <= spend:
             return small
     return smallest, max(1, round(cols * smallest / rows))
+
+
+def downscale_cost(small: tuple[int, int], grid: tuple[int, int], prefix: int, width: int, mlp_width: int) -> float:
+    """An encode on the `small` patch grid as a share of one on the full `grid` (FLOP model)."""
+    return layer_flops(prefix + small[0] * small[1], width, mlp_width) / layer_flops(prefix + grid[0] * grid[1], width, mlp_width)
 
 
 def embed_downscaled(tower: nn.Module, pixel_values: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -91,4 +95,4 @@ def downscale_flops(downscale: Downscale, width: int, mlp_width: int) -> float:
     return layer_flops(downscale.tokens, width, mlp_width)
 
 
-__all__ = ["Downscale", "MIN_SIDE_SHARE", "downscale_flops", "downscale_grid", "embed_downscaled", "supports_downscale"]
+__all__ = ["Downscale", "MIN_SIDE_SHARE", "downscale_cost", "downscale_flops", "downscale_grid", "embed_downscaled", "supports_downscale"]

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..errors import InputError
-from ..tokens import flat_token_index, scatter_tokens
+from ..tokens import scatter_tokens
 
 
 def num_recomputed_tokens(num_tokens: int, update_ratio: float) -> int:
@@ -102,14 +102,6 @@ def within_refresh_budget(chunk_index: int, refreshes: int, budget_interval: int
     return refreshes < chunk_index // budget_interval + 1
 
 
-def token_rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Per-frame token indices [F, k] -> row indices [F * k] into the frames flattened to [F * T, C].
-
-    One frame's rows are its token indices (a view): no offset arithmetic on the streaming path.
-    """
-    return index.view(-1) if index.shape[0] == 1 else flat_token_index(index, num_tokens)
-
-
 def mix_with_reference(reference: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The reference [T, C] repeated for each frame, with rows [F, k, C] replacing positions index.
 
@@ -139,10 +131,7 @@ def add_reference_delta(
     so its two residual adds collapse into one add of A_ref + M_ref, stored at refresh: one pass
     over [F, T, C] per layer instead of two, and no Ā or M̄ materialised.
     """
-    out = (x + reference_delta).contiguous()  # one contiguous pass; autograd can follow it
-    frames, num_tokens, width = out.shape
-    out.view(-1, width).index_copy_(0, token_rows(index, num_tokens), recomputed_rows.reshape(-1, width))
-    return out
+    return scatter_tokens((x + reference_delta).contiguous(), index, recomputed_rows)  # autograd can follow it
 
 
 def strided_grid_index(side: int, keep_ratio: float) -> torch.Tensor:
@@ -196,7 +185,6 @@ __all__ = [
     "reused_similarity",
     "relative_pixel_change",
     "within_refresh_budget",
-    "token_rows",
     "mix_with_reference",
     "swap_rows",
     "add_reference_delta",

@@ -32,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer
 
+from ..tokens import flat_token_index, gather_rows
 from . import functional as F
 from .kernels import feed_forward, linear
 from .state import LayerReference
@@ -200,15 +201,15 @@ def selective_forward(
     Returns the layer's output [F, T, C] and the recomputed tokens `index` [F, k] (the caller records them).
     """
     parts = layer_parts(layer)
-    frames, num_tokens, width = hidden_states.shape
+    frames, num_tokens = hidden_states.shape[:2]
     normed = parts.norm1(hidden_states)  # [F, T, C]
     if keys is None:
         keys = linear(parts.k_proj, normed, onednn)  # all tokens: every selected query attends to every key
     if index is None:
         index = F.select_dynamic_tokens(F.key_similarity(keys, reference.unit_keys), num_recomputed, group)
-    rows = F.token_rows(index, num_tokens)  # [F * k] rows of the frames flattened to [F * T, C]
+    rows = flat_token_index(index, num_tokens)  # [F * k] rows of the frames flattened to [F * T, C]
 
-    normed_selected = normed.view(-1, width).index_select(0, rows).view(frames, -1, width)  # [F, k, C]
+    normed_selected = gather_rows(normed, rows)  # [F, k, C]
     queries = linear(parts.q_proj, normed_selected, onednn)
     selected_values = linear(parts.v_proj, normed_selected, onednn)
     mask = _mask_rows(attention_mask, index)
@@ -226,7 +227,7 @@ def selective_forward(
 
     # Both residual steps for the selected rows; LayerNorm is per token, so LN2 of the selected
     # rows equals LN2 of all rows, then selecting.
-    selected = hidden_states.view(-1, width).index_select(0, rows).view(frames, -1, width)  # X[I]
+    selected = gather_rows(hidden_states, rows)  # X[I]
     selected = _residual(selected, linear(parts.out_proj, context, onednn), parts.scale1)  # + A_I
     selected = _residual(selected, feed_forward(parts.mlp, parts.norm2(selected), onednn), parts.scale2)  # + M_I
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected), index

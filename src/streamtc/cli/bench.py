@@ -102,7 +102,7 @@ def bench_bound(
 ) -> None:
     """On real DINOv2-S weights, every action of the budget Cacher on every frame, and the best schedule
     under each FLOP budget knowing every outcome in advance: what no policy with these actions can beat."""
-    from ..bench.real_footage import parse_streams
+    from ..bench.real_footage import StreamSpec, parse_streams
 
     specs = parse_streams(streams)
     vit_report = None
@@ -111,7 +111,7 @@ def bench_bound(
             vit_report = json.loads(against.read_text())
         except (OSError, ValueError) as error:
             raise typer.BadParameter(f"--against: cannot read {against}: {error}") from None
-        labels = {f"{run.get('video')} at {run.get('fps', 0):g} fps" for run in vit_report.get("runs", [])}
+        labels = {StreamSpec(run.get("video"), run.get("fps", 0)).label for run in vit_report.get("runs", [])}
         missing = [spec.label for spec in specs if spec.label not in labels]
         if missing:
             raise typer.BadParameter(f"--against: {against} lacks the streams {missing}; run `bench vit` on the same --streams")
