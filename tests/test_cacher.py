@@ -24,6 +24,8 @@ from streamtc.cacher import STCCacher
 from streamtc.cacher import functional as F
 from streamtc.presets import build_model
 
+from cacher_reference import reference_stream
+
 TOL = 1e-5
 
 
@@ -44,87 +46,9 @@ def split(x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     return list(x.split(chunk))
 
 
-# ---------------------------------------------------------------------------------------------
-# An independent implementation of the Cacher (docs/algorithms.md, section 2.2), written for clarity: one frame at a time, plain
-# matrix algebra on the layer's weights, explicit softmax. It shares no code with streamtc.
-
-
-def plain_parts(layer):
-    """(ln1, q, k, v, o, ln2, mlp, s1, s2, heads, head_dim, scale) of a SigLIP/CLIP or DINOv2 layer."""
-    if hasattr(layer, "self_attn"):
-        a = layer.self_attn
-        return (layer.layer_norm1, a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.layer_norm2, layer.mlp,
-                1.0, 1.0, a.num_heads, a.head_dim, a.scale)
-    a = layer.attention
-    return (layer.norm1, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.norm2, layer.mlp,
-            layer.layer_scale1.lambda1, layer.layer_scale2.lambda1, a.num_attention_heads, a.head_dim, a.scaling)
-
-
-def plain_layer(layer, x, ref=None, ratio=None):
-    """One pre-LN layer on x [T, C]. Without ref: exact, returns (out, new_ref). With ref: selective."""
-    ln1, q_proj, k_proj, v_proj, o_proj, ln2, mlp_module, s1, s2, heads, hd, scale = plain_parts(layer)
-
-    def lin(m, h):
-        return h @ m.weight.T + m.bias
-
-    def ln(m, h):
-        return torch.nn.functional.layer_norm(h, (h.shape[-1],), m.weight, m.bias, m.eps)
-
-    def mha(q, k, v):  # q [Q, C], k/v [T, C]
-        q = q.view(q.shape[0], heads, hd).transpose(0, 1)
-        k = k.view(k.shape[0], heads, hd).transpose(0, 1)
-        v = v.view(v.shape[0], heads, hd).transpose(0, 1)
-        w = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
-        return (w @ v).transpose(0, 1).reshape(q.shape[1], -1)
-
-    def mlp(h):
-        return s2 * mlp_module(h)
-
-    t = x.shape[0]
-    h1 = ln(ln1, x)
-    K = lin(k_proj, h1)
-    if ref is None:
-        Q, V = lin(q_proj, h1), lin(v_proj, h1)
-        A = s1 * lin(o_proj, mha(Q, K, V))
-        x = x + A
-        M = mlp(ln(ln2, x))
-        return x + M, {"K": K, "V": V, "A": A, "M": M}
-
-    k = max(1, min(t, math.floor(t * ratio)))
-    s = torch.stack([torch.dot(K[i], ref["K"][i]) / (K[i].norm() * ref["K"][i].norm()) for i in range(t)])
-    I = torch.argsort(s)[:k]
-    V_bar = ref["V"].clone()
-    V_bar[I] = lin(v_proj, h1[I])
-    A_bar = ref["A"].clone()
-    A_bar[I] = s1 * lin(o_proj, mha(lin(q_proj, h1[I]), K, V_bar))
-    x = x + A_bar
-    M_bar = ref["M"].clone()
-    M_bar[I] = mlp(ln(ln2, x)[I])
-    return x + M_bar, None
-
-
 def plain_stc_stream(tower, chunks: list[torch.Tensor], interval: int, ratio: float) -> torch.Tensor:
-    """The Cacher (docs/algorithms.md, section 2.2) over a stream of chunks; returns the post-layernorm outputs of every frame."""
-    layers = list(tower.encoder.layers if hasattr(tower.encoder, "layers") else tower.encoder.layer)
-    final_norm = tower.post_layernorm if hasattr(tower, "post_layernorm") else tower.layernorm
-    refs = None
-    outputs = []
-    with torch.no_grad():
-        for c, chunk in enumerate(chunks):
-            embedded = tower.embeddings(chunk)
-            refresh = refs is None or c % interval == 0
-            new_refs = [None] * len(layers)
-            for f in range(embedded.shape[0]):
-                x = embedded[f]
-                for i, layer in enumerate(layers):
-                    if refresh:
-                        x, new_refs[i] = plain_layer(layer, x)
-                    else:
-                        x, _ = plain_layer(layer, x, refs[i], ratio)
-                outputs.append(final_norm(x))
-            if refresh:
-                refs = new_refs  # the loop leaves the last frame's references
-    return torch.stack(outputs)
+    """The Cacher written plainly (tests/cacher_reference.py, sharing no code with streamtc) over `chunks`."""
+    return reference_stream(tower, [{"pixel_values": chunk} for chunk in chunks], interval, ratio)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,21 +2,25 @@
 
 The paper's fixed schedule refreshes every N-th chunk whatever the footage does, so on real weights it
 keeps 0.95-0.99 of the full forward on steady footage and collapses (0.3-0.7) on the frames after a
-cut or fast motion, where uniform token dropping at the same cost keeps above 0.9
+cut or fast motion, where encoding every frame at a lower resolution at the same cost keeps above 0.9
 (docs/benchmarks.md). A budget Cacher spends the same FLOPs where they buy the most:
 
-- the reference still describes the frame (not stale): reuse it (the paper's non-refresh chunk); with
-  credit to spare, recompute twice the tokens, and refresh early once a refresh and a margin are
-  banked, so that still scenes do not leave the budget unspent;
+- the reference still describes the frame (not stale): reuse it (the paper's non-refresh chunk), and
+  refresh early once a refresh and a margin are banked, so that still scenes do not leave the budget
+  unspent;
 - the reference is stale and a refresh is affordable: refresh, except in a run of cuts (this chunk
   and the previous one both cuts), where a new reference would be stale at once;
 - stale and a refresh is not affordable: encode the frame whole at a lower resolution (a downscaled
-  encode: every part of the picture seen, fewer tokens). At a cut it spends the whole credit; inside
-  a continuing shot it spends only what still lets the next chunk refresh.
+  encode: every part of the picture seen, fewer tokens), always at the same steady cost, the budget
+  less STEADY_MARGIN. The frames a stale reference cannot serve then all keep one grid's fidelity,
+  instead of the smaller grids a spend tied to the credit would give the frames right after a
+  refresh, and the margin saved on each pays for the next refresh.
 
 Credit is counted in units of this chunk's full cost: what the budget allows on every prefix of the
-stream (budget x the full cost of all chunks so far, this one included) minus what was spent, so a
-stream never runs ahead of its budget by more than one refresh (the first chunk, which must refresh).
+stream (budget x the full cost of all chunks so far, this one included) minus what was spent. A
+refresh needs a whole chunk of credit; a downscaled encode may borrow, but never more than one
+refresh less one chunk's budget, so on every prefix a stream runs ahead of its budget by at most
+that (as it does after the first chunk, which must refresh).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import NamedTuple
 # Credit a non-stale chunk must hold beyond a full refresh before it refreshes early: spending
 # surplus on a refresh beats carrying it, and the margin keeps one non-refresh chunk in reserve.
 SPEND_MARGIN = 0.2
-# Credit left after a chunk that recomputes twice the tokens, for that to be worth it.
-WIDE_RESERVE = 0.3
+# What a downscaled encode leaves of the budget, as a share of a full chunk: it pays for the refreshes
+# that let reuse resume once the scene settles (on the tuning clips, 0.05-0.1 lost the fewest streams
+# to the trivial baselines; docs/benchmarks.md).
+STEADY_MARGIN = 0.1
 # The youngest reference an early (surplus) refresh replaces, in chunks.
 MIN_SPEND_AGE = 2
 # With codec hints, the pixel change (as a share of stale_threshold) that is stale on its own, and
@@ -56,11 +62,10 @@ class BudgetSignals(NamedTuple):
 
 
 class BudgetDecision(NamedTuple):
-    """What to do with the chunk: "refresh", "reuse" (with `update_ratio`) or "downscale" (spending at
-    most `spend` of the chunk's full cost); `reason` says why, for stats and logs."""
+    """What to do with the chunk: "refresh", "reuse" or "downscale" (spending at most `spend` of the
+    chunk's full cost); `reason` says why, for stats and logs."""
 
     action: str
-    update_ratio: float = 0.0
     spend: float = 0.0
     reason: str = ""
 
@@ -88,27 +93,22 @@ def credit(budget: float, spent_flops: float, full_flops_so_far: float, chunk_fu
     return (budget * (full_flops_so_far + chunk_full_flops) - spent_flops) / chunk_full_flops
 
 
-def decide(signals: BudgetSignals, allowance: float, budget: float, update_ratio: float, wide_cost: float) -> BudgetDecision:
+def decide(signals: BudgetSignals, allowance: float, budget: float) -> BudgetDecision:
     """The chunk's action (see the module docstring).
 
-    allowance: `credit(...)` for this chunk; budget: the stream's FLOP budget (a share of full);
-    wide_cost: a non-refresh chunk's cost at twice update_ratio, as a share of a full chunk.
+    allowance: `credit(...)` for this chunk; budget: the stream's FLOP budget (a share of full).
     """
     if not signals.has_reference:
         return BudgetDecision("refresh", reason="no reference")
     if not signals.stale:
         if allowance >= 1.0 + SPEND_MARGIN and signals.age >= MIN_SPEND_AGE:
             return BudgetDecision("refresh", reason="surplus")
-        if allowance - wide_cost >= WIDE_RESERVE:
-            return BudgetDecision("reuse", update_ratio=min(1.0, 2 * update_ratio), reason="surplus")
-        return BudgetDecision("reuse", update_ratio=update_ratio)
+        return BudgetDecision("reuse")
     if allowance >= 1.0 and not (signals.cut and signals.previous_cut):
         return BudgetDecision("refresh", reason="cut" if signals.cut else "stale")
-    if signals.cut:
-        return BudgetDecision("downscale", spend=max(allowance, 0.0), reason="cut")
-    # A continuing shot on a stale reference: keep enough credit for the next chunk to refresh.
-    return BudgetDecision("downscale", spend=max(allowance + budget - 1.0, 0.0), reason="stale")
+    steady = min(budget - STEADY_MARGIN, allowance + 1.0 - budget)  # borrow at most a refresh less a chunk
+    return BudgetDecision("downscale", spend=max(steady, 0.0), reason="cut" if signals.cut else "stale")
 
 
 __all__ = ["BudgetDecision", "BudgetSignals", "credit", "decide", "is_stale", "HINTED_PIXEL_ALONE", "HINTED_PIXEL_FLOOR",
-           "MIN_SPEND_AGE", "SPEND_MARGIN", "WIDE_RESERVE"]
+           "MIN_SPEND_AGE", "SPEND_MARGIN", "STEADY_MARGIN"]

@@ -300,12 +300,9 @@ class STCCacher:
             layout.tokens, layout.width, self._mlp_width, config.update_ratio, config.cache_interval)
         change = self._change_since_reference(state, hints, plan.refresh, layout)
         signals = self._budget_signals(plan, pixels, hints, change)
-        wide = F.num_recomputed_tokens(layout.tokens, min(1.0, 2 * config.update_ratio))
         chunk_full = layout.units * len(self._layers) * full
         decision = budget.decide(
-            signals, budget.credit(target, state.stats.flops, state.stats.full_flops, chunk_full), target,
-            config.update_ratio, F.layer_flops(layout.tokens, layout.width, self._mlp_width, wide) / full,
-        )
+            signals, budget.credit(target, state.stats.flops, state.stats.full_flops, chunk_full), target)
         state.previous_cut = signals.cut
         state.previous_pixels = None if pixels is None else pixels[-1].detach().clone()
         if plan.refresh or decision.action == "refresh":
@@ -321,7 +318,7 @@ class STCCacher:
             if plan.downscale is not None or plan.subsample is not None:
                 return
         plan.num_recomputed = F.grouped_count(
-            F.num_recomputed_tokens(layout.tokens, decision.update_ratio or config.update_ratio), plan.group)
+            F.num_recomputed_tokens(layout.tokens, config.update_ratio), plan.group)
         if change is not None and config.token_signal != "keys" and self._spec is ENCODER_TOWER:
             units = hidden_states.reshape(layout.units, layout.tokens, layout.width)
             self._select_by_change(plan, units, self._token_change(change, layout))
