@@ -155,3 +155,99 @@ def test_the_command_refuses_a_report_without_its_streams(tmp_path) -> None:
     assert result.exit_code == 2 and "lacks the streams" in result.output
     result = runner.invoke(app, ["bench", "bound", "--streams", "demo@1", "--against", str(tmp_path / "none.json")])
     assert result.exit_code == 2 and "cannot read" in result.output
+
+
+def family_run(video: str, fps: float, kind: str, variants: dict[str, tuple[list[float], float]]) -> dict:
+    """A `bench vit --weights` run: variant name -> (per-frame cosines, FLOP ratio), after "full" and
+    "full (control)" (a `curves` row, not drawn)."""
+    frames = len(next(iter(variants.values()))[0])
+    return {"video": video, "fps": fps, "kind": kind, "variants": [
+        *({"name": name, "per_frame_token_cosine": [1.0] * frames, "flop_ratio": 1.0} for name in ("full", "full (control)")),
+        *({"name": name, "per_frame_token_cosine": cosines, "flop_ratio": flops} for name, (cosines, flops) in variants.items())]}
+
+
+def full_row(budget: float, cosines: list[float], cost: float, best_worst: float) -> dict:
+    return {"budget": budget, "per_frame_cosine": cosines, "cost": cost, "best_worst_frame": best_worst,
+            "cosine_mean": sum(cosines) / len(cosines), "cosine_p10": min(cosines), "cosine_min": min(cosines)}
+
+
+def family_reports() -> tuple[dict, dict]:
+    """Two "steady" streams (1 frame and 3 frames) and one "cuts" stream (1 frame), bound at budgets 0.3
+    and 0.6; the variants are named as `bench vit --weights` names them, one or two per family."""
+    def variants(cosines: tuple, flops: tuple) -> dict[str, tuple[list[float], float]]:
+        names = ("stc N=2 r=0.25", "robust (N=2 budget)", "robust (N=2 budget), no hints", "stc N=4 r=0.25",
+                 "adaptive pixels budget 2, subsample over budget", "skip frames, every 2nd", "codec skip, change > 0.5")
+        return dict(zip(names, zip(cosines, flops)))
+
+    a = variants(*zip(([0.9], 0.7), ([1.0], 0.6), ([0.3], 0.6), ([0.5], 0.4), ([0.2], 0.7), ([1.0], 1.0), ([1.0], 1.0)))
+    b = variants(*zip(([0.8, 0.6, 1.0], 0.5), ([0.9, 0.9, 0.9], 0.6), ([0.3, 0.3, 0.3], 0.6), ([0.7, 0.9, 0.5], 0.2),
+                      ([0.2, 0.2, 0.2], 0.7), ([1.0, 0.4, 1.0], 0.5), ([1.0, 1.0, 1.0], 1.0)))
+    c = {name: ([0.5], 0.5) for name in a}
+    vit = {"runs": [family_run("demo", 1.0, "steady", a), family_run("carphone", 2.0, "steady", b),
+                    family_run("cup", 2.0, "cuts", c)]}
+    streams = [("demo at 1 fps", "steady", [([0.95], 0.3, 0.95), ([1.0], 0.6, 1.0)]),
+               ("carphone at 2 fps", "steady", [([0.9, 0.8, 1.0], 0.3, 0.8), ([1.0, 0.9, 1.0], 0.6, 0.9)]),
+               ("cup at 2 fps", "cuts", [([0.7], 0.3, 0.7), ([0.8], 0.6, 0.8)])]
+    bound = {"budgets": [0.3, 0.6], "streams": [
+        {"stream": label, "kind": kind, "frames": len(rows[0][0]),
+         "rows": [full_row(budget, *row) for budget, row in zip((0.3, 0.6), rows)]} for label, kind, rows in streams]}
+    bound["pooled"] = [full_row(0.3, [0.95, 0.9, 0.8, 1.0, 0.7], 0.3, 0.7), full_row(0.6, [1.0, 1.0, 0.9, 1.0, 0.8], 0.6, 0.8)]
+    return vit, bound
+
+
+@pytest.mark.parametrize(("name", "family"), [
+    ("stc N=4 r=0.25", "stc N="), ("robust (N=4 budget)", "robust ("), ("robust (N=2 budget), no hints", "other"),
+    ("robust (N=2 budget), codec+keys tokens", "other"), ("skip frames, rate 0.479 (= N=4)", "skip frames"),
+    ("drop tokens, keep 0.66 (= N=2)", "drop tokens"), ("codec skip, change > 0.25", "codec skip"),
+    ("downscale every frame, 12x12 (0.54)", "downscale every frame"), ("bound, budget 0.479", "bound, budget"),
+    ("adaptive pixels budget 2, subsample over budget", "other")])
+def test_each_variant_name_falls_in_its_family(name: str, family: str) -> None:
+    from streamtc.bench.bound import curve_family
+
+    assert curve_family(name) == family
+
+
+def test_the_curves_plot_draws_each_family_pooled_per_kind_in_flop_order(tmp_path) -> None:
+    from streamtc.bench.bound import plot_curves
+
+    vit, bound = family_reports()
+    drawn = plot_curves(curves(vit, bound), tmp_path / "plots" / "bound.curves.png")
+    assert (tmp_path / "plots" / "bound.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(drawn) == ["steady", "cuts"]
+    steady = drawn["steady"]
+    assert set(steady) == {"stc N=", "robust (", "skip frames", "codec skip", "bound, budget", "other"}
+    # Points are (FLOP ratio weighted by frames, cosine mean, numpy's linear 10th percentile) over the
+    # four frames of the kind, sorted by FLOP ratio: N=4 (cheaper) before N=2, whatever the report's order.
+    expected = {"stc N=": [(0.25, 0.65, 0.5), (0.55, 0.825, 0.66)],
+                "robust (": [(0.6, 0.925, 0.9)],
+                "skip frames": [(0.625, 0.85, 0.58)],
+                "codec skip": [(1.0, 1.0, 1.0)],
+                "bound, budget": [(0.3, 0.9125, 0.83), (0.6, 0.975, 0.93)],
+                "other": [(0.6, 0.3, 0.3), (0.7, 0.2, 0.2)]}  # the no-hints ablation and the adaptive row
+    for family, points in expected.items():
+        assert steady[family] == [pytest.approx(point) for point in points], family
+    assert drawn["cuts"]["stc N="] == [pytest.approx((0.5, 0.5, 0.5))] * 2
+    assert drawn["cuts"]["bound, budget"] == [pytest.approx((0.3, 0.7, 0.7)), pytest.approx((0.6, 0.8, 0.8))]
+
+
+def test_the_command_writes_the_curves_plot_beside_the_report(tmp_path, monkeypatch) -> None:
+    """With --against and --output, `bench bound` writes <stem>.curves.png and says so (the measurement
+    and the weights replaced by the made-up bound report)."""
+    from typer.testing import CliRunner
+
+    import streamtc.bench.bound
+    import streamtc.weights
+    from streamtc.cli import app
+
+    vit, bound = family_reports()
+    monkeypatch.setattr(streamtc.weights, "load_dinov2_small", lambda: (None, None))
+    monkeypatch.setattr(streamtc.bench.bound, "run_bound", lambda *args, **kwargs: json.loads(json.dumps(bound)))
+    (tmp_path / "real.json").write_text(json.dumps(vit))
+    args = ["bench", "bound", "--streams", "demo@1,carphone@2,cup@2", "--budgets", "0.3,0.6",
+            "--against", str(tmp_path / "real.json")]
+    result = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "bound.json")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bound.curves.png").is_file() and "bound.curves.png" in result.output.replace("\n", "")
+    assert [g["group"] for g in json.loads((tmp_path / "bound.json").read_text())["curves_by_kind"]] == ["steady", "cuts"]
+    result = CliRunner().invoke(app, args)  # no --output: no plot
+    assert result.exit_code == 0 and "curves.png" not in result.output

@@ -1,6 +1,7 @@
 """The best any refresh policy could do with the budget Cacher's actions: a clairvoyant bound per stream.
 
     streamtc bench bound --streams demo@1,carphone@2,cup@2 --budgets 0.479,0.653
+    streamtc bench bound --against real.json --output bound.json    # + bound.curves.png (`plot_curves`)
 
 The robust profile picks each frame's action from what it knows before encoding the frame (codec
 hints, pixel change). When it loses, is it the actions or the signals? This measures, on real
@@ -25,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -240,5 +242,80 @@ def _pooled_row(name: str, cosines: list[list[float]], costs: list[float]) -> di
             "cosine_min": float(pooled.min())}
 
 
-__all__ = ["ActionTable", "COST_STEP", "MAX_GAP", "REUSE_RATIOS", "Schedule", "best_mean_schedule", "best_worst_frame",
-           "bound_rows", "curves", "measure_actions", "pooled_bound", "run_bound"]
+# The families of `curves` rows the plot draws, by name prefix: (prefix, legend label, colour, marker).
+CURVE_FAMILIES = (
+    ("stc N=", "stc N= (the paper's fixed schedule)", "tab:blue", "o"),
+    ("robust (", "robust profile (N=2/N=4 budgets)", "tab:orange", "s"),
+    ("skip frames", "skip frames", "tab:green", "^"),
+    ("drop tokens", "drop tokens", "tab:red", "v"),
+    ("codec skip", "codec skip", "tab:purple", "D"),
+    ("downscale every frame", "downscale every frame", "tab:brown", "P"),
+    ("bound, budget", "bound (clairvoyant)", "black", "*"),
+)
+
+
+def curve_family(name: str) -> str:
+    """The family prefix of a `curves` row's name; "other" for the rest (adaptive rows, the robust
+    profile's no-hints and codec-token ablations)."""
+    if name.startswith("robust (") and ("no hints" in name or "codec" in name):
+        return "other"
+    return next((prefix for prefix, *_ in CURVE_FAMILIES if name.startswith(prefix)), "other")
+
+
+def plot_curves(groups: list[dict[str, Any]], path: str | Path) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
+    """Cosine mean (top row) and 10th percentile (bottom row) against FLOP ratio, one column per group of
+    `curves` (a kind of footage), each family of variants one colour and marker joined in FLOP order and
+    the bound a thick black line, one legend below: readable where a per-stream scatter of every variant
+    is not. Variants of no family are small grey points without a legend entry; the full-forward
+    control (cosine 1 at cost 1) is left out.
+    Returns what is drawn: per group, per family ("other" for the rest), its (FLOP ratio, cosine mean,
+    cosine p10) sorted by FLOP ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    for group in groups:
+        families = drawn.setdefault(group["group"], {})
+        for row in (row for row in group["rows"] if not row["name"].startswith("full")):
+            point = (row["flop_ratio"], row["cosine_mean"], row["cosine_p10"])
+            families.setdefault(curve_family(row["name"]), []).append(point)
+        for points in families.values():
+            points.sort()
+    style = {prefix: (label, colour, marker) for prefix, label, colour, marker in CURVE_FAMILIES}
+    figure, axes = plt.subplots(2, len(groups), figsize=(max(8.0, 4.2 * len(groups)), 8.0), squeeze=False, sharex="col")
+    legend: dict[str, Any] = {}
+    for col, group in enumerate(groups):
+        for row, (index, ylabel) in enumerate(((1, "patch-token cosine mean"), (2, "cosine 10th percentile"))):
+            ax = axes[row][col]
+            for family, points in drawn[group["group"]].items():
+                x, y = [p[0] for p in points], [p[index] for p in points]
+                if family == "other":
+                    ax.scatter(x, y, s=9, color="0.6", zorder=1)
+                    continue
+                label, colour, marker = style[family]
+                bound = family == "bound, budget"
+                (line,) = ax.plot(x, y, color=colour, marker=marker, lw=3.0 if bound else 1.3, ms=9 if bound else 5,
+                                  zorder=3 if bound else 2)
+                legend.setdefault(label, line)
+            ax.grid(alpha=0.3)
+            ax.set_ylabel(ylabel)
+            if row == 0:
+                streams = len(group["streams"])
+                ax.set_title(f"{group['group']} ({streams} stream{'s' * (streams > 1)}, {group['frames']} frames)", fontsize=9)
+            else:
+                ax.set_xlabel("FLOP ratio to the full tower")
+    ordered = [label for _, label, *_ in CURVE_FAMILIES if label in legend]
+    figure.legend([legend[label] for label in ordered], ordered, loc="lower center", ncol=4, fontsize=8)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return drawn
+
+
+__all__ = ["ActionTable", "COST_STEP", "CURVE_FAMILIES", "MAX_GAP", "REUSE_RATIOS", "Schedule", "best_mean_schedule",
+           "best_worst_frame", "bound_rows", "curve_family", "curves", "measure_actions", "plot_curves", "pooled_bound",
+           "run_bound"]

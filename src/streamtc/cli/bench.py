@@ -98,7 +98,9 @@ def bench_bound(
         help="A `bench vit --weights` JSON report on the same streams: print every variant beside the bound, "
              "per kind of footage and per stream (also written to the JSON)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
+    output: Annotated[Path | None, typer.Option(
+        help="Write the JSON report here; with --against, also the curves per kind of footage beside it "
+             "(<stem>.curves.png)")] = None,
 ) -> None:
     """On real DINOv2-S weights, every action of the budget Cacher on every frame, and the best schedule
     under each FLOP budget knowing every outcome in advance: what no policy with these actions can beat."""
@@ -150,6 +152,12 @@ def bench_bound(
     if output is not None:
         output.write_text(json.dumps(result, indent=1))
         console.print(f"wrote {output}")
+        if vit_report is not None and _can_plot():
+            from ..bench.bound import plot_curves
+
+            path = output.with_suffix(".curves.png")
+            plot_curves(result["curves_by_kind"], path)
+            console.print(f"wrote {path}")
 
 
 def _print_curve(group: dict) -> None:
