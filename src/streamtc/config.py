@@ -191,8 +191,9 @@ class CacherConfig:
     def robust(cls, cache_interval: int = 2, **overrides: Any) -> Self:
         """The best policy measured on real footage (docs/benchmarks.md, issue 24): a FLOP budget equal
         to the paper's fixed schedule with this cache_interval (N=2 by default), spent chunk by chunk
-        on refreshes where the scene changed, reuse where it did not, and a downscaled encode for cuts
-        the budget cannot refresh; codec hints where the source has them. `CacherConfig()` stays the
+        on refreshes where the scene changed, reuse where it did not, and a downscaled encode at a steady
+        cost where a stale reference cannot serve and the budget cannot refresh; codec hints where the
+        source has them. `CacherConfig()` stays the
         paper's fixed schedule; overrides replace any field (e.g. flop_budget=0.5)."""
         settings: dict[str, Any] = dict(
             cache_interval=cache_interval, update_ratio=0.25, refresh="budget", over_budget="downscale",

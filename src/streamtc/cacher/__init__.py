@@ -7,7 +7,7 @@
 - `towers`: the supported towers and layers, found by class;
 - `hints`: codec side data per chunk on the tower's grid (`ChunkHints`);
 - `budget`: how a refresh="budget" Cacher spends its FLOP budget (pure decisions);
-- `downscale`: the whole frame encoded at a lower resolution, for cuts the budget cannot refresh;
+- `downscale`: the whole frame encoded at a lower resolution, where a stale reference cannot serve and the budget cannot refresh;
 - `cacher`: `STCCacher`, which attaches those forwards to a model and plans each chunk.
 """
 

@@ -1,12 +1,13 @@
 """A downscaled encode: the whole frame through the exact layers at a lower resolution, its output
 tokens resized back to the tower's grid.
 
-When a cut arrives and the budget cannot pay for a refresh, the old reference is worth little and
-the frame has to be encoded afresh on fewer tokens. Dropping an evenly strided subset of the patches
-(uniform token dropping) never looks at the dropped parts of the picture; resizing the frame first
-keeps all of it at a coarser scale. On real DINOv2-S weights, at the same FLOPs (docs/benchmarks.md,
-issue 24), a frame encoded at 12x12 instead of 16x16 patches keeps a patch-token cosine of 0.93 where
-the strided subset keeps 0.86-0.92, and its worst frame 0.91 where the subset's falls to 0.77.
+When the reference no longer describes the frame (a cut, fast motion) and the budget cannot pay for
+a refresh, the old reference is worth little and the frame has to be encoded afresh on fewer tokens.
+Dropping an evenly strided subset of the patches (uniform token dropping) never looks at the dropped
+parts of the picture; resizing the frame first keeps all of it at a coarser scale. On real DINOv2-S
+weights, at the same FLOPs (docs/benchmarks.md, issue 24), a frame encoded at 12x12 instead of 16x16
+patches keeps a patch-token cosine of 0.93 where the strided subset keeps 0.86-0.92, and its worst
+frame 0.91 where the subset's falls to 0.77.
 
 Supported where the tower embeds any input size with interpolated position embeddings and the
 chunk carries no padding mask: SigLIP, CLIP and DINOv2 (with or without registers). Each layer runs
