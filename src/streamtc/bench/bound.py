@@ -212,10 +212,10 @@ def curves(vit_report: dict[str, Any], bound_report: dict[str, Any], by: str = "
     (frame-weighted), cosine mean, 10th percentile and worst; the bound's rows also carry the best worst
     frame. Streams are matched by their label ("demo at 1 fps"); the vit report must hold every stream
     of the bound."""
-    runs = {StreamSpec(run["video"], run["fps"]).label: run for run in vit_report["runs"]}
-    missing = [s["stream"] for s in bound_report["streams"] if s["stream"] not in runs]
+    missing = missing_streams(vit_report, [s["stream"] for s in bound_report["streams"]])
     if missing:
         raise InputError(f"the vit report lacks the streams {missing}; run both on the same --streams")
+    runs = {StreamSpec(run["video"], run["fps"]).label: run for run in vit_report["runs"]}
     groups: dict[str, list[dict[str, Any]]] = {}
     for stream in bound_report["streams"]:
         groups.setdefault(stream["kind"] if by == "kind" else stream["stream"], []).append(stream)
@@ -233,6 +233,12 @@ def curves(vit_report: dict[str, Any], bound_report: dict[str, Any], by: str = "
         out.append({"group": name, "streams": [s["stream"] for s in streams], "frames": sum(s["frames"] for s in streams),
                     "rows": rows})
     return out
+
+
+def missing_streams(vit_report: dict[str, Any], labels: list[str]) -> list[str]:
+    """The stream labels ("demo at 1 fps") a `bench vit --weights` report has no run for."""
+    have = {StreamSpec(run.get("video"), run.get("fps", 0)).label for run in vit_report.get("runs", [])}
+    return [label for label in labels if label not in have]
 
 
 def _pooled_row(name: str, cosines: list[list[float]], costs: list[float]) -> dict[str, Any]:
@@ -317,5 +323,5 @@ def plot_curves(groups: list[dict[str, Any]], path: str | Path) -> dict[str, dic
 
 
 __all__ = ["ActionTable", "COST_STEP", "CURVE_FAMILIES", "MAX_GAP", "REUSE_RATIOS", "Schedule", "best_mean_schedule",
-           "best_worst_frame", "bound_rows", "curve_family", "curves", "measure_actions", "plot_curves", "pooled_bound",
-           "run_bound"]
+           "best_worst_frame", "bound_rows", "curve_family", "curves", "measure_actions", "missing_streams",
+           "plot_curves", "pooled_bound", "run_bound"]

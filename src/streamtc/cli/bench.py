@@ -104,7 +104,7 @@ def bench_bound(
 ) -> None:
     """On real DINOv2-S weights, every action of the budget Cacher on every frame, and the best schedule
     under each FLOP budget knowing every outcome in advance: what no policy with these actions can beat."""
-    from ..bench.real_footage import StreamSpec, parse_streams
+    from ..bench.real_footage import parse_streams
 
     specs = parse_streams(streams)
     vit_report = None
@@ -113,8 +113,9 @@ def bench_bound(
             vit_report = json.loads(against.read_text())
         except (OSError, ValueError) as error:
             raise typer.BadParameter(f"--against: cannot read {against}: {error}") from None
-        labels = {StreamSpec(run.get("video"), run.get("fps", 0)).label for run in vit_report.get("runs", [])}
-        missing = [spec.label for spec in specs if spec.label not in labels]
+        from ..bench.bound import missing_streams
+
+        missing = missing_streams(vit_report, [spec.label for spec in specs])
         if missing:
             raise typer.BadParameter(f"--against: {against} lacks the streams {missing}; run `bench vit` on the same --streams")
     try:
