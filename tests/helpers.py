@@ -1,5 +1,6 @@
-"""Helpers shared by several test modules, so that no test module imports another: the tiny Qwen
-vision towers and the plain (streamtc-free) reference of the Cacher on them, the Qwen-VL one-shot
+"""Helpers shared by several test modules, so that no test module imports another: the ViT Cacher
+tests' drifting frames and layer-scaled tiny DINOv2, the tiny Qwen vision towers and the plain
+(streamtc-free) reference of the Cacher on them, the Qwen-VL one-shot
 inputs built by hand, served-stream clients, and the evaluation fixtures' files."""
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import httpx
 import numpy as np
 import torch
 from torch.nn import functional as TF
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLVisionConfig, Qwen2VLVisionConfig
+from transformers import (
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLVisionConfig,
+    Qwen2VLVisionConfig,
+)
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
@@ -336,3 +345,43 @@ def tiny_dinov2_and_head():
                                      patch_size=8, use_mask_token=False)).eval()
     head = SaliencyHead((32, 8, 8, 8), output_size=56).eval()
     return tower, head
+
+
+# -- the ViT Cacher tests' frames and towers ---------------------------------------------------------
+
+
+def pixel_drift(count: int, seed: int = 0, size: int = 56) -> torch.Tensor:
+    """Pixel values [count, 3, size, size] of a slowly changing synthetic scene: a base image plus small
+    per-frame motion."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, 3, size, size, generator=g)
+    drift = 0.15 * torch.randn(count, 3, size, size, generator=g)
+    return base + drift.cumsum(0)
+
+
+def encode_chunks(model, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The tower's last_hidden_state for each chunk in turn, concatenated over frames."""
+    with torch.no_grad():
+        return torch.cat([model(pixel_values=c).last_hidden_state for c in chunks])
+
+
+def split_chunks(x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    """Frames [F, ...] as chunks of `chunk` frames."""
+    return list(x.split(chunk))
+
+
+def layer_scaled_dinov2(registers: int = 0, swiglu: bool = False):
+    """A tiny random DINOv2 tower (registers > 0: Dinov2WithRegistersModel) with non-trivial layer scales."""
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=8,
+                  use_swiglu_ffn=swiglu, attn_implementation="eager")
+    torch.manual_seed(0)
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
+    else:
+        model = Dinov2Model(Dinov2Config(**common))
+    if registers:  # initialised to zeros: identical tokens would tie in the key cosine ranking
+        model.embeddings.register_tokens.data.normal_()
+    for layer in model.encoder.layer:
+        layer.layer_scale1.lambda1.data.uniform_(0.2, 1.5)
+        layer.layer_scale2.lambda1.data.uniform_(0.2, 1.5)
+    return model.eval()
