@@ -33,6 +33,27 @@ def test_run_compare_on_a_real_clip_writes_answers_and_stats(tmp_path):
     assert stc["cacher"]["refresh_chunks"] >= 1 and stc["cacher"]["flop_ratio"] < 1.0
     assert [a["question"] for a in report["answers"]["STC"]] == ["What is happening?"]
     assert report["stc"]["STC"]["cacher"]["cache_interval"] == 2
+    flops = " ".join(result.output.split())  # the console wraps long lines
+    assert f"ViT FLOPs [STC]: {stc['cacher']['flop_ratio']:.2f} of a full encode" in flops
+    assert "ViT FLOPs [no STC]" not in flops
+
+
+def test_the_summary_says_why_a_cacher_that_saved_flops_took_longer(capsys):
+    from types import SimpleNamespace
+
+    from streamtc.cli.run import _print_vit_flops
+
+    def summary(time_ratio: float, cacher: dict | None) -> str:
+        stats = {"no STC": {"vit_ms_per_frame": 2.0, "cacher": None}, "STC": {"vit_ms_per_frame": 3.0, "cacher": cacher}}
+        _print_vit_flops(SimpleNamespace(stats=stats, ratios={"vit_ms": {"ratio": time_ratio}}))
+        return " ".join(capsys.readouterr().out.split())
+
+    slower = summary(1.5, {"flop_ratio": 0.61})
+    assert "ViT FLOPs [STC]: 0.61 of a full encode" in slower
+    assert "note: STC's ViT did fewer FLOPs than no STC's but took 1.50× its time: at 2.0 ms a frame" in slower
+    faster = summary(0.7, {"flop_ratio": 0.61})
+    assert "ViT FLOPs [STC]: 0.61" in faster and "note:" not in faster
+    assert summary(1.5, None) == ""  # no Cacher: no FLOP count, nothing to explain
 
 
 def test_run_with_the_papers_cacher_refreshes_every_other_chunk(tmp_path):

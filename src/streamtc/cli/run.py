@@ -245,6 +245,7 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
         table.add_row(f"{fast} / {base}", "", _ratio_cell(record.ratios["visual_tokens"]),
                       _ratio_cell(record.ratios["vit_ms"]), _ratio_cell(record.ratios["prefill_ms"]), "")
     console.print(table)
+    _print_vit_flops(record)
     profiles = {name: p for name, p in record.header.get("cacher_profile", {}).items() if p is not None}
     if profiles:
         console.print("[dim]STC-Cacher setting: " + ", ".join(f"{escape(name)} {p}" for name, p in profiles.items())
@@ -261,6 +262,26 @@ def _print_summary(video: str, record: RunRecord, last_time: float, elapsed: flo
     style = "green" if record.status == "completed" else "yellow"
     where = f"; answers in {record.path}" if record.path is not None else ""
     console.print(f"[{style}]status: {record.status} (exit code {EXIT_CODES[record.status]})[/]{where}")
+
+
+def _print_vit_flops(record: RunRecord) -> None:
+    """The encoder FLOPs of each variant with a Cacher, as a share of a full encode of the same frames;
+    with --compare, why its frames took no less time when that happens: fixed per-frame work (token
+    selection, gathers, the budget's checks) that a small tower's few milliseconds a frame cannot hide.
+    On real-size towers the time ratio follows the FLOP ratio."""
+    for name, stats in record.stats.items():
+        if stats.get("cacher"):
+            console.print(f"[dim]ViT FLOPs {escape(f'[{name}]')}: {stats['cacher']['flop_ratio']:.2f} of a full "
+                          "encode of the same frames[/]")
+    if not record.ratios:
+        return
+    (base, base_stats), (fast, fast_stats) = record.stats.items()
+    time = record.ratios["vit_ms"]["ratio"]
+    if fast_stats.get("cacher") and fast_stats["cacher"]["flop_ratio"] < 1.0 and time is not None and time >= 1.0:
+        console.print(f"[yellow]note:[/] {escape(fast)}'s ViT did fewer FLOPs than {escape(base)}'s but took "
+                      f"{time:.2f}× its time: at {base_stats['vit_ms_per_frame']:.1f} ms a frame, the Cacher's "
+                      "fixed per-frame work outweighs the FLOPs it saves; with real-size towers the time ratio "
+                      "follows the FLOP ratio (docs/benchmarks.md)")
 
 
 def _memory_line(kind: str, stats: dict[str, Any]) -> str:
