@@ -14,6 +14,7 @@ from streamtc.bench import qwen_towers as Q
 from streamtc.bench.vit import Variant, load_qwen_frames, run_vit_benchmark
 from streamtc.cacher import STCCacher
 from streamtc.cacher import functional as F
+from streamtc.cacher.towers import window_span
 from streamtc.config import CacherConfig
 from streamtc.errors import ConfigError, InputError
 
@@ -49,10 +50,11 @@ def test_configs_mirror_the_checkpoints_and_cut_depth_keeps_the_pattern():
         Q.qwen_vision_config("qwen4-vl")
 
 
-def counted_tower_flops(name: str, depth: int, side: int, ratio: float = 0.25) -> tuple[float, float, int]:
-    """(full, non-refresh, tokens): multiply-accumulates torch's FlopCounterMode counts in the tower's
-    forward on one temporal patch of side x side merged tokens, unpatched and then under a Cacher
-    (N = 2, r = ratio) on the next patch; eager attention and torch kernels, whose products it sees."""
+def counted_tower_flops(name: str, depth: int, side: int, ratio: float = 0.25
+                        ) -> tuple[float, float, tuple[int, int], STCCacher]:
+    """(full, non-refresh, patch grid, the cacher): multiply-accumulates torch's FlopCounterMode counts in
+    the tower's forward on one temporal patch of side x side merged tokens, unpatched and then under a
+    Cacher (N = 2, r = ratio) on the next patch; eager attention and torch kernels, whose products it sees."""
     tower = Q.build_qwen_tower(name, depth)
     tower.config._attn_implementation = "eager"
     size = tower.config.patch_size * tower.config.spatial_merge_size * side
@@ -68,26 +70,44 @@ def counted_tower_flops(name: str, depth: int, side: int, ratio: float = 0.25) -
     finally:
         cacher.detach()
     assert cacher.stats.refresh_chunks == 1
-    return counts[0], counts[1], patches[0].shape[0]
+    return counts[0], counts[1], (int(grid[0, 1]), int(grid[0, 2])), cacher
 
 
 @pytest.mark.parametrize("name,depth", [("qwen2-vl", 2), ("qwen2.5-vl", 2), ("qwen3-vl", 9)])
 def test_the_flop_model_is_what_torch_counts_in_the_tower(name, depth):
     """Full and non-refresh forwards at checkpoint widths (Qwen2.5-VL: a windowed and a full-attention
-    block; Qwen3-VL: a DeepStack tap) against the FLOP model. The grid is a whole number of Qwen2.5-VL
-    windows (the model counts every windowed token against a full window)."""
-    full, reused, tokens = counted_tower_flops(name, depth, side=8)
+    block; Qwen3-VL: a DeepStack tap) against the FLOP model, on a grid of whole Qwen2.5-VL windows; the
+    Cacher's own count of the blocks (its stats) is the same model."""
+    full, reused, grid, cacher = counted_tower_flops(name, depth, side=8)
     config = Q.qwen_vision_config(name, depth)
-    assert full == Q.tower_flops(config, tokens)
-    assert reused == Q.tower_flops(config, tokens, F.num_recomputed_tokens(tokens, 0.25))
+    k = F.num_recomputed_tokens(grid[0] * grid[1], 0.25)
+    assert full == Q.tower_flops(config, grid)
+    assert reused == Q.tower_flops(config, grid, k)
+    fixed = Q.fixed_flops(config, grid[0] * grid[1])
+    assert cacher.stats.full_flops == pytest.approx(2 * (full - fixed), rel=1e-12)
+    assert cacher.stats.flops == pytest.approx(full + reused - 2 * fixed, rel=1e-12)
+
+
+def test_windows_cut_at_the_grid_edges_are_counted_as_cut():
+    """A 12 x 12 patch grid holds one whole Qwen2.5-VL window (64 tokens) and three cut ones (32, 32,
+    16): a windowed query attends to (64² + 2·32² + 16²) / 144 keys on average, not 64. The full forward
+    is what torch counts; the non-refresh one depends on which windows the recomputed tokens fall in,
+    so the model (every window in proportion) is checked within 2%."""
+    assert window_span((12, 12), 4, 2) == pytest.approx((64**2 + 2 * 32**2 + 16**2) / 144)
+    assert window_span((16, 8), 4, 2) == 64 and window_span((4, 4), 4, 2) == 16
+    full, reused, grid, cacher = counted_tower_flops("qwen2.5-vl", 2, side=6)
+    config = Q.qwen_vision_config("qwen2.5-vl", 2)
+    assert grid == (12, 12) and full == Q.tower_flops(config, grid)
+    assert reused == pytest.approx(Q.tower_flops(config, grid, F.num_recomputed_tokens(144, 0.25)), rel=0.02)
+    assert cacher.stats.full_flops == pytest.approx(2 * (full - Q.fixed_flops(config, 144)), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", Q.QWEN_TOWERS)
 def test_the_flop_model_of_recomputing_every_token_is_the_full_block(name):
     config = Q.qwen_vision_config(name, depth=8)
-    assert Q.block_flops(config, 1024, 1024) == pytest.approx(Q.block_flops(config, 1024))
-    assert 0.29 < Q.block_flops(config, 1024, 256) / Q.block_flops(config, 1024) < 0.32
-    assert Q.tower_flops(config, 1024) > Q.block_flops(config, 1024)
+    assert Q.block_flops(config, (32, 32), 1024) == pytest.approx(Q.block_flops(config, (32, 32)))
+    assert 0.29 < Q.block_flops(config, (32, 32), 256) / Q.block_flops(config, (32, 32)) < 0.32
+    assert Q.tower_flops(config, (32, 32)) > Q.block_flops(config, (32, 32))
 
 
 def test_a_short_paired_run_on_the_street_clip():
@@ -99,5 +119,5 @@ def test_a_short_paired_run_on_the_street_clip():
     full, stc = report["variants"]
     assert full["time_ratio"] == 1.0 and stc["refresh_frames"] == 1
     assert stc["per_frame_token_cosine"][0] == pytest.approx(1.0, abs=1e-5)
-    full, reused, tokens = counted_tower_flops("qwen2.5-vl", 1, side=2)  # what torch counts in this tower
-    assert tokens == 16 and stc["flop_ratio"] == pytest.approx((full + reused) / (2 * full), rel=1e-9)
+    full, reused, grid, _ = counted_tower_flops("qwen2.5-vl", 1, side=2)  # what torch counts in this tower
+    assert grid == (4, 4) and stc["flop_ratio"] == pytest.approx((full + reused) / (2 * full), rel=1e-9)

@@ -15,6 +15,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
+from ..cacher.functional import layer_flops
+from ..cacher.towers import window_span
 from ..checks import positive_int
 from ..errors import ConfigError, InputError
 from ..hosts.qwen_preprocess import QWEN3_VL_MEAN, QWEN3_VL_STD, QWEN_VL_MEAN, QWEN_VL_STD
@@ -79,36 +81,34 @@ def fixed_flops(config, tokens: int) -> float:
     return embed + mergers * merged * wide * (wide + out)
 
 
-def tower_flops(config, tokens: int, recomputed: int | None = None) -> float:
-    """The whole tower forward on one temporal patch: blocks (see `block_flops`) plus `fixed_flops`."""
-    return block_flops(config, tokens, recomputed) + fixed_flops(config, tokens)
+def tower_flops(config, grid: tuple[int, int], recomputed: int | None = None) -> float:
+    """The whole tower forward on one temporal patch of an h x w patch grid: blocks (see `block_flops`)
+    plus `fixed_flops`."""
+    return block_flops(config, grid, recomputed) + fixed_flops(config, grid[0] * grid[1])
 
 
-def block_flops(config, tokens: int, recomputed: int | None = None) -> float:
-    """Multiply-accumulates of the tower's blocks on one temporal patch (matrix products and attention).
+def block_flops(config, grid: tuple[int, int], recomputed: int | None = None) -> float:
+    """Multiply-accumulates of the tower's blocks on one temporal patch of an h x w patch grid (matrix
+    products and attention).
 
     recomputed=None: every block in full. Otherwise the non-refresh blocks: K on all tokens; Q, V,
-    proj, attention rows and MLP on `recomputed` tokens. Windowed blocks (Qwen2.5-VL) attend over
-    their window's tokens; the MLP counts 3 products when gated.
+    proj, attention rows and MLP on `recomputed` tokens. Windowed blocks (Qwen2.5-VL) attend within
+    their windows, cut at the grid's edges (`window_span`); the MLP counts 3 products when gated.
     """
-    width = _width(config)
+    width, tokens = _width(config), grid[0] * grid[1]
     if isinstance(config, Qwen2VLVisionConfig):
-        mlp = 2 * width * int(width * config.mlp_ratio)
+        mlp_width = int(width * config.mlp_ratio)
     elif isinstance(config, Qwen2_5_VLVisionConfig):
-        mlp = 3 * width * config.intermediate_size
+        mlp_width = 1.5 * config.intermediate_size  # gate, up and down: three products
     else:
-        mlp = 2 * width * config.intermediate_size
+        mlp_width = config.intermediate_size
     full_blocks = set(getattr(config, "fullatt_block_indexes", range(config.depth)))
-    window = (config.window_size // config.patch_size) ** 2 if isinstance(config, Qwen2_5_VLVisionConfig) else tokens
-    total = 0.0
-    for block in range(config.depth):
-        span = tokens if block in full_blocks else min(window, tokens)
-        if recomputed is None:
-            total += 4 * tokens * width * width + 2 * tokens * span * width + tokens * mlp
-        else:
-            k = recomputed
-            total += tokens * width * width + 3 * k * width * width + 2 * k * span * width + k * mlp
-    return total
+    window = None
+    if isinstance(config, Qwen2_5_VLVisionConfig):
+        merge = config.spatial_merge_size
+        window = window_span(grid, config.window_size // config.patch_size // merge, merge)
+    return sum(layer_flops(tokens, width, mlp_width, recomputed, None if block in full_blocks else window)
+               for block in range(config.depth))
 
 
 __all__ = [

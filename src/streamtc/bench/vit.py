@@ -264,7 +264,8 @@ def run_vit_benchmark(
                 _record_fidelity(result, torch.cat(outputs[variant.name]), reference, reference_maps, head, prefix)
                 result.flop_ratio = streams.flop_ratio(variant.name)
     config, tokens = model.config, reference.shape[1]
-    frame_flops = None if tower is None else functools.partial(qwen_towers.tower_flops, config, tokens)
+    frame_flops = None if tower is None else functools.partial(
+        qwen_towers.tower_flops, config, tuple(side // config.patch_size for side in pixel_values.shape[-2:]))
     return {
         "benchmark": "vit",
         "preset": preset if tower is None else tower,

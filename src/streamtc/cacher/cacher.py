@@ -46,6 +46,7 @@ from .towers import (
     LAYER_PATCHES,
     ChunkLayout,
     TowerSpec,
+    attention_spans,
     check_attachable,
     find_vision_tower,
     mlp_width,
@@ -295,12 +296,13 @@ class STCCacher:
                      hints: ChunkHints | None, args: tuple, kwargs: dict) -> None:
         """refresh="budget": spend the stream's FLOP budget on this chunk (see `budget`)."""
         state, config, layout = plan.state, self.config, plan.layout
-        full = F.layer_flops(layout.tokens, layout.width, self._mlp_width)
-        target = config.flop_budget or F.flop_ratio(
-            layout.tokens, layout.width, self._mlp_width, config.update_ratio, config.cache_interval)
+        full = self._unit_flops(layout)
+        target = config.flop_budget or F.schedule_ratio(
+            full, self._unit_flops(layout, F.num_recomputed_tokens(layout.tokens, config.update_ratio)),
+            config.cache_interval)
         change = self._change_since_reference(state, hints, plan.refresh, layout)
         signals = self._budget_signals(plan, pixels, hints, change)
-        chunk_full = layout.units * len(self._layers) * full
+        chunk_full = layout.units * full
         decision = budget.decide(
             signals, budget.credit(target, state.stats.flops, state.stats.full_flops, chunk_full), target)
         state.previous_cut = signals.cut
@@ -458,24 +460,29 @@ class STCCacher:
         if self.config.selection == "shared":
             plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed, plan.group)
 
+    def _unit_flops(self, layout: ChunkLayout, recomputed: int | None = None) -> float:
+        """The FLOP model of one unit through every layer: in full (recomputed=None) or non-refresh."""
+        return sum(F.layer_flops(layout.tokens, layout.width, self._mlp_width, recomputed, span)
+                   for span in attention_spans(self._tower, len(self._layers), layout))
+
     def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         plan, self._plan, self._layout = self._plan, None, None
         if plan is None:
             return
         state, stats = plan.state, plan.state.stats
         units, num_tokens, frames, width = plan.layout.units, plan.layout.tokens, plan.layout.frames, plan.layout.width
-        full_flops = F.layer_flops(num_tokens, width, self._mlp_width)
+        full_flops = self._unit_flops(plan.layout)
         if plan.refresh:
             recomputed, flops = num_tokens, full_flops
         elif plan.subsample is not None:
             recomputed = len(plan.subsample.rows)
-            flops = F.layer_flops(recomputed, width, self._mlp_width)
+            flops = len(self._layers) * F.layer_flops(recomputed, width, self._mlp_width)
         elif plan.downscale is not None:
             recomputed = plan.downscale.tokens
-            flops = downscale.downscale_flops(plan.downscale, width, self._mlp_width)
+            flops = len(self._layers) * downscale.downscale_flops(plan.downscale, width, self._mlp_width)
         else:
             recomputed = plan.num_recomputed
-            flops = F.layer_flops(num_tokens, width, self._mlp_width, recomputed)
+            flops = self._unit_flops(plan.layout, recomputed)
         recomputed *= units
         if len(stats.recomputed_tokens_per_layer) != len(self._layers):
             stats.recomputed_tokens_per_layer = [0] * len(self._layers)
@@ -488,8 +495,8 @@ class STCCacher:
         stats.adaptive_refreshes += int(plan.adaptive_refresh)
         stats.subsampled_chunks += int(plan.subsample is not None)
         stats.downscaled_chunks += int(plan.downscale is not None)
-        stats.flops += units * len(self._layers) * flops
-        stats.full_flops += units * len(self._layers) * full_flops
+        stats.flops += units * flops
+        stats.full_flops += units * full_flops
         if plan.refresh:
             state.has_reference = True
             state.last_refresh_chunk = state.chunk_index

@@ -148,32 +148,40 @@ def nearest_kept(side: int, kept: torch.Tensor) -> torch.Tensor:
     return torch.cdist(cells, kept_cells).argmin(dim=1)
 
 
-def layer_flops(num_tokens: int, width: int, mlp_width: int, recomputed: int | None = None) -> float:
+def layer_flops(
+    num_tokens: int, width: int, mlp_width: float, recomputed: int | None = None, span: float | None = None
+) -> float:
     """Multiply-accumulate count of one pre-LN ViT layer on one frame (matmuls only).
 
     recomputed=None is the full layer; otherwise the non-refresh layer of docs/algorithms.md, section 2.2: K projection on
-    all T tokens; Q, V, out_proj, attention rows and MLP on `recomputed` tokens.
+    all T tokens; Q, V, out_proj, attention rows and MLP on `recomputed` tokens. span: the keys a query
+    attends to, on average (None: all T; less in windowed attention, see `towers.attention_spans`);
+    mlp_width: the MLP's products per token over 2 x width (`towers.mlp_width`).
     """
     t, c = num_tokens, width
+    keys = t if span is None else span
     if recomputed is None:
-        return 4 * t * c * c + 2 * t * t * c + 2 * t * c * mlp_width
+        return 4 * t * c * c + 2 * t * keys * c + 2 * t * c * mlp_width
     k = recomputed
-    return t * c * c + 3 * k * c * c + 2 * k * t * c + 2 * k * c * mlp_width
+    return t * c * c + 3 * k * c * c + 2 * k * keys * c + 2 * k * c * mlp_width
 
 
-def flop_ratio(
-    num_tokens: int, width: int, mlp_width: int, update_ratio: float, cache_interval: int | float
-) -> float:
-    """Average cost of a frame under the cacher relative to a full frame, by the FLOP model.
-
-    One refresh chunk (full cost) every `cache_interval` chunks, the rest non-refresh; pass
-    math.inf for a cacher that never refreshes after the first chunk.
-    """
-    full = layer_flops(num_tokens, width, mlp_width)
-    selective = layer_flops(num_tokens, width, mlp_width, num_recomputed_tokens(num_tokens, update_ratio))
+def schedule_ratio(full: float, selective: float, cache_interval: int | float) -> float:
+    """Average cost of a frame relative to a full one when one chunk in `cache_interval` refreshes
+    (cost `full`) and the rest are non-refresh (`selective`); math.inf: never again after the first."""
     if math.isinf(cache_interval):
         return selective / full
     return (full + (cache_interval - 1) * selective) / (cache_interval * full)
+
+
+def flop_ratio(
+    num_tokens: int, width: int, mlp_width: float, update_ratio: float, cache_interval: int | float
+) -> float:
+    """Average cost of a frame under the cacher relative to a full frame, by the FLOP model (every
+    layer attending over all tokens; see `schedule_ratio`)."""
+    full = layer_flops(num_tokens, width, mlp_width)
+    selective = layer_flops(num_tokens, width, mlp_width, num_recomputed_tokens(num_tokens, update_ratio))
+    return schedule_ratio(full, selective, cache_interval)
 
 
 __all__ = [
@@ -191,5 +199,6 @@ __all__ = [
     "strided_grid_index",
     "nearest_kept",
     "layer_flops",
+    "schedule_ratio",
     "flop_ratio",
 ]

@@ -56,9 +56,34 @@ class TowerSpec(NamedTuple):
     chunk_layout: Callable[[nn.Module, tuple, dict], ChunkLayout]  # (tower, its args, kwargs) -> geometry
 
 
-def mlp_width(layer: nn.Module) -> int:
-    """The hidden width of a layer's MLP (its first projection's output size), for the FLOP model."""
-    return next(m for m in layer.mlp.modules() if isinstance(m, nn.Linear)).out_features
+def mlp_width(layer: nn.Module) -> float:
+    """The MLP's multiply-accumulates per token over 2 x its input width, for the FLOP model: the hidden
+    width of a two-layer MLP, 1.5 x it for a gated one (gate, up and down: Qwen2.5-VL)."""
+    linears = [m for m in layer.mlp.modules() if isinstance(m, nn.Linear)]
+    return sum(m.in_features * m.out_features for m in linears) / (2 * linears[0].in_features)
+
+
+def window_span(grid: tuple[int, int], window: int, merge: int) -> float:
+    """The keys a query attends to on average in Qwen2.5-VL's windowed attention over an h x w patch
+    grid: windows of `window` x `window` merged tokens (each `merge` x `merge` patches) tile the grid
+    from its top-left corner, cut at the bottom and right edges, so the mean is the sum of the windows'
+    squared token counts over the tokens."""
+    def squares(merged: int) -> int:
+        return sum(min(window, merged - start) ** 2 for start in range(0, merged, window))
+
+    height, width = grid
+    return squares(height // merge) * squares(width // merge) * merge**4 / (height * width)
+
+
+def attention_spans(tower: nn.Module, num_layers: int, layout: ChunkLayout) -> list[float | None]:
+    """Per layer, the keys a query attends to on average for the FLOP model: None (all of a unit's
+    tokens), or in Qwen2.5-VL's windowed blocks (all but `fullatt_block_indexes`) `window_span`."""
+    if not isinstance(tower, Qwen2_5_VisionTransformerPretrainedModel):
+        return [None] * num_layers
+    config = tower.config
+    span = window_span(layout.grid, config.window_size // config.patch_size // config.spatial_merge_size,
+                       config.spatial_merge_size)
+    return [None if index in config.fullatt_block_indexes else span for index in range(num_layers)]
 
 
 def encoder_layers(tower: nn.Module) -> list[nn.Module]:
@@ -185,5 +210,6 @@ def check_attachable(model: nn.Module, config: CacherConfig) -> list[nn.Module]:
 
 __all__ = [
     "ChunkLayout", "ENCODER_TOWER", "LAYER_PATCHES", "QWEN_TOWER", "SUPPORTED_TOWERS", "TOWERS", "TowerSpec",
-    "check_attachable", "encoder_layers", "find_vision_tower", "mlp_width", "prefix_tokens", "tower_spec",
+    "attention_spans", "check_attachable", "encoder_layers", "find_vision_tower", "mlp_width", "prefix_tokens",
+    "tower_spec", "window_span",
 ]
