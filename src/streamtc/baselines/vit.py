@@ -182,7 +182,7 @@ class CodecSkipping:
         return self.flops / self.full_flops if self.full_flops else 1.0
 
 
-def keep_ratio_for_flops(target: float, num_tokens: int, prefix: int, width: int, mlp_width: int) -> float:
+def keep_ratio_for_flops(target: float, num_tokens: int, prefix: int, width: int, mlp_width: float) -> float:
     """The grid keep ratio whose strided subset costs closest to `target` of a full frame (FLOP model)."""
     side = math.isqrt(num_tokens - prefix)
     full = layer_flops(num_tokens, width, mlp_width)

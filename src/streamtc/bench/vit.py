@@ -100,7 +100,7 @@ QWEN_VARIANTS: tuple[Variant, ...] = tuple(
 )
 
 
-def real_weights_variants(tokens: int, width: int, mlp_width: int, prefix: int) -> tuple[Variant, ...]:
+def real_weights_variants(tokens: int, width: int, mlp_width: float, prefix: int) -> tuple[Variant, ...]:
     """The paper's schedules, the robust profile at their budgets, and the trivial baselines at their cost."""
     fixed2, fixed4 = (CacherConfig(cache_interval=n, update_ratio=0.25) for n in (2, 4))
     cost2, cost4 = (F.flop_ratio(tokens, width, mlp_width, 0.25, n) for n in (2, 4))
@@ -129,7 +129,7 @@ def real_weights_variants(tokens: int, width: int, mlp_width: int, prefix: int) 
     )
 
 
-def downscaling_variants(tokens: int, width: int, mlp_width: int, prefix: int, most: float) -> tuple[Variant, ...]:
+def downscaling_variants(tokens: int, width: int, mlp_width: float, prefix: int, most: float) -> tuple[Variant, ...]:
     """Every frame downscaled (`UniformDownscaling`), one row per square grid from 9/16 of the full
     side up to the largest costing at most `most` of a full frame: at the same cost, one grid can beat
     a larger one, so every grid below a policy's cost is a baseline for it."""

@@ -64,7 +64,7 @@ def supports_downscale(tower: nn.Module) -> bool:
     return "pixel_values" in parameters and not {"patch_attention_mask", "spatial_shapes"} & set(parameters)
 
 
-def downscale_grid(grid: tuple[int, int], prefix: int, width: int, mlp_width: int, spend: float) -> tuple[int, int]:
+def downscale_grid(grid: tuple[int, int], prefix: int, width: int, mlp_width: float, spend: float) -> tuple[int, int]:
     """The largest grid with the frame's aspect whose encode costs at most `spend` of the full one
     (FLOP model), never smaller than MIN_SIDE_SHARE of each side."""
     rows, cols = grid
@@ -76,7 +76,7 @@ def downscale_grid(grid: tuple[int, int], prefix: int, width: int, mlp_width: in
     return smallest, max(1, round(cols * smallest / rows))
 
 
-def downscale_cost(small: tuple[int, int], grid: tuple[int, int], prefix: int, width: int, mlp_width: int) -> float:
+def downscale_cost(small: tuple[int, int], grid: tuple[int, int], prefix: int, width: int, mlp_width: float) -> float:
     """An encode on the `small` patch grid as a share of one on the full `grid` (FLOP model)."""
     return layer_flops(prefix + small[0] * small[1], width, mlp_width) / layer_flops(prefix + grid[0] * grid[1], width, mlp_width)
 
@@ -91,7 +91,7 @@ def embed_downscaled(tower: nn.Module, pixel_values: torch.Tensor, grid: tuple[i
     return embeddings(small)  # DINOv2 interpolates its position embeddings to any input size
 
 
-def downscale_flops(downscale: Downscale, width: int, mlp_width: int) -> float:
+def downscale_flops(downscale: Downscale, width: int, mlp_width: float) -> float:
     """One layer's FLOPs on one unit of the small grid."""
     return layer_flops(downscale.tokens, width, mlp_width)
 
