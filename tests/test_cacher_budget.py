@@ -102,11 +102,16 @@ def test_downscale_at_the_full_grid_is_the_tower(build):
 
 
 def test_downscale_grid_stays_within_what_it_may_spend():
+    def cost(small: tuple[int, int]) -> float:
+        return layer_macs(1 + small[0] * small[1], 384, 1536) / layer_macs(257, 384, 1536)
+
     for spend in (0.3, 0.5, 0.75, 0.95):
-        rows, cols = downscale_grid((16, 16), 1, 384, 1536, spend)
+        rows, cols = downscale_grid((16, 16), cost, spend)
         assert rows == cols and layer_macs(1 + rows * cols, 384, 1536) <= spend * layer_macs(257, 384, 1536)
         assert layer_macs(1 + (rows + 1) ** 2, 384, 1536) > spend * layer_macs(257, 384, 1536) or rows == 15
-    assert downscale_grid((16, 16), 1, 384, 1536, 0.01) == (8, 8)  # never below half the side
+    assert downscale_grid((16, 16), cost, 0.01) == (8, 8)  # never below half the side
+    assert downscale_grid((12, 16), cost, 0.01, multiple=2) == (6, 8)  # a Qwen tower's merge blocks
+    assert downscale_grid((12, 16), cost, 0.6, multiple=2) == (10, 14)
 
 
 def reference_downscale(tower, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -135,8 +140,9 @@ def test_a_cut_without_refresh_credit_is_encoded_downscaled(build):
         assert cacher.stats.downscaled_chunks == 1 and cacher.stats.refresh_chunks == 1
         # Credit after the first refresh: 2 x 0.45 - 1 = -0.1; the steady spend 0.45 - 0.1 is within the
         # allowed borrowing (-0.1 + 1 - 0.45 = 0.45).
-        grid = downscale_grid((SIDE, SIDE), out.shape[1] - SIDE * SIDE, 32, tower.config.intermediate_size
-                              if hasattr(tower.config, "intermediate_size") else 128, 0.35)
+        prefix, mlp = out.shape[1] - SIDE * SIDE, getattr(tower.config, "intermediate_size", 128)
+        grid = downscale_grid((SIDE, SIDE), lambda small: layer_macs(prefix + small[0] * small[1], 32, mlp)
+                              / layer_macs(prefix + SIDE * SIDE, 32, mlp), 0.35)
         assert torch.allclose(out, reference_downscale(tower, x[1:], grid), atol=1e-5)
     cacher.detach()
 

@@ -120,7 +120,8 @@ class UniformDownscaling:
         full_grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         layers = encoder_layers(tower)
         width, mlp = tower.config.hidden_size, mlp_width(layers[0])
-        self.grid = downscale_grid(full_grid, prefix, width, mlp, self.spend)
+        self.grid = downscale_grid(
+            full_grid, lambda small: downscale_cost(small, full_grid, prefix, width, mlp), self.spend)
         h = embed_downscaled(tower, pixel_values, self.grid, patch)
         for layer in layers:
             h = layer(h, None)

@@ -223,8 +223,7 @@ def run_vit_benchmark(
 
     model: a loaded tower (real weights) instead of the preset; head: a saliency head whose maps
     from each variant's features are compared with the full forward's. progress: called before
-    each frame of each pass with a description ("repeat 2/3 · frame 5/16"), (warmup + repeats) *
-    frames times in all.
+    each frame of each pass with a description ("repeat 2/3 · frame 5/16").
 
     Interleaved per frame: frame i of the stream goes through the unpatched tower and each
     variant's cacher (each with its own stream state, attached in turn to the one model) before

@@ -38,7 +38,7 @@ from ..config import CacherConfig
 from ..errors import InputError, StreamStateError
 from . import budget, downscale, kernels
 from . import functional as F
-from .downscale import Downscale
+from .downscale import Downscale, QwenDownscale
 from .hints import ChunkHints
 from .state import CacherState, CacherStats
 from .towers import (
@@ -52,6 +52,7 @@ from .towers import (
     mlp_width,
     prefix_tokens,
     tower_spec,
+    window_side,
 )
 
 
@@ -67,7 +68,7 @@ class ChunkPlan:
     shared_index: torch.Tensor | None = None  # [U, k] for selection="shared"
     first_layer_keys: torch.Tensor | None = None  # [U, T, C] when the planner already computed them
     subsample: Subsample | None = None  # over_budget="subsample": encode these tokens exactly, no reference
-    downscale: Downscale | None = None  # over_budget="downscale": the whole frame on a smaller grid, no reference
+    downscale: Downscale | QwenDownscale | None = None  # over_budget="downscale": the frame on a smaller grid
     group: int = 1  # tokens selected together (granularity="merge_block": a 2x2 merge block)
     recomputed: torch.Tensor | None = None  # [L, U, k] each non-refresh layer's selection, written as it runs
 
@@ -78,6 +79,10 @@ class Subsample(NamedTuple):
 
     rows: torch.Tensor  # [T'] token positions encoded
     fill: torch.Tensor  # [T] for each token, its source position within `rows`
+
+
+class _BlockInputsTaken(Exception):
+    """Ends a tower forward run only to read its blocks' inputs (`STCCacher._small_grid_inputs`)."""
 
 
 class LayerPaths(NamedTuple):
@@ -109,6 +114,9 @@ class STCCacher:
         self._chunk_pixels: torch.Tensor | None = None  # the tower's input of the chunk being encoded
         self._downscale_pixels: torch.Tensor | None = None  # the same, while the chunk is planned
         self._paths: dict[Any, LayerPaths] = {}
+        # While a Qwen downscale reads the small grid's block inputs from the tower's own forward
+        # (`_small_grid_inputs`): the hooks stand aside and each block's inputs are kept here.
+        self._block_inputs: list[tuple[torch.Tensor, tuple, dict]] | None = None
         # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
         self._onednn = (
             self.config.cpu_kernels == "onednn" and self.config.compile_mode is None and kernels.onednn_available()
@@ -225,15 +233,21 @@ class STCCacher:
 
     def _take_pixels(self, tower: nn.Module, args: tuple, kwargs: dict) -> None:
         """Keep the chunk's pixels for the adaptive "pixels" signal (a reference, no copy)."""
+        if self._block_inputs is not None:
+            return
         pixels = kwargs.get("pixel_values", args[0] if args else None)
         self._chunk_pixels = pixels if isinstance(pixels, torch.Tensor) else None
 
     def _begin_chunk(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Chunk module pre-hook: read the chunk's geometry; the first layer plans it."""
+        if self._block_inputs is not None:
+            return
         self._plan, self._layout = None, self._spec.chunk_layout(self._tower, args, kwargs)
 
     def _plan_chunk(self, first_layer: nn.Module, args: tuple, kwargs: dict) -> None:
         """First layer pre-hook: plan the chunk from its embedded hidden states (once, on the host)."""
+        if self._block_inputs is not None:
+            return
         layout, self._layout = self._layout, None
         if layout is None:  # the layer is called outside a tower forward
             return
@@ -282,7 +296,7 @@ class STCCacher:
             affordable, on_schedule = False, state.chunk_index % config.cache_interval == 0
         plan.refresh = plan.refresh or on_schedule
         adaptive = config.refresh == "adaptive"
-        change = (self._pixel_change(pixels, state.reference_pixels)
+        change = (F.largest_pixel_change(pixels, state.reference_pixels)
                   if not plan.refresh and adaptive and config.refresh_signal == "pixels" else 0.0)
         if change > config.refresh_threshold and affordable:
             plan.refresh = plan.adaptive_refresh = True
@@ -300,7 +314,7 @@ class STCCacher:
         target = config.flop_budget or F.schedule_ratio(
             full, self._unit_flops(layout, F.num_recomputed_tokens(layout.tokens, config.update_ratio)),
             config.cache_interval)
-        change = self._change_since_reference(state, hints, plan.refresh, layout)
+        change = state.accumulate_change(hints, plan.refresh)
         signals = self._budget_signals(plan, pixels, hints, change)
         chunk_full = layout.units * full
         decision = budget.decide(
@@ -314,7 +328,7 @@ class STCCacher:
             return
         if decision.action == "downscale":  # what the tower allows of over_budget, else reuse below
             if config.over_budget == "downscale":
-                plan.downscale = self._downscale(hidden_states, args, kwargs, decision.spend)
+                plan.downscale = self._downscale(hidden_states, layout, args, kwargs, decision.spend)
             if plan.downscale is None and config.over_budget != "reuse":
                 plan.subsample = self._subsample(hidden_states, args, kwargs, decision.spend)
             if plan.downscale is not None or plan.subsample is not None:
@@ -336,35 +350,15 @@ class STCCacher:
             cut = bool(hints.cut.any())
         else:  # the stream's first frame cuts from nothing
             cut = state.previous_pixels is not None and (
-                self._pixel_change(pixels, state.previous_pixels) > config.cut_threshold)
+                F.largest_pixel_change(pixels, state.previous_pixels) > config.cut_threshold)
         if plan.refresh or (hints is not None and cut):
             stale = True
         else:
-            moved = self._pixel_change(pixels, state.reference_pixels)
+            moved = F.largest_pixel_change(pixels, state.reference_pixels)
             changed = None if change is None else float(change.mean(dim=1).max())
             stale = budget.is_stale(moved, changed, config.stale_threshold, config.stale_share)
         age = state.chunk_index - state.last_refresh_chunk if state.has_reference else 0
         return budget.BudgetSignals(stale, cut, state.previous_cut, age, not plan.refresh)
-
-    @staticmethod
-    def _change_since_reference(state: CacherState, hints: ChunkHints | None, refresh: bool,
-                                layout: ChunkLayout) -> torch.Tensor | None:
-        """Accumulate the chunk's codec change into the change since the reference ([U, P]: each
-        patch's share changed, combined as independent events; a cut changes everything). None when
-        this chunk or one since the reference came without hints: the pixels decide then."""
-        if hints is None or refresh:
-            state.change_since_reference = None
-            return None
-        change = hints.change.to(device=state.values.device, dtype=torch.float32).clamp(0.0, 1.0)
-        change = torch.where(hints.cut.to(change.device)[:, None], torch.ones_like(change), change)
-        previous = state.change_since_reference
-        if previous is not None and previous.shape == change.shape:
-            change = 1.0 - (1.0 - previous) * (1.0 - change)
-        elif state.last_refresh_chunk != state.chunk_index - 1:
-            state.change_since_reference = None  # an earlier chunk since the reference had no hints
-            return None
-        state.change_since_reference = change
-        return change
 
     def _token_change(self, change: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
         """[U, P] patch change -> [U, T] token change; class and register tokens count as changed
@@ -391,22 +385,53 @@ class STCCacher:
                 f"{layout.units} units of {layout.tokens} tokens"
             )
 
-    def _downscale(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict, spend: float) -> Downscale | None:
+    def _downscale(self, hidden_states: torch.Tensor, layout: ChunkLayout, args: tuple, kwargs: dict, spend: float
+                   ) -> Downscale | QwenDownscale | None:
         """The chunk's downscaled encode within `spend` of its full cost, or None where it does not
         apply (see `downscale.supports_downscale`; also padded inputs, non-square prefixes)."""
-        mask = kwargs.get("attention_mask", args[0] if args else None)
         pixels = self._downscale_pixels
-        if (self._spec is not ENCODER_TOWER or mask is not None or pixels is None
-                or not downscale.supports_downscale(self._tower)):
+        if self._spec is not ENCODER_TOWER:
+            return None if pixels is None else self._qwen_downscale(pixels, layout, spend)
+        mask = kwargs.get("attention_mask", args[0] if args else None)
+        if mask is not None or pixels is None or not downscale.supports_downscale(self._tower):
             return None
         prefix = prefix_tokens(self._tower)
         patch = self._tower.config.patch_size
         full_grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
         if full_grid[0] * full_grid[1] + prefix != hidden_states.shape[1]:
             return None
-        grid = downscale.downscale_grid(full_grid, prefix, hidden_states.shape[-1], self._mlp_width, spend)
+        grid = downscale.downscale_grid(full_grid, self._downscale_cost(layout, prefix), spend)
         embedded = downscale.embed_downscaled(self._tower, pixels, grid, patch)
         return Downscale(grid, full_grid, prefix, embedded.to(hidden_states.dtype))
+
+    def _downscale_cost(self, layout: ChunkLayout, prefix: int) -> Callable[[tuple[int, int]], float]:
+        """A small grid's encode as a share of the full one, by the FLOP model."""
+        full = self._unit_flops(layout)
+        return lambda small: self._unit_flops(layout._replace(tokens=prefix + small[0] * small[1], grid=small)) / full
+
+    def _qwen_downscale(self, pixels: torch.Tensor, layout: ChunkLayout, spend: float) -> QwenDownscale:
+        """A Qwen tower's chunk on a smaller grid of merge blocks: its patch rows resized, and every
+        block's inputs on that grid from the tower's own forward (`_small_grid_inputs`)."""
+        config = self._tower.config
+        merge = config.spatial_merge_size
+        grid = downscale.downscale_grid(layout.grid, self._downscale_cost(layout, 0), spend, multiple=merge)
+        rows = downscale.resize_patch_rows(pixels, layout.grid, grid, merge, config.patch_size)
+        taken = self._small_grid_inputs(rows, torch.tensor([[layout.units, *grid]], device=rows.device))
+        return QwenDownscale(grid, layout.grid, merge, window_side(self._tower), taken[0][0],
+                             [(a, k) for _, a, k in taken])
+
+    def _small_grid_inputs(self, rows: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[torch.Tensor, tuple, dict]]:
+        """(hidden states, args, kwargs) each block receives in the tower's forward on `rows`: the
+        embedding, rotary positions, attention segments and windows exactly as the tower makes them.
+        The blocks themselves do not run (the forward stops after the last one takes its inputs)."""
+        self._block_inputs = taken = []
+        try:
+            self._tower(rows, grid_thw=grid_thw)
+        except _BlockInputsTaken:
+            pass
+        finally:
+            self._block_inputs = None
+        return taken
 
     def _subsample(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict,
                    ratio: float | None = None) -> Subsample | None:
@@ -427,18 +452,6 @@ class STCCacher:
         rows = torch.cat([torch.arange(prefix), kept + prefix])
         fill = torch.cat([torch.arange(prefix), F.nearest_kept(side, kept) + prefix])
         return Subsample(rows.to(device), fill.to(device))
-
-    @staticmethod
-    def _pixel_change(pixels: torch.Tensor | None, reference: torch.Tensor | None) -> float:
-        """The "pixels" signal: the largest relative pixel change of the chunk's frames to `reference`
-        (the reference frame's, or for refresh="budget"'s cut signal the previous frame's, tower input).
-
-        A chunk whose pixels cannot be compared (the encoder called without its tower, a new frame
-        size) counts as infinitely moved. One host sync per chunk, here, outside the layers.
-        """
-        if pixels is None or reference is None or pixels.shape[1:] != reference.shape:
-            return math.inf
-        return float(F.relative_pixel_change(pixels, reference).max())
 
     def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor, trigger: bool) -> None:
         """Beyond-paper options: one look at the first layer's keys decides the chunk.
@@ -466,6 +479,8 @@ class STCCacher:
                    for span in attention_spans(self._tower, len(self._layers), layout))
 
     def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._block_inputs is not None:
+            return
         plan, self._plan, self._layout = self._plan, None, None
         if plan is None:
             return
@@ -479,7 +494,7 @@ class STCCacher:
             flops = len(self._layers) * F.layer_flops(recomputed, width, self._mlp_width)
         elif plan.downscale is not None:
             recomputed = plan.downscale.tokens
-            flops = len(self._layers) * downscale.downscale_flops(plan.downscale, width, self._mlp_width)
+            flops = self._unit_flops(plan.layout._replace(tokens=recomputed, grid=plan.downscale.grid))
         else:
             recomputed = plan.num_recomputed
             flops = self._unit_flops(plan.layout, recomputed)
@@ -521,6 +536,11 @@ class STCCacher:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
+        if self._block_inputs is not None:  # reading a small grid's block inputs: keep them, run nothing
+            self._block_inputs.append((hidden_states, args, kwargs))
+            if len(self._block_inputs) == len(self._layers):
+                raise _BlockInputsTaken
+            return hidden_states
         plan = self._plan
         if plan is None:  # called outside a tower forward: behave exactly like the original layer
             return type(layer).forward(layer, hidden_states, *args, **kwargs)
@@ -529,8 +549,7 @@ class STCCacher:
             out = type(layer).forward(layer, hidden_states.index_select(1, rows), *args, **kwargs)
             return out.index_select(1, fill)
         if plan.downscale is not None:  # the exact layer on the small grid, handed on at full size
-            plan.downscale.hidden = type(layer).forward(layer, plan.downscale.hidden, *args, **kwargs)
-            return plan.downscale.to_full(plan.downscale.hidden)
+            return plan.downscale.run(layer, index, args, kwargs)
         reference = plan.state.layer(index)
         hidden_states = hidden_states.contiguous()  # embeddings arrive transposed: one layout, one compiled graph
         inputs = patch.layer_inputs(*args, **kwargs)

@@ -10,15 +10,20 @@ patches keeps a patch-token cosine of 0.93 where the strided subset keeps 0.86-0
 frame 0.91 where the subset's falls to 0.77.
 
 Supported where the tower embeds any input size with interpolated position embeddings and the
-chunk carries no padding mask: SigLIP, CLIP and DINOv2 (with or without registers). Each layer runs
-unchanged on the small grid; every layer hands on the output resized to the full grid (bilinear), so
-hidden-state capture sees full-size states, while the next layer continues from the small one.
+chunk carries no padding mask: SigLIP, CLIP and DINOv2 (with or without registers), and the Qwen-VL
+towers, which take any grid of merge blocks: there the tower's patch rows are put back into frames,
+resized and cut into patch rows again, and the tower's own forward on the small grid gives each
+block its inputs (embedded tokens, rotary positions, attention segments and Qwen2.5-VL's windows;
+`QwenDownscale`). Each layer runs unchanged on the small grid; every layer hands on the output
+resized to the full grid (bilinear), so hidden-state capture, DeepStack taps and the patch merger
+see full-size states in the tower's token order, while the next layer continues from the small one.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +50,11 @@ class Downscale:
     def tokens(self) -> int:
         return self.prefix + self.grid[0] * self.grid[1]
 
+    def run(self, layer: nn.Module, index: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Layer `index` unchanged on the small grid (the layer's own other arguments); its output at full size."""
+        self.hidden = type(layer).forward(layer, self.hidden, *args, **kwargs)
+        return self.to_full(self.hidden)
+
     def to_full(self, hidden: torch.Tensor) -> torch.Tensor:
         """Small-grid tokens [U, prefix + r * c, C] -> [U, prefix + R * C', C]: patch tokens resized
         bilinearly to the full grid, class and register tokens as they are."""
@@ -64,16 +74,19 @@ def supports_downscale(tower: nn.Module) -> bool:
     return "pixel_values" in parameters and not {"patch_attention_mask", "spatial_shapes"} & set(parameters)
 
 
-def downscale_grid(grid: tuple[int, int], prefix: int, width: int, mlp_width: float, spend: float) -> tuple[int, int]:
-    """The largest grid with the frame's aspect whose encode costs at most `spend` of the full one
-    (FLOP model), never smaller than MIN_SIDE_SHARE of each side."""
-    rows, cols = grid
-    smallest = max(1, math.ceil(rows * MIN_SIDE_SHARE))
-    for small_rows in range(rows - 1, smallest - 1, -1):
-        small = (small_rows, max(1, round(cols * small_rows / rows)))
-        if downscale_cost(small, grid, prefix, width, mlp_width) <= spend:
-            return small
-    return smallest, max(1, round(cols * smallest / rows))
+def downscale_grid(grid: tuple[int, int], cost: Callable[[tuple[int, int]], float], spend: float,
+                   multiple: int = 1) -> tuple[int, int]:
+    """The largest grid with the frame's aspect (sides multiples of `multiple`) whose encode costs at
+    most `spend` of the full one by `cost` (small grid -> share of the full encode), never smaller
+    than MIN_SIDE_SHARE of each side."""
+    def shape(rows: int) -> tuple[int, int]:
+        return rows, max(multiple, multiple * round(grid[1] * rows / grid[0] / multiple))
+
+    smallest = multiple * math.ceil(grid[0] * MIN_SIDE_SHARE / multiple)
+    for rows in range(grid[0] - multiple, smallest - 1, -multiple):
+        if cost(shape(rows)) <= spend:
+            return shape(rows)
+    return shape(smallest)
 
 
 def downscale_cost(small: tuple[int, int], grid: tuple[int, int], prefix: int, width: int, mlp_width: float) -> float:
@@ -91,9 +104,77 @@ def embed_downscaled(tower: nn.Module, pixel_values: torch.Tensor, grid: tuple[i
     return embeddings(small)  # DINOv2 interpolates its position embeddings to any input size
 
 
-def downscale_flops(downscale: Downscale, width: int, mlp_width: float) -> float:
-    """One layer's FLOPs on one unit of the small grid."""
-    return layer_flops(downscale.tokens, width, mlp_width)
+# -- Qwen-VL towers --------------------------------------------------------------------------------
 
 
-__all__ = ["Downscale", "MIN_SIDE_SHARE", "downscale_cost", "downscale_flops", "downscale_grid", "embed_downscaled", "supports_downscale"]
+def sequence_cells(grid: tuple[int, int], merge: int, window: int | None = None) -> torch.Tensor:
+    """For each position of a Qwen tower's token sequence over an h x w patch grid, its cell r * w + c:
+    the merge x merge blocks of patches are contiguous and row-major (the processors' layout), and with
+    `window` (Qwen2.5-VL's blocks, in merged tokens) they come window by window, each window's blocks
+    row-major, the windows row-major and cut at the grid's bottom and right edges (the tower's order)."""
+    rows, cols = grid[0] // merge, grid[1] // merge
+    blocks = torch.arange(rows * cols).view(rows, cols)
+    if window is not None:
+        blocks = torch.cat([blocks[r:r + window, c:c + window].reshape(-1)
+                            for r in range(0, rows, window) for c in range(0, cols, window)])
+    blocks = blocks.reshape(-1)
+    within = torch.arange(merge)
+    cell_rows = (blocks // cols)[:, None, None] * merge + within[None, :, None]
+    cell_cols = (blocks % cols)[:, None, None] * merge + within[None, None, :]
+    return (cell_rows * grid[1] + cell_cols).reshape(-1)
+
+
+def resize_patch_rows(rows: torch.Tensor, grid: tuple[int, int], small: tuple[int, int], merge: int,
+                      patch: int) -> torch.Tensor:
+    """A Qwen tower's input patch rows [U * h * w, channels * t * p * p] (the processors' layout) on
+    the `small` grid: put back into frames, resized (bilinear, antialiased), cut into rows again."""
+    units, depth = rows.shape[0] // (grid[0] * grid[1]), rows.shape[1] // (patch * patch)
+    frames = torch.empty_like(rows).view(units, -1, depth, patch, patch)
+    frames[:, sequence_cells(grid, merge)] = rows.view(units, -1, depth, patch, patch)
+    frames = frames.view(units, *grid, depth, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    size = (small[0] * patch, small[1] * patch)
+    resized = TF.interpolate(frames.reshape(units, depth, grid[0] * patch, grid[1] * patch), size=size,
+                             mode="bilinear", antialias=True, align_corners=False)
+    cells = resized.view(units, depth, small[0], patch, small[1], patch).permute(0, 2, 4, 1, 3, 5)
+    cells = cells.reshape(units, small[0] * small[1], depth * patch * patch)
+    return cells[:, sequence_cells(small, merge)].reshape(-1, depth * patch * patch)
+
+
+@dataclass
+class QwenDownscale:
+    """One chunk's downscaled encode on a Qwen-VL tower: the small grid, every block's other arguments
+    on it (rotary positions, attention segments; taken from the tower's own forward on the small rows),
+    and the small-grid hidden states [U * small tokens, C] between blocks."""
+
+    grid: tuple[int, int]
+    full_grid: tuple[int, int]
+    merge: int
+    window: int | None  # Qwen2.5-VL's window side in merged tokens; None without windows
+    hidden: torch.Tensor
+    block_inputs: list[tuple[tuple, dict]]
+    prefix: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def run(self, layer: nn.Module, index: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Block `index` unchanged on the small grid (its small-grid arguments); its output at full size."""
+        small_args, small_kwargs = self.block_inputs[index]
+        self.hidden = type(layer).forward(layer, self.hidden, *small_args, **small_kwargs)
+        return self.to_full(self.hidden)
+
+    def to_full(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Small-grid tokens in the tower's order -> full-grid tokens in its order (bilinear in the frame)."""
+        width = hidden.shape[-1]
+        small = hidden.view(-1, self.tokens, width)
+        frames = torch.empty_like(small)
+        frames[:, sequence_cells(self.grid, self.merge, self.window)] = small
+        frames = frames.view(-1, *self.grid, width).permute(0, 3, 1, 2)
+        full = TF.interpolate(frames, size=self.full_grid, mode="bilinear", align_corners=False)
+        full = full.permute(0, 2, 3, 1).reshape(small.shape[0], -1, width)
+        return full[:, sequence_cells(self.full_grid, self.merge, self.window)].reshape(-1, width)
+
+
+__all__ = ["Downscale", "MIN_SIDE_SHARE", "QwenDownscale", "downscale_cost", "downscale_grid", "embed_downscaled",
+           "resize_patch_rows", "sequence_cells", "supports_downscale"]

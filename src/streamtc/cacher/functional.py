@@ -91,6 +91,18 @@ def relative_pixel_change(pixels: torch.Tensor, reference: torch.Tensor, eps: fl
     return change / (reference - reference.mean()).abs().mean().clamp_min(eps)
 
 
+def largest_pixel_change(pixels: torch.Tensor | None, reference: torch.Tensor | None) -> float:
+    """The "pixels" signal: the largest relative pixel change of a chunk's frames [U, ...] to `reference`
+    (the reference frame's tower input, or for the budget's cut signal the previous frame's).
+
+    Pixels that cannot be compared (the encoder called without its tower, a new frame size) count as
+    infinitely moved. One host sync per chunk, outside the layers.
+    """
+    if pixels is None or reference is None or pixels.shape[1:] != reference.shape:
+        return math.inf
+    return float(relative_pixel_change(pixels, reference).max())
+
+
 def within_refresh_budget(chunk_index: int, refreshes: int, budget_interval: int) -> bool:
     """Whether chunk `chunk_index` may refresh after `refreshes` refreshes on earlier chunks.
 
@@ -192,6 +204,7 @@ __all__ = [
     "select_dynamic_tokens",
     "reused_similarity",
     "relative_pixel_change",
+    "largest_pixel_change",
     "within_refresh_budget",
     "mix_with_reference",
     "swap_rows",

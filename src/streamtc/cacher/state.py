@@ -159,6 +159,24 @@ class CacherState:
         self.grid = grid
         self.has_reference = False
 
+    def accumulate_change(self, hints: ChunkHints | None, refresh: bool) -> torch.Tensor | None:
+        """Accumulate a chunk's codec change into the change since the reference ([U, P]: each patch's
+        share changed, combined as independent events; a cut changes everything) and return it. None
+        when this chunk or one since the reference came without hints: the pixels decide then."""
+        if hints is None or refresh:
+            self.change_since_reference = None
+            return None
+        change = hints.change.to(device=self.values.device, dtype=torch.float32).clamp(0.0, 1.0)
+        change = torch.where(hints.cut.to(change.device)[:, None], torch.ones_like(change), change)
+        previous = self.change_since_reference
+        if previous is not None and previous.shape == change.shape:
+            change = 1.0 - (1.0 - previous) * (1.0 - change)
+        elif self.last_refresh_chunk != self.chunk_index - 1:
+            self.change_since_reference = None  # an earlier chunk since the reference had no hints
+            return None
+        self.change_since_reference = change
+        return change
+
     def layer(self, index: int) -> LayerReference:
         """The reference slices of encoder layer `index` (views into the state's buffers)."""
         if self.values is None:

@@ -75,15 +75,23 @@ def window_span(grid: tuple[int, int], window: int, merge: int) -> float:
     return squares(height // merge) * squares(width // merge) * merge**4 / (height * width)
 
 
+def window_side(tower: nn.Module) -> int | None:
+    """The side of Qwen2.5-VL's attention windows in merged tokens (4 at the checkpoints' 112 pixels);
+    None for towers without windows."""
+    if not isinstance(tower, Qwen2_5_VisionTransformerPretrainedModel):
+        return None
+    config = tower.config
+    return config.window_size // config.patch_size // config.spatial_merge_size
+
+
 def attention_spans(tower: nn.Module, num_layers: int, layout: ChunkLayout) -> list[float | None]:
     """Per layer, the keys a query attends to on average for the FLOP model: None (all of a unit's
     tokens), or in Qwen2.5-VL's windowed blocks (all but `fullatt_block_indexes`) `window_span`."""
-    if not isinstance(tower, Qwen2_5_VisionTransformerPretrainedModel):
+    window = window_side(tower)
+    if window is None:
         return [None] * num_layers
-    config = tower.config
-    span = window_span(layout.grid, config.window_size // config.patch_size // config.spatial_merge_size,
-                       config.spatial_merge_size)
-    return [None if index in config.fullatt_block_indexes else span for index in range(num_layers)]
+    span = window_span(layout.grid, window, tower.config.spatial_merge_size)
+    return [None if index in tower.config.fullatt_block_indexes else span for index in range(num_layers)]
 
 
 def encoder_layers(tower: nn.Module) -> list[nn.Module]:
@@ -211,5 +219,5 @@ def check_attachable(model: nn.Module, config: CacherConfig) -> list[nn.Module]:
 __all__ = [
     "ChunkLayout", "ENCODER_TOWER", "LAYER_PATCHES", "QWEN_TOWER", "SUPPORTED_TOWERS", "TOWERS", "TowerSpec",
     "attention_spans", "check_attachable", "encoder_layers", "find_vision_tower", "mlp_width", "prefix_tokens",
-    "tower_spec", "window_span",
+    "tower_spec", "window_side", "window_span",
 ]
