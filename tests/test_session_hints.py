@@ -33,6 +33,7 @@ def test_side_data_pushed_with_the_frames_reaches_the_cacher(clip, preset, chunk
     with_hints = StreamingSession.from_preset(preset, stc=ROBUST)
     with_hints.push(images, stamps, codec=codec)
     assert with_hints.cacher_state.stats.hinted_chunks == chunks  # Qwen: the ninth frame waits for its pair
+    assert with_hints.cacher_state.stats.downscaled_chunks >= 1  # the moving clip's stale chunks without credit
     without = StreamingSession.from_preset(preset, stc=ROBUST)
     without.push(images, stamps)  # pushed images (JPEG, raw frames): the pixels decide
     assert without.cacher_state.stats.hinted_chunks == 0 and without.stats.frames == with_hints.stats.frames
