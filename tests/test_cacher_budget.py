@@ -147,6 +147,22 @@ def test_a_cut_without_refresh_credit_is_encoded_downscaled(build):
     cacher.detach()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_tower_is_downscaled_as_in_float32(dtype):
+    """The antialiased resize has no half-precision CPU kernel: the frame is resized in float32."""
+    outputs = []
+    for precision in (torch.float32, dtype):
+        tower, x = tiny_dinov2().to(precision), frames(2).to(precision)
+        cacher = STCCacher(CacherConfig.robust(2, flop_budget=0.45)).attach(tower)
+        with torch.no_grad():
+            tower(pixel_values=x[:1])
+            cacher.hint(hints(1.0, cut=True))
+            outputs.append(tower(pixel_values=x[1:]).last_hidden_state.float())
+        assert cacher.stats.downscaled_chunks == 1
+        cacher.detach()
+    assert torch.nn.functional.cosine_similarity(outputs[0], outputs[1], dim=-1).min() > 0.99
+
+
 def test_the_budget_holds_on_every_prefix_of_a_stream():
     tower, x = tiny_dinov2(), frames(24, seed=3)
     macs_full = 2 * layer_macs(SIDE * SIDE + 1)

@@ -83,3 +83,19 @@ def test_a_cut_without_refresh_credit_is_encoded_downscaled(kind):
     window = config.window_size // PATCH // 2 if kind == "qwen2.5-vl" else None
     want = torch.cat([reference_downscale(tower, frames[i:i + 2], grid, window) for i in (2, 4)])
     assert_close_rel(out, want)
+
+
+def test_a_bfloat16_tower_is_downscaled_as_in_float32():
+    """The antialiased resize has no half-precision CPU kernel: the patch rows are resized in float32."""
+    frames, outputs = video(4), []
+    for dtype in (torch.float32, torch.bfloat16):
+        tower = build_tower("qwen2.5-vl").to(dtype)
+        chunks, grid_thw = Q.temporal_patches(frames.to(dtype), tower.config)
+        cacher = STCCacher(CacherConfig.robust(2, flop_budget=0.45)).attach(tower)
+        with torch.no_grad():
+            tower(chunks[0], grid_thw=grid_thw)
+            cacher.hint(ChunkHints(torch.ones(1, GRID[0] * GRID[1]), torch.tensor([True])))
+            outputs.append(tower(chunks[1], grid_thw=grid_thw).last_hidden_state.float())
+        assert cacher.stats.downscaled_chunks == 1
+        cacher.detach()
+    assert torch.nn.functional.cosine_similarity(outputs[0], outputs[1], dim=-1).min() > 0.98

@@ -65,6 +65,13 @@ class Downscale:
         return torch.cat([hidden[:, :self.prefix], full], dim=1)
 
 
+def shrink(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images [N, C, H, W] resized to `size` (bilinear, antialiased), computed in float32: the
+    antialiased kernel has no half-precision CPU implementation."""
+    small = TF.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return small.to(images.dtype)
+
+
 def supports_downscale(tower: nn.Module) -> bool:
     """Whether the tower's embeddings take raw pixels of any size (position embeddings interpolated)."""
     embeddings = getattr(tower, "embeddings", None)
@@ -97,7 +104,7 @@ def downscale_cost(small: tuple[int, int], grid: tuple[int, int], prefix: int, w
 def embed_downscaled(tower: nn.Module, pixel_values: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
     """The tower's embeddings of `pixel_values` [U, 3, H, W] resized (bilinear, antialiased) to `grid` patches."""
     size = (grid[0] * patch_size, grid[1] * patch_size)
-    small = TF.interpolate(pixel_values, size=size, mode="bilinear", antialias=True, align_corners=False)
+    small = shrink(pixel_values, size)
     embeddings = tower.embeddings
     if "interpolate_pos_encoding" in inspect.signature(embeddings.forward).parameters:
         return embeddings(small, interpolate_pos_encoding=True)
@@ -133,8 +140,7 @@ def resize_patch_rows(rows: torch.Tensor, grid: tuple[int, int], small: tuple[in
     frames[:, sequence_cells(grid, merge)] = rows.view(units, -1, depth, patch, patch)
     frames = frames.view(units, *grid, depth, patch, patch).permute(0, 3, 1, 4, 2, 5)
     size = (small[0] * patch, small[1] * patch)
-    resized = TF.interpolate(frames.reshape(units, depth, grid[0] * patch, grid[1] * patch), size=size,
-                             mode="bilinear", antialias=True, align_corners=False)
+    resized = shrink(frames.reshape(units, depth, grid[0] * patch, grid[1] * patch), size)
     cells = resized.view(units, depth, small[0], patch, small[1], patch).permute(0, 2, 4, 1, 3, 5)
     cells = cells.reshape(units, small[0] * small[1], depth * patch * patch)
     return cells[:, sequence_cells(small, merge)].reshape(-1, depth * patch * patch)
