@@ -47,6 +47,7 @@ from .towers import (
     ChunkLayout,
     TowerSpec,
     attention_spans,
+    block_input_sources,
     check_attachable,
     find_vision_tower,
     mlp_width,
@@ -115,8 +116,9 @@ class STCCacher:
         self._downscale_pixels: torch.Tensor | None = None  # the same, while the chunk is planned
         self._paths: dict[Any, LayerPaths] = {}
         # While a Qwen downscale reads the small grid's block inputs from the tower's own forward
-        # (`_small_grid_inputs`): the hooks stand aside and each block's inputs are kept here.
+        # (`_small_grid_inputs`): the hooks stand aside and the first blocks' inputs are kept here.
         self._block_inputs: list[tuple[torch.Tensor, tuple, dict]] | None = None
+        self._block_inputs_wanted = 0
         # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
         self._onednn = (
             self.config.cpu_kernels == "onednn" and self.config.compile_mode is None and kernels.onednn_available()
@@ -416,21 +418,25 @@ class STCCacher:
         merge = config.spatial_merge_size
         grid = downscale.downscale_grid(layout.grid, self._downscale_cost(layout, 0), spend, multiple=merge)
         rows = downscale.resize_patch_rows(pixels, layout.grid, grid, merge, config.patch_size)
-        taken = self._small_grid_inputs(rows, torch.tensor([[layout.units, *grid]], device=rows.device))
+        sources = block_input_sources(self._tower, len(self._layers))
+        taken = self._small_grid_inputs(rows, torch.tensor([[layout.units, *grid]], device=rows.device),
+                                        max(sources) + 1)
         return QwenDownscale(grid, layout.grid, merge, window_side(self._tower), taken[0][0],
-                             [(a, k) for _, a, k in taken])
+                             [taken[source][1:] for source in sources])
 
-    def _small_grid_inputs(self, rows: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[torch.Tensor, tuple, dict]]:
-        """(hidden states, args, kwargs) each block receives in the tower's forward on `rows`: the
-        embedding, rotary positions, attention segments and windows exactly as the tower makes them.
-        The blocks themselves do not run (the forward stops after the last one takes its inputs)."""
-        self._block_inputs = taken = []
+    def _small_grid_inputs(self, rows: torch.Tensor, grid_thw: torch.Tensor, count: int
+                           ) -> list[tuple[torch.Tensor, tuple, dict]]:
+        """(hidden states, args, kwargs) the first `count` blocks receive in the tower's forward on
+        `rows`: the embedding, rotary positions, attention segments and windows exactly as the tower
+        makes them. The blocks do not run, and the forward stops once the last of them has its inputs
+        (before any DeepStack merger or the patch merger)."""
+        self._block_inputs, self._block_inputs_wanted = [], count
         try:
             self._tower(rows, grid_thw=grid_thw)
         except _BlockInputsTaken:
             pass
         finally:
-            self._block_inputs = None
+            taken, self._block_inputs = self._block_inputs, None
         return taken
 
     def _subsample(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict,
@@ -538,7 +544,7 @@ class STCCacher:
     ) -> torch.Tensor:
         if self._block_inputs is not None:  # reading a small grid's block inputs: keep them, run nothing
             self._block_inputs.append((hidden_states, args, kwargs))
-            if len(self._block_inputs) == len(self._layers):
+            if len(self._block_inputs) == self._block_inputs_wanted:
                 raise _BlockInputsTaken
             return hidden_states
         plan = self._plan

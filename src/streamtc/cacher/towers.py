@@ -84,6 +84,16 @@ def window_side(tower: nn.Module) -> int | None:
     return config.window_size // config.patch_size // config.spatial_merge_size
 
 
+def block_input_sources(tower: nn.Module, num_layers: int) -> list[int]:
+    """For each block of a Qwen-VL tower, the first block given the same inputs besides its hidden
+    states: every block gets the same rotary positions and attention segments, except that
+    Qwen2.5-VL's windowed blocks get the windows as segments (its `fullatt_block_indexes` the whole
+    temporal patch)."""
+    full = set(tower.config.fullatt_block_indexes) if window_side(tower) is not None else set()
+    kinds = [index in full for index in range(num_layers)]
+    return [kinds.index(kind) for kind in kinds]
+
+
 def attention_spans(tower: nn.Module, num_layers: int, layout: ChunkLayout) -> list[float | None]:
     """Per layer, the keys a query attends to on average for the FLOP model: None (all of a unit's
     tokens), or in Qwen2.5-VL's windowed blocks (all but `fullatt_block_indexes`) `window_span`."""
@@ -218,6 +228,6 @@ def check_attachable(model: nn.Module, config: CacherConfig) -> list[nn.Module]:
 
 __all__ = [
     "ChunkLayout", "ENCODER_TOWER", "LAYER_PATCHES", "QWEN_TOWER", "SUPPORTED_TOWERS", "TOWERS", "TowerSpec",
-    "attention_spans", "check_attachable", "encoder_layers", "find_vision_tower", "mlp_width", "prefix_tokens",
+    "attention_spans", "block_input_sources", "check_attachable", "encoder_layers", "find_vision_tower", "mlp_width", "prefix_tokens",
     "tower_spec", "window_side", "window_span",
 ]
