@@ -121,3 +121,19 @@ def test_a_short_paired_run_on_the_street_clip():
     assert stc["per_frame_token_cosine"][0] == pytest.approx(1.0, abs=1e-5)
     full, reused, grid, _ = counted_tower_flops("qwen2.5-vl", 1, side=2)  # what torch counts in this tower
     assert grid == (4, 4) and stc["flop_ratio"] == pytest.approx((full + reused) / (2 * full), rel=1e-9)
+
+
+def test_a_downscaled_temporal_patch_is_timed_and_counted_with_the_towers_fixed_costs():
+    """Every chunk stale (threshold 0) and no refresh credit after the first: the second temporal patch
+    is downscaled to 2 x 2 patches. Its FLOPs: the small grid's blocks, as torch counts them, plus the
+    patch embedding and merger of the full grid, which run in full."""
+    frames = load_qwen_frames("demo", "qwen2.5-vl", 4, image_size=56)
+    variants = (Variant("full", None), Variant("robust", CacherConfig.robust(2, flop_budget=0.4, stale_threshold=0.0)))
+    report = run_vit_benchmark(frames, num_layers=1, variants=variants, repeats=1, warmup=0, tower="qwen2.5-vl")
+    robust = report["variants"][1]
+    assert robust["refresh_pattern"] == "RD" and robust["downscale_frame_ratio"] > 0 and robust["refresh_frames"] == 1
+    config = Q.qwen_vision_config("qwen2.5-vl", 1)
+    full, _, _, _ = counted_tower_flops("qwen2.5-vl", 1, side=2)
+    small_blocks = counted_tower_flops("qwen2.5-vl", 1, side=1)[0] - Q.fixed_flops(config, 4)
+    fixed = Q.fixed_flops(config, 16)
+    assert robust["flop_ratio"] == pytest.approx((full + small_blocks + fixed) / (2 * full), rel=1e-9)

@@ -87,6 +87,12 @@ def tower_flops(config, grid: tuple[int, int], recomputed: int | None = None) ->
     return block_flops(config, grid, recomputed) + fixed_flops(config, grid[0] * grid[1])
 
 
+def fixed_share(config, grid: tuple[int, int]) -> float:
+    """The share of a full forward's FLOPs on one temporal patch of an h x w grid outside the blocks
+    (`fixed_flops`): what the cacher leaves as it is."""
+    return fixed_flops(config, grid[0] * grid[1]) / tower_flops(config, grid)
+
+
 def block_flops(config, grid: tuple[int, int], recomputed: int | None = None) -> float:
     """Multiply-accumulates of the tower's blocks on one temporal patch of an h x w patch grid (matrix
     products and attention).
@@ -119,5 +125,6 @@ __all__ = [
     "temporal_patches",
     "block_flops",
     "fixed_flops",
+    "fixed_share",
     "tower_flops",
 ]

@@ -89,7 +89,8 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
 # The Qwen towers' variants (a temporal patch at checkpoint width is several seconds on a 2-core
 # CPU, so the paper's settings, the kernel-neutral row and the adaptive row; no compiled path:
 # the windowed blocks split attention on the host).
-# Beside each fixed schedule, the same r selecting whole 2x2 merge blocks (granularity="merge_block").
+# Beside each fixed schedule, the same r selecting whole 2x2 merge blocks (granularity="merge_block"),
+# and the robust profile (no codec hints here: the pixels decide, as for pushed frames).
 QWEN_VARIANTS: tuple[Variant, ...] = tuple(
     v for v in DEFAULT_VARIANTS
     if v.name in ("full", "full (control)", "full, cacher kernels (N=1)", "stc N=2 r=0.25", "stc N=4 r=0.25")
@@ -97,7 +98,7 @@ QWEN_VARIANTS: tuple[Variant, ...] = tuple(
 ) + tuple(
     Variant(f"stc N={n} r=0.25, merge blocks", CacherConfig(cache_interval=n, update_ratio=0.25, granularity="merge_block"))
     for n in (2, 4)
-)
+) + (Variant("robust (N=2 budget)", CacherConfig.robust(2)),)
 
 
 def real_weights_variants(tokens: int, width: int, mlp_width: float, prefix: int) -> tuple[Variant, ...]:
@@ -263,8 +264,8 @@ def run_vit_benchmark(
                 _record_fidelity(result, torch.cat(outputs[variant.name]), reference, reference_maps, head, prefix)
                 result.flop_ratio = streams.flop_ratio(variant.name)
     config, tokens = model.config, reference.shape[1]
-    frame_flops = None if tower is None else functools.partial(
-        qwen_towers.tower_flops, config, tuple(side // config.patch_size for side in pixel_values.shape[-2:]))
+    fixed = None if tower is None else qwen_towers.fixed_share(
+        config, tuple(side // config.patch_size for side in pixel_values.shape[-2:]))
     return {
         "benchmark": "vit",
         "preset": preset if tower is None else tower,
@@ -281,7 +282,7 @@ def run_vit_benchmark(
             "warmup": warmup, "dtype": str(dtype).removeprefix("torch."), "variants": [v.name for v in variants],
             "saliency_head": head is not None,
         }),
-        "variants": [summarise(results[v.name], results[variants[0].name], tokens, config, frame_flops)
+        "variants": [summarise(results[v.name], results[variants[0].name], fixed)
                      for v in variants],
     }
 
@@ -422,31 +423,23 @@ def _chunk_counts(cacher: STCCacher | None) -> tuple[int, int, int]:
     return cacher.stats.refresh_chunks, cacher.stats.subsampled_chunks, cacher.stats.downscaled_chunks
 
 
-def summarise(
-    result: VariantResult, full: VariantResult, tokens: int, config: Any, frame_flops: Any = None
-) -> dict[str, Any]:
+def summarise(result: VariantResult, full: VariantResult, fixed_share: float | None = None) -> dict[str, Any]:
     """Paired ratios against the unpatched run (medians over repeats and frames), the FLOP model, fidelity.
 
-    frame_flops: recomputed tokens (None: all) -> FLOPs of one frame, for towers whose fixed costs
-        (patch embedding, mergers) the cacher's own layer count leaves out; None: the cacher's count.
+    fixed_share: the share of a full frame's FLOPs outside the layers the cacher patches (Qwen towers:
+        the patch embedding and the mergers, run in full whatever the cacher does), added to the
+        cacher's own count; None: the cacher's or the baseline's count as it is.
     """
     totals = [sum(run) for run in result.frame_ms]
     time_ratios = [sum(run) / sum(base) for run, base in zip(result.frame_ms, full.frame_ms)]
     kinds = result.frame_kinds or "".join("R" if r else "." for r in result.refresh_frames)
     paired = [(ms / base_ms, kind) for run, base in zip(result.frame_ms, full.frame_ms)
               for ms, base_ms, kind in zip(run, base, kinds)]
-    refresh = [ratio for ratio, kind in paired if kind == "R"]
-    selective = [ratio for ratio, kind in paired if kind == "."]  # the non-refresh (reuse) frames only
+    by_kind = {kind: [ratio for ratio, k in paired if k == kind] for kind in "R.D"}  # refresh, reuse, downscale
     n_refresh = sum(result.refresh_frames)
-    if frame_flops is not None and result.config is not None:  # a tower model beyond the layers (Qwen towers)
-        k = F.num_recomputed_tokens(tokens, result.config["update_ratio"])
-        if result.config.get("granularity") == "merge_block":
-            k = F.grouped_count(k, config.spatial_merge_size**2)
-        full_flops, selective_flops = frame_flops(None), frame_flops(k)
-        n = len(result.refresh_frames)
-        flop = (n_refresh * full_flops + (n - n_refresh) * selective_flops) / (n * full_flops)
-    else:  # the cacher's own count (its stats) or the baseline's
-        flop = 1.0 if result.flop_ratio is None else result.flop_ratio
+    flop = 1.0 if result.flop_ratio is None else result.flop_ratio
+    if fixed_share is not None:
+        flop = fixed_share + (1.0 - fixed_share) * flop
     return {
         "name": result.name,
         "kind": result.kind,
@@ -456,8 +449,9 @@ def summarise(
         "time_ratio_per_repeat": time_ratios,
         "flop_ratio": flop,
         "refresh_frames": n_refresh,
-        "refresh_frame_ratio": statistics.median(refresh) if refresh else math.nan,
-        "selective_frame_ratio": statistics.median(selective) if selective else math.nan,
+        "refresh_frame_ratio": statistics.median(by_kind["R"]) if by_kind["R"] else math.nan,
+        "selective_frame_ratio": statistics.median(by_kind["."]) if by_kind["."] else math.nan,
+        "downscale_frame_ratio": statistics.median(by_kind["D"]) if by_kind["D"] else math.nan,
         "token_cosine_mean": statistics.fmean(result.token_cosine),
         "token_cosine_p10": float(np.percentile(result.token_cosine, 10)),
         "token_cosine_min": min(result.token_cosine),
@@ -493,8 +487,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['frames']} {report.get('unit', 'frame')}s, one per chunk, interleaved per frame, median of {report['repeats']}"
     )
     table = Table(title=title)
-    columns = ["variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame", "cos mean",
-               "cos p10", "cos min"]
+    columns = ["variant", "total ms", "time ratio", "FLOP ratio", "refresh frame", "non-refresh frame",
+               "downscaled frame", "cos mean", "cos p10", "cos min"]
     real = report["variants"][0]["saliency_corr_mean"] is not None
     if real:
         columns += ["CLS cos", "saliency r mean", "saliency r min", "saliency KL mean"]
@@ -503,6 +497,7 @@ def print_report(report: dict[str, Any]) -> None:
     for v in report["variants"]:
         row = [v["name"], f"{v['total_ms']:.0f}", _cell(v["time_ratio"], 3), _cell(v["flop_ratio"], 3),
                _cell(v["refresh_frame_ratio"], 3), _cell(v["selective_frame_ratio"], 3),
+               _cell(v.get("downscale_frame_ratio", math.nan), 3),
                _cell(v["token_cosine_mean"], 4), _cell(v.get("token_cosine_p10"), 4), _cell(v["token_cosine_min"], 4)]
         if real:
             row += [_cell(v["cls_cosine_mean"], 4), _cell(v["saliency_corr_mean"], 3), _cell(v["saliency_corr_min"], 3),
