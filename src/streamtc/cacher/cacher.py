@@ -555,7 +555,11 @@ class STCCacher:
             out = type(layer).forward(layer, hidden_states.index_select(1, rows), *args, **kwargs)
             return out.index_select(1, fill)
         if plan.downscale is not None:  # the exact layer on the small grid, handed on at full size
-            return plan.downscale.run(layer, index, args, kwargs)
+            small = plan.downscale
+            small_args, small_kwargs = small.layer_arguments(index, args, kwargs)
+            small.hidden = patch.refresh_forward(layer, small.hidden, *patch.layer_inputs(*small_args, **small_kwargs),
+                                                 reference=None, eager_fallback=eager_fallback, onednn=self._onednn)
+            return small.to_full(small.hidden)
         reference = plan.state.layer(index)
         hidden_states = hidden_states.contiguous()  # embeddings arrive transposed: one layout, one compiled graph
         inputs = patch.layer_inputs(*args, **kwargs)

@@ -50,10 +50,9 @@ class Downscale:
     def tokens(self) -> int:
         return self.prefix + self.grid[0] * self.grid[1]
 
-    def run(self, layer: nn.Module, index: int, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Layer `index` unchanged on the small grid (the layer's own other arguments); its output at full size."""
-        self.hidden = type(layer).forward(layer, self.hidden, *args, **kwargs)
-        return self.to_full(self.hidden)
+    def layer_arguments(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Layer `index`'s arguments besides its hidden states on the small grid: its own."""
+        return args, kwargs
 
     def to_full(self, hidden: torch.Tensor) -> torch.Tensor:
         """Small-grid tokens [U, prefix + r * c, C] -> [U, prefix + R * C', C]: patch tokens resized
@@ -164,11 +163,10 @@ class QwenDownscale:
     def tokens(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def run(self, layer: nn.Module, index: int, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Block `index` unchanged on the small grid (its small-grid arguments); its output at full size."""
-        small_args, small_kwargs = self.block_inputs[index]
-        self.hidden = type(layer).forward(layer, self.hidden, *small_args, **small_kwargs)
-        return self.to_full(self.hidden)
+    def layer_arguments(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Block `index`'s arguments besides its hidden states on the small grid (the full grid's `args`
+        and `kwargs` do not apply)."""
+        return self.block_inputs[index]
 
     def to_full(self, hidden: torch.Tensor) -> torch.Tensor:
         """Small-grid tokens in the tower's order -> full-grid tokens in its order (bilinear in the frame)."""

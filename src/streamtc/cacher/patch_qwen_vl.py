@@ -197,19 +197,19 @@ def refresh_forward(
     hidden_states: torch.Tensor,
     cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    reference: LayerReference,
+    reference: LayerReference | None,
     eager_fallback: Callable,
     keys: torch.Tensor | None = None,
     onednn: bool = False,
 ) -> torch.Tensor:
-    """The exact block on [S, C]; writes the last temporal patch's K, V and A + M into `reference` in place.
+    """The exact block on [S, C]; writes the last temporal patch's K, V and A + M into `reference` in place
+    (reference None: the exact block alone, as a downscaled encode runs it).
 
     keys: this block's pre-RoPE keys if the caller already computed them ([U, T, C]), else computed here.
     onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
     """
     attn = layer.attn
     seq_len, width = hidden_states.shape
-    num_tokens = reference.values.shape[0]
     heads = attn.num_heads
     normed = layer.norm1(hidden_states)
     if keys is None:
@@ -233,7 +233,9 @@ def refresh_forward(
     mlp_out = _feed_forward(layer.mlp, layer.norm2(hidden_states), onednn)
     hidden_states = hidden_states + mlp_out
 
-    last = slice(seq_len - num_tokens, seq_len)  # the chunk's last temporal patch
+    if reference is None:
+        return hidden_states
+    last = slice(seq_len - reference.values.shape[0], seq_len)  # the chunk's last temporal patch
     # The reference is stream state, not part of any graph: written from detached rows, so a forward
     # with gradients on (fine-tuning through the tower) works and never backpropagates into it.
     reference.unit_keys.copy_(F.unit_rows(keys[last].detach()))

@@ -148,12 +148,13 @@ def refresh_forward(
     layer: nn.Module,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    reference: LayerReference,
+    reference: LayerReference | None,
     eager_fallback: Callable,
     keys: torch.Tensor | None = None,
     onednn: bool = False,
 ) -> torch.Tensor:
-    """The exact layer on [F, T, C]; writes the last frame's K, V and A + M into `reference` in place.
+    """The exact layer on [F, T, C]; writes the last frame's K, V and A + M into `reference` in place
+    (reference None: the exact layer alone, as a downscaled encode runs it).
 
     keys: this layer's keys if the caller already computed them (the adaptive planner does for the
         first layer before deciding to refresh), else computed here.
@@ -171,6 +172,8 @@ def refresh_forward(
     mlp_out = _scaled(feed_forward(parts.mlp, parts.norm2(hidden_states), onednn), parts.scale2)
     hidden_states = hidden_states + mlp_out
 
+    if reference is None:
+        return hidden_states
     # The reference is stream state, not part of any graph: written from detached rows, so a forward
     # with gradients on (fine-tuning through the tower) works and never backpropagates into it.
     reference.unit_keys.copy_(F.unit_rows(keys[-1].detach()))
