@@ -481,8 +481,8 @@ class STCCacher:
 
     def _unit_flops(self, layout: ChunkLayout, recomputed: int | None = None) -> float:
         """The FLOP model of one unit through every layer: in full (recomputed=None) or non-refresh."""
-        return sum(F.layer_flops(layout.tokens, layout.width, self._mlp_width, recomputed, span)
-                   for span in attention_spans(self._tower, len(self._layers), layout))
+        spans = attention_spans(self._tower, len(self._layers), layout)
+        return F.stack_flops(layout.tokens, layout.width, self._mlp_width, spans, recomputed)
 
     def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._block_inputs is not None:

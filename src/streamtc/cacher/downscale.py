@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -157,7 +157,14 @@ class QwenDownscale:
     window: int | None  # Qwen2.5-VL's window side in merged tokens; None without windows
     hidden: torch.Tensor
     block_inputs: list[tuple[tuple, dict]]
-    prefix: int = 0
+    # Each grid's cell for each sequence position, made once for the chunk's every block.
+    small_cells: torch.Tensor = field(init=False)
+    full_cells: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        device = self.hidden.device
+        self.small_cells = sequence_cells(self.grid, self.merge, self.window).to(device)
+        self.full_cells = sequence_cells(self.full_grid, self.merge, self.window).to(device)
 
     @property
     def tokens(self) -> int:
@@ -173,11 +180,11 @@ class QwenDownscale:
         width = hidden.shape[-1]
         small = hidden.view(-1, self.tokens, width)
         frames = torch.empty_like(small)
-        frames[:, sequence_cells(self.grid, self.merge, self.window)] = small
+        frames[:, self.small_cells] = small
         frames = frames.view(-1, *self.grid, width).permute(0, 3, 1, 2)
         full = TF.interpolate(frames, size=self.full_grid, mode="bilinear", align_corners=False)
         full = full.permute(0, 2, 3, 1).reshape(small.shape[0], -1, width)
-        return full[:, sequence_cells(self.full_grid, self.merge, self.window)].reshape(-1, width)
+        return full[:, self.full_cells].reshape(-1, width)
 
 
 __all__ = ["Downscale", "MIN_SIDE_SHARE", "QwenDownscale", "downscale_cost", "downscale_grid", "embed_downscaled",

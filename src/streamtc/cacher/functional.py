@@ -10,6 +10,7 @@ Shapes: F frames of a chunk, T tokens per frame, C channels, k recomputed tokens
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -178,6 +179,14 @@ def layer_flops(
     return t * c * c + 3 * k * c * c + 2 * k * keys * c + 2 * k * c * mlp_width
 
 
+@functools.lru_cache(maxsize=256)
+def stack_flops(num_tokens: int, width: int, mlp_width: float, spans: tuple[float | None, ...],
+                recomputed: int | None = None) -> float:
+    """`layer_flops` summed over a stack of layers, one attention span each (a chunk's geometry
+    repeats, so the sum is kept)."""
+    return sum(layer_flops(num_tokens, width, mlp_width, recomputed, span) for span in spans)
+
+
 def schedule_ratio(full: float, selective: float, cache_interval: int | float) -> float:
     """Average cost of a frame relative to a full one when one chunk in `cache_interval` refreshes
     (cost `full`) and the rest are non-refresh (`selective`); math.inf: never again after the first."""
@@ -212,6 +221,7 @@ __all__ = [
     "strided_grid_index",
     "nearest_kept",
     "layer_flops",
+    "stack_flops",
     "schedule_ratio",
     "flop_ratio",
 ]

@@ -8,6 +8,7 @@ a model cannot take a Cacher, naming the fix.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -63,6 +64,7 @@ def mlp_width(layer: nn.Module) -> float:
     return sum(m.in_features * m.out_features for m in linears) / (2 * linears[0].in_features)
 
 
+@functools.lru_cache(maxsize=64)
 def window_span(grid: tuple[int, int], window: int, merge: int) -> float:
     """The keys a query attends to on average in Qwen2.5-VL's windowed attention over an h x w patch
     grid: windows of `window` x `window` merged tokens (each `merge` x `merge` patches) tile the grid
@@ -94,14 +96,15 @@ def block_input_sources(tower: nn.Module, num_layers: int) -> list[int]:
     return [kinds.index(kind) for kind in kinds]
 
 
-def attention_spans(tower: nn.Module, num_layers: int, layout: ChunkLayout) -> list[float | None]:
+def attention_spans(tower: nn.Module, num_layers: int, layout: ChunkLayout) -> tuple[float | None, ...]:
     """Per layer, the keys a query attends to on average for the FLOP model: None (all of a unit's
     tokens), or in Qwen2.5-VL's windowed blocks (all but `fullatt_block_indexes`) `window_span`."""
     window = window_side(tower)
     if window is None:
-        return [None] * num_layers
-    span = window_span(layout.grid, window, tower.config.spatial_merge_size)
-    return [None if index in tower.config.fullatt_block_indexes else span for index in range(num_layers)]
+        return (None,) * num_layers
+    config = tower.config
+    span, full = window_span(layout.grid, window, config.spatial_merge_size), set(config.fullatt_block_indexes)
+    return tuple(None if index in full else span for index in range(num_layers))
 
 
 def encoder_layers(tower: nn.Module) -> list[nn.Module]:
