@@ -158,11 +158,7 @@ class ServerThread:
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True,
                                         name="streamtc-serve")
 
-    def start(self, timeout: float | None = None) -> ServerThread:
-        """Start and wait until the server listens: by default 120 s for each model it loads (every
-        Ray replica loads its own, and on a busy 2-core machine a Ray start alone can take minutes)."""
-        if timeout is None:
-            timeout = 120.0 * (1 + (self.settings.replicas or 0))
+    def start(self, timeout: float = 120.0) -> ServerThread:
         self._thread.start()
         waited = threading.Event()
         while not self.server.started:
