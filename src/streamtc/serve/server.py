@@ -7,6 +7,7 @@ import ipaddress
 import math
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,25 +156,34 @@ class ServerThread:
         self.port = self._socket.getsockname()[1]
         self.url = f"http://{settings.host}:{self.port}"
         self.server = uvicorn.Server(_uvicorn_config(app or make_app(settings), settings))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True,
-                                        name="streamtc-serve")
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="streamtc-serve")
 
-    def start(self, timeout: float = 120.0) -> ServerThread:
+    def _serve(self) -> None:
+        try:
+            self.server.run(sockets=[self._socket])
+        finally:
+            self._socket.close()
+
+    def start(self, timeout: float = 360.0) -> ServerThread:
+        """Serve, and wait until the app has started (its model loaded). A start that fails or takes
+        over `timeout` s raises and stops the server. The default outlasts a Ray start's own limit
+        (`ray_backend.RAY_START_TIMEOUT`), so a slow Ray start reports its own error."""
         self._thread.start()
-        waited = threading.Event()
+        deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive():
                 raise RuntimeError("the server failed to start; see the log above")
-            waited.wait(0.05)
-            timeout -= 0.05
-            if timeout <= 0:
-                raise TimeoutError("the server did not start in time")
+            if time.monotonic() > deadline:
+                self.server.should_exit = True  # it stops once its start ends
+                raise TimeoutError(f"the server did not start within {timeout:g} s")
+            self._thread.join(0.05)
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
+        if self._thread.ident is None:  # never started
+            self._socket.close()
         self._thread.join(timeout=60)
-        self._socket.close()
 
     def __enter__(self) -> ServerThread:
         return self.start()
