@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from contextlib import suppress
 from pathlib import Path
 from types import SimpleNamespace
@@ -166,11 +165,10 @@ def test_a_ray_start_that_ends_after_its_timeout_is_shut_down() -> None:
 def test_a_server_that_does_not_start_in_time_is_stopped() -> None:
     async def slow_backend():
         await asyncio.sleep(2)
-        return SimpleNamespace(close=asyncio.sleep)  # close() awaits asyncio.sleep()
+        return SimpleNamespace(close=lambda: asyncio.sleep(0))
 
     server = ServerThread(ServerSettings(port=0), app=build_app(slow_backend))
     with pytest.raises(TimeoutError, match="within 0.3 s"):
         server.start(timeout=0.3)
-    started = time.monotonic()
-    server._thread.join(30)
-    assert not server._thread.is_alive() and time.monotonic() - started < 30
+    server._thread.join(30)  # it stops once its start ends, 2 s in
+    assert not server._thread.is_alive()
