@@ -28,7 +28,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # "streamtc": the package root's facade; factory, loop, variants: the session factory, the one
     # streaming loop and the variant registry (issue 16); watch: variants watching one stream (issue 25)
     # session_types, session_views, session_persist: the session's results, read-only views and save/load
-    "runtime": ("session", "session_types", "session_views", "session_persist", "memory", "sources", "codec", "clips", "factory", "loop", "variants", "watch", "streamtc"),
+    # ray_cluster: the Ray connection that eval's and serve's scale-outs share
+    "runtime": ("session", "session_types", "session_views", "session_persist", "memory", "sources", "codec", "clips",
+                "factory", "loop", "variants", "watch", "ray_cluster", "streamtc"),
     "tools": ("bench", "eval", "serve"),
     "entry": ("cli",),
 }
