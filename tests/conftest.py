@@ -9,9 +9,11 @@ test that needs no GPU) and can be left out locally with `-m "not slow"`.
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +35,22 @@ RATE = 25  # frames per second of the bikes clip and of the live test streams
 # STREAMTC_GPU_DRY_RUN=1 runs the `gpu` tier on the CPU, to check the tests' own logic on a machine
 # without a GPU (`scripts/gpu-check.sh --dry-run`); the tests that need CUDA itself still skip.
 GPU_DRY_RUN = os.environ.get("STREAMTC_GPU_DRY_RUN") == "1"
+
+
+# A process that does not exit EXIT_LIMIT_S after its last test (a thread left blocked keeps Python
+# from exiting) fails the run with every thread's stack instead of running into CI's time limit
+# with nothing said; a test that hangs does the same after `faulthandler_timeout` (pyproject.toml).
+EXIT_LIMIT_S = 120
+_REAL_STDERR: list[io.TextIOWrapper] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _REAL_STDERR.append(os.fdopen(os.dup(sys.stderr.fileno()), "w"))  # output is not captured here
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    faulthandler.dump_traceback_later(EXIT_LIMIT_S, exit=True, file=_REAL_STDERR[0])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
