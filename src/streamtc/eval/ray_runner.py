@@ -30,7 +30,7 @@ from typing import Any
 
 from ..checks import positive_int
 from ..factory import SessionSpec
-from ..ray_cluster import LOCAL, RayUnavailableError, ray_connection
+from ..ray_cluster import LOCAL, ray_connection
 from .benchmarks.base import Protocol
 from .datasets import VideoTask
 from .results import Key
@@ -134,4 +134,4 @@ def run_on_ray(
                 thread.join(timeout=10)
 
 
-__all__ = ["EvalActor", "LOCAL", "RayUnavailableError", "run_on_ray"]
+__all__ = ["EvalActor", "run_on_ray"]
