@@ -45,7 +45,7 @@ requirements=(
   "pillow>=10"
   "typer>=0.12"
   "rich>=13"
-  "pytest>=8"
+  "pytest>=9"
 )
 
 mkdir -p "$dest"
