@@ -41,16 +41,16 @@ GPU_DRY_RUN = os.environ.get("STREAMTC_GPU_DRY_RUN") == "1"
 # from exiting) fails the run with every thread's stack instead of running into CI's time limit
 # with nothing said; a test that hangs does the same after `faulthandler_timeout` (pyproject.toml).
 EXIT_LIMIT_S = 120
-_REAL_STDERR: list[io.TextIOWrapper] = []
+REAL_STDERR = pytest.StashKey[io.TextIOWrapper]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _REAL_STDERR.append(os.fdopen(os.dup(sys.stderr.fileno()), "w"))  # output is not captured here
+    config.stash[REAL_STDERR] = os.fdopen(os.dup(sys.stderr.fileno()), "w")  # output is not captured here
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    faulthandler.dump_traceback_later(EXIT_LIMIT_S, exit=True, file=_REAL_STDERR[0])
+    faulthandler.dump_traceback_later(EXIT_LIMIT_S, exit=True, file=config.stash[REAL_STDERR])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

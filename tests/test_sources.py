@@ -127,6 +127,7 @@ def test_converted_frames_hold_no_scaler_threads() -> None:
             kept.append(image)  # each keeps its decoded frame alive
         assert threads() == before
 
+
 def test_missing_non_video_and_truncated_files_raise_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(VideoSourceError, match="missing.mp4: no such video file"):
         open_source(str(tmp_path / "missing.mp4"))

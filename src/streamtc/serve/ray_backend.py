@@ -29,10 +29,9 @@ from ..errors import StreamTCError
 from ..ray_cluster import LOCAL, ray_connection
 from .backend import LocalBackend, open_local_backend
 from .errors import ReplicaUnavailable, ServeError, StreamNotFound, http_status
-from .settings import StreamSpec
+from .settings import RAY_START_TIMEOUT, StreamSpec
 
 REPLICA_PREFIX = "streamtc-replica-"
-RAY_START_TIMEOUT = 300.0  # seconds for Ray, Ray Serve and every replica's model to come up
 
 
 class StreamReplica:
@@ -218,4 +217,4 @@ class RayBackend:
         serve.shutdown()
 
 
-__all__ = ["RAY_START_TIMEOUT", "RayBackend", "StreamReplica", "deploy"]
+__all__ = ["RayBackend", "StreamReplica", "deploy"]

@@ -15,7 +15,7 @@ from typing import Any
 from ..checks import positive_int
 from ..config import STCConfig
 from ..errors import ConfigError
-from .settings import ServeLimits, ServeMemory, SourcePolicy, origin_of
+from .settings import RAY_START_TIMEOUT, ServeLimits, ServeMemory, SourcePolicy, origin_of
 
 LOOPBACK_NAMES = {"localhost"}
 DEFAULT_CHECKPOINT_EVERY = 30.0  # seconds between a changed stream's checkpoints, with a persist dir
@@ -164,10 +164,10 @@ class ServerThread:
         finally:
             self._socket.close()
 
-    def start(self, timeout: float = 360.0) -> ServerThread:
+    def start(self, timeout: float = RAY_START_TIMEOUT + 60) -> ServerThread:
         """Serve, and wait until the app has started (its model loaded). A start that fails or takes
-        over `timeout` s raises and stops the server. The default outlasts a Ray start's own limit
-        (`ray_backend.RAY_START_TIMEOUT`), so a slow Ray start reports its own error."""
+        over `timeout` s raises and stops the server. The default outlasts a Ray start's own limit,
+        so a slow Ray start reports its own error."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

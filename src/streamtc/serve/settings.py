@@ -17,6 +17,9 @@ from ..errors import ConfigError, InputError
 from ..sources import BUILTIN_CLIPS, builtin_clip_path
 from .errors import AccessDenied, LimitExceeded
 
+# Seconds `serve --ray` gives Ray, Ray Serve and every replica's model to come up (and to go down).
+RAY_START_TIMEOUT = 300.0
+
 DEFAULT_NEW_TOKENS = 32  # answer length when a question does not say
 
 
