@@ -35,6 +35,9 @@ def _from_dict(cls: type, data: dict[str, Any]):
 
 # Default trigger level per adaptive refresh signal (calibrated on real DINOv2 weights; docs/benchmarks.md).
 DEFAULT_REFRESH_THRESHOLDS = {"pixels": 0.35, "keys": 0.92}
+# The robust profile's reuse check (CacherConfig.reuse_check), tuned on the tuning clips with real DINOv2-S
+# weights: a reused frame whose attention drift exceeds it is encoded again (docs/benchmarks.md).
+ROBUST_REUSE_CHECK = 0.16
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class CacherConfig:
     cut_threshold: float = 0.6
     token_signal: Literal["keys", "codec", "codec+keys"] = "keys"
     over_budget: Literal["reuse", "subsample", "downscale"] = "reuse"
+    reuse_check: float | None = None
     subsample_ratio: float = 0.32
     subsample_threshold: float = 0.5
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
@@ -186,6 +190,11 @@ class CacherConfig:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if self.over_budget == "downscale" and self.refresh != "budget":
             raise ConfigError("over_budget='downscale' needs refresh='budget'")
+        if self.reuse_check is not None:
+            if isinstance(self.reuse_check, bool) or not isinstance(self.reuse_check, (int, float)) or not self.reuse_check > 0:
+                raise ConfigError(f"reuse_check is an attention drift > 0 (or None: off), got {self.reuse_check!r}")
+            if self.refresh != "budget":
+                raise ConfigError("reuse_check needs refresh='budget' (a rejected reuse is encoded again within the budget)")
 
     @classmethod
     def robust(cls, cache_interval: int = 2, **overrides: Any) -> Self:
@@ -193,11 +202,12 @@ class CacherConfig:
         to the paper's fixed schedule with this cache_interval (N=2 by default), spent chunk by chunk
         on refreshes where the scene changed, reuse where it did not, and a downscaled encode at a steady
         cost where a stale reference cannot serve and the budget cannot refresh; codec hints where the
-        source has them. `CacherConfig()` stays the
+        source has them; each reuse checked after the fact by its attention drift (reuse_check), and
+        encoded again when it fails. `CacherConfig()` stays the
         paper's fixed schedule; overrides replace any field (e.g. flop_budget=0.5)."""
         settings: dict[str, Any] = dict(
             cache_interval=cache_interval, update_ratio=0.25, refresh="budget", over_budget="downscale",
-            token_signal="keys",
+            token_signal="keys", reuse_check=ROBUST_REUSE_CHECK,
         )
         return cls(**{**settings, **overrides})
 

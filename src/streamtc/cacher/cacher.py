@@ -39,7 +39,7 @@ from ..errors import InputError, StreamStateError
 from . import budget, downscale, kernels
 from . import functional as F
 from .downscale import Downscale, QwenDownscale
-from .hints import ChunkHints
+from .hints import ChunkHints, token_change
 from .state import CacherState, CacherStats
 from .towers import (
     ENCODER_TOWER,
@@ -72,6 +72,9 @@ class ChunkPlan:
     downscale: Downscale | QwenDownscale | None = None  # over_budget="downscale": the frame on a smaller grid
     group: int = 1  # tokens selected together (granularity="merge_block": a 2x2 merge block)
     recomputed: torch.Tensor | None = None  # [L, U, k] each non-refresh layer's selection, written as it runs
+    drift: torch.Tensor | None = None  # [L, U] the reuse check: each reused layer's attention drift, written as it runs
+    pixels: torch.Tensor | None = None  # the tower's input (a reference), for a chunk encoded again after its check
+    signals: budget.BudgetSignals | None = None  # refresh="budget": what the chunk was planned on
 
 
 class Subsample(NamedTuple):
@@ -119,6 +122,7 @@ class STCCacher:
         # (`_small_grid_inputs`): the hooks stand aside and the first blocks' inputs are kept here.
         self._block_inputs: list[tuple[torch.Tensor, tuple, dict]] | None = None
         self._block_inputs_wanted = 0
+        self._rejected: ChunkPlan | None = None  # while a chunk whose reuse failed its check is encoded again
         # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
         self._onednn = (
             self.config.cpu_kernels == "onednn" and self.config.compile_mode is None and kernels.onednn_available()
@@ -165,9 +169,8 @@ class STCCacher:
         if patch not in self._paths:
             paths = LayerPaths(patch.refresh_forward, patch.selective_forward)
             if self.config.compile_mode is not None:
-                paths = LayerPaths(*(
-                    torch.compile(fn, mode=self.config.compile_mode, dynamic=False, fullgraph=True) for fn in paths
-                ))
+                compile_fn = functools.partial(torch.compile, mode=self.config.compile_mode, dynamic=False, fullgraph=True)
+                paths = LayerPaths(*map(compile_fn, paths))
             self._paths[patch] = paths
         return self._paths[patch]
 
@@ -263,25 +266,30 @@ class STCCacher:
         )
         group = self._tower.config.spatial_merge_size ** 2 if config.granularity == "merge_block" else 1
         num_recomputed = F.grouped_count(F.num_recomputed_tokens(layout.tokens, config.update_ratio), group)
-        plan = ChunkPlan(state, layout, needs_reference, num_recomputed, group=group)
+        plan = ChunkPlan(state, layout, needs_reference, num_recomputed, group=group, pixels=self._chunk_pixels)
         self._downscale_pixels, self._chunk_pixels = self._chunk_pixels, None
         pixels = self._downscale_pixels
         if pixels is not None:  # one row per reuse unit (a frame, or a temporal patch's flattened patches)
             pixels = pixels.reshape(layout.units, -1)
         hints, state.next_hints = state.next_hints, None
         if hints is not None:
-            self._check_hints(hints, layout)
+            hints.check_fits(layout.units, layout.tokens)
             state.stats.hinted_chunks += 1
         if config.refresh == "budget":
             self._plan_budget(plan, hidden_states, pixels, hints, args[1:], kwargs)
         else:
             self._plan_schedule(plan, hidden_states, pixels, args[1:], kwargs)
+        checked = config.reuse_check is not None and self._spec is ENCODER_TOWER
         if plan.refresh:
-            state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid)
+            probe = F.probe_positions(layout.tokens, hidden_states.device) if checked else None
+            state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid,
+                                  probe=probe)
             state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
         elif plan.subsample is None and plan.downscale is None:
             plan.recomputed = torch.empty(len(self._layers), layout.units, plan.num_recomputed, dtype=torch.long,
                                           device=hidden_states.device)
+            if checked and state.probe_queries is not None and self._rejected is None:
+                plan.drift = hidden_states.new_zeros(len(self._layers), layout.units, dtype=torch.float32)
         self._downscale_pixels = None
         self._plan = plan
 
@@ -316,13 +324,17 @@ class STCCacher:
         target = config.flop_budget or F.schedule_ratio(
             full, self._unit_flops(layout, F.num_recomputed_tokens(layout.tokens, config.update_ratio)),
             config.cache_interval)
-        change = state.accumulate_change(hints, plan.refresh)
-        signals = self._budget_signals(plan, pixels, hints, change)
+        if self._rejected is None:
+            change = state.accumulate_change(hints, plan.refresh)
+            signals = self._budget_signals(plan, pixels, hints, change)
+            state.previous_cut = signals.cut
+            state.previous_pixels = None if pixels is None else pixels[-1].detach().clone()
+        else:  # encoded again after its reuse failed the check: stale, on the signals it was planned on
+            change, signals = None, self._rejected.signals._replace(stale=True)
+        plan.signals = signals
         chunk_full = layout.units * full
         decision = budget.decide(
             signals, budget.credit(target, state.stats.flops, state.stats.full_flops, chunk_full), target)
-        state.previous_cut = signals.cut
-        state.previous_pixels = None if pixels is None else pixels[-1].detach().clone()
         if plan.refresh or decision.action == "refresh":
             plan.adaptive_refresh = not plan.refresh
             plan.refresh = True
@@ -339,7 +351,7 @@ class STCCacher:
             F.num_recomputed_tokens(layout.tokens, config.update_ratio), plan.group)
         if change is not None and config.token_signal != "keys" and self._spec is ENCODER_TOWER:
             units = hidden_states.reshape(layout.units, layout.tokens, layout.width)
-            self._select_by_change(plan, units, self._token_change(change, layout))
+            self._select_by_change(plan, units, token_change(change, layout.tokens))
         elif config.selection == "shared":
             self._plan_from_first_layer(plan, hidden_states.reshape(layout.units, layout.tokens, layout.width),
                                         trigger=False)
@@ -362,12 +374,6 @@ class STCCacher:
         age = state.chunk_index - state.last_refresh_chunk if state.has_reference else 0
         return budget.BudgetSignals(stale, cut, state.previous_cut, age, not plan.refresh)
 
-    def _token_change(self, change: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
-        """[U, P] patch change -> [U, T] token change; class and register tokens count as changed
-        (they summarise the whole frame)."""
-        prefix = layout.tokens - change.shape[1]
-        return torch.cat([change.new_ones(change.shape[0], prefix), change], dim=1)
-
     def _select_by_change(self, plan: ChunkPlan, hidden_states: torch.Tensor, token_change: torch.Tensor) -> None:
         """token_signal "codec" / "codec+keys": one index set for every layer, the tokens that changed
         most since the reference (by the first layer's key cosine, lowered by twice the change)."""
@@ -379,13 +385,6 @@ class STCCacher:
         plan.first_layer_keys = keys
         similarity = F.key_similarity(keys, plan.state.layer(0).unit_keys) - 2.0 * token_change
         plan.shared_index = F.select_dynamic_tokens(similarity, plan.num_recomputed, plan.group)
-
-    def _check_hints(self, hints: ChunkHints, layout: ChunkLayout) -> None:
-        if hints.units != layout.units or hints.patches > layout.tokens:
-            raise InputError(
-                f"codec hints for {hints.units} units of {hints.patches} patches do not fit a chunk of "
-                f"{layout.units} units of {layout.tokens} tokens"
-            )
 
     def _downscale(self, hidden_states: torch.Tensor, layout: ChunkLayout, args: tuple, kwargs: dict, spend: float
                    ) -> Downscale | QwenDownscale | None:
@@ -484,50 +483,55 @@ class STCCacher:
         spans = attention_spans(self._tower, len(self._layers), layout)
         return F.stack_flops(layout.tokens, layout.width, self._mlp_width, spans, recomputed)
 
-    def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Chunk module post-hook: count the chunk; a reuse that failed its check is encoded again here
+        (the chunk module runs once more, planned as stale) and that output replaces this one."""
         if self._block_inputs is not None:
-            return
+            return None
         plan, self._plan, self._layout = self._plan, None, None
         if plan is None:
-            return
-        state, stats = plan.state, plan.state.stats
-        units, num_tokens, frames, width = plan.layout.units, plan.layout.tokens, plan.layout.frames, plan.layout.width
-        full_flops = self._unit_flops(plan.layout)
-        if plan.refresh:
-            recomputed, flops = num_tokens, full_flops
-        elif plan.subsample is not None:
-            recomputed = len(plan.subsample.rows)
-            flops = len(self._layers) * F.layer_flops(recomputed, width, self._mlp_width)
-        elif plan.downscale is not None:
-            recomputed = plan.downscale.tokens
-            flops = self._unit_flops(plan.layout._replace(tokens=recomputed, grid=plan.downscale.grid))
-        else:
-            recomputed = plan.num_recomputed
-            flops = self._unit_flops(plan.layout, recomputed)
-        recomputed *= units
-        if len(stats.recomputed_tokens_per_layer) != len(self._layers):
-            stats.recomputed_tokens_per_layer = [0] * len(self._layers)
-        stats.recomputed_tokens_per_layer = [n + recomputed for n in stats.recomputed_tokens_per_layer]
-        stats.total_tokens_per_layer += units * num_tokens
-        stats.chunks += 1
-        stats.frames += frames
-        stats.tokens_per_frame = num_tokens
-        stats.refresh_chunks += int(plan.refresh)
-        stats.adaptive_refreshes += int(plan.adaptive_refresh)
-        stats.subsampled_chunks += int(plan.subsample is not None)
-        stats.downscaled_chunks += int(plan.downscale is not None)
-        stats.flops += units * flops
-        stats.full_flops += units * full_flops
+            return None
+        state, stats, layout = plan.state, plan.state.stats, plan.layout
+        full_flops = self._unit_flops(layout)
+        recomputed, flops = self._pass_cost(plan, full_flops)
+        stats.count_pass(len(self._layers), layout.units, recomputed, flops)
+        if plan.drift is not None and float(plan.drift.mean(dim=0).max()) > self.config.reuse_check:
+            stats.failed_reuses += 1
+            self._rejected, self._chunk_pixels = plan, plan.pixels
+            try:
+                return module(*args, **kwargs)
+            finally:
+                self._rejected = None
+        stats.count_chunk(layout.units, layout.frames, layout.tokens, full_flops, refresh=plan.refresh,
+                          adaptive=plan.adaptive_refresh, subsampled=plan.subsample is not None,
+                          downscaled=plan.downscale is not None)
         if plan.refresh:
             state.has_reference = True
             state.last_refresh_chunk = state.chunk_index
         state.chunk_index += 1
         if plan.subsample is not None:
-            state.last_recomputed = plan.subsample.rows.expand(len(self._layers), units, -1)
+            state.last_recomputed = plan.subsample.rows.expand(len(self._layers), layout.units, -1)
         elif plan.downscale is not None:
             state.last_recomputed = None  # every token, encoded afresh at a lower resolution
         else:
             state.last_recomputed = plan.recomputed  # None after a refresh: every token
+        return None
+
+    def _pass_cost(self, plan: ChunkPlan, full_flops: float) -> tuple[int, float]:
+        """Tokens recomputed per layer and FLOPs (the FLOP model) of one pass over a unit of the chunk."""
+        layout, width = plan.layout, plan.layout.width
+        if plan.refresh:
+            return layout.tokens, full_flops
+        if plan.subsample is not None:
+            recomputed = len(plan.subsample.rows)
+            return recomputed, len(self._layers) * F.layer_flops(recomputed, width, self._mlp_width)
+        if plan.downscale is not None:
+            recomputed = plan.downscale.tokens
+            return recomputed, self._unit_flops(layout._replace(tokens=recomputed, grid=plan.downscale.grid))
+        flops = self._unit_flops(layout, plan.num_recomputed)
+        if plan.drift is not None:  # the reuse check (encoder towers: every layer attends over all tokens)
+            flops += len(self._layers) * F.probe_flops(len(plan.state.probe_index), width, layout.tokens)
+        return plan.num_recomputed, flops
 
     # -- per layer (device side) -------------------------------------------------------------
 
@@ -581,6 +585,7 @@ class STCCacher:
                 keys=keys,
                 onednn=self._onednn,
                 group=plan.group,
+                **({} if plan.drift is None else {"drift": plan.drift[index]}),
             )
             plan.recomputed[index].copy_(recomputed)  # a device copy: no host sync
             return out

@@ -147,6 +147,41 @@ def add_reference_delta(
     return scatter_tokens((x + reference_delta).contiguous(), index, recomputed_rows)  # autograd can follow it
 
 
+# Every PROBE_STRIDE-th token position is a probe of the reuse check (CacherConfig.reuse_check).
+PROBE_STRIDE = 4
+
+
+def probe_positions(num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The reuse check's probe: every PROBE_STRIDE-th token position, [ceil(T / PROBE_STRIDE)]."""
+    return torch.arange(0, num_tokens, PROBE_STRIDE, device=device)
+
+
+def attention_drift(
+    probe_attention: torch.Tensor, reference_attention: torch.Tensor, probe_inputs: torch.Tensor,
+    recomputed: torch.Tensor, probe: torch.Tensor, eps: float = 1e-12,
+) -> torch.Tensor:
+    """How far a reused layer's attention moved under the reused probe tokens, per frame [F].
+
+    probe_attention [F, P, C]: the probe tokens' attention output (after out_proj and layer scale) with
+    the reference's queries over this chunk's keys and values; reference_attention [P, C]: the same in
+    the reference; probe_inputs [F, P, C]: the probe tokens' layer inputs; recomputed [F, k]: the
+    tokens the layer recomputed (their probes are left out: nothing of theirs is reused); probe [P].
+    The mean over the reused probe tokens of |A - A_ref| / |x|: reused tokens keep the reference's
+    attention output, so where the tokens they attend to changed, their reuse is stale even though
+    their own keys did not move (0 when every probe token was recomputed).
+    """
+    reused = (recomputed[:, :, None] != probe[None, None, :]).all(dim=1)  # [F, P]
+    drift = torch.linalg.vector_norm(probe_attention - reference_attention, dim=-1)
+    drift = drift / torch.linalg.vector_norm(probe_inputs, dim=-1).clamp_min(eps)
+    return (drift * reused).sum(dim=1) / reused.sum(dim=1).clamp_min(1)
+
+
+def probe_flops(num_probe: int, width: int, span: float) -> float:
+    """Multiply-accumulates of the reuse check in one layer: the probe's attention rows over `span`
+    keys and its out_proj (its queries are the reference's)."""
+    return 2 * num_probe * span * width + num_probe * width * width
+
+
 def strided_grid_index(side: int, keep_ratio: float) -> torch.Tensor:
     """Indices of an evenly strided subset of a side x side grid holding about keep_ratio of its cells."""
     keep_side = max(1, min(side, round(side * math.sqrt(keep_ratio))))
@@ -218,6 +253,10 @@ __all__ = [
     "mix_with_reference",
     "swap_rows",
     "add_reference_delta",
+    "PROBE_STRIDE",
+    "probe_positions",
+    "attention_drift",
+    "probe_flops",
     "strided_grid_index",
     "nearest_kept",
     "layer_flops",

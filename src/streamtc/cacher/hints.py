@@ -47,6 +47,14 @@ class ChunkHints:
     def patches(self) -> int:
         return self.change.shape[1]
 
+    def check_fits(self, units: int, tokens: int) -> None:
+        """Raise unless the hints fit a chunk of `units` reuse units of `tokens` tokens each."""
+        if self.units != units or self.patches > tokens:
+            raise InputError(
+                f"codec hints for {self.units} units of {self.patches} patches do not fit a chunk of "
+                f"{units} units of {tokens} tokens"
+            )
+
     @classmethod
     def from_frames(cls, frames: Sequence[FrameHint | None], frames_per_unit: int = 1) -> ChunkHints | None:
         """Hints for a chunk from its frames' `FrameHint`s, `frames_per_unit` frames per reuse unit (a
@@ -68,6 +76,13 @@ class ChunkHints:
         return cls.from_frames(frames, len(units[0])) if units and units[0] else None
 
 
+def token_change(change: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[U, P] patch change -> [U, T] token change; the class and register tokens in front count as
+    changed (they summarise the whole frame)."""
+    prefix = tokens - change.shape[1]
+    return torch.cat([change.new_ones(change.shape[0], prefix), change], dim=1)
+
+
 class FrameHint(NamedTuple):
     """One frame's codec side data on the tower's patch grid: change [P] in [0, 1] (row-major), cut (bool tensor)."""
 
@@ -84,4 +99,4 @@ class FrameHint(NamedTuple):
         return cls(torch.from_numpy(change.reshape(-1)), torch.tensor(bool(data.cut)))
 
 
-__all__ = ["ChunkHints", "FrameHint"]
+__all__ = ["ChunkHints", "FrameHint", "token_change"]

@@ -10,7 +10,8 @@ Two paths, named after Eventful Transformers' first and incremental forwards:
 - `refresh_forward`: the layer computed exactly, which also writes this layer's reference
   (unit-norm K, V, and attention plus MLP output of the chunk's last frame) into the stream's buffers.
 - `selective_forward`: the non-refresh layer of docs/algorithms.md, section 2.2; recomputes the k tokens whose keys moved
-  most, takes the reference's attention and MLP outputs for the rest.
+  most, takes the reference's attention and MLP outputs for the rest; with a reuse check, also
+  measures how far the reused tokens' attention drifted (`_measure_drift`).
 
 Modifications relative to `SiglipEncoderLayer.forward` / `SiglipAttention.forward` (transformers 5.x):
 - the attention block is inlined so K and V can be stored (refresh) or K computed alone (selective);
@@ -179,7 +180,26 @@ def refresh_forward(
     reference.unit_keys.copy_(F.unit_rows(keys[-1].detach()))
     reference.values.copy_(values[-1].detach())
     torch.add(attn_out[-1].detach(), mlp_out[-1].detach(), out=reference.residual_delta)
+    if reference.probe_index is not None:  # the reuse check's probe (see LayerReference)
+        torch.index_select(queries[-1].detach(), 0, reference.probe_index, out=reference.probe_queries)
+        torch.index_select(attn_out[-1].detach(), 0, reference.probe_index, out=reference.probe_attention)
     return hidden_states
+
+
+def _measure_drift(
+    parts: LayerParts, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    attention_mask: torch.Tensor | None, eager_fallback: Callable, reference: LayerReference, index: torch.Tensor,
+    drift: torch.Tensor, onednn: bool,
+) -> None:
+    """The reuse check of one layer: the probe tokens attend with the reference's queries over the chunk's
+    keys and values V̄ (what reused tokens would see now), compared with the reference's attention."""
+    frames, probe = hidden_states.shape[0], reference.probe_index
+    queries = reference.probe_queries.expand(frames, -1, -1)
+    mask = _mask_rows(attention_mask, probe.expand(frames, -1))
+    context = _attention(parts, queries, keys, values, mask, eager_fallback)
+    attention = _scaled(linear(parts.out_proj, context, onednn), parts.scale1)
+    inputs = hidden_states.index_select(1, probe)
+    drift.copy_(F.attention_drift(attention, reference.probe_attention, inputs, index, probe))
 
 
 def selective_forward(
@@ -193,6 +213,7 @@ def selective_forward(
     keys: torch.Tensor | None = None,
     onednn: bool = False,
     group: int = 1,
+    drift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The non-refresh layer (docs/algorithms.md, section 2.2) on [F, T, C].
 
@@ -201,6 +222,8 @@ def selective_forward(
         for the first layer), else computed here.
     onednn: matrix products through oneDNN on CPU where that applies (see `kernels`).
     group: when choosing here, select whole groups of `group` consecutive tokens (1 for these towers).
+    drift: [F], written with the layer's attention drift under its reused probe tokens
+        (`functional.attention_drift`) when given and the reference has a probe (the reuse check).
     Returns the layer's output [F, T, C] and the recomputed tokens `index` [F, k] (the caller records them).
     """
     parts = layer_parts(layer)
@@ -216,17 +239,21 @@ def selective_forward(
     queries = linear(parts.q_proj, normed_selected, onednn)
     selected_values = linear(parts.v_proj, normed_selected, onednn)
     mask = _mask_rows(attention_mask, index)
+    replaced = None
     if frames == 1 and not torch.is_grad_enabled():
         # One frame: V̄ is V_ref with V_I swapped in, in place, and swapped back after attending
         # (bit-exact; saves a [T, C] copy per layer; with gradients on, autograd needs V̄ kept as it
         # was, so the copy below). A layer that raises in between leaves the stream without a
         # reference: STCCacher._layer_forward marks it for a refresh.
         replaced = F.swap_rows(reference.values, rows, selected_values[0])
-        context = _attention(parts, queries, keys, reference.values.unsqueeze(0), mask, eager_fallback)
-        reference.values.index_copy_(0, rows, replaced)
+        values = reference.values.unsqueeze(0)
     else:
         values = F.mix_with_reference(reference.values, index, selected_values)  # V̄ [F, T, C]
-        context = _attention(parts, queries, keys, values, mask, eager_fallback)
+    context = _attention(parts, queries, keys, values, mask, eager_fallback)
+    if drift is not None and reference.probe_index is not None:
+        _measure_drift(parts, hidden_states, keys, values, attention_mask, eager_fallback, reference, index, drift, onednn)
+    if replaced is not None:
+        reference.values.index_copy_(0, rows, replaced)
 
     # Both residual steps for the selected rows; LayerNorm is per token, so LN2 of the selected
     # rows equals LN2 of all rows, then selecting.

@@ -17,14 +17,19 @@ from .hints import ChunkHints
 
 
 class LayerReference(NamedTuple):
-    """Views of one layer's slices of the reference buffers, each [T, C].
+    """Views of one layer's slices of the reference buffers, each [T, C] (the probe's [P, C]).
 
-    They alias the state's buffers: refresh chunks write into them in place.
+    They alias the state's buffers: refresh chunks write into them in place. The probe (a reuse check
+    is configured) is a strided subset of token positions whose queries and attention outputs the
+    reference keeps, so that a reused chunk can measure how far its reused tokens' attention drifted.
     """
 
     unit_keys: torch.Tensor  # K_ref / ||K_ref||, for the key cosine
     values: torch.Tensor  # V_ref, post-projection, before the head split
     residual_delta: torch.Tensor  # A_ref + M_ref: attention-block output (after out_proj) plus MLP output
+    probe_index: torch.Tensor | None = None  # [P] token positions of the probe
+    probe_queries: torch.Tensor | None = None  # [P, C] Q_ref of the probe tokens
+    probe_attention: torch.Tensor | None = None  # [P, C] A_ref of the probe tokens (after out_proj and layer scale)
 
 
 @dataclass
@@ -37,6 +42,7 @@ class CacherStats:
     adaptive_refreshes: int = 0
     subsampled_chunks: int = 0  # over-budget chunks encoded on a strided token subset
     downscaled_chunks: int = 0  # over-budget chunks encoded whole at a lower resolution (refresh="budget")
+    failed_reuses: int = 0  # reused chunks whose attention drift failed the reuse check and were encoded again
     hinted_chunks: int = 0  # chunks that came with codec hints
     flops: float = 0.0  # multiply-accumulates of the encoder layers (FLOP model), per the chunks run
     full_flops: float = 0.0  # what the same chunks cost without the cacher
@@ -56,6 +62,28 @@ class CacherStats:
     def flop_ratio(self) -> float:
         """Encoder FLOPs spent relative to the unpatched tower on the same chunks (1.0 before any)."""
         return self.flops / self.full_flops if self.full_flops else 1.0
+
+    def count_pass(self, layers: int, units: int, recomputed: int, flops: float) -> None:
+        """Count one encoder pass over a chunk: `recomputed` tokens per unit in every layer, `flops` per unit.
+        A pass the reuse check rejected is counted here only (its chunk is counted once, by `count_chunk`)."""
+        if len(self.recomputed_tokens_per_layer) != layers:
+            self.recomputed_tokens_per_layer = [0] * layers
+        self.recomputed_tokens_per_layer = [n + units * recomputed for n in self.recomputed_tokens_per_layer]
+        self.flops += units * flops
+
+    def count_chunk(self, units: int, frames: int, tokens: int, full_flops: float, *, refresh: bool,
+                    adaptive: bool, subsampled: bool, downscaled: bool) -> None:
+        """Count a chunk once, with what the unpatched tower would have spent on it (`full_flops` per
+        unit) and how it was encoded (a refresh, adaptive or not; a strided subset; a downscale)."""
+        self.total_tokens_per_layer += units * tokens
+        self.chunks += 1
+        self.frames += frames
+        self.tokens_per_frame = tokens
+        self.full_flops += units * full_flops
+        self.refresh_chunks += int(refresh)
+        self.adaptive_refreshes += int(adaptive)
+        self.subsampled_chunks += int(subsampled)
+        self.downscaled_chunks += int(downscaled)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "recomputed_share": self.recomputed_share, "flop_ratio": self.flop_ratio}
@@ -80,6 +108,9 @@ class CacherState:
         self.unit_keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.residual_delta: torch.Tensor | None = None
+        self.probe_index: torch.Tensor | None = None  # a reuse check's probe positions [P], queries and
+        self.probe_queries: torch.Tensor | None = None  # attention outputs [L, P, C] (see LayerReference)
+        self.probe_attention: torch.Tensor | None = None
         self.grid: tuple[int, ...] | None = None  # the reference's token grid, where the tower has one
         self.reference_pixels: torch.Tensor | None = None  # the reference frame's tower input (adaptive "pixels")
         # refresh="budget": the previous chunk's last frame (its tower input: the cut signal without
@@ -103,6 +134,7 @@ class CacherState:
             "has_reference": self.has_reference, "grid": None if self.grid is None else list(self.grid),
             "unit_keys": self.unit_keys, "values": self.values, "residual_delta": self.residual_delta,
             "reference_pixels": self.reference_pixels, "stats": asdict(self.stats),
+            "probe_index": self.probe_index, "probe_queries": self.probe_queries, "probe_attention": self.probe_attention,
             "previous_pixels": self.previous_pixels, "previous_cut": self.previous_cut,
             "change_since_reference": self.change_since_reference,
             "next_hints_change": None if self.next_hints is None else self.next_hints.change,
@@ -121,7 +153,9 @@ class CacherState:
         self.unit_keys, self.values = tensor(state["unit_keys"]), tensor(state["values"])
         self.residual_delta, self.reference_pixels = tensor(state["residual_delta"]), tensor(state["reference_pixels"])
         self.stats = CacherStats(**state["stats"])
-        # Saves made before refresh="budget" existed carry none of these: a new stream's values.
+        # Saves made before refresh="budget" (or the reuse check) existed carry none of these: a new stream's values.
+        self.probe_index, self.probe_queries = tensor(state.get("probe_index")), tensor(state.get("probe_queries"))
+        self.probe_attention = tensor(state.get("probe_attention"))
         self.previous_pixels = tensor(state.get("previous_pixels"))
         self.previous_cut = bool(state.get("previous_cut", False))
         self.change_since_reference = tensor(state.get("change_since_reference"))
@@ -145,17 +179,26 @@ class CacherState:
             )
 
     def prepare_refresh(
-        self, num_layers: int, num_tokens: int, width: int, like: torch.Tensor, grid: tuple[int, ...] | None = None
+        self, num_layers: int, num_tokens: int, width: int, like: torch.Tensor, grid: tuple[int, ...] | None = None,
+        probe: torch.Tensor | None = None,
     ) -> None:
         """Make sure buffers of the right shape exist, and mark the reference invalid until written.
 
         grid: the chunk's token grid where the token count alone does not fix positions (Qwen towers).
+        probe: the probe's token positions [P] when a reuse check is configured (else no probe buffers).
         """
         if self.reference_shape != (num_layers, num_tokens, width):
             shape = (num_layers, num_tokens, width)
             self.unit_keys, self.values, self.residual_delta = (
                 torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(3)
             )
+        if probe is None:
+            self.probe_index = self.probe_queries = self.probe_attention = None
+        elif self.probe_queries is None or self.probe_queries.shape != (num_layers, len(probe), width):
+            self.probe_queries, self.probe_attention = (
+                torch.empty(num_layers, len(probe), width, dtype=like.dtype, device=like.device) for _ in range(2))
+        if probe is not None:
+            self.probe_index = probe.to(like.device)
         self.grid = grid
         self.has_reference = False
 
@@ -181,7 +224,10 @@ class CacherState:
         """The reference slices of encoder layer `index` (views into the state's buffers)."""
         if self.values is None:
             raise StreamStateError("this stream has no cacher reference yet; a refresh chunk must run first")
-        return LayerReference(self.unit_keys[index], self.values[index], self.residual_delta[index])
+        if self.probe_queries is None:
+            return LayerReference(self.unit_keys[index], self.values[index], self.residual_delta[index])
+        return LayerReference(self.unit_keys[index], self.values[index], self.residual_delta[index],
+                              self.probe_index, self.probe_queries[index], self.probe_attention[index])
 
 
 __all__ = ["CacherState", "CacherStats", "LayerReference"]
