@@ -385,3 +385,19 @@ def layer_scaled_dinov2(registers: int = 0, swiglu: bool = False):
         layer.layer_scale1.lambda1.data.uniform_(0.2, 1.5)
         layer.layer_scale2.lambda1.data.uniform_(0.2, 1.5)
     return model.eval()
+
+
+def reference_downscale(tower, x: torch.Tensor, grid: tuple[int, int], side: int = 7, patch: int = 8) -> torch.Tensor:
+    """The downscaled encode of a DINOv2 or SigLIP tower written out: resize, embed, layers, patch tokens
+    resized back to the side x side grid, final norm."""
+    small = TF.interpolate(x, size=(grid[0] * patch, grid[1] * patch), mode="bilinear", antialias=True,
+                           align_corners=False)
+    dinov2 = isinstance(tower, Dinov2Model)
+    h = tower.embeddings(small) if dinov2 else tower.embeddings(small, interpolate_pos_encoding=True)
+    for layer in tower.encoder.layer if dinov2 else tower.encoder.layers:
+        h = layer(h, None)
+    prefix = h.shape[1] - grid[0] * grid[1]
+    patches = h[:, prefix:].reshape(1, *grid, -1).permute(0, 3, 1, 2)
+    full = TF.interpolate(patches, size=(side, side), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    h = torch.cat([h[:, :prefix], full.reshape(1, side * side, -1)], dim=1)
+    return tower.layernorm(h) if dinov2 else tower.post_layernorm(h)

@@ -14,6 +14,8 @@ import torch
 from torch.nn import functional as TF
 from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
 
+from helpers import reference_downscale
+
 from streamtc.baselines.vit import CodecSkipping, UniformDownscaling
 from streamtc.cacher import ChunkHints, STCCacher
 from streamtc.cacher.budget import BudgetSignals, decide, is_stale
@@ -112,20 +114,6 @@ def test_downscale_grid_stays_within_what_it_may_spend():
     assert downscale_grid((16, 16), cost, 0.01) == (8, 8)  # never below half the side
     assert downscale_grid((12, 16), cost, 0.01, multiple=2) == (6, 8)  # a Qwen tower's merge blocks
     assert downscale_grid((12, 16), cost, 0.6, multiple=2) == (10, 14)
-
-
-def reference_downscale(tower, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """The downscaled encode written out: resize, embed, layers, patch tokens resized back, final norm."""
-    small = TF.interpolate(x, size=(grid[0] * 8, grid[1] * 8), mode="bilinear", antialias=True, align_corners=False)
-    h = tower.embeddings(small) if isinstance(tower, Dinov2Model) else tower.embeddings(small, interpolate_pos_encoding=True)
-    layers = tower.encoder.layer if isinstance(tower, Dinov2Model) else tower.encoder.layers
-    for layer in layers:
-        h = layer(h, None)
-    prefix = h.shape[1] - grid[0] * grid[1]
-    patches = h[:, prefix:].reshape(1, *grid, -1).permute(0, 3, 1, 2)
-    full = TF.interpolate(patches, size=(SIDE, SIDE), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-    h = torch.cat([h[:, :prefix], full.reshape(1, SIDE * SIDE, -1)], dim=1)
-    return tower.layernorm(h) if isinstance(tower, Dinov2Model) else tower.post_layernorm(h)
 
 
 @pytest.mark.parametrize("build", [tiny_dinov2, tiny_siglip])

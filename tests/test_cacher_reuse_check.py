@@ -3,7 +3,7 @@ every 4th token, and the chunk encoded again when it fails.
 
 Independent references: the drift is recomputed here by hand from the layer's own modules (its q/k/v/o
 projections, norms and layer scale, multi-head attention written out), the re-encoded chunk against
-the downscaled encode written out in test_cacher_budget's manner, and the FLOPs against counts made
+the downscaled encode written out (tests/helpers.py), and the FLOPs against counts made
 here from the layer shapes.
 """
 
@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as TF
+from helpers import reference_downscale
 from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
 
 from streamtc.cacher import STCCacher, patch_vit
@@ -84,17 +84,6 @@ def test_the_drift_is_the_reused_probe_tokens_attention_change(kind):
         assert 0 < int(reused.sum()) < len(probe)  # some probe tokens were recomputed: they are left out
         change = (now - before).norm(dim=-1) / x[0, probe].norm(dim=-1)
         assert drift.item() == pytest.approx(float(change[reused].mean()), rel=1e-4)
-
-
-def reference_downscale(tower, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """The downscaled encode written out: resize, embed, layers, patch tokens resized back, final norm."""
-    small = TF.interpolate(x, size=(grid[0] * 8, grid[1] * 8), mode="bilinear", antialias=True, align_corners=False)
-    h = tower.embeddings(small)
-    for layer in tower.encoder.layer:
-        h = layer(h, None)
-    patches = h[:, 1:].reshape(1, *grid, -1).permute(0, 3, 1, 2)
-    full = TF.interpolate(patches, size=(SIDE, SIDE), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-    return tower.layernorm(torch.cat([h[:, :1], full.reshape(1, SIDE * SIDE, -1)], dim=1))
 
 
 def macs(tokens: int, recomputed: int | None = None, probe: int = 0) -> int:
@@ -176,3 +165,22 @@ def test_reuse_check_settings():
             CacherConfig.robust(reuse_check=bad)
     with pytest.raises(ConfigError, match="needs refresh='budget'"):
         CacherConfig(reuse_check=0.2)
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "siglip"])
+def test_a_rejected_reuse_returns_every_output_of_the_encode_that_replaced_it(kind):
+    """The tower runs again as a whole: its hidden states, captured by transformers per layer call,
+    are those of the downscaled encode alone (one per layer and the embedding), not the rejected
+    pass's followed by the new one's."""
+    tower, x = tiny(kind), still_frames(2)
+    cacher = STCCacher(CacherConfig.robust(2, reuse_check=1e-9)).attach(tower)
+    with torch.no_grad():
+        tower(pixel_values=x[:1])
+        out = tower(pixel_values=x[1:], output_hidden_states=True)
+    assert cacher.stats.failed_reuses == 1 and cacher.stats.downscaled_chunks == 1
+    assert len(out.hidden_states) == 3 and all(h.shape == out.last_hidden_state.shape for h in out.hidden_states)
+    final_norm = tower.layernorm if kind == "dinov2" else tower.post_layernorm
+    assert torch.allclose(final_norm(out.hidden_states[-1]), out.last_hidden_state, atol=1e-6)
+    grids = range(math.ceil(SIDE / 2), SIDE + 1)  # the chosen grid is checked in the test above; any of them here
+    assert any(torch.allclose(out.last_hidden_state, reference_downscale(tower, x[1:], (g, g)), atol=1e-5) for g in grids)
+    cacher.detach()

@@ -25,7 +25,6 @@ Qwen2-VL, Qwen2.5-VL and Qwen3-VL towers, whose blocks take the flat [units * to
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from ..config import CacherConfig
 from ..errors import InputError, StreamStateError
 from . import budget, downscale, kernels
 from . import functional as F
-from .downscale import Downscale, QwenDownscale
+from .downscale import Downscale, QwenDownscale, Subsample
 from .hints import ChunkHints, token_change
 from .state import CacherState, CacherStats
 from .towers import (
@@ -73,16 +72,7 @@ class ChunkPlan:
     group: int = 1  # tokens selected together (granularity="merge_block": a 2x2 merge block)
     recomputed: torch.Tensor | None = None  # [L, U, k] each non-refresh layer's selection, written as it runs
     drift: torch.Tensor | None = None  # [L, U] the reuse check: each reused layer's attention drift, written as it runs
-    pixels: torch.Tensor | None = None  # the tower's input (a reference), for a chunk encoded again after its check
     signals: budget.BudgetSignals | None = None  # refresh="budget": what the chunk was planned on
-
-
-class Subsample(NamedTuple):
-    """An over-budget chunk's token subset: every layer runs exactly on `rows` and hands on all
-    T tokens, each dropped token carrying the output of the nearest kept one (`fill`)."""
-
-    rows: torch.Tensor  # [T'] token positions encoded
-    fill: torch.Tensor  # [T] for each token, its source position within `rows`
 
 
 class _BlockInputsTaken(Exception):
@@ -122,7 +112,11 @@ class STCCacher:
         # (`_small_grid_inputs`): the hooks stand aside and the first blocks' inputs are kept here.
         self._block_inputs: list[tuple[torch.Tensor, tuple, dict]] | None = None
         self._block_inputs_wanted = 0
-        self._rejected: ChunkPlan | None = None  # while a chunk whose reuse failed its check is encoded again
+        # The reuse check: a tower forward is running (a check can send its chunk back only then), the
+        # chunk whose reuse failed it (until the tower's forward ends), and that chunk while it is encoded again.
+        self._tower_running = False
+        self._rejected: ChunkPlan | None = None
+        self._retrying: ChunkPlan | None = None
         # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
         self._onednn = (
             self.config.cpu_kernels == "onednn" and self.config.compile_mode is None and kernels.onednn_available()
@@ -153,6 +147,7 @@ class STCCacher:
         chunk_module = spec.chunk_module(tower)
         self._hooks = [
             tower.register_forward_pre_hook(self._take_pixels, with_kwargs=True),
+            tower.register_forward_hook(self._end_tower, with_kwargs=True),
             chunk_module.register_forward_pre_hook(self._begin_chunk, with_kwargs=True),
             layers[0].register_forward_pre_hook(self._plan_chunk, with_kwargs=True),
             chunk_module.register_forward_hook(self._end_chunk, with_kwargs=True),
@@ -242,6 +237,22 @@ class STCCacher:
             return
         pixels = kwargs.get("pixel_values", args[0] if args else None)
         self._chunk_pixels = pixels if isinstance(pixels, torch.Tensor) else None
+        self._tower_running, self._rejected = True, None
+
+    def _end_tower(self, tower: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Tower post-hook: a chunk whose reuse failed its check is encoded again by the whole tower (its
+        own forward, so every output it returns, hidden states included, comes from that encode), planned
+        as stale; that output replaces this one."""
+        if self._block_inputs is not None:
+            return None
+        rejected, self._rejected, self._tower_running = self._rejected, None, False
+        if rejected is None:
+            return None
+        self._retrying = rejected
+        try:
+            return tower(*args, **kwargs)
+        finally:
+            self._retrying = None
 
     def _begin_chunk(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Chunk module pre-hook: read the chunk's geometry; the first layer plans it."""
@@ -266,7 +277,7 @@ class STCCacher:
         )
         group = self._tower.config.spatial_merge_size ** 2 if config.granularity == "merge_block" else 1
         num_recomputed = F.grouped_count(F.num_recomputed_tokens(layout.tokens, config.update_ratio), group)
-        plan = ChunkPlan(state, layout, needs_reference, num_recomputed, group=group, pixels=self._chunk_pixels)
+        plan = ChunkPlan(state, layout, needs_reference, num_recomputed, group=group)
         self._downscale_pixels, self._chunk_pixels = self._chunk_pixels, None
         pixels = self._downscale_pixels
         if pixels is not None:  # one row per reuse unit (a frame, or a temporal patch's flattened patches)
@@ -288,7 +299,7 @@ class STCCacher:
         elif plan.subsample is None and plan.downscale is None:
             plan.recomputed = torch.empty(len(self._layers), layout.units, plan.num_recomputed, dtype=torch.long,
                                           device=hidden_states.device)
-            if checked and state.probe_queries is not None and self._rejected is None:
+            if checked and state.probe_queries is not None and self._retrying is None:
                 plan.drift = hidden_states.new_zeros(len(self._layers), layout.units, dtype=torch.float32)
         self._downscale_pixels = None
         self._plan = plan
@@ -324,13 +335,13 @@ class STCCacher:
         target = config.flop_budget or F.schedule_ratio(
             full, self._unit_flops(layout, F.num_recomputed_tokens(layout.tokens, config.update_ratio)),
             config.cache_interval)
-        if self._rejected is None:
+        if self._retrying is None:
             change = state.accumulate_change(hints, plan.refresh)
             signals = self._budget_signals(plan, pixels, hints, change)
             state.previous_cut = signals.cut
             state.previous_pixels = None if pixels is None else pixels[-1].detach().clone()
         else:  # encoded again after its reuse failed the check: stale, on the signals it was planned on
-            change, signals = None, self._rejected.signals._replace(stale=True)
+            change, signals = None, self._retrying.signals._replace(stale=True)
         plan.signals = signals
         chunk_full = layout.units * full
         decision = budget.decide(
@@ -440,23 +451,15 @@ class STCCacher:
 
     def _subsample(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict,
                    ratio: float | None = None) -> Subsample | None:
-        """The strided token subset of an over-budget chunk (first layer's inputs), or None where it
-        does not apply: towers other than the [frames, tokens, width] encoders, an attention mask
-        (padded inputs), no square patch grid. ratio: the share of the grid kept (default
-        subsample_ratio; refresh="budget" passes what the budget pays for)."""
+        """The strided token subset of an over-budget chunk, or None where it does not apply: towers
+        other than the [frames, tokens, width] encoders, an attention mask (padded inputs), no square
+        patch grid. ratio: the share of the grid kept (default subsample_ratio; refresh="budget"
+        passes what the budget pays for)."""
         mask = kwargs.get("attention_mask", args[0] if args else None)
         if self._spec is not ENCODER_TOWER or hidden_states.dim() != 3 or mask is not None:
             return None
-        num_tokens, device = hidden_states.shape[1], hidden_states.device
-        prefix = prefix_tokens(self._tower)
-        side = math.isqrt(num_tokens - prefix)
-        if side * side != num_tokens - prefix:
-            return None
-        ratio = self.config.subsample_ratio if ratio is None else min(1.0, max(ratio, 1.0 / (side * side)))
-        kept = F.strided_grid_index(side, ratio)
-        rows = torch.cat([torch.arange(prefix), kept + prefix])
-        fill = torch.cat([torch.arange(prefix), F.nearest_kept(side, kept) + prefix])
-        return Subsample(rows.to(device), fill.to(device))
+        ratio = self.config.subsample_ratio if ratio is None else ratio
+        return downscale.strided_subset(hidden_states.shape[1], prefix_tokens(self._tower), ratio, hidden_states.device)
 
     def _plan_from_first_layer(self, plan: ChunkPlan, hidden_states: torch.Tensor, trigger: bool) -> None:
         """Beyond-paper options: one look at the first layer's keys decides the chunk.
@@ -483,25 +486,23 @@ class STCCacher:
         spans = attention_spans(self._tower, len(self._layers), layout)
         return F.stack_flops(layout.tokens, layout.width, self._mlp_width, spans, recomputed)
 
-    def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """Chunk module post-hook: count the chunk; a reuse that failed its check is encoded again here
-        (the chunk module runs once more, planned as stale) and that output replaces this one."""
+    def _end_chunk(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Chunk module post-hook: count the pass and the chunk; a reuse that failed its check is counted
+        as a pass only, and left to the tower's post-hook to encode again."""
         if self._block_inputs is not None:
-            return None
+            return
         plan, self._plan, self._layout = self._plan, None, None
         if plan is None:
-            return None
+            return
         state, stats, layout = plan.state, plan.state.stats, plan.layout
         full_flops = self._unit_flops(layout)
         recomputed, flops = self._pass_cost(plan, full_flops)
         stats.count_pass(len(self._layers), layout.units, recomputed, flops)
-        if plan.drift is not None and float(plan.drift.mean(dim=0).max()) > self.config.reuse_check:
+        if (plan.drift is not None and self._tower_running
+                and float(plan.drift.mean(dim=0).max()) > self.config.reuse_check):
             stats.failed_reuses += 1
-            self._rejected, self._chunk_pixels = plan, plan.pixels
-            try:
-                return module(*args, **kwargs)
-            finally:
-                self._rejected = None
+            self._rejected = plan  # the tower's post-hook encodes it again
+            return
         stats.count_chunk(layout.units, layout.frames, layout.tokens, full_flops, refresh=plan.refresh,
                           adaptive=plan.adaptive_refresh, subsampled=plan.subsample is not None,
                           downscaled=plan.downscale is not None)
@@ -515,7 +516,6 @@ class STCCacher:
             state.last_recomputed = None  # every token, encoded afresh at a lower resolution
         else:
             state.last_recomputed = plan.recomputed  # None after a refresh: every token
-        return None
 
     def _pass_cost(self, plan: ChunkPlan, full_flops: float) -> tuple[int, float]:
         """Tokens recomputed per layer and FLOPs (the FLOP model) of one pass over a unit of the chunk."""

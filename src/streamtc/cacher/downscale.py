@@ -25,12 +25,34 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as TF
 
-from .functional import layer_flops
+from .functional import layer_flops, nearest_kept, strided_grid_index
+
+class Subsample(NamedTuple):
+    """An over-budget chunk's token subset (the other over-budget encode, `over_budget="subsample"`):
+    every layer runs exactly on `rows` and hands on all T tokens, each dropped token carrying the
+    output of the nearest kept one (`fill`)."""
+
+    rows: torch.Tensor  # [T'] token positions encoded
+    fill: torch.Tensor  # [T] for each token, its source position within `rows`
+
+
+def strided_subset(num_tokens: int, prefix: int, ratio: float, device: torch.device) -> Subsample | None:
+    """An evenly strided subset of about `ratio` of a square patch grid (at least one patch), the
+    `prefix` class and register tokens kept; None when the patch tokens do not form a square grid."""
+    side = math.isqrt(num_tokens - prefix)
+    if side * side != num_tokens - prefix:
+        return None
+    kept = strided_grid_index(side, min(1.0, max(ratio, 1.0 / (side * side))))
+    rows = torch.cat([torch.arange(prefix), kept + prefix])
+    fill = torch.cat([torch.arange(prefix), nearest_kept(side, kept) + prefix])
+    return Subsample(rows.to(device), fill.to(device))
+
 
 # The smallest grid side a downscale uses, as a share of the full side: below it the frame is
 # better reused against a stale reference than encoded that coarsely.
@@ -187,5 +209,5 @@ class QwenDownscale:
         return full[:, self.full_cells].reshape(-1, width)
 
 
-__all__ = ["Downscale", "MIN_SIDE_SHARE", "QwenDownscale", "downscale_cost", "downscale_grid", "embed_downscaled",
-           "resize_patch_rows", "sequence_cells", "supports_downscale"]
+__all__ = ["Downscale", "MIN_SIDE_SHARE", "QwenDownscale", "Subsample", "downscale_cost", "downscale_grid",
+           "embed_downscaled", "resize_patch_rows", "sequence_cells", "strided_subset", "supports_downscale"]

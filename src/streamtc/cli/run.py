@@ -272,7 +272,7 @@ def _print_vit_flops(record: RunRecord) -> None:
     for name, stats in record.stats.items():
         if stats.get("cacher"):
             console.print(f"[dim]ViT FLOPs {escape(f'[{name}]')}: {stats['cacher']['flop_ratio']:.2f} of a full "
-                          "encode of the same frames[/]")
+                          f"encode of the same frames ({_chunk_kinds(stats['cacher'])})[/]")
     if not record.ratios:
         return
     (base, base_stats), (fast, fast_stats) = record.stats.items()
@@ -282,6 +282,18 @@ def _print_vit_flops(record: RunRecord) -> None:
                       f"{time:.2f}× its time: at {base_stats['vit_ms_per_frame']:.1f} ms a frame, the Cacher's "
                       "fixed per-frame work outweighs the FLOPs it saves; with real-size towers the time ratio "
                       "follows the FLOP ratio (docs/benchmarks.md)")
+
+
+def _chunk_kinds(cacher: dict[str, Any]) -> str:
+    """How the Cacher encoded a variant's chunks: refreshed, reused, downscaled or subsampled, and
+    how many reuses its check rejected (those chunks were encoded again)."""
+    encoded = {"refreshed": cacher["refresh_chunks"], "downscaled": cacher["downscaled_chunks"],
+               "subsampled": cacher["subsampled_chunks"]}
+    kinds = {"refreshed": encoded["refreshed"], "reused": cacher["chunks"] - sum(encoded.values()), **encoded}
+    text = ", ".join(f"{count} {kind}" for kind, count in kinds.items() if count or kind != "subsampled")
+    rejected = cacher.get("failed_reuses", 0)
+    plural = "s" if rejected != 1 else ""
+    return f"chunks: {text}" + (f"; {rejected} reuse{plural} rejected by the check and encoded again" if rejected else "")
 
 
 def _memory_line(kind: str, stats: dict[str, Any]) -> str:
