@@ -48,11 +48,15 @@ def test_the_summary_says_why_a_cacher_that_saved_flops_took_longer(capsys):
         _print_vit_flops(SimpleNamespace(stats=stats, ratios={"vit_ms": {"ratio": time_ratio}}))
         return " ".join(capsys.readouterr().out.split())
 
-    slower = summary(1.5, {"flop_ratio": 0.61})
-    assert "ViT FLOPs [STC]: 0.61 of a full encode" in slower
+    counts = {"flop_ratio": 0.61, "chunks": 10, "refresh_chunks": 3, "downscaled_chunks": 2, "subsampled_chunks": 0,
+              "failed_reuses": 1}
+    slower = summary(1.5, counts)
+    assert ("ViT FLOPs [STC]: 0.61 of a full encode of the same frames (chunks: 3 refreshed, 5 reused, 2 downscaled; "
+            "1 reuse rejected by the check and encoded again)") in slower
     assert "note: STC's ViT did fewer FLOPs than no STC's but took 1.50× its time: at 2.0 ms a frame" in slower
-    faster = summary(0.7, {"flop_ratio": 0.61})
+    faster = summary(0.7, {**counts, "failed_reuses": 0, "subsampled_chunks": 1})
     assert "ViT FLOPs [STC]: 0.61" in faster and "note:" not in faster
+    assert "(chunks: 3 refreshed, 4 reused, 2 downscaled, 1 subsampled)" in faster
     assert summary(1.5, None) == ""  # no Cacher: no FLOP count, nothing to explain
 
 
