@@ -3,6 +3,8 @@ schedule, the FLOP model and fidelity, for the baseline, its control and a cache
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from streamtc.bench.vit import Variant, load_benchmark_frames, run_vit_benchmark
@@ -117,6 +119,20 @@ def test_real_mode_reports_saliency_and_class_token_fidelity(real_mode_report):
     stc = by_name(real_mode_report)["stc N=2 r=0.25"]
     assert stc["refresh_pattern"] == "R.R.R"
     assert stc["saliency_corr_min"] < 0.9999 and stc["saliency_kl_mean"] > 0
+
+
+def test_a_frame_encoded_again_after_its_reuse_check_is_marked_and_left_out_of_the_per_kind_times():
+    import torch
+
+    tower, head = tiny_dinov2_and_head()
+    still = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    frames = torch.cat([still + 0.01 * i * still.roll(1, dims=-1) for i in range(2)])  # reused by the pixels
+    variants = (Variant("full", None), Variant("checked", CacherConfig.robust(2, reuse_check=1e-9)),
+                Variant("unchecked", CacherConfig.robust(2, reuse_check=None)))
+    rows = by_name(run_vit_benchmark(frames, preset="tiny-dinov2", model=tower, head=head, variants=variants,
+                                     repeats=1, warmup=0))
+    assert rows["unchecked"]["refresh_pattern"] == "R." and rows["checked"]["refresh_pattern"] == "Rd"
+    assert math.isnan(rows["checked"]["downscale_frame_ratio"]) and rows["checked"]["refresh_frames"] == 1
 
 
 def test_baselines_run_at_their_cost_and_frame_skipping_reuses_the_last_full_frame(real_mode_report):

@@ -156,7 +156,8 @@ class VariantResult:
     cls_cosine: list[float] = field(default_factory=list)  # per frame, class token (towers that have one)
     saliency_corr: list[float] = field(default_factory=list)  # per frame, with a saliency head
     saliency_kl: list[float] = field(default_factory=list)
-    frame_kinds: str = ""  # per frame: R refresh (or a full frame), S subsampled, D downscaled, . reused
+    # per frame: R refresh (or a full frame), S subsampled, D downscaled, . reused; lower case: after a rejected reuse
+    frame_kinds: str = ""
     flop_ratio: float | None = None  # cachers and baselines report their own cost
 
 
@@ -260,7 +261,7 @@ def run_vit_benchmark(
                 result = results[variant.name]
                 result.frame_ms.append(ms[variant.name])
                 result.frame_kinds = "".join(kinds[variant.name])
-                result.refresh_frames = [kind == "R" for kind in result.frame_kinds]
+                result.refresh_frames = [kind in "Rr" for kind in result.frame_kinds]
                 _record_fidelity(result, torch.cat(outputs[variant.name]), reference, reference_maps, head, prefix)
                 result.flop_ratio = streams.flop_ratio(variant.name)
     config, tokens = model.config, reference.shape[1]
@@ -337,7 +338,8 @@ class _Streams:
 
     def encode_frame(self, name: str, frame: torch.Tensor, hint: ChunkHints | None) -> tuple[torch.Tensor, float, str]:
         """One variant's frame: its output, milliseconds, and kind (R refresh or a full frame, S
-        subsampled, D downscaled, . reused)."""
+        subsampled, D downscaled, . reused; in lower case when the reuse check rejected a reuse of the
+        frame first: its time includes that pass, so the per-kind time medians leave it out)."""
         cacher, encoder = self.cachers.get(name), self.encoders.get(name)
         if encoder is not None:
             computes = not isinstance(encoder, FrameSkipping) or encoder.encodes_next()
@@ -353,7 +355,8 @@ class _Streams:
         out, elapsed = timed(lambda: self.encode(frame), self.device)
         cacher.detach()
         after = _chunk_counts(cacher)
-        return out, elapsed, next((kind for kind, b, a in zip("RSD", before, after) if a > b), ".")
+        kind = next((kind for kind, b, a in zip("RSD", before, after) if a > b), ".")
+        return out, elapsed, kind.lower() if after[3] > before[3] else kind
 
     def flop_ratio(self, name: str) -> float | None:
         """The variant's own cost count (cachers and baselines), None for the unpatched tower."""
@@ -416,11 +419,12 @@ def bench_random_tower(name: str, num_layers: int | None, video: str, frames: in
     return reports
 
 
-def _chunk_counts(cacher: STCCacher | None) -> tuple[int, int, int]:
-    """Refresh, subsampled and downscaled chunks so far (zeros for a baseline)."""
+def _chunk_counts(cacher: STCCacher | None) -> tuple[int, int, int, int]:
+    """Refresh, subsampled and downscaled chunks and rejected reuses so far (zeros for a baseline)."""
     if cacher is None:
-        return 0, 0, 0
-    return cacher.stats.refresh_chunks, cacher.stats.subsampled_chunks, cacher.stats.downscaled_chunks
+        return 0, 0, 0, 0
+    stats = cacher.stats
+    return stats.refresh_chunks, stats.subsampled_chunks, stats.downscaled_chunks, stats.failed_reuses
 
 
 def summarise(result: VariantResult, full: VariantResult, fixed_share: float | None = None) -> dict[str, Any]:
