@@ -13,9 +13,9 @@ and on the first layer. The chunk module's pre-hook reads the chunk's geometry (
 per unit, width, grid); the first layer's pre-hook, which sees the embedded hidden states, plans the
 chunk once on the host: refresh or selective, how many tokens to recompute, and for the beyond-paper
 options the first layer's similarity to the reference or the pixel change (the chunk's pixels are
-taken by a pre-hook on the tower). The layers then only execute the plan: no
-host syncs, logging or counters inside them. The chunk module's post-hook advances the stream's
-chunk counter.
+taken by a pre-hook on the tower). The layers then only execute the plan: no host syncs, logging or
+counters inside them. The chunk module's post-hook advances the stream's chunk counter; where a reuse
+failed its check (`reuse_check`), the tower's post-hook runs the tower again and returns that output.
 
 Reuse unit: a frame for SigLIP/CLIP-style towers (their encoder takes [frames, tokens, width]); a
 temporal patch (two frames fused by the Conv3d patch embedding, one attention segment) for the
