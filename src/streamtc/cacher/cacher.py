@@ -112,9 +112,8 @@ class STCCacher:
         # (`_small_grid_inputs`): the hooks stand aside and the first blocks' inputs are kept here.
         self._block_inputs: list[tuple[torch.Tensor, tuple, dict]] | None = None
         self._block_inputs_wanted = 0
-        # The reuse check: a tower forward is running (a check can send its chunk back only then), the
-        # chunk whose reuse failed it (until the tower's forward ends), and that chunk while it is encoded again.
-        self._tower_running = False
+        # The reuse check: the chunk whose reuse failed it (until the tower's forward ends: a reuse needs the
+        # tower's pixels, so it only happens inside one), and that chunk while the tower encodes it again.
         self._rejected: ChunkPlan | None = None
         self._retrying: ChunkPlan | None = None
         # oneDNN matrix products on CPU (kernels.py); inductor chooses its own when compiling.
@@ -237,7 +236,7 @@ class STCCacher:
             return
         pixels = kwargs.get("pixel_values", args[0] if args else None)
         self._chunk_pixels = pixels if isinstance(pixels, torch.Tensor) else None
-        self._tower_running, self._rejected = True, None
+        self._rejected = None  # a forward that raised may have left one
 
     def _end_tower(self, tower: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """Tower post-hook: a chunk whose reuse failed its check is encoded again by the whole tower (its
@@ -245,7 +244,7 @@ class STCCacher:
         as stale; that output replaces this one."""
         if self._block_inputs is not None:
             return None
-        rejected, self._rejected, self._tower_running = self._rejected, None, False
+        rejected, self._rejected = self._rejected, None
         if rejected is None:
             return None
         self._retrying = rejected
@@ -498,8 +497,7 @@ class STCCacher:
         full_flops = self._unit_flops(layout)
         recomputed, flops = self._pass_cost(plan, full_flops)
         stats.count_pass(len(self._layers), layout.units, recomputed, flops)
-        if (plan.drift is not None and self._tower_running
-                and float(plan.drift.mean(dim=0).max()) > self.config.reuse_check):
+        if plan.drift is not None and float(plan.drift.mean(dim=0).max()) > self.config.reuse_check:
             stats.failed_reuses += 1
             self._rejected = plan  # the tower's post-hook encodes it again
             return
