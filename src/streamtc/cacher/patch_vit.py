@@ -10,8 +10,8 @@ Two paths, named after Eventful Transformers' first and incremental forwards:
 - `refresh_forward`: the layer computed exactly, which also writes this layer's reference
   (unit-norm K, V, and attention plus MLP output of the chunk's last frame) into the stream's buffers.
 - `selective_forward`: the non-refresh layer of docs/algorithms.md, section 2.2; recomputes the k tokens whose keys moved
-  most, takes the reference's attention and MLP outputs for the rest; with a reuse check, also
-  measures how far the reused tokens' attention drifted (`_measure_drift`).
+  most, takes the reference's attention and MLP outputs for the rest; with a reuse check, its probe
+  tokens attend beside the selected ones, and the layer reports how far their attention drifted.
 
 Modifications relative to `SiglipEncoderLayer.forward` / `SiglipAttention.forward` (transformers 5.x):
 - the attention block is inlined so K and V can be stored (refresh) or K computed alone (selective);
@@ -186,22 +186,6 @@ def refresh_forward(
     return hidden_states
 
 
-def _measure_drift(
-    parts: LayerParts, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    attention_mask: torch.Tensor | None, eager_fallback: Callable, reference: LayerReference, index: torch.Tensor,
-    drift: torch.Tensor, onednn: bool,
-) -> None:
-    """The reuse check of one layer: the probe tokens attend with the reference's queries over the chunk's
-    keys and values V̄ (what reused tokens would see now), compared with the reference's attention."""
-    frames, probe = hidden_states.shape[0], reference.probe_index
-    queries = reference.probe_queries.expand(frames, -1, -1)
-    mask = _mask_rows(attention_mask, probe.expand(frames, -1))
-    context = _attention(parts, queries, keys, values, mask, eager_fallback)
-    attention = _scaled(linear(parts.out_proj, context, onednn), parts.scale1)
-    inputs = hidden_states.index_select(1, probe)
-    drift.copy_(F.attention_drift(attention, reference.probe_attention, inputs, index, probe))
-
-
 def selective_forward(
     layer: nn.Module,
     hidden_states: torch.Tensor,
@@ -238,7 +222,12 @@ def selective_forward(
     normed_selected = gather_rows(normed, rows)  # [F, k, C]
     queries = linear(parts.q_proj, normed_selected, onednn)
     selected_values = linear(parts.v_proj, normed_selected, onednn)
-    mask = _mask_rows(attention_mask, index)
+    query_rows = index
+    probe = reference.probe_index if drift is not None else None
+    if probe is not None:  # the reuse check's probe attends beside the selected tokens, with the reference's queries
+        queries = torch.cat([queries, reference.probe_queries.expand(frames, -1, -1)], dim=1)
+        query_rows = torch.cat([index, probe.expand(frames, -1)], dim=1)
+    mask = _mask_rows(attention_mask, query_rows)
     replaced = None
     if frames == 1 and not torch.is_grad_enabled():
         # One frame: V̄ is V_ref with V_I swapped in, in place, and swapped back after attending
@@ -249,16 +238,19 @@ def selective_forward(
         values = reference.values.unsqueeze(0)
     else:
         values = F.mix_with_reference(reference.values, index, selected_values)  # V̄ [F, T, C]
-    context = _attention(parts, queries, keys, values, mask, eager_fallback)
-    if drift is not None and reference.probe_index is not None:
-        _measure_drift(parts, hidden_states, keys, values, attention_mask, eager_fallback, reference, index, drift, onednn)
+    attended = linear(parts.out_proj, _attention(parts, queries, keys, values, mask, eager_fallback), onednn)
     if replaced is not None:
         reference.values.index_copy_(0, rows, replaced)
+    if probe is not None:
+        attended, probe_attention = attended.split([index.shape[1], len(probe)], dim=1)
+        probe_attention = _scaled(probe_attention, parts.scale1)
+        drift.copy_(F.attention_drift(probe_attention, reference.probe_attention, hidden_states.index_select(1, probe),
+                                      index, probe))
 
     # Both residual steps for the selected rows; LayerNorm is per token, so LN2 of the selected
     # rows equals LN2 of all rows, then selecting.
     selected = gather_rows(hidden_states, rows)  # X[I]
-    selected = _residual(selected, linear(parts.out_proj, context, onednn), parts.scale1)  # + A_I
+    selected = _residual(selected, attended, parts.scale1)  # + A_I
     selected = _residual(selected, feed_forward(parts.mlp, parts.norm2(selected), onednn), parts.scale2)  # + M_I
     return F.add_reference_delta(hidden_states, reference.residual_delta, index, selected), index
 
