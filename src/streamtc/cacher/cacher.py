@@ -242,8 +242,6 @@ class STCCacher:
         """Tower post-hook: a chunk whose reuse failed its check is encoded again by the whole tower (its
         own forward, so every output it returns, hidden states included, comes from that encode), planned
         as stale; that output replaces this one."""
-        if self._block_inputs is not None:
-            return None
         rejected, self._rejected = self._rejected, None
         if rejected is None:
             return None
@@ -291,9 +289,8 @@ class STCCacher:
             self._plan_schedule(plan, hidden_states, pixels, args[1:], kwargs)
         checked = config.reuse_check is not None and self._spec is ENCODER_TOWER
         if plan.refresh:
-            probe = F.probe_positions(layout.tokens, hidden_states.device) if checked else None
             state.prepare_refresh(len(self._layers), layout.tokens, layout.width, hidden_states, grid=layout.grid,
-                                  probe=probe)
+                                  probe=checked)
             state.reference_pixels = None if pixels is None else pixels[-1].detach().clone()
         elif plan.subsample is None and plan.downscale is None:
             plan.recomputed = torch.empty(len(self._layers), layout.units, plan.num_recomputed, dtype=torch.long,

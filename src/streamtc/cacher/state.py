@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import StreamStateError
+from .functional import probe_positions
 from .hints import ChunkHints
 
 
@@ -134,7 +135,7 @@ class CacherState:
             "has_reference": self.has_reference, "grid": None if self.grid is None else list(self.grid),
             "unit_keys": self.unit_keys, "values": self.values, "residual_delta": self.residual_delta,
             "reference_pixels": self.reference_pixels, "stats": asdict(self.stats),
-            "probe_index": self.probe_index, "probe_queries": self.probe_queries, "probe_attention": self.probe_attention,
+            "probe_queries": self.probe_queries, "probe_attention": self.probe_attention,
             "previous_pixels": self.previous_pixels, "previous_cut": self.previous_cut,
             "change_since_reference": self.change_since_reference,
             "next_hints_change": None if self.next_hints is None else self.next_hints.change,
@@ -154,8 +155,8 @@ class CacherState:
         self.residual_delta, self.reference_pixels = tensor(state["residual_delta"]), tensor(state["reference_pixels"])
         self.stats = CacherStats(**state["stats"])
         # Saves made before refresh="budget" (or the reuse check) existed carry none of these: a new stream's values.
-        self.probe_index, self.probe_queries = tensor(state.get("probe_index")), tensor(state.get("probe_queries"))
-        self.probe_attention = tensor(state.get("probe_attention"))
+        self.probe_queries, self.probe_attention = tensor(state.get("probe_queries")), tensor(state.get("probe_attention"))
+        self.probe_index = None if self.probe_queries is None else probe_positions(self.values.shape[1], self.values.device)
         self.previous_pixels = tensor(state.get("previous_pixels"))
         self.previous_cut = bool(state.get("previous_cut", False))
         self.change_since_reference = tensor(state.get("change_since_reference"))
@@ -180,25 +181,26 @@ class CacherState:
 
     def prepare_refresh(
         self, num_layers: int, num_tokens: int, width: int, like: torch.Tensor, grid: tuple[int, ...] | None = None,
-        probe: torch.Tensor | None = None,
+        probe: bool = False,
     ) -> None:
         """Make sure buffers of the right shape exist, and mark the reference invalid until written.
 
         grid: the chunk's token grid where the token count alone does not fix positions (Qwen towers).
-        probe: the probe's token positions [P] when a reuse check is configured (else no probe buffers).
+        probe: keep the reuse check's probe (its positions, queries and attention outputs) as well.
         """
-        if self.reference_shape != (num_layers, num_tokens, width):
+        resized = self.reference_shape != (num_layers, num_tokens, width)
+        if resized:
             shape = (num_layers, num_tokens, width)
             self.unit_keys, self.values, self.residual_delta = (
                 torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(3)
             )
-        if probe is None:
+        if not probe:
             self.probe_index = self.probe_queries = self.probe_attention = None
-        elif self.probe_queries is None or self.probe_queries.shape != (num_layers, len(probe), width):
+        elif resized or self.probe_index is None:
+            self.probe_index = probe_positions(num_tokens, like.device)
             self.probe_queries, self.probe_attention = (
-                torch.empty(num_layers, len(probe), width, dtype=like.dtype, device=like.device) for _ in range(2))
-        if probe is not None:
-            self.probe_index = probe.to(like.device)
+                torch.empty(num_layers, len(self.probe_index), width, dtype=like.dtype, device=like.device)
+                for _ in range(2))
         self.grid = grid
         self.has_reference = False
 
@@ -224,10 +226,9 @@ class CacherState:
         """The reference slices of encoder layer `index` (views into the state's buffers)."""
         if self.values is None:
             raise StreamStateError("this stream has no cacher reference yet; a refresh chunk must run first")
-        if self.probe_queries is None:
-            return LayerReference(self.unit_keys[index], self.values[index], self.residual_delta[index])
-        return LayerReference(self.unit_keys[index], self.values[index], self.residual_delta[index],
-                              self.probe_index, self.probe_queries[index], self.probe_attention[index])
+        probe = self.probe_queries is not None
+        return LayerReference(self.unit_keys[index], self.values[index], self.residual_delta[index], self.probe_index,
+                              self.probe_queries[index] if probe else None, self.probe_attention[index] if probe else None)
 
 
 __all__ = ["CacherState", "CacherStats", "LayerReference"]
